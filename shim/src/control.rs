@@ -1,0 +1,101 @@
+//! The control channel between the supervisor and the program's shim: a Unix stream socket
+//! (one end of a socketpair the supervisor creates; the child inherits the other end and finds
+//! its number in `SUPERVISE_CONTROL_FD`). Each message is one line of JSON.
+//!
+//! Supervisor to program: [`Request`]. Program to supervisor: [`Event`]. The channel closing
+//! tells the program that its supervisor is gone.
+
+use serde::{Deserialize, Serialize};
+
+use crate::writer::SnapshotReport;
+
+/// Sent by the supervisor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Take a snapshot at the next safe point.
+    Snapshot,
+    /// Take a final snapshot at the next safe point, then exit with [`crate::EXIT_STOPPED`].
+    Stop,
+}
+
+/// A snapshot that was found damaged at start and set aside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedSnapshot {
+    /// Its sequence number.
+    pub seq: u64,
+    /// What was wrong.
+    pub why: String,
+}
+
+/// Sent by the program's shim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Event {
+    /// The shim is ready; says what the program resumed from.
+    Hello {
+        /// The program's pid.
+        pid: u32,
+        /// The snapshot restored, or `None` for a fresh start.
+        resumed_from: Option<u64>,
+        /// Its progress tag.
+        tag: Option<String>,
+        /// Snapshots found damaged and skipped.
+        damaged: Vec<DamagedSnapshot>,
+    },
+    /// The program reached safe points `count` times since the start (a liveness beat).
+    Progress {
+        /// Safe-point beats seen so far.
+        count: u64,
+    },
+    /// A snapshot is durable.
+    SnapshotDone(SnapshotReport),
+    /// A snapshot failed; earlier snapshots are untouched.
+    SnapshotFailed {
+        /// Why.
+        error: String,
+    },
+}
+
+impl Event {
+    /// Encodes as one JSON line.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("events serialize");
+        s.push('\n');
+        s
+    }
+}
+
+impl Request {
+    /// Encodes as one JSON line.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("requests serialize");
+        s.push('\n');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_round_trip() {
+        let ev = Event::SnapshotDone(SnapshotReport {
+            seq: 4,
+            tag: Some("step 9".into()),
+            bytes_total: 10,
+            bytes_new: 5,
+            bytes_written: 3,
+            duration_ms: 2,
+            removed: vec![1],
+        });
+        let line = ev.to_line();
+        assert!(
+            line.starts_with(r#"{"ev":"snapshot_done","seq":4"#),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), ev);
+        assert_eq!(Request::Stop.to_line(), "{\"op\":\"stop\"}\n");
+    }
+}

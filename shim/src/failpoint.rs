@@ -1,0 +1,43 @@
+//! Fault injection for crash tests. `SUPERVISE_FAILPOINT=NAME` (or `NAME@N`, the N-th time it is
+//! reached) kills the process with SIGKILL when the code reaches the point `NAME`, the way a
+//! power cut or `kill -9` would. Points: `packs-synced`, `packs-renamed`, `manifest-synced`,
+//! `manifest-renamed`. Unset, a check costs one load of an initialised `OnceLock`.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The environment variable naming the fail point.
+pub const ENV: &str = "SUPERVISE_FAILPOINT";
+
+struct Armed {
+    name: String,
+    at: u64,
+    seen: AtomicU64,
+}
+
+fn armed() -> &'static Option<Armed> {
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED.get_or_init(|| {
+        let spec = std::env::var(ENV).ok()?;
+        let (name, at) = match spec.split_once('@') {
+            Some((n, at)) => (n.to_owned(), at.parse().unwrap_or(1)),
+            None => (spec, 1),
+        };
+        Some(Armed {
+            name,
+            at,
+            seen: AtomicU64::new(0),
+        })
+    })
+}
+
+/// Kills the process if the fail point `name` is armed and reached for the armed time.
+pub fn hit(name: &str) {
+    if let Some(armed) = armed()
+        && armed.name == name
+        && armed.seen.fetch_add(1, Ordering::SeqCst) + 1 == armed.at
+    {
+        eprintln!("supervise-shim: fail point {name} reached, killing the process");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}

@@ -1,0 +1,54 @@
+//! # supervise-shim
+//!
+//! The library a long-running simulation links so that `supervise` can snapshot it and resume
+//! it after a crash. It owns the on-disk format of the snapshot store.
+//!
+//! ```no_run
+//! use supervise_shim::{Shim, Start};
+//!
+//! # fn main() -> supervise_shim::Result<()> {
+//! let mut shim = Shim::init("heat")?;                 // restores if there is a snapshot
+//! let mut step: u64 = shim.load("step")?.unwrap_or(0);
+//! let mut grid = vec![0.0f64; 1024 * 1024];
+//! shim.load_slice("grid", &mut grid)?;                // false on a fresh start
+//! if let Start::Resumed { seq, .. } = shim.start() {
+//!     eprintln!("resumed from snapshot {seq} at step {step}");
+//! }
+//! while step < 10_000 {
+//!     // ... compute one step on `grid` ...
+//!     step += 1;
+//!     if shim.due() {                                 // one atomic load when nothing is due
+//!         let tag = format!("step {step}");
+//!         shim.snapshot(Some(&tag), |s| {
+//!             s.value("step", &step)?;
+//!             s.slice("grid", &grid)
+//!         })?;
+//!     }
+//! }
+//! shim.finish()
+//! # }
+//! ```
+//!
+//! Without a supervisor (and without `SUPERVISE_STORE` set) the same program runs unchanged:
+//! nothing is restored and `due()` is never true. See [`config`] for the environment.
+
+#![deny(missing_docs)]
+
+pub mod codec;
+pub mod config;
+pub mod control;
+pub mod durable;
+pub mod error;
+pub mod failpoint;
+pub mod format;
+pub mod name;
+pub mod reader;
+mod runtime;
+pub mod store;
+pub mod writer;
+
+pub use error::{Error, Result};
+pub use reader::SnapshotReader;
+pub use runtime::{EXIT_STOPPED, Shim, Start};
+pub use store::{JobStore, Store};
+pub use writer::{Element, SnapshotBuilder, SnapshotReport, SnapshotWriter};

@@ -1,0 +1,171 @@
+//! Reading snapshots back: every chunk is read, decompressed straight into the destination,
+//! and checked against its blake3 hash; each entry's root is checked against its chunk list.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use crate::codec::Decoder;
+use crate::error::{Error, Result, io_err};
+use crate::format::{
+    CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Manifest, RecordHeader, entry_root,
+};
+use crate::store::JobStore;
+
+/// An open snapshot whose manifest decoded and whose packs are all present and long enough.
+pub struct SnapshotReader {
+    manifest: Manifest,
+    packs: Vec<(PathBuf, File)>,
+    threads: usize,
+}
+
+impl SnapshotReader {
+    /// Opens snapshot `seq` of `job`.
+    pub fn open(job: &JobStore, seq: u64) -> Result<Self> {
+        let manifest = job.read_manifest(seq)?;
+        let packs = job.open_packs(&manifest)?;
+        Ok(Self {
+            manifest,
+            packs,
+            threads: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(1, 8),
+        })
+    }
+
+    /// The snapshot's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Reads a value entry's bytes (JSON); `None` if the snapshot has no entry of that name.
+    pub fn value_bytes(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let Some(entry) = self.manifest.entry(name) else {
+            return Ok(None);
+        };
+        if entry.kind != EntryKind::Value {
+            return Err(Error::WrongKind {
+                name: name.to_owned(),
+                found: entry.kind.describe(),
+                wanted: "value".into(),
+            });
+        }
+        let mut out = vec![0u8; entry.len as usize];
+        self.fill(entry, &mut out)?;
+        Ok(Some(out))
+    }
+
+    /// Fills `dest` from a slice entry of element type `elem`; `false` if there is no such entry.
+    pub fn slice_into(&self, name: &str, elem: &str, dest: &mut [u8]) -> Result<bool> {
+        let Some(entry) = self.manifest.entry(name) else {
+            return Ok(false);
+        };
+        match &entry.kind {
+            EntryKind::Slice { elem: stored, .. } if stored == elem => {}
+            other => {
+                return Err(Error::WrongKind {
+                    name: name.to_owned(),
+                    found: other.describe(),
+                    wanted: format!("[{elem}] slice"),
+                });
+            }
+        }
+        if entry.len != dest.len() as u64 {
+            return Err(Error::SizeMismatch {
+                name: name.to_owned(),
+                stored: entry.len,
+                dest: dest.len() as u64,
+            });
+        }
+        self.fill(entry, dest)?;
+        Ok(true)
+    }
+
+    /// Reads and verifies every chunk of every entry without keeping the data.
+    pub fn verify(&self) -> Result<()> {
+        let mut scratch = Vec::new();
+        for entry in &self.manifest.entries {
+            scratch.resize(entry.len as usize, 0);
+            self.fill(entry, &mut scratch)?;
+        }
+        Ok(())
+    }
+
+    /// Decodes an entry into `dest` (exactly `entry.len` bytes), in parallel.
+    pub fn fill(&self, entry: &EntryMeta, dest: &mut [u8]) -> Result<()> {
+        let root = entry_root(entry.len, entry.chunks.iter().map(|c| c.hash));
+        if root != entry.root {
+            return Err(self.damaged(format!(
+                "entry {:?}: chunk list does not match its root hash",
+                entry.name
+            )));
+        }
+        let work = Mutex::new(dest.chunks_mut(CHUNK_SIZE).zip(entry.chunks.iter()));
+        let threads = self.threads.min(entry.chunks.len()).max(1);
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    if let Err(e) = self.fill_worker(&work) {
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                });
+            }
+        });
+        match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn fill_worker<'a, I>(&self, work: &Mutex<I>) -> Result<()>
+    where
+        I: Iterator<Item = (&'a mut [u8], &'a ChunkRef)>,
+    {
+        let mut decoder =
+            Decoder::new().map_err(io_err("create decompressor", self.packs_dir()))?;
+        let mut buf = Vec::new();
+        loop {
+            let next = work.lock().unwrap_or_else(|p| p.into_inner()).next();
+            let Some((out, chunk)) = next else {
+                return Ok(());
+            };
+            let (path, file) = &self.packs[chunk.pack as usize];
+            buf.resize(RecordHeader::LEN + chunk.stored_len as usize, 0);
+            file.read_exact_at(&mut buf, chunk.offset)
+                .map_err(io_err("read", path))?;
+            let header = RecordHeader::decode(&buf, path)?;
+            if header.hash != chunk.hash || header.stored_len != chunk.stored_len {
+                return Err(Error::Corrupt {
+                    path: path.clone(),
+                    why: format!(
+                        "record at offset {} is not the chunk snapshot {} expects",
+                        chunk.offset, self.manifest.seq
+                    ),
+                });
+            }
+            decoder.decode(&header, &buf[RecordHeader::LEN..], out, path)?;
+        }
+    }
+
+    fn packs_dir(&self) -> PathBuf {
+        self.packs
+            .first()
+            .map(|(p, _)| p.clone())
+            .unwrap_or_default()
+    }
+
+    fn damaged(&self, why: String) -> Error {
+        Error::Corrupt {
+            path: PathBuf::from(format!(
+                "snapshot {} of job {}",
+                self.manifest.seq, self.manifest.job
+            )),
+            why,
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The shim as the program sees it: [`Shim::init`] at start (restore), [`Shim::due`] at every
+//! safe point (one atomic load), [`Shim::snapshot`] when due.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, ErrorKind};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::sys::socket::{MsgFlags, send};
+use serde::de::DeserializeOwned;
+
+use crate::config::{Config, Mode, RestoreFrom};
+use crate::control::{DamagedSnapshot, Event, Request};
+use crate::error::{Error, Result};
+use crate::format::EntryKind;
+use crate::reader::SnapshotReader;
+use crate::store::{JobStore, Store};
+use crate::writer::{Element, SnapshotBuilder, SnapshotReport, SnapshotWriter};
+
+/// Exit code of a program that stopped on request (supervisor stop, SIGTERM, or supervisor
+/// lost) after its final snapshot: the job is not finished and can be resumed.
+pub const EXIT_STOPPED: i32 = 75;
+
+const SNAP: u32 = 1;
+const STOP: u32 = 2;
+const BEAT: u32 = 4;
+
+/// How long an orphaned program (its supervisor gone) may go without reaching a safe point
+/// before the shim ends it, so that no orphan runs on unsupervised.
+const ORPHAN_GRACE: Duration = Duration::from_secs(60);
+
+/// How this run of the program started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// From the beginning: no snapshot was restored.
+    Fresh,
+    /// From a snapshot.
+    Resumed {
+        /// Its sequence number.
+        seq: u64,
+        /// The progress tag the program gave it.
+        tag: Option<String>,
+    },
+}
+
+/// State shared with signal handlers and the control thread.
+struct Shared {
+    pending: AtomicU32,
+    beats: AtomicU64,
+    snapshotting: AtomicBool,
+    control: Option<Mutex<UnixStream>>,
+}
+
+impl Shared {
+    fn send(&self, event: &Event) {
+        if let Some(stream) = &self.control {
+            let stream = stream.lock().unwrap_or_else(|p| p.into_inner());
+            let line = event.to_line();
+            let mut buf = line.as_bytes();
+            // MSG_NOSIGNAL: a supervisor that went away must not kill the program with SIGPIPE.
+            while !buf.is_empty() {
+                match send(stream.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+                    Ok(n) => buf = &buf[n..],
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+/// The restored snapshot, with its value entries already read and verified.
+struct Restored {
+    reader: SnapshotReader,
+    values: HashMap<String, Vec<u8>>,
+}
+
+/// The program's handle on the shim.
+pub struct Shim {
+    shared: Arc<Shared>,
+    config: Config,
+    job: Option<JobStore>,
+    writer: Option<SnapshotWriter>,
+    restored: Option<Restored>,
+    start: Start,
+}
+
+impl Shim {
+    /// Reads the environment, restores the newest complete snapshot (if any) and, under a
+    /// supervisor, connects to it. Without a supervisor and without `SUPERVISE_STORE` this does
+    /// nothing and the program runs unchanged. `default_job` names the job when
+    /// `SUPERVISE_JOB` is unset.
+    pub fn init(default_job: &str) -> Result<Self> {
+        let config = Config::from_env(default_job)?;
+        let control = match config.mode {
+            Mode::Supervised(fd) => Some(Mutex::new(adopt_control_fd(fd)?)),
+            _ => None,
+        };
+        let shared = Arc::new(Shared {
+            pending: AtomicU32::new(0),
+            beats: AtomicU64::new(0),
+            snapshotting: AtomicBool::new(false),
+            control,
+        });
+        let mut shim = Self {
+            shared,
+            job: None,
+            writer: None,
+            restored: None,
+            start: Start::Fresh,
+            config,
+        };
+        if shim.config.mode == Mode::Off {
+            return Ok(shim);
+        }
+        let job = Store::open(&shim.config.store)?.job(&shim.config.job)?;
+        let (restored, damaged) = choose_restore(&job, &shim.config.restore)?;
+        if let Some(r) = &restored {
+            let m = r.reader.manifest();
+            shim.start = Start::Resumed {
+                seq: m.seq,
+                tag: m.tag.clone(),
+            };
+        }
+        for d in &damaged {
+            eprintln!(
+                "supervise-shim: snapshot {} of job {} is damaged ({}); set aside, using an older one",
+                d.seq,
+                job.name(),
+                d.why
+            );
+        }
+        shim.writer = Some(SnapshotWriter::open(job.clone(), shim.config.attempt)?);
+        shim.restored = restored;
+        shim.job = Some(job);
+        shim.install_signal_handlers()?;
+        let (resumed_from, tag) = match &shim.start {
+            Start::Fresh => (None, None),
+            Start::Resumed { seq, tag } => (Some(*seq), tag.clone()),
+        };
+        shim.shared.send(&Event::Hello {
+            pid: std::process::id(),
+            resumed_from,
+            tag,
+            damaged,
+        });
+        shim.spawn_control_thread()?;
+        Ok(shim)
+    }
+
+    fn install_signal_handlers(&self) -> Result<()> {
+        let register = |signal: i32, bits: u32| {
+            let shared = Arc::clone(&self.shared);
+            // SAFETY: the handler only performs a lock-free atomic fetch_or, which is
+            // async-signal-safe; it allocates nothing and takes no lock.
+            unsafe {
+                signal_hook::low_level::register(signal, move || {
+                    shared.pending.fetch_or(bits, Ordering::SeqCst);
+                })
+            }
+            .map_err(|e| Error::Io {
+                op: "install signal handler",
+                path: "<signal>".into(),
+                source: e,
+            })
+        };
+        register(signal_hook::consts::SIGUSR1, SNAP)?;
+        if matches!(self.config.mode, Mode::Supervised(_)) {
+            register(signal_hook::consts::SIGTERM, SNAP | STOP)?;
+        }
+        Ok(())
+    }
+
+    fn spawn_control_thread(&self) -> Result<()> {
+        let shared = Arc::clone(&self.shared);
+        let spawn_err = |e| Error::Io {
+            op: "spawn shim thread",
+            path: "<thread>".into(),
+            source: e,
+        };
+        if let Some(stream) = &self.shared.control {
+            let stream = stream
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_clone()
+                .map_err(|e| Error::Io {
+                    op: "clone control socket",
+                    path: "<control>".into(),
+                    source: e,
+                })?;
+            std::thread::Builder::new()
+                .name("supervise-control".into())
+                .spawn(move || control_loop(&shared, stream))
+                .map_err(spawn_err)?;
+        } else if let Some(every) = self.config.every {
+            std::thread::Builder::new()
+                .name("supervise-timer".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(every);
+                        shared.pending.fetch_or(SNAP, Ordering::SeqCst);
+                    }
+                })
+                .map_err(spawn_err)?;
+        }
+        Ok(())
+    }
+
+    /// How this run started: fresh or from which snapshot.
+    pub fn start(&self) -> &Start {
+        &self.start
+    }
+
+    /// True when the shim is active (under a supervisor or with a local store).
+    pub fn is_active(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// The typed value `name` from the restored snapshot; `None` on a fresh start or if the
+    /// snapshot has no such entry.
+    pub fn load<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.restored.as_ref().and_then(|r| r.values.get(name)) else {
+            return Ok(None);
+        };
+        serde_json::from_slice(bytes)
+            .map(Some)
+            .map_err(|source| Error::Serde {
+                name: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Fills `dest` with the raw slice `name` from the restored snapshot, verifying every chunk.
+    /// Returns `false` (leaving `dest` alone) on a fresh start or if there is no such entry. A
+    /// size or type that differs from the snapshot's is an error naming both. If the data turn
+    /// out to be damaged, the snapshot is set aside and the program is started again in place
+    /// (same pid, same arguments) to resume from an older snapshot.
+    pub fn load_slice<T: Element>(&mut self, name: &str, dest: &mut [T]) -> Result<bool> {
+        let Some(restored) = &self.restored else {
+            return Ok(false);
+        };
+        match restored
+            .reader
+            .slice_into(name, T::NAME, bytemuck::cast_slice_mut(dest))
+        {
+            Err(e) if e.is_corruption() => {
+                let seq = restored.reader.manifest().seq;
+                Err(self.restart_after_damage(seq, e))
+            }
+            other => other,
+        }
+    }
+
+    fn restart_after_damage(&self, seq: u64, err: Error) -> Error {
+        let Some(job) = &self.job else { return err };
+        eprintln!(
+            "supervise-shim: snapshot {seq} of job {} is damaged ({err}); set aside, restarting the program to resume from an older one",
+            job.name()
+        );
+        if let Err(e) = job.quarantine(seq) {
+            return e;
+        }
+        if let Some(stream) = &self.shared.control {
+            let fd = stream.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd();
+            let _ = set_cloexec(fd, false);
+        }
+        let mut args = std::env::args_os();
+        let arg0 = args.next().unwrap_or_default();
+        let exec_err = std::process::Command::new("/proc/self/exe")
+            .arg0(arg0)
+            .args(args)
+            .exec();
+        Error::Io {
+            op: "restart program after damaged snapshot",
+            path: "/proc/self/exe".into(),
+            source: exec_err,
+        }
+    }
+
+    /// True when a snapshot is due: call it at every safe point. When nothing is pending this
+    /// is one relaxed atomic load.
+    #[inline]
+    pub fn due(&self) -> bool {
+        let pending = self.shared.pending.load(Ordering::Relaxed);
+        pending != 0 && self.due_slow(pending)
+    }
+
+    #[cold]
+    fn due_slow(&self, pending: u32) -> bool {
+        if pending & BEAT != 0 {
+            self.shared.pending.fetch_and(!BEAT, Ordering::Relaxed);
+            self.shared.beats.fetch_add(1, Ordering::Relaxed);
+        }
+        pending & SNAP != 0
+    }
+
+    /// Takes a snapshot now: `fill` adds the entries (values and slices) to the builder.
+    /// Returns the figures, or `None` when the shim is inactive. On error no partial snapshot
+    /// is visible and earlier snapshots are untouched. If the supervisor asked the program to
+    /// stop (or it got SIGTERM, or lost its supervisor), the process exits with
+    /// [`EXIT_STOPPED`] after this snapshot.
+    pub fn snapshot<F>(&mut self, tag: Option<&str>, fill: F) -> Result<Option<SnapshotReport>>
+    where
+        F: FnOnce(&mut SnapshotBuilder<'_>) -> Result<()>,
+    {
+        let pending = self.shared.pending.fetch_and(!SNAP, Ordering::AcqRel);
+        let Some(writer) = self.writer.as_mut() else {
+            return Ok(None);
+        };
+        self.shared.snapshotting.store(true, Ordering::SeqCst);
+        let result: Result<SnapshotReport> = (|| {
+            let mut builder = writer.begin(tag);
+            fill(&mut builder)?;
+            let mut report = builder.commit()?;
+            match writer.apply_retention(self.config.keep) {
+                Ok(r) => report.removed = r.removed_snapshots,
+                Err(e) => eprintln!(
+                    "supervise-shim: snapshot {} is durable, but retention failed: {e}",
+                    report.seq
+                ),
+            }
+            Ok(report)
+        })();
+        self.shared.snapshotting.store(false, Ordering::SeqCst);
+        match &result {
+            Ok(report) => self.shared.send(&Event::SnapshotDone(report.clone())),
+            Err(e) => self.shared.send(&Event::SnapshotFailed {
+                error: e.to_string(),
+            }),
+        }
+        if pending & STOP != 0 || self.shared.pending.load(Ordering::SeqCst) & STOP != 0 {
+            if let Err(e) = &result {
+                eprintln!("supervise-shim: final snapshot failed ({e}); stopping anyway");
+            }
+            std::process::exit(EXIT_STOPPED);
+        }
+        result.map(Some)
+    }
+
+    /// Ends the shim's work. Call it when the computation is complete.
+    pub fn finish(self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Takes ownership of the inherited control socket and keeps it from leaking into programs
+/// the child starts.
+fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
+    set_cloexec(fd, true).map_err(|e| Error::Env {
+        var: crate::config::ENV_CONTROL_FD,
+        value: fd.to_string(),
+        why: format!("not an open file descriptor ({e})"),
+    })?;
+    // SAFETY: the supervisor passed this fd to us for the control channel and nothing else in
+    // the process owns it; fcntl above proved it open. We take sole ownership here.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
+    // SAFETY: only used on the control fd, which this process owns for its whole life.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let flags = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    fcntl(borrowed, FcntlArg::F_SETFD(flags)).map(|_| ())
+}
+
+/// Reads requests from the supervisor, sends liveness beats once a second, and on the channel
+/// closing (supervisor gone) asks the program for a final snapshot and exit.
+fn control_loop(shared: &Shared, stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let mut last_beats = 0;
+    let mut orphaned_at: Option<Instant> = None;
+    loop {
+        if let Some(since) = orphaned_at {
+            std::thread::sleep(Duration::from_millis(200));
+            if since.elapsed() > ORPHAN_GRACE && !shared.snapshotting.load(Ordering::SeqCst) {
+                eprintln!(
+                    "supervise-shim: supervisor gone and no safe point reached in {ORPHAN_GRACE:?}; exiting"
+                );
+                // SAFETY: _exit ends the process at once without running atexit handlers,
+                // which is what we want while another thread may be mid-computation.
+                unsafe { libc::_exit(EXIT_STOPPED) };
+            }
+            continue;
+        }
+        match reader.read_line(&mut line) {
+            Ok(0) => {
+                eprintln!(
+                    "supervise-shim: supervisor gone; final snapshot at the next safe point, then exit"
+                );
+                shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
+                orphaned_at = Some(Instant::now());
+            }
+            Ok(_) if line.ends_with('\n') => {
+                match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Snapshot) => shared.pending.fetch_or(SNAP, Ordering::SeqCst),
+                    Ok(Request::Stop) => shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst),
+                    Err(e) => {
+                        eprintln!(
+                            "supervise-shim: ignoring bad control message {:?}: {e}",
+                            line.trim_end()
+                        );
+                        0
+                    }
+                };
+                line.clear();
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                shared.pending.fetch_or(BEAT, Ordering::Relaxed);
+                let beats = shared.beats.load(Ordering::Relaxed);
+                if beats != last_beats {
+                    last_beats = beats;
+                    shared.send(&Event::Progress { count: beats });
+                }
+            }
+            Err(_) => {
+                shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
+                orphaned_at = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// Picks the snapshot to restore: the newest that opens and whose values verify; damaged ones
+/// are set aside and reported.
+fn choose_restore(
+    job: &JobStore,
+    from: &RestoreFrom,
+) -> Result<(Option<Restored>, Vec<DamagedSnapshot>)> {
+    let candidates: Vec<u64> = match from {
+        RestoreFrom::Nothing => return Ok((None, Vec::new())),
+        RestoreFrom::Exact(seq) => vec![*seq],
+        RestoreFrom::Latest { after } => job
+            .snapshot_seqs()?
+            .into_iter()
+            .rev()
+            .filter(|s| after.is_none_or(|a| *s > a))
+            .collect(),
+    };
+    let mut damaged = Vec::new();
+    for seq in candidates {
+        match open_restored(job, seq) {
+            Ok(r) => return Ok((Some(r), damaged)),
+            Err(e) if e.is_corruption() && !matches!(from, RestoreFrom::Exact(_)) => {
+                job.quarantine(seq)?;
+                damaged.push(DamagedSnapshot {
+                    seq,
+                    why: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((None, damaged))
+}
+
+fn open_restored(job: &JobStore, seq: u64) -> Result<Restored> {
+    let reader = SnapshotReader::open(job, seq)?;
+    let mut values = HashMap::new();
+    let value_names = reader
+        .manifest()
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Value);
+    for entry in value_names {
+        let bytes = reader.value_bytes(&entry.name)?.unwrap_or_default();
+        values.insert(entry.name.clone(), bytes);
+    }
+    Ok(Restored { reader, values })
+}

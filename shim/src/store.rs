@@ -1,0 +1,371 @@
+//! The snapshot store: a directory holding one sub-directory per job, each with its snapshot
+//! manifests and the pack files their chunks live in.
+//!
+//! ```text
+//! <store>/<job>/snapshots/<seq, 20 digits>.snap           committed manifests
+//! <store>/<job>/snapshots/<seq, 20 digits>.snap.damaged   manifests found damaged (kept for a look)
+//! <store>/<job>/packs/<seq>-<nonce>-<n>.pack              pack files, immutable once visible
+//! ```
+//!
+//! A job has a single writer at a time (the program's shim). Retention runs in that writer
+//! between snapshots, so it never races an in-progress snapshot.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{BufWriter, ErrorKind, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::durable::{self, TMP_PREFIX};
+use crate::error::{Error, Result, io_err};
+use crate::failpoint;
+use crate::format::{self, Manifest, RecordHeader};
+use crate::name;
+
+/// A store directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating with mode 0700 if needed) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        durable::create_private_dir(&root)?;
+        Ok(Self { root })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Opens (creating if needed) the part of the store that belongs to `job`.
+    pub fn job(&self, job: &str) -> Result<JobStore> {
+        name::validate("job", job)?;
+        let dir = self.root.join(job);
+        let store = JobStore {
+            name: job.to_owned(),
+            snapshots: dir.join("snapshots"),
+            packs: dir.join("packs"),
+            dir,
+        };
+        durable::create_private_dir(&store.snapshots)?;
+        durable::create_private_dir(&store.packs)?;
+        Ok(store)
+    }
+}
+
+/// One job's snapshots and packs.
+#[derive(Clone, Debug)]
+pub struct JobStore {
+    name: String,
+    dir: PathBuf,
+    snapshots: PathBuf,
+    packs: PathBuf,
+}
+
+/// What [`JobStore::apply_retention`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Sequence numbers of the snapshots removed.
+    pub removed_snapshots: Vec<u64>,
+    /// Pack files removed.
+    pub removed_packs: Vec<String>,
+    /// Bytes freed.
+    pub freed_bytes: u64,
+}
+
+const SNAP_SUFFIX: &str = ".snap";
+const DAMAGED_SUFFIX: &str = ".snap.damaged";
+const PACK_SUFFIX: &str = ".pack";
+
+impl JobStore {
+    /// The job's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The job's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The path of snapshot `seq`'s manifest.
+    pub fn manifest_path(&self, seq: u64) -> PathBuf {
+        self.snapshots.join(format!("{seq:020}{SNAP_SUFFIX}"))
+    }
+
+    /// The path of a pack file.
+    pub fn pack_path(&self, pack: &str) -> PathBuf {
+        self.packs.join(format!("{pack}{PACK_SUFFIX}"))
+    }
+
+    fn list(dir: &Path, suffix: &str) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+            let entry = entry.map_err(io_err("list", dir))?;
+            let file = entry.file_name();
+            let file = file.to_string_lossy();
+            if let Some(stem) = file.strip_suffix(suffix)
+                && !file.starts_with(TMP_PREFIX)
+            {
+                names.push(stem.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    fn list_seqs(&self, suffix: &str) -> Result<Vec<u64>> {
+        let mut seqs: Vec<u64> = Self::list(&self.snapshots, suffix)?
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        seqs.sort_unstable();
+        Ok(seqs)
+    }
+
+    /// Sequence numbers of the committed (not quarantined) snapshots, oldest first.
+    pub fn snapshot_seqs(&self) -> Result<Vec<u64>> {
+        self.list_seqs(SNAP_SUFFIX)
+    }
+
+    /// Sequence numbers of snapshots quarantined as damaged, oldest first.
+    pub fn damaged_seqs(&self) -> Result<Vec<u64>> {
+        self.list_seqs(DAMAGED_SUFFIX)
+    }
+
+    /// The highest sequence number ever used in this job (committed or quarantined).
+    pub fn highest_seq(&self) -> Result<Option<u64>> {
+        let a = self.snapshot_seqs()?.last().copied();
+        let b = self.damaged_seqs()?.last().copied();
+        Ok(a.max(b))
+    }
+
+    /// Names of the visible pack files.
+    pub fn pack_names(&self) -> Result<Vec<String>> {
+        Self::list(&self.packs, PACK_SUFFIX)
+    }
+
+    /// Reads and checks snapshot `seq`'s manifest.
+    pub fn read_manifest(&self, seq: u64) -> Result<Manifest> {
+        let path = self.manifest_path(seq);
+        let bytes = fs::read(&path).map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                Error::NoSuchSnapshot {
+                    job: self.name.clone(),
+                    seq,
+                }
+            } else {
+                io_err("read", &path)(e)
+            }
+        })?;
+        let manifest = Manifest::decode(&bytes, &path)?;
+        if manifest.seq != seq || manifest.job != self.name {
+            return Err(Error::Corrupt {
+                path,
+                why: format!(
+                    "manifest says job {:?} snapshot {}, not job {:?} snapshot {seq}",
+                    manifest.job, manifest.seq, self.name
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Publishes a manifest: temp name, fsync, rename, fsync directory. Returns its size.
+    pub(crate) fn publish_manifest(&self, manifest: &Manifest) -> Result<u64> {
+        let bytes = manifest.encode();
+        durable::write_atomic(&self.manifest_path(manifest.seq), &bytes, |stage| {
+            failpoint::hit(&format!("manifest-{stage}"))
+        })?;
+        Ok(bytes.len() as u64)
+    }
+
+    /// Opens every pack a manifest names and checks that each holds every record the manifest
+    /// points into (a missing or truncated pack is reported as damage).
+    pub fn open_packs(&self, manifest: &Manifest) -> Result<Vec<(PathBuf, File)>> {
+        let mut needed = vec![0u64; manifest.packs.len()];
+        for chunk in manifest.entries.iter().flat_map(|e| &e.chunks) {
+            let end = chunk.offset + RecordHeader::LEN as u64 + u64::from(chunk.stored_len);
+            let slot = &mut needed[chunk.pack as usize];
+            *slot = (*slot).max(end);
+        }
+        let mut files = Vec::with_capacity(manifest.packs.len());
+        for (pack, needed) in manifest.packs.iter().zip(needed) {
+            let path = self.pack_path(pack);
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    return Err(Error::Corrupt {
+                        path,
+                        why: format!("pack is missing (snapshot {} needs it)", manifest.seq),
+                    });
+                }
+                Err(e) => return Err(io_err("open", &path)(e)),
+            };
+            let len = file.metadata().map_err(io_err("stat", &path))?.len();
+            if len < needed {
+                return Err(Error::Corrupt {
+                    path,
+                    why: format!(
+                        "pack is truncated: {len} bytes, snapshot {} needs {needed}",
+                        manifest.seq
+                    ),
+                });
+            }
+            let mut header = [0u8; format::HEADER_LEN];
+            file.read_exact_at(&mut header, 0)
+                .map_err(io_err("read", &path))?;
+            format::check_header(&header, format::PACK_MAGIC, "pack", &path)?;
+            files.push((path, file));
+        }
+        Ok(files)
+    }
+
+    /// Moves snapshot `seq` aside as damaged so no restore picks it again. Its packs are left
+    /// to retention.
+    pub fn quarantine(&self, seq: u64) -> Result<()> {
+        let from = self.manifest_path(seq);
+        let to = self.snapshots.join(format!("{seq:020}{DAMAGED_SUFFIX}"));
+        fs::rename(&from, &to).map_err(io_err("quarantine", &from))?;
+        durable::fsync_dir(&self.snapshots)
+    }
+
+    /// Keeps the newest `keep` committed snapshots (at least one) and removes older manifests,
+    /// quarantined manifests older than the oldest kept one, and every pack no kept snapshot
+    /// references. If a kept manifest cannot be read, no pack is removed (its needs are unknown).
+    pub fn apply_retention(&self, keep: usize) -> Result<RetentionReport> {
+        let keep = keep.max(1);
+        let seqs = self.snapshot_seqs()?;
+        let split = seqs.len().saturating_sub(keep);
+        let (old, kept) = seqs.split_at(split);
+        let mut report = RetentionReport::default();
+        let oldest_kept = kept.first().copied().unwrap_or(u64::MAX);
+        let damaged_old = self
+            .damaged_seqs()?
+            .into_iter()
+            .filter(|s| *s < oldest_kept);
+        let mut to_remove: Vec<(PathBuf, Option<u64>)> = old
+            .iter()
+            .map(|s| (self.manifest_path(*s), Some(*s)))
+            .collect();
+        to_remove.extend(damaged_old.map(|s| {
+            (
+                self.snapshots.join(format!("{s:020}{DAMAGED_SUFFIX}")),
+                None,
+            )
+        }));
+        for (path, seq) in &to_remove {
+            report.freed_bytes += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            match fs::remove_file(path) {
+                Ok(()) => report.removed_snapshots.extend(seq),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", path)(e)),
+            }
+        }
+        if !to_remove.is_empty() {
+            durable::fsync_dir(&self.snapshots)?;
+        }
+        let mut live: HashSet<String> = HashSet::new();
+        for seq in kept {
+            match self.read_manifest(*seq) {
+                Ok(m) => live.extend(m.packs),
+                Err(_) => return Ok(report),
+            }
+        }
+        for pack in self.pack_names()? {
+            if live.contains(&pack) {
+                continue;
+            }
+            let path = self.pack_path(&pack);
+            report.freed_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            report.removed_packs.push(pack);
+        }
+        if !report.removed_packs.is_empty() {
+            durable::fsync_dir(&self.packs)?;
+        }
+        Ok(report)
+    }
+
+    /// Removes temporary files a writer that died left behind. Only the job's writer calls it.
+    pub(crate) fn remove_leftovers(&self) -> Result<usize> {
+        Ok(durable::remove_leftover_tmp(&self.snapshots)?
+            + durable::remove_leftover_tmp(&self.packs)?)
+    }
+
+    /// Starts a new pack file under a temporary name.
+    pub(crate) fn create_pack(&self, name: String) -> Result<PackWriter> {
+        let tmp = self.packs.join(format!("{TMP_PREFIX}{name}{PACK_SUFFIX}"));
+        let file = durable::create_private_file(&tmp)?;
+        let mut out = BufWriter::with_capacity(4 << 20, file);
+        out.write_all(&format::file_header(format::PACK_MAGIC))
+            .map_err(io_err("write", &tmp))?;
+        Ok(PackWriter {
+            name,
+            tmp,
+            out,
+            len: format::HEADER_LEN as u64,
+        })
+    }
+
+    /// Renames finished packs into place and fsyncs the pack directory once.
+    pub(crate) fn publish_packs(&self, packs: &[FinishedPack]) -> Result<()> {
+        for pack in packs {
+            let to = self.pack_path(&pack.name);
+            fs::rename(&pack.tmp, &to).map_err(io_err("rename into place", &to))?;
+        }
+        if !packs.is_empty() {
+            durable::fsync_dir(&self.packs)?;
+        }
+        Ok(())
+    }
+}
+
+/// A pack file being written under its temporary name.
+pub(crate) struct PackWriter {
+    pub(crate) name: String,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    len: u64,
+}
+
+/// A pack written and fsynced, waiting to be renamed into place.
+pub(crate) struct FinishedPack {
+    pub(crate) name: String,
+    pub(crate) tmp: PathBuf,
+}
+
+impl PackWriter {
+    /// Bytes in the pack so far.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Appends a record; returns its offset.
+    pub(crate) fn append(&mut self, header: &RecordHeader, data: &[u8]) -> Result<u64> {
+        let offset = self.len;
+        self.out
+            .write_all(&header.encode())
+            .and_then(|()| self.out.write_all(data))
+            .map_err(io_err("write", &self.tmp))?;
+        self.len += (RecordHeader::LEN + data.len()) as u64;
+        Ok(offset)
+    }
+
+    /// Flushes and fsyncs the pack.
+    pub(crate) fn finish(self) -> Result<FinishedPack> {
+        let tmp = self.tmp;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| io_err("write", &tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_err("fsync", &tmp))?;
+        Ok(FinishedPack {
+            name: self.name,
+            tmp,
+        })
+    }
+}

@@ -1,0 +1,443 @@
+//! Writing snapshots: entries are cut into fixed-size chunks, hashed with blake3 and looked up
+//! in the store's index; only chunks the store lacks are compressed and appended to new pack
+//! files. Commit: fsync the packs, rename them into place, fsync the pack directory, then
+//! publish the manifest (temp, fsync, rename, fsync). Until the manifest's rename the snapshot
+//! does not exist; after it, everything it references is durable.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{Encoded, Encoder};
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::format::{
+    CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Hash, Manifest, RecordHeader, SnapshotStats,
+    entry_root,
+};
+use crate::name;
+use crate::store::{FinishedPack, JobStore, PackWriter, RetentionReport};
+
+/// Packs are closed once they reach this size: large enough that a 1 GiB state is a handful
+/// of files and fsyncs, small enough that retention can free space of old snapshots.
+pub const PACK_TARGET: u64 = 128 << 20;
+
+/// Where a chunk the store holds lives.
+#[derive(Clone, Debug)]
+struct Loc {
+    pack: Arc<str>,
+    offset: u64,
+    stored_len: u32,
+    raw_len: u32,
+}
+
+/// The figures of a committed snapshot, as reported to the program and the supervisor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    /// Sequence number.
+    pub seq: u64,
+    /// The program's progress tag.
+    pub tag: Option<String>,
+    /// Raw bytes of all entries.
+    pub bytes_total: u64,
+    /// Raw bytes of chunks that were new to the store.
+    pub bytes_new: u64,
+    /// Bytes written: packs plus the manifest.
+    pub bytes_written: u64,
+    /// Milliseconds from start to durable manifest.
+    pub duration_ms: u64,
+    /// Snapshots removed by retention afterwards.
+    pub removed: Vec<u64>,
+}
+
+/// Writes the snapshots of one job. Holds the index of the chunks the store's committed
+/// snapshots reference, so each snapshot writes only what is new.
+pub struct SnapshotWriter {
+    job: JobStore,
+    index: HashMap<Hash, Loc>,
+    newest: Option<u64>,
+    next_seq: u64,
+    attempt: u32,
+    threads: usize,
+}
+
+impl SnapshotWriter {
+    /// Opens the writer of `job`: removes temporary files a dead writer left, and indexes the
+    /// chunks of every committed snapshot that reads back. `attempt` is recorded in manifests.
+    pub fn open(job: JobStore, attempt: u32) -> Result<Self> {
+        job.remove_leftovers()?;
+        let mut writer = Self {
+            newest: None,
+            next_seq: job.highest_seq()?.map_or(1, |s| s + 1),
+            job,
+            index: HashMap::new(),
+            attempt,
+            threads: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(1, 8),
+        };
+        for seq in writer.job.snapshot_seqs()? {
+            if let Ok(manifest) = writer.job.read_manifest(seq) {
+                writer.add_to_index(&manifest);
+                writer.newest = Some(seq);
+            }
+        }
+        Ok(writer)
+    }
+
+    fn add_to_index(&mut self, manifest: &Manifest) {
+        let packs: Vec<Arc<str>> = manifest
+            .packs
+            .iter()
+            .map(|p| Arc::from(p.as_str()))
+            .collect();
+        for chunk in manifest.entries.iter().flat_map(|e| &e.chunks) {
+            self.index.entry(chunk.hash).or_insert_with(|| Loc {
+                pack: packs[chunk.pack as usize].clone(),
+                offset: chunk.offset,
+                stored_len: chunk.stored_len,
+                raw_len: chunk.raw_len,
+            });
+        }
+    }
+
+    /// The job this writer writes.
+    pub fn job(&self) -> &JobStore {
+        &self.job
+    }
+
+    /// The newest committed snapshot.
+    pub fn newest(&self) -> Option<u64> {
+        self.newest
+    }
+
+    /// Starts a snapshot; add entries to the builder, then commit it.
+    pub fn begin(&mut self, tag: Option<&str>) -> SnapshotBuilder<'_> {
+        let seq = self.next_seq;
+        SnapshotBuilder {
+            seq,
+            started: Instant::now(),
+            tag: tag.map(str::to_owned),
+            entries: Vec::new(),
+            pack_table: Vec::new(),
+            pack_ids: HashMap::new(),
+            current: None,
+            finished: Vec::new(),
+            new_locs: HashMap::new(),
+            claimed: Mutex::new(HashSet::new()),
+            stats: SnapshotStats::default(),
+            packs_made: 0,
+            committed: false,
+            writer: self,
+        }
+    }
+
+    /// Applies retention (keep the newest `keep`) and forgets chunks whose packs were removed.
+    pub fn apply_retention(&mut self, keep: usize) -> Result<RetentionReport> {
+        let report = self.job.apply_retention(keep)?;
+        if !report.removed_packs.is_empty() {
+            let gone: HashSet<&str> = report.removed_packs.iter().map(String::as_str).collect();
+            self.index.retain(|_, loc| !gone.contains(&*loc.pack));
+        }
+        Ok(report)
+    }
+}
+
+/// A snapshot being built. Dropping it without [`commit`](Self::commit) removes what it wrote.
+pub struct SnapshotBuilder<'w> {
+    writer: &'w mut SnapshotWriter,
+    seq: u64,
+    started: Instant,
+    tag: Option<String>,
+    entries: Vec<EntryMeta>,
+    pack_table: Vec<String>,
+    pack_ids: HashMap<Arc<str>, u32>,
+    current: Option<PackWriter>,
+    finished: Vec<FinishedPack>,
+    new_locs: HashMap<Hash, Loc>,
+    claimed: Mutex<HashSet<Hash>>,
+    stats: SnapshotStats,
+    packs_made: u32,
+    committed: bool,
+}
+
+/// What a worker found for one chunk.
+enum Found {
+    /// The store already holds it.
+    Known(Hash),
+    /// Another chunk of this snapshot with the same hash is being stored.
+    Twin(Hash),
+    /// New: encoded and ready to append.
+    New(Encoded),
+}
+
+/// A plain-old-data element type that can be stored as a raw slice.
+pub trait Element: bytemuck::Pod {
+    /// Name recorded in the manifest.
+    const NAME: &'static str;
+}
+
+macro_rules! element {
+    ($($t:ty),*) => { $(impl Element for $t { const NAME: &'static str = stringify!($t); })* };
+}
+element!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
+
+impl SnapshotBuilder<'_> {
+    /// The sequence number this snapshot will have.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Adds a typed value (serialized as JSON, so `supervise restore` can show it).
+    pub fn value<T: Serialize + ?Sized>(&mut self, name: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).map_err(|source| Error::Serde {
+            name: name.to_owned(),
+            source,
+        })?;
+        self.add(name, EntryKind::Value, &bytes, 0)
+    }
+
+    /// Adds a raw slice, read in place (no intermediate copy). Floating-point and multi-byte
+    /// integer slices are byte-shuffled before compression.
+    pub fn slice<T: Element>(&mut self, name: &str, data: &[T]) -> Result<()> {
+        let kind = EntryKind::Slice {
+            elem: T::NAME.to_owned(),
+            elem_size: std::mem::size_of::<T>() as u32,
+        };
+        self.add(
+            name,
+            kind,
+            bytemuck::cast_slice(data),
+            std::mem::size_of::<T>() as u8,
+        )
+    }
+
+    fn add(&mut self, name: &str, kind: EntryKind, data: &[u8], shuffle: u8) -> Result<()> {
+        name::validate("entry", name)?;
+        if self.entries.iter().any(|e| e.name == name) {
+            return Err(Error::DuplicateEntry {
+                name: name.to_owned(),
+            });
+        }
+        let n = data.len().div_ceil(CHUNK_SIZE);
+        let mut refs: Vec<Option<ChunkRef>> = vec![None; n];
+        let mut twins: Vec<(usize, Hash)> = Vec::new();
+        let mut first_err: Option<Error> = None;
+        let next = AtomicUsize::new(0);
+        // Read-only for the workers while this thread appends; put back below.
+        let index_owned = std::mem::take(&mut self.writer.index);
+        let index = &index_owned;
+        let claimed_owned = std::mem::take(&mut self.claimed);
+        let claimed = &claimed_owned;
+        std::thread::scope(|scope| {
+            let (tx, rx) =
+                mpsc::sync_channel::<(usize, std::io::Result<Found>)>(self.writer.threads * 4);
+            for _ in 0..self.writer.threads.min(n) {
+                let tx = tx.clone();
+                let next = &next;
+                scope.spawn(move || {
+                    let mut encoder = None;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        let chunk = &data[i * CHUNK_SIZE..((i + 1) * CHUNK_SIZE).min(data.len())];
+                        let hash = *blake3::hash(chunk).as_bytes();
+                        let found = if index.contains_key(&hash) {
+                            Ok(Found::Known(hash))
+                        } else if !claimed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(hash)
+                        {
+                            Ok(Found::Twin(hash))
+                        } else {
+                            let enc = match encoder.as_mut() {
+                                Some(e) => Ok(e),
+                                None => Encoder::new().map(|e| encoder.insert(e)),
+                            };
+                            enc.and_then(|e| e.encode(chunk, hash, shuffle))
+                                .map(Found::New)
+                        };
+                        if tx.send((i, found)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            for (i, found) in rx {
+                if first_err.is_some() {
+                    continue;
+                }
+                let result = match found {
+                    Ok(Found::Known(hash)) => {
+                        let loc = index[&hash].clone();
+                        Ok(Some(self.chunk_ref(hash, &loc)))
+                    }
+                    Ok(Found::Twin(hash)) => {
+                        twins.push((i, hash));
+                        Ok(None)
+                    }
+                    Ok(Found::New(enc)) => self
+                        .append(&enc)
+                        .map(|loc| Some(self.chunk_ref(enc.header.hash, &loc))),
+                    Err(e) => Err(Error::Io {
+                        op: "compress chunk",
+                        path: self.writer.job.dir().to_owned(),
+                        source: e,
+                    }),
+                };
+                match result {
+                    Ok(r) => refs[i] = r,
+                    Err(e) => first_err = Some(e),
+                }
+            }
+        });
+        self.writer.index = index_owned;
+        self.claimed = claimed_owned;
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        for (i, hash) in twins {
+            let loc = self
+                .new_locs
+                .get(&hash)
+                .cloned()
+                .ok_or_else(|| Error::Corrupt {
+                    path: self.writer.job.dir().to_owned(),
+                    why: "a repeated chunk was never written".into(),
+                })?;
+            refs[i] = Some(self.chunk_ref(hash, &loc));
+        }
+        let chunks: Vec<ChunkRef> = refs
+            .into_iter()
+            .map(|r| r.expect("every chunk resolved"))
+            .collect();
+        self.stats.bytes_total += data.len() as u64;
+        self.entries.push(EntryMeta {
+            name: name.to_owned(),
+            kind,
+            len: data.len() as u64,
+            root: entry_root(data.len() as u64, chunks.iter().map(|c| c.hash)),
+            chunks,
+        });
+        Ok(())
+    }
+
+    fn chunk_ref(&mut self, hash: Hash, loc: &Loc) -> ChunkRef {
+        let next_id = self.pack_table.len() as u32;
+        let pack = *self.pack_ids.entry(loc.pack.clone()).or_insert(next_id);
+        if pack == next_id {
+            self.pack_table.push(loc.pack.to_string());
+        }
+        ChunkRef {
+            hash,
+            pack,
+            offset: loc.offset,
+            stored_len: loc.stored_len,
+            raw_len: loc.raw_len,
+        }
+    }
+
+    fn append(&mut self, enc: &Encoded) -> Result<Loc> {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|p| p.len() >= PACK_TARGET)
+        {
+            let full = self.current.take().expect("checked");
+            self.finished.push(full.finish()?);
+        }
+        let pack = match self.current.as_mut() {
+            Some(p) => p,
+            None => {
+                let name = pack_name(self.seq, self.packs_made);
+                self.packs_made += 1;
+                self.current.insert(self.writer.job.create_pack(name)?)
+            }
+        };
+        let offset = pack.append(&enc.header, &enc.data)?;
+        let loc = Loc {
+            pack: Arc::from(pack.name.as_str()),
+            offset,
+            stored_len: enc.header.stored_len,
+            raw_len: enc.header.raw_len,
+        };
+        self.stats.bytes_new += u64::from(enc.header.raw_len);
+        self.stats.bytes_packed += (RecordHeader::LEN + enc.data.len()) as u64;
+        self.new_locs.insert(enc.header.hash, loc.clone());
+        Ok(loc)
+    }
+
+    /// Makes the snapshot durable and visible. On error nothing becomes visible and the
+    /// earlier snapshots are untouched.
+    pub fn commit(mut self) -> Result<SnapshotReport> {
+        if let Some(pack) = self.current.take() {
+            self.finished.push(pack.finish()?);
+        }
+        failpoint::hit("packs-synced");
+        let finished = std::mem::take(&mut self.finished);
+        self.writer.job.publish_packs(&finished)?;
+        failpoint::hit("packs-renamed");
+        self.stats.duration_ms = self.started.elapsed().as_millis() as u64;
+        let manifest = Manifest {
+            job: self.writer.job.name().to_owned(),
+            seq: self.seq,
+            parent: self.writer.newest,
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            attempt: self.writer.attempt,
+            tag: self.tag.take(),
+            stats: self.stats.clone(),
+            packs: std::mem::take(&mut self.pack_table),
+            entries: std::mem::take(&mut self.entries),
+        };
+        let manifest_len = self.writer.job.publish_manifest(&manifest)?;
+        let writer = &mut *self.writer;
+        writer.index.extend(self.new_locs.drain());
+        writer.newest = Some(self.seq);
+        writer.next_seq = self.seq + 1;
+        self.committed = true;
+        Ok(SnapshotReport {
+            seq: self.seq,
+            tag: manifest.tag,
+            bytes_total: self.stats.bytes_total,
+            bytes_new: self.stats.bytes_new,
+            bytes_written: self.stats.bytes_packed + manifest_len,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            removed: Vec::new(),
+        })
+    }
+}
+
+impl Drop for SnapshotBuilder<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        // The snapshot failed or was abandoned: remove what it wrote.
+        drop(self.current.take());
+        for pack in self.finished.drain(..) {
+            let _ = std::fs::remove_file(&pack.tmp);
+        }
+        // A later snapshot must not reuse the number of one that may be half-visible.
+        self.writer.next_seq = self.seq + 1;
+        let _ = self.writer.job.remove_leftovers();
+    }
+}
+
+/// A pack name unique across processes and attempts: snapshot number, a nonce, an index.
+fn pack_name(seq: u64, index: u32) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let nonce = nanos ^ (u64::from(std::process::id()) << 40);
+    format!("{seq:020}-{nonce:016x}-{index:03}")
+}

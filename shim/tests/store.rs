@@ -1,0 +1,228 @@
+//! The snapshot store through the shim's API: round trips, dedup, incremental cost,
+//! retention, damage detection and name checks.
+
+use std::fs;
+use std::path::Path;
+
+use supervise_shim::format::CHUNK_SIZE;
+use supervise_shim::{JobStore, SnapshotReader, SnapshotWriter, Store};
+
+fn job(dir: &Path) -> JobStore {
+    Store::open(dir.join("store")).unwrap().job("j").unwrap()
+}
+
+/// A smooth field like a simulation's, deterministic.
+fn field(n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| (i as f64 * 1e-4).sin() * 300.0 + 20.0)
+        .collect()
+}
+
+#[test]
+fn values_and_slices_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let grid = field(300_001);
+    let ints: Vec<i32> = (0..5000).collect();
+    let mut b = writer.begin(Some("step 7"));
+    b.value("params", &(7u64, "abc", vec![1.5f64, f64::MIN_POSITIVE]))
+        .unwrap();
+    b.slice("grid", &grid).unwrap();
+    b.slice("ints", &ints).unwrap();
+    b.slice("empty", &[] as &[f32]).unwrap();
+    let report = b.commit().unwrap();
+    assert_eq!(report.seq, 1);
+    assert_eq!(report.bytes_total, report.bytes_new);
+
+    let reader = SnapshotReader::open(&job, 1).unwrap();
+    assert_eq!(reader.manifest().tag.as_deref(), Some("step 7"));
+    let v: (u64, String, Vec<f64>) =
+        serde_json::from_slice(&reader.value_bytes("params").unwrap().unwrap()).unwrap();
+    assert_eq!(v, (7, "abc".into(), vec![1.5, f64::MIN_POSITIVE]));
+    let mut back = vec![0.0f64; grid.len()];
+    assert!(
+        reader
+            .slice_into("grid", "f64", bytemuck::cast_slice_mut(&mut back))
+            .unwrap()
+    );
+    assert_eq!(back, grid);
+    let mut back_ints = vec![0i32; ints.len()];
+    assert!(
+        reader
+            .slice_into("ints", "i32", bytemuck::cast_slice_mut(&mut back_ints))
+            .unwrap()
+    );
+    assert_eq!(back_ints, ints);
+    assert!(!reader.slice_into("absent", "f64", &mut []).unwrap());
+    reader.verify().unwrap();
+
+    let err = reader
+        .slice_into("grid", "f64", &mut [0u8; 16])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("2400008 bytes") && err.contains("16 bytes"),
+        "{err}"
+    );
+    let err = reader
+        .slice_into("grid", "f32", &mut [0u8; 16])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[f64] slice"), "{err}");
+}
+
+#[test]
+fn a_smooth_field_compresses_and_identical_chunks_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job, 0).unwrap();
+    let grid = field(4 << 20 >> 3);
+    let zeros = vec![0.0f64; 4 << 20 >> 3];
+    let mut b = writer.begin(None);
+    b.slice("grid", &grid).unwrap();
+    b.slice("zeros", &zeros).unwrap();
+    let r = b.commit().unwrap();
+    let raw = 4u64 << 20;
+    // The zero array is one 64 KiB chunk stored once; the field shrinks after byte-shuffle.
+    assert!(r.bytes_new <= raw + CHUNK_SIZE as u64, "{r:?}");
+    assert!(r.bytes_written < raw * 8 / 10, "{r:?}");
+}
+
+#[test]
+fn changing_one_percent_writes_about_one_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job, 0).unwrap();
+    let n = (64 << 20) / 8; // 64 MiB of f64
+    let mut grid = field(n);
+    let mut b = writer.begin(None);
+    b.slice("grid", &grid).unwrap();
+    b.commit().unwrap();
+
+    // 1% of the array, in scattered 64 KiB blocks.
+    let per_block = CHUNK_SIZE / 8;
+    let blocks = n / per_block;
+    let changed = blocks / 100;
+    for k in 0..changed {
+        let block = (k * 97 + 13) % blocks;
+        for x in &mut grid[block * per_block..(block + 1) * per_block] {
+            *x += 1e-3;
+        }
+    }
+    let mut b = writer.begin(None);
+    b.slice("grid", &grid).unwrap();
+    let r = b.commit().unwrap();
+    let changed_bytes = (changed * CHUNK_SIZE) as u64;
+    assert_eq!(r.bytes_new, changed_bytes, "{r:?}");
+    assert!(r.bytes_written <= changed_bytes * 11 / 10, "{r:?}");
+    assert!(
+        r.bytes_written >= changed_bytes / 4,
+        "suspiciously small: {r:?}"
+    );
+}
+
+#[test]
+fn retention_keeps_the_newest_and_frees_unreferenced_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let mut grid = field(200_000);
+    for round in 0..6 {
+        for x in &mut grid {
+            *x += 1.0; // every chunk changes: each snapshot has packs of its own
+        }
+        let mut b = writer.begin(Some(&format!("round {round}")));
+        b.slice("grid", &grid).unwrap();
+        b.value("round", &round).unwrap();
+        b.commit().unwrap();
+        writer.apply_retention(2).unwrap();
+    }
+    assert_eq!(job.snapshot_seqs().unwrap(), vec![5, 6]);
+    let mut referenced: Vec<String> = [5, 6]
+        .iter()
+        .flat_map(|s| job.read_manifest(*s).unwrap().packs)
+        .collect();
+    referenced.sort();
+    referenced.dedup();
+    let mut present = job.pack_names().unwrap();
+    present.sort();
+    assert_eq!(present, referenced);
+    for seq in [5, 6] {
+        SnapshotReader::open(&job, seq).unwrap().verify().unwrap();
+    }
+}
+
+#[test]
+fn a_flipped_byte_in_a_chunk_is_reported_with_its_pack() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let grid = field(100_000);
+    let mut b = writer.begin(None);
+    b.slice("grid", &grid).unwrap();
+    b.commit().unwrap();
+    let m = job.read_manifest(1).unwrap();
+    let c = m.entries[0].chunks[3];
+    let pack = job.pack_path(&m.packs[c.pack as usize]);
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[c.offset as usize + 44 + 10] ^= 0x01;
+    fs::write(&pack, bytes).unwrap();
+    let err = SnapshotReader::open(&job, 1).unwrap().verify().unwrap_err();
+    assert!(err.is_corruption(), "{err}");
+    assert!(err.to_string().contains(&m.packs[0]), "{err}");
+}
+
+#[test]
+fn missing_and_truncated_packs_are_found_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    for round in 0..2 {
+        let mut b = writer.begin(None);
+        b.slice("grid", &field(50_000 + round)).unwrap();
+        b.commit().unwrap();
+    }
+    let p1 = job.pack_path(&job.read_manifest(1).unwrap().packs[0]);
+    let p2 = job.pack_path(&job.read_manifest(2).unwrap().packs[0]);
+    let len = fs::metadata(&p1).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&p1)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    let err = SnapshotReader::open(&job, 1).err().unwrap().to_string();
+    assert!(err.contains("truncated"), "{err}");
+    fs::remove_file(&p2).unwrap();
+    let err = SnapshotReader::open(&job, 2).err().unwrap().to_string();
+    assert!(err.contains("missing"), "{err}");
+}
+
+#[test]
+fn bad_names_are_refused_and_the_earlier_snapshot_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store")).unwrap();
+    for bad in ["a/b", "..", "x\0y", ""] {
+        let err = store.job(bad).unwrap_err().to_string();
+        assert!(err.starts_with("invalid job name"), "{err}");
+    }
+    let job = store.job("j").unwrap();
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let mut b = writer.begin(None);
+    b.value("ok", &1).unwrap();
+    b.commit().unwrap();
+    let mut b = writer.begin(None);
+    b.value("ok", &2).unwrap();
+    let err = b.slice("../escape", &[1.0f64]).unwrap_err().to_string();
+    assert!(err.contains("invalid entry name \"../escape\""), "{err}");
+    let err = b.value("ok", &3).unwrap_err().to_string();
+    assert!(err.contains("added twice"), "{err}");
+    drop(b);
+    assert_eq!(job.snapshot_seqs().unwrap(), vec![1]);
+    assert!(job.pack_names().unwrap().len() == 1);
+    // The abandoned snapshot left no temporary files and its number is not reused.
+    let mut b = writer.begin(None);
+    b.value("ok", &4).unwrap();
+    assert_eq!(b.commit().unwrap().seq, 3);
+}
