@@ -1,7 +1,9 @@
 //! Fault injection for crash tests. `SUPERVISE_FAILPOINT=NAME` (or `NAME@N`, the N-th time it is
 //! reached) kills the process with SIGKILL when the code reaches the point `NAME`, the way a
 //! power cut or `kill -9` would. Points: `packs-synced`, `packs-renamed`, `manifest-synced`,
-//! `manifest-renamed`. Unset, a check costs one load of an initialised `OnceLock`.
+//! `manifest-renamed`. Under a supervisor it fires in the first run of the program only
+//! (`SUPERVISE_ATTEMPT` unset or 0), so the restarted program shows the recovery. Unset, a
+//! check costs one load of an initialised `OnceLock`.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +21,10 @@ fn armed() -> &'static Option<Armed> {
     static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
     ARMED.get_or_init(|| {
         let spec = std::env::var(ENV).ok()?;
+        let attempt = std::env::var(crate::config::ENV_ATTEMPT).unwrap_or_default();
+        if !matches!(attempt.as_str(), "" | "0") {
+            return None;
+        }
         let (name, at) = match spec.split_once('@') {
             Some((n, at)) => (n.to_owned(), at.parse().unwrap_or(1)),
             None => (spec, 1),
