@@ -73,15 +73,23 @@ impl Child {
             .env(control_env, fd.to_string());
         cmd.process_group(0);
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (sigaction, sigprocmask, prctl, getppid, kill, fcntl);
+        // async-signal-safe system calls (rt_sigaction, sigprocmask, prctl, getppid, kill, fcntl);
         // it allocates nothing and touches no lock.
         unsafe {
             cmd.pre_exec(move || {
-                let mut action: libc::sigaction = std::mem::zeroed();
-                action.sa_sigaction = libc::SIG_DFL;
-                for sig in 1..65 {
+                // The raw system call, because glibc's sigaction refuses signals 32 and 33 (it
+                // reserves them), and an ignored one would be inherited. An all-zero kernel
+                // sigaction (handler, flags, restorer, 64-bit mask) is SIG_DFL.
+                let default_action = [0u64; 4];
+                for sig in 1..=64 {
                     if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                        libc::sigaction(sig, &action, std::ptr::null_mut());
+                        libc::syscall(
+                            libc::SYS_rt_sigaction,
+                            sig,
+                            default_action.as_ptr(),
+                            std::ptr::null_mut::<u64>(),
+                            8usize,
+                        );
                     }
                 }
                 let mut empty: libc::sigset_t = std::mem::zeroed();

@@ -1,0 +1,451 @@
+//! End-to-end tests: the real `supervise` binary running the real heat example, killed in
+//! every way we can think of. The final checksum must always equal an uninterrupted run's.
+
+mod support;
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn sigkill(pid: u32) {
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+#[test]
+fn survives_kill9_of_the_child_at_random_moments() {
+    let args = ["--n", "512", "--steps", "12000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let opts = [
+        "--every",
+        "150ms",
+        "--backoff",
+        "20ms",
+        "--max-restarts",
+        "50",
+        "--keep",
+        "2",
+    ];
+    let run = Run::start(&store, &opts, &heat(&args), &[]);
+    let mut rng = fastrand::Rng::new();
+    eprintln!("random seed {}", rng.get_seed());
+    let kills = 5;
+    for k in 1..=kills {
+        let pid = run.nth_child_pid(k, LONG);
+        std::thread::sleep(Duration::from_millis(rng.u64(100..900)));
+        sigkill(pid);
+    }
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    assert_eq!(
+        checksum_of(&fin.stdout).as_deref(),
+        Some(reference.as_str()),
+        "{}",
+        fin.stderr
+    );
+    assert_eq!(
+        fin.stderr.matches("child died: signal SIGKILL").count(),
+        kills,
+        "{}",
+        fin.stderr
+    );
+    assert!(
+        fin.stderr.matches("spawned pid").count() == kills + 1,
+        "{}",
+        fin.stderr
+    );
+    assert!(
+        fin.stderr.contains("(from snapshot "),
+        "never resumed from a snapshot:\n{}",
+        fin.stderr
+    );
+    let job = only_job(&store);
+    assert_eq!(job.snapshot_seqs().unwrap().len(), 2, "--keep 2");
+    assert_store_clean(&job);
+}
+
+#[test]
+fn a_crash_at_each_step_of_the_commit_protocol_loses_nothing() {
+    let args = ["--n", "256", "--steps", "6000"];
+    let reference = reference_checksum(&args);
+    // The second snapshot is killed at each instant of its commit; the restart must resume
+    // from the newest snapshot that was published.
+    for (point, resumes_from) in [
+        ("packs-synced", 1),
+        ("packs-renamed", 1),
+        ("manifest-synced", 1),
+        ("manifest-renamed", 2),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let failpoint = format!("{point}@2");
+        let run = Run::start(
+            &store,
+            &["--every", "100ms", "--backoff", "10ms"],
+            &heat(&args),
+            &[("SUPERVISE_FAILPOINT", &failpoint)],
+        );
+        let fin = run.wait(LONG);
+        assert_eq!(fin.code, Some(0), "{point}: {}", fin.stderr);
+        assert_eq!(
+            checksum_of(&fin.stdout).as_deref(),
+            Some(reference.as_str()),
+            "{point}"
+        );
+        assert_eq!(
+            fin.stderr.matches("child died: signal SIGKILL").count(),
+            1,
+            "{point}: {}",
+            fin.stderr
+        );
+        let want = format!("(from snapshot {resumes_from})");
+        assert!(
+            fin.stderr.contains(&format!("restarting in 10ms {want}")),
+            "{point}: {}",
+            fin.stderr
+        );
+        assert!(!fin.stderr.contains("instead"), "{point}: {}", fin.stderr);
+        assert_store_clean(&only_job(&store));
+    }
+}
+
+#[test]
+fn sigterm_takes_a_final_snapshot_and_the_same_command_resumes() {
+    let args = ["--n", "256", "--steps", "30000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // No scheduled snapshot within the test: the only one is the final one.
+    let run = Run::start(&store, &["--every", "1h", "-v"], &heat(&args), &[]);
+    run.wait_for("shim connected", LONG);
+    std::thread::sleep(Duration::from_millis(300));
+    run.signal(Signal::SIGTERM);
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(143), "{}", fin.stderr);
+    assert!(
+        fin.stderr.contains("SIGTERM: asking for a final snapshot"),
+        "{}",
+        fin.stderr
+    );
+    assert!(
+        fin.stderr.contains("snapshot 1 done [step "),
+        "{}",
+        fin.stderr
+    );
+    assert!(
+        fin.stderr
+            .contains("stopped by SIGTERM; run the same command again to resume (from snapshot 1)"),
+        "{}",
+        fin.stderr
+    );
+    assert!(
+        checksum_of(&fin.stdout).is_none(),
+        "it stopped before finishing"
+    );
+
+    let again = Run::start(&store, &["--every", "1h"], &heat(&args), &[]).wait(LONG);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    assert!(
+        again.stderr.contains("(from snapshot 1)"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(
+        checksum_of(&again.stdout).as_deref(),
+        Some(reference.as_str())
+    );
+}
+
+#[test]
+fn sigusr1_asks_for_a_snapshot_now_and_sigint_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let run = Run::start(
+        &store,
+        &["--every", "1h", "-v"],
+        &heat(&["--n", "256", "--steps", "100000000"]),
+        &[],
+    );
+    run.wait_for("shim connected", LONG);
+    run.signal(Signal::SIGUSR1);
+    run.wait_for("snapshot 1 done", LONG);
+    run.signal(Signal::SIGINT);
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(130), "{}", fin.stderr);
+    assert!(
+        fin.stderr.contains("snapshot 2 done"),
+        "final snapshot on SIGINT: {}",
+        fin.stderr
+    );
+}
+
+#[test]
+fn kill9_of_the_supervisor_leaves_no_process_behind_and_the_rerun_resumes() {
+    let args = ["--n", "256", "--steps", "20000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // A grandchild in the job's process group, as a job script might start.
+    let mut command = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "sleep 600 & exec \"$0\" \"$@\"".into(),
+    ];
+    command.extend(heat(&args));
+    let run = Run::start(&store, &["--every", "200ms"], &command, &[]);
+    let child = run.nth_child_pid(1, LONG);
+    run.wait_for("snapshot 1 done", LONG);
+    let grandchildren = children_of(child);
+    assert_eq!(grandchildren.len(), 1, "the sleep");
+    run.signal(Signal::SIGKILL);
+    let _ = run.wait(LONG);
+    let gone = wait_until(Duration::from_secs(30), || {
+        !alive(child) && !grandchildren.iter().any(|p| alive(*p))
+    });
+    assert!(
+        gone,
+        "child {child} or grandchild {grandchildren:?} survived the supervisor"
+    );
+
+    // The shim saw its supervisor go and took a final snapshot beyond the scheduled ones.
+    let job = only_job(&store);
+    let newest = *job.snapshot_seqs().unwrap().last().unwrap();
+    let again = Run::start(&store, &["--every", "200ms"], &command, &[]).wait(LONG);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    assert!(
+        again.stderr.contains(&format!("(from snapshot {newest})")),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(
+        checksum_of(&again.stdout).as_deref(),
+        Some(reference.as_str())
+    );
+}
+
+/// Runs heat under supervise until a few snapshots exist, then stops it with SIGTERM.
+fn stopped_job_with_snapshots(store: &std::path::Path, args: &[&str]) -> supervise_shim::JobStore {
+    let run = Run::start(store, &["--every", "100ms"], &heat(args), &[]);
+    run.wait_for("snapshot 3 done", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    only_job(store)
+}
+
+#[test]
+fn a_flipped_byte_in_the_newest_snapshot_falls_back_to_the_previous_one() {
+    let args = ["--n", "256", "--steps", "40000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_job_with_snapshots(&store, &args);
+    let seqs = job.snapshot_seqs().unwrap();
+    let (prev, newest) = (seqs[seqs.len() - 2], seqs[seqs.len() - 1]);
+    let older = job.read_manifest(prev).unwrap();
+    let m = job.read_manifest(newest).unwrap();
+    let grid = m.entry("grid").unwrap();
+    let known: Vec<_> = older
+        .entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(|c| c.hash))
+        .collect();
+    let chunk = grid
+        .chunks
+        .iter()
+        .find(|c| !known.contains(&c.hash))
+        .expect("a chunk only the newest has");
+    let pack = job.pack_path(&m.packs[chunk.pack as usize]);
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[chunk.offset as usize + 44 + chunk.stored_len as usize / 2] ^= 0x10;
+    fs::write(&pack, bytes).unwrap();
+
+    let fin = Run::start(&store, &["--every", "100ms"], &heat(&args), &[]).wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    assert!(
+        fin.stderr.contains(&format!(
+            "snapshot {newest} of job {} is damaged",
+            job.name()
+        )),
+        "{}",
+        fin.stderr
+    );
+    assert!(
+        fin.stderr
+            .contains(&format!("child resumed from snapshot {prev} instead")),
+        "{}",
+        fin.stderr
+    );
+    assert_eq!(
+        checksum_of(&fin.stdout).as_deref(),
+        Some(reference.as_str())
+    );
+}
+
+#[test]
+fn a_truncated_newest_manifest_falls_back_to_the_previous_one() {
+    let args = ["--n", "256", "--steps", "40000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_job_with_snapshots(&store, &args);
+    let seqs = job.snapshot_seqs().unwrap();
+    let (prev, newest) = (seqs[seqs.len() - 2], seqs[seqs.len() - 1]);
+    let path = job.manifest_path(newest);
+    let len = fs::metadata(&path).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    let fin = Run::start(&store, &["--every", "100ms"], &heat(&args), &[]).wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    assert!(
+        fin.stderr
+            .contains(&format!("snapshot {newest} is damaged and was set aside")),
+        "{}",
+        fin.stderr
+    );
+    assert!(
+        fin.stderr
+            .contains(&format!("child resumed from snapshot {prev} instead")),
+        "{}",
+        fin.stderr
+    );
+    assert_eq!(
+        checksum_of(&fin.stdout).as_deref(),
+        Some(reference.as_str())
+    );
+}
+
+#[test]
+fn bad_job_name_missing_command_and_unknown_program_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let out = Command::new(supervise_bin())
+        .args(["--store"])
+        .arg(&store)
+        .args(["--job", "a/b", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid job name \"a/b\": it contains '/'"),
+        "{err}"
+    );
+
+    let out = Command::new(supervise_bin())
+        .args(["--every", "1m"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("<COMMAND>"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = Command::new(supervise_bin())
+        .args(["--every", "soon", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--every"));
+
+    let out = Command::new(supervise_bin())
+        .arg("--store")
+        .arg(&store)
+        .args(["--", "/nonexistent/program"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot start /nonexistent/program"), "{err}");
+}
+
+#[test]
+fn gives_up_after_the_restart_limit_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = Run::start(
+        &dir.path().join("store"),
+        &["--max-restarts", "2", "--backoff", "10ms"],
+        &["/bin/sh".into(), "-c".into(), "exit 7".into()],
+        &[],
+    );
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(3), "{}", fin.stderr);
+    assert_eq!(
+        fin.stderr.matches("child died: exit code 7").count(),
+        3,
+        "{}",
+        fin.stderr
+    );
+    assert!(
+        fin.stderr
+            .contains("gave up: 3 failures within 1h 0m (--max-restarts 2); last: exit code 7"),
+        "{}",
+        fin.stderr
+    );
+    assert!(
+        fin.stderr.contains("restarting in 10ms") && fin.stderr.contains("restarting in 20ms"),
+        "backoff doubles: {}",
+        fin.stderr
+    );
+}
+
+#[test]
+fn the_child_gets_default_signals_an_empty_mask_and_our_stdio() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(supervise_bin());
+    cmd.arg("--store").arg(dir.path().join("store"));
+    cmd.args([
+        "--",
+        "/bin/sh",
+        "-c",
+        "grep -E '^Sig(Ign|Blk)' /proc/self/status; read line; echo \"got $line\"",
+    ]);
+    cmd.stdin(std::process::Stdio::piped());
+    // As if started with `&` from a script: SIGINT ignored; and SIGUSR2 blocked.
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("SigBlk:\t0000000000000000"), "{stdout}");
+    assert!(stdout.contains("SigIgn:\t0000000000000000"), "{stdout}");
+    assert!(
+        stdout.contains("got hello"),
+        "stdin reaches the child: {stdout}"
+    );
+}
