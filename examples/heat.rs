@@ -21,6 +21,13 @@ struct Params {
     alpha: f64,
 }
 
+/// Prints one line to stderr with a single write, so it is never interleaved with the
+/// supervisor's lines on the stderr they share.
+fn say(msg: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("heat: {msg}\n").as_bytes());
+}
+
 fn parse_args() -> Result<(usize, u64), String> {
     let (mut n, mut steps) = (2048usize, 5400u64);
     let mut args = std::env::args().skip(1);
@@ -88,7 +95,7 @@ fn step(cur: &[f64], next: &mut [f64], n: usize, alpha: f64, threads: usize) {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (n, steps) = parse_args().map_err(|e| {
-        eprintln!("heat: {e}");
+        say(&e);
         std::process::exit(2);
     })?;
     // Threads pay off only when a step is long compared to spawning them.
@@ -115,7 +122,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         shim.load_slice("grid", &mut grid)?;
     }
     if let Start::Resumed { seq, .. } = shim.start() {
-        eprintln!("heat: resumed from snapshot {seq} at step {}", params.step);
+        say(&format!(
+            "resumed from snapshot {seq} at step {}",
+            params.step
+        ));
     }
 
     let mut next = grid.clone();
@@ -131,7 +141,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 s.slice("grid", &grid)
             });
             if let Err(e) = taken {
-                eprintln!("heat: snapshot failed, continuing: {e}");
+                say(&format!("snapshot failed, continuing: {e}"));
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Event lines on stderr: one readable line per event, with time and job.
 
+use std::io::Write;
 use std::time::SystemTime;
 
 /// How much to say.
@@ -31,7 +32,9 @@ impl Log {
 
     fn line(&self, msg: &str) {
         let now = humantime::format_rfc3339_seconds(SystemTime::now());
-        eprintln!("supervise {now} [{}] {msg}", self.job);
+        // One write per line: the child shares stderr, and a line must not be cut by its output.
+        let line = format!("supervise {now} [{}] {msg}\n", self.job);
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
     /// An event (shown unless `-q`).

@@ -85,9 +85,9 @@ impl RestartPolicy {
 mod tests {
     use super::*;
 
-    fn policy() -> RestartPolicy {
+    fn policy(max_restarts: u32) -> RestartPolicy {
         RestartPolicy::new(PolicyConfig {
-            max_restarts: 3,
+            max_restarts,
             window: Duration::from_secs(60),
             backoff: Duration::from_secs(1),
             backoff_max: Duration::from_secs(5),
@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap_and_gives_up_past_the_limit() {
-        let mut p = policy();
+        let mut p = policy(3);
         let t = Instant::now();
         let short = Duration::from_secs(1);
         assert_eq!(delay(p.on_failure(t, short)), 1);
@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn a_healthy_run_resets_backoff_and_old_failures_leave_the_window() {
-        let mut p = policy();
+        let mut p = policy(4);
         let t = Instant::now();
         let short = Duration::from_secs(1);
         for i in 0..3 {

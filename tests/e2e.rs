@@ -449,3 +449,79 @@ fn the_child_gets_default_signals_an_empty_mask_and_our_stdio() {
         "stdin reaches the child: {stdout}"
     );
 }
+
+#[test]
+fn changing_one_percent_of_a_large_array_writes_about_one_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let cmd = {
+        let mut c = vec![example_bin("sparse").into_os_string()];
+        c.extend(["--mib", "64", "--percent", "1", "--rounds", "3"].map(Into::into));
+        c
+    };
+    let fin = Run::start(&dir.path().join("store"), &["--every", "1h"], &cmd, &[]).wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    // "sparse: round 2: <new> bytes new, <written> written", from the program's own report,
+    // and the supervisor's line from the control channel.
+    let line = fin
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("sparse: round 2:"))
+        .expect("round 2 line");
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (new, written) = (nums[0], nums[1]);
+    // 1% of 64 MiB in 64 KiB blocks is 10 blocks (two may coincide); plus the tiny "round".
+    let one_percent: u64 = 10 * 65536;
+    assert!(
+        new <= one_percent + 64 && new >= one_percent - 2 * 65536,
+        "new {new}, 1% is {one_percent}"
+    );
+    assert!(
+        written <= one_percent * 11 / 10,
+        "written {written} for {one_percent} changed"
+    );
+    assert!(
+        fin.stderr
+            .contains("snapshot 2 done [round 2]: 64.0 MiB total, "),
+        "{}",
+        fin.stderr
+    );
+}
+
+#[test]
+fn without_a_supervisor_the_program_takes_local_snapshots_when_asked() {
+    let args = ["--n", "256", "--steps", "30000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("local");
+    let start = || {
+        let mut cmd = Command::new(example_bin("heat"));
+        cmd.args(args)
+            .env("SUPERVISE_STORE", &store)
+            .env("SUPERVISE_EVERY", "100ms");
+        Run::spawn(cmd)
+    };
+    let first = start();
+    let job_dir = store.join("heat").join("snapshots");
+    assert!(
+        wait_until(LONG, || fs::read_dir(&job_dir)
+            .map(|d| d.count() >= 2)
+            .unwrap_or(false)),
+        "local snapshots appear"
+    );
+    sigkill(first.pid());
+    let _ = first.wait(LONG);
+    let second = start().wait(LONG);
+    assert_eq!(second.code, Some(0), "{}", second.stderr);
+    assert!(
+        second.stderr.contains("heat: resumed from snapshot "),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(
+        checksum_of(&second.stdout).as_deref(),
+        Some(reference.as_str())
+    );
+}

@@ -43,7 +43,8 @@ pub fn hit(name: &str) {
         && armed.name == name
         && armed.seen.fetch_add(1, Ordering::SeqCst) + 1 == armed.at
     {
-        eprintln!("supervise-shim: fail point {name} reached, killing the process");
+        let line = format!("supervise-shim: fail point {name} reached, killing the process\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }

@@ -8,9 +8,7 @@ use std::sync::Mutex;
 
 use crate::codec::Decoder;
 use crate::error::{Error, Result, io_err};
-use crate::format::{
-    CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Manifest, RecordHeader, entry_root,
-};
+use crate::format::{ChunkRef, EntryKind, EntryMeta, Manifest, RecordHeader, entry_root};
 use crate::store::JobStore;
 
 /// An open snapshot whose manifest decoded and whose packs are all present and long enough.
@@ -101,7 +99,16 @@ impl SnapshotReader {
                 entry.name
             )));
         }
-        let work = Mutex::new(dest.chunks_mut(CHUNK_SIZE).zip(entry.chunks.iter()));
+        // Split the destination by each chunk's recorded length (the manifest's check that
+        // they add up to the entry's length makes this exact).
+        let mut pieces = Vec::with_capacity(entry.chunks.len());
+        let mut rest = dest;
+        for chunk in &entry.chunks {
+            let (piece, tail) = rest.split_at_mut(chunk.raw_len as usize);
+            pieces.push(piece);
+            rest = tail;
+        }
+        let work = Mutex::new(pieces.into_iter().zip(entry.chunks.iter()));
         let threads = self.threads.min(entry.chunks.len()).max(1);
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|scope| {

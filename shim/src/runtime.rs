@@ -22,6 +22,16 @@ use crate::reader::SnapshotReader;
 use crate::store::{JobStore, Store};
 use crate::writer::{Element, SnapshotBuilder, SnapshotReport, SnapshotWriter};
 
+/// Writes one message line to stderr with a single write, so that it is not interleaved with
+/// the supervisor's lines on a shared stderr.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("supervise-shim: {}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }};
+}
+
 /// Exit code of a program that stopped on request (supervisor stop, SIGTERM, or supervisor
 /// lost) after its final snapshot: the job is not finished and can be resumed.
 pub const EXIT_STOPPED: i32 = 75;
@@ -128,8 +138,8 @@ impl Shim {
             };
         }
         for d in &damaged {
-            eprintln!(
-                "supervise-shim: snapshot {} of job {} is damaged ({}); set aside, using an older one",
+            say!(
+                "snapshot {} of job {} is damaged ({}); set aside, using an older one",
                 d.seq,
                 job.name(),
                 d.why
@@ -258,8 +268,8 @@ impl Shim {
 
     fn restart_after_damage(&self, seq: u64, err: Error) -> Error {
         let Some(job) = &self.job else { return err };
-        eprintln!(
-            "supervise-shim: snapshot {seq} of job {} is damaged ({err}); set aside, restarting the program to resume from an older one",
+        say!(
+            "snapshot {seq} of job {} is damaged ({err}); set aside, restarting the program to resume from an older one",
             job.name()
         );
         if let Err(e) = job.quarantine(seq) {
@@ -319,8 +329,8 @@ impl Shim {
             let mut report = builder.commit()?;
             match writer.apply_retention(self.config.keep) {
                 Ok(r) => report.removed = r.removed_snapshots,
-                Err(e) => eprintln!(
-                    "supervise-shim: snapshot {} is durable, but retention failed: {e}",
+                Err(e) => say!(
+                    "snapshot {} is durable, but retention failed: {e}",
                     report.seq
                 ),
             }
@@ -335,7 +345,7 @@ impl Shim {
         }
         if pending & STOP != 0 || self.shared.pending.load(Ordering::SeqCst) & STOP != 0 {
             if let Err(e) = &result {
-                eprintln!("supervise-shim: final snapshot failed ({e}); stopping anyway");
+                say!("final snapshot failed ({e}); stopping anyway");
             }
             std::process::exit(EXIT_STOPPED);
         }
@@ -384,9 +394,7 @@ fn control_loop(shared: &Shared, stream: UnixStream) {
         if let Some(since) = orphaned_at {
             std::thread::sleep(Duration::from_millis(200));
             if since.elapsed() > ORPHAN_GRACE && !shared.snapshotting.load(Ordering::SeqCst) {
-                eprintln!(
-                    "supervise-shim: supervisor gone and no safe point reached in {ORPHAN_GRACE:?}; exiting"
-                );
+                say!("supervisor gone and no safe point reached in {ORPHAN_GRACE:?}; exiting");
                 // SAFETY: _exit ends the process at once without running atexit handlers,
                 // which is what we want while another thread may be mid-computation.
                 unsafe { libc::_exit(EXIT_STOPPED) };
@@ -395,9 +403,7 @@ fn control_loop(shared: &Shared, stream: UnixStream) {
         }
         match reader.read_line(&mut line) {
             Ok(0) => {
-                eprintln!(
-                    "supervise-shim: supervisor gone; final snapshot at the next safe point, then exit"
-                );
+                say!("supervisor gone; final snapshot at the next safe point, then exit");
                 shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
                 orphaned_at = Some(Instant::now());
             }
@@ -406,10 +412,7 @@ fn control_loop(shared: &Shared, stream: UnixStream) {
                     Ok(Request::Snapshot) => shared.pending.fetch_or(SNAP, Ordering::SeqCst),
                     Ok(Request::Stop) => shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst),
                     Err(e) => {
-                        eprintln!(
-                            "supervise-shim: ignoring bad control message {:?}: {e}",
-                            line.trim_end()
-                        );
+                        say!("ignoring bad control message {:?}: {e}", line.trim_end());
                         0
                     }
                 };

@@ -63,6 +63,7 @@ pub struct SnapshotWriter {
     next_seq: u64,
     attempt: u32,
     threads: usize,
+    chunk_size: usize,
 }
 
 impl SnapshotWriter {
@@ -79,6 +80,7 @@ impl SnapshotWriter {
             threads: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .clamp(1, 8),
+            chunk_size: CHUNK_SIZE,
         };
         for seq in writer.job.snapshot_seqs()? {
             if let Ok(manifest) = writer.job.read_manifest(seq) {
@@ -87,6 +89,13 @@ impl SnapshotWriter {
             }
         }
         Ok(writer)
+    }
+
+    /// Uses chunks of `bytes` (4 KiB to 16 MiB) for later snapshots instead of
+    /// [`CHUNK_SIZE`]; for measurements. Readers need no setting: each chunk records its length.
+    pub fn with_chunk_size(mut self, bytes: usize) -> Self {
+        self.chunk_size = bytes.clamp(4096, 16 << 20);
+        self
     }
 
     fn add_to_index(&mut self, manifest: &Manifest) {
@@ -223,7 +232,8 @@ impl SnapshotBuilder<'_> {
                 name: name.to_owned(),
             });
         }
-        let n = data.len().div_ceil(CHUNK_SIZE);
+        let chunk_size = self.writer.chunk_size;
+        let n = data.len().div_ceil(chunk_size);
         let mut refs: Vec<Option<ChunkRef>> = vec![None; n];
         let mut twins: Vec<(usize, Hash)> = Vec::new();
         let mut first_err: Option<Error> = None;
@@ -246,7 +256,7 @@ impl SnapshotBuilder<'_> {
                         if i >= n {
                             break;
                         }
-                        let chunk = &data[i * CHUNK_SIZE..((i + 1) * CHUNK_SIZE).min(data.len())];
+                        let chunk = &data[i * chunk_size..((i + 1) * chunk_size).min(data.len())];
                         let hash = *blake3::hash(chunk).as_bytes();
                         let found = if index.contains_key(&hash) {
                             Ok(Found::Known(hash))

@@ -226,3 +226,28 @@ fn bad_names_are_refused_and_the_earlier_snapshot_stays() {
     b.value("ok", &4).unwrap();
     assert_eq!(b.commit().unwrap().seq, 3);
 }
+
+#[test]
+fn the_store_is_private_directories_0700_files_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let mut b = writer.begin(None);
+    b.slice("grid", &field(10_000)).unwrap();
+    b.commit().unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let root = dir.path().join("store");
+    for d in [
+        root.clone(),
+        job.dir().to_owned(),
+        job.dir().join("snapshots"),
+        job.dir().join("packs"),
+    ] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
+    assert_eq!(mode(&job.manifest_path(1)), 0o600);
+    for pack in job.pack_names().unwrap() {
+        assert_eq!(mode(&job.pack_path(&pack)), 0o600);
+    }
+}
