@@ -204,6 +204,7 @@ struct Watch<'a> {
     stopping: Option<(i32, Instant)>,
     killed: bool,
     warned_no_shim: bool,
+    last_alive_line: Option<Instant>,
 }
 
 impl<'a> Watch<'a> {
@@ -227,11 +228,15 @@ impl<'a> Watch<'a> {
             stopping: None,
             killed: false,
             warned_no_shim: false,
+            last_alive_line: None,
         }
     }
 
     fn run(mut self, child: &mut Child) -> Result<Outcome> {
         loop {
+            // Signals first: when a batch system signals the supervisor and the child at once,
+            // the child's exit must be read as the stop it is, not as a crash.
+            self.handle_signals(child);
             if let Some(how) = child.try_wait().context("cannot wait for the child")? {
                 self.read_control(child);
                 return Ok(match (self.stopping, how) {
@@ -260,7 +265,6 @@ impl<'a> Watch<'a> {
                 }
             }
             self.signals.drain();
-            self.handle_signals(child);
             self.read_control(child);
             let now = Instant::now();
             if now >= self.next_snapshot {
@@ -393,13 +397,25 @@ impl<'a> Watch<'a> {
                 ));
             }
             Event::Progress { count } => {
-                self.log.detail(&format!("alive: {count} safe points"));
+                // Beats come every second; say so once a minute.
+                if self
+                    .last_alive_line
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                {
+                    self.last_alive_line = Some(Instant::now());
+                    self.log
+                        .detail(&format!("alive: {count} safe points reached"));
+                }
             }
             Event::SnapshotDone(r) => {
                 self.in_flight = None;
                 let tag = r.tag.map(|t| format!(" [{t}]")).unwrap_or_default();
+                let compacted = match r.bytes_compacted {
+                    0 => String::new(),
+                    n => format!(" (+{} compacted)", human::bytes(n)),
+                };
                 self.log.event(&format!(
-                    "snapshot {} done{tag}: {} total, {} new, {} written, {} ms",
+                    "snapshot {} done{tag}: {} total, {} new{compacted}, {} written, {} ms",
                     r.seq,
                     human::bytes(r.bytes_total),
                     human::bytes(r.bytes_new),

@@ -525,3 +525,132 @@ fn without_a_supervisor_the_program_takes_local_snapshots_when_asked() {
         Some(reference.as_str())
     );
 }
+
+#[test]
+fn fresh_ignores_earlier_snapshots_and_restarts_resume_from_its_own() {
+    let args = ["--n", "256", "--steps", "20000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_job_with_snapshots(&store, &args);
+    let old_newest = *job.snapshot_seqs().unwrap().last().unwrap();
+
+    let run = Run::start(
+        &store,
+        &["--fresh", "--every", "100ms", "--backoff", "10ms"],
+        &heat(&args),
+        &[],
+    );
+    run.wait_for(
+        &format!("--fresh: ignoring snapshots up to {old_newest}"),
+        LONG,
+    );
+    assert!(run.wait_for("spawned pid", LONG).ends_with("(fresh start)"));
+    // A crash after its own first snapshot resumes from that one, not from an old one.
+    run.wait_for(&format!("snapshot {} done", old_newest + 1), LONG);
+    sigkill(run.nth_child_pid(1, LONG));
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    let restart = fin
+        .stderr
+        .lines()
+        .find(|l| l.contains("restarting in"))
+        .expect("a restart");
+    let from: u64 = restart
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+    assert!(
+        from > old_newest,
+        "resumed from {from}, an old snapshot: {restart}"
+    );
+    assert_eq!(
+        checksum_of(&fin.stdout).as_deref(),
+        Some(reference.as_str())
+    );
+}
+
+/// A small tmpfs mounted for a test, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(path.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_snapshot_cleanly_and_keeps_the_earlier_ones() {
+    let args = ["--n", "512", "--steps", "16000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "16m") else {
+        // Mounting needs root (as in CI); CI must not skip this test.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to mount a tmpfs for this test"
+        );
+        eprintln!("skipped: cannot mount a tmpfs (not root)");
+        return;
+    };
+    let store = disk.0.join("store");
+    // Leave room for about two snapshots of the 2 MiB grid, not for the --keep 3 it wants.
+    let ballast = disk.0.join("ballast");
+    fs::write(&ballast, vec![1u8; 11 << 20]).unwrap();
+    let run = Run::start(
+        &store,
+        &["--every", "150ms", "--keep", "3"],
+        &heat(&args),
+        &[],
+    );
+    run.wait_for("No space left on device", LONG);
+    assert!(
+        run.stderr().contains("(earlier snapshots are intact)"),
+        "{}",
+        run.stderr()
+    );
+    // Every snapshot the store shows is complete and verifies, and nothing half-written stays.
+    let job = only_job(&store);
+    let seqs = job.snapshot_seqs().unwrap();
+    assert!(!seqs.is_empty());
+    for seq in seqs {
+        supervise_shim::SnapshotReader::open(&job, seq)
+            .unwrap()
+            .verify()
+            .unwrap();
+    }
+    // Space comes back: snapshots succeed again and the job ends right.
+    fs::remove_file(&ballast).unwrap();
+    let failures = run.count("snapshot failed");
+    let done = run.count("done [step");
+    run.wait_for_nth("done [step", done + 1, LONG);
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    assert_eq!(
+        checksum_of(&fin.stdout).as_deref(),
+        Some(reference.as_str())
+    );
+    assert!(failures >= 1);
+    assert_store_clean(&job);
+}

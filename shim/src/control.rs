@@ -86,6 +86,7 @@ mod tests {
             tag: Some("step 9".into()),
             bytes_total: 10,
             bytes_new: 5,
+            bytes_compacted: 0,
             bytes_written: 3,
             duration_ms: 2,
             removed: vec![1],

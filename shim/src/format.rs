@@ -128,6 +128,9 @@ pub struct SnapshotStats {
     pub bytes_new: u64,
     /// Bytes written to pack files (compressed chunks and record headers).
     pub bytes_packed: u64,
+    /// Raw bytes of chunks the store held, rewritten because their old pack was mostly dead
+    /// (compaction; not counted in `bytes_new`).
+    pub bytes_compacted: u64,
     /// Milliseconds from the start of the snapshot to its manifest being durable (as known when
     /// the manifest was encoded, i.e. without the manifest's own write).
     pub duration_ms: u64,

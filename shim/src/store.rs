@@ -75,6 +75,8 @@ pub struct RetentionReport {
     pub removed_packs: Vec<String>,
     /// Bytes freed.
     pub freed_bytes: u64,
+    /// Packs less than half of which the kept snapshots still use (see [`JobStore::sparse_packs`]).
+    pub sparse_packs: Vec<String>,
 }
 
 const SNAP_SUFFIX: &str = ".snap";
@@ -268,15 +270,19 @@ impl JobStore {
         if !to_remove.is_empty() {
             durable::fsync_dir(&self.snapshots)?;
         }
-        let mut live: HashSet<String> = HashSet::new();
+        let mut manifests = Vec::with_capacity(kept.len());
         for seq in kept {
             match self.read_manifest(*seq) {
-                Ok(m) => live.extend(m.packs),
+                Ok(m) => manifests.push(m),
                 Err(_) => return Ok(report),
             }
         }
+        let live: HashSet<&str> = manifests
+            .iter()
+            .flat_map(|m| m.packs.iter().map(String::as_str))
+            .collect();
         for pack in self.pack_names()? {
-            if live.contains(&pack) {
+            if live.contains(pack.as_str()) {
                 continue;
             }
             let path = self.pack_path(&pack);
@@ -287,7 +293,35 @@ impl JobStore {
         if !report.removed_packs.is_empty() {
             durable::fsync_dir(&self.packs)?;
         }
+        report.sparse_packs = self.sparse_packs(&manifests)?;
         Ok(report)
+    }
+
+    /// Packs of which the given snapshots use less than half: each record is counted once, and
+    /// the rest of the file is chunks no kept snapshot needs any more. The writer rewrites the
+    /// chunks it finds in such packs, so they die with the snapshots that still use them and
+    /// the store stays within about twice the live data.
+    pub fn sparse_packs(&self, manifests: &[Manifest]) -> Result<Vec<String>> {
+        let mut live: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        let mut seen: HashSet<(&str, u64)> = HashSet::new();
+        for m in manifests {
+            for chunk in m.entries.iter().flat_map(|e| &e.chunks) {
+                let pack = m.packs[chunk.pack as usize].as_str();
+                if seen.insert((pack, chunk.offset)) {
+                    *live.entry(pack).or_default() +=
+                        (RecordHeader::LEN as u64) + u64::from(chunk.stored_len);
+                }
+            }
+        }
+        let mut sparse = Vec::new();
+        for (pack, live) in live {
+            let path = self.pack_path(pack);
+            let size = fs::metadata(&path).map_err(io_err("stat", &path))?.len();
+            if live.saturating_mul(2) < size {
+                sparse.push(pack.to_owned());
+            }
+        }
+        Ok(sparse)
     }
 
     /// Removes temporary files a writer that died left behind. Only the job's writer calls it.

@@ -46,6 +46,9 @@ pub struct SnapshotReport {
     pub bytes_total: u64,
     /// Raw bytes of chunks that were new to the store.
     pub bytes_new: u64,
+    /// Raw bytes of chunks rewritten out of mostly-dead packs (compaction).
+    #[serde(default)]
+    pub bytes_compacted: u64,
     /// Bytes written: packs plus the manifest.
     pub bytes_written: u64,
     /// Milliseconds from start to durable manifest.
@@ -64,6 +67,8 @@ pub struct SnapshotWriter {
     attempt: u32,
     threads: usize,
     chunk_size: usize,
+    /// Packs mostly dead: chunks found there are rewritten rather than referenced.
+    sparse: HashSet<Arc<str>>,
 }
 
 impl SnapshotWriter {
@@ -81,13 +86,17 @@ impl SnapshotWriter {
                 .map_or(2, |n| n.get())
                 .clamp(1, 8),
             chunk_size: CHUNK_SIZE,
+            sparse: HashSet::new(),
         };
+        let mut manifests = Vec::new();
         for seq in writer.job.snapshot_seqs()? {
             if let Ok(manifest) = writer.job.read_manifest(seq) {
                 writer.add_to_index(&manifest);
                 writer.newest = Some(seq);
+                manifests.push(manifest);
             }
         }
+        writer.set_sparse(writer.job.sparse_packs(&manifests)?);
         Ok(writer)
     }
 
@@ -145,14 +154,20 @@ impl SnapshotWriter {
         }
     }
 
-    /// Applies retention (keep the newest `keep`) and forgets chunks whose packs were removed.
+    /// Applies retention (keep the newest `keep`), forgets chunks whose packs were removed, and
+    /// notes which packs to compact.
     pub fn apply_retention(&mut self, keep: usize) -> Result<RetentionReport> {
         let report = self.job.apply_retention(keep)?;
         if !report.removed_packs.is_empty() {
             let gone: HashSet<&str> = report.removed_packs.iter().map(String::as_str).collect();
             self.index.retain(|_, loc| !gone.contains(&*loc.pack));
         }
+        self.set_sparse(report.sparse_packs.clone());
         Ok(report)
+    }
+
+    fn set_sparse(&mut self, packs: Vec<String>) {
+        self.sparse = packs.into_iter().map(Arc::from).collect();
     }
 }
 
@@ -180,8 +195,8 @@ enum Found {
     Known(Hash),
     /// Another chunk of this snapshot with the same hash is being stored.
     Twin(Hash),
-    /// New: encoded and ready to append.
-    New(Encoded),
+    /// New (or compacted out of a sparse pack, when the flag is set): encoded, ready to append.
+    New(Encoded, bool),
 }
 
 /// A plain-old-data element type that can be stored as a raw slice.
@@ -241,6 +256,8 @@ impl SnapshotBuilder<'_> {
         // Read-only for the workers while this thread appends; put back below.
         let index_owned = std::mem::take(&mut self.writer.index);
         let index = &index_owned;
+        let sparse_owned = std::mem::take(&mut self.writer.sparse);
+        let sparse = &sparse_owned;
         let claimed_owned = std::mem::take(&mut self.claimed);
         let claimed = &claimed_owned;
         std::thread::scope(|scope| {
@@ -258,7 +275,9 @@ impl SnapshotBuilder<'_> {
                         }
                         let chunk = &data[i * chunk_size..((i + 1) * chunk_size).min(data.len())];
                         let hash = *blake3::hash(chunk).as_bytes();
-                        let found = if index.contains_key(&hash) {
+                        let held = index.get(&hash);
+                        let compact = held.is_some_and(|loc| sparse.contains(&loc.pack));
+                        let found = if held.is_some() && !compact {
                             Ok(Found::Known(hash))
                         } else if !claimed
                             .lock()
@@ -272,7 +291,7 @@ impl SnapshotBuilder<'_> {
                                 None => Encoder::new().map(|e| encoder.insert(e)),
                             };
                             enc.and_then(|e| e.encode(chunk, hash, shuffle))
-                                .map(Found::New)
+                                .map(|e| Found::New(e, compact))
                         };
                         if tx.send((i, found)).is_err() {
                             break;
@@ -294,8 +313,8 @@ impl SnapshotBuilder<'_> {
                         twins.push((i, hash));
                         Ok(None)
                     }
-                    Ok(Found::New(enc)) => self
-                        .append(&enc)
+                    Ok(Found::New(enc, compacted)) => self
+                        .append(&enc, compacted)
                         .map(|loc| Some(self.chunk_ref(enc.header.hash, &loc))),
                     Err(e) => Err(Error::Io {
                         op: "compress chunk",
@@ -310,6 +329,7 @@ impl SnapshotBuilder<'_> {
             }
         });
         self.writer.index = index_owned;
+        self.writer.sparse = sparse_owned;
         self.claimed = claimed_owned;
         if let Some(e) = first_err {
             return Err(e);
@@ -355,7 +375,7 @@ impl SnapshotBuilder<'_> {
         }
     }
 
-    fn append(&mut self, enc: &Encoded) -> Result<Loc> {
+    fn append(&mut self, enc: &Encoded, compacted: bool) -> Result<Loc> {
         if self
             .current
             .as_ref()
@@ -379,7 +399,11 @@ impl SnapshotBuilder<'_> {
             stored_len: enc.header.stored_len,
             raw_len: enc.header.raw_len,
         };
-        self.stats.bytes_new += u64::from(enc.header.raw_len);
+        if compacted {
+            self.stats.bytes_compacted += u64::from(enc.header.raw_len);
+        } else {
+            self.stats.bytes_new += u64::from(enc.header.raw_len);
+        }
         self.stats.bytes_packed += (RecordHeader::LEN + enc.data.len()) as u64;
         self.new_locs.insert(enc.header.hash, loc.clone());
         Ok(loc)
@@ -420,6 +444,7 @@ impl SnapshotBuilder<'_> {
             tag: manifest.tag,
             bytes_total: self.stats.bytes_total,
             bytes_new: self.stats.bytes_new,
+            bytes_compacted: self.stats.bytes_compacted,
             bytes_written: self.stats.bytes_packed + manifest_len,
             duration_ms: self.started.elapsed().as_millis() as u64,
             removed: Vec::new(),

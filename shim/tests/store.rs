@@ -251,3 +251,48 @@ fn the_store_is_private_directories_0700_files_0600() {
         assert_eq!(mode(&job.pack_path(&pack)), 0o600);
     }
 }
+
+#[test]
+fn mostly_dead_packs_are_compacted_and_then_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let per_chunk = CHUNK_SIZE / 8;
+    let mut data = field(100 * per_chunk);
+    let snap = |data: &[f64], writer: &mut SnapshotWriter| {
+        let mut b = writer.begin(None);
+        b.slice("data", data).unwrap();
+        let r = b.commit().unwrap();
+        writer.apply_retention(2).unwrap();
+        r
+    };
+    let first = snap(&data, &mut writer);
+    let first_pack = job.read_manifest(first.seq).unwrap().packs[0].clone();
+    for round in 0..2 {
+        for x in &mut data[..60 * per_chunk] {
+            *x += 1.0 + f64::from(round);
+        }
+        snap(&data, &mut writer);
+    }
+    // Kept: snapshots 2 and 3, which use 40 of the first pack's 100 chunks: it is sparse.
+    assert!(job.pack_names().unwrap().contains(&first_pack));
+    let r = snap(&data, &mut writer);
+    assert_eq!(r.bytes_new, 0, "nothing changed: {r:?}");
+    assert_eq!(r.bytes_compacted, 40 * CHUNK_SIZE as u64, "{r:?}");
+    let r = snap(&data, &mut writer);
+    assert_eq!(r.bytes_compacted, 0, "compacted once: {r:?}");
+    assert!(
+        !job.pack_names().unwrap().contains(&first_pack),
+        "the sparse pack is gone"
+    );
+    for seq in job.snapshot_seqs().unwrap() {
+        SnapshotReader::open(&job, seq).unwrap().verify().unwrap();
+    }
+    let mut back = vec![0.0f64; data.len()];
+    let newest = *job.snapshot_seqs().unwrap().last().unwrap();
+    SnapshotReader::open(&job, newest)
+        .unwrap()
+        .slice_into("data", "f64", bytemuck::cast_slice_mut(&mut back))
+        .unwrap();
+    assert_eq!(back, data);
+}
