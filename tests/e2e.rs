@@ -44,13 +44,7 @@ fn survives_kill9_of_the_child_at_random_moments() {
         sigkill(pid);
     }
     let fin = run.wait(LONG);
-    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
-    assert_eq!(
-        checksum_of(&fin.stdout).as_deref(),
-        Some(reference.as_str()),
-        "{}",
-        fin.stderr
-    );
+    fin.assert_completed(&reference);
     assert_eq!(
         fin.stderr.matches("child died: signal SIGKILL").count(),
         kills,
@@ -62,11 +56,7 @@ fn survives_kill9_of_the_child_at_random_moments() {
         "{}",
         fin.stderr
     );
-    assert!(
-        fin.stderr.contains("(from snapshot "),
-        "never resumed from a snapshot:\n{}",
-        fin.stderr
-    );
+    fin.assert_said("(from snapshot ");
     let job = only_job(&store);
     assert_eq!(job.snapshot_seqs().unwrap().len(), 2, "--keep 2");
     assert_store_clean(&job);
@@ -94,12 +84,7 @@ fn a_crash_at_each_step_of_the_commit_protocol_loses_nothing() {
             &[("SUPERVISE_FAILPOINT", &failpoint)],
         );
         let fin = run.wait(LONG);
-        assert_eq!(fin.code, Some(0), "{point}: {}", fin.stderr);
-        assert_eq!(
-            checksum_of(&fin.stdout).as_deref(),
-            Some(reference.as_str()),
-            "{point}"
-        );
+        fin.assert_completed(&reference);
         assert_eq!(
             fin.stderr.matches("child died: signal SIGKILL").count(),
             1,
@@ -107,11 +92,7 @@ fn a_crash_at_each_step_of_the_commit_protocol_loses_nothing() {
             fin.stderr
         );
         let want = format!("(from snapshot {resumes_from})");
-        assert!(
-            fin.stderr.contains(&format!("restarting in 10ms {want}")),
-            "{point}: {}",
-            fin.stderr
-        );
+        fin.assert_said(&format!("restarting in 10ms {want}"));
         assert!(!fin.stderr.contains("instead"), "{point}: {}", fin.stderr);
         assert_store_clean(&only_job(&store));
     }
@@ -130,38 +111,17 @@ fn sigterm_takes_a_final_snapshot_and_the_same_command_resumes() {
     run.signal(Signal::SIGTERM);
     let fin = run.wait(LONG);
     assert_eq!(fin.code, Some(143), "{}", fin.stderr);
-    assert!(
-        fin.stderr.contains("SIGTERM: asking for a final snapshot"),
-        "{}",
-        fin.stderr
-    );
-    assert!(
-        fin.stderr.contains("snapshot 1 done [step "),
-        "{}",
-        fin.stderr
-    );
-    assert!(
-        fin.stderr
-            .contains("stopped by SIGTERM; run the same command again to resume (from snapshot 1)"),
-        "{}",
-        fin.stderr
-    );
+    fin.assert_said("SIGTERM: asking for a final snapshot");
+    fin.assert_said("snapshot 1 done [step ");
+    fin.assert_said("stopped by SIGTERM; run the same command again to resume (from snapshot 1)");
     assert!(
         checksum_of(&fin.stdout).is_none(),
         "it stopped before finishing"
     );
 
     let again = Run::start(&store, &["--every", "1h"], &heat(&args), &[]).wait(LONG);
-    assert_eq!(again.code, Some(0), "{}", again.stderr);
-    assert!(
-        again.stderr.contains("(from snapshot 1)"),
-        "{}",
-        again.stderr
-    );
-    assert_eq!(
-        checksum_of(&again.stdout).as_deref(),
-        Some(reference.as_str())
-    );
+    again.assert_completed(&reference);
+    again.assert_said("(from snapshot 1)");
 }
 
 #[test]
@@ -180,11 +140,7 @@ fn sigusr1_asks_for_a_snapshot_now_and_sigint_stops() {
     run.signal(Signal::SIGINT);
     let fin = run.wait(LONG);
     assert_eq!(fin.code, Some(130), "{}", fin.stderr);
-    assert!(
-        fin.stderr.contains("snapshot 2 done"),
-        "final snapshot on SIGINT: {}",
-        fin.stderr
-    );
+    fin.assert_said("snapshot 2 done"); // the final one, on SIGINT
 }
 
 #[test]
@@ -219,16 +175,8 @@ fn kill9_of_the_supervisor_leaves_no_process_behind_and_the_rerun_resumes() {
     let job = only_job(&store);
     let newest = *job.snapshot_seqs().unwrap().last().unwrap();
     let again = Run::start(&store, &["--every", "200ms"], &command, &[]).wait(LONG);
-    assert_eq!(again.code, Some(0), "{}", again.stderr);
-    assert!(
-        again.stderr.contains(&format!("(from snapshot {newest})")),
-        "{}",
-        again.stderr
-    );
-    assert_eq!(
-        checksum_of(&again.stdout).as_deref(),
-        Some(reference.as_str())
-    );
+    again.assert_completed(&reference);
+    again.assert_said(&format!("(from snapshot {newest})"));
 }
 
 /// Runs heat under supervise until a few snapshots exist, then stops it with SIGTERM.
@@ -240,8 +188,12 @@ fn stopped_job_with_snapshots(store: &std::path::Path, args: &[&str]) -> supervi
     only_job(store)
 }
 
-#[test]
-fn a_flipped_byte_in_the_newest_snapshot_falls_back_to_the_previous_one() {
+/// Takes a few snapshots of heat, damages the newest with `damage(job, newest, previous)`,
+/// runs the same command again, and checks it completes as an uninterrupted run would.
+/// Returns the second run, the previous and the newest snapshot numbers.
+fn resume_after_damaging_newest(
+    damage: impl FnOnce(&supervise_shim::JobStore, u64, u64),
+) -> (Finished, supervise_shim::JobStore, u64, u64) {
     let args = ["--n", "256", "--steps", "40000"];
     let reference = reference_checksum(&args);
     let dir = tempfile::tempdir().unwrap();
@@ -249,82 +201,55 @@ fn a_flipped_byte_in_the_newest_snapshot_falls_back_to_the_previous_one() {
     let job = stopped_job_with_snapshots(&store, &args);
     let seqs = job.snapshot_seqs().unwrap();
     let (prev, newest) = (seqs[seqs.len() - 2], seqs[seqs.len() - 1]);
-    let older = job.read_manifest(prev).unwrap();
-    let m = job.read_manifest(newest).unwrap();
-    let grid = m.entry("grid").unwrap();
-    let known: Vec<_> = older
-        .entries
-        .iter()
-        .flat_map(|e| e.chunks.iter().map(|c| c.hash))
-        .collect();
-    let chunk = grid
-        .chunks
-        .iter()
-        .find(|c| !known.contains(&c.hash))
-        .expect("a chunk only the newest has");
-    let pack = job.pack_path(&m.packs[chunk.pack as usize]);
-    let mut bytes = fs::read(&pack).unwrap();
-    bytes[chunk.offset as usize + 44 + chunk.stored_len as usize / 2] ^= 0x10;
-    fs::write(&pack, bytes).unwrap();
-
+    damage(&job, newest, prev);
     let fin = Run::start(&store, &["--every", "100ms"], &heat(&args), &[]).wait(LONG);
-    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
-    assert!(
-        fin.stderr.contains(&format!(
-            "snapshot {newest} of job {} is damaged",
-            job.name()
-        )),
-        "{}",
-        fin.stderr
-    );
-    assert!(
-        fin.stderr
-            .contains(&format!("child resumed from snapshot {prev} instead")),
-        "{}",
-        fin.stderr
-    );
-    assert_eq!(
-        checksum_of(&fin.stdout).as_deref(),
-        Some(reference.as_str())
-    );
+    fin.assert_completed(&reference);
+    fin.assert_said(&format!("child resumed from snapshot {prev} instead"));
+    (fin, job, prev, newest)
+}
+
+#[test]
+fn a_flipped_byte_in_the_newest_snapshot_falls_back_to_the_previous_one() {
+    let (fin, job, _, newest) = resume_after_damaging_newest(|job, newest, prev| {
+        let older = job.read_manifest(prev).unwrap();
+        let known: Vec<_> = older
+            .entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().map(|c| c.hash))
+            .collect();
+        let m = job.read_manifest(newest).unwrap();
+        let grid = m.entry("grid").unwrap();
+        let chunk = grid
+            .chunks
+            .iter()
+            .find(|c| !known.contains(&c.hash))
+            .expect("a chunk only the newest has");
+        let pack = job.pack_path(&m.packs[chunk.pack as usize]);
+        let mut bytes = fs::read(&pack).unwrap();
+        bytes[chunk.offset as usize + 44 + chunk.stored_len as usize / 2] ^= 0x10;
+        fs::write(&pack, bytes).unwrap();
+    });
+    // Found while filling the grid: set aside, and the program restarted in place.
+    fin.assert_said(&format!(
+        "snapshot {newest} of job {} is damaged",
+        job.name()
+    ));
 }
 
 #[test]
 fn a_truncated_newest_manifest_falls_back_to_the_previous_one() {
-    let args = ["--n", "256", "--steps", "40000"];
-    let reference = reference_checksum(&args);
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let job = stopped_job_with_snapshots(&store, &args);
-    let seqs = job.snapshot_seqs().unwrap();
-    let (prev, newest) = (seqs[seqs.len() - 2], seqs[seqs.len() - 1]);
-    let path = job.manifest_path(newest);
-    let len = fs::metadata(&path).unwrap().len();
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
-
-    let fin = Run::start(&store, &["--every", "100ms"], &heat(&args), &[]).wait(LONG);
-    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
-    assert!(
-        fin.stderr
-            .contains(&format!("snapshot {newest} is damaged and was set aside")),
-        "{}",
-        fin.stderr
-    );
-    assert!(
-        fin.stderr
-            .contains(&format!("child resumed from snapshot {prev} instead")),
-        "{}",
-        fin.stderr
-    );
-    assert_eq!(
-        checksum_of(&fin.stdout).as_deref(),
-        Some(reference.as_str())
-    );
+    let (fin, _, _, newest) = resume_after_damaging_newest(|job, newest, _| {
+        let path = job.manifest_path(newest);
+        let len = fs::metadata(&path).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    });
+    // Found at start: reported to the supervisor.
+    fin.assert_said(&format!("snapshot {newest} is damaged and was set aside"));
 }
 
 #[test]
@@ -390,12 +315,7 @@ fn gives_up_after_the_restart_limit_with_a_clear_message() {
         "{}",
         fin.stderr
     );
-    assert!(
-        fin.stderr
-            .contains("gave up: 3 failures within 1h 0m (--max-restarts 2); last: exit code 7"),
-        "{}",
-        fin.stderr
-    );
+    fin.assert_said("gave up: 3 failures within 1h 0m (--max-restarts 2); last: exit code 7");
     assert!(
         fin.stderr.contains("restarting in 10ms") && fin.stderr.contains("restarting in 20ms"),
         "backoff doubles: {}",
@@ -482,12 +402,7 @@ fn changing_one_percent_of_a_large_array_writes_about_one_percent() {
         written <= one_percent * 11 / 10,
         "written {written} for {one_percent} changed"
     );
-    assert!(
-        fin.stderr
-            .contains("snapshot 2 done [round 2]: 64.0 MiB total, "),
-        "{}",
-        fin.stderr
-    );
+    fin.assert_said("snapshot 2 done [round 2]: 64.0 MiB total, ");
 }
 
 #[test]
@@ -514,16 +429,8 @@ fn without_a_supervisor_the_program_takes_local_snapshots_when_asked() {
     sigkill(first.pid());
     let _ = first.wait(LONG);
     let second = start().wait(LONG);
-    assert_eq!(second.code, Some(0), "{}", second.stderr);
-    assert!(
-        second.stderr.contains("heat: resumed from snapshot "),
-        "{}",
-        second.stderr
-    );
-    assert_eq!(
-        checksum_of(&second.stdout).as_deref(),
-        Some(reference.as_str())
-    );
+    second.assert_completed(&reference);
+    second.assert_said("heat: resumed from snapshot ");
 }
 
 #[test]
@@ -550,7 +457,7 @@ fn fresh_ignores_earlier_snapshots_and_restarts_resume_from_its_own() {
     run.wait_for(&format!("snapshot {} done", old_newest + 1), LONG);
     sigkill(run.nth_child_pid(1, LONG));
     let fin = run.wait(LONG);
-    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    fin.assert_completed(&reference);
     let restart = fin
         .stderr
         .lines()
@@ -566,10 +473,6 @@ fn fresh_ignores_earlier_snapshots_and_restarts_resume_from_its_own() {
     assert!(
         from > old_newest,
         "resumed from {from}, an old snapshot: {restart}"
-    );
-    assert_eq!(
-        checksum_of(&fin.stdout).as_deref(),
-        Some(reference.as_str())
     );
 }
 
@@ -646,11 +549,7 @@ fn a_full_disk_fails_the_snapshot_cleanly_and_keeps_the_earlier_ones() {
     let done = run.count("done [step");
     run.wait_for_nth("done [step", done + 1, LONG);
     let fin = run.wait(LONG);
-    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
-    assert_eq!(
-        checksum_of(&fin.stdout).as_deref(),
-        Some(reference.as_str())
-    );
+    fin.assert_completed(&reference);
     assert!(failures >= 1);
     assert_store_clean(&job);
 }

@@ -150,6 +150,15 @@ impl JobStore {
         Self::list(&self.packs, PACK_SUFFIX)
     }
 
+    /// Names of the packs the committed snapshots reference.
+    pub fn referenced_packs(&self) -> Result<std::collections::BTreeSet<String>> {
+        let mut packs = std::collections::BTreeSet::new();
+        for seq in self.snapshot_seqs()? {
+            packs.extend(self.read_manifest(seq)?.packs);
+        }
+        Ok(packs)
+    }
+
     /// Reads and checks snapshot `seq`'s manifest.
     pub fn read_manifest(&self, seq: u64) -> Result<Manifest> {
         let path = self.manifest_path(seq);

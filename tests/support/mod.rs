@@ -93,6 +93,28 @@ pub struct Finished {
     pub stdout: String,
 }
 
+impl Finished {
+    /// Asserts that the job completed (exit code 0) with the checksum of an uninterrupted run.
+    pub fn assert_completed(&self, reference: &str) {
+        assert_eq!(self.code, Some(0), "stderr:\n{}", self.stderr);
+        assert_eq!(
+            checksum_of(&self.stdout).as_deref(),
+            Some(reference),
+            "stderr:\n{}",
+            self.stderr
+        );
+    }
+
+    /// Asserts that stderr contains `text`.
+    pub fn assert_said(&self, text: &str) {
+        assert!(
+            self.stderr.contains(text),
+            "expected {text:?} in stderr:\n{}",
+            self.stderr
+        );
+    }
+}
+
 impl Run {
     /// Starts `supervise --store <store> <options> -- <command>`, with `env` added.
     pub fn start(
@@ -307,15 +329,11 @@ pub fn assert_store_clean(job: &supervise_shim::JobStore) {
             );
         }
     }
-    let mut referenced: Vec<String> = job
-        .snapshot_seqs()
-        .unwrap()
-        .iter()
-        .flat_map(|s| job.read_manifest(*s).unwrap().packs)
-        .collect();
-    referenced.sort();
-    referenced.dedup();
-    let mut present = job.pack_names().unwrap();
-    present.sort();
-    assert_eq!(present, referenced, "packs on disk vs packs referenced");
+    let present: std::collections::BTreeSet<String> =
+        job.pack_names().unwrap().into_iter().collect();
+    assert_eq!(
+        present,
+        job.referenced_packs().unwrap(),
+        "packs on disk vs packs referenced"
+    );
 }
