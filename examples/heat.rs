@@ -93,11 +93,24 @@ fn step(cur: &[f64], next: &mut [f64], n: usize, alpha: f64, threads: usize) {
     });
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (n, steps) = parse_args().map_err(|e| {
-        say(&e);
-        std::process::exit(2);
-    })?;
+fn main() -> std::process::ExitCode {
+    let (n, steps) = match parse_args() {
+        Ok(v) => v,
+        Err(e) => {
+            say(&e);
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(n, steps) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            say(&format!("error: {e}"));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(n: usize, steps: u64) -> Result<(), Box<dyn std::error::Error>> {
     // Threads pay off only when a step is long compared to spawning them.
     let threads = if n < 512 {
         1

@@ -9,7 +9,18 @@
 
 use supervise_shim::Shim;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let line = format!("sparse: error: {e}\n");
+            eprint!("{line}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (mut mib, mut percent, mut rounds) = (64usize, 1.0f64, 3u64);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

@@ -553,3 +553,21 @@ fn a_full_disk_fails_the_snapshot_cleanly_and_keeps_the_earlier_ones() {
     assert!(failures >= 1);
     assert_store_clean(&job);
 }
+
+#[test]
+fn a_stale_control_fd_in_the_environment_is_a_clear_error() {
+    for (fd, why) in [("77", "not an open file descriptor"), ("0", "not a socket")] {
+        let out = Command::new(example_bin("heat"))
+            .args(["--n", "64", "--steps", "10"])
+            .env("SUPERVISE_CONTROL_FD", fd)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("SUPERVISE_CONTROL_FD=\"{fd}\": {why}")),
+            "{err}"
+        );
+    }
+}

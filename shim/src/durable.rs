@@ -11,13 +11,24 @@ use crate::error::{Result, io_err};
 /// Prefix of temporary files; anything with it is unfinished and may be removed by the writer.
 pub const TMP_PREFIX: &str = ".tmp-";
 
-/// Creates `dir` (and missing parents) with mode 0700.
+/// Creates `dir` (and missing parents) with mode 0700, fsyncing the parent of each directory
+/// it creates so that the new directory survives a crash along with what is later put in it.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err("create directory", dir))
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_dir(parent)?;
+    }
+    match DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => fsync_dir(
+            dir.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(io_err("create directory", dir)(e)),
+    }
 }
 
 /// Creates a new private (0600) file for writing, failing if it exists.

@@ -361,11 +361,26 @@ impl Shim {
 /// Takes ownership of the inherited control socket and keeps it from leaking into programs
 /// the child starts.
 fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
-    set_cloexec(fd, true).map_err(|e| Error::Env {
+    let bad = |why: String| Error::Env {
         var: crate::config::ENV_CONTROL_FD,
         value: fd.to_string(),
-        why: format!("not an open file descriptor ({e})"),
-    })?;
+        why,
+    };
+    // SAFETY: fstat on a raw descriptor number only fills `stat`; an fd that is not open
+    // yields EBADF (no Rust object claims the fd before this check passes).
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(bad(format!(
+            "not an open file descriptor ({e}); was the variable inherited from a parent program?"
+        )));
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad(
+            "not a socket; was the variable inherited from a parent program?".into(),
+        ));
+    }
+    set_cloexec(fd, true).map_err(|e| bad(format!("cannot set close-on-exec ({e})")))?;
     // SAFETY: the supervisor passed this fd to us for the control channel and nothing else in
     // the process owns it; fcntl above proved it open. We take sole ownership here.
     Ok(unsafe { UnixStream::from_raw_fd(fd) })
