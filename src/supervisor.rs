@@ -375,6 +375,7 @@ impl<'a> Watch<'a> {
                 resumed_from,
                 tag,
                 damaged,
+                capture,
             } => {
                 self.connected = true;
                 for d in &damaged {
@@ -392,7 +393,7 @@ impl<'a> Watch<'a> {
                 }
                 let tag = tag.map(|t| format!(", tag {t:?}")).unwrap_or_default();
                 self.log.detail(&format!(
-                    "shim connected in pid {pid} ({}{tag})",
+                    "shim connected in pid {pid} ({}{tag}, capture: {capture})",
                     describe_start(resumed_from)
                 ));
             }

@@ -380,18 +380,22 @@ fn changing_one_percent_of_a_large_array_writes_about_one_percent() {
     };
     let fin = Run::start(&dir.path().join("store"), &["--every", "1h"], &cmd, &[]).wait(LONG);
     assert_eq!(fin.code, Some(0), "{}", fin.stderr);
-    // "sparse: round 2: <new> bytes new, <written> written", from the program's own report,
+    // "sparse: round 2: paused <us> us, <new> bytes new, <written> written" (the program),
     // and the supervisor's line from the control channel.
     let line = fin
         .stderr
         .lines()
         .find(|l| l.starts_with("sparse: round 2:"))
         .expect("round 2 line");
-    let nums: Vec<u64> = line
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    let (new, written) = (nums[0], nums[1]);
+    let number_before = |word: &str| -> u64 {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words
+            .iter()
+            .position(|w| w.trim_end_matches(',') == word)
+            .expect(word);
+        words[at - 1].parse().expect("a number")
+    };
+    let (new, written) = (number_before("bytes"), number_before("written"));
     // 1% of 64 MiB in 64 KiB blocks is 10 blocks (two may coincide); plus the tiny "round".
     let one_percent: u64 = 10 * 65536;
     assert!(

@@ -23,6 +23,22 @@ pub const ENV_RESTORE_AFTER: &str = "SUPERVISE_RESTORE_AFTER";
 pub const ENV_ATTEMPT: &str = "SUPERVISE_ATTEMPT";
 /// Local mode only: take a snapshot this often (e.g. `30s`, `10m`).
 pub const ENV_EVERY: &str = "SUPERVISE_EVERY";
+/// How to capture: `auto` (default), `dirty`, `copy` or `sync` (see [`CaptureMode`]).
+pub const ENV_CAPTURE: &str = "SUPERVISE_CAPTURE";
+
+/// How a snapshot is captured at the program's safe point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// Dirty tracking where the kernel offers it, else copy.
+    Auto,
+    /// Copy only the chunks of regions written since the last snapshot (userfaultfd
+    /// write-protect + PAGEMAP_SCAN); values and slices are copied. Written in the background.
+    Dirty,
+    /// Copy everything into reusable buffers; written in the background.
+    Copy,
+    /// Copy, then wait until the snapshot is durable before the program goes on.
+    Sync,
+}
 
 /// How the shim runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +82,8 @@ pub struct Config {
     pub attempt: u32,
     /// Local-mode schedule.
     pub every: Option<Duration>,
+    /// Capture strategy.
+    pub capture: CaptureMode,
 }
 
 fn var(name: &'static str) -> Option<String> {
@@ -81,6 +99,21 @@ fn parse<T: std::str::FromStr>(name: &'static str, value: &str, what: &str) -> R
 }
 
 impl Config {
+    /// A configuration for local snapshots of `job` in `store`, without a supervisor and
+    /// without reading the environment (for tests, benchmarks and embedding).
+    pub fn local(store: impl Into<PathBuf>, job: &str) -> Self {
+        Self {
+            mode: Mode::Local,
+            store: store.into(),
+            job: job.to_owned(),
+            keep: 3,
+            restore: RestoreFrom::Latest { after: None },
+            attempt: 0,
+            every: None,
+            capture: CaptureMode::Auto,
+        }
+    }
+
     /// Reads the configuration; `default_job` is used when `SUPERVISE_JOB` is unset.
     pub fn from_env(default_job: &str) -> Result<Self> {
         let mode = match var(ENV_CONTROL_FD) {
@@ -108,7 +141,21 @@ impl Config {
                 })
             })
             .transpose()?;
+        let capture = match var(ENV_CAPTURE).as_deref() {
+            None | Some("auto") => CaptureMode::Auto,
+            Some("dirty") => CaptureMode::Dirty,
+            Some("copy") => CaptureMode::Copy,
+            Some("sync") => CaptureMode::Sync,
+            Some(other) => {
+                return Err(Error::Env {
+                    var: ENV_CAPTURE,
+                    value: other.to_owned(),
+                    why: "expected auto, dirty, copy or sync".into(),
+                });
+            }
+        };
         Ok(Self {
+            capture,
             mode,
             store: var(ENV_STORE).map_or_else(|| PathBuf::from(".supervise"), PathBuf::from),
             job: var(ENV_JOB).unwrap_or_else(|| default_job.to_owned()),

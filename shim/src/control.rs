@@ -42,6 +42,9 @@ pub enum Event {
         tag: Option<String>,
         /// Snapshots found damaged and skipped.
         damaged: Vec<DamagedSnapshot>,
+        /// How snapshots are captured: "dirty", "copy" or "sync".
+        #[serde(default)]
+        capture: String,
     },
     /// The program reached safe points `count` times since the start (a liveness beat).
     Progress {

@@ -101,6 +101,9 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
+    /// A snapshot written in the background failed; earlier snapshots are intact.
+    #[error("snapshot failed: {0}")]
+    SnapshotFailed(String),
     /// The snapshot closure of the program returned an error of its own.
     #[error("snapshot aborted by the program: {0}")]
     Aborted(String),

@@ -34,21 +34,38 @@
 
 #![deny(missing_docs)]
 
+/// Writes one message line to stderr with a single write, so that it is not interleaved with
+/// the supervisor's lines on a shared stderr.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("supervise-shim: {}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }};
+}
+pub(crate) use say;
+
+mod capture;
+
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod dirty;
 pub mod durable;
 pub mod error;
 pub mod failpoint;
 pub mod format;
 pub mod name;
 pub mod reader;
+mod region;
 mod runtime;
 pub mod store;
 pub mod writer;
 
+pub use capture::Capture;
 pub use error::{Error, Result};
 pub use reader::SnapshotReader;
+pub use region::Region;
 pub use runtime::{EXIT_STOPPED, Shim, Start};
 pub use store::{JobStore, Store};
 pub use writer::{Element, SnapshotBuilder, SnapshotReport, SnapshotWriter};

@@ -14,23 +14,21 @@ use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{MsgFlags, send};
 use serde::de::DeserializeOwned;
 
-use crate::config::{Config, Mode, RestoreFrom};
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::Weak;
+
+use crate::capture::{Background, Capture, Item, Job};
+use crate::config::{CaptureMode, Config, Mode, RestoreFrom};
 use crate::control::{DamagedSnapshot, Event, Request};
+use crate::dirty::DirtyTracker;
 use crate::error::{Error, Result};
+use crate::format::CHUNK_SIZE;
 use crate::format::EntryKind;
 use crate::reader::SnapshotReader;
+use crate::region::{Region, RegionMem};
 use crate::store::{JobStore, Store};
-use crate::writer::{Element, SnapshotBuilder, SnapshotReport, SnapshotWriter};
-
-/// Writes one message line to stderr with a single write, so that it is not interleaved with
-/// the supervisor's lines on a shared stderr.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let line = format!("supervise-shim: {}\n", format_args!($($arg)*));
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
-    }};
-}
+use crate::writer::{Element, SnapshotReport, SnapshotWriter};
 
 /// Exit code of a program that stopped on request (supervisor stop, SIGTERM, or supervisor
 /// lost) after its final snapshot: the job is not finished and can be resumed.
@@ -90,14 +88,39 @@ struct Restored {
     values: HashMap<String, Vec<u8>>,
 }
 
+/// A registered region as the shim tracks it.
+struct RegionSlot {
+    mem: Weak<RegionMem>,
+    /// The snapshot whose entry equals the region as of its last capture (or restore): the
+    /// base a delta builds on. `None`: the next capture copies the region whole.
+    baseline: Option<u64>,
+    /// Registered with the dirty tracker.
+    tracked: bool,
+}
+
+/// What [`Shim::snapshot`] did at the safe point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Captured {
+    /// How long the program was paused (capture only; writing goes on in the background
+    /// unless the capture mode is `sync`).
+    pub pause: Duration,
+}
+
 /// The program's handle on the shim.
 pub struct Shim {
     shared: Arc<Shared>,
     config: Config,
     job: Option<JobStore>,
-    writer: Option<SnapshotWriter>,
+    background: Option<Background>,
     restored: Option<Restored>,
     start: Start,
+    regions: Vec<RegionSlot>,
+    tracker: Option<DirtyTracker>,
+    buffers: Vec<Vec<u8>>,
+    ranges: Vec<Range<usize>>,
+    /// Slots (indices into `regions`) captured in the snapshot being written.
+    in_flight_regions: Vec<usize>,
+    last: Option<std::result::Result<SnapshotReport, String>>,
 }
 
 impl Shim {
@@ -106,7 +129,12 @@ impl Shim {
     /// nothing and the program runs unchanged. `default_job` names the job when
     /// `SUPERVISE_JOB` is unset.
     pub fn init(default_job: &str) -> Result<Self> {
-        let config = Config::from_env(default_job)?;
+        Self::open(Config::from_env(default_job)?)
+    }
+
+    /// Like [`init`](Self::init) with a configuration given in full instead of read from the
+    /// environment.
+    pub fn open(config: Config) -> Result<Self> {
         let control = match config.mode {
             Mode::Supervised(fd) => Some(Mutex::new(adopt_control_fd(fd)?)),
             _ => None,
@@ -120,10 +148,16 @@ impl Shim {
         let mut shim = Self {
             shared,
             job: None,
-            writer: None,
+            background: None,
             restored: None,
             start: Start::Fresh,
             config,
+            regions: Vec::new(),
+            tracker: None,
+            buffers: Vec::new(),
+            ranges: Vec::new(),
+            in_flight_regions: Vec::new(),
+            last: None,
         };
         if shim.config.mode == Mode::Off {
             return Ok(shim);
@@ -145,7 +179,35 @@ impl Shim {
                 d.why
             );
         }
-        shim.writer = Some(SnapshotWriter::open(job.clone(), shim.config.attempt)?);
+        let writer = SnapshotWriter::open(job.clone(), shim.config.attempt)?;
+        let shared = Arc::clone(&shim.shared);
+        let on_done = Arc::new(
+            move |result: &std::result::Result<SnapshotReport, String>| {
+                shared.snapshotting.store(false, Ordering::SeqCst);
+                match result {
+                    Ok(report) => shared.send(&Event::SnapshotDone(report.clone())),
+                    Err(error) => {
+                        say!("snapshot failed: {error} (earlier snapshots are intact)");
+                        shared.send(&Event::SnapshotFailed {
+                            error: error.clone(),
+                        });
+                    }
+                }
+            },
+        );
+        shim.background = Some(Background::spawn(writer, shim.config.keep, on_done)?);
+        shim.tracker = match shim.config.capture {
+            CaptureMode::Auto | CaptureMode::Dirty => match DirtyTracker::new() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    if shim.config.capture == CaptureMode::Dirty {
+                        say!("no dirty-page tracking here ({e}); regions are copied whole");
+                    }
+                    None
+                }
+            },
+            CaptureMode::Copy | CaptureMode::Sync => None,
+        };
         shim.restored = restored;
         shim.job = Some(job);
         shim.install_signal_handlers()?;
@@ -158,6 +220,7 @@ impl Shim {
             resumed_from,
             tag,
             damaged,
+            capture: shim.capture_mode().to_owned(),
         });
         shim.spawn_control_thread()?;
         Ok(shim)
@@ -228,7 +291,76 @@ impl Shim {
 
     /// True when the shim is active (under a supervisor or with a local store).
     pub fn is_active(&self) -> bool {
-        self.writer.is_some()
+        self.background.is_some()
+    }
+
+    /// The capture strategy in effect: "dirty", "copy", "sync", or "off".
+    pub fn capture_mode(&self) -> &'static str {
+        match (&self.background, &self.tracker, self.config.capture) {
+            (None, _, _) => "off",
+            (_, _, CaptureMode::Sync) => "sync",
+            (_, Some(_), _) => "dirty",
+            _ => "copy",
+        }
+    }
+
+    /// Allocates a region of `len` elements of `T` under the entry name `name`, restored from
+    /// the snapshot this run resumes from (if it has the entry; otherwise zero-filled). The
+    /// region is part of every snapshot until it is dropped; where the kernel allows, a
+    /// snapshot copies only the 64 KiB chunks of it written since the last one.
+    pub fn region<T: Element>(&mut self, name: &str, len: usize) -> Result<Region<T>> {
+        crate::name::validate("entry", name)?;
+        if self
+            .regions
+            .iter()
+            .any(|s| s.mem.upgrade().is_some_and(|m| m.name == name))
+        {
+            return Err(Error::DuplicateEntry {
+                name: name.to_owned(),
+            });
+        }
+        let size = std::mem::size_of::<T>();
+        let bytes = len.checked_mul(size).ok_or_else(|| Error::SizeMismatch {
+            name: name.to_owned(),
+            stored: 0,
+            dest: u64::MAX,
+        })?;
+        let kind = EntryKind::Slice {
+            elem: T::NAME.to_owned(),
+            elem_size: size as u32,
+        };
+        let mem = RegionMem::new(name, kind, bytes, size as u8)?;
+        let mut baseline = None;
+        if let Some(restored) = &self.restored {
+            let seq = restored.reader.manifest().seq;
+            match restored
+                .reader
+                .slice_into(name, T::NAME, mem.bytes_mut_unshared())
+            {
+                Ok(true) => baseline = Some(seq),
+                Ok(false) => {}
+                Err(e) if e.is_corruption() => return Err(self.restart_after_damage(seq, e)),
+                Err(e) => return Err(e),
+            }
+        }
+        let tracked = match &self.tracker {
+            Some(t) => match t.register(mem.addr(), mem.mapped) {
+                Ok(()) => true,
+                Err(e) => {
+                    say!("cannot track writes to region {name:?} ({e}); it is copied whole");
+                    false
+                }
+            },
+            None => false,
+        };
+        if self.is_active() {
+            self.regions.push(RegionSlot {
+                mem: Arc::downgrade(&mem),
+                baseline,
+                tracked,
+            });
+        }
+        Ok(Region::new(mem, len))
     }
 
     /// The typed value `name` from the restored snapshot; `None` on a fresh start or if the
@@ -309,52 +441,180 @@ impl Shim {
         pending & SNAP != 0
     }
 
-    /// Takes a snapshot now: `fill` adds the entries (values and slices) to the builder.
-    /// Returns the figures, or `None` when the shim is inactive. On error no partial snapshot
-    /// is visible and earlier snapshots are untouched. If the supervisor asked the program to
-    /// stop (or it got SIGTERM, or lost its supervisor), the process exits with
-    /// [`EXIT_STOPPED`] after this snapshot.
-    pub fn snapshot<F>(&mut self, tag: Option<&str>, fill: F) -> Result<Option<SnapshotReport>>
+    /// Takes a snapshot now. `fill` adds typed values and slices (copied at once); every
+    /// registered [`Region`] is captured too (only its written chunks, with dirty tracking).
+    /// The snapshot is then written durably in the background while the program goes on
+    /// (`SUPERVISE_CAPTURE=sync` waits instead); its figures go to the supervisor and to
+    /// [`wait_durable`](Self::wait_durable). Returns the pause, or `None` when the shim is
+    /// inactive. At most one snapshot is written at a time: a new one first waits for the
+    /// last. If the supervisor asked the program to stop (or it got SIGTERM, or lost its
+    /// supervisor), the process exits with [`EXIT_STOPPED`] once this snapshot is durable.
+    pub fn snapshot<F>(&mut self, tag: Option<&str>, fill: F) -> Result<Option<Captured>>
     where
-        F: FnOnce(&mut SnapshotBuilder<'_>) -> Result<()>,
+        F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
         let pending = self.shared.pending.fetch_and(!SNAP, Ordering::AcqRel);
-        let Some(writer) = self.writer.as_mut() else {
+        if self.background.is_none() {
             return Ok(None);
-        };
-        self.shared.snapshotting.store(true, Ordering::SeqCst);
-        let result: Result<SnapshotReport> = (|| {
-            let mut builder = writer.begin(tag);
-            fill(&mut builder)?;
-            let mut report = builder.commit()?;
-            match writer.apply_retention(self.config.keep) {
-                Ok(r) => report.removed = r.removed_snapshots,
-                Err(e) => say!(
-                    "snapshot {} is durable, but retention failed: {e}",
-                    report.seq
-                ),
-            }
-            Ok(report)
-        })();
-        self.shared.snapshotting.store(false, Ordering::SeqCst);
-        match &result {
-            Ok(report) => self.shared.send(&Event::SnapshotDone(report.clone())),
-            Err(e) => self.shared.send(&Event::SnapshotFailed {
-                error: e.to_string(),
-            }),
         }
-        if pending & STOP != 0 || self.shared.pending.load(Ordering::SeqCst) & STOP != 0 {
-            if let Err(e) = &result {
+        let started = Instant::now();
+        self.settle();
+        self.shared.snapshotting.store(true, Ordering::SeqCst);
+        let captured = self.capture(tag, fill, started);
+        let stop = pending & STOP != 0 || self.shared.pending.load(Ordering::SeqCst) & STOP != 0;
+        let job = match captured {
+            Ok(job) => job,
+            Err(e) => {
+                self.shared.snapshotting.store(false, Ordering::SeqCst);
+                self.shared.send(&Event::SnapshotFailed {
+                    error: e.to_string(),
+                });
+                if stop {
+                    say!("final snapshot failed ({e}); stopping anyway");
+                    std::process::exit(EXIT_STOPPED);
+                }
+                return Err(e);
+            }
+        };
+        let pause = started.elapsed();
+        if let Some(background) = self.background.as_mut() {
+            background.submit(job);
+        }
+        if stop || self.config.capture == CaptureMode::Sync {
+            self.settle();
+        }
+        if stop {
+            if let Some(Err(e)) = &self.last {
                 say!("final snapshot failed ({e}); stopping anyway");
             }
             std::process::exit(EXIT_STOPPED);
         }
-        result.map(Some)
+        Ok(Some(Captured { pause }))
     }
 
-    /// Ends the shim's work. Call it when the computation is complete.
-    pub fn finish(self) -> Result<()> {
+    /// Waits until the last snapshot is durable and returns its figures (`None` if none was
+    /// taken), or the reason it failed.
+    pub fn wait_durable(&mut self) -> Result<Option<SnapshotReport>> {
+        self.settle();
+        match &self.last {
+            None => Ok(None),
+            Some(Ok(report)) => Ok(Some(report.clone())),
+            Some(Err(e)) => Err(Error::SnapshotFailed(e.clone())),
+        }
+    }
+
+    /// Ends the shim's work: waits for a snapshot still being written. Call it when the
+    /// computation is complete.
+    pub fn finish(mut self) -> Result<()> {
+        self.settle();
         Ok(())
+    }
+
+    /// Copies what the snapshot needs; the program is paused for exactly this.
+    fn capture<F>(&mut self, tag: Option<&str>, fill: F, started: Instant) -> Result<Job>
+    where
+        F: FnOnce(&mut Capture<'_>) -> Result<()>,
+    {
+        self.regions.retain(|slot| slot.mem.strong_count() > 0);
+        let mut names: HashSet<String> = self
+            .regions
+            .iter()
+            .filter_map(|slot| slot.mem.upgrade().map(|m| m.name.clone()))
+            .collect();
+        let mut items = Vec::new();
+        fill(&mut Capture {
+            items: &mut items,
+            buffers: &mut self.buffers,
+            names: &mut names,
+        })?;
+        self.in_flight_regions.clear();
+        for idx in 0..self.regions.len() {
+            if let Some(mem) = self.regions[idx].mem.upgrade() {
+                items.push(self.capture_region(idx, &mem));
+                self.in_flight_regions.push(idx);
+            }
+        }
+        Ok(Job {
+            tag: tag.map(str::to_owned),
+            items,
+            started,
+        })
+    }
+
+    /// Captures one region: its written chunks when they are tracked and a base exists,
+    /// else all of it.
+    fn capture_region(&mut self, idx: usize, mem: &RegionMem) -> Item {
+        let slot = &self.regions[idx];
+        let mut data = self.buffers.pop().unwrap_or_default();
+        data.clear();
+        let bytes = mem.bytes();
+        if let (Some(tracker), true, Some(base)) = (&self.tracker, slot.tracked, slot.baseline) {
+            self.ranges.clear();
+            match tracker.collect(mem.addr(), mem.mapped, &mut self.ranges) {
+                Ok(()) => {
+                    let mut dirty: Vec<usize> = Vec::new();
+                    for r in self.ranges.iter().filter(|r| r.start < bytes.len()) {
+                        let last = (r.end.min(bytes.len()) - 1) / CHUNK_SIZE;
+                        for chunk in r.start / CHUNK_SIZE..=last {
+                            if dirty.last() != Some(&chunk) {
+                                dirty.push(chunk);
+                            }
+                        }
+                    }
+                    for &chunk in &dirty {
+                        data.extend_from_slice(
+                            &bytes[chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(bytes.len())],
+                        );
+                    }
+                    return Item::Delta {
+                        name: mem.name.clone(),
+                        base,
+                        dirty,
+                        data,
+                        shuffle: mem.shuffle,
+                    };
+                }
+                Err(e) => say!(
+                    "dirty tracking failed for region {:?} ({e}); copying it whole",
+                    mem.name
+                ),
+            }
+        }
+        if let (Some(tracker), true) = (&self.tracker, slot.tracked) {
+            // Start tracking afresh from this whole copy.
+            if let Err(e) = tracker.protect(mem.addr(), mem.mapped) {
+                say!("cannot reset write tracking of region {:?} ({e})", mem.name);
+            }
+        }
+        data.extend_from_slice(bytes);
+        Item::Whole {
+            name: mem.name.clone(),
+            kind: mem.kind.clone(),
+            data,
+            shuffle: mem.shuffle,
+        }
+    }
+
+    /// Waits for the snapshot in flight and takes note of how it went: on success the
+    /// captured regions have a new base; on failure they are copied whole next time.
+    fn settle(&mut self) {
+        let Some(outcome) = self.background.as_mut().and_then(Background::wait) else {
+            return;
+        };
+        self.buffers.extend(outcome.buffers);
+        let base = outcome.result.as_ref().ok().map(|r| r.seq);
+        for idx in self.in_flight_regions.drain(..) {
+            if let Some(slot) = self.regions.get_mut(idx) {
+                slot.baseline = base;
+            }
+        }
+        self.last = Some(outcome.result);
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        self.settle();
     }
 }
 

@@ -69,6 +69,8 @@ pub struct SnapshotWriter {
     chunk_size: usize,
     /// Packs mostly dead: chunks found there are rewritten rather than referenced.
     sparse: HashSet<Arc<str>>,
+    /// The newest committed manifest, kept to build the next snapshot's deltas on.
+    last: Option<Manifest>,
 }
 
 impl SnapshotWriter {
@@ -87,6 +89,7 @@ impl SnapshotWriter {
                 .clamp(1, 8),
             chunk_size: CHUNK_SIZE,
             sparse: HashSet::new(),
+            last: None,
         };
         let mut manifests = Vec::new();
         for seq in writer.job.snapshot_seqs()? {
@@ -97,6 +100,7 @@ impl SnapshotWriter {
             }
         }
         writer.set_sparse(writer.job.sparse_packs(&manifests)?);
+        writer.last = manifests.pop();
         Ok(writer)
     }
 
@@ -135,10 +139,15 @@ impl SnapshotWriter {
 
     /// Starts a snapshot; add entries to the builder, then commit it.
     pub fn begin(&mut self, tag: Option<&str>) -> SnapshotBuilder<'_> {
+        self.begin_at(tag, Instant::now())
+    }
+
+    /// Starts a snapshot whose duration counts from `started` (when it was captured).
+    pub fn begin_at(&mut self, tag: Option<&str>, started: Instant) -> SnapshotBuilder<'_> {
         let seq = self.next_seq;
         SnapshotBuilder {
             seq,
-            started: Instant::now(),
+            started,
             tag: tag.map(str::to_owned),
             entries: Vec::new(),
             pack_table: Vec::new(),
@@ -164,6 +173,14 @@ impl SnapshotWriter {
         }
         self.set_sparse(report.sparse_packs.clone());
         Ok(report)
+    }
+
+    /// The manifest of committed snapshot `seq` (from memory for the newest).
+    pub fn manifest_of(&self, seq: u64) -> Result<Manifest> {
+        match &self.last {
+            Some(m) if m.seq == seq => Ok(m.clone()),
+            _ => self.job.read_manifest(seq),
+        }
     }
 
     fn set_sparse(&mut self, packs: Vec<String>) {
@@ -240,16 +257,163 @@ impl SnapshotBuilder<'_> {
         )
     }
 
-    fn add(&mut self, name: &str, kind: EntryKind, data: &[u8], shuffle: u8) -> Result<()> {
+    fn check_new_name(&self, name: &str) -> Result<()> {
         name::validate("entry", name)?;
         if self.entries.iter().any(|e| e.name == name) {
             return Err(Error::DuplicateEntry {
                 name: name.to_owned(),
             });
         }
-        let chunk_size = self.writer.chunk_size;
-        let n = data.len().div_ceil(chunk_size);
-        let mut refs: Vec<Option<ChunkRef>> = vec![None; n];
+        Ok(())
+    }
+
+    /// The manifest of committed snapshot `seq`, to build deltas on.
+    pub fn manifest_of(&self, seq: u64) -> Result<Manifest> {
+        self.writer.manifest_of(seq)
+    }
+
+    /// Adds an entry of any kind from its bytes, byte-shuffled with width `shuffle` (0: none).
+    pub fn add_whole(
+        &mut self,
+        name: &str,
+        kind: EntryKind,
+        data: &[u8],
+        shuffle: u8,
+    ) -> Result<()> {
+        self.add(name, kind, data, shuffle)
+    }
+
+    fn add(&mut self, name: &str, kind: EntryKind, data: &[u8], shuffle: u8) -> Result<()> {
+        self.check_new_name(name)?;
+        let pieces: Vec<(usize, &[u8])> = data.chunks(self.writer.chunk_size).enumerate().collect();
+        let mut refs: Vec<Option<ChunkRef>> = vec![None; pieces.len()];
+        self.store_chunks(&pieces, shuffle, &mut refs)?;
+        self.stats.bytes_total += data.len() as u64;
+        self.finish_entry(name, kind, data.len() as u64, refs);
+        Ok(())
+    }
+
+    /// Adds an entry that equals `base` (the same entry in an earlier snapshot) except for the
+    /// chunks numbered in `dirty` (ascending), whose new bytes `data` holds one after another.
+    /// Clean chunks are neither copied nor hashed again: they are referenced as they are.
+    pub fn add_delta(
+        &mut self,
+        name: &str,
+        base: &EntryMeta,
+        dirty: &[usize],
+        data: &[u8],
+        shuffle: u8,
+    ) -> Result<()> {
+        self.check_new_name(name)?;
+        let dir = self.writer.job.dir().to_owned();
+        let mismatch = |why: String| Error::Corrupt {
+            path: dir.clone(),
+            why: format!("entry {name:?}: cannot build on snapshot data: {why}"),
+        };
+        let uniform = base.chunks.split_last().is_none_or(|(last, rest)| {
+            rest.iter().all(|c| c.raw_len as usize == CHUNK_SIZE)
+                && last.raw_len as usize <= CHUNK_SIZE
+        });
+        if !uniform {
+            return Err(mismatch(format!(
+                "its chunks are not all {CHUNK_SIZE} bytes"
+            )));
+        }
+        let mut pieces = Vec::with_capacity(dirty.len());
+        let mut offset = 0usize;
+        for &i in dirty {
+            let chunk = base
+                .chunks
+                .get(i)
+                .ok_or_else(|| mismatch(format!("no chunk {i}")))?;
+            let end = offset + chunk.raw_len as usize;
+            let bytes = data
+                .get(offset..end)
+                .ok_or_else(|| mismatch("dirty data too short".into()))?;
+            pieces.push((i, bytes));
+            offset = end;
+        }
+        if offset != data.len() {
+            return Err(mismatch("dirty data too long".into()));
+        }
+        let mut refs: Vec<Option<ChunkRef>> = vec![None; base.chunks.len()];
+        self.store_chunks(&pieces, shuffle, &mut refs)?;
+        for (i, chunk) in base.chunks.iter().enumerate() {
+            if refs[i].is_some() {
+                continue;
+            }
+            let loc = match self.new_locs.get(&chunk.hash) {
+                Some(loc) => loc.clone(),
+                None => {
+                    let held = self.writer.index.get(&chunk.hash).cloned();
+                    let loc =
+                        held.ok_or_else(|| mismatch("a clean chunk is not in the store".into()))?;
+                    if self.writer.sparse.contains(&loc.pack) {
+                        self.copy_record(chunk.hash, &loc)?
+                    } else {
+                        loc
+                    }
+                }
+            };
+            refs[i] = Some(self.chunk_ref(chunk.hash, &loc));
+        }
+        self.stats.bytes_total += base.len;
+        self.finish_entry(name, base.kind.clone(), base.len, refs);
+        Ok(())
+    }
+
+    /// Compaction of a chunk the capture did not copy: its stored record is read from the
+    /// mostly-dead pack, checked, and appended to this snapshot's pack as it is.
+    fn copy_record(&mut self, hash: Hash, loc: &Loc) -> Result<Loc> {
+        let path = self.writer.job.pack_path(&loc.pack);
+        let file = std::fs::File::open(&path).map_err(crate::error::io_err("open", &path))?;
+        let mut buf = vec![0u8; RecordHeader::LEN + loc.stored_len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, loc.offset)
+            .map_err(crate::error::io_err("read", &path))?;
+        let header = RecordHeader::decode(&buf, &path)?;
+        let mut raw = vec![0u8; header.raw_len as usize];
+        crate::codec::Decoder::new()
+            .map_err(crate::error::io_err("create decompressor", &path))?
+            .decode(&header, &buf[RecordHeader::LEN..], &mut raw, &path)?;
+        if header.hash != hash {
+            return Err(Error::Corrupt {
+                path,
+                why: format!(
+                    "record at offset {} is not the chunk the index says",
+                    loc.offset
+                ),
+            });
+        }
+        let encoded = Encoded {
+            header,
+            data: buf.split_off(RecordHeader::LEN),
+        };
+        self.append(&encoded, true)
+    }
+
+    fn finish_entry(&mut self, name: &str, kind: EntryKind, len: u64, refs: Vec<Option<ChunkRef>>) {
+        let chunks: Vec<ChunkRef> = refs
+            .into_iter()
+            .map(|r| r.expect("every chunk resolved"))
+            .collect();
+        self.entries.push(EntryMeta {
+            name: name.to_owned(),
+            kind,
+            len,
+            root: entry_root(len, chunks.iter().map(|c| c.hash)),
+            chunks,
+        });
+    }
+
+    /// Hashes the `(index, bytes)` chunks in parallel, references those the store holds,
+    /// stores the rest once, and fills `refs[index]` for each.
+    fn store_chunks(
+        &mut self,
+        pieces: &[(usize, &[u8])],
+        shuffle: u8,
+        refs: &mut [Option<ChunkRef>],
+    ) -> Result<()> {
+        let n = pieces.len();
         let mut twins: Vec<(usize, Hash)> = Vec::new();
         let mut first_err: Option<Error> = None;
         let next = AtomicUsize::new(0);
@@ -269,11 +433,11 @@ impl SnapshotBuilder<'_> {
                 scope.spawn(move || {
                     let mut encoder = None;
                     loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        if k >= n {
                             break;
                         }
-                        let chunk = &data[i * chunk_size..((i + 1) * chunk_size).min(data.len())];
+                        let (i, chunk) = pieces[k];
                         let hash = *blake3::hash(chunk).as_bytes();
                         let held = index.get(&hash);
                         let compact = held.is_some_and(|loc| sparse.contains(&loc.pack));
@@ -345,18 +509,6 @@ impl SnapshotBuilder<'_> {
                 })?;
             refs[i] = Some(self.chunk_ref(hash, &loc));
         }
-        let chunks: Vec<ChunkRef> = refs
-            .into_iter()
-            .map(|r| r.expect("every chunk resolved"))
-            .collect();
-        self.stats.bytes_total += data.len() as u64;
-        self.entries.push(EntryMeta {
-            name: name.to_owned(),
-            kind,
-            len: data.len() as u64,
-            root: entry_root(data.len() as u64, chunks.iter().map(|c| c.hash)),
-            chunks,
-        });
         Ok(())
     }
 
@@ -434,14 +586,16 @@ impl SnapshotBuilder<'_> {
             entries: std::mem::take(&mut self.entries),
         };
         let manifest_len = self.writer.job.publish_manifest(&manifest)?;
+        let tag = manifest.tag.clone();
         let writer = &mut *self.writer;
         writer.index.extend(self.new_locs.drain());
         writer.newest = Some(self.seq);
         writer.next_seq = self.seq + 1;
+        writer.last = Some(manifest);
         self.committed = true;
         Ok(SnapshotReport {
             seq: self.seq,
-            tag: manifest.tag,
+            tag,
             bytes_total: self.stats.bytes_total,
             bytes_new: self.stats.bytes_new,
             bytes_compacted: self.stats.bytes_compacted,

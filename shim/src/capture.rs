@@ -1,0 +1,241 @@
+//! Capture and background writing. At the program's safe point the shim only copies what the
+//! snapshot needs into reusable buffers (values, slices, the dirty chunks of tracked regions)
+//! and hands them to a writer thread, which hashes, compresses and writes them durably while
+//! the program computes on.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::{EntryKind, Manifest};
+use crate::name;
+use crate::writer::{Element, SnapshotReport, SnapshotWriter};
+
+/// One entry of a captured snapshot, owned.
+pub(crate) enum Item {
+    /// All the bytes of an entry.
+    Whole {
+        name: String,
+        kind: EntryKind,
+        data: Vec<u8>,
+        shuffle: u8,
+    },
+    /// The chunks of a region that changed since snapshot `base`, one after another.
+    Delta {
+        name: String,
+        base: u64,
+        dirty: Vec<usize>,
+        data: Vec<u8>,
+        shuffle: u8,
+    },
+}
+
+impl Item {
+    fn into_buffer(self) -> Vec<u8> {
+        match self {
+            Item::Whole { data, .. } | Item::Delta { data, .. } => data,
+        }
+    }
+}
+
+/// A captured snapshot on its way to the writer thread.
+pub(crate) struct Job {
+    pub(crate) tag: Option<String>,
+    pub(crate) items: Vec<Item>,
+    pub(crate) started: Instant,
+}
+
+/// What the writer thread says about a job.
+pub(crate) struct Outcome {
+    pub(crate) result: Result<SnapshotReport, String>,
+    /// The job's buffers, back for reuse.
+    pub(crate) buffers: Vec<Vec<u8>>,
+}
+
+/// Called on the writer thread with each snapshot's outcome.
+pub(crate) type OnDone = Arc<dyn Fn(&Result<SnapshotReport, String>) + Send + Sync>;
+
+/// The writer thread and the channels to it.
+pub(crate) struct Background {
+    jobs: Option<Sender<Job>>,
+    outcomes: Receiver<Outcome>,
+    in_flight: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Starts the writer thread; `on_done` is called there with each outcome (to tell the
+    /// supervisor at once).
+    pub(crate) fn spawn(mut writer: SnapshotWriter, keep: usize, on_done: OnDone) -> Result<Self> {
+        let (jobs, job_rx) = channel::<Job>();
+        let (out_tx, outcomes) = channel::<Outcome>();
+        let thread = std::thread::Builder::new()
+            .name("supervise-writer".into())
+            .spawn(move || {
+                for job in job_rx {
+                    let (result, buffers) = write_job(&mut writer, keep, job);
+                    on_done(&result);
+                    if out_tx.send(Outcome { result, buffers }).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| Error::Io {
+                op: "spawn writer thread",
+                path: "<thread>".into(),
+                source: e,
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            outcomes,
+            in_flight: false,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a job to the writer. Call [`wait`](Self::wait) first if one is in flight.
+    pub(crate) fn submit(&mut self, job: Job) {
+        debug_assert!(!self.in_flight);
+        if let Some(jobs) = &self.jobs
+            && jobs.send(job).is_ok()
+        {
+            self.in_flight = true;
+        }
+    }
+
+    /// Waits for the job in flight, if any.
+    pub(crate) fn wait(&mut self) -> Option<Outcome> {
+        if !self.in_flight {
+            return None;
+        }
+        self.in_flight = false;
+        self.outcomes.recv().ok()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.wait();
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn write_job(
+    writer: &mut SnapshotWriter,
+    keep: usize,
+    job: Job,
+) -> (Result<SnapshotReport, String>, Vec<Vec<u8>>) {
+    let mut base: Option<Manifest> = None;
+    let result = (|| -> Result<SnapshotReport> {
+        let mut builder = writer.begin_at(job.tag.as_deref(), job.started);
+        for item in &job.items {
+            match item {
+                Item::Whole {
+                    name,
+                    kind,
+                    data,
+                    shuffle,
+                } => builder.add_whole(name, kind.clone(), data, *shuffle)?,
+                Item::Delta {
+                    name,
+                    base: seq,
+                    dirty,
+                    data,
+                    shuffle,
+                } => {
+                    if base.as_ref().is_none_or(|m| m.seq != *seq) {
+                        base = Some(builder.manifest_of(*seq)?);
+                    }
+                    let entry = base.as_ref().and_then(|m| m.entry(name)).ok_or_else(|| {
+                        Error::Corrupt {
+                            path: format!("snapshot {seq}").into(),
+                            why: format!("has no entry {name:?} to build on"),
+                        }
+                    })?;
+                    builder.add_delta(name, entry, dirty, data, *shuffle)?;
+                }
+            }
+        }
+        let mut report = builder.commit()?;
+        match writer.apply_retention(keep) {
+            Ok(r) => report.removed = r.removed_snapshots,
+            Err(e) => crate::say!(
+                "snapshot {} is durable, but retention failed: {e}",
+                report.seq
+            ),
+        }
+        Ok(report)
+    })();
+    let buffers = job.items.into_iter().map(Item::into_buffer).collect();
+    (result.map_err(|e| e.to_string()), buffers)
+}
+
+/// What the program's snapshot closure adds entries to: typed values and slices, copied at
+/// once into reusable buffers so the program can go on while they are written.
+pub struct Capture<'a> {
+    pub(crate) items: &'a mut Vec<Item>,
+    pub(crate) buffers: &'a mut Vec<Vec<u8>>,
+    pub(crate) names: &'a mut HashSet<String>,
+}
+
+impl Capture<'_> {
+    fn claim(&mut self, name: &str) -> Result<()> {
+        name::validate("entry", name)?;
+        if !self.names.insert(name.to_owned()) {
+            return Err(Error::DuplicateEntry {
+                name: name.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = self.buffers.pop().unwrap_or_default();
+        buf.clear();
+        buf.reserve(len);
+        buf
+    }
+
+    /// Adds a typed value (serialized as JSON).
+    pub fn value<T: Serialize + ?Sized>(&mut self, name: &str, value: &T) -> Result<()> {
+        self.claim(name)?;
+        let mut data = self.buffer(64);
+        serde_json::to_writer(&mut data, value).map_err(|source| Error::Serde {
+            name: name.to_owned(),
+            source,
+        })?;
+        self.items.push(Item::Whole {
+            name: name.to_owned(),
+            kind: EntryKind::Value,
+            data,
+            shuffle: 0,
+        });
+        Ok(())
+    }
+
+    /// Adds a slice, copied now (the copy is the program's whole pause for it).
+    pub fn slice<T: Element>(&mut self, name: &str, slice: &[T]) -> Result<()> {
+        self.claim(name)?;
+        let bytes: &[u8] = bytemuck::cast_slice(slice);
+        let mut data = self.buffer(bytes.len());
+        data.extend_from_slice(bytes);
+        self.items.push(Item::Whole {
+            name: name.to_owned(),
+            kind: EntryKind::Slice {
+                elem: T::NAME.to_owned(),
+                elem_size: std::mem::size_of::<T>() as u32,
+            },
+            data,
+            shuffle: std::mem::size_of::<T>() as u8,
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! Registered memory regions: page-aligned anonymous mappings that the shim allocates, restores
+//! at start, tracks for writes, and captures at every snapshot without the program listing
+//! them. The program uses a [`Region`] as a slice.
+
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::EntryKind;
+use crate::writer::Element;
+
+/// The mapping behind a region.
+pub(crate) struct RegionMem {
+    addr: usize,
+    /// Bytes mapped (a whole number of pages, at least one).
+    pub(crate) mapped: usize,
+    /// Bytes in use (the entry's length).
+    pub(crate) bytes: usize,
+    pub(crate) name: String,
+    pub(crate) kind: EntryKind,
+    pub(crate) shuffle: u8,
+}
+
+// SAFETY: RegionMem owns a private anonymous mapping; the shim reads it only at the program's
+// safe points (inside `Shim::snapshot`), and the program's own writes go through `Region`.
+unsafe impl Send for RegionMem {}
+// SAFETY: as above; shared references only ever read the mapping.
+unsafe impl Sync for RegionMem {}
+
+impl RegionMem {
+    pub(crate) fn new(name: &str, kind: EntryKind, bytes: usize, shuffle: u8) -> Result<Arc<Self>> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let mapped = bytes.div_ceil(page).max(1) * page;
+        // SAFETY: a new private anonymous mapping with no address hint; checked for failure.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Io {
+                op: "map memory for region",
+                path: name.into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Arc::new(Self {
+            addr: ptr as usize,
+            mapped,
+            bytes,
+            name: name.to_owned(),
+            kind,
+            shuffle,
+        }))
+    }
+
+    /// Start address of the mapping.
+    pub(crate) fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// The region's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `mapped >= bytes` long and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.bytes) }
+    }
+
+    /// The region's bytes, to fill them at restore (before the program has the region).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn bytes_mut_unshared(&self) -> &mut [u8] {
+        // SAFETY: called only while the region is being created, before any `Region` handle
+        // or other reference to the mapping exists.
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.bytes) }
+    }
+}
+
+impl Drop for RegionMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping this value owns; no reference to it outlives `self`.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.mapped) };
+    }
+}
+
+/// A registered region of `len` elements of `T`, used as a slice. It is in every snapshot
+/// until dropped, restored at start when the snapshot has it, and, where the kernel allows,
+/// only the parts written since the last snapshot are copied and stored.
+pub struct Region<T: Element> {
+    mem: Arc<RegionMem>,
+    len: usize,
+    _elem: PhantomData<T>,
+}
+
+impl<T: Element> Region<T> {
+    pub(crate) fn new(mem: Arc<RegionMem>, len: usize) -> Self {
+        Self {
+            mem,
+            len,
+            _elem: PhantomData,
+        }
+    }
+
+    /// The entry name.
+    pub fn name(&self) -> &str {
+        &self.mem.name
+    }
+}
+
+impl<T: Element> Deref for Region<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        // SAFETY: the mapping is page-aligned (so aligned for T), holds `len` elements, is
+        // zero-initialised or restored (valid for a Pod T), and lives as long as `self.mem`.
+        unsafe { std::slice::from_raw_parts(self.mem.addr() as *const T, self.len) }
+    }
+}
+
+impl<T: Element> DerefMut for Region<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as for `deref`; `&mut self` makes this the only handle writing through Rust
+        // references (the shim reads the mapping only inside `Shim::snapshot`).
+        unsafe { std::slice::from_raw_parts_mut(self.mem.addr() as *mut T, self.len) }
+    }
+}
