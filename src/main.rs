@@ -1,6 +1,7 @@
 //! `supervise`: runs a long simulation, snapshots it on a schedule through the shim it links,
 //! and restarts it from its newest complete snapshot when it dies.
 
+mod bench;
 mod child;
 mod human;
 mod lifeline;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Parser, Subcommand};
 
 use crate::log::{Level, Log};
 use crate::policy::PolicyConfig;
@@ -33,8 +34,40 @@ The command is started with SUPERVISE_* variables that the shim reads (see READM
 /// Runs COMMAND, snapshots it on a schedule through the supervise shim it links, and restarts
 /// it from its newest complete snapshot when it crashes, is killed or exits non-zero.
 #[derive(Parser, Debug)]
-#[command(name = "supervise", version, after_help = EXIT_CODES)]
+#[command(
+    name = "supervise",
+    version,
+    after_help = EXIT_CODES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    sub: Option<Sub>,
+
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Sub {
+    /// Measure snapshot cost against this machine's limits and the naive way, in one run.
+    Bench {
+        /// Store directory to measure on (a temporary job in it is removed afterwards).
+        #[arg(long, value_name = "DIR", default_value = ".supervise")]
+        store: PathBuf,
+        /// Size of the state (e.g. 256MiB, 1GiB).
+        #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = bench::parse_size)]
+        size: u64,
+        /// Print rows of {scenario, metric, ours, limit, naive, unit} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Running a command under supervision.
+#[derive(clap::Args, Debug)]
+struct RunArgs {
     /// Directory of the snapshot store (created if missing, mode 0700).
     #[arg(long, value_name = "DIR", default_value = ".supervise")]
     store: PathBuf,
@@ -133,6 +166,31 @@ fn default_job_name(command: &[OsString]) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let result = match cli.sub {
+        Some(Sub::Bench { store, size, json }) => run_bench(&store, size, json),
+        None => run_job(cli.run),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("supervise: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_bench(store: &Path, size: u64, json: bool) -> anyhow::Result<i32> {
+    let say = |msg: &str| eprintln!("supervise bench: {msg}");
+    let (limits, rows, mode) = bench::run(store, size, &say)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        bench::print_table(size, &limits, &rows, mode);
+    }
+    Ok(0)
+}
+
+fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
     let job = cli
         .job
         .clone()
@@ -159,13 +217,7 @@ fn main() -> ExitCode {
         stop_timeout: cli.stop_timeout,
         fresh: cli.fresh,
     };
-    match supervisor::run(&cfg, &log) {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("supervise: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    supervisor::run(&cfg, &log)
 }
 
 #[cfg(test)]

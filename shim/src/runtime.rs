@@ -545,9 +545,11 @@ impl Shim {
     /// else all of it.
     fn capture_region(&mut self, idx: usize, mem: &RegionMem) -> Item {
         let slot = &self.regions[idx];
+        let bytes = mem.bytes();
+        // The largest spare buffer: a whole copy needs all of it.
+        self.buffers.sort_by_key(Vec::capacity);
         let mut data = self.buffers.pop().unwrap_or_default();
         data.clear();
-        let bytes = mem.bytes();
         if let (Some(tracker), true, Some(base)) = (&self.tracker, slot.tracked, slot.baseline) {
             self.ranges.clear();
             match tracker.collect(mem.addr(), mem.mapped, &mut self.ranges) {
@@ -586,6 +588,7 @@ impl Shim {
                 say!("cannot reset write tracking of region {:?} ({e})", mem.name);
             }
         }
+        crate::capture::reserve_capture(&mut data, bytes.len());
         data.extend_from_slice(bytes);
         Item::Whole {
             name: mem.name.clone(),

@@ -567,7 +567,6 @@ impl SnapshotBuilder<'_> {
         if let Some(pack) = self.current.take() {
             self.finished.push(pack.finish()?);
         }
-        failpoint::hit("packs-synced");
         let finished = std::mem::take(&mut self.finished);
         self.writer.job.publish_packs(&finished)?;
         failpoint::hit("packs-renamed");

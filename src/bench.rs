@@ -1,0 +1,522 @@
+//! `supervise bench`: measures, in one run and on one store, the machine's limits (memcpy,
+//! blake3, zstd, sequential write + fsync, cold read), the naive way to checkpoint (compress
+//! everything, write a new file, fsync) and `supervise` itself, on a smooth f64 field: a full
+//! snapshot, one after 1% and after 10% changed (scattered 64 KiB blocks), the same 1% without
+//! dirty tracking, and a restore. Ratios, not absolute numbers, are what carries over between
+//! runs on a noisy machine.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use supervise_shim::config::{CaptureMode, Config};
+use supervise_shim::format::CHUNK_SIZE;
+use supervise_shim::{Shim, SnapshotReader, Store};
+
+use crate::human;
+
+/// One measured figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// What was measured: "full", "1% changed", ...
+    pub scenario: String,
+    /// Which figure: "pause", "durable", "written", "restore".
+    pub metric: &'static str,
+    /// Ours.
+    pub ours: f64,
+    /// What the machine's limits allow, from the limits measured in the same run.
+    pub limit: Option<f64>,
+    /// The naive way, measured in the same run.
+    pub naive: Option<f64>,
+    /// Unit of the three figures.
+    pub unit: &'static str,
+}
+
+/// The machine's limits, measured.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Limits {
+    /// memcpy, bytes/s.
+    pub memcpy: f64,
+    /// blake3 on 64 KiB chunks, all cores, bytes/s.
+    pub blake3: f64,
+    /// zstd level 1 of byte-shuffled chunks, all cores, bytes/s of input.
+    pub zstd: f64,
+    /// zstd compression ratio on the field (raw / stored).
+    pub ratio: f64,
+    /// Sequential write + fsync, bytes/s.
+    pub write: f64,
+    /// Sequential read, bytes/s (cold if the page cache could be dropped).
+    pub read: f64,
+    /// Whether the page cache could be dropped for the read and restore figures.
+    pub cold: bool,
+}
+
+/// Parses sizes like `1GiB`, `256MiB`, `512M`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 64MiB, 1GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    let bytes = (num * mult as f64) as u64;
+    if bytes < 1 << 20 {
+        return Err("the size must be at least 1MiB".into());
+    }
+    Ok(bytes)
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// A smooth field, like a simulation's temperature or pressure.
+fn field(n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| (i as f64 * 1e-6).sin() * 300.0 + (i as f64 * 3e-3).cos())
+        .collect()
+}
+
+/// Changes `fraction` of the 64 KiB blocks of `data` (distinct, pseudo-random, aligned).
+fn change(data: &mut [f64], fraction: f64, seed: u64) -> u64 {
+    let per = CHUNK_SIZE / 8;
+    let blocks = data.len() / per;
+    let want = ((blocks as f64) * fraction).round().max(1.0) as usize;
+    let mut picked = vec![false; blocks];
+    let mut x = seed | 1;
+    let mut done = 0;
+    while done < want {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = (x as usize) % blocks;
+        if !std::mem::replace(&mut picked[b], true) {
+            for v in &mut data[b * per..(b + 1) * per] {
+                *v += 1e-3;
+            }
+            done += 1;
+        }
+    }
+    (done * CHUNK_SIZE) as u64
+}
+
+fn best_of<F: FnMut() -> Duration>(runs: usize, mut f: F) -> Duration {
+    (0..runs).map(|_| f()).min().unwrap_or_default()
+}
+
+/// Drops the page cache (needs root); says whether it could.
+fn drop_caches() -> bool {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+fn measure_limits(dir: &Path, data: &[u8]) -> Result<Limits> {
+    let size = data.len() as f64;
+    // A destination already faulted in (vec![1; n] writes every page), and a copy the
+    // optimiser cannot drop.
+    let mut dst = vec![1u8; data.len()];
+    let memcpy = size
+        / best_of(3, || {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(data));
+            std::hint::black_box(&mut dst);
+            t.elapsed()
+        })
+        .as_secs_f64();
+    drop(dst);
+
+    let per_thread = data.len().div_ceil(threads());
+    let blake3 = size
+        / best_of(2, || {
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for part in data.chunks(per_thread) {
+                    s.spawn(move || {
+                        for chunk in part.chunks(CHUNK_SIZE) {
+                            std::hint::black_box(blake3::hash(chunk));
+                        }
+                    });
+                }
+            });
+            t.elapsed()
+        })
+        .as_secs_f64();
+
+    // zstd on (at most) 256 MiB of the field, shuffled as the shim does.
+    let sample = &data[..data.len().min(256 << 20)];
+    let per_thread = sample.len().div_ceil(threads());
+    let t = Instant::now();
+    let stored: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = sample
+            .chunks(per_thread)
+            .map(|part| {
+                s.spawn(move || {
+                    let mut shuffled = Vec::new();
+                    let mut total = 0;
+                    for chunk in part.chunks(CHUNK_SIZE) {
+                        supervise_shim::codec::shuffle(chunk, 8, &mut shuffled);
+                        total += zstd::bulk::compress(
+                            &shuffled,
+                            supervise_shim::codec::ZSTD_LEVEL_SHUFFLED,
+                        )
+                        .map_or(chunk.len(), |c| c.len());
+                    }
+                    total
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    let zstd = sample.len() as f64 / t.elapsed().as_secs_f64();
+    let ratio = sample.len() as f64 / stored.max(1) as f64;
+
+    let path = dir.join("limits.tmp");
+    let t = Instant::now();
+    let mut file =
+        File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    for block in data.chunks(4 << 20) {
+        file.write_all(block)?;
+    }
+    file.sync_all()?;
+    let write = size / t.elapsed().as_secs_f64();
+    drop(file);
+    let cold = drop_caches();
+    let t = Instant::now();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut file = File::open(&path)?;
+    while file.read(&mut buf)? > 0 {}
+    let read = size / t.elapsed().as_secs_f64();
+    fs::remove_file(&path)?;
+    Ok(Limits {
+        memcpy,
+        blake3,
+        zstd,
+        ratio,
+        write,
+        read,
+        cold,
+    })
+}
+
+/// The naive way: compress everything (all cores), write a new file, fsync, rename, fsync the
+/// directory. Returns (seconds, bytes written, restore seconds).
+fn naive(dir: &Path, data: &[u8]) -> Result<(f64, u64, f64)> {
+    let t = Instant::now();
+    let per_thread = data.len().div_ceil(threads());
+    let parts: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let handles: Vec<_> = data
+            .chunks(per_thread)
+            .map(|part| s.spawn(move || zstd::bulk::compress(part, 1)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("compress thread"))
+            .collect::<std::io::Result<_>>()
+    })?;
+    let tmp = dir.join("naive.tmp");
+    let dst = dir.join("naive.ckpt");
+    let mut file = File::create(&tmp)?;
+    let mut written = 0u64;
+    for part in &parts {
+        file.write_all(&(part.len() as u64).to_le_bytes())?;
+        file.write_all(part)?;
+        written += 8 + part.len() as u64;
+    }
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, &dst)?;
+    File::open(dir)?.sync_all()?;
+    let secs = t.elapsed().as_secs_f64();
+    drop(parts);
+
+    drop_caches();
+    let t = Instant::now();
+    let bytes = fs::read(&dst)?;
+    let mut out = vec![0u8; data.len()];
+    let mut at = 0;
+    let mut pos = 0;
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into()?) as usize;
+        let n = zstd::bulk::decompress_to_buffer(&bytes[at + 8..at + 8 + len], &mut out[pos..])?;
+        pos += n;
+        at += 8 + len;
+    }
+    let restore = t.elapsed().as_secs_f64();
+    if out != data {
+        bail!("the naive restore does not round-trip");
+    }
+    fs::remove_file(&dst)?;
+    Ok((secs, written, restore))
+}
+
+/// What one snapshot of ours cost.
+struct Taken {
+    pause: f64,
+    durable: f64,
+    written: u64,
+    seq: u64,
+}
+
+fn take(shim: &mut Shim, tag: &str) -> Result<Taken> {
+    let captured = shim
+        .snapshot(Some(tag), |_| Ok(()))?
+        .context("the shim is not active")?;
+    let report = shim.wait_durable()?.context("no snapshot was written")?;
+    Ok(Taken {
+        pause: captured.pause.as_secs_f64(),
+        durable: report.duration_ms as f64 / 1000.0,
+        written: report.bytes_written,
+        seq: report.seq,
+    })
+}
+
+fn shim(store: &Path, job: &str, capture: CaptureMode) -> Result<Shim> {
+    let mut config = Config::local(store, job);
+    config.capture = capture;
+    config.restore = supervise_shim::config::RestoreFrom::Nothing;
+    Ok(Shim::open(config)?)
+}
+
+/// Runs the benchmark on `size` bytes of state in `store`; returns the limits and the rows.
+pub fn run(
+    store: &Path,
+    size: u64,
+    say: &dyn Fn(&str),
+) -> Result<(Limits, Vec<Row>, &'static str)> {
+    let n = (size as usize / CHUNK_SIZE).max(1) * CHUNK_SIZE / 8;
+    let size = (n * 8) as f64;
+    let dir: PathBuf = store.join(format!("bench-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let result = run_in(&dir, n, size, say);
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(
+    dir: &Path,
+    n: usize,
+    size: f64,
+    say: &dyn Fn(&str),
+) -> Result<(Limits, Vec<Row>, &'static str)> {
+    let mib = |b: f64| b / 1048576.0;
+    say(&format!(
+        "preparing a smooth f64 field of {}",
+        human::bytes(size as u64)
+    ));
+    let base = field(n);
+    let raw: &[u8] = bytemuck::cast_slice(&base);
+    say("measuring the machine: memcpy, blake3, zstd, write + fsync, read");
+    let lim = measure_limits(dir, raw)?;
+    say("measuring the naive way: zstd everything, write a new file, fsync");
+    let (naive_s, naive_bytes, naive_restore) = naive(dir, raw)?;
+
+    say("measuring supervise");
+    let store = dir.join("store");
+    let mut ours = shim(&store, "dirty", CaptureMode::Auto)?;
+    let mode = ours.capture_mode();
+    let mut region = ours.region::<f64>("field", n)?;
+    region.copy_from_slice(&base);
+    let full = take(&mut ours, "full")?;
+    let mut rows = Vec::new();
+    let mut add = |scenario: &str,
+                   metric: &'static str,
+                   value: f64,
+                   limit: f64,
+                   naive: f64,
+                   unit: &'static str| {
+        rows.push(Row {
+            scenario: scenario.to_owned(),
+            metric,
+            ours: value,
+            limit: Some(limit),
+            naive: Some(naive),
+            unit,
+        });
+    };
+    // Limits for a snapshot of `changed` raw bytes: copy them; hash and compress them on
+    // every core; write what they compress to; an fsync costs at least a few ms.
+    let pause_limit = |changed: f64| changed / lim.memcpy * 1000.0;
+    let durable_limit = |hashed: f64, changed: f64| {
+        (hashed / lim.blake3)
+            .max(changed / lim.zstd)
+            .max(changed / lim.ratio / lim.write)
+    };
+    add(
+        "full",
+        "pause",
+        full.pause * 1000.0,
+        pause_limit(size),
+        naive_s * 1000.0,
+        "ms",
+    );
+    add(
+        "full",
+        "durable",
+        full.durable,
+        durable_limit(size, size),
+        naive_s,
+        "s",
+    );
+    add(
+        "full",
+        "written",
+        mib(full.written as f64),
+        mib(size / lim.ratio),
+        mib(naive_bytes as f64),
+        "MiB",
+    );
+
+    let mut last = full.seq;
+    for (label, fraction, seed) in [("1% changed", 0.01, 7), ("10% changed", 0.10, 11)] {
+        let changed = change(&mut region, fraction, seed) as f64;
+        let t = take(&mut ours, label)?;
+        let hashed = if mode == "dirty" { changed } else { size };
+        add(
+            label,
+            "pause",
+            t.pause * 1000.0,
+            pause_limit(changed),
+            naive_s * 1000.0,
+            "ms",
+        );
+        add(
+            label,
+            "durable",
+            t.durable,
+            durable_limit(hashed, changed),
+            naive_s,
+            "s",
+        );
+        add(
+            label,
+            "written",
+            mib(t.written as f64),
+            mib(changed / lim.ratio),
+            mib(naive_bytes as f64),
+            "MiB",
+        );
+        last = t.seq;
+    }
+
+    say("measuring supervise without dirty tracking (copy capture)");
+    let mut copy = shim(&store, "copy", CaptureMode::Copy)?;
+    let mut plain = copy.region::<f64>("field", n)?;
+    plain.copy_from_slice(&base);
+    take(&mut copy, "full")?;
+    let changed = change(&mut plain, 0.01, 7) as f64;
+    let t = take(&mut copy, "1% changed, no dirty tracking")?;
+    let label = "1% changed, copy capture";
+    add(
+        label,
+        "pause",
+        t.pause * 1000.0,
+        pause_limit(size),
+        naive_s * 1000.0,
+        "ms",
+    );
+    add(
+        label,
+        "durable",
+        t.durable,
+        durable_limit(size, changed),
+        naive_s,
+        "s",
+    );
+    add(
+        label,
+        "written",
+        mib(t.written as f64),
+        mib(changed / lim.ratio),
+        mib(naive_bytes as f64),
+        "MiB",
+    );
+    drop(plain);
+    drop(copy);
+
+    say("measuring restore");
+    let expected: Vec<f64> = region.to_vec();
+    drop(region);
+    drop(ours);
+    drop_caches();
+    let job = Store::open(&store)?.job("dirty")?;
+    let t = Instant::now();
+    let reader = SnapshotReader::open(&job, last)?;
+    let mut restored = vec![0.0f64; n];
+    reader.slice_into("field", "f64", bytemuck::cast_slice_mut(&mut restored))?;
+    let restore = t.elapsed().as_secs_f64();
+    if restored != expected {
+        bail!("the restore does not give back the state");
+    }
+    let stored: u64 = reader
+        .manifest()
+        .entries
+        .iter()
+        .flat_map(|e| &e.chunks)
+        .map(|c| u64::from(c.stored_len))
+        .sum();
+    add(
+        "restore",
+        "time",
+        restore,
+        stored as f64 / lim.read,
+        naive_restore,
+        "s",
+    );
+    Ok((lim, rows, mode))
+}
+
+/// Prints the human table.
+pub fn print_table(size: u64, lim: &Limits, rows: &[Row], mode: &str) {
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    println!(
+        "machine: memcpy {:.1} GiB/s, blake3 {:.1} GiB/s ({} threads), zstd {:.1} GiB/s at ratio {:.2}, write+fsync {:.2} GiB/s, read {:.2} GiB/s ({})",
+        gib(lim.memcpy),
+        gib(lim.blake3),
+        threads(),
+        gib(lim.zstd),
+        lim.ratio,
+        gib(lim.write),
+        gib(lim.read),
+        if lim.cold {
+            "cold"
+        } else {
+            "page cache could not be dropped: warm"
+        }
+    );
+    println!(
+        "state: {} of smooth f64; capture: {mode}",
+        human::bytes(size)
+    );
+    println!();
+    println!(
+        "{:<30} {:<8} {:>10} {:>10} {:>10} {:>9} {:>10}",
+        "scenario", "metric", "ours", "limit", "naive", "ours/lim", "naive/ours"
+    );
+    for r in rows {
+        let limit = r.limit.unwrap_or(f64::NAN);
+        let naive = r.naive.unwrap_or(f64::NAN);
+        println!(
+            "{:<30} {:<8} {:>10} {:>10} {:>10} {:>8.1}x {:>9.1}x",
+            r.scenario,
+            r.metric,
+            format!("{:.3} {}", r.ours, r.unit),
+            format!("{:.3}", limit),
+            format!("{:.3}", naive),
+            r.ours / limit,
+            naive / r.ours
+        );
+    }
+}
