@@ -4,6 +4,8 @@
 //! the program computes on.
 
 use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
@@ -51,6 +53,14 @@ pub(crate) enum Item {
         data: Vec<u8>,
         shuffle: u8,
     },
+    /// A region read in place, in a forked snapshot process (whose memory nothing else writes).
+    Mapped {
+        name: String,
+        kind: EntryKind,
+        addr: usize,
+        len: usize,
+        shuffle: u8,
+    },
     /// The chunks of a region that changed since snapshot `base`, one after another.
     Delta {
         name: String,
@@ -65,6 +75,7 @@ impl Item {
     fn into_buffer(self) -> Vec<u8> {
         match self {
             Item::Whole { data, .. } | Item::Delta { data, .. } => data,
+            Item::Mapped { .. } => Vec::new(),
         }
     }
 }
@@ -86,9 +97,23 @@ pub(crate) struct Outcome {
 /// Called on the writer thread with each snapshot's outcome.
 pub(crate) type OnDone = Arc<dyn Fn(&Result<SnapshotReport, String>) + Send + Sync>;
 
+/// What the writer thread is given.
+pub(crate) enum Work {
+    /// A captured snapshot to write.
+    Job(Job),
+    /// A forked process writes the snapshot; its report comes through the pipe. `warm`: bytes
+    /// of buffer to fault in meanwhile for the next captures (a fork returns no buffers, and
+    /// fresh memory is slow to fault in; better here than in the program's pause).
+    Forked {
+        pid: libc::pid_t,
+        report: File,
+        warm: usize,
+    },
+}
+
 /// The writer thread and the channels to it.
 pub(crate) struct Background {
-    jobs: Option<Sender<Job>>,
+    jobs: Option<Sender<Work>>,
     outcomes: Receiver<Outcome>,
     in_flight: bool,
     thread: Option<JoinHandle<()>>,
@@ -98,13 +123,22 @@ impl Background {
     /// Starts the writer thread; `on_done` is called there with each outcome (to tell the
     /// supervisor at once).
     pub(crate) fn spawn(mut writer: SnapshotWriter, keep: usize, on_done: OnDone) -> Result<Self> {
-        let (jobs, job_rx) = channel::<Job>();
+        let (jobs, job_rx) = channel::<Work>();
         let (out_tx, outcomes) = channel::<Outcome>();
         let thread = std::thread::Builder::new()
             .name("supervise-writer".into())
             .spawn(move || {
-                for job in job_rx {
-                    let (result, buffers) = write_job(&mut writer, keep, job);
+                for work in job_rx {
+                    let (result, buffers) = match work {
+                        Work::Job(job) => write_job(&mut writer, keep, job),
+                        Work::Forked { pid, report, warm } => {
+                            let mut buffer = Vec::new();
+                            reserve_capture(&mut buffer, warm);
+                            buffer.resize(warm, 0);
+                            buffer.clear();
+                            (await_forked(&mut writer, pid, report), vec![buffer])
+                        }
+                    };
                     on_done(&result);
                     if out_tx.send(Outcome { result, buffers }).is_err() {
                         break;
@@ -125,10 +159,10 @@ impl Background {
     }
 
     /// Hands a job to the writer. Call [`wait`](Self::wait) first if one is in flight.
-    pub(crate) fn submit(&mut self, job: Job) {
+    pub(crate) fn submit(&mut self, work: Work) {
         debug_assert!(!self.in_flight);
         if let Some(jobs) = &self.jobs
-            && jobs.send(job).is_ok()
+            && jobs.send(work).is_ok()
         {
             self.in_flight = true;
         }
@@ -154,6 +188,68 @@ impl Drop for Background {
     }
 }
 
+/// Waits for a forked snapshot process: reads its report, reaps exactly that process (never
+/// another child of the program), and reopens the writer on the store it changed.
+fn await_forked(
+    writer: &mut SnapshotWriter,
+    pid: libc::pid_t,
+    mut report: File,
+) -> Result<SnapshotReport, String> {
+    let mut text = String::new();
+    let read = report.read_to_string(&mut text);
+    let mut status = 0;
+    // SAFETY: waitpid on the pid this process forked; `status` is a valid out-pointer.
+    let reaped = unsafe { libc::waitpid(pid, &mut status, 0) };
+    let result = match serde_json::from_str::<Result<SnapshotReport, String>>(&text) {
+        Ok(result) => result,
+        Err(_) => Err(match (read, reaped) {
+            (Err(e), _) => format!("cannot read the snapshot process's report: {e}"),
+            (_, r) if r == pid && libc::WIFSIGNALED(status) => {
+                format!(
+                    "the snapshot process was killed by signal {}",
+                    libc::WTERMSIG(status)
+                )
+            }
+            _ => "the snapshot process ended without a report".to_owned(),
+        }),
+    };
+    // It wrote (and applied retention to) the store behind this writer's back.
+    match SnapshotWriter::open(writer.job().clone(), writer.attempt()) {
+        Ok(fresh) => *writer = fresh,
+        Err(e) => {
+            return Err(format!(
+                "cannot reopen the store after a forked snapshot: {e}"
+            ));
+        }
+    }
+    result
+}
+
+/// The body of a forked snapshot process: write `job` with a writer of its own, send the
+/// outcome through `report`, and leave without running the program's exit handlers.
+pub(crate) fn forked_child(
+    job_store: crate::store::JobStore,
+    attempt: u32,
+    keep: usize,
+    job: Result<Job>,
+    mut report: File,
+) -> ! {
+    let result = job.and_then(|job| {
+        let mut writer = SnapshotWriter::open(job_store, attempt)?;
+        Ok(write_job(&mut writer, keep, job).0)
+    });
+    let result: Result<SnapshotReport, String> = match result {
+        Ok(r) => r,
+        Err(e) => Err(e.to_string()),
+    };
+    let text = serde_json::to_string(&result).unwrap_or_default();
+    let _ = report.write_all(text.as_bytes());
+    drop(report);
+    // SAFETY: ends the forked process at once; it must not run the program's atexit
+    // handlers or flush the program's buffers a second time.
+    unsafe { libc::_exit(0) }
+}
+
 fn write_job(
     writer: &mut SnapshotWriter,
     keep: usize,
@@ -170,6 +266,18 @@ fn write_job(
                     data,
                     shuffle,
                 } => builder.add_whole(name, kind.clone(), data, *shuffle)?,
+                Item::Mapped {
+                    name,
+                    kind,
+                    addr,
+                    len,
+                    shuffle,
+                } => {
+                    // SAFETY: only built in a forked snapshot process, for a region mapping that
+                    // stays mapped and unwritten there until the process exits.
+                    let data = unsafe { std::slice::from_raw_parts(*addr as *const u8, *len) };
+                    builder.add_whole(name, kind.clone(), data, *shuffle)?
+                }
                 Item::Delta {
                     name,
                     base: seq,

@@ -23,7 +23,9 @@ pub const ENV_RESTORE_AFTER: &str = "SUPERVISE_RESTORE_AFTER";
 pub const ENV_ATTEMPT: &str = "SUPERVISE_ATTEMPT";
 /// Local mode only: take a snapshot this often (e.g. `30s`, `10m`).
 pub const ENV_EVERY: &str = "SUPERVISE_EVERY";
-/// How to capture: `auto` (default), `dirty`, `copy` or `sync` (see [`CaptureMode`]).
+/// `0` turns dirty-page tracking off (as on kernels without it); for measurements.
+pub const ENV_TRACK_WRITES: &str = "SUPERVISE_TRACK_WRITES";
+/// How to capture: `auto` (default), `dirty`, `copy`, `fork` or `sync` (see [`CaptureMode`]).
 pub const ENV_CAPTURE: &str = "SUPERVISE_CAPTURE";
 
 /// How a snapshot is captured at the program's safe point.
@@ -36,6 +38,9 @@ pub enum CaptureMode {
     Dirty,
     /// Copy everything into reusable buffers; written in the background.
     Copy,
+    /// Fork a copy-on-write process that writes the snapshot from its view of memory: the
+    /// pause is the fork. (`Auto` forks when regions must be copied whole and are large.)
+    Fork,
     /// Copy, then wait until the snapshot is durable before the program goes on.
     Sync,
 }
@@ -84,6 +89,8 @@ pub struct Config {
     pub every: Option<Duration>,
     /// Capture strategy.
     pub capture: CaptureMode,
+    /// Use dirty-page tracking where the kernel offers it (default true).
+    pub track_writes: bool,
 }
 
 fn var(name: &'static str) -> Option<String> {
@@ -111,6 +118,7 @@ impl Config {
             attempt: 0,
             every: None,
             capture: CaptureMode::Auto,
+            track_writes: true,
         }
     }
 
@@ -146,16 +154,18 @@ impl Config {
             Some("dirty") => CaptureMode::Dirty,
             Some("copy") => CaptureMode::Copy,
             Some("sync") => CaptureMode::Sync,
+            Some("fork") => CaptureMode::Fork,
             Some(other) => {
                 return Err(Error::Env {
                     var: ENV_CAPTURE,
                     value: other.to_owned(),
-                    why: "expected auto, dirty, copy or sync".into(),
+                    why: "expected auto, dirty, copy, fork or sync".into(),
                 });
             }
         };
         Ok(Self {
             capture,
+            track_writes: var(ENV_TRACK_WRITES).as_deref() != Some("0"),
             mode,
             store: var(ENV_STORE).map_or_else(|| PathBuf::from(".supervise"), PathBuf::from),
             job: var(ENV_JOB).unwrap_or_else(|| default_job.to_owned()),

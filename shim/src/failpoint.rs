@@ -37,6 +37,11 @@ fn armed() -> &'static Option<Armed> {
     })
 }
 
+/// Reads the environment now (before any fork, so a forked snapshot process never reads it).
+pub fn init() {
+    let _ = armed();
+}
+
 /// Kills the process if the fail point `name` is armed and reached for the armed time.
 pub fn hit(name: &str) {
     if let Some(armed) = armed()

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Weak;
 
-use crate::capture::{Background, Capture, Item, Job};
+use crate::capture::{Background, Capture, Item, Job, Work};
 use crate::config::{CaptureMode, Config, Mode, RestoreFrom};
 use crate::control::{DamagedSnapshot, Event, Request};
 use crate::dirty::DirtyTracker;
@@ -135,6 +135,7 @@ impl Shim {
     /// Like [`init`](Self::init) with a configuration given in full instead of read from the
     /// environment.
     pub fn open(config: Config) -> Result<Self> {
+        crate::failpoint::init();
         let control = match config.mode {
             Mode::Supervised(fd) => Some(Mutex::new(adopt_control_fd(fd)?)),
             _ => None,
@@ -197,7 +198,9 @@ impl Shim {
         );
         shim.background = Some(Background::spawn(writer, shim.config.keep, on_done)?);
         shim.tracker = match shim.config.capture {
-            CaptureMode::Auto | CaptureMode::Dirty => match DirtyTracker::new() {
+            _ if !shim.config.track_writes => None,
+            CaptureMode::Auto | CaptureMode::Dirty | CaptureMode::Fork => match DirtyTracker::new()
+            {
                 Ok(t) => Some(t),
                 Err(e) => {
                     if shim.config.capture == CaptureMode::Dirty {
@@ -299,6 +302,7 @@ impl Shim {
         match (&self.background, &self.tracker, self.config.capture) {
             (None, _, _) => "off",
             (_, _, CaptureMode::Sync) => "sync",
+            (_, _, CaptureMode::Fork) => "fork",
             (_, Some(_), _) => "dirty",
             _ => "copy",
         }
@@ -460,10 +464,14 @@ impl Shim {
         let started = Instant::now();
         self.settle();
         self.shared.snapshotting.store(true, Ordering::SeqCst);
-        let captured = self.capture(tag, fill, started);
         let stop = pending & STOP != 0 || self.shared.pending.load(Ordering::SeqCst) & STOP != 0;
-        let job = match captured {
-            Ok(job) => job,
+        let handed_over = if self.fork_wanted() {
+            self.capture_forked(tag, fill, started)
+        } else {
+            self.capture(tag, fill, started).map(Work::Job)
+        };
+        let work = match handed_over {
+            Ok(work) => work,
             Err(e) => {
                 self.shared.snapshotting.store(false, Ordering::SeqCst);
                 self.shared.send(&Event::SnapshotFailed {
@@ -478,7 +486,7 @@ impl Shim {
         };
         let pause = started.elapsed();
         if let Some(background) = self.background.as_mut() {
-            background.submit(job);
+            background.submit(work);
         }
         if stop || self.config.capture == CaptureMode::Sync {
             self.settle();
@@ -508,6 +516,158 @@ impl Shim {
     pub fn finish(mut self) -> Result<()> {
         self.settle();
         Ok(())
+    }
+
+    /// Whether this snapshot should be taken by a forked process: always in fork mode; in auto
+    /// mode when regions must be copied whole and that is a lot to copy.
+    fn fork_wanted(&self) -> bool {
+        match self.config.capture {
+            CaptureMode::Fork => true,
+            CaptureMode::Auto => {
+                let whole: usize = self
+                    .regions
+                    .iter()
+                    .filter(|slot| {
+                        !(slot.tracked && slot.baseline.is_some() && self.tracker.is_some())
+                    })
+                    .filter_map(|slot| slot.mem.upgrade().map(|m| m.bytes))
+                    .sum();
+                whole >= FORK_ABOVE
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes the snapshot in a forked copy-on-write process: here only the dirty pages are
+    /// collected (and tracking reset); the child runs `fill`, reads regions in place, writes
+    /// the snapshot with a writer of its own and reports through a pipe.
+    fn capture_forked<F>(&mut self, tag: Option<&str>, fill: F, started: Instant) -> Result<Work>
+    where
+        F: FnOnce(&mut Capture<'_>) -> Result<()>,
+    {
+        self.regions.retain(|slot| slot.mem.strong_count() > 0);
+        let mut plan: Vec<(Arc<RegionMem>, Option<Delta>)> = Vec::new();
+        self.in_flight_regions.clear();
+        for idx in 0..self.regions.len() {
+            let Some(mem) = self.regions[idx].mem.upgrade() else {
+                continue;
+            };
+            let delta = self.collect_dirty(idx, &mem);
+            plan.push((mem, delta));
+            self.in_flight_regions.push(idx);
+        }
+        let job = self
+            .job
+            .clone()
+            .ok_or_else(|| Error::Aborted("no store".into()))?;
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Io {
+                op: "create pipe for snapshot process",
+                path: job.dir().to_owned(),
+                source: e.into(),
+            })?;
+        let parent = std::process::id() as libc::pid_t;
+        let (attempt, keep) = (self.config.attempt, self.config.keep);
+        // SAFETY: the child only runs the snapshot code path (allocation, file I/O, thread
+        // creation for hashing, all of which glibc keeps usable after fork) and leaves with
+        // _exit; it takes none of the shim's locks and prints nothing.
+        match unsafe { nix::unistd::fork() } {
+            Err(e) => Err(Error::Io {
+                op: "fork snapshot process",
+                path: job.dir().to_owned(),
+                source: e.into(),
+            }),
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                drop(write);
+                let regions: usize = plan.iter().map(|(m, _)| m.bytes).sum();
+                Ok(Work::Forked {
+                    pid: child.as_raw(),
+                    report: std::fs::File::from(read),
+                    warm: (regions / 8).min(256 << 20),
+                })
+            }
+            Ok(nix::unistd::ForkResult::Child) => {
+                drop(read);
+                // SAFETY: prctl/getppid/_exit take integers only. The snapshot process must
+                // never outlive the program (a restarted program would be a second writer).
+                unsafe {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                }
+                let built = (|| {
+                    let mut items = Vec::new();
+                    let mut names: HashSet<String> =
+                        plan.iter().map(|(m, _)| m.name.clone()).collect();
+                    let mut buffers = Vec::new();
+                    fill(&mut Capture {
+                        items: &mut items,
+                        buffers: &mut buffers,
+                        names: &mut names,
+                    })?;
+                    for (mem, delta) in &plan {
+                        items.push(match delta {
+                            Some((base, dirty)) => Item::Delta {
+                                name: mem.name.clone(),
+                                base: *base,
+                                data: copy_chunks(mem.bytes(), dirty),
+                                dirty: dirty.clone(),
+                                shuffle: mem.shuffle,
+                            },
+                            None => Item::Mapped {
+                                name: mem.name.clone(),
+                                kind: mem.kind.clone(),
+                                addr: mem.addr(),
+                                len: mem.bytes,
+                                shuffle: mem.shuffle,
+                            },
+                        });
+                    }
+                    Ok(Job {
+                        tag: tag.map(str::to_owned),
+                        items,
+                        started,
+                    })
+                })();
+                crate::capture::forked_child(job, attempt, keep, built, std::fs::File::from(write))
+            }
+        }
+    }
+
+    /// For a region with tracking and a base: the chunks written since the last collection
+    /// (which protects them again). Otherwise `None`, after resetting the tracking, so the
+    /// caller takes the region whole.
+    fn collect_dirty(&mut self, idx: usize, mem: &RegionMem) -> Option<Delta> {
+        let slot = &self.regions[idx];
+        let tracker = self.tracker.as_ref().filter(|_| slot.tracked)?;
+        if let Some(base) = slot.baseline {
+            self.ranges.clear();
+            match tracker.collect(mem.addr(), mem.mapped, &mut self.ranges) {
+                Ok(()) => {
+                    let len = mem.bytes;
+                    let mut dirty: Vec<usize> = Vec::new();
+                    for r in self.ranges.iter().filter(|r| r.start < len) {
+                        let last = (r.end.min(len) - 1) / CHUNK_SIZE;
+                        for chunk in r.start / CHUNK_SIZE..=last {
+                            if dirty.last() != Some(&chunk) {
+                                dirty.push(chunk);
+                            }
+                        }
+                    }
+                    return Some((base, dirty));
+                }
+                Err(e) => say!(
+                    "dirty tracking failed for region {:?} ({e}); copying it whole",
+                    mem.name
+                ),
+            }
+        }
+        // Start tracking afresh from this whole copy.
+        if let Err(e) = tracker.protect(mem.addr(), mem.mapped) {
+            say!("cannot reset write tracking of region {:?} ({e})", mem.name);
+        }
+        None
     }
 
     /// Copies what the snapshot needs; the program is paused for exactly this.
@@ -544,57 +704,32 @@ impl Shim {
     /// Captures one region: its written chunks when they are tracked and a base exists,
     /// else all of it.
     fn capture_region(&mut self, idx: usize, mem: &RegionMem) -> Item {
-        let slot = &self.regions[idx];
-        let bytes = mem.bytes();
+        let delta = self.collect_dirty(idx, mem);
         // The largest spare buffer: a whole copy needs all of it.
         self.buffers.sort_by_key(Vec::capacity);
         let mut data = self.buffers.pop().unwrap_or_default();
-        data.clear();
-        if let (Some(tracker), true, Some(base)) = (&self.tracker, slot.tracked, slot.baseline) {
-            self.ranges.clear();
-            match tracker.collect(mem.addr(), mem.mapped, &mut self.ranges) {
-                Ok(()) => {
-                    let mut dirty: Vec<usize> = Vec::new();
-                    for r in self.ranges.iter().filter(|r| r.start < bytes.len()) {
-                        let last = (r.end.min(bytes.len()) - 1) / CHUNK_SIZE;
-                        for chunk in r.start / CHUNK_SIZE..=last {
-                            if dirty.last() != Some(&chunk) {
-                                dirty.push(chunk);
-                            }
-                        }
-                    }
-                    for &chunk in &dirty {
-                        data.extend_from_slice(
-                            &bytes[chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(bytes.len())],
-                        );
-                    }
-                    return Item::Delta {
-                        name: mem.name.clone(),
-                        base,
-                        dirty,
-                        data,
-                        shuffle: mem.shuffle,
-                    };
+        match delta {
+            Some((base, dirty)) => {
+                crate::capture::reserve_capture(&mut data, dirty.len() * CHUNK_SIZE);
+                append_chunks(&mut data, mem.bytes(), &dirty);
+                Item::Delta {
+                    name: mem.name.clone(),
+                    base,
+                    dirty,
+                    data,
+                    shuffle: mem.shuffle,
                 }
-                Err(e) => say!(
-                    "dirty tracking failed for region {:?} ({e}); copying it whole",
-                    mem.name
-                ),
             }
-        }
-        if let (Some(tracker), true) = (&self.tracker, slot.tracked) {
-            // Start tracking afresh from this whole copy.
-            if let Err(e) = tracker.protect(mem.addr(), mem.mapped) {
-                say!("cannot reset write tracking of region {:?} ({e})", mem.name);
+            None => {
+                crate::capture::reserve_capture(&mut data, mem.bytes);
+                data.extend_from_slice(mem.bytes());
+                Item::Whole {
+                    name: mem.name.clone(),
+                    kind: mem.kind.clone(),
+                    data,
+                    shuffle: mem.shuffle,
+                }
             }
-        }
-        crate::capture::reserve_capture(&mut data, bytes.len());
-        data.extend_from_slice(bytes);
-        Item::Whole {
-            name: mem.name.clone(),
-            kind: mem.kind.clone(),
-            data,
-            shuffle: mem.shuffle,
         }
     }
 
@@ -619,6 +754,29 @@ impl Drop for Shim {
     fn drop(&mut self) {
         self.settle();
     }
+}
+
+/// A region's delta: the base snapshot and the numbers of the chunks written since.
+type Delta = (u64, Vec<usize>);
+
+/// Whole region copies of at least this many bytes are taken by a forked process in auto mode
+/// (below it, copying is cheaper than a fork and the copy-on-write faults that follow).
+const FORK_ABOVE: usize = 64 << 20;
+
+/// Appends the 64 KiB chunks numbered in `dirty` of `bytes` to `out`.
+fn append_chunks(out: &mut Vec<u8>, bytes: &[u8], dirty: &[usize]) {
+    for &chunk in dirty {
+        out.extend_from_slice(
+            &bytes[chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(bytes.len())],
+        );
+    }
+}
+
+/// The chunks numbered in `dirty` of `bytes`, one after another.
+fn copy_chunks(bytes: &[u8], dirty: &[usize]) -> Vec<u8> {
+    let mut out = Vec::new();
+    append_chunks(&mut out, bytes, dirty);
+    out
 }
 
 /// Takes ownership of the inherited control socket and keeps it from leaking into programs

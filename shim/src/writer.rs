@@ -132,6 +132,11 @@ impl SnapshotWriter {
         &self.job
     }
 
+    /// The attempt number recorded in manifests.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
     /// The newest committed snapshot.
     pub fn newest(&self) -> Option<u64> {
         self.newest

@@ -229,3 +229,43 @@ fn clean_chunks_in_mostly_dead_packs_are_copied_over_by_the_writer() {
     );
     assert_eq!(restored(dir.path(), r5.seq, r.len()), &r[..]);
 }
+
+#[test]
+fn a_forked_snapshot_holds_memory_as_it_was_at_the_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shim = shim(dir.path(), CaptureMode::Fork).unwrap();
+    assert_eq!(shim.capture_mode(), "fork");
+    let len = (16 << 20) / 8;
+    let mut r = shim.region::<u64>("r", len).unwrap();
+    for (i, v) in r.iter_mut().enumerate() {
+        *v = i as u64;
+    }
+    let before = r.to_vec();
+    let step = 41u64;
+    shim.snapshot(Some("first"), |s| s.value("step", &step))
+        .unwrap()
+        .unwrap();
+    // The program goes on at once, overwriting everything while the snapshot is written.
+    for v in r.iter_mut() {
+        *v = !*v;
+    }
+    let first = shim.wait_durable().unwrap().unwrap();
+    assert_eq!(restored(dir.path(), first.seq, len), before);
+    let job = Store::open(dir.path().join("store"))
+        .unwrap()
+        .job("dirty")
+        .unwrap();
+    let reader = SnapshotReader::open(&job, first.seq).unwrap();
+    assert_eq!(reader.value_bytes("step").unwrap().unwrap(), b"41");
+    // The second holds the overwritten state; a third, after one word changed, stores only
+    // that chunk: forked snapshots build deltas on the last one.
+    shim.snapshot(None, |_| Ok(())).unwrap();
+    let second = shim.wait_durable().unwrap().unwrap();
+    assert_eq!(restored(dir.path(), second.seq, len), &r[..]);
+    r[12345] = 7;
+    shim.snapshot(None, |_| Ok(())).unwrap();
+    let third = shim.wait_durable().unwrap().unwrap();
+    assert_eq!(restored(dir.path(), third.seq, len), &r[..]);
+    assert_eq!(third.bytes_new, 65536, "{third:?}");
+    shim.finish().unwrap();
+}
