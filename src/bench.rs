@@ -324,6 +324,40 @@ fn shim(store: &Path, job: &str, capture: CaptureMode, track_writes: bool) -> Re
     Ok(Shim::open(config)?)
 }
 
+/// Adds the three rows of one snapshot (pause in ms, durable in s, written in MiB) with the
+/// limits `[pause ms, durable s, written bytes]` and the naive way's `(seconds, bytes)`; a
+/// limit that is not finite is left out.
+fn snapshot_rows(
+    rows: &mut Vec<Row>,
+    scenario: &str,
+    t: &Taken,
+    limits: [f64; 3],
+    naive: (f64, f64),
+) {
+    let mib = |b: f64| b / 1048576.0;
+    let figures = [
+        ("pause", t.pause * 1000.0, limits[0], naive.0 * 1000.0, "ms"),
+        ("durable", t.durable, limits[1], naive.0, "s"),
+        (
+            "written",
+            mib(t.written as f64),
+            mib(limits[2]),
+            mib(naive.1),
+            "MiB",
+        ),
+    ];
+    for (metric, ours, limit, naive, unit) in figures {
+        rows.push(Row {
+            scenario: scenario.to_owned(),
+            metric,
+            ours,
+            limit: Some(limit).filter(|l| l.is_finite()),
+            naive: Some(naive),
+            unit,
+        });
+    }
+}
+
 /// Runs the benchmark on `size` bytes of state in `store`; returns the limits and the rows.
 pub fn run(
     store: &Path,
@@ -345,7 +379,6 @@ fn run_in(
     size: f64,
     say: &dyn Fn(&str),
 ) -> Result<(Limits, Vec<Row>, &'static str)> {
-    let mib = |b: f64| b / 1048576.0;
     say(&format!(
         "preparing a smooth f64 field of {}",
         human::bytes(size as u64)
@@ -367,54 +400,22 @@ fn run_in(
     let mut region = ours.region::<f64>("field", n)?;
     region.copy_from_slice(&field(n));
     let full = take(&mut ours, "full")?;
-    let mut rows = Vec::new();
-    let mut add = |scenario: &str,
-                   metric: &'static str,
-                   value: f64,
-                   limit: f64,
-                   naive: f64,
-                   unit: &'static str| {
-        rows.push(Row {
-            scenario: scenario.to_owned(),
-            metric,
-            ours: value,
-            limit: Some(limit).filter(|l| l.is_finite()),
-            naive: Some(naive),
-            unit,
-        });
-    };
     // Limits for a snapshot of `changed` raw bytes: copy them; hash what must be hashed and
     // compress what changed, on the same cores (so the two add up); write what they compress
     // to, on the disk at the same time.
-    let pause_limit = |changed: f64| changed / lim.memcpy * 1000.0;
+    let pause_limit = |copied: f64| copied / lim.memcpy * 1000.0;
     let durable_limit = |hashed: f64, changed: f64| {
         let cpu = hashed / lim.blake3 + changed / lim.zstd;
         cpu.max(changed / lim.ratio / lim.write)
     };
-    add(
-        "full",
-        "pause",
-        full.pause * 1000.0,
+    let naive_rows = (naive_s, naive_bytes as f64);
+    let mut rows = Vec::new();
+    let limits = [
         pause_limit(size),
-        naive_s * 1000.0,
-        "ms",
-    );
-    add(
-        "full",
-        "durable",
-        full.durable,
         durable_limit(size, size),
-        naive_s,
-        "s",
-    );
-    add(
-        "full",
-        "written",
-        mib(full.written as f64),
-        mib(size / lim.ratio),
-        mib(naive_bytes as f64),
-        "MiB",
-    );
+        size / lim.ratio,
+    ];
+    snapshot_rows(&mut rows, "full", &full, limits, naive_rows);
 
     let mut last = full.seq;
     // 1%: three times, the median (the first deltas of a run pay a warm-up; a long run is
@@ -426,89 +427,41 @@ fn run_in(
             changed = change(&mut region, fraction, 7 + round * 1000) as f64;
             runs.push(take(&mut ours, label)?);
         }
+        last = runs.iter().map(|r| r.seq).max().unwrap_or(last);
         runs.sort_by(|a, b| a.pause.total_cmp(&b.pause));
-        let mut t = runs.swap_remove(runs.len() / 2);
-        if let Some(newest) = runs.iter().map(|r| r.seq).max() {
-            t.seq = t.seq.max(newest);
-        }
+        let median = &runs[runs.len() / 2];
         let hashed = if mode == "dirty" { changed } else { size };
-        add(
-            label,
-            "pause",
-            t.pause * 1000.0,
+        let limits = [
             pause_limit(changed),
-            naive_s * 1000.0,
-            "ms",
-        );
-        add(
-            label,
-            "durable",
-            t.durable,
             durable_limit(hashed, changed),
-            naive_s,
-            "s",
-        );
-        add(
-            label,
-            "written",
-            mib(t.written as f64),
-            mib(changed / lim.ratio),
-            mib(naive_bytes as f64),
-            "MiB",
-        );
-        last = t.seq;
+            changed / lim.ratio,
+        ];
+        snapshot_rows(&mut rows, label, median, limits, naive_rows);
     }
 
     let expected: Vec<f64> = region.to_vec();
     drop(region);
     drop(ours);
     // Without dirty tracking (kernels before 6.7): every chunk is hashed again.
-    for (capture, label) in [
-        (CaptureMode::Copy, "1% changed, copy, no tracking"),
-        (CaptureMode::Fork, "1% changed, fork, no tracking"),
+    for (capture, label, job) in [
+        (CaptureMode::Copy, "1% changed, copy, no tracking", "copy"),
+        (CaptureMode::Fork, "1% changed, fork, no tracking", "fork"),
     ] {
         say(&format!("measuring supervise: {label}"));
-        let job = if capture == CaptureMode::Copy {
-            "copy"
-        } else {
-            "fork"
-        };
         let mut other = shim(&store, job, capture, false)?;
         let mut plain = other.region::<f64>("field", n)?;
         plain.copy_from_slice(&expected);
         take(&mut other, "full")?;
         let changed = change(&mut plain, 0.01, 7) as f64;
         let t = take(&mut other, label)?;
-        // A fork's pause has no measured limit here: no limit (NaN) for that row.
-        let limit = if capture == CaptureMode::Copy {
+        // A fork's pause has no measured limit here (NaN: none in the row).
+        let pause = if capture == CaptureMode::Copy {
             pause_limit(size)
         } else {
             f64::NAN
         };
-        add(
-            label,
-            "pause",
-            t.pause * 1000.0,
-            limit,
-            naive_s * 1000.0,
-            "ms",
-        );
-        add(
-            label,
-            "durable",
-            t.durable,
-            durable_limit(size, changed),
-            naive_s,
-            "s",
-        );
-        add(
-            label,
-            "written",
-            mib(t.written as f64),
-            mib(changed / lim.ratio),
-            mib(naive_bytes as f64),
-            "MiB",
-        );
+        let limits = [pause, durable_limit(size, changed), changed / lim.ratio];
+        snapshot_rows(&mut rows, label, &t, limits, naive_rows);
     }
 
     say("measuring restore");
@@ -529,14 +482,14 @@ fn run_in(
         .flat_map(|e| &e.chunks)
         .map(|c| u64::from(c.stored_len))
         .sum();
-    add(
-        "restore",
-        "time",
-        restore,
-        stored as f64 / lim.read,
-        naive_restore,
-        "s",
-    );
+    rows.push(Row {
+        scenario: "restore".into(),
+        metric: "time",
+        ours: restore,
+        limit: Some(stored as f64 / lim.read),
+        naive: Some(naive_restore),
+        unit: "s",
+    });
     Ok((lim, rows, mode))
 }
 
