@@ -6,6 +6,13 @@
 //! ```text
 //! supervise --every 1h -- ./target/release/examples/sparse --mib 256 --percent 1 --rounds 5
 //! ```
+//!
+//! Options: `--mib M` (state size, 64), `--percent P` (changed per round, 1), `--rounds R` (3),
+//! `--sleep-ms W` (pretend computation per round, 0). The last line is `checksum <hex>`, the
+//! same for a run resumed any number of times as for an uninterrupted one.
+//!
+//! ```text
+//! ```
 
 use supervise_shim::Shim;
 
@@ -21,7 +28,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let (mut mib, mut percent, mut rounds) = (64usize, 1.0f64, 3u64);
+    let (mut mib, mut percent, mut rounds, mut sleep_ms) = (64usize, 1.0f64, 3u64, 0u64);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().ok_or(format!("{arg} needs a value"))?;
@@ -29,9 +36,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "--mib" => mib = value.parse()?,
             "--percent" => percent = value.parse()?,
             "--rounds" => rounds = value.parse()?,
+            "--sleep-ms" => sleep_ms = value.parse()?,
             other => {
                 return Err(format!(
-                    "unknown argument {other}; usage: sparse [--mib M] [--percent P] [--rounds R]"
+                    "unknown argument {other}; usage: sparse [--mib M] [--percent P] [--rounds R] [--sleep-ms W]"
                 )
                 .into());
             }
@@ -56,8 +64,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let per_block = 8192;
     let blocks = n / per_block;
     let changed = ((blocks as f64) * percent / 100.0).round() as usize;
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ round;
     while round < rounds {
+        // Each round's blocks depend on the round alone, so a resumed run equals a whole one.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (round + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
         for _ in 0..changed {
             x ^= x << 13;
             x ^= x >> 7;
@@ -67,6 +76,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 *v += 1.0;
             }
         }
+        // Stands for the rest of a round's computation.
+        std::thread::sleep(std::time::Duration::from_millis(sleep_ms));
         round += 1;
         let tag = format!("round {round}");
         if let Some(captured) = shim.snapshot(Some(&tag), |s| s.value("round", &round))? {

@@ -646,3 +646,68 @@ fn bench_measures_every_scenario_against_the_limits_and_the_naive_way() {
     // The bench leaves nothing behind in the user's store.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn regions_with_dirty_tracking_and_fork_capture_survive_random_kills() {
+    let args = [
+        "--mib",
+        "16",
+        "--percent",
+        "5",
+        "--rounds",
+        "60",
+        "--sleep-ms",
+        "25",
+    ];
+    let sparse = |extra: &[&str]| {
+        let mut c = vec![example_bin("sparse").into_os_string()];
+        c.extend(args.iter().chain(extra).map(Into::into));
+        c
+    };
+    let out = Command::new(example_bin("sparse"))
+        .args(args)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference = checksum_of(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let mut rng = fastrand::Rng::new();
+    eprintln!("random seed {}", rng.get_seed());
+    for capture in ["dirty", "fork"] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let env = [("SUPERVISE_CAPTURE", capture)];
+        let run = Run::start(
+            &store,
+            &["--every", "1h", "--backoff", "10ms", "-v"],
+            &sparse(&[]),
+            &env,
+        );
+        let mut kills = 0;
+        for k in 1..=4 {
+            let pid = run.nth_child_pid(k, LONG);
+            run.wait_for_nth("shim connected", k, LONG);
+            std::thread::sleep(Duration::from_millis(rng.u64(150..600)));
+            if run.count("job finished") > 0 || !alive(pid) {
+                break;
+            }
+            sigkill(pid);
+            kills += 1;
+        }
+        assert!(kills >= 2, "{capture}: only {kills} kills landed");
+        let fin = run.wait(LONG);
+        fin.assert_completed(&reference);
+        fin.assert_said(&format!("capture: {capture}"));
+        assert_eq!(
+            fin.stderr.matches("child died: signal SIGKILL").count(),
+            kills,
+            "{}",
+            fin.stderr
+        );
+        assert_store_clean(&only_job(&store));
+    }
+}
