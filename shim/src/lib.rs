@@ -46,6 +46,7 @@ macro_rules! say {
 pub(crate) use say;
 
 mod capture;
+mod channel;
 
 pub mod codec;
 pub mod config;
@@ -58,6 +59,7 @@ pub mod format;
 pub mod name;
 pub mod reader;
 mod region;
+mod restore;
 mod runtime;
 pub mod store;
 pub mod writer;

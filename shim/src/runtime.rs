@@ -1,46 +1,31 @@
 //! The shim as the program sees it: [`Shim::init`] at start (restore), [`Shim::due`] at every
 //! safe point (one atomic load), [`Shim::snapshot`] when due.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, ErrorKind};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::sys::socket::{MsgFlags, send};
-use serde::de::DeserializeOwned;
-
 use std::collections::HashSet;
 use std::ops::Range;
-use std::sync::Weak;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
 
 use crate::capture::{Background, Capture, Item, Job, Work};
-use crate::config::{CaptureMode, Config, Mode, RestoreFrom};
-use crate::control::{DamagedSnapshot, Event, Request};
+use crate::channel::{BEAT, SNAP, STOP, Shared, adopt_control_fd, control_loop, set_cloexec};
+use crate::config::{CaptureMode, Config, Mode};
+use crate::control::Event;
 use crate::dirty::DirtyTracker;
 use crate::error::{Error, Result};
-use crate::format::CHUNK_SIZE;
-use crate::format::EntryKind;
-use crate::reader::SnapshotReader;
+use crate::format::{CHUNK_SIZE, EntryKind};
 use crate::region::{Region, RegionMem};
+use crate::restore::{Restored, choose_restore};
 use crate::store::{JobStore, Store};
 use crate::writer::{Element, SnapshotReport, SnapshotWriter};
 
 /// Exit code of a program that stopped on request (supervisor stop, SIGTERM, or supervisor
 /// lost) after its final snapshot: the job is not finished and can be resumed.
 pub const EXIT_STOPPED: i32 = 75;
-
-const SNAP: u32 = 1;
-const STOP: u32 = 2;
-const BEAT: u32 = 4;
-
-/// How long an orphaned program (its supervisor gone) may go without reaching a safe point
-/// before the shim ends it, so that no orphan runs on unsupervised.
-const ORPHAN_GRACE: Duration = Duration::from_secs(60);
 
 /// How this run of the program started.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,38 +39,6 @@ pub enum Start {
         /// The progress tag the program gave it.
         tag: Option<String>,
     },
-}
-
-/// State shared with signal handlers and the control thread.
-struct Shared {
-    pending: AtomicU32,
-    beats: AtomicU64,
-    snapshotting: AtomicBool,
-    control: Option<Mutex<UnixStream>>,
-}
-
-impl Shared {
-    fn send(&self, event: &Event) {
-        if let Some(stream) = &self.control {
-            let stream = stream.lock().unwrap_or_else(|p| p.into_inner());
-            let line = event.to_line();
-            let mut buf = line.as_bytes();
-            // MSG_NOSIGNAL: a supervisor that went away must not kill the program with SIGPIPE.
-            while !buf.is_empty() {
-                match send(stream.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
-                    Ok(n) => buf = &buf[n..],
-                    Err(nix::errno::Errno::EINTR) => {}
-                    Err(_) => return,
-                }
-            }
-        }
-    }
-}
-
-/// The restored snapshot, with its value entries already read and verified.
-struct Restored {
-    reader: SnapshotReader,
-    values: HashMap<String, Vec<u8>>,
 }
 
 /// A registered region as the shim tracks it.
@@ -777,149 +730,4 @@ fn copy_chunks(bytes: &[u8], dirty: &[usize]) -> Vec<u8> {
     let mut out = Vec::new();
     append_chunks(&mut out, bytes, dirty);
     out
-}
-
-/// Takes ownership of the inherited control socket and keeps it from leaking into programs
-/// the child starts.
-fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
-    let bad = |why: String| Error::Env {
-        var: crate::config::ENV_CONTROL_FD,
-        value: fd.to_string(),
-        why,
-    };
-    // SAFETY: fstat on a raw descriptor number only fills `stat`; an fd that is not open
-    // yields EBADF (no Rust object claims the fd before this check passes).
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(bad(format!(
-            "not an open file descriptor ({e}); was the variable inherited from a parent program?"
-        )));
-    }
-    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(bad(
-            "not a socket; was the variable inherited from a parent program?".into(),
-        ));
-    }
-    set_cloexec(fd, true).map_err(|e| bad(format!("cannot set close-on-exec ({e})")))?;
-    // SAFETY: the supervisor passed this fd to us for the control channel and nothing else in
-    // the process owns it; fcntl above proved it open. We take sole ownership here.
-    Ok(unsafe { UnixStream::from_raw_fd(fd) })
-}
-
-fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
-    // SAFETY: only used on the control fd, which this process owns for its whole life.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let flags = if on {
-        FdFlag::FD_CLOEXEC
-    } else {
-        FdFlag::empty()
-    };
-    fcntl(borrowed, FcntlArg::F_SETFD(flags)).map(|_| ())
-}
-
-/// Reads requests from the supervisor, sends liveness beats once a second, and on the channel
-/// closing (supervisor gone) asks the program for a final snapshot and exit.
-fn control_loop(shared: &Shared, stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    let mut last_beats = 0;
-    let mut orphaned_at: Option<Instant> = None;
-    loop {
-        if let Some(since) = orphaned_at {
-            std::thread::sleep(Duration::from_millis(200));
-            if since.elapsed() > ORPHAN_GRACE && !shared.snapshotting.load(Ordering::SeqCst) {
-                say!("supervisor gone and no safe point reached in {ORPHAN_GRACE:?}; exiting");
-                // SAFETY: _exit ends the process at once without running atexit handlers,
-                // which is what we want while another thread may be mid-computation.
-                unsafe { libc::_exit(EXIT_STOPPED) };
-            }
-            continue;
-        }
-        match reader.read_line(&mut line) {
-            Ok(0) => {
-                say!("supervisor gone; final snapshot at the next safe point, then exit");
-                shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
-                orphaned_at = Some(Instant::now());
-            }
-            Ok(_) if line.ends_with('\n') => {
-                match serde_json::from_str::<Request>(&line) {
-                    Ok(Request::Snapshot) => shared.pending.fetch_or(SNAP, Ordering::SeqCst),
-                    Ok(Request::Stop) => shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst),
-                    Err(e) => {
-                        say!("ignoring bad control message {:?}: {e}", line.trim_end());
-                        0
-                    }
-                };
-                line.clear();
-            }
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                shared.pending.fetch_or(BEAT, Ordering::Relaxed);
-                let beats = shared.beats.load(Ordering::Relaxed);
-                if beats != last_beats {
-                    last_beats = beats;
-                    shared.send(&Event::Progress { count: beats });
-                }
-            }
-            Err(_) => {
-                shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
-                orphaned_at = Some(Instant::now());
-            }
-        }
-    }
-}
-
-/// Picks the snapshot to restore: the newest that opens and whose values verify; damaged ones
-/// are set aside and reported.
-fn choose_restore(
-    job: &JobStore,
-    from: &RestoreFrom,
-) -> Result<(Option<Restored>, Vec<DamagedSnapshot>)> {
-    let candidates: Vec<u64> = match from {
-        RestoreFrom::Nothing => return Ok((None, Vec::new())),
-        RestoreFrom::Exact(seq) => vec![*seq],
-        RestoreFrom::Latest { after } => job
-            .snapshot_seqs()?
-            .into_iter()
-            .rev()
-            .filter(|s| after.is_none_or(|a| *s > a))
-            .collect(),
-    };
-    let mut damaged = Vec::new();
-    for seq in candidates {
-        match open_restored(job, seq) {
-            Ok(r) => return Ok((Some(r), damaged)),
-            Err(e) if e.is_corruption() && !matches!(from, RestoreFrom::Exact(_)) => {
-                job.quarantine(seq)?;
-                damaged.push(DamagedSnapshot {
-                    seq,
-                    why: e.to_string(),
-                });
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok((None, damaged))
-}
-
-fn open_restored(job: &JobStore, seq: u64) -> Result<Restored> {
-    let reader = SnapshotReader::open(job, seq)?;
-    let mut values = HashMap::new();
-    let value_names = reader
-        .manifest()
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::Value);
-    for entry in value_names {
-        let bytes = reader.value_bytes(&entry.name)?.unwrap_or_default();
-        values.insert(entry.name.clone(), bytes);
-    }
-    Ok(Restored { reader, values })
 }

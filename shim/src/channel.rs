@@ -1,0 +1,153 @@
+//! The shim's end of the control channel: the word of pending requests that `Shim::due`
+//! reads, the thread that reads the supervisor's requests and sends liveness beats, and the
+//! sending of events.
+
+use std::io::{BufRead, BufReader, ErrorKind};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::sys::socket::{MsgFlags, send};
+
+use crate::control::{Event, Request};
+use crate::error::{Error, Result};
+use crate::runtime::EXIT_STOPPED;
+
+/// Pending-request bits: a snapshot is requested.
+pub(crate) const SNAP: u32 = 1;
+
+/// Stop after the next snapshot (supervisor stop, SIGTERM, supervisor gone).
+pub(crate) const STOP: u32 = 2;
+
+/// The control thread wants a liveness beat (counted at the next safe point).
+pub(crate) const BEAT: u32 = 4;
+
+/// How long an orphaned program (its supervisor gone) may go without reaching a safe point
+/// before the shim ends it, so that no orphan runs on unsupervised.
+const ORPHAN_GRACE: Duration = Duration::from_secs(60);
+
+/// State shared with signal handlers and the control thread.
+pub(crate) struct Shared {
+    pub(crate) pending: AtomicU32,
+    pub(crate) beats: AtomicU64,
+    pub(crate) snapshotting: AtomicBool,
+    pub(crate) control: Option<Mutex<UnixStream>>,
+}
+
+impl Shared {
+    pub(crate) fn send(&self, event: &Event) {
+        if let Some(stream) = &self.control {
+            let stream = stream.lock().unwrap_or_else(|p| p.into_inner());
+            let line = event.to_line();
+            let mut buf = line.as_bytes();
+            // MSG_NOSIGNAL: a supervisor that went away must not kill the program with SIGPIPE.
+            while !buf.is_empty() {
+                match send(stream.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
+                    Ok(n) => buf = &buf[n..],
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    }
+}
+
+/// Takes ownership of the inherited control socket and keeps it from leaking into programs
+/// the child starts.
+pub(crate) fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
+    let bad = |why: String| Error::Env {
+        var: crate::config::ENV_CONTROL_FD,
+        value: fd.to_string(),
+        why,
+    };
+    // SAFETY: fstat on a raw descriptor number only fills `stat`; an fd that is not open
+    // yields EBADF (no Rust object claims the fd before this check passes).
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(bad(format!(
+            "not an open file descriptor ({e}); was the variable inherited from a parent program?"
+        )));
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad(
+            "not a socket; was the variable inherited from a parent program?".into(),
+        ));
+    }
+    set_cloexec(fd, true).map_err(|e| bad(format!("cannot set close-on-exec ({e})")))?;
+    // SAFETY: the supervisor passed this fd to us for the control channel and nothing else in
+    // the process owns it; fcntl above proved it open. We take sole ownership here.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+}
+
+pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
+    // SAFETY: only used on the control fd, which this process owns for its whole life.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let flags = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    fcntl(borrowed, FcntlArg::F_SETFD(flags)).map(|_| ())
+}
+
+/// Reads requests from the supervisor, sends liveness beats once a second, and on the channel
+/// closing (supervisor gone) asks the program for a final snapshot and exit.
+pub(crate) fn control_loop(shared: &Shared, stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let mut last_beats = 0;
+    let mut orphaned_at: Option<Instant> = None;
+    loop {
+        if let Some(since) = orphaned_at {
+            std::thread::sleep(Duration::from_millis(200));
+            if since.elapsed() > ORPHAN_GRACE && !shared.snapshotting.load(Ordering::SeqCst) {
+                say!("supervisor gone and no safe point reached in {ORPHAN_GRACE:?}; exiting");
+                // SAFETY: _exit ends the process at once without running atexit handlers,
+                // which is what we want while another thread may be mid-computation.
+                unsafe { libc::_exit(EXIT_STOPPED) };
+            }
+            continue;
+        }
+        match reader.read_line(&mut line) {
+            Ok(0) => {
+                say!("supervisor gone; final snapshot at the next safe point, then exit");
+                shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
+                orphaned_at = Some(Instant::now());
+            }
+            Ok(_) if line.ends_with('\n') => {
+                match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Snapshot) => shared.pending.fetch_or(SNAP, Ordering::SeqCst),
+                    Ok(Request::Stop) => shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst),
+                    Err(e) => {
+                        say!("ignoring bad control message {:?}: {e}", line.trim_end());
+                        0
+                    }
+                };
+                line.clear();
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                shared.pending.fetch_or(BEAT, Ordering::Relaxed);
+                let beats = shared.beats.load(Ordering::Relaxed);
+                if beats != last_beats {
+                    last_beats = beats;
+                    shared.send(&Event::Progress { count: beats });
+                }
+            }
+            Err(_) => {
+                shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
+                orphaned_at = Some(Instant::now());
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Choosing the snapshot to restore at start: the newest that opens and whose value entries
+//! verify; damaged ones are set aside and reported.
+
+use std::collections::HashMap;
+
+use crate::config::RestoreFrom;
+use crate::control::DamagedSnapshot;
+use crate::error::Result;
+use crate::format::EntryKind;
+use crate::reader::SnapshotReader;
+use crate::store::JobStore;
+
+/// The restored snapshot, with its value entries already read and verified.
+pub(crate) struct Restored {
+    pub(crate) reader: SnapshotReader,
+    pub(crate) values: HashMap<String, Vec<u8>>,
+}
+
+/// Picks the snapshot to restore: the newest that opens and whose values verify; damaged ones
+/// are set aside and reported.
+pub(crate) fn choose_restore(
+    job: &JobStore,
+    from: &RestoreFrom,
+) -> Result<(Option<Restored>, Vec<DamagedSnapshot>)> {
+    let candidates: Vec<u64> = match from {
+        RestoreFrom::Nothing => return Ok((None, Vec::new())),
+        RestoreFrom::Exact(seq) => vec![*seq],
+        RestoreFrom::Latest { after } => job
+            .snapshot_seqs()?
+            .into_iter()
+            .rev()
+            .filter(|s| after.is_none_or(|a| *s > a))
+            .collect(),
+    };
+    let mut damaged = Vec::new();
+    for seq in candidates {
+        match open_restored(job, seq) {
+            Ok(r) => return Ok((Some(r), damaged)),
+            Err(e) if e.is_corruption() && !matches!(from, RestoreFrom::Exact(_)) => {
+                job.quarantine(seq)?;
+                damaged.push(DamagedSnapshot {
+                    seq,
+                    why: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((None, damaged))
+}
+
+fn open_restored(job: &JobStore, seq: u64) -> Result<Restored> {
+    let reader = SnapshotReader::open(job, seq)?;
+    let mut values = HashMap::new();
+    let value_names = reader
+        .manifest()
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Value);
+    for entry in value_names {
+        let bytes = reader.value_bytes(&entry.name)?.unwrap_or_default();
+        values.insert(entry.name.clone(), bytes);
+    }
+    Ok(Restored { reader, values })
+}
