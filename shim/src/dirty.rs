@@ -139,9 +139,10 @@ impl DirtyTracker {
         self.page
     }
 
-    /// Starts tracking `[addr, addr+len)` (page-aligned, anonymous) and protects it, so that
-    /// from now on every written page is recorded.
-    pub fn register(&self, addr: usize, len: usize) -> io::Result<()> {
+    /// Registers `[addr, addr+len)` (page-aligned, anonymous) for tracking, and with `protect`
+    /// protects it at once so that every page written from now on is recorded. Without, the
+    /// range is written freely (and huge pages stay whole) until the first [`protect`](Self::protect).
+    pub fn register(&self, addr: usize, len: usize, protect: bool) -> io::Result<()> {
         let mut reg = UffdioRegister {
             range: UffdioRange {
                 start: addr as u64,
@@ -151,7 +152,11 @@ impl DirtyTracker {
             ioctls: 0,
         };
         ioctl(&self.uffd, UFFDIO_REGISTER, &mut reg)?;
-        self.protect(addr, len)
+        if protect {
+            self.protect(addr, len)
+        } else {
+            Ok(())
+        }
     }
 
     /// Stops tracking a range.
@@ -238,7 +243,7 @@ mod tests {
         let page = t.page_size();
         let len = 600 * page; // more regions than one scan vector holds when every other page is written
         let base = mapping(len);
-        t.register(base as usize, len).unwrap();
+        t.register(base as usize, len, true).unwrap();
         // SAFETY: writes inside the mapping made above.
         unsafe {
             for p in (0..600).step_by(2) {

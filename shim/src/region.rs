@@ -10,11 +10,21 @@ use crate::error::{Error, Result};
 use crate::format::EntryKind;
 use crate::writer::Element;
 
+/// Regions at least this large are mapped 2 MiB-aligned with transparent huge pages: fork,
+/// whole copies, hashing and restore all run faster on huge pages (one translation per
+/// 2 MiB), and dirty tracking stays exact: with asynchronous write-protect the kernel splits
+/// a huge page on its first write and records the written 4 KiB pages (checked on Linux 6.18).
+const HUGE_ABOVE: usize = 4 << 20;
+const HUGE_PAGE: usize = 2 << 20;
+
 /// The mapping behind a region.
 pub(crate) struct RegionMem {
     addr: usize,
-    /// Bytes mapped (a whole number of pages, at least one).
+    /// Bytes of the region's part of the mapping (a whole number of pages, at least one).
     pub(crate) mapped: usize,
+    /// The whole mapping (with the slack used for alignment), for munmap.
+    base: usize,
+    base_len: usize,
     /// Bytes in use (the entry's length).
     pub(crate) bytes: usize,
     pub(crate) name: String,
@@ -33,11 +43,13 @@ impl RegionMem {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let mapped = bytes.div_ceil(page).max(1) * page;
+        let huge = bytes >= HUGE_ABOVE;
+        let base_len = if huge { mapped + HUGE_PAGE } else { mapped };
         // SAFETY: a new private anonymous mapping with no address hint; checked for failure.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                mapped,
+                base_len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
@@ -51,8 +63,20 @@ impl RegionMem {
                 source: std::io::Error::last_os_error(),
             });
         }
+        let base = ptr as usize;
+        let addr = if huge {
+            (base + HUGE_PAGE - 1) & !(HUGE_PAGE - 1)
+        } else {
+            base
+        };
+        if huge {
+            // SAFETY: advice on pages of the mapping just made; changes backing, not contents.
+            unsafe { libc::madvise(addr as *mut libc::c_void, mapped, libc::MADV_HUGEPAGE) };
+        }
         Ok(Arc::new(Self {
-            addr: ptr as usize,
+            addr,
+            base,
+            base_len,
             mapped,
             bytes,
             name: name.to_owned(),
@@ -84,7 +108,7 @@ impl RegionMem {
 impl Drop for RegionMem {
     fn drop(&mut self) {
         // SAFETY: unmapping the mapping this value owns; no reference to it outlives `self`.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.mapped) };
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.base_len) };
     }
 }
 

@@ -300,8 +300,11 @@ impl Shim {
                 Err(e) => return Err(e),
             }
         }
+        // A restored region is protected now: it must be tracked from its restored content on.
+        // A fresh one is protected by its first (whole) capture, so the program's first fill
+        // neither faults nor splits huge pages.
         let tracked = match &self.tracker {
-            Some(t) => match t.register(mem.addr(), mem.mapped) {
+            Some(t) => match t.register(mem.addr(), mem.mapped, baseline.is_some()) {
                 Ok(()) => true,
                 Err(e) => {
                     say!("cannot track writes to region {name:?} ({e}); it is copied whole");
