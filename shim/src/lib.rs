@@ -57,6 +57,7 @@ pub mod error;
 pub mod failpoint;
 pub mod format;
 pub mod name;
+mod pack;
 pub mod reader;
 mod region;
 mod restore;

@@ -14,7 +14,6 @@ use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::durable::{self, TMP_PREFIX};
@@ -22,6 +21,7 @@ use crate::error::{Error, Result, io_err};
 use crate::failpoint;
 use crate::format::{self, Manifest, RecordHeader};
 use crate::name;
+use crate::pack::{FinishedPack, PackWriter};
 
 /// A store directory.
 #[derive(Clone, Debug)]
@@ -343,7 +343,7 @@ impl JobStore {
     /// Starts a new pack file under a temporary name.
     pub(crate) fn create_pack(&self, name: String) -> Result<PackWriter> {
         let tmp = self.packs.join(format!("{TMP_PREFIX}{name}{PACK_SUFFIX}"));
-        PackWriter::new(name, tmp)
+        PackWriter::create(name, tmp)
     }
 
     /// Fsyncs finished packs, renames them into place and fsyncs the pack directory once.
@@ -360,186 +360,5 @@ impl JobStore {
             durable::fsync_dir(&self.packs)?;
         }
         Ok(())
-    }
-}
-
-/// A pack file being written under its temporary name. Written with `O_DIRECT` in whole
-/// aligned blocks where the filesystem allows (no page-cache pages to allocate and write back:
-/// 1.3 against 0.4-0.9 GB/s measured on this machine kind), else buffered with early writeback.
-pub(crate) struct PackWriter {
-    pub(crate) name: String,
-    tmp: PathBuf,
-    file: File,
-    direct: bool,
-    /// Backing store of the aligned block buffer.
-    block: Vec<u8>,
-    /// Offset of the aligned part of `block`.
-    align: usize,
-    /// Bytes in the block buffer.
-    fill: usize,
-    /// Logical length of the pack (written + buffered).
-    len: u64,
-    /// Bytes written to the file.
-    written: u64,
-    /// Bytes whose writeback has been started (buffered mode).
-    flushed: u64,
-}
-
-/// A pack written in full (writeback started where buffered), waiting to be fsynced and
-/// renamed into place at commit.
-pub(crate) struct FinishedPack {
-    pub(crate) name: String,
-    pub(crate) tmp: PathBuf,
-    pub(crate) file: File,
-}
-
-/// Size of a pack write; a multiple of any device's logical block size.
-const BLOCK: usize = 4 << 20;
-/// Alignment O_DIRECT needs of buffers, offsets and lengths.
-const DIRECT_ALIGN: usize = 4096;
-
-/// Start the disk writing this much of a buffered pack while the rest is compressed.
-const WRITEBACK_STEP: u64 = 16 << 20;
-
-/// Asks the kernel to start writing back `[from, to)` of `file` without waiting (a hint: the
-/// fsync at commit is what makes the data durable).
-fn start_writeback(file: &File, from: u64, to: u64) {
-    // SAFETY: sync_file_range only reads its integer arguments.
-    unsafe {
-        libc::sync_file_range(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            from as libc::off64_t,
-            (to - from) as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        )
-    };
-}
-
-/// Turns O_DIRECT off on an open file (its filesystem refused a direct write).
-fn stop_direct(file: &File) -> std::io::Result<()> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor this writer owns; integers only.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-impl PackWriter {
-    fn new(name: String, tmp: PathBuf) -> Result<Self> {
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_DIRECT)
-            .open(&tmp);
-        let (file, direct) = match direct {
-            Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (durable::create_private_file(&tmp)?, false)
-            }
-            Err(e) => return Err(io_err("create", &tmp)(e)),
-        };
-        let block = vec![0u8; BLOCK + DIRECT_ALIGN];
-        let align = block.as_ptr().align_offset(DIRECT_ALIGN);
-        let mut pack = Self {
-            name,
-            tmp,
-            file,
-            direct,
-            block,
-            align,
-            fill: 0,
-            len: 0,
-            written: 0,
-            flushed: 0,
-        };
-        pack.push(&format::file_header(format::PACK_MAGIC))?;
-        Ok(pack)
-    }
-
-    /// Bytes in the pack so far.
-    pub(crate) fn len(&self) -> u64 {
-        self.len
-    }
-
-    fn push(&mut self, mut bytes: &[u8]) -> Result<()> {
-        while !bytes.is_empty() {
-            let room = BLOCK - self.fill;
-            let take = room.min(bytes.len());
-            let at = self.align + self.fill;
-            self.block[at..at + take].copy_from_slice(&bytes[..take]);
-            self.fill += take;
-            self.len += take as u64;
-            bytes = &bytes[take..];
-            if self.fill == BLOCK {
-                self.write_block(BLOCK)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the first `len` bytes of the block buffer (a multiple of the alignment when
-    /// direct) at the end of what is written.
-    fn write_block(&mut self, len: usize) -> Result<()> {
-        let data = &self.block[self.align..self.align + len];
-        let result = self.file.write_all_at(data, self.written);
-        match result {
-            Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                // The filesystem opened the file with O_DIRECT but refuses direct writes.
-                stop_direct(&self.file).map_err(io_err("write", &self.tmp))?;
-                self.direct = false;
-                self.file
-                    .write_all_at(data, self.written)
-                    .map_err(io_err("write", &self.tmp))?;
-            }
-            other => other.map_err(io_err("write", &self.tmp))?,
-        }
-        self.written += len as u64;
-        self.fill = 0;
-        if !self.direct && self.written - self.flushed >= WRITEBACK_STEP {
-            start_writeback(&self.file, self.flushed, self.written);
-            self.flushed = self.written;
-        }
-        Ok(())
-    }
-
-    /// Appends a record; returns its offset.
-    pub(crate) fn append(&mut self, header: &RecordHeader, data: &[u8]) -> Result<u64> {
-        let offset = self.len;
-        self.push(&header.encode())?;
-        self.push(data)?;
-        Ok(offset)
-    }
-
-    /// Writes what is buffered (padded to the alignment when direct, then cut back to the
-    /// exact length) and starts writeback; the fsync comes at commit, for all packs.
-    pub(crate) fn finish(mut self) -> Result<FinishedPack> {
-        if self.fill > 0 {
-            let exact = self.written + self.fill as u64;
-            if self.direct {
-                let padded = self.fill.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-                let (at, fill) = (self.align, self.fill);
-                self.block[at + fill..at + padded].fill(0);
-                self.write_block(padded)?;
-                self.file
-                    .set_len(exact)
-                    .map_err(io_err("truncate", &self.tmp))?;
-                self.written = exact;
-            } else {
-                self.write_block(self.fill)?;
-            }
-        }
-        if !self.direct {
-            start_writeback(&self.file, self.flushed, self.written);
-        }
-        Ok(FinishedPack {
-            name: self.name,
-            tmp: self.tmp,
-            file: self.file,
-        })
     }
 }

@@ -20,7 +20,8 @@ use crate::format::{
     entry_root,
 };
 use crate::name;
-use crate::store::{FinishedPack, JobStore, PackWriter, RetentionReport};
+use crate::pack::{FinishedPack, PackWriter};
+use crate::store::{JobStore, RetentionReport};
 
 /// Packs are closed once they reach this size: large enough that a 1 GiB state is a handful
 /// of files and fsyncs, small enough that retention can free space of old snapshots.

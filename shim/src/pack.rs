@@ -1,0 +1,317 @@
+//! Writing a pack file: records are appended into aligned 4 MiB blocks, and full blocks go to
+//! an I/O thread, so hashing and compression go on while the disk writes. Blocks are written
+//! with `O_DIRECT` where the filesystem allows (no page-cache pages to allocate and write back:
+//! 1.3 against 0.4-0.9 GB/s measured on this machine kind), else buffered with early writeback.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::durable;
+use crate::error::{Result, io_err};
+use crate::format::{self, RecordHeader};
+
+/// Size of a pack write; a multiple of any device's logical block size.
+const BLOCK: usize = 4 << 20;
+/// Alignment O_DIRECT needs of buffers, offsets and lengths.
+const DIRECT_ALIGN: usize = 4096;
+/// Blocks in flight per pack: one being filled, up to two being written.
+const BLOCKS: usize = 3;
+/// Start the disk writing this much of a buffered pack while the rest is compressed.
+const WRITEBACK_STEP: u64 = 16 << 20;
+
+/// A block buffer whose usable part is aligned for O_DIRECT.
+struct Block {
+    backing: Vec<u8>,
+    align: usize,
+}
+
+impl Block {
+    fn new() -> Self {
+        let backing = vec![0u8; BLOCK + DIRECT_ALIGN];
+        let align = backing.as_ptr().align_offset(DIRECT_ALIGN);
+        Self { backing, align }
+    }
+
+    fn bytes(&self, len: usize) -> &[u8] {
+        &self.backing[self.align..self.align + len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.backing[self.align..self.align + BLOCK]
+    }
+}
+
+/// A block to write at an offset.
+struct WriteJob {
+    block: Block,
+    len: usize,
+    offset: u64,
+}
+
+/// The I/O thread of a pack and the channels to it.
+struct Io {
+    jobs: SyncSender<WriteJob>,
+    free: Receiver<Block>,
+    thread: JoinHandle<File>,
+    /// The first write error, taken by the pack writer.
+    failed: Arc<Mutex<Option<std::io::Error>>>,
+    /// Whether the file is (still) written with O_DIRECT.
+    direct: Arc<AtomicBool>,
+}
+
+/// A pack file being written under its temporary name.
+pub(crate) struct PackWriter {
+    pub(crate) name: String,
+    tmp: PathBuf,
+    io: Option<Io>,
+    block: Block,
+    blocks: usize,
+    fill: usize,
+    /// Logical length of the pack (handed off + in the block).
+    len: u64,
+    /// Bytes handed to the I/O thread.
+    queued: u64,
+}
+
+/// A pack written in full, waiting to be fsynced and renamed into place at commit.
+pub(crate) struct FinishedPack {
+    pub(crate) name: String,
+    pub(crate) tmp: PathBuf,
+    pub(crate) file: File,
+}
+
+/// Asks the kernel to start writing back `[from, to)` of `file` without waiting (a hint: the
+/// fsync at commit is what makes the data durable).
+fn start_writeback(file: &File, from: u64, to: u64) {
+    // SAFETY: sync_file_range only reads its integer arguments.
+    unsafe {
+        libc::sync_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            from as libc::off64_t,
+            (to - from) as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
+/// Turns O_DIRECT off on an open file (its filesystem refused a direct write).
+fn stop_direct(file: &File) -> std::io::Result<()> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor the I/O thread owns; integers only.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The I/O thread: writes each block at its offset (falling back from O_DIRECT where refused),
+/// returns the block for reuse, and after the first error writes nothing more.
+fn io_loop(
+    file: File,
+    jobs: Receiver<WriteJob>,
+    free: std::sync::mpsc::Sender<Block>,
+    failed: &Mutex<Option<std::io::Error>>,
+    direct: &AtomicBool,
+) -> File {
+    let mut flushed = 0u64;
+    let mut broken = false;
+    for job in jobs {
+        if !broken {
+            let data = job.block.bytes(job.len);
+            let mut result = file.write_all_at(data, job.offset);
+            if let Err(e) = &result
+                && direct.load(Ordering::Relaxed)
+                && e.raw_os_error() == Some(libc::EINVAL)
+            {
+                // The filesystem opened the file with O_DIRECT but refuses direct writes.
+                direct.store(false, Ordering::Relaxed);
+                result = stop_direct(&file).and_then(|()| file.write_all_at(data, job.offset));
+            }
+            match result {
+                Ok(()) => {
+                    let end = job.offset + job.len as u64;
+                    if !direct.load(Ordering::Relaxed) && end - flushed >= WRITEBACK_STEP {
+                        start_writeback(&file, flushed, end);
+                        flushed = end;
+                    }
+                }
+                Err(e) => {
+                    broken = true;
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            }
+        }
+        let _ = free.send(job.block);
+    }
+    file
+}
+
+impl PackWriter {
+    /// Creates the pack file `tmp` (private, new) and its I/O thread.
+    pub(crate) fn create(name: String, tmp: PathBuf) -> Result<Self> {
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_DIRECT)
+            .open(&tmp);
+        let (file, direct) = match opened {
+            Ok(file) => (file, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (durable::create_private_file(&tmp)?, false)
+            }
+            Err(e) => return Err(io_err("create", &tmp)(e)),
+        };
+        let (jobs, job_rx) = sync_channel::<WriteJob>(BLOCKS);
+        let (free_tx, free) = channel::<Block>();
+        let failed = Arc::new(Mutex::new(None));
+        let direct = Arc::new(AtomicBool::new(direct));
+        let thread = {
+            let (failed, direct) = (Arc::clone(&failed), Arc::clone(&direct));
+            std::thread::Builder::new()
+                .name("supervise-pack-io".into())
+                .spawn(move || io_loop(file, job_rx, free_tx, &failed, &direct))
+                .map_err(io_err("spawn pack I/O thread", &tmp))?
+        };
+        let mut pack = Self {
+            name,
+            tmp,
+            io: Some(Io {
+                jobs,
+                free,
+                thread,
+                failed,
+                direct,
+            }),
+            block: Block::new(),
+            blocks: 1,
+            fill: 0,
+            len: 0,
+            queued: 0,
+        };
+        pack.push(&format::file_header(format::PACK_MAGIC))?;
+        Ok(pack)
+    }
+
+    /// Bytes in the pack so far.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn io(&self) -> &Io {
+        self.io
+            .as_ref()
+            .expect("the I/O thread lives until finish or drop")
+    }
+
+    fn push(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let take = (BLOCK - self.fill).min(bytes.len());
+            self.block.bytes_mut()[self.fill..self.fill + take].copy_from_slice(&bytes[..take]);
+            self.fill += take;
+            self.len += take as u64;
+            bytes = &bytes[take..];
+            if self.fill == BLOCK {
+                self.hand_off(BLOCK)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives the first `len` bytes of the current block to the I/O thread and takes a free
+    /// block (a new one while fewer than `BLOCKS` exist).
+    fn hand_off(&mut self, len: usize) -> Result<()> {
+        if let Some(e) = self
+            .io()
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(io_err("write", &self.tmp)(e));
+        }
+        let next = match self.io().free.try_recv() {
+            Ok(block) => block,
+            Err(_) if self.blocks < BLOCKS => {
+                self.blocks += 1;
+                Block::new()
+            }
+            Err(_) => self.io().free.recv().map_err(|_| {
+                io_err("write", &self.tmp)(std::io::Error::other("pack I/O thread ended"))
+            })?,
+        };
+        let block = std::mem::replace(&mut self.block, next);
+        let job = WriteJob {
+            block,
+            len,
+            offset: self.queued,
+        };
+        self.io().jobs.send(job).map_err(|_| {
+            io_err("write", &self.tmp)(std::io::Error::other("pack I/O thread ended"))
+        })?;
+        self.queued += len as u64;
+        self.fill = 0;
+        Ok(())
+    }
+
+    /// Appends a record; returns its offset.
+    pub(crate) fn append(&mut self, header: &RecordHeader, data: &[u8]) -> Result<u64> {
+        let offset = self.len;
+        self.push(&header.encode())?;
+        self.push(data)?;
+        Ok(offset)
+    }
+
+    /// Writes what is buffered (padded to the alignment when direct, then cut back to the
+    /// exact length), waits for the I/O thread, and starts writeback; the fsync comes at
+    /// commit, for all packs.
+    pub(crate) fn finish(mut self) -> Result<FinishedPack> {
+        let exact = self.len;
+        if self.fill > 0 {
+            let len = if self.io().direct.load(Ordering::Relaxed) {
+                let padded = self.fill.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+                let fill = self.fill;
+                self.block.bytes_mut()[fill..padded].fill(0);
+                padded
+            } else {
+                self.fill
+            };
+            self.hand_off(len)?;
+        }
+        let io = self.io.take().expect("finish runs once");
+        drop(io.jobs);
+        let file = io.thread.join().map_err(|_| {
+            io_err("write", &self.tmp)(std::io::Error::other("pack I/O thread panicked"))
+        })?;
+        if let Some(e) = io.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(io_err("write", &self.tmp)(e));
+        }
+        file.set_len(exact).map_err(io_err("truncate", &self.tmp))?;
+        if !io.direct.load(Ordering::Relaxed) {
+            start_writeback(&file, 0, exact);
+        }
+        Ok(FinishedPack {
+            name: std::mem::take(&mut self.name),
+            tmp: std::mem::take(&mut self.tmp),
+            file,
+        })
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        // An abandoned pack: let the I/O thread finish and end before the file is removed.
+        if let Some(io) = self.io.take() {
+            drop(io.jobs);
+            let _ = io.thread.join();
+        }
+    }
+}
