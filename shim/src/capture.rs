@@ -132,11 +132,15 @@ impl Background {
                     let (result, buffers) = match work {
                         Work::Job(job) => write_job(&mut writer, keep, job),
                         Work::Forked { pid, report, warm } => {
-                            let mut buffer = Vec::new();
-                            reserve_capture(&mut buffer, warm);
-                            buffer.resize(warm, 0);
-                            buffer.clear();
-                            (await_forked(&mut writer, pid, report), vec![buffer])
+                            let mut buffers = Vec::new();
+                            if warm > 0 {
+                                let mut buffer = Vec::new();
+                                reserve_capture(&mut buffer, warm);
+                                buffer.resize(warm, 0);
+                                buffer.clear();
+                                buffers.push(buffer);
+                            }
+                            (await_forked(&mut writer, pid, report), buffers)
                         }
                     };
                     on_done(&result);

@@ -74,6 +74,9 @@ pub struct Shim {
     /// Slots (indices into `regions`) captured in the snapshot being written.
     in_flight_regions: Vec<usize>,
     last: Option<std::result::Result<SnapshotReport, String>>,
+    /// Tests: make the next fork fail (after the dirty pages were collected).
+    #[cfg(test)]
+    fail_next_fork: bool,
 }
 
 impl Shim {
@@ -112,6 +115,8 @@ impl Shim {
             ranges: Vec::new(),
             in_flight_regions: Vec::new(),
             last: None,
+            #[cfg(test)]
+            fail_next_fork: false,
         };
         if shim.config.mode == Mode::Off {
             return Ok(shim);
@@ -429,6 +434,13 @@ impl Shim {
         let work = match handed_over {
             Ok(work) => work,
             Err(e) => {
+                // Regions already captured had their written pages collected (and protected
+                // again): those writes are in no snapshot now, so they are taken whole next time.
+                for idx in self.in_flight_regions.drain(..) {
+                    if let Some(slot) = self.regions.get_mut(idx) {
+                        slot.baseline = None;
+                    }
+                }
                 self.shared.snapshotting.store(false, Ordering::SeqCst);
                 self.shared.send(&Event::SnapshotFailed {
                     error: e.to_string(),
@@ -522,6 +534,10 @@ impl Shim {
                 path: job.dir().to_owned(),
                 source: e.into(),
             })?;
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_fork) {
+            return Err(Error::Aborted("injected fork failure".into()));
+        }
         let parent = std::process::id() as libc::pid_t;
         let (attempt, keep) = (self.config.attempt, self.config.keep);
         // SAFETY: the child only runs the snapshot code path (allocation, file I/O, thread
@@ -535,11 +551,17 @@ impl Shim {
             }),
             Ok(nix::unistd::ForkResult::Parent { child }) => {
                 drop(write);
+                // In auto mode the next captures are deltas copied here: have a buffer for
+                // them faulted in meanwhile, unless a spare one is big enough. (In fork mode
+                // every capture forks and nothing is copied here.)
                 let regions: usize = plan.iter().map(|(m, _)| m.bytes).sum();
+                let want = (regions / 8).min(256 << 20);
+                let spare = self.buffers.iter().map(Vec::capacity).max().unwrap_or(0);
+                let auto = self.config.capture == CaptureMode::Auto;
                 Ok(Work::Forked {
                     pid: child.as_raw(),
                     report: std::fs::File::from(read),
-                    warm: (regions / 8).min(256 << 20),
+                    warm: if auto && spare < want { want } else { 0 },
                 })
             }
             Ok(nix::unistd::ForkResult::Child) => {
@@ -695,7 +717,14 @@ impl Shim {
         let Some(outcome) = self.background.as_mut().and_then(Background::wait) else {
             return;
         };
-        self.buffers.extend(outcome.buffers);
+        self.buffers
+            .extend(outcome.buffers.into_iter().filter(|b| b.capacity() > 0));
+        // Spare buffers beyond what a capture uses are only memory held: keep the largest few.
+        if self.buffers.len() > MAX_SPARE_BUFFERS {
+            self.buffers
+                .sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+            self.buffers.truncate(MAX_SPARE_BUFFERS);
+        }
         let base = outcome.result.as_ref().ok().map(|r| r.seq);
         for idx in self.in_flight_regions.drain(..) {
             if let Some(slot) = self.regions.get_mut(idx) {
@@ -711,6 +740,9 @@ impl Drop for Shim {
         self.settle();
     }
 }
+
+/// Spare capture buffers kept between snapshots.
+const MAX_SPARE_BUFFERS: usize = 16;
 
 /// A region's delta: the base snapshot and the numbers of the chunks written since.
 type Delta = (u64, Vec<usize>);
@@ -733,4 +765,61 @@ fn copy_chunks(bytes: &[u8], dirty: &[usize]) -> Vec<u8> {
     let mut out = Vec::new();
     append_chunks(&mut out, bytes, dirty);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reader::SnapshotReader;
+
+    fn fork_shim(dir: &std::path::Path) -> Shim {
+        let mut config = Config::local(dir.join("store"), "t");
+        config.capture = CaptureMode::Fork;
+        Shim::open(config).unwrap()
+    }
+
+    fn restored(dir: &std::path::Path, seq: u64, len: usize) -> Vec<u64> {
+        let job = Store::open(dir.join("store")).unwrap().job("t").unwrap();
+        let mut out = vec![0u64; len];
+        SnapshotReader::open(&job, seq)
+            .unwrap()
+            .slice_into("r", "u64", bytemuck::cast_slice_mut(&mut out))
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn writes_collected_by_a_failed_capture_are_in_the_next_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shim = fork_shim(dir.path());
+        let len = (8 << 20) / 8;
+        let mut r = shim.region::<u64>("r", len).unwrap();
+        r.fill(1);
+        shim.snapshot(None, |_| Ok(())).unwrap();
+        shim.wait_durable().unwrap();
+        r[3 * 8192] = 7; // collected (and protected again) by the capture that fails
+        shim.fail_next_fork = true;
+        assert!(shim.snapshot(None, |_| Ok(())).is_err());
+        r[100 * 8192] = 9;
+        shim.snapshot(None, |_| Ok(())).unwrap();
+        let report = shim.wait_durable().unwrap().unwrap();
+        assert_eq!(restored(dir.path(), report.seq, len), &r[..]);
+    }
+
+    #[test]
+    fn spare_buffers_stay_bounded_over_many_forked_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shim = fork_shim(dir.path());
+        let mut r = shim.region::<u64>("r", (64 << 20) / 8).unwrap();
+        for round in 0..12u64 {
+            r[(round as usize) * 8192] = round;
+            shim.snapshot(None, |s| s.value("round", &round)).unwrap();
+            shim.wait_durable().unwrap();
+        }
+        let held: usize = shim.buffers.iter().map(Vec::capacity).sum();
+        assert!(
+            held < 1 << 20,
+            "fork mode holds {held} bytes of spare buffers"
+        );
+    }
 }
