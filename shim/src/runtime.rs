@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::capture::{Background, Capture, Item, Job, Work};
+use crate::capture::{Background, Buffer, Capture, Item, Job, Work, empty_buffer};
 use crate::channel::{BEAT, SNAP, STOP, Shared, adopt_control_fd, control_loop, set_cloexec};
 use crate::config::{CaptureMode, Config, Mode};
 use crate::control::Event;
@@ -69,7 +69,7 @@ pub struct Shim {
     start: Start,
     regions: Vec<RegionSlot>,
     tracker: Option<DirtyTracker>,
-    buffers: Vec<Vec<u8>>,
+    buffers: Vec<Buffer>,
     ranges: Vec<Range<usize>>,
     /// Slots (indices into `regions`) captured in the snapshot being written.
     in_flight_regions: Vec<usize>,
@@ -556,7 +556,7 @@ impl Shim {
                 // every capture forks and nothing is copied here.)
                 let regions: usize = plan.iter().map(|(m, _)| m.bytes).sum();
                 let want = (regions / 8).min(256 << 20);
-                let spare = self.buffers.iter().map(Vec::capacity).max().unwrap_or(0);
+                let spare = self.buffers.iter().map(Buffer::capacity).max().unwrap_or(0);
                 let auto = self.config.capture == CaptureMode::Auto;
                 Ok(Work::Forked {
                     pid: child.as_raw(),
@@ -684,8 +684,8 @@ impl Shim {
     fn capture_region(&mut self, idx: usize, mem: &RegionMem) -> Item {
         let delta = self.collect_dirty(idx, mem);
         // The largest spare buffer: a whole copy needs all of it.
-        self.buffers.sort_by_key(Vec::capacity);
-        let mut data = self.buffers.pop().unwrap_or_default();
+        self.buffers.sort_by_key(Buffer::capacity);
+        let mut data = self.buffers.pop().unwrap_or_else(empty_buffer);
         match delta {
             Some((base, dirty)) => {
                 crate::capture::reserve_capture(&mut data, dirty.len() * CHUNK_SIZE);
@@ -752,7 +752,7 @@ type Delta = (u64, Vec<usize>);
 const FORK_ABOVE: usize = 64 << 20;
 
 /// Appends the 64 KiB chunks numbered in `dirty` of `bytes` to `out`.
-fn append_chunks(out: &mut Vec<u8>, bytes: &[u8], dirty: &[usize]) {
+fn append_chunks(out: &mut Buffer, bytes: &[u8], dirty: &[usize]) {
     for &chunk in dirty {
         out.extend_from_slice(
             &bytes[chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(bytes.len())],
@@ -761,8 +761,9 @@ fn append_chunks(out: &mut Vec<u8>, bytes: &[u8], dirty: &[usize]) {
 }
 
 /// The chunks numbered in `dirty` of `bytes`, one after another.
-fn copy_chunks(bytes: &[u8], dirty: &[usize]) -> Vec<u8> {
-    let mut out = Vec::new();
+fn copy_chunks(bytes: &[u8], dirty: &[usize]) -> Buffer {
+    let mut out = empty_buffer();
+    crate::capture::reserve_capture(&mut out, dirty.len() * CHUNK_SIZE);
     append_chunks(&mut out, bytes, dirty);
     out
 }
