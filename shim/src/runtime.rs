@@ -817,7 +817,7 @@ mod tests {
             shim.snapshot(None, |s| s.value("round", &round)).unwrap();
             shim.wait_durable().unwrap();
         }
-        let held: usize = shim.buffers.iter().map(Vec::capacity).sum();
+        let held: usize = shim.buffers.iter().map(Buffer::capacity).sum();
         assert!(
             held < 1 << 20,
             "fork mode holds {held} bytes of spare buffers"

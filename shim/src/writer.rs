@@ -218,8 +218,6 @@ enum Found {
     Known(Hash),
     /// Another chunk of this snapshot with the same hash is being stored.
     Twin(Hash),
-    /// New (or compacted out of a sparse pack, when the flag is set): encoded, ready to append.
-    New(Encoded, bool),
 }
 
 /// A plain-old-data element type that can be stored as a raw slice.
@@ -420,7 +418,6 @@ impl SnapshotBuilder<'_> {
         refs: &mut [Option<ChunkRef>],
     ) -> Result<()> {
         let n = pieces.len();
-        let mut twins: Vec<(usize, Hash)> = Vec::new();
         let mut first_err: Option<Error> = None;
         let next = AtomicUsize::new(0);
         // Read-only for the workers while this thread appends; put back below.
@@ -430,62 +427,65 @@ impl SnapshotBuilder<'_> {
         let sparse = &sparse_owned;
         let claimed_owned = std::mem::take(&mut self.claimed);
         let claimed = &claimed_owned;
+        // Workers keep what needs no writing (known chunks, twins) to themselves and hand over
+        // only new chunks: a message per known chunk cost more in wake-ups than its hashing.
+        let mut settled: Vec<(usize, Found)> = Vec::new();
         std::thread::scope(|scope| {
-            let (tx, rx) =
-                mpsc::sync_channel::<(usize, std::io::Result<Found>)>(self.writer.threads * 4);
-            for _ in 0..self.writer.threads.min(n) {
-                let tx = tx.clone();
-                let next = &next;
-                scope.spawn(move || {
-                    let mut encoder = None;
-                    loop {
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        if k >= n {
-                            break;
-                        }
-                        let (i, chunk) = pieces[k];
-                        let hash = *blake3::hash(chunk).as_bytes();
-                        let held = index.get(&hash);
-                        let compact = held.is_some_and(|loc| sparse.contains(&loc.pack));
-                        let found = if held.is_some() && !compact {
-                            Ok(Found::Known(hash))
-                        } else if !claimed
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(hash)
-                        {
-                            Ok(Found::Twin(hash))
-                        } else {
+            let (tx, rx) = mpsc::sync_channel::<(usize, std::io::Result<(Encoded, bool)>)>(
+                self.writer.threads * 4,
+            );
+            let workers: Vec<_> = (0..self.writer.threads.min(n))
+                .map(|_| {
+                    let tx = tx.clone();
+                    let next = &next;
+                    scope.spawn(move || {
+                        let mut local = Vec::new();
+                        let mut encoder = None;
+                        loop {
+                            let k = next.fetch_add(1, Ordering::Relaxed);
+                            if k >= n {
+                                break;
+                            }
+                            let (i, chunk) = pieces[k];
+                            let hash = *blake3::hash(chunk).as_bytes();
+                            let held = index.get(&hash);
+                            let compact = held.is_some_and(|loc| sparse.contains(&loc.pack));
+                            if held.is_some() && !compact {
+                                local.push((i, Found::Known(hash)));
+                                continue;
+                            }
+                            if !claimed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(hash)
+                            {
+                                local.push((i, Found::Twin(hash)));
+                                continue;
+                            }
                             let enc = match encoder.as_mut() {
                                 Some(e) => Ok(e),
                                 None => Encoder::new().map(|e| encoder.insert(e)),
                             };
-                            enc.and_then(|e| e.encode(chunk, hash, shuffle))
-                                .map(|e| Found::New(e, compact))
-                        };
-                        if tx.send((i, found)).is_err() {
-                            break;
+                            let new = enc
+                                .and_then(|e| e.encode(chunk, hash, shuffle))
+                                .map(|e| (e, compact));
+                            if tx.send((i, new)).is_err() {
+                                break;
+                            }
                         }
-                    }
-                });
-            }
+                        local
+                    })
+                })
+                .collect();
             drop(tx);
-            for (i, found) in rx {
+            for (i, new) in rx {
                 if first_err.is_some() {
                     continue;
                 }
-                let result = match found {
-                    Ok(Found::Known(hash)) => {
-                        let loc = index[&hash].clone();
-                        Ok(Some(self.chunk_ref(hash, &loc)))
-                    }
-                    Ok(Found::Twin(hash)) => {
-                        twins.push((i, hash));
-                        Ok(None)
-                    }
-                    Ok(Found::New(enc, compacted)) => self
+                let result = match new {
+                    Ok((enc, compacted)) => self
                         .append(&enc, compacted)
-                        .map(|loc| Some(self.chunk_ref(enc.header.hash, &loc))),
+                        .map(|loc| self.chunk_ref(enc.header.hash, &loc)),
                     Err(e) => Err(Error::Io {
                         op: "compress chunk",
                         path: self.writer.job.dir().to_owned(),
@@ -493,8 +493,14 @@ impl SnapshotBuilder<'_> {
                     }),
                 };
                 match result {
-                    Ok(r) => refs[i] = r,
+                    Ok(r) => refs[i] = Some(r),
                     Err(e) => first_err = Some(e),
+                }
+            }
+            for worker in workers {
+                match worker.join() {
+                    Ok(local) => settled.extend(local),
+                    Err(panic) => std::panic::resume_unwind(panic),
                 }
             }
         });
@@ -504,15 +510,15 @@ impl SnapshotBuilder<'_> {
         if let Some(e) = first_err {
             return Err(e);
         }
-        for (i, hash) in twins {
-            let loc = self
-                .new_locs
-                .get(&hash)
-                .cloned()
-                .ok_or_else(|| Error::Corrupt {
-                    path: self.writer.job.dir().to_owned(),
-                    why: "a repeated chunk was never written".into(),
-                })?;
+        for (i, found) in settled {
+            let loc = match found {
+                Found::Known(hash) => self.writer.index.get(&hash).cloned().map(|l| (hash, l)),
+                Found::Twin(hash) => self.new_locs.get(&hash).cloned().map(|l| (hash, l)),
+            };
+            let (hash, loc) = loc.ok_or_else(|| Error::Corrupt {
+                path: self.writer.job.dir().to_owned(),
+                why: "a repeated chunk was never written".into(),
+            })?;
             refs[i] = Some(self.chunk_ref(hash, &loc));
         }
         Ok(())
