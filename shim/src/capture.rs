@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::format::{EntryKind, Manifest};
 use crate::name;
+use crate::store::Retention;
 use crate::writer::{Element, SnapshotReport, SnapshotWriter};
 
 /// A capture buffer: page-aligned. Regions are page-aligned too, and a copy whose destination
@@ -135,7 +136,11 @@ pub(crate) struct Background {
 impl Background {
     /// Starts the writer thread; `on_done` is called there with each outcome (to tell the
     /// supervisor at once).
-    pub(crate) fn spawn(mut writer: SnapshotWriter, keep: usize, on_done: OnDone) -> Result<Self> {
+    pub(crate) fn spawn(
+        mut writer: SnapshotWriter,
+        keep: Retention,
+        on_done: OnDone,
+    ) -> Result<Self> {
         let (jobs, job_rx) = channel::<Work>();
         let (out_tx, outcomes) = channel::<Outcome>();
         let thread = std::thread::Builder::new()
@@ -247,7 +252,7 @@ fn await_forked(
 pub(crate) fn forked_child(
     job_store: crate::store::JobStore,
     attempt: u32,
-    keep: usize,
+    keep: Retention,
     job: Result<Job>,
     mut report: File,
 ) -> ! {
@@ -269,7 +274,7 @@ pub(crate) fn forked_child(
 
 fn write_job(
     writer: &mut SnapshotWriter,
-    keep: usize,
+    keep: Retention,
     job: Job,
 ) -> (Result<SnapshotReport, String>, Vec<Buffer>) {
     let mut base: Option<Manifest> = None;

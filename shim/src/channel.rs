@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{MsgFlags, send};
 
+use crate::config::OrphanMode;
 use crate::control::{Event, Request};
 use crate::error::{Error, Result};
 use crate::runtime::EXIT_STOPPED;
@@ -95,8 +96,14 @@ pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
 }
 
 /// Reads requests from the supervisor, sends liveness beats once a second, and on the channel
-/// closing (supervisor gone) asks the program for a final snapshot and exit.
-pub(crate) fn control_loop(shared: &Shared, stream: UnixStream) {
+/// closing (supervisor gone) asks the program for a final snapshot and exit, or with
+/// [`OrphanMode::Continue`] lets it run on, snapshotting every `every`.
+pub(crate) fn control_loop(
+    shared: &Shared,
+    stream: UnixStream,
+    orphan: OrphanMode,
+    every: Option<Duration>,
+) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -113,12 +120,8 @@ pub(crate) fn control_loop(shared: &Shared, stream: UnixStream) {
             }
             continue;
         }
-        match reader.read_line(&mut line) {
-            Ok(0) => {
-                say!("supervisor gone; final snapshot at the next safe point, then exit");
-                shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
-                orphaned_at = Some(Instant::now());
-            }
+        let gone = match reader.read_line(&mut line) {
+            Ok(0) => true,
             Ok(_) if line.ends_with('\n') => {
                 match serde_json::from_str::<Request>(&line) {
                     Ok(Request::Snapshot) => shared.pending.fetch_or(SNAP, Ordering::SeqCst),
@@ -129,8 +132,9 @@ pub(crate) fn control_loop(shared: &Shared, stream: UnixStream) {
                     }
                 };
                 line.clear();
+                false
             }
-            Ok(_) => {}
+            Ok(_) => false,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -143,11 +147,26 @@ pub(crate) fn control_loop(shared: &Shared, stream: UnixStream) {
                     last_beats = beats;
                     shared.send(&Event::Progress { count: beats });
                 }
+                false
             }
-            Err(_) => {
-                shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
-                orphaned_at = Some(Instant::now());
+            Err(_) => true,
+        };
+        if !gone {
+            continue;
+        }
+        if orphan == OrphanMode::Continue {
+            let every = every.unwrap_or(Duration::from_secs(600));
+            say!(
+                "supervisor gone; running on unsupervised, a snapshot every {}",
+                humantime::format_duration(every)
+            );
+            loop {
+                std::thread::sleep(every);
+                shared.pending.fetch_or(SNAP, Ordering::SeqCst);
             }
         }
+        say!("supervisor gone; final snapshot at the next safe point, then exit");
+        shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
+        orphaned_at = Some(Instant::now());
     }
 }

@@ -27,6 +27,13 @@ pub const ENV_EVERY: &str = "SUPERVISE_EVERY";
 pub const ENV_TRACK_WRITES: &str = "SUPERVISE_TRACK_WRITES";
 /// How to capture: `auto` (default), `dirty`, `copy`, `fork` or `sync` (see [`CaptureMode`]).
 pub const ENV_CAPTURE: &str = "SUPERVISE_CAPTURE";
+/// Snapshots `latest` must not restore: `3-5,9` (set by the supervisor).
+pub const ENV_RESTORE_SKIP: &str = "SUPERVISE_RESTORE_SKIP";
+/// Also keep snapshots younger than this (a duration such as `2h`).
+pub const ENV_KEEP_WITHIN: &str = "SUPERVISE_KEEP_WITHIN";
+/// What to do when the supervisor goes away: `stop` (final snapshot, then exit; the default)
+/// or `continue` (keep running, snapshotting on the `SUPERVISE_EVERY` schedule, and finish).
+pub const ENV_ORPHAN: &str = "SUPERVISE_ORPHAN";
 
 /// How a snapshot is captured at the program's safe point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +70,9 @@ pub enum RestoreFrom {
     Latest {
         /// Lower bound (exclusive).
         after: Option<u64>,
+        /// Snapshots not to restore (inclusive ranges): ones the supervisor found suspect,
+        /// or newer ones the user chose to go back past.
+        skip: Vec<(u64, u64)>,
     },
     /// Nothing: start fresh.
     Nothing,
@@ -91,6 +101,55 @@ pub struct Config {
     pub capture: CaptureMode,
     /// Use dirty-page tracking where the kernel offers it (default true).
     pub track_writes: bool,
+    /// Also keep snapshots younger than this.
+    pub keep_within: Option<Duration>,
+    /// What to do when the supervisor goes away.
+    pub orphan: OrphanMode,
+}
+
+/// What the program does when its supervisor goes away (the control channel closes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrphanMode {
+    /// Take a final snapshot at the next safe point, then exit (code 75): the work since the
+    /// last scheduled snapshot is kept, and rerunning the supervisor resumes the job.
+    Stop,
+    /// Keep running unsupervised to the end, snapshotting on the `SUPERVISE_EVERY` schedule.
+    Continue,
+}
+
+impl Config {
+    /// The retention policy: keep-last and keep-within.
+    pub fn retention(&self) -> crate::store::Retention {
+        crate::store::Retention {
+            keep: self.keep,
+            within: self.keep_within,
+        }
+    }
+}
+
+/// Parses `3-5,9` into `[(3, 5), (9, 9)]`.
+fn parse_ranges(value: &str) -> Result<Vec<(u64, u64)>> {
+    value
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|part| {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let what = "snapshot numbers and ranges such as 3-5,9";
+            Ok((
+                parse(ENV_RESTORE_SKIP, a, what)?,
+                parse(ENV_RESTORE_SKIP, b, what)?,
+            ))
+        })
+        .collect()
+}
+
+/// Formats ranges the way [`ENV_RESTORE_SKIP`] reads them.
+pub fn format_ranges(ranges: &[(u64, u64)]) -> String {
+    ranges
+        .iter()
+        .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn var(name: &'static str) -> Option<String> {
@@ -114,11 +173,16 @@ impl Config {
             store: store.into(),
             job: job.to_owned(),
             keep: 3,
-            restore: RestoreFrom::Latest { after: None },
+            restore: RestoreFrom::Latest {
+                after: None,
+                skip: Vec::new(),
+            },
             attempt: 0,
             every: None,
             capture: CaptureMode::Auto,
             track_writes: true,
+            keep_within: None,
+            orphan: OrphanMode::Stop,
         }
     }
 
@@ -134,21 +198,40 @@ impl Config {
                 after: var(ENV_RESTORE_AFTER)
                     .map(|v| parse(ENV_RESTORE_AFTER, &v, "a snapshot number"))
                     .transpose()?,
+                skip: var(ENV_RESTORE_SKIP)
+                    .map(|v| parse_ranges(&v))
+                    .transpose()?
+                    .unwrap_or_default(),
             },
             Some("none") => RestoreFrom::Nothing,
             Some(n) => {
                 RestoreFrom::Exact(parse(ENV_RESTORE, n, "latest, none or a snapshot number")?)
             }
         };
-        let every = var(ENV_EVERY)
-            .map(|v| {
-                humantime::parse_duration(&v).map_err(|e| Error::Env {
-                    var: ENV_EVERY,
-                    value: v.clone(),
-                    why: e.to_string(),
+        let duration = |name: &'static str| {
+            var(name)
+                .map(|v| {
+                    humantime::parse_duration(&v).map_err(|e| Error::Env {
+                        var: name,
+                        value: v.clone(),
+                        why: e.to_string(),
+                    })
                 })
-            })
-            .transpose()?;
+                .transpose()
+        };
+        let every = duration(ENV_EVERY)?;
+        let keep_within = duration(ENV_KEEP_WITHIN)?;
+        let orphan = match var(ENV_ORPHAN).as_deref() {
+            None | Some("stop") => OrphanMode::Stop,
+            Some("continue") => OrphanMode::Continue,
+            Some(other) => {
+                return Err(Error::Env {
+                    var: ENV_ORPHAN,
+                    value: other.to_owned(),
+                    why: "expected stop or continue".into(),
+                });
+            }
+        };
         let capture = match var(ENV_CAPTURE).as_deref() {
             None | Some("auto") => CaptureMode::Auto,
             Some("dirty") => CaptureMode::Dirty,
@@ -179,6 +262,8 @@ impl Config {
                 .transpose()?
                 .unwrap_or(0),
             every,
+            keep_within,
+            orphan,
         })
     }
 }

@@ -56,6 +56,17 @@ pub enum Error {
         /// The missing snapshot's sequence number.
         seq: u64,
     },
+    /// A job that is not in the store.
+    #[error("store {store}: no job {job:?} (jobs there: {known})")]
+    NoSuchJob {
+        /// The job asked for.
+        job: String,
+        /// The store looked in.
+        store: PathBuf,
+        /// The jobs there are, comma-separated.
+        known: String,
+    },
+
     /// Two entries of one snapshot have the same name.
     #[error("entry {name:?} is added twice to one snapshot")]
     DuplicateEntry {

@@ -56,6 +56,7 @@ pub mod durable;
 pub mod error;
 pub mod failpoint;
 pub mod format;
+pub mod lock;
 pub mod name;
 mod pack;
 pub mod reader;

@@ -25,11 +25,12 @@ pub(crate) fn choose_restore(
     let candidates: Vec<u64> = match from {
         RestoreFrom::Nothing => return Ok((None, Vec::new())),
         RestoreFrom::Exact(seq) => vec![*seq],
-        RestoreFrom::Latest { after } => job
+        RestoreFrom::Latest { after, skip } => job
             .snapshot_seqs()?
             .into_iter()
             .rev()
             .filter(|s| after.is_none_or(|a| *s > a))
+            .filter(|s| !skip.iter().any(|(a, b)| (a..=b).contains(&s)))
             .collect(),
     };
     let mut damaged = Vec::new();

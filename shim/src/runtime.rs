@@ -154,7 +154,7 @@ impl Shim {
                 }
             },
         );
-        shim.background = Some(Background::spawn(writer, shim.config.keep, on_done)?);
+        shim.background = Some(Background::spawn(writer, shim.config.retention(), on_done)?);
         shim.tracker = match shim.config.capture {
             _ if !shim.config.track_writes => None,
             CaptureMode::Auto | CaptureMode::Dirty | CaptureMode::Fork => match DirtyTracker::new()
@@ -217,6 +217,7 @@ impl Shim {
             path: "<thread>".into(),
             source: e,
         };
+        let (orphan, every) = (self.config.orphan, self.config.every);
         if let Some(stream) = &self.shared.control {
             let stream = stream
                 .lock()
@@ -229,7 +230,7 @@ impl Shim {
                 })?;
             std::thread::Builder::new()
                 .name("supervise-control".into())
-                .spawn(move || control_loop(&shared, stream))
+                .spawn(move || control_loop(&shared, stream, orphan, every))
                 .map_err(spawn_err)?;
         } else if let Some(every) = self.config.every {
             std::thread::Builder::new()
@@ -539,7 +540,7 @@ impl Shim {
             return Err(Error::Aborted("injected fork failure".into()));
         }
         let parent = std::process::id() as libc::pid_t;
-        let (attempt, keep) = (self.config.attempt, self.config.keep);
+        let (attempt, keep) = (self.config.attempt, self.config.retention());
         // SAFETY: the child only runs the snapshot code path (allocation, file I/O, thread
         // creation for hashing, all of which glibc keeps usable after fork) and leaves with
         // _exit; it takes none of the shim's locks and prints nothing.

@@ -42,6 +42,48 @@ impl Store {
         &self.root
     }
 
+    /// Opens an existing store (for commands that only look: a missing store is an error, not
+    /// something to create).
+    pub fn open_existing(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => Ok(Self { root }),
+            Ok(_) => Err(Error::Io {
+                op: "open store",
+                path: root,
+                source: std::io::Error::other("not a directory"),
+            }),
+            Err(e) => Err(io_err("open store", &root)(e)),
+        }
+    }
+
+    /// The names of the jobs in the store, sorted.
+    pub fn jobs(&self) -> Result<Vec<String>> {
+        let mut jobs = Vec::new();
+        for entry in fs::read_dir(&self.root).map_err(io_err("list", &self.root))? {
+            let entry = entry.map_err(io_err("list", &self.root))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().join("snapshots").is_dir() && name::validate("job", &name).is_ok() {
+                jobs.push(name);
+            }
+        }
+        jobs.sort();
+        Ok(jobs)
+    }
+
+    /// Opens an existing job (an error naming the jobs there are if it does not exist).
+    pub fn existing_job(&self, job: &str) -> Result<JobStore> {
+        name::validate("job", job)?;
+        if !self.root.join(job).join("snapshots").is_dir() {
+            return Err(Error::NoSuchJob {
+                job: job.to_owned(),
+                store: self.root.clone(),
+                known: self.jobs()?.join(", "),
+            });
+        }
+        self.job(job)
+    }
+
     /// Opens (creating if needed) the part of the store that belongs to `job`.
     pub fn job(&self, job: &str) -> Result<JobStore> {
         name::validate("job", job)?;
@@ -65,6 +107,22 @@ pub struct JobStore {
     dir: PathBuf,
     snapshots: PathBuf,
     packs: PathBuf,
+}
+
+/// Which snapshots retention keeps: the newest `keep` (at least one), and also every snapshot
+/// younger than `within` when set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep this many newest snapshots.
+    pub keep: usize,
+    /// Also keep the snapshots taken within this long before now.
+    pub within: Option<std::time::Duration>,
+}
+
+impl From<usize> for Retention {
+    fn from(keep: usize) -> Self {
+        Self { keep, within: None }
+    }
 }
 
 /// What [`JobStore::apply_retention`] removed.
@@ -245,13 +303,28 @@ impl JobStore {
         durable::fsync_dir(&self.snapshots)
     }
 
-    /// Keeps the newest `keep` committed snapshots (at least one) and removes older manifests,
-    /// quarantined manifests older than the oldest kept one, and every pack no kept snapshot
-    /// references. If a kept manifest cannot be read, no pack is removed (its needs are unknown).
-    pub fn apply_retention(&self, keep: usize) -> Result<RetentionReport> {
-        let keep = keep.max(1);
+    /// Keeps the committed snapshots the policy names (see [`Retention`]) and removes older
+    /// manifests, quarantined manifests older than the oldest kept one, and every pack no kept
+    /// snapshot references. If a kept manifest cannot be read, no pack is removed (its needs
+    /// are unknown).
+    pub fn apply_retention(&self, policy: impl Into<Retention>) -> Result<RetentionReport> {
+        let policy = policy.into();
         let seqs = self.snapshot_seqs()?;
-        let split = seqs.len().saturating_sub(keep);
+        let mut split = seqs.len().saturating_sub(policy.keep.max(1));
+        if let Some(within) = policy.within {
+            // Snapshots are numbered in the order they were taken: keep from the oldest one
+            // still inside the window (an unreadable manifest is kept: its age is unknown).
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let horizon = now.saturating_sub(within.as_millis() as u64);
+            if let Some(first_young) = seqs[..split].iter().position(|s| {
+                self.read_manifest(*s)
+                    .map_or(true, |m| m.created_unix_ms >= horizon)
+            }) {
+                split = first_young;
+            }
+        }
         let (old, kept) = seqs.split_at(split);
         let mut report = RetentionReport::default();
         let oldest_kept = kept.first().copied().unwrap_or(u64::MAX);
@@ -332,6 +405,62 @@ impl JobStore {
             }
         }
         Ok(sparse)
+    }
+
+    /// Removes every snapshot of the job and the packs they use (the job directory, its lock
+    /// and its event log stay). Only the job's owner may call it.
+    pub fn remove_all_snapshots(&self) -> Result<RetentionReport> {
+        let mut report = RetentionReport::default();
+        for seq in self.snapshot_seqs()? {
+            let path = self.manifest_path(seq);
+            report.freed_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            report.removed_snapshots.push(seq);
+        }
+        for seq in self.damaged_seqs()? {
+            let path = self.snapshots.join(format!("{seq:020}{DAMAGED_SUFFIX}"));
+            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+        }
+        durable::fsync_dir(&self.snapshots)?;
+        for pack in self.pack_names()? {
+            let path = self.pack_path(&pack);
+            report.freed_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            report.removed_packs.push(pack);
+        }
+        durable::fsync_dir(&self.packs)?;
+        Ok(report)
+    }
+
+    /// Removes what no committed snapshot references: packs, temporary files a writer that
+    /// died left behind, and quarantined manifests older than the oldest snapshot. Only the
+    /// job's owner may call it (a running writer's packs are unreferenced until it commits).
+    pub fn collect_garbage(&self) -> Result<RetentionReport> {
+        let mut freed = 0;
+        for dir in [&self.snapshots, &self.packs] {
+            for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+                let entry = entry.map_err(io_err("list", dir))?;
+                if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                    freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+        }
+        self.remove_leftovers()?;
+        let mut report = self.apply_retention(usize::MAX)?;
+        report.freed_bytes += freed;
+        Ok(report)
+    }
+
+    /// Bytes the job's snapshots and packs take on disk.
+    pub fn disk_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for dir in [&self.snapshots, &self.packs] {
+            for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+                let entry = entry.map_err(io_err("list", dir))?;
+                total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+        Ok(total)
     }
 
     /// Removes temporary files a writer that died left behind. Only the job's writer calls it.

@@ -21,7 +21,7 @@ use crate::format::{
 };
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
-use crate::store::{JobStore, RetentionReport};
+use crate::store::{JobStore, Retention, RetentionReport};
 
 /// Packs are closed once they reach this size: large enough that a 1 GiB state is a handful
 /// of files and fsyncs, small enough that retention can free space of old snapshots.
@@ -171,8 +171,8 @@ impl SnapshotWriter {
 
     /// Applies retention (keep the newest `keep`), forgets chunks whose packs were removed, and
     /// notes which packs to compact.
-    pub fn apply_retention(&mut self, keep: usize) -> Result<RetentionReport> {
-        let report = self.job.apply_retention(keep)?;
+    pub fn apply_retention(&mut self, policy: impl Into<Retention>) -> Result<RetentionReport> {
+        let report = self.job.apply_retention(policy)?;
         if !report.removed_packs.is_empty() {
             let gone: HashSet<&str> = report.removed_packs.iter().map(String::as_str).collect();
             self.index.retain(|_, loc| !gone.contains(&*loc.pack));
