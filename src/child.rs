@@ -57,11 +57,14 @@ impl From<ExitStatus> for Ended {
 
 impl Child {
     /// Spawns `argv` with `env` added to the supervisor's environment. The child gets the
-    /// supervisor's stdin, stdout and stderr.
+    /// supervisor's stdin, stdout and stderr (and every descriptor it made inheritable, such
+    /// as the job lock). With `die_with_supervisor`, the kernel sends the child SIGTERM if
+    /// the supervisor dies (its shim then takes a final snapshot and exits).
     pub fn spawn(
         argv: &[OsString],
         env: &[(String, String)],
         control_env: &str,
+        die_with_supervisor: bool,
     ) -> io::Result<Self> {
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
@@ -95,10 +98,12 @@ impl Child {
                 let mut empty: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut empty);
                 libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                if die_with_supervisor
+                    && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0
+                {
                     return Err(io::Error::last_os_error());
                 }
-                if libc::getppid() != parent {
+                if die_with_supervisor && libc::getppid() != parent {
                     // The supervisor died between fork and prctl.
                     libc::kill(libc::getpid(), libc::SIGTERM);
                 }

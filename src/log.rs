@@ -1,7 +1,10 @@
 //! Event lines on stderr: one readable line per event, with time and job.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::SystemTime;
+
+use crate::events::EventLog;
 
 /// How much to say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -14,11 +17,13 @@ pub enum Level {
     Verbose,
 }
 
-/// The event log of one job.
+/// The event log of one job: lines on stderr, and (once the job is held) its history in
+/// the store.
 #[derive(Clone, Debug)]
 pub struct Log {
     level: Level,
     job: String,
+    history: Option<Arc<EventLog>>,
 }
 
 impl Log {
@@ -27,7 +32,25 @@ impl Log {
         Self {
             level,
             job: job.to_owned(),
+            history: None,
         }
+    }
+
+    /// From now on, events are also appended to the job's history.
+    pub fn keep_history(&mut self, history: EventLog) {
+        self.history = Some(Arc::new(history));
+    }
+
+    fn record(&self, kind: &str, msg: &str, completed: bool) {
+        if let Some(h) = &self.history {
+            h.append(kind, msg, completed);
+        }
+    }
+
+    /// A record that marks the start or end of a supervisor's run (always shown).
+    pub fn mark(&self, kind: &str, msg: &str, completed: bool) {
+        self.record(kind, msg, completed);
+        self.line(msg);
     }
 
     fn line(&self, msg: &str) {
@@ -39,6 +62,7 @@ impl Log {
 
     /// An event (shown unless `-q`).
     pub fn event(&self, msg: &str) {
+        self.record("event", msg, false);
         if self.level >= Level::Normal {
             self.line(msg);
         }
@@ -53,6 +77,7 @@ impl Log {
 
     /// An event always shown (errors, the job's end).
     pub fn always(&self, msg: &str) {
+        self.record("event", msg, false);
         self.line(msg);
     }
 }

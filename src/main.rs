@@ -3,9 +3,12 @@
 
 mod bench;
 mod child;
+mod commands;
+mod events;
 mod human;
 mod lifeline;
 mod log;
+mod operator;
 mod policy;
 mod signals;
 mod supervisor;
@@ -27,6 +30,10 @@ Exit codes:
   1        error: bad store, bad job name, command cannot be started, ...
   2        bad command line
   3        gave up: the command failed more than --max-restarts times within --restart-window
+           without making progress (a restart after a new snapshot resets the count)
+  4        the job is held by another supervisor, or by the program a lost one started
+           (without --wait)
+  5        verify found damage (`supervise verify`)
   130/143  stopped by SIGINT/SIGTERM after a final snapshot; run the same command to resume
 
 The command is started with SUPERVISE_* variables that the shim reads (see README.md).";
@@ -49,8 +56,81 @@ struct Cli {
     run: RunArgs,
 }
 
+/// Where operator commands look.
+#[derive(clap::Args, Debug, Clone)]
+struct Where {
+    /// Directory of the snapshot store.
+    #[arg(long, value_name = "DIR", default_value = ".supervise")]
+    store: PathBuf,
+    /// The job (default: the only job in the store).
+    #[arg(long, value_name = "NAME")]
+    job: Option<String>,
+    /// Print JSON (shapes documented in README.md) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Sub {
+    /// List the jobs in a store, or with --job the snapshots of a job.
+    Ls {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Show a snapshot: its entries, sizes, chunk counts and dedup ratio.
+    Show {
+        #[command(flatten)]
+        at: Where,
+        /// Snapshot number, or `latest`.
+        snapshot: String,
+    },
+    /// Re-read and re-hash every chunk of a snapshot (default: every snapshot of the job);
+    /// exits 5 naming what is damaged.
+    Verify {
+        #[command(flatten)]
+        at: Where,
+        /// Snapshot number, or `latest` (default: all).
+        snapshot: Option<String>,
+    },
+    /// Remove what no snapshot references (packs, leftovers); report what was freed.
+    Gc {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// Write each entry of a snapshot out as a file: raw slices as raw bytes, values as JSON.
+    Restore {
+        #[command(flatten)]
+        at: Where,
+        /// Snapshot number, or `latest`.
+        snapshot: String,
+        /// Directory to write into (created; must be empty if it exists).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
+    /// Ask the running job for a snapshot now, wait until it is durable, print its number.
+    Snapshot {
+        #[command(flatten)]
+        at: Where,
+        /// The job (default: the only job in the store).
+        #[arg(value_name = "JOB")]
+        job_name: Option<String>,
+        /// Give up waiting after this long.
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// The running jobs: pid, uptime, restarts, last snapshot and its age, store size, dedup.
+    Status {
+        #[command(flatten)]
+        at: Where,
+    },
+    /// The job's event history, kept in the store.
+    Log {
+        #[command(flatten)]
+        at: Where,
+        /// The job (default: the only job in the store).
+        #[arg(value_name = "JOB")]
+        job_name: Option<String>,
+    },
     /// Measure snapshot cost against this machine's limits and the naive way, in one run.
     Bench {
         /// Store directory to measure on (a temporary job in it is removed afterwards).
@@ -85,6 +165,38 @@ struct RunArgs {
     /// Keep this many complete snapshots; older ones and chunks only they use are deleted.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     keep: u64,
+
+    /// Also keep every snapshot younger than this (e.g. 24h), beyond --keep.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    keep_within: Option<Duration>,
+
+    /// What to do with the job's snapshots when the command finishes with exit code 0.
+    #[arg(long, value_name = "WHAT", default_value = "keep", value_parser = ["keep", "delete"])]
+    on_success: String,
+
+    /// Resume from this snapshot (see `supervise ls`) instead of the newest.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with = "fresh")]
+    from: Option<u64>,
+
+    /// If another supervisor holds the job, wait for it to end instead of exiting with 4.
+    #[arg(long)]
+    wait: bool,
+
+    /// Restart the program when it reaches no safe point for this long (it is asked for a
+    /// snapshot, then sent SIGTERM, then SIGKILL, each after min(--stop-timeout, this)).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    hang_timeout: Option<Duration>,
+
+    /// After the program died this many times right after restoring the same snapshot (no
+    /// new snapshot in between), go back to the snapshot before it.
+    #[arg(long, value_name = "K", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rollback_after: u32,
+
+    /// If the supervisor dies: `stop` (the program takes a final snapshot and exits; rerun
+    /// the command to resume) or `continue` (it runs on unsupervised, snapshotting on the
+    /// --every schedule, and finishes).
+    #[arg(long, value_name = "WHAT", default_value = "stop", value_parser = ["stop", "continue"])]
+    orphan: String,
 
     /// Give up after more than N restarts within --restart-window.
     #[arg(long, value_name = "N", default_value_t = 10)]
@@ -168,6 +280,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.sub {
         Some(Sub::Bench { store, size, json }) => run_bench(&store, size, json),
+        Some(Sub::Ls { at }) => commands::ls(&at.into()),
+        Some(Sub::Show { at, snapshot }) => commands::show(&at.into(), &snapshot),
+        Some(Sub::Verify { at, snapshot }) => commands::verify(&at.into(), snapshot.as_deref()),
+        Some(Sub::Gc { at }) => commands::gc(&at.into()),
+        Some(Sub::Restore { at, snapshot, to }) => commands::restore(&at.into(), &snapshot, &to),
+        Some(Sub::Snapshot {
+            at,
+            job_name,
+            timeout,
+        }) => commands::snapshot(&at.with_job(job_name), timeout),
+        Some(Sub::Status { at }) => commands::status(&at.into()),
+        Some(Sub::Log { at, job_name }) => commands::log(&at.with_job(job_name)),
         None => run_job(cli.run),
     };
     match result {
@@ -200,13 +324,20 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         (false, 0) => Level::Normal,
         (false, _) => Level::Verbose,
     };
-    let log = Log::new(level, &job);
+    let mut log = Log::new(level, &job);
     let cfg = JobConfig {
         command: cli.command,
         store: cli.store,
         job,
         every: cli.every,
         keep: cli.keep as usize,
+        keep_within: cli.keep_within,
+        from: cli.from,
+        wait: cli.wait,
+        hang_timeout: cli.hang_timeout,
+        rollback_after: cli.rollback_after,
+        delete_on_success: cli.on_success == "delete",
+        orphan_continue: cli.orphan == "continue",
         policy: PolicyConfig {
             max_restarts: cli.max_restarts,
             window: cli.restart_window,
@@ -217,7 +348,26 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         stop_timeout: cli.stop_timeout,
         fresh: cli.fresh,
     };
-    supervisor::run(&cfg, &log)
+    supervisor::run(&cfg, &mut log)
+}
+
+impl Where {
+    fn with_job(mut self, job: Option<String>) -> commands::Target {
+        if job.is_some() {
+            self.job = job;
+        }
+        self.into()
+    }
+}
+
+impl From<Where> for commands::Target {
+    fn from(w: Where) -> Self {
+        Self {
+            store: w.store,
+            job: w.job,
+            json: w.json,
+        }
+    }
 }
 
 #[cfg(test)]

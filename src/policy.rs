@@ -52,12 +52,18 @@ impl RestartPolicy {
         }
     }
 
-    /// Records a failure at `now` of a run that lasted `ran_for`, and decides.
-    pub fn on_failure(&mut self, now: Instant, ran_for: Duration) -> Decision {
+    /// Records a failure at `now` of a run that lasted `ran_for`, and decides. A run that
+    /// `progressed` (took a new snapshot) wiped out no work: it resets the count toward
+    /// giving up, so only failures in a row without progress can exhaust `max_restarts`.
+    pub fn on_failure(&mut self, now: Instant, ran_for: Duration, progressed: bool) -> Decision {
         if ran_for >= self.config.healthy_after {
             self.consecutive = 0;
         }
-        self.failures.push_back(now);
+        if progressed {
+            self.failures.clear();
+        } else {
+            self.failures.push_back(now);
+        }
         while let Some(first) = self.failures.front() {
             if now.duration_since(*first) > self.config.window {
                 self.failures.pop_front();
@@ -107,11 +113,11 @@ mod tests {
         let mut p = policy(3);
         let t = Instant::now();
         let short = Duration::from_secs(1);
-        assert_eq!(delay(p.on_failure(t, short)), 1);
-        assert_eq!(delay(p.on_failure(t + short, short)), 2);
-        assert_eq!(delay(p.on_failure(t + 2 * short, short)), 4);
+        assert_eq!(delay(p.on_failure(t, short, false)), 1);
+        assert_eq!(delay(p.on_failure(t + short, short, false)), 2);
+        assert_eq!(delay(p.on_failure(t + 2 * short, short, false)), 4);
         assert_eq!(
-            p.on_failure(t + 3 * short, short),
+            p.on_failure(t + 3 * short, short, false),
             Decision::GiveUp { failures: 4 }
         );
     }
@@ -122,13 +128,35 @@ mod tests {
         let t = Instant::now();
         let short = Duration::from_secs(1);
         for i in 0..3 {
-            p.on_failure(t + i * short, short);
+            p.on_failure(t + i * short, short, false);
         }
         // 100 s later: earlier failures are out of the window, and the run was healthy.
         let later = t + Duration::from_secs(100);
-        assert_eq!(delay(p.on_failure(later, Duration::from_secs(40))), 1);
-        assert_eq!(delay(p.on_failure(later, short)), 2);
-        assert_eq!(delay(p.on_failure(later, short)), 4);
-        assert_eq!(delay(p.on_failure(later, short)), 5, "capped");
+        assert_eq!(
+            delay(p.on_failure(later, Duration::from_secs(40), false)),
+            1
+        );
+        assert_eq!(delay(p.on_failure(later, short, false)), 2);
+        assert_eq!(delay(p.on_failure(later, short, false)), 4);
+        assert_eq!(delay(p.on_failure(later, short, false)), 5, "capped");
+    }
+
+    #[test]
+    fn restarts_that_made_progress_do_not_exhaust_the_limit() {
+        let mut p = policy(2);
+        let t = Instant::now();
+        let short = Duration::from_secs(1);
+        for i in 0..10 {
+            assert!(matches!(
+                p.on_failure(t + i * short, short, true),
+                Decision::Restart { .. }
+            ));
+        }
+        p.on_failure(t + 10 * short, short, false);
+        p.on_failure(t + 11 * short, short, false);
+        assert_eq!(
+            p.on_failure(t + 12 * short, short, false),
+            Decision::GiveUp { failures: 3 }
+        );
     }
 }

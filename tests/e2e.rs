@@ -323,7 +323,9 @@ fn gives_up_after_the_restart_limit_with_a_clear_message() {
         "{}",
         fin.stderr
     );
-    fin.assert_said("gave up: 3 failures within 1h 0m (--max-restarts 2); last: exit code 7");
+    fin.assert_said(
+        "gave up: 3 failures without progress within 1h 0m (--max-restarts 2); last: exit code 7",
+    );
     assert!(
         fin.stderr.contains("restarting in 10ms") && fin.stderr.contains("restarting in 20ms"),
         "backoff doubles: {}",

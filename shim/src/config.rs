@@ -147,7 +147,13 @@ fn parse_ranges(value: &str) -> Result<Vec<(u64, u64)>> {
 pub fn format_ranges(ranges: &[(u64, u64)]) -> String {
     ranges
         .iter()
-        .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(",")
 }

@@ -1,0 +1,698 @@
+//! The operator's commands: `ls`, `show`, `verify`, `gc`, `restore --to`, `snapshot`,
+//! `status`, `log`. Each prints an aligned table by default and a documented JSON shape with
+//! `--json`; long ones show a progress bar when stderr is a terminal.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use supervise_shim::format::{EntryKind, Manifest};
+use supervise_shim::lock::{JobLock, TryLock};
+use supervise_shim::{JobStore, SnapshotReader, Store};
+
+use crate::events;
+use crate::human;
+use crate::operator::{self, Request};
+use crate::supervisor::EXIT_HELD;
+
+/// Exit code of `verify` when it found damage.
+pub const EXIT_DAMAGED: i32 = 5;
+
+/// Where a command looks and how it prints.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The store directory.
+    pub store: PathBuf,
+    /// The job, if named.
+    pub job: Option<String>,
+    /// Print JSON.
+    pub json: bool,
+}
+
+impl Target {
+    fn store(&self) -> Result<Store> {
+        Store::open_existing(&self.store)
+            .with_context(|| format!("no store at {}", self.store.display()))
+    }
+
+    /// The named job, or the only one in the store.
+    fn job(&self) -> Result<JobStore> {
+        let store = self.store()?;
+        let name = match &self.job {
+            Some(j) => j.clone(),
+            None => {
+                let jobs = store.jobs()?;
+                match jobs.as_slice() {
+                    [only] => only.clone(),
+                    [] => bail!("store {} holds no job", self.store.display()),
+                    _ => bail!(
+                        "store {} holds several jobs ({}): name one with --job",
+                        self.store.display(),
+                        jobs.join(", ")
+                    ),
+                }
+            }
+        };
+        Ok(store.existing_job(&name)?)
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<i32> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(0)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn age(unix_ms: u64) -> String {
+    format!(
+        "{} ago",
+        human::duration(Duration::from_millis(now_ms().saturating_sub(unix_ms)))
+    )
+}
+
+fn time(unix_ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
+}
+
+/// `latest` or a snapshot number.
+fn snapshot_id(job: &JobStore, id: &str) -> Result<u64> {
+    if id == "latest" {
+        return job
+            .snapshot_seqs()?
+            .last()
+            .copied()
+            .with_context(|| format!("job {:?} has no snapshot", job.name()));
+    }
+    id.parse().with_context(|| {
+        format!("{id:?} is not a snapshot number (see `supervise ls`) nor `latest`")
+    })
+}
+
+fn progress(len: u64, what: &str) -> ProgressBar {
+    // Hidden by itself when stderr is not a terminal.
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Bytes of distinct stored records a set of manifests uses (what they cost on disk).
+fn stored_bytes<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> u64 {
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for m in manifests {
+        for c in m.entries.iter().flat_map(|e| &e.chunks) {
+            if seen.insert((m.packs[c.pack as usize].as_str(), c.offset)) {
+                total += u64::from(c.stored_len);
+            }
+        }
+    }
+    total
+}
+
+fn ratio(logical: u64, stored: u64) -> f64 {
+    if stored == 0 {
+        0.0
+    } else {
+        logical as f64 / stored as f64
+    }
+}
+
+/// `ls`: the jobs of a store, or the snapshots of one job.
+pub fn ls(t: &Target) -> Result<i32> {
+    if t.job.is_some() {
+        return ls_snapshots(t);
+    }
+    #[derive(Serialize)]
+    struct JobRow {
+        job: String,
+        snapshots: usize,
+        newest: Option<u64>,
+        newest_unix_ms: Option<u64>,
+        bytes_on_disk: u64,
+        running: bool,
+    }
+    let store = t.store()?;
+    let mut rows = Vec::new();
+    for name in store.jobs()? {
+        let job = store.existing_job(&name)?;
+        let seqs = job.snapshot_seqs()?;
+        let newest = seqs.last().copied();
+        rows.push(JobRow {
+            snapshots: seqs.len(),
+            newest,
+            newest_unix_ms: newest
+                .and_then(|s| job.read_manifest(s).ok())
+                .map(|m| m.created_unix_ms),
+            bytes_on_disk: job.disk_bytes()?,
+            running: JobLock::holder(job.dir())?.is_some(),
+            job: name,
+        });
+    }
+    if t.json {
+        return print_json(&rows);
+    }
+    if rows.is_empty() {
+        println!("store {} holds no job", t.store.display());
+        return Ok(0);
+    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.job.clone(),
+                r.snapshots.to_string(),
+                r.newest.map_or("-".into(), |s| s.to_string()),
+                r.newest_unix_ms.map_or("-".into(), age),
+                human::bytes(r.bytes_on_disk),
+                if r.running { "running" } else { "-" }.into(),
+            ]
+        })
+        .collect();
+    human::table(
+        &["JOB", "SNAPSHOTS", "NEWEST", "TAKEN", "ON DISK", "STATE"],
+        &table,
+    );
+    Ok(0)
+}
+
+fn ls_snapshots(t: &Target) -> Result<i32> {
+    #[derive(Serialize)]
+    struct SnapRow {
+        snapshot: u64,
+        created_unix_ms: Option<u64>,
+        tag: Option<String>,
+        bytes_total: Option<u64>,
+        bytes_new: Option<u64>,
+        bytes_written: Option<u64>,
+        damaged: Option<String>,
+    }
+    let job = t.job()?;
+    let mut rows = Vec::new();
+    for seq in job.snapshot_seqs()? {
+        rows.push(match job.read_manifest(seq) {
+            Ok(m) => SnapRow {
+                snapshot: seq,
+                created_unix_ms: Some(m.created_unix_ms),
+                tag: m.tag,
+                bytes_total: Some(m.stats.bytes_total),
+                bytes_new: Some(m.stats.bytes_new),
+                bytes_written: Some(m.stats.bytes_packed),
+                damaged: None,
+            },
+            Err(e) => SnapRow {
+                snapshot: seq,
+                created_unix_ms: None,
+                tag: None,
+                bytes_total: None,
+                bytes_new: None,
+                bytes_written: None,
+                damaged: Some(e.to_string()),
+            },
+        });
+    }
+    for seq in job.damaged_seqs()? {
+        rows.push(SnapRow {
+            snapshot: seq,
+            created_unix_ms: None,
+            tag: None,
+            bytes_total: None,
+            bytes_new: None,
+            bytes_written: None,
+            damaged: Some("set aside as damaged by a restore".into()),
+        });
+    }
+    rows.sort_by_key(|r| r.snapshot);
+    if t.json {
+        return print_json(&rows);
+    }
+    let dash = || "-".to_owned();
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.snapshot.to_string(),
+                r.created_unix_ms.map_or_else(dash, time),
+                r.created_unix_ms.map_or_else(dash, age),
+                r.tag.clone().unwrap_or_else(dash),
+                r.bytes_total.map_or_else(dash, human::bytes),
+                r.bytes_new.map_or_else(dash, human::bytes),
+                r.damaged
+                    .clone()
+                    .map_or_else(|| "ok".into(), |d| format!("DAMAGED: {d}")),
+            ]
+        })
+        .collect();
+    println!("job {}", job.name());
+    human::table(
+        &["SNAPSHOT", "TIME", "AGE", "TAG", "SIZE", "NEW", "STATE"],
+        &table,
+    );
+    Ok(0)
+}
+
+/// `show SNAPSHOT`: entries, sizes, chunk counts, dedup ratio.
+pub fn show(t: &Target, id: &str) -> Result<i32> {
+    #[derive(Serialize)]
+    struct EntryRow {
+        name: String,
+        kind: String,
+        bytes: u64,
+        chunks: usize,
+        unique_chunks: usize,
+    }
+    #[derive(Serialize)]
+    struct Shown {
+        job: String,
+        snapshot: u64,
+        parent: Option<u64>,
+        created_unix_ms: u64,
+        tag: Option<String>,
+        attempt: u32,
+        bytes_total: u64,
+        bytes_new: u64,
+        bytes_written: u64,
+        stored_bytes: u64,
+        dedup_ratio: f64,
+        entries: Vec<EntryRow>,
+    }
+    let job = t.job()?;
+    let seq = snapshot_id(&job, id)?;
+    let m = job.read_manifest(seq)?;
+    let entries = m
+        .entries
+        .iter()
+        .map(|e| EntryRow {
+            name: e.name.clone(),
+            kind: e.kind.describe(),
+            bytes: e.len,
+            chunks: e.chunks.len(),
+            unique_chunks: e
+                .chunks
+                .iter()
+                .map(|c| c.hash)
+                .collect::<HashSet<_>>()
+                .len(),
+        })
+        .collect();
+    let stored = stored_bytes([&m]);
+    let shown = Shown {
+        job: m.job.clone(),
+        snapshot: m.seq,
+        parent: m.parent,
+        created_unix_ms: m.created_unix_ms,
+        tag: m.tag.clone(),
+        attempt: m.attempt,
+        bytes_total: m.stats.bytes_total,
+        bytes_new: m.stats.bytes_new,
+        bytes_written: m.stats.bytes_packed,
+        stored_bytes: stored,
+        dedup_ratio: ratio(m.stats.bytes_total, stored),
+        entries,
+    };
+    if t.json {
+        return print_json(&shown);
+    }
+    println!(
+        "job {} snapshot {} taken {} ({}){}",
+        shown.job,
+        shown.snapshot,
+        time(shown.created_unix_ms),
+        age(shown.created_unix_ms),
+        shown
+            .tag
+            .as_ref()
+            .map(|t| format!(", tag {t:?}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "{} of state stored in {} (ratio {:.2}); {} new when taken, {} written",
+        human::bytes(shown.bytes_total),
+        human::bytes(shown.stored_bytes),
+        shown.dedup_ratio,
+        human::bytes(shown.bytes_new),
+        human::bytes(shown.bytes_written)
+    );
+    let table: Vec<Vec<String>> = shown
+        .entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                e.kind.clone(),
+                human::bytes(e.bytes),
+                e.chunks.to_string(),
+                e.unique_chunks.to_string(),
+            ]
+        })
+        .collect();
+    human::table(&["ENTRY", "KIND", "SIZE", "CHUNKS", "UNIQUE"], &table);
+    Ok(0)
+}
+
+/// `verify [SNAPSHOT]`: re-read and re-hash every chunk; exit 5 naming what is damaged.
+pub fn verify(t: &Target, id: Option<&str>) -> Result<i32> {
+    #[derive(Serialize)]
+    struct Verdict {
+        snapshot: u64,
+        ok: bool,
+        error: Option<String>,
+    }
+    let job = t.job()?;
+    let seqs = match id {
+        Some(id) => vec![snapshot_id(&job, id)?],
+        None => job.snapshot_seqs()?,
+    };
+    let bar = progress(seqs.len() as u64, "verifying");
+    let mut verdicts = Vec::new();
+    for seq in seqs {
+        let result = SnapshotReader::open(&job, seq).and_then(|r| r.verify());
+        bar.inc(1);
+        let error = match result {
+            Ok(()) => None,
+            // Retention of a running job removed it meanwhile: not damage.
+            Err(_) if id.is_none() && !job.manifest_path(seq).exists() => continue,
+            Err(e) => Some(e.to_string()),
+        };
+        verdicts.push(Verdict {
+            snapshot: seq,
+            ok: error.is_none(),
+            error,
+        });
+    }
+    bar.finish_and_clear();
+    let damaged = verdicts.iter().filter(|v| !v.ok).count();
+    if t.json {
+        print_json(&verdicts)?;
+    } else {
+        for v in &verdicts {
+            match &v.error {
+                None => println!("snapshot {}: ok", v.snapshot),
+                Some(e) => println!("snapshot {}: DAMAGED: {e}", v.snapshot),
+            }
+        }
+        if verdicts.is_empty() {
+            println!("job {} has no snapshot to verify", job.name());
+        }
+    }
+    if damaged > 0 {
+        eprintln!(
+            "supervise: {damaged} of {} snapshots of job {} are damaged",
+            verdicts.len(),
+            job.name()
+        );
+        return Ok(EXIT_DAMAGED);
+    }
+    Ok(0)
+}
+
+/// `gc`: remove what no snapshot references. Needs the job not to be running.
+pub fn gc(t: &Target) -> Result<i32> {
+    #[derive(Serialize)]
+    struct Collected {
+        job: String,
+        removed_packs: Vec<String>,
+        removed_snapshots: Vec<u64>,
+        freed_bytes: u64,
+    }
+    let job = t.job()?;
+    let me = supervise_shim::lock::Owner::this_process("supervise gc");
+    let _lock = match JobLock::try_take(job.dir(), &me)? {
+        TryLock::Taken(lock) => lock,
+        TryLock::Held(owner) => {
+            eprintln!(
+                "supervise: job {} is running ({}); its program removes what no snapshot \
+                 needs after each snapshot. Run gc when it is not running.",
+                job.name(),
+                owner.map_or("holder unknown".into(), |o| format!(
+                    "supervisor pid {}",
+                    o.pid
+                ))
+            );
+            return Ok(EXIT_HELD);
+        }
+    };
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message("collecting garbage");
+    let report = job.collect_garbage()?;
+    spinner.finish_and_clear();
+    let done = Collected {
+        job: job.name().to_owned(),
+        removed_packs: report.removed_packs,
+        removed_snapshots: report.removed_snapshots,
+        freed_bytes: report.freed_bytes,
+    };
+    if t.json {
+        return print_json(&done);
+    }
+    println!(
+        "job {}: removed {} packs; {} freed",
+        done.job,
+        done.removed_packs.len(),
+        human::bytes(done.freed_bytes)
+    );
+    Ok(0)
+}
+
+/// `restore SNAPSHOT --to DIR`: each entry as a file.
+pub fn restore(t: &Target, id: &str, to: &Path) -> Result<i32> {
+    #[derive(Serialize)]
+    struct Written {
+        name: String,
+        file: String,
+        kind: String,
+        bytes: u64,
+    }
+    #[derive(Serialize)]
+    struct Restored {
+        job: String,
+        snapshot: u64,
+        created_unix_ms: u64,
+        tag: Option<String>,
+        dir: PathBuf,
+        entries: Vec<Written>,
+    }
+    let job = t.job()?;
+    let seq = snapshot_id(&job, id)?;
+    let reader = SnapshotReader::open(&job, seq)?;
+    if to.exists() && std::fs::read_dir(to)?.next().is_some() {
+        bail!(
+            "{} exists and is not empty: choose a new directory",
+            to.display()
+        );
+    }
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    let m = reader.manifest().clone();
+    let total: u64 = m.entries.iter().map(|e| e.len).sum();
+    let bar = progress(total, "restoring");
+    let mut entries = Vec::new();
+    for e in &m.entries {
+        let file = match &e.kind {
+            EntryKind::Value => format!("{}.json", e.name),
+            EntryKind::Slice { elem, .. } => format!("{}.{elem}", e.name),
+        };
+        let mut data = vec![0u8; e.len as usize];
+        reader.fill(e, &mut data)?;
+        if e.kind == EntryKind::Value
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data)
+        {
+            data = serde_json::to_vec_pretty(&v)?;
+            data.push(b'\n');
+        }
+        let path = to.join(&file);
+        std::fs::write(&path, &data).with_context(|| format!("cannot write {}", path.display()))?;
+        bar.inc(e.len);
+        entries.push(Written {
+            name: e.name.clone(),
+            file,
+            kind: e.kind.describe(),
+            bytes: e.len,
+        });
+    }
+    bar.finish_and_clear();
+    let done = Restored {
+        job: job.name().to_owned(),
+        snapshot: seq,
+        created_unix_ms: m.created_unix_ms,
+        tag: m.tag.clone(),
+        dir: to.to_owned(),
+        entries,
+    };
+    let index = serde_json::to_vec_pretty(&done)?;
+    std::fs::write(to.join("snapshot.json"), index)?;
+    if t.json {
+        return print_json(&done);
+    }
+    println!(
+        "job {} snapshot {} written to {} (an index is in snapshot.json):",
+        done.job,
+        seq,
+        to.display()
+    );
+    let table: Vec<Vec<String>> = done
+        .entries
+        .iter()
+        .map(|w| vec![w.file.clone(), w.kind.clone(), human::bytes(w.bytes)])
+        .collect();
+    human::table(&["FILE", "KIND", "SIZE"], &table);
+    Ok(0)
+}
+
+/// `snapshot JOB`: ask the running job for a snapshot and wait for it.
+pub fn snapshot(t: &Target, timeout: Duration) -> Result<i32> {
+    let job = t.job()?;
+    let Some(reply) = operator::ask(job.dir(), &Request::Snapshot, timeout)? else {
+        bail!("job {} is not running (no supervisor answers)", job.name());
+    };
+    match (reply.ok, reply.snapshot) {
+        (true, Some(seq)) => {
+            if t.json {
+                #[derive(Serialize)]
+                struct Taken<'a> {
+                    job: &'a str,
+                    snapshot: u64,
+                }
+                return print_json(&Taken {
+                    job: job.name(),
+                    snapshot: seq,
+                });
+            }
+            println!("{seq}");
+            Ok(0)
+        }
+        _ => bail!(
+            "job {}: {}",
+            job.name(),
+            reply
+                .error
+                .unwrap_or_else(|| "no snapshot was taken".into())
+        ),
+    }
+}
+
+/// `status`: the running jobs of a store.
+pub fn status(t: &Target) -> Result<i32> {
+    #[derive(Serialize)]
+    struct Row {
+        job: String,
+        supervisor_pid: Option<u32>,
+        child_pid: Option<u32>,
+        started_unix_ms: Option<u64>,
+        restarts: Option<u32>,
+        last_snapshot: Option<u64>,
+        last_snapshot_unix_ms: Option<u64>,
+        bytes_on_disk: u64,
+        dedup_ratio: f64,
+        note: Option<String>,
+    }
+    let store = t.store()?;
+    let names = match &t.job {
+        Some(j) => vec![j.clone()],
+        None => store.jobs()?,
+    };
+    let mut rows = Vec::new();
+    for name in names {
+        let job = store.existing_job(&name)?;
+        let Some(owner) = JobLock::holder(job.dir())? else {
+            continue;
+        };
+        let manifests: Vec<Manifest> = job
+            .snapshot_seqs()?
+            .into_iter()
+            .filter_map(|s| job.read_manifest(s).ok())
+            .collect();
+        let logical: u64 = manifests.iter().map(|m| m.stats.bytes_total).sum();
+        let mut row = Row {
+            job: name.clone(),
+            supervisor_pid: Some(owner.pid),
+            child_pid: None,
+            started_unix_ms: Some(owner.since_unix * 1000),
+            restarts: None,
+            last_snapshot: manifests.last().map(|m| m.seq),
+            last_snapshot_unix_ms: manifests.last().map(|m| m.created_unix_ms),
+            bytes_on_disk: job.disk_bytes()?,
+            dedup_ratio: ratio(logical, stored_bytes(&manifests)),
+            note: None,
+        };
+        match operator::ask(job.dir(), &Request::Status, Duration::from_secs(5)) {
+            Ok(Some(reply)) if reply.ok => {
+                if let Some(s) = reply.status {
+                    row.supervisor_pid = Some(s.supervisor_pid);
+                    row.child_pid = s.child_pid;
+                    row.started_unix_ms = Some(s.started_unix_ms);
+                    row.restarts = Some(s.restarts);
+                }
+            }
+            Ok(_) => {
+                row.note = Some(
+                    "no supervisor answers: the program a lost supervisor started still runs"
+                        .into(),
+                )
+            }
+            Err(e) => row.note = Some(format!("supervisor did not answer: {e:#}")),
+        }
+        rows.push(row);
+    }
+    if t.json {
+        return print_json(&rows);
+    }
+    if rows.is_empty() {
+        println!("no job is running in store {}", t.store.display());
+        return Ok(0);
+    }
+    let dash = || "-".to_owned();
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.job.clone(),
+                r.supervisor_pid.map_or_else(dash, |p| p.to_string()),
+                r.child_pid.map_or_else(dash, |p| p.to_string()),
+                r.started_unix_ms.map_or_else(dash, |t| {
+                    human::duration(Duration::from_millis(now_ms().saturating_sub(t)))
+                }),
+                r.restarts.map_or_else(dash, |n| n.to_string()),
+                r.last_snapshot.map_or_else(dash, |s| s.to_string()),
+                r.last_snapshot_unix_ms.map_or_else(dash, age),
+                human::bytes(r.bytes_on_disk),
+                format!("{:.2}", r.dedup_ratio),
+                r.note.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    human::table(
+        &[
+            "JOB", "PID", "CHILD", "UPTIME", "RESTARTS", "SNAPSHOT", "TAKEN", "ON DISK", "DEDUP",
+            "",
+        ],
+        &table,
+    );
+    Ok(0)
+}
+
+/// `log JOB`: the job's event history.
+pub fn log(t: &Target) -> Result<i32> {
+    let job = t.job()?;
+    let records = events::read(job.dir())?;
+    if t.json {
+        return print_json(&records);
+    }
+    let mut out = std::io::stdout().lock();
+    for r in &records {
+        writeln!(out, "{}  [{}] {}", time(r.unix_ms), r.pid, r.message)?;
+    }
+    Ok(0)
+}

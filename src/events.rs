@@ -1,0 +1,170 @@
+//! The job's event history, kept in the store (`<store>/<job>/events.log`): one JSON object
+//! per line, appended by the supervisor that holds the job, read by `supervise log` and by the
+//! next supervisor (a history that does not end with an `end` record means the supervisor
+//! before was lost).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Histories longer than this are cut to their newer half when a supervisor starts.
+const MAX_LOG_BYTES: u64 = 1 << 20;
+
+/// One record of the history.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    /// When (milliseconds since the Unix epoch).
+    pub unix_ms: u64,
+    /// The supervisor that wrote it.
+    pub pid: u32,
+    /// What kind of record: `start`, `event`, `end`.
+    pub kind: String,
+    /// The event, as the supervisor said it.
+    pub message: String,
+    /// For `end` records: true when the command finished with exit code 0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub completed: bool,
+}
+
+/// The history file of one job, open for appending.
+#[derive(Debug)]
+pub struct EventLog {
+    file: File,
+}
+
+/// The path of a job's history.
+pub fn path_in(job_dir: &Path) -> PathBuf {
+    job_dir.join("events.log")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl EventLog {
+    /// Opens the history for appending (only the job's lock holder does), first cutting it to
+    /// its newer half if it grew past 1 MiB.
+    pub fn open(job_dir: &Path) -> Result<Self> {
+        let path = path_in(job_dir);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_LOG_BYTES) {
+            let records = read(job_dir)?;
+            let keep = &records[records.len() / 2..];
+            let mut text = String::new();
+            for r in keep {
+                text.push_str(&serde_json::to_string(r)?);
+                text.push('\n');
+            }
+            supervise_shim::durable::write_atomic(&path, text.as_bytes(), |_| ())
+                .with_context(|| format!("cannot rewrite {}", path.display()))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    /// Appends a record (one write, so concurrent readers see whole lines).
+    pub fn append(&self, kind: &str, message: &str, completed: bool) {
+        let record = Record {
+            unix_ms: now_ms(),
+            pid: std::process::id(),
+            kind: kind.to_owned(),
+            message: message.to_owned(),
+            completed,
+        };
+        if let Ok(mut line) = serde_json::to_string(&record) {
+            line.push('\n');
+            let _ = (&self.file).write_all(line.as_bytes());
+        }
+    }
+}
+
+/// Reads a job's history, oldest first (lines that do not parse, such as one cut by a crash
+/// mid-write, are skipped). A job without history has an empty one.
+pub fn read(job_dir: &Path) -> Result<Vec<Record>> {
+    let path = path_in(job_dir);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+    };
+    let mut records = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        if let Ok(r) = serde_json::from_str::<Record>(&line) {
+            records.push(r);
+        }
+    }
+    Ok(records)
+}
+
+/// How the previous supervisor of a job ended, from its history.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LastRun {
+    /// No supervisor ran the job before.
+    None,
+    /// It ended normally; `completed` when the command finished with exit code 0.
+    Ended {
+        /// The command finished.
+        completed: bool,
+    },
+    /// It was lost (killed, crashed, node lost) while running the job; its last record.
+    Lost {
+        /// When the lost supervisor wrote its last record (ms since the epoch).
+        last_unix_ms: u64,
+    },
+}
+
+/// Reads how the previous supervisor ended.
+pub fn last_run(records: &[Record]) -> LastRun {
+    match records.last() {
+        None => LastRun::None,
+        Some(r) if r.kind == "end" => LastRun::Ended {
+            completed: r.completed,
+        },
+        Some(r) => LastRun::Lost {
+            last_unix_ms: r.unix_ms,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_round_trips_and_tells_a_lost_supervisor() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(last_run(&read(dir.path()).unwrap()), LastRun::None);
+        let log = EventLog::open(dir.path()).unwrap();
+        log.append("start", "started", false);
+        log.append("event", "snapshot 1 done", false);
+        assert!(matches!(
+            last_run(&read(dir.path()).unwrap()),
+            LastRun::Lost { .. }
+        ));
+        log.append("end", "finished", true);
+        let records = read(dir.path()).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[1].message, "snapshot 1 done");
+        assert_eq!(last_run(&records), LastRun::Ended { completed: true });
+        // A torn last line (crash mid-write) is skipped, not an error.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path_in(dir.path()))
+            .unwrap()
+            .write_all(b"{\"unix_ms\":1,\"pi")
+            .unwrap();
+        assert_eq!(read(dir.path()).unwrap().len(), 3);
+    }
+}

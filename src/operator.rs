@@ -1,0 +1,205 @@
+//! The running supervisor's socket for operator commands (`supervise status`, `supervise
+//! snapshot`): `<store>/<job>/supervisor.sock`, one JSON request line, one JSON reply line.
+//!
+//! Socket paths are limited to 107 bytes and a store can sit deep in a file system, so both
+//! ends reach the socket through `/proc/self/fd/<directory fd>/supervisor.sock`, which is short
+//! whatever the store's path.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+const SOCKET_NAME: &str = "supervisor.sock";
+
+/// A request from an operator command.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// What the job is doing.
+    Status,
+    /// Take a snapshot now; reply when it is durable.
+    Snapshot,
+}
+
+/// What a running supervisor says about its job.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// The supervisor's pid.
+    pub supervisor_pid: u32,
+    /// The running child's pid, if one runs.
+    pub child_pid: Option<u32>,
+    /// When the supervisor started (ms since the epoch).
+    pub started_unix_ms: u64,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// The newest snapshot (sequence number), if any.
+    pub last_snapshot: Option<u64>,
+    /// When it was taken (ms since the epoch).
+    pub last_snapshot_unix_ms: Option<u64>,
+    /// The command.
+    pub command: String,
+}
+
+/// The reply to a request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request was carried out.
+    pub ok: bool,
+    /// The error, when not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// For `snapshot`: the new snapshot's sequence number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<u64>,
+}
+
+impl Reply {
+    /// A failure reply.
+    pub fn error(msg: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(msg.into()),
+            status: None,
+            snapshot: None,
+        }
+    }
+}
+
+fn short_path(dir: BorrowedFd<'_>) -> String {
+    format!("/proc/self/fd/{}/{SOCKET_NAME}", dir.as_raw_fd())
+}
+
+fn open_dir(job_dir: &Path) -> Result<File> {
+    File::open(job_dir).with_context(|| format!("cannot open {}", job_dir.display()))
+}
+
+/// A client connected to the operator socket, with what it has sent so far.
+pub struct Client {
+    stream: UnixStream,
+    inbox: Vec<u8>,
+}
+
+impl Client {
+    /// The client's socket (for polling).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
+    /// Reads what arrived; returns a whole request once there is one, `Err` when the client
+    /// is gone or sent garbage.
+    pub fn read_request(&mut self) -> std::result::Result<Option<Request>, ()> {
+        let mut buf = [0u8; 1024];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Err(()),
+                Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Err(()),
+            }
+            if self.inbox.len() > 64 * 1024 {
+                return Err(());
+            }
+        }
+        match self.inbox.iter().position(|b| *b == b'\n') {
+            Some(end) => serde_json::from_slice(&self.inbox[..end])
+                .map(Some)
+                .map_err(|_| {
+                    self.reply(&Reply::error("bad request"));
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Sends the reply (best effort: a client that left misses it).
+    pub fn reply(&mut self, reply: &Reply) {
+        if let Ok(mut line) = serde_json::to_string(reply) {
+            line.push('\n');
+            let _ = self.stream.set_nonblocking(false);
+            let _ = self.stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = self.stream.write_all(line.as_bytes());
+        }
+    }
+}
+
+/// The supervisor's end: a listening socket in the job directory.
+pub struct Server {
+    listener: UnixListener,
+}
+
+impl Server {
+    /// Listens in `job_dir` (the caller holds the job lock, so a socket file left there is a
+    /// dead supervisor's and is replaced).
+    pub fn bind(job_dir: &Path) -> Result<Self> {
+        let dir = open_dir(job_dir)?;
+        let path = short_path(dir.as_fd());
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("cannot remove the old operator socket"),
+        }
+        let listener = UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", job_dir.join(SOCKET_NAME).display()))?;
+        listener.set_nonblocking(true)?;
+        Ok(Self { listener })
+    }
+
+    /// The listening socket (for polling).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Accepts the clients waiting.
+    pub fn accept(&self) -> Vec<Client> {
+        let mut clients = Vec::new();
+        while let Ok((stream, _)) = self.listener.accept() {
+            if stream.set_nonblocking(true).is_ok() {
+                clients.push(Client {
+                    stream,
+                    inbox: Vec::new(),
+                });
+            }
+        }
+        clients
+    }
+}
+
+/// Sends `request` to the supervisor running the job in `job_dir` and waits up to `timeout`
+/// for its reply. `Ok(None)`: no supervisor listens there.
+pub fn ask(job_dir: &Path, request: &Request, timeout: Duration) -> Result<Option<Reply>> {
+    let dir = open_dir(job_dir)?;
+    let mut stream = match UnixStream::connect(short_path(dir.as_fd())) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e).context("cannot reach the supervisor"),
+    };
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    match BufReader::new(&stream).read_line(&mut reply) {
+        Ok(0) => bail!("the supervisor closed the connection without a reply"),
+        Ok(_) => Ok(Some(
+            serde_json::from_str(&reply).context("the supervisor's reply does not parse")?,
+        )),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            bail!(
+                "no reply from the supervisor within {}",
+                humantime::format_duration(timeout)
+            )
+        }
+        Err(e) => Err(e).context("cannot read the supervisor's reply"),
+    }
+}
