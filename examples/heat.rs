@@ -28,12 +28,15 @@ fn say(msg: &str) {
     let _ = std::io::stderr().write_all(format!("heat: {msg}\n").as_bytes());
 }
 
-fn parse_args() -> Result<(usize, u64), String> {
-    let (mut n, mut steps) = (2048usize, 5400u64);
+fn parse_args() -> Result<(usize, u64, bool), String> {
+    let (mut n, mut steps, mut crash_on_resume) = (2048usize, 5400u64, false);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
         match arg.as_str() {
+            // Fault injection for tests: behave like a program whose snapshots hold a state
+            // that makes it crash right after restoring.
+            "--crash-on-resume" => crash_on_resume = true,
             "--n" => n = value("--n")?.parse().map_err(|e| format!("--n: {e}"))?,
             "--steps" => {
                 steps = value("--steps")?
@@ -51,7 +54,7 @@ fn parse_args() -> Result<(usize, u64), String> {
     if n < 3 {
         return Err("--n must be at least 3".into());
     }
-    Ok((n, steps))
+    Ok((n, steps, crash_on_resume))
 }
 
 /// The initial grid: 0 everywhere, the top row at 100.
@@ -94,14 +97,14 @@ fn step(cur: &[f64], next: &mut [f64], n: usize, alpha: f64, threads: usize) {
 }
 
 fn main() -> std::process::ExitCode {
-    let (n, steps) = match parse_args() {
+    let (n, steps, crash_on_resume) = match parse_args() {
         Ok(v) => v,
         Err(e) => {
             say(&e);
             return std::process::ExitCode::from(2);
         }
     };
-    match run(n, steps) {
+    match run(n, steps, crash_on_resume) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             say(&format!("error: {e}"));
@@ -110,7 +113,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(n: usize, steps: u64) -> Result<(), Box<dyn std::error::Error>> {
+fn run(n: usize, steps: u64, crash_on_resume: bool) -> Result<(), Box<dyn std::error::Error>> {
     // Threads pay off only when a step is long compared to spawning them.
     let threads = if n < 512 {
         1
@@ -139,6 +142,10 @@ fn run(n: usize, steps: u64) -> Result<(), Box<dyn std::error::Error>> {
             "resumed from snapshot {seq} at step {}",
             params.step
         ));
+        if crash_on_resume {
+            say("--crash-on-resume: aborting");
+            std::process::abort();
+        }
     }
 
     let mut next = grid.clone();

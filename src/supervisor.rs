@@ -596,7 +596,7 @@ impl<'a> Watch<'a> {
         match self.hang {
             None if now.duration_since(self.last_progress) >= limit => {
                 self.log.event(&format!(
-                    "the program reached no safe point for {} (--hang-timeout): asking for a                      snapshot, then stopping it",
+                    "the program reached no safe point for {} (--hang-timeout): asking for a snapshot, then stopping it",
                     human::duration(limit)
                 ));
                 if self.in_flight.is_none() {
