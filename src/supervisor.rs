@@ -133,6 +133,18 @@ fn take_lock(
     }
 }
 
+/// True when `pid` is a live process here (a zombie is not: it only waits to be reaped).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 fn describe_owner(owner: Option<&Owner>) -> String {
     let Some(o) = owner else {
         return "a process that did not say who it is".into();

@@ -38,8 +38,14 @@ fn supervisor_killed_at_random_moments_and_rerun_completes_and_never_runs_two_co
     let options = ["--every", "150ms", "--wait"];
     fastrand::seed(7);
     let mut lost = 0;
+    let mut killed: Vec<Run> = Vec::new();
     for round in 0..6 {
-        let run = Run::start(&store, &options, &command, &[]);
+        // Once, the orphaned program runs on (--orphan continue) instead of stopping at
+        // once: the next supervisor must wait for it all that time.
+        let orphan = if round == 2 { "continue" } else { "stop" };
+        let mut with_orphan = options.to_vec();
+        with_orphan.extend(["--orphan", orphan]);
+        let run = Run::start(&store, &with_orphan, &command, &[]);
         std::thread::sleep(Duration::from_millis(fastrand::u64(50..1500)));
         if run.count("job finished") > 0 {
             break;
@@ -59,6 +65,12 @@ fn supervisor_killed_at_random_moments_and_rerun_completes_and_never_runs_two_co
         // its final snapshot, and must wait for it.
     }
     let fin = Run::start(&store, &options, &command, &[]).wait(LONG);
+    for run in killed {
+        let pid = run.pid();
+        let gone = run.wait(LONG);
+        assert_ne!(gone.code, Some(0), "{}", gone.stderr);
+        assert!(!alive(pid));
+    }
     fin.assert_completed(&reference);
     assert!(
         !two.exists(),
@@ -66,8 +78,7 @@ fn supervisor_killed_at_random_moments_and_rerun_completes_and_never_runs_two_co
         std::fs::read_to_string(&two).unwrap_or_default()
     );
     assert!(lost > 0);
-    fin.assert_said("resuming after the previous supervisor was lost");
-    // The history in the store tells every run.
+    // The history in the store tells every run, and the resumes after a lost supervisor.
     let job = only_job(&store);
     let log = Command::new(supervise_bin())
         .args(["log", "--json", "--store"])
@@ -77,7 +88,15 @@ fn supervisor_killed_at_random_moments_and_rerun_completes_and_never_runs_two_co
         .unwrap();
     let records: Vec<serde_json::Value> = serde_json::from_slice(&log.stdout).unwrap();
     let starts = records.iter().filter(|r| r["kind"] == "start").count();
-    assert_eq!(starts, lost + 1, "{records:?}");
+    // (A supervisor killed while it waited for the job never started it.)
+    assert!(starts >= 2, "{records:?}");
+    assert!(
+        records.iter().any(|r| r["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("resuming after the previous supervisor was lost, from snapshot")),
+        "{records:?}"
+    );
     assert_eq!(records.last().unwrap()["kind"], "end");
 }
 
@@ -291,4 +310,40 @@ fn keep_within_and_on_success_delete() {
     again.assert_said("--on-success delete: removed");
     assert!(job.snapshot_seqs().unwrap().is_empty());
     assert!(job.pack_names().unwrap().is_empty());
+}
+
+#[test]
+fn the_program_a_lost_supervisor_left_running_holds_the_job_until_it_ends() {
+    let args = ["--n", "256", "--steps", "12000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let first = Run::start(
+        &store,
+        &["--every", "200ms", "--orphan", "continue"],
+        &heat(&args),
+        &[],
+    );
+    let orphan = first.nth_child_pid(1, LONG);
+    first.wait_for("snapshot 1 done", LONG);
+    let lost = first.pid();
+    first.signal(Signal::SIGKILL);
+    let second = Run::start(
+        &store,
+        &["--every", "200ms", "--wait", "-v"],
+        &heat(&args),
+        &[],
+    );
+    second.wait_for(
+        &format!("--wait: job held by supervisor pid {lost} on "),
+        LONG,
+    );
+    second.wait_for("spawned pid", LONG);
+    assert!(
+        !alive(orphan),
+        "a second copy started while the orphan {orphan} still ran"
+    );
+    let fin = second.wait(LONG);
+    fin.assert_completed(&reference);
+    let _ = first.wait(LONG);
 }
