@@ -153,8 +153,7 @@ fn describe_owner(owner: Option<&Owner>) -> String {
     let here = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy() == o.host)
         .unwrap_or(false);
-    let alive =
-        here && nix::sys::signal::kill(nix::unistd::Pid::from_raw(o.pid as i32), None).is_ok();
+    let alive = here && process_alive(o.pid);
     let state = if here && !alive {
         " (that supervisor is gone; the program it started still runs and holds the job)"
     } else {

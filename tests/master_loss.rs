@@ -50,19 +50,12 @@ fn supervisor_killed_at_random_moments_and_rerun_completes_and_never_runs_two_co
         if run.count("job finished") > 0 {
             break;
         }
-        let pid = run.pid();
         run.signal(Signal::SIGKILL);
-        let fin = run.wait(LONG);
-        assert_ne!(
-            fin.code,
-            Some(0),
-            "round {round} was killed: {}",
-            fin.stderr
-        );
         lost += 1;
-        assert!(!alive(pid));
-        // No pause: the next supervisor starts while the orphaned program may still be taking
-        // its final snapshot, and must wait for it.
+        // No pause: the next supervisor starts while the orphaned program still runs (taking
+        // its final snapshot, or on to the end) and must wait for it. Collecting the killed
+        // run's output waits for its pipes, which an orphan holds: do it at the end.
+        killed.push(run);
     }
     let fin = Run::start(&store, &options, &command, &[]).wait(LONG);
     for run in killed {
@@ -185,7 +178,7 @@ fn from_resumes_a_chosen_older_snapshot_and_skips_the_newer_ones() {
     .wait(LONG);
     fin.assert_completed(&reference);
     fin.assert_said(&format!("--from {oldest}: resuming from snapshot {oldest}"));
-    fin.assert_said(&format!("spawned pid"));
+    fin.assert_said("spawned pid");
     fin.assert_said(&format!("(from snapshot {oldest})"));
 }
 
