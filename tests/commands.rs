@@ -1,0 +1,266 @@
+//! End-to-end tests of the operator's commands through the real binary, human and `--json`
+//! output, and `verify` finding every kind of damage a test can inject.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// Runs `supervise <args> --store <store>`; returns (exit code, stdout, stderr).
+fn cmd(store: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(supervise_bin())
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .expect("run supervise");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(store: &Path, args: &[&str]) -> Value {
+    let mut with = args.to_vec();
+    with.push("--json");
+    let (code, out, err) = cmd(store, &with);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+#[test]
+fn status_snapshot_and_log_talk_to_the_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let run = Run::start(
+        &store,
+        &["--every", "1h", "-v"],
+        &heat(&["--n", "256", "--steps", "100000000"]),
+        &[],
+    );
+    run.wait_for("shim connected", LONG);
+    let job = only_job(&store);
+    let name = job.name().to_owned();
+
+    let status = json(&store, &["status"]);
+    let row = &status[0];
+    assert_eq!(row["job"], name.as_str());
+    assert_eq!(row["supervisor_pid"], run.pid());
+    assert!(row["child_pid"].as_u64().is_some(), "{status}");
+    assert_eq!(row["restarts"], 0);
+    let (_, human, _) = cmd(&store, &["status"]);
+    assert!(human.starts_with("JOB"), "{human}");
+    assert!(human.contains(&name), "{human}");
+
+    // `snapshot` asks the running job, waits until it is durable, prints its number.
+    let (code, out, err) = cmd(&store, &["snapshot", &name]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "1");
+    let taken = json(&store, &["snapshot", &name]);
+    assert_eq!(taken["snapshot"], 2);
+    let status = json(&store, &["status"]);
+    assert_eq!(status[0]["last_snapshot"], 2);
+
+    let log = json(&store, &["log", &name]);
+    let messages: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect();
+    assert!(messages[0].starts_with("supervisor pid"), "{messages:?}");
+    assert!(messages.iter().any(|m| m.starts_with("snapshot 2 done")));
+    let (_, human, _) = cmd(&store, &["log", &name]);
+    assert!(human.contains("snapshot 1 done"), "{human}");
+
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    // Not running any more.
+    assert_eq!(json(&store, &["status"]), Value::Array(vec![]));
+    let (code, _, err) = cmd(&store, &["snapshot", &name]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not running"), "{err}");
+}
+
+#[test]
+fn ls_show_restore_and_gc_read_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_heat(&store);
+    let seqs = job.snapshot_seqs().unwrap();
+    let newest = *seqs.last().unwrap();
+
+    let jobs = json(&store, &["ls"]);
+    assert_eq!(jobs[0]["job"], job.name());
+    assert_eq!(jobs[0]["snapshots"], seqs.len());
+    assert_eq!(jobs[0]["running"], false);
+    let snaps = json(&store, &["ls", "--job", job.name()]);
+    assert_eq!(snaps.as_array().unwrap().len(), seqs.len());
+    assert_eq!(snaps[seqs.len() - 1]["snapshot"], newest);
+    assert!(snaps[0]["tag"].as_str().unwrap().starts_with("step "));
+    let (_, human, _) = cmd(&store, &["ls", "--job", job.name()]);
+    assert!(
+        human.contains("SNAPSHOT") && human.contains("ok"),
+        "{human}"
+    );
+
+    let shown = json(&store, &["show", "latest"]);
+    assert_eq!(shown["snapshot"], newest);
+    let entries = shown["entries"].as_array().unwrap();
+    let grid = entries.iter().find(|e| e["name"] == "grid").unwrap();
+    assert_eq!(grid["bytes"], 256 * 256 * 8);
+    assert_eq!(grid["chunks"], 8);
+    assert!(shown["dedup_ratio"].as_f64().unwrap() > 1.0, "{shown}");
+    let (code, _, err) = cmd(&store, &["show", "999"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("has no snapshot 999"), "{err}");
+
+    // restore --to: raw slices as raw bytes, values as JSON, an index.
+    let out = dir.path().join("out");
+    let restored = json(
+        &store,
+        &[
+            "restore",
+            &newest.to_string(),
+            "--to",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(restored["snapshot"], newest);
+    let raw = std::fs::read(out.join("grid.f64")).unwrap();
+    assert_eq!(raw.len(), 256 * 256 * 8);
+    let top = f64::from_le_bytes(raw[..8].try_into().unwrap());
+    assert_eq!(top, 100.0, "the top row is held at 100 degrees");
+    let params: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("params.json")).unwrap()).unwrap();
+    assert_eq!(params["n"], 256);
+    assert!(out.join("snapshot.json").exists());
+    let (code, _, err) = cmd(
+        &store,
+        &["restore", "latest", "--to", out.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "refuses a non-empty directory");
+    assert!(err.contains("is not empty"), "{err}");
+
+    // gc: an orphan pack (as a writer killed after publishing packs leaves) is removed.
+    let stray = job.pack_path("0000000000-stray-0");
+    std::fs::write(&stray, vec![0u8; 4096]).unwrap();
+    let collected = json(&store, &["gc"]);
+    assert_eq!(collected["removed_packs"][0], "0000000000-stray-0");
+    assert!(collected["freed_bytes"].as_u64().unwrap() >= 4096);
+    assert!(!stray.exists());
+    assert_eq!(
+        json(&store, &["verify"]).as_array().unwrap().len(),
+        seqs.len()
+    );
+}
+
+/// heat under supervise until a few snapshots exist, then stopped.
+fn stopped_heat(store: &Path) -> supervise_shim::JobStore {
+    let run = Run::start(
+        store,
+        &["--every", "100ms"],
+        &heat(&["--n", "256", "--steps", "100000000"]),
+        &[],
+    );
+    run.wait_for("snapshot 3 done", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    only_job(store)
+}
+
+#[test]
+fn verify_finds_every_injected_corruption() {
+    type Damage = fn(&supervise_shim::JobStore, u64);
+    let cases: [(&str, Damage, &str); 4] = [
+        (
+            "flipped byte in a pack",
+            |job, seq| {
+                let m = job.read_manifest(seq).unwrap();
+                let c = &m.entries.iter().find(|e| e.name == "grid").unwrap().chunks[0];
+                let path = job.pack_path(&m.packs[c.pack as usize]);
+                let mut bytes = std::fs::read(&path).unwrap();
+                let at = (c.offset + 44 + 10) as usize;
+                bytes[at] ^= 0x40;
+                std::fs::write(&path, bytes).unwrap();
+            },
+            "damaged",
+        ),
+        (
+            "truncated pack",
+            |job, seq| {
+                let m = job.read_manifest(seq).unwrap();
+                let path = job.pack_path(&m.packs[0]);
+                let len = std::fs::metadata(&path).unwrap().len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_len(len / 2)
+                    .unwrap();
+            },
+            "truncated",
+        ),
+        (
+            "missing pack",
+            |job, seq| {
+                let m = job.read_manifest(seq).unwrap();
+                std::fs::remove_file(job.pack_path(&m.packs[0])).unwrap();
+            },
+            "missing",
+        ),
+        (
+            "truncated manifest",
+            |job, seq| {
+                let path = job.manifest_path(seq);
+                let len = std::fs::metadata(&path).unwrap().len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_len(len - 7)
+                    .unwrap();
+            },
+            "damaged",
+        ),
+    ];
+    for (what, damage, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let job = stopped_heat(&store);
+        let (code, _, err) = cmd(&store, &["verify"]);
+        assert_eq!(code, 0, "{what}: clean store: {err}");
+        let newest = *job.snapshot_seqs().unwrap().last().unwrap();
+        damage(&job, newest);
+        let (code, out, err) = cmd(&store, &["verify", "--json"]);
+        assert_eq!(code, 5, "{what}: {out} {err}");
+        let verdicts: Value = serde_json::from_str(&out).unwrap();
+        let bad: Vec<&Value> = verdicts
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["ok"] == false)
+            .collect();
+        assert!(
+            bad.iter().any(|v| v["snapshot"] == newest),
+            "{what}: {verdicts}"
+        );
+        let error = bad[bad.len() - 1]["error"].as_str().unwrap();
+        assert!(error.contains(says), "{what}: {error}");
+        assert!(err.contains("are damaged"), "{what}: {err}");
+        let (code, human, _) = cmd(&store, &["verify", &newest.to_string()]);
+        assert_eq!(code, 5);
+        assert!(
+            human.contains(&format!("snapshot {newest}: DAMAGED")),
+            "{what}: {human}"
+        );
+    }
+}
