@@ -200,6 +200,15 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
         bytes_written: Option<u64>,
         damaged: Option<String>,
     }
+    let damaged = |snapshot, why| SnapRow {
+        snapshot,
+        created_unix_ms: None,
+        tag: None,
+        bytes_total: None,
+        bytes_new: None,
+        bytes_written: None,
+        damaged: Some(why),
+    };
     let job = t.job()?;
     let mut rows = Vec::new();
     for seq in job.snapshot_seqs()? {
@@ -213,27 +222,11 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
                 bytes_written: Some(m.stats.bytes_packed),
                 damaged: None,
             },
-            Err(e) => SnapRow {
-                snapshot: seq,
-                created_unix_ms: None,
-                tag: None,
-                bytes_total: None,
-                bytes_new: None,
-                bytes_written: None,
-                damaged: Some(e.to_string()),
-            },
+            Err(e) => damaged(seq, e.to_string()),
         });
     }
     for seq in job.damaged_seqs()? {
-        rows.push(SnapRow {
-            snapshot: seq,
-            created_unix_ms: None,
-            tag: None,
-            bytes_total: None,
-            bytes_new: None,
-            bytes_written: None,
-            damaged: Some("set aside as damaged by a restore".into()),
-        });
+        rows.push(damaged(seq, "set aside as damaged by a restore".into()));
     }
     rows.sort_by_key(|r| r.snapshot);
     if t.json {

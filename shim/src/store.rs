@@ -436,15 +436,7 @@ impl JobStore {
     /// died left behind, and quarantined manifests older than the oldest snapshot. Only the
     /// job's owner may call it (a running writer's packs are unreferenced until it commits).
     pub fn collect_garbage(&self) -> Result<RetentionReport> {
-        let mut freed = 0;
-        for dir in [&self.snapshots, &self.packs] {
-            for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
-                let entry = entry.map_err(io_err("list", dir))?;
-                if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-                    freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
-                }
-            }
-        }
+        let freed = self.bytes_of(|name| name.starts_with(TMP_PREFIX))?;
         self.remove_leftovers()?;
         let mut report = self.apply_retention(usize::MAX)?;
         report.freed_bytes += freed;
@@ -453,11 +445,18 @@ impl JobStore {
 
     /// Bytes the job's snapshots and packs take on disk.
     pub fn disk_bytes(&self) -> Result<u64> {
+        self.bytes_of(|_| true)
+    }
+
+    /// Bytes of the files in the snapshot and pack directories whose names `pick` accepts.
+    fn bytes_of(&self, pick: impl Fn(&str) -> bool) -> Result<u64> {
         let mut total = 0;
         for dir in [&self.snapshots, &self.packs] {
             for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
                 let entry = entry.map_err(io_err("list", dir))?;
-                total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if pick(&entry.file_name().to_string_lossy()) {
+                    total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                }
             }
         }
         Ok(total)
