@@ -394,4 +394,23 @@ impl Capture<'_> {
         });
         Ok(())
     }
+
+    /// Adds untyped bytes (the C ABI's regions), stored as a `u8` slice. Lengths that are a
+    /// multiple of 8 are byte-shuffled as 8-byte elements before compression: C simulation
+    /// state is mostly `double`, and shuffling only changes how well a chunk compresses.
+    pub(crate) fn raw(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.claim(name)?;
+        let mut data = self.buffer(bytes.len());
+        data.extend_from_slice(bytes);
+        self.items.push(Item::Whole {
+            name: name.to_owned(),
+            kind: EntryKind::Slice {
+                elem: "u8".to_owned(),
+                elem_size: 1,
+            },
+            data,
+            shuffle: if bytes.len() % 8 == 0 { 8 } else { 0 },
+        });
+        Ok(())
+    }
 }

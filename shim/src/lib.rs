@@ -55,6 +55,7 @@ pub mod dirty;
 pub mod durable;
 pub mod error;
 pub mod failpoint;
+pub mod ffi;
 pub mod format;
 pub mod lock;
 pub mod name;

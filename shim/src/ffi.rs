@@ -1,0 +1,313 @@
+//! The C ABI: `sv_*` functions for C, C++ and Fortran programs (see `include/supervise.h`).
+//!
+//! One shim per process, behind a lock: the functions may be called from any thread, but a
+//! program normally calls them from the thread that computes. No Rust panic crosses the
+//! boundary (each call is wrapped), and no call aborts the program: errors are negative codes,
+//! with the message in [`sv_last_error`] for the calling thread.
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
+
+use crate::runtime::{Shim, Start};
+
+/// Success.
+pub const SV_OK: c_int = 0;
+/// A bad argument: NULL pointer, bad or unknown name, zero size.
+pub const SV_EINVAL: c_int = -1;
+/// Called before `sv_init` succeeded (or after `sv_finalize`).
+pub const SV_ESTATE: c_int = -2;
+/// A region's size differs from the snapshot's (the message names both).
+pub const SV_ESIZE: c_int = -3;
+/// Reading or writing the store failed, or a snapshot is damaged.
+pub const SV_EIO: c_int = -4;
+/// An internal error (a bug): the shim caught it and stays usable where it can.
+pub const SV_EINTERNAL: c_int = -5;
+
+struct Protected {
+    name: String,
+    ptr: usize,
+    bytes: usize,
+}
+
+struct State {
+    shim: Shim,
+    protected: Vec<Protected>,
+}
+
+static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: &str) {
+    let text = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = text);
+}
+
+type Outcome = std::result::Result<c_int, (c_int, String)>;
+
+/// Runs `f` with the panic boundary and error recording every exported function needs.
+fn guard(f: impl FnOnce() -> Outcome) -> c_int {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err((code, msg))) => {
+            set_error(&msg);
+            code
+        }
+        Err(_) => {
+            set_error("internal error in the supervise shim (a bug; please report it)");
+            SV_EINTERNAL
+        }
+    }
+}
+
+fn with_state<T>(
+    f: impl FnOnce(&mut State) -> Result<T, (c_int, String)>,
+) -> Result<T, (c_int, String)> {
+    let mut guard = STATE.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_mut() {
+        Some(state) => f(state),
+        None => Err((SV_ESTATE, "sv_init has not been called (or failed)".into())),
+    }
+}
+
+fn c_name(name: *const c_char) -> Result<String, (c_int, String)> {
+    if name.is_null() {
+        return Err((SV_EINVAL, "name is NULL".into()));
+    }
+    // SAFETY: the caller passes a NUL-terminated string (checked non-NULL above), valid for
+    // the duration of the call, as the header documents.
+    let name = unsafe { CStr::from_ptr(name) };
+    let name = name
+        .to_str()
+        .map_err(|_| (SV_EINVAL, "name is not valid UTF-8".to_owned()))?;
+    crate::name::validate("entry", name).map_err(|e| (SV_EINVAL, e.to_string()))?;
+    Ok(name.to_owned())
+}
+
+fn io(e: crate::Error) -> (c_int, String) {
+    let code = match e {
+        crate::Error::SizeMismatch { .. } => SV_ESIZE,
+        crate::Error::InvalidName { .. } | crate::Error::WrongKind { .. } => SV_EINVAL,
+        _ => SV_EIO,
+    };
+    (code, e.to_string())
+}
+
+/// Starts the shim: reads the `SUPERVISE_*` environment (works without a supervisor: then it
+/// does nothing, or snapshots locally with `SUPERVISE_STORE`) and opens the snapshot to
+/// restore, if any. Call once, first. Returns 0, or a negative code.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_init() -> c_int {
+    guard(|| {
+        let mut state = STATE.lock().unwrap_or_else(|p| p.into_inner());
+        if state.is_some() {
+            return Err((SV_ESTATE, "sv_init was already called".into()));
+        }
+        let program = std::env::args()
+            .next()
+            .and_then(|a| {
+                std::path::Path::new(&a)
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| "program".into());
+        let shim = Shim::init(&program).map_err(io)?;
+        *state = Some(State {
+            shim,
+            protected: Vec::new(),
+        });
+        Ok(SV_OK)
+    })
+}
+
+/// Registers `bytes` bytes at `ptr` under `name` (letters, digits, `-`, `_`, `.`): every
+/// later snapshot holds them, and `sv_restore` fills them. The memory must stay valid until
+/// `sv_unprotect` or `sv_finalize`. Registering a name again replaces the earlier region.
+/// # Safety
+/// `name` is NULL or a NUL-terminated string; `ptr` is NULL or `bytes` bytes of memory that
+/// stay valid, readable and writable while protected.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sv_protect(name: *const c_char, ptr: *mut c_void, bytes: usize) -> c_int {
+    guard(|| {
+        let name = c_name(name)?;
+        if ptr.is_null() {
+            return Err((SV_EINVAL, format!("sv_protect({name:?}): pointer is NULL")));
+        }
+        if bytes == 0 {
+            return Err((SV_EINVAL, format!("sv_protect({name:?}): size is 0")));
+        }
+        with_state(|s| {
+            s.protected.retain(|p| p.name != name);
+            s.protected.push(Protected {
+                name,
+                ptr: ptr as usize,
+                bytes,
+            });
+            Ok(SV_OK)
+        })
+    })
+}
+
+/// Forgets the region `name`: later snapshots do not hold it. Unknown names are an error.
+/// # Safety
+/// `name` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sv_unprotect(name: *const c_char) -> c_int {
+    guard(|| {
+        let name = c_name(name)?;
+        with_state(|s| {
+            let before = s.protected.len();
+            s.protected.retain(|p| p.name != name);
+            if s.protected.len() == before {
+                return Err((SV_EINVAL, format!("no region {name:?} is protected")));
+            }
+            Ok(SV_OK)
+        })
+    })
+}
+
+/// 1 when this run resumes from a snapshot, 0 when it starts fresh, negative on error.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_is_restart() -> c_int {
+    guard(|| {
+        with_state(|s| {
+            Ok(match s.shim.start() {
+                Start::Resumed { .. } => 1,
+                _ => 0,
+            })
+        })
+    })
+}
+
+/// Fills every protected region from the snapshot this run resumes from, verifying every
+/// chunk. A region the snapshot does not hold, or whose size differs, is an error naming it.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_restore() -> c_int {
+    guard(|| {
+        with_state(|s| {
+            if !matches!(s.shim.start(), Start::Resumed { .. }) {
+                return Err((SV_EINVAL, "this run does not resume from a snapshot".into()));
+            }
+            for p in &s.protected {
+                // SAFETY: the program registered this memory as `bytes` writable bytes that
+                // stay valid while protected (documented in the header).
+                let dest = unsafe { std::slice::from_raw_parts_mut(p.ptr as *mut u8, p.bytes) };
+                if !s.shim.load_slice(&p.name, dest).map_err(io)? {
+                    return Err((
+                        SV_EINVAL,
+                        format!("the snapshot holds no region {:?}", p.name),
+                    ));
+                }
+            }
+            Ok(SV_OK)
+        })
+    })
+}
+
+/// 1 when a snapshot was requested (schedule, SIGUSR1, operator), else 0. One atomic load
+/// when nothing is pending. Call it at safe points.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_checkpoint_requested() -> c_int {
+    guard(|| with_state(|s| Ok(c_int::from(s.shim.due()))))
+}
+
+fn checkpoint(s: &mut State, tag: *const c_char) -> Outcome {
+    let tag = if tag.is_null() {
+        None
+    } else {
+        // SAFETY: a NUL-terminated string from the caller, valid for the call.
+        Some(
+            unsafe { CStr::from_ptr(tag) }
+                .to_string_lossy()
+                .into_owned(),
+        )
+    };
+    let protected = &s.protected;
+    s.shim
+        .snapshot(tag.as_deref(), |c| {
+            for p in protected {
+                // SAFETY: registered readable memory (see sv_protect); copied now, while the
+                // program waits in this call.
+                let bytes = unsafe { std::slice::from_raw_parts(p.ptr as *const u8, p.bytes) };
+                c.raw(&p.name, bytes)?;
+            }
+            Ok(())
+        })
+        .map_err(io)?;
+    Ok(SV_OK)
+}
+
+/// Snapshots every protected region now: they are copied during the call, then written in the
+/// background. `tag` (may be NULL) labels the snapshot (e.g. "step 1200"). If the supervisor
+/// asked the program to stop, the process exits (code 75) once this snapshot is durable.
+/// # Safety
+/// `tag` is NULL or a NUL-terminated string; the protected memory is still valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sv_checkpoint(tag: *const c_char) -> c_int {
+    guard(|| with_state(|s| checkpoint(s, tag)))
+}
+
+/// At a safe point: takes a snapshot if one was requested. Returns 1 if it took one, 0 if
+/// none was due, negative on error.
+/// # Safety
+/// As [`sv_checkpoint`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sv_poll(tag: *const c_char) -> c_int {
+    guard(|| {
+        with_state(|s| {
+            if !s.shim.due() {
+                return Ok(0);
+            }
+            checkpoint(s, tag).map(|_| 1)
+        })
+    })
+}
+
+/// The message of the last error on this thread ("" if none). Valid until the next `sv_*`
+/// call on this thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Waits for a snapshot still being written and closes the shim. Call at the end.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_finalize() {
+    let _ = guard(|| {
+        let state = STATE.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(s) = state {
+            s.shim.finish().map_err(io)?;
+        }
+        Ok(SV_OK)
+    });
+}
+
+/// Writes the blake3 hash of `bytes` bytes at `ptr` as 64 hex digits and a NUL into `out`
+/// (65 bytes): the hash the store uses, for programs that print a checksum of their state.
+/// # Safety
+/// `ptr` is NULL or `bytes` readable bytes; `out` is NULL or 65 writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sv_digest_hex(
+    ptr: *const c_void,
+    bytes: usize,
+    out: *mut c_char,
+) -> c_int {
+    guard(|| {
+        if ptr.is_null() || out.is_null() {
+            return Err((SV_EINVAL, "sv_digest_hex: NULL pointer".into()));
+        }
+        // SAFETY: the caller passes `bytes` readable bytes at `ptr` and 65 writable at `out`.
+        let data = unsafe { std::slice::from_raw_parts(ptr as *const u8, bytes) };
+        let hex = blake3::hash(data).to_hex();
+        // SAFETY: as above; 64 digits and the NUL fit the documented 65 bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(hex.as_ptr(), out as *mut u8, 64);
+            *out.add(64) = 0;
+        }
+        Ok(SV_OK)
+    })
+}

@@ -1,0 +1,111 @@
+//! End-to-end tests of the C ABI: `examples/heat.c`, built with `cc` against the shim's static
+//! library, agrees with the Rust heat, survives kill -9 under supervise, and reports bad use
+//! (a restore into a region of another size) as an error instead of crashing.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// Compiles examples/heat.c into `dir`; returns the program's path.
+fn build_heat_c(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // `cargo test` builds the shim's static library next to the test binaries.
+    let lib = supervise_bin()
+        .parent()
+        .expect("bin dir")
+        .join("deps")
+        .join("libsupervise_shim.a");
+    assert!(lib.exists(), "{} is missing", lib.display());
+    let out = dir.join("heat-c");
+    let status = Command::new("cc")
+        .args(["-O2", "-Wall", "-Wextra", "-Werror"])
+        .arg(root.join("examples/heat.c"))
+        .arg("-I")
+        .arg(root.join("shim/include"))
+        .arg(&lib)
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&out)
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "cc failed");
+    out
+}
+
+#[test]
+fn heat_c_agrees_with_heat_rs_and_survives_kill9_under_supervise() {
+    let dir = tempfile::tempdir().unwrap();
+    let heat_c = build_heat_c(dir.path());
+    let args = ["--n", "256", "--steps", "20000"];
+    let reference = reference_checksum(&args);
+    let alone = Command::new(&heat_c)
+        .args(args)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(
+        checksum_of(&String::from_utf8_lossy(&alone.stdout)).as_deref(),
+        Some(reference.as_str()),
+        "C and Rust heat disagree"
+    );
+
+    let store = dir.path().join("store");
+    let mut command = vec![heat_c.clone().into_os_string()];
+    command.extend(args.iter().map(Into::into));
+    let run = Run::start(
+        &store,
+        &["--every", "100ms", "--backoff", "10ms"],
+        &command,
+        &[],
+    );
+    fastrand::seed(11);
+    for kill_no in 1..=3 {
+        let child = run.nth_child_pid(kill_no, LONG);
+        run.wait_for_nth("done [step ", kill_no, LONG);
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..200)));
+        let _ = kill(Pid::from_raw(child as i32), Signal::SIGKILL);
+    }
+    let fin = run.wait(LONG);
+    fin.assert_completed(&reference);
+    fin.assert_said("heat.c: resumed at step ");
+}
+
+#[test]
+fn a_restore_into_a_region_of_another_size_is_an_error_naming_both_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let heat_c = build_heat_c(dir.path());
+    let store = dir.path().join("store");
+    // A snapshot of the 64 x 64 grid: the final one, on SIGTERM.
+    let command = vec![
+        heat_c.clone().into_os_string(),
+        "--n".into(),
+        "64".into(),
+        "--steps".into(),
+        "100000000".into(),
+    ];
+    let run = Run::start(&store, &["--every", "1h", "-v"], &command, &[]);
+    run.wait_for("shim connected", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    let job = only_job(&store);
+    // The same job resumed (locally) with a 65 x 65 grid.
+    let second = Command::new(&heat_c)
+        .args(["--n", "65", "--steps", "10"])
+        .env("SUPERVISE_STORE", &store)
+        .env("SUPERVISE_JOB", job.name())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("sv_restore") && err.contains("32768") && err.contains("33800"),
+        "{err}"
+    );
+}
