@@ -141,3 +141,51 @@ fn heat_c_runs_clean_under_valgrind_snapshotting_and_restoring() {
         }
     }
 }
+
+#[test]
+fn installed_with_pkg_config_a_c_program_builds_with_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let prefix = dir.path().join("prefix");
+    let deps = supervise_bin().parent().expect("bin dir").join("deps");
+    let status = Command::new(root.join("scripts/install-shim.sh"))
+        .arg("--prefix")
+        .arg(&prefix)
+        .arg("--from")
+        .arg(&deps)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pc_path = prefix.join("lib/pkgconfig");
+    let flags = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "supervise-shim"])
+        .env("PKG_CONFIG_PATH", &pc_path)
+        .output()
+        .expect("pkg-config is needed (.ci/run installs it)");
+    assert!(flags.status.success());
+    let flags = String::from_utf8_lossy(&flags.stdout).trim().to_owned();
+    let program = dir.path().join("heat-pc");
+    let built = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cc -O2 '{}' {flags} -o '{}'",
+            root.join("examples/heat.c").display(),
+            program.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "cc with pkg-config flags {flags}: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let out = Command::new(&program)
+        .args(["--n", "64", "--steps", "100"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(
+        checksum_of(&String::from_utf8_lossy(&out.stdout)),
+        Some(reference_checksum(&["--n", "64", "--steps", "100"]))
+    );
+}
