@@ -1,68 +1,131 @@
-/* supervise shim: the C ABI (see shim/src/ffi.rs, which documents each function).
+/* supervise shim: the C ABI. Generated from shim/src/ffi.rs by cbindgen; do not edit.
  *
- * Link: libsupervise_shim.a (with -lpthread -ldl -lm) or libsupervise_shim.so.
+ * Link: libsupervise_shim.a (with -lpthread -ldl -lm) or libsupervise_shim.so, or use
+ * `pkg-config --cflags --libs supervise-shim` after scripts/install-shim.sh.
  * Functions return 0 (or the documented positive value) on success and a negative SV_E*
  * code on error; sv_last_error() then says what went wrong, for the calling thread. No call
  * aborts the program. One shim per process; every function may be called from any thread
  * (they serialise on one lock), but a program normally calls them from its main loop.
  */
+
 #ifndef SUPERVISE_H
 #define SUPERVISE_H
 
 #include <stddef.h>
 
+/*
+ Success.
+ */
+#define SV_OK 0
+
+/*
+ A bad argument: NULL pointer, bad or unknown name, zero size.
+ */
+#define SV_EINVAL -1
+
+/*
+ Called before `sv_init` succeeded (or after `sv_finalize`).
+ */
+#define SV_ESTATE -2
+
+/*
+ A region's size differs from the snapshot's (the message names both).
+ */
+#define SV_ESIZE -3
+
+/*
+ Reading or writing the store failed, or a snapshot is damaged.
+ */
+#define SV_EIO -4
+
+/*
+ An internal error (a bug): the shim caught it and stays usable where it can.
+ */
+#define SV_EINTERNAL -5
+
 #ifdef __cplusplus
 extern "C" {
-#endif
+#endif // __cplusplus
 
-#define SV_OK 0
-#define SV_EINVAL (-1)    /* NULL pointer, bad or unknown name, zero size */
-#define SV_ESTATE (-2)    /* called before sv_init succeeded, or after sv_finalize */
-#define SV_ESIZE (-3)     /* a region's size differs from the snapshot's (both named) */
-#define SV_EIO (-4)       /* the store could not be read or written, or is damaged */
-#define SV_EINTERNAL (-5) /* a bug in the shim, caught */
-
-/* Reads the SUPERVISE_* environment; works without a supervisor (then it does nothing, or
- * snapshots locally with SUPERVISE_STORE). Call once, first. */
+/*
+ Starts the shim: reads the `SUPERVISE_*` environment (works without a supervisor: then it
+ does nothing, or snapshots locally with `SUPERVISE_STORE`) and opens the snapshot to
+ restore, if any. Call once, first. Returns 0, or a negative code.
+ */
 int sv_init(void);
 
-/* Registers `bytes` bytes at `ptr` under `name` (letters, digits, '-', '_', '.'). The memory
- * must stay valid until sv_unprotect or sv_finalize. A name registered again is replaced. */
+/*
+ Registers `bytes` bytes at `ptr` under `name` (letters, digits, `-`, `_`, `.`): every
+ later snapshot holds them, and `sv_restore` fills them. The memory must stay valid until
+ `sv_unprotect` or `sv_finalize`. Registering a name again replaces the earlier region.
+ # Safety
+ `name` is NULL or a NUL-terminated string; `ptr` is NULL or `bytes` bytes of memory that
+ stay valid, readable and writable while protected.
+ */
 int sv_protect(const char *name, void *ptr, size_t bytes);
 
-/* Forgets a region: later snapshots do not hold it. Unknown names are an error. */
+/*
+ Forgets the region `name`: later snapshots do not hold it. Unknown names are an error.
+ # Safety
+ `name` is NULL or a NUL-terminated string.
+ */
 int sv_unprotect(const char *name);
 
-/* 1 when this run resumes from a snapshot, 0 when it starts fresh. */
+/*
+ 1 when this run resumes from a snapshot, 0 when it starts fresh, negative on error.
+ */
 int sv_is_restart(void);
 
-/* Fills every protected region from that snapshot, verifying every chunk. */
+/*
+ Fills every protected region from the snapshot this run resumes from, verifying every
+ chunk. A region the snapshot does not hold, or whose size differs, is an error naming it.
+ */
 int sv_restore(void);
 
-/* 1 when a snapshot was requested (schedule, SIGUSR1, operator), else 0. One atomic load when
- * nothing is pending: call it at every safe point. */
+/*
+ 1 when a snapshot was requested (schedule, SIGUSR1, operator), else 0. One atomic load
+ when nothing is pending. Call it at safe points.
+ */
 int sv_checkpoint_requested(void);
 
-/* Snapshots all protected regions now (copied during the call, written in the background).
- * `tag` may be NULL. If the supervisor asked the program to stop, the process exits (75) once
- * this snapshot is durable. */
+/*
+ Snapshots every protected region now: they are copied during the call, then written in the
+ background. `tag` (may be NULL) labels the snapshot (e.g. "step 1200"). If the supervisor
+ asked the program to stop, the process exits (code 75) once this snapshot is durable.
+ # Safety
+ `tag` is NULL or a NUL-terminated string; the protected memory is still valid.
+ */
 int sv_checkpoint(const char *tag);
 
-/* Checkpoints if one was requested; 1 if it took one, 0 if none was due. */
+/*
+ At a safe point: takes a snapshot if one was requested. Returns 1 if it took one, 0 if
+ none was due, negative on error.
+ # Safety
+ As [`sv_checkpoint`].
+ */
 int sv_poll(const char *tag);
 
-/* The message of the last error on this thread ("" if none); valid until the next call. */
+/*
+ The message of the last error on this thread ("" if none). Valid until the next `sv_*`
+ call on this thread.
+ */
 const char *sv_last_error(void);
 
-/* Waits for a snapshot still being written and closes the shim. */
+/*
+ Waits for a snapshot still being written and closes the shim. Call at the end.
+ */
 void sv_finalize(void);
 
-/* Writes the blake3 hash of `bytes` bytes at `ptr` as 64 hex digits and a NUL into `out`
- * (65 bytes): the hash the store uses. */
+/*
+ Writes the blake3 hash of `bytes` bytes at `ptr` as 64 hex digits and a NUL into `out`
+ (65 bytes): the hash the store uses, for programs that print a checksum of their state.
+ # Safety
+ `ptr` is NULL or `bytes` readable bytes; `out` is NULL or 65 writable bytes.
+ */
 int sv_digest_hex(const void *ptr, size_t bytes, char *out);
 
 #ifdef __cplusplus
-}
-#endif
+}  // extern "C"
+#endif  // __cplusplus
 
-#endif /* SUPERVISE_H */
+#endif  /* SUPERVISE_H */
