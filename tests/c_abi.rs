@@ -1,6 +1,7 @@
-//! End-to-end tests of the C ABI: `examples/heat.c`, built with `cc` against the shim's static
-//! library, agrees with the Rust heat, survives kill -9 under supervise, and reports bad use
-//! (a restore into a region of another size) as an error instead of crashing.
+//! End-to-end tests of the C ABI: `examples/heat.c` (built with `cc`) and `examples/heat.f90`
+//! (built with `gfortran` and the `supervise` module) against the shim's static library agree
+//! with the Rust heat, survive kill -9 under supervise, and report bad use (a restore into a
+//! region of another size) as an error instead of crashing.
 
 mod support;
 
@@ -39,13 +40,36 @@ fn build_heat_c(dir: &Path) -> PathBuf {
     out
 }
 
-#[test]
-fn heat_c_agrees_with_heat_rs_and_survives_kill9_under_supervise() {
+/// Compiles the Fortran module and examples/heat.f90 into `dir`; returns the program's path.
+fn build_heat_f90(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = supervise_bin()
+        .parent()
+        .expect("bin dir")
+        .join("deps")
+        .join("libsupervise_shim.a");
+    let out = dir.join("heat-f");
+    let status = Command::new("gfortran")
+        .args(["-O2", "-Wall", "-Werror", "-J"])
+        .arg(dir)
+        .arg(root.join("shim/include/supervise.f90"))
+        .arg(root.join("examples/heat.f90"))
+        .arg(&lib)
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&out)
+        .status()
+        .expect("gfortran is needed (.ci/run installs it)");
+    assert!(status.success(), "gfortran failed");
+    out
+}
+
+/// Runs `program` (a heat) alone and under supervise with three kill -9s: both must end with
+/// the Rust heat's checksum.
+fn agrees_and_survives_kill9(program: &Path, resumed_line: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let heat_c = build_heat_c(dir.path());
     let args = ["--n", "256", "--steps", "20000"];
     let reference = reference_checksum(&args);
-    let alone = Command::new(&heat_c)
+    let alone = Command::new(program)
         .args(args)
         .env_clear()
         .output()
@@ -53,11 +77,11 @@ fn heat_c_agrees_with_heat_rs_and_survives_kill9_under_supervise() {
     assert_eq!(
         checksum_of(&String::from_utf8_lossy(&alone.stdout)).as_deref(),
         Some(reference.as_str()),
-        "C and Rust heat disagree"
+        "{} and the Rust heat disagree",
+        program.display()
     );
-
     let store = dir.path().join("store");
-    let mut command = vec![heat_c.clone().into_os_string()];
+    let mut command = vec![program.as_os_str().to_owned()];
     command.extend(args.iter().map(Into::into));
     let run = Run::start(
         &store,
@@ -74,7 +98,19 @@ fn heat_c_agrees_with_heat_rs_and_survives_kill9_under_supervise() {
     }
     let fin = run.wait(LONG);
     fin.assert_completed(&reference);
-    fin.assert_said("heat.c: resumed at step ");
+    fin.assert_said(resumed_line);
+}
+
+#[test]
+fn heat_f90_agrees_with_heat_rs_and_survives_kill9_under_supervise() {
+    let dir = tempfile::tempdir().unwrap();
+    agrees_and_survives_kill9(&build_heat_f90(dir.path()), "heat.f90: resumed at step ");
+}
+
+#[test]
+fn heat_c_agrees_with_heat_rs_and_survives_kill9_under_supervise() {
+    let dir = tempfile::tempdir().unwrap();
+    agrees_and_survives_kill9(&build_heat_c(dir.path()), "heat.c: resumed at step ");
 }
 
 #[test]
