@@ -11,7 +11,7 @@ module supervise
     private
     public :: sv_init, sv_protect, sv_unprotect, sv_is_restart, sv_restore, &
               sv_checkpoint_requested, sv_checkpoint, sv_poll, sv_finalize, &
-              sv_error_message, sv_digest_hex
+              sv_error_message, sv_digest_hex, sv_alloc
     integer(c_int), parameter, public :: SV_OK = 0, SV_EINVAL = -1, SV_ESTATE = -2, &
                                          SV_ESIZE = -3, SV_EIO = -4, SV_EINTERNAL = -5
 
@@ -23,6 +23,11 @@ module supervise
             import :: c_int, c_char, c_ptr, c_size_t
             character(kind=c_char), dimension(*), intent(in) :: name
             type(c_ptr), value :: ptr
+            integer(c_size_t), value :: bytes
+        end function
+        type(c_ptr) function c_alloc(name, bytes) bind(c, name="sv_alloc")
+            import :: c_ptr, c_char, c_size_t
+            character(kind=c_char), dimension(*), intent(in) :: name
             integer(c_size_t), value :: bytes
         end function
         integer(c_int) function c_unprotect(name) bind(c, name="sv_unprotect")
@@ -72,6 +77,14 @@ contains
         type(c_ptr), intent(in) :: ptr
         integer(c_size_t), intent(in) :: bytes
         sv_protect = c_protect(trim(name) // c_null_char, ptr, bytes)
+    end function
+
+    ! Memory owned by the shim under `name` (restored when this run resumes; snapshots copy
+    ! only the chunks written since the last one). Map it with c_f_pointer. c_null_ptr on error.
+    type(c_ptr) function sv_alloc(name, bytes)
+        character(len=*), intent(in) :: name
+        integer(c_size_t), intent(in) :: bytes
+        sv_alloc = c_alloc(trim(name) // c_null_char, bytes)
     end function
 
     integer(c_int) function sv_unprotect(name)

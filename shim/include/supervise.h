@@ -66,10 +66,24 @@ int sv_protect(const char *name, void *ptr, size_t bytes);
 
 /*
  Forgets the region `name`: later snapshots do not hold it. Unknown names are an error.
+ For a region from `sv_alloc`, this also frees its memory.
  # Safety
  `name` is NULL or a NUL-terminated string.
  */
 int sv_unprotect(const char *name);
+
+/*
+ Allocates `bytes` bytes of memory owned by the shim under `name` and returns it (NULL on
+ error, see `sv_last_error`). When this run resumes, the memory already holds the
+ snapshot's bytes (zeros if the snapshot has no such region; a size mismatch is an error).
+ Snapshots capture it without a whole copy where the kernel tracks writes: only the 64 KiB
+ chunks written since the last snapshot are copied. Page-aligned; valid until
+ `sv_unprotect(name)` or `sv_finalize`.
+
+ # Safety
+ `name` is NULL or a NUL-terminated string.
+ */
+void *sv_alloc(const char *name, size_t bytes);
 
 /*
  1 when this run resumes from a snapshot, 0 when it starts fresh, negative on error.
@@ -79,6 +93,7 @@ int sv_is_restart(void);
 /*
  Fills every protected region from the snapshot this run resumes from, verifying every
  chunk. A region the snapshot does not hold, or whose size differs, is an error naming it.
+ (Regions from `sv_alloc` are filled when allocated.)
  */
 int sv_restore(void);
 

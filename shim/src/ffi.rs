@@ -10,6 +10,7 @@ use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 
+use crate::region::Region;
 use crate::runtime::{Shim, Start};
 
 /// Success.
@@ -31,9 +32,26 @@ struct Protected {
     bytes: usize,
 }
 
+/// A region the shim allocated for the program (`sv_alloc`): typed `f64` when its size allows
+/// (the byte-shuffle then applies), bytes otherwise.
+enum Allocated {
+    F64(Region<f64>),
+    U8(Region<u8>),
+}
+
+impl Allocated {
+    fn name(&self) -> &str {
+        match self {
+            Allocated::F64(r) => r.name(),
+            Allocated::U8(r) => r.name(),
+        }
+    }
+}
+
 struct State {
     shim: Shim,
     protected: Vec<Protected>,
+    allocated: Vec<Allocated>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -119,6 +137,7 @@ pub extern "C" fn sv_init() -> c_int {
         *state = Some(State {
             shim,
             protected: Vec::new(),
+            allocated: Vec::new(),
         });
         Ok(SV_OK)
     })
@@ -141,6 +160,9 @@ pub unsafe extern "C" fn sv_protect(name: *const c_char, ptr: *mut c_void, bytes
             return Err((SV_EINVAL, format!("sv_protect({name:?}): size is 0")));
         }
         with_state(|s| {
+            if s.allocated.iter().any(|a| a.name() == name) {
+                return Err((SV_EINVAL, format!("{name:?} is a region from sv_alloc")));
+            }
             s.protected.retain(|p| p.name != name);
             s.protected.push(Protected {
                 name,
@@ -153,6 +175,7 @@ pub unsafe extern "C" fn sv_protect(name: *const c_char, ptr: *mut c_void, bytes
 }
 
 /// Forgets the region `name`: later snapshots do not hold it. Unknown names are an error.
+/// For a region from `sv_alloc`, this also frees its memory.
 /// # Safety
 /// `name` is NULL or a NUL-terminated string.
 #[unsafe(no_mangle)]
@@ -160,14 +183,52 @@ pub unsafe extern "C" fn sv_unprotect(name: *const c_char) -> c_int {
     guard(|| {
         let name = c_name(name)?;
         with_state(|s| {
-            let before = s.protected.len();
+            let before = s.protected.len() + s.allocated.len();
             s.protected.retain(|p| p.name != name);
-            if s.protected.len() == before {
+            s.allocated.retain(|a| a.name() != name);
+            if s.protected.len() + s.allocated.len() == before {
                 return Err((SV_EINVAL, format!("no region {name:?} is protected")));
             }
             Ok(SV_OK)
         })
     })
+}
+
+/// Allocates `bytes` bytes of memory owned by the shim under `name` and returns it (NULL on
+/// error, see `sv_last_error`). When this run resumes, the memory already holds the
+/// snapshot's bytes (zeros if the snapshot has no such region; a size mismatch is an error).
+/// Snapshots capture it without a whole copy where the kernel tracks writes: only the 64 KiB
+/// chunks written since the last snapshot are copied. Page-aligned; valid until
+/// `sv_unprotect(name)` or `sv_finalize`.
+///
+/// # Safety
+/// `name` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sv_alloc(name: *const c_char, bytes: usize) -> *mut c_void {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    guard(|| {
+        let name = c_name(name)?;
+        if bytes == 0 {
+            return Err((SV_EINVAL, format!("sv_alloc({name:?}): size is 0")));
+        }
+        with_state(|s| {
+            if s.protected.iter().any(|p| p.name == name) {
+                return Err((SV_EINVAL, format!("{name:?} is already protected")));
+            }
+            let mut region = if bytes % 8 == 0 {
+                Allocated::F64(s.shim.region::<f64>(&name, bytes / 8).map_err(io)?)
+            } else {
+                Allocated::U8(s.shim.region::<u8>(&name, bytes).map_err(io)?)
+            };
+            out = match &mut region {
+                Allocated::F64(r) => r.as_mut_ptr() as *mut c_void,
+                Allocated::U8(r) => r.as_mut_ptr() as *mut c_void,
+            };
+            s.allocated.push(region);
+            Ok(SV_OK)
+        })
+    });
+    out
 }
 
 /// 1 when this run resumes from a snapshot, 0 when it starts fresh, negative on error.
@@ -185,6 +246,7 @@ pub extern "C" fn sv_is_restart() -> c_int {
 
 /// Fills every protected region from the snapshot this run resumes from, verifying every
 /// chunk. A region the snapshot does not hold, or whose size differs, is an error naming it.
+/// (Regions from `sv_alloc` are filled when allocated.)
 #[unsafe(no_mangle)]
 pub extern "C" fn sv_restore() -> c_int {
     guard(|| {
