@@ -51,6 +51,8 @@ extern "C" {
  Starts the shim: reads the `SUPERVISE_*` environment (works without a supervisor: then it
  does nothing, or snapshots locally with `SUPERVISE_STORE`) and opens the snapshot to
  restore, if any. Call once, first. Returns 0, or a negative code.
+
+ Thread safety: call once, before any other `sv_*` call, from one thread.
  */
 int sv_init(void);
 
@@ -58,6 +60,8 @@ int sv_init(void);
  Registers `bytes` bytes at `ptr` under `name` (letters, digits, `-`, `_`, `.`): every
  later snapshot holds them, and `sv_restore` fills them. The memory must stay valid until
  `sv_unprotect` or `sv_finalize`. Registering a name again replaces the earlier region.
+ Thread safety: any thread; serialised with the other calls.
+
  # Safety
  `name` is NULL or a NUL-terminated string; `ptr` is NULL or `bytes` bytes of memory that
  stay valid, readable and writable while protected.
@@ -67,6 +71,8 @@ int sv_protect(const char *name, void *ptr, size_t bytes);
 /*
  Forgets the region `name`: later snapshots do not hold it. Unknown names are an error.
  For a region from `sv_alloc`, this also frees its memory.
+ Thread safety: any thread; no other thread may use the memory of a freed `sv_alloc` region.
+
  # Safety
  `name` is NULL or a NUL-terminated string.
  */
@@ -80,6 +86,8 @@ int sv_unprotect(const char *name);
  chunks written since the last snapshot are copied. Page-aligned; valid until
  `sv_unprotect(name)` or `sv_finalize`.
 
+ Thread safety: any thread; serialised with the other calls.
+
  # Safety
  `name` is NULL or a NUL-terminated string.
  */
@@ -87,6 +95,8 @@ void *sv_alloc(const char *name, size_t bytes);
 
 /*
  1 when this run resumes from a snapshot, 0 when it starts fresh, negative on error.
+
+ Thread safety: any thread.
  */
 int sv_is_restart(void);
 
@@ -94,12 +104,16 @@ int sv_is_restart(void);
  Fills every protected region from the snapshot this run resumes from, verifying every
  chunk. A region the snapshot does not hold, or whose size differs, is an error naming it.
  (Regions from `sv_alloc` are filled when allocated.)
+
+ Thread safety: any thread, while no thread writes the protected memory.
  */
 int sv_restore(void);
 
 /*
  1 when a snapshot was requested (schedule, SIGUSR1, operator), else 0. One atomic load
  when nothing is pending. Call it at safe points.
+
+ Thread safety: any thread (takes the shim's lock briefly).
  */
 int sv_checkpoint_requested(void);
 
@@ -107,6 +121,8 @@ int sv_checkpoint_requested(void);
  Snapshots every protected region now: they are copied during the call, then written in the
  background. `tag` (may be NULL) labels the snapshot (e.g. "step 1200"). If the supervisor
  asked the program to stop, the process exits (code 75) once this snapshot is durable.
+ Thread safety: any thread, while no thread writes `sv_protect` memory (it is copied during the call); `sv_alloc` memory may be written by other threads (tracked).
+
  # Safety
  `tag` is NULL or a NUL-terminated string; the protected memory is still valid.
  */
@@ -115,6 +131,8 @@ int sv_checkpoint(const char *tag);
 /*
  At a safe point: takes a snapshot if one was requested. Returns 1 if it took one, 0 if
  none was due, negative on error.
+ Thread safety: as `sv_checkpoint`.
+
  # Safety
  As [`sv_checkpoint`].
  */
@@ -123,17 +141,23 @@ int sv_poll(const char *tag);
 /*
  The message of the last error on this thread ("" if none). Valid until the next `sv_*`
  call on this thread.
+
+ Thread safety: any thread; each thread sees its own last error.
  */
 const char *sv_last_error(void);
 
 /*
  Waits for a snapshot still being written and closes the shim. Call at the end.
+
+ Thread safety: once, at the end, when no other thread calls the shim.
  */
 void sv_finalize(void);
 
 /*
  Writes the blake3 hash of `bytes` bytes at `ptr` as 64 hex digits and a NUL into `out`
  (65 bytes): the hash the store uses, for programs that print a checksum of their state.
+ Thread safety: any thread (needs no shim).
+
  # Safety
  `ptr` is NULL or `bytes` readable bytes; `out` is NULL or 65 writable bytes.
  */

@@ -118,6 +118,8 @@ fn io(e: crate::Error) -> (c_int, String) {
 /// Starts the shim: reads the `SUPERVISE_*` environment (works without a supervisor: then it
 /// does nothing, or snapshots locally with `SUPERVISE_STORE`) and opens the snapshot to
 /// restore, if any. Call once, first. Returns 0, or a negative code.
+///
+/// Thread safety: call once, before any other `sv_*` call, from one thread.
 #[unsafe(no_mangle)]
 pub extern "C" fn sv_init() -> c_int {
     guard(|| {
@@ -146,6 +148,8 @@ pub extern "C" fn sv_init() -> c_int {
 /// Registers `bytes` bytes at `ptr` under `name` (letters, digits, `-`, `_`, `.`): every
 /// later snapshot holds them, and `sv_restore` fills them. The memory must stay valid until
 /// `sv_unprotect` or `sv_finalize`. Registering a name again replaces the earlier region.
+/// Thread safety: any thread; serialised with the other calls.
+///
 /// # Safety
 /// `name` is NULL or a NUL-terminated string; `ptr` is NULL or `bytes` bytes of memory that
 /// stay valid, readable and writable while protected.
@@ -176,6 +180,8 @@ pub unsafe extern "C" fn sv_protect(name: *const c_char, ptr: *mut c_void, bytes
 
 /// Forgets the region `name`: later snapshots do not hold it. Unknown names are an error.
 /// For a region from `sv_alloc`, this also frees its memory.
+/// Thread safety: any thread; no other thread may use the memory of a freed `sv_alloc` region.
+///
 /// # Safety
 /// `name` is NULL or a NUL-terminated string.
 #[unsafe(no_mangle)]
@@ -200,6 +206,8 @@ pub unsafe extern "C" fn sv_unprotect(name: *const c_char) -> c_int {
 /// Snapshots capture it without a whole copy where the kernel tracks writes: only the 64 KiB
 /// chunks written since the last snapshot are copied. Page-aligned; valid until
 /// `sv_unprotect(name)` or `sv_finalize`.
+///
+/// Thread safety: any thread; serialised with the other calls.
 ///
 /// # Safety
 /// `name` is NULL or a NUL-terminated string.
@@ -232,6 +240,8 @@ pub unsafe extern "C" fn sv_alloc(name: *const c_char, bytes: usize) -> *mut c_v
 }
 
 /// 1 when this run resumes from a snapshot, 0 when it starts fresh, negative on error.
+///
+/// Thread safety: any thread.
 #[unsafe(no_mangle)]
 pub extern "C" fn sv_is_restart() -> c_int {
     guard(|| {
@@ -247,6 +257,8 @@ pub extern "C" fn sv_is_restart() -> c_int {
 /// Fills every protected region from the snapshot this run resumes from, verifying every
 /// chunk. A region the snapshot does not hold, or whose size differs, is an error naming it.
 /// (Regions from `sv_alloc` are filled when allocated.)
+///
+/// Thread safety: any thread, while no thread writes the protected memory.
 #[unsafe(no_mangle)]
 pub extern "C" fn sv_restore() -> c_int {
     guard(|| {
@@ -272,6 +284,8 @@ pub extern "C" fn sv_restore() -> c_int {
 
 /// 1 when a snapshot was requested (schedule, SIGUSR1, operator), else 0. One atomic load
 /// when nothing is pending. Call it at safe points.
+///
+/// Thread safety: any thread (takes the shim's lock briefly).
 #[unsafe(no_mangle)]
 pub extern "C" fn sv_checkpoint_requested() -> c_int {
     guard(|| with_state(|s| Ok(c_int::from(s.shim.due()))))
@@ -306,6 +320,8 @@ fn checkpoint(s: &mut State, tag: *const c_char) -> Outcome {
 /// Snapshots every protected region now: they are copied during the call, then written in the
 /// background. `tag` (may be NULL) labels the snapshot (e.g. "step 1200"). If the supervisor
 /// asked the program to stop, the process exits (code 75) once this snapshot is durable.
+/// Thread safety: any thread, while no thread writes `sv_protect` memory (it is copied during the call); `sv_alloc` memory may be written by other threads (tracked).
+///
 /// # Safety
 /// `tag` is NULL or a NUL-terminated string; the protected memory is still valid.
 #[unsafe(no_mangle)]
@@ -315,6 +331,8 @@ pub unsafe extern "C" fn sv_checkpoint(tag: *const c_char) -> c_int {
 
 /// At a safe point: takes a snapshot if one was requested. Returns 1 if it took one, 0 if
 /// none was due, negative on error.
+/// Thread safety: as `sv_checkpoint`.
+///
 /// # Safety
 /// As [`sv_checkpoint`].
 #[unsafe(no_mangle)]
@@ -331,12 +349,16 @@ pub unsafe extern "C" fn sv_poll(tag: *const c_char) -> c_int {
 
 /// The message of the last error on this thread ("" if none). Valid until the next `sv_*`
 /// call on this thread.
+///
+/// Thread safety: any thread; each thread sees its own last error.
 #[unsafe(no_mangle)]
 pub extern "C" fn sv_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
 /// Waits for a snapshot still being written and closes the shim. Call at the end.
+///
+/// Thread safety: once, at the end, when no other thread calls the shim.
 #[unsafe(no_mangle)]
 pub extern "C" fn sv_finalize() {
     let _ = guard(|| {
@@ -350,6 +372,8 @@ pub extern "C" fn sv_finalize() {
 
 /// Writes the blake3 hash of `bytes` bytes at `ptr` as 64 hex digits and a NUL into `out`
 /// (65 bytes): the hash the store uses, for programs that print a checksum of their state.
+/// Thread safety: any thread (needs no shim).
+///
 /// # Safety
 /// `ptr` is NULL or `bytes` readable bytes; `out` is NULL or 65 writable bytes.
 #[unsafe(no_mangle)]
