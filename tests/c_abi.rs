@@ -15,8 +15,9 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
-/// Compiles examples/heat.c into `dir`; returns the program's path.
-fn build_heat_c(dir: &Path) -> PathBuf {
+/// Compiles `sources` (paths in the repository) with `compiler` and `flags` against the
+/// shim's static library into `dir/out`; returns the program's path.
+fn compile(dir: &Path, compiler: &str, flags: &[&str], sources: &[&str], out: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // `cargo test` builds the shim's static library next to the test binaries.
     let lib = supervise_bin()
@@ -25,42 +26,32 @@ fn build_heat_c(dir: &Path) -> PathBuf {
         .join("deps")
         .join("libsupervise_shim.a");
     assert!(lib.exists(), "{} is missing", lib.display());
-    let out = dir.join("heat-c");
-    let status = Command::new("cc")
-        .args(["-O2", "-Wall", "-Wextra", "-Werror"])
-        .arg(root.join("examples/heat.c"))
-        .arg("-I")
-        .arg(root.join("shim/include"))
+    let program = dir.join(out);
+    let status = Command::new(compiler)
+        .args(flags)
+        .args(sources.iter().map(|s| root.join(s)))
         .arg(&lib)
         .args(["-lpthread", "-ldl", "-lm", "-o"])
-        .arg(&out)
+        .arg(&program)
         .status()
-        .expect("run cc");
-    assert!(status.success(), "cc failed");
-    out
+        .unwrap_or_else(|e| panic!("{compiler} is needed (.ci/run installs it): {e}"));
+    assert!(status.success(), "{compiler} failed");
+    program
 }
 
-/// Compiles the Fortran module and examples/heat.f90 into `dir`; returns the program's path.
+/// Compiles examples/heat.c into `dir`.
+fn build_heat_c(dir: &Path) -> PathBuf {
+    let include = format!("-I{}/shim/include", env!("CARGO_MANIFEST_DIR"));
+    let flags = ["-O2", "-Wall", "-Wextra", "-Werror", include.as_str()];
+    compile(dir, "cc", &flags, &["examples/heat.c"], "heat-c")
+}
+
+/// Compiles the Fortran module and examples/heat.f90 into `dir` (module files there too).
 fn build_heat_f90(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let lib = supervise_bin()
-        .parent()
-        .expect("bin dir")
-        .join("deps")
-        .join("libsupervise_shim.a");
-    let out = dir.join("heat-f");
-    let status = Command::new("gfortran")
-        .args(["-O2", "-Wall", "-Werror", "-J"])
-        .arg(dir)
-        .arg(root.join("shim/include/supervise.f90"))
-        .arg(root.join("examples/heat.f90"))
-        .arg(&lib)
-        .args(["-lpthread", "-ldl", "-lm", "-o"])
-        .arg(&out)
-        .status()
-        .expect("gfortran is needed (.ci/run installs it)");
-    assert!(status.success(), "gfortran failed");
-    out
+    let modules = format!("-J{}", dir.display());
+    let flags = ["-O2", "-Wall", "-Werror", modules.as_str()];
+    let sources = ["shim/include/supervise.f90", "examples/heat.f90"];
+    compile(dir, "gfortran", &flags, &sources, "heat-f")
 }
 
 /// Runs `program` (a heat) alone and under supervise with three kill -9s: both must end with
