@@ -113,7 +113,7 @@ int sv_restore(void);
  1 when a snapshot was requested (schedule, SIGUSR1, operator), else 0. One atomic load
  when nothing is pending. Call it at safe points.
 
- Thread safety: any thread (takes the shim's lock briefly).
+ Thread safety: any thread; takes no lock.
  */
 int sv_checkpoint_requested(void);
 

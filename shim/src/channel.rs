@@ -39,6 +39,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// True when a snapshot is due; counts a liveness beat when the control thread asked for
+    /// one. One relaxed load when nothing is pending.
+    pub(crate) fn due(&self) -> bool {
+        let pending = self.pending.load(Ordering::Relaxed);
+        pending != 0 && self.due_slow(pending)
+    }
+
+    #[cold]
+    fn due_slow(&self, pending: u32) -> bool {
+        if pending & BEAT != 0 {
+            self.pending.fetch_and(!BEAT, Ordering::Relaxed);
+            self.beats.fetch_add(1, Ordering::Relaxed);
+        }
+        pending & SNAP != 0
+    }
+
     pub(crate) fn send(&self, event: &Event) {
         if let Some(stream) = &self.control {
             let stream = stream.lock().unwrap_or_else(|p| p.into_inner());

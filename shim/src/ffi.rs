@@ -8,8 +8,10 @@
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Arc, Mutex};
 
+use crate::channel::Shared;
 use crate::region::Region;
 use crate::runtime::{Shim, Start};
 
@@ -55,6 +57,18 @@ struct State {
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+/// What the polls read without taking `STATE`'s lock: the shim's pending-request word, set
+/// by `sv_init` and cleared by `sv_finalize`. Each `Shared` put here is leaked on purpose (a
+/// few dozen bytes per `sv_init`), so a poll racing `sv_finalize` never reads freed memory.
+static POLL: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The pending-request word, if the shim is open.
+fn poll_state() -> Option<&'static Shared> {
+    let ptr = POLL.load(Ordering::Acquire);
+    // SAFETY: non-null values come from `Arc::into_raw` in sv_init and are never freed.
+    (!ptr.is_null()).then(|| unsafe { &*ptr })
+}
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -136,6 +150,10 @@ pub extern "C" fn sv_init() -> c_int {
             })
             .unwrap_or_else(|| "program".into());
         let shim = Shim::init(&program).map_err(io)?;
+        POLL.store(
+            Arc::into_raw(shim.shared()) as *mut Shared,
+            Ordering::Release,
+        );
         *state = Some(State {
             shim,
             protected: Vec::new(),
@@ -285,10 +303,13 @@ pub extern "C" fn sv_restore() -> c_int {
 /// 1 when a snapshot was requested (schedule, SIGUSR1, operator), else 0. One atomic load
 /// when nothing is pending. Call it at safe points.
 ///
-/// Thread safety: any thread (takes the shim's lock briefly).
+/// Thread safety: any thread; takes no lock.
 #[unsafe(no_mangle)]
 pub extern "C" fn sv_checkpoint_requested() -> c_int {
-    guard(|| with_state(|s| Ok(c_int::from(s.shim.due()))))
+    guard(|| match poll_state() {
+        Some(shared) => Ok(c_int::from(shared.due())),
+        None => Err((SV_ESTATE, "sv_init has not been called (or failed)".into())),
+    })
 }
 
 fn checkpoint(s: &mut State, tag: *const c_char) -> Outcome {
@@ -338,6 +359,10 @@ pub unsafe extern "C" fn sv_checkpoint(tag: *const c_char) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sv_poll(tag: *const c_char) -> c_int {
     guard(|| {
+        // The common case, nothing due, takes no lock.
+        if poll_state().is_some_and(|shared| !shared.due()) {
+            return Ok(0);
+        }
         with_state(|s| {
             if !s.shim.due() {
                 return Ok(0);
@@ -363,6 +388,7 @@ pub extern "C" fn sv_last_error() -> *const c_char {
 pub extern "C" fn sv_finalize() {
     let _ = guard(|| {
         let state = STATE.lock().unwrap_or_else(|p| p.into_inner()).take();
+        POLL.store(std::ptr::null_mut(), Ordering::Release);
         if let Some(s) = state {
             s.shim.finish().map_err(io)?;
         }

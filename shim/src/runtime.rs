@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::capture::{Background, Buffer, Capture, Item, Job, Work, empty_buffer};
-use crate::channel::{BEAT, SNAP, STOP, Shared, adopt_control_fd, control_loop, set_cloexec};
+use crate::channel::{SNAP, STOP, Shared, adopt_control_fd, control_loop, set_cloexec};
 use crate::config::{CaptureMode, Config, Mode};
 use crate::control::Event;
 use crate::dirty::DirtyTracker;
@@ -394,17 +394,12 @@ impl Shim {
     /// is one relaxed atomic load.
     #[inline]
     pub fn due(&self) -> bool {
-        let pending = self.shared.pending.load(Ordering::Relaxed);
-        pending != 0 && self.due_slow(pending)
+        self.shared.due()
     }
 
-    #[cold]
-    fn due_slow(&self, pending: u32) -> bool {
-        if pending & BEAT != 0 {
-            self.shared.pending.fetch_and(!BEAT, Ordering::Relaxed);
-            self.shared.beats.fetch_add(1, Ordering::Relaxed);
-        }
-        pending & SNAP != 0
+    /// The state `due` reads, for callers that poll without holding the shim (the C ABI).
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
     }
 
     /// Takes a snapshot now. `fill` adds typed values and slices (copied at once); every
