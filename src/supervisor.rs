@@ -644,8 +644,14 @@ impl<'a> Watch<'a> {
                 self.read_control(child);
                 self.record_done(state);
                 let gone = operator::Reply::error(format!("the program ended ({how})"));
-                self.answer_waiting(&gone);
-                self.answer_waiting(&gone);
+                // Those waiting for this snapshot and those waiting for the next one.
+                for mut client in self
+                    .waiting_now
+                    .drain(..)
+                    .chain(self.waiting_next.drain(..))
+                {
+                    client.reply(&gone);
+                }
                 return Ok(match (self.stopping, how) {
                     (_, Ended::Exited(0)) => Outcome::Ended(how),
                     (None, _) if self.hang.is_some() => Outcome::Hung(how),
