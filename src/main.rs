@@ -2,6 +2,7 @@
 //! and restarts it from its newest complete snapshot when it dies.
 
 mod bench;
+mod blame;
 mod child;
 mod commands;
 mod events;

@@ -34,6 +34,18 @@ pub enum Decision {
     },
 }
 
+/// How a failed life counts toward giving up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// It took a new snapshot: no work was wiped out; the count toward giving up starts over.
+    Progressed,
+    /// Something outside killed it while it was running (SIGKILL after a safe point): the
+    /// restart is not the program's failure and does not count.
+    Excused,
+    /// A failure without progress: it counts.
+    Counted,
+}
+
 /// The policy's state.
 #[derive(Debug)]
 pub struct RestartPolicy {
@@ -53,16 +65,17 @@ impl RestartPolicy {
     }
 
     /// Records a failure at `now` of a run that lasted `ran_for`, and decides. A run that
-    /// `progressed` (took a new snapshot) wiped out no work: it resets the count toward
-    /// giving up, so only failures in a row without progress can exhaust `max_restarts`.
-    pub fn on_failure(&mut self, now: Instant, ran_for: Duration, progressed: bool) -> Decision {
+    /// progressed (took a new snapshot) wiped out no work: it resets the count toward
+    /// giving up, so only failures in a row without progress can exhaust `max_restarts`; an
+    /// excused one is neither counted nor resets the count.
+    pub fn on_failure(&mut self, now: Instant, ran_for: Duration, failure: Failure) -> Decision {
         if ran_for >= self.config.healthy_after {
             self.consecutive = 0;
         }
-        if progressed {
-            self.failures.clear();
-        } else {
-            self.failures.push_back(now);
+        match failure {
+            Failure::Progressed => self.failures.clear(),
+            Failure::Excused => {}
+            Failure::Counted => self.failures.push_back(now),
         }
         while let Some(first) = self.failures.front() {
             if now.duration_since(*first) > self.config.window {
@@ -113,11 +126,14 @@ mod tests {
         let mut p = policy(3);
         let t = Instant::now();
         let short = Duration::from_secs(1);
-        assert_eq!(delay(p.on_failure(t, short, false)), 1);
-        assert_eq!(delay(p.on_failure(t + short, short, false)), 2);
-        assert_eq!(delay(p.on_failure(t + 2 * short, short, false)), 4);
+        assert_eq!(delay(p.on_failure(t, short, Failure::Counted)), 1);
+        assert_eq!(delay(p.on_failure(t + short, short, Failure::Counted)), 2);
         assert_eq!(
-            p.on_failure(t + 3 * short, short, false),
+            delay(p.on_failure(t + 2 * short, short, Failure::Counted)),
+            4
+        );
+        assert_eq!(
+            p.on_failure(t + 3 * short, short, Failure::Counted),
             Decision::GiveUp { failures: 4 }
         );
     }
@@ -128,17 +144,21 @@ mod tests {
         let t = Instant::now();
         let short = Duration::from_secs(1);
         for i in 0..3 {
-            p.on_failure(t + i * short, short, false);
+            p.on_failure(t + i * short, short, Failure::Counted);
         }
         // 100 s later: earlier failures are out of the window, and the run was healthy.
         let later = t + Duration::from_secs(100);
         assert_eq!(
-            delay(p.on_failure(later, Duration::from_secs(40), false)),
+            delay(p.on_failure(later, Duration::from_secs(40), Failure::Counted)),
             1
         );
-        assert_eq!(delay(p.on_failure(later, short, false)), 2);
-        assert_eq!(delay(p.on_failure(later, short, false)), 4);
-        assert_eq!(delay(p.on_failure(later, short, false)), 5, "capped");
+        assert_eq!(delay(p.on_failure(later, short, Failure::Counted)), 2);
+        assert_eq!(delay(p.on_failure(later, short, Failure::Counted)), 4);
+        assert_eq!(
+            delay(p.on_failure(later, short, Failure::Counted)),
+            5,
+            "capped"
+        );
     }
 
     #[test]
@@ -148,14 +168,33 @@ mod tests {
         let short = Duration::from_secs(1);
         for i in 0..10 {
             assert!(matches!(
-                p.on_failure(t + i * short, short, true),
+                p.on_failure(t + i * short, short, Failure::Progressed),
                 Decision::Restart { .. }
             ));
         }
-        p.on_failure(t + 10 * short, short, false);
-        p.on_failure(t + 11 * short, short, false);
+        p.on_failure(t + 10 * short, short, Failure::Counted);
+        p.on_failure(t + 11 * short, short, Failure::Counted);
         assert_eq!(
-            p.on_failure(t + 12 * short, short, false),
+            p.on_failure(t + 12 * short, short, Failure::Counted),
+            Decision::GiveUp { failures: 3 }
+        );
+    }
+
+    #[test]
+    fn excused_failures_neither_count_nor_clear() {
+        let mut p = policy(2);
+        let t = Instant::now();
+        let short = Duration::from_secs(1);
+        p.on_failure(t, short, Failure::Counted);
+        p.on_failure(t + short, short, Failure::Counted);
+        for i in 2..20 {
+            assert!(matches!(
+                p.on_failure(t + i * short, short, Failure::Excused),
+                Decision::Restart { .. }
+            ));
+        }
+        assert_eq!(
+            p.on_failure(t + 20 * short, short, Failure::Counted),
             Decision::GiveUp { failures: 3 }
         );
     }

@@ -2,7 +2,6 @@
 //! watch it over the control channel, and when it dies, restart it from the newest complete
 //! snapshot under the restart policy. SIGINT/SIGTERM: final snapshot, stop, exit.
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsFd;
@@ -17,13 +16,14 @@ use supervise_shim::control::{Event, Request};
 use supervise_shim::lock::{JobLock, Owner, TryLock};
 use supervise_shim::{JobStore, Store};
 
+use crate::blame::{Blame, Death, Verdict};
 use crate::child::{self, Child, Ended};
 use crate::events::{self, EventLog, LastRun};
 use crate::human;
 use crate::lifeline::Lifeline;
 use crate::log::Log;
 use crate::operator::{self, Status};
-use crate::policy::{Decision, PolicyConfig, RestartPolicy};
+use crate::policy::{Decision, Failure, PolicyConfig, RestartPolicy};
 use crate::signals::Signals;
 
 /// Exit code when the restart limit was reached.
@@ -76,6 +76,12 @@ enum Outcome {
     Hung(Ended),
     /// The supervisor was told to stop (by this signal) and stopped it.
     Stopped(i32),
+}
+
+/// Whether a failed life ended by itself or was stopped as hung.
+enum OutcomeKind {
+    Ended,
+    Hung,
 }
 
 /// What a running supervisor knows about its job, for operators.
@@ -214,7 +220,9 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         },
     };
     let mut policy = RestartPolicy::new(cfg.policy.clone());
-    let mut deaths_after: HashMap<u64, u32> = HashMap::new();
+    let mut blame = Blame::new(cfg.rollback_after);
+    // Snapshots stepped back past: the child's retention keeps them until a newer good one.
+    let mut suspect: Vec<(u64, u64)> = Vec::new();
     let mut attempt: u32 = 0;
     loop {
         let from = newest_snapshot(&job, &skip)?;
@@ -249,6 +257,12 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 config::format_ranges(&skip),
             ));
         }
+        if !suspect.is_empty() {
+            env.push((
+                config::ENV_SUSPECT.to_owned(),
+                config::format_ranges(&suspect),
+            ));
+        }
         if let Some(within) = cfg.keep_within {
             env.push((
                 config::ENV_KEEP_WITHIN.to_owned(),
@@ -271,7 +285,8 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             child.pid(),
             describe_start(from)
         ));
-        let outcome = Watch::new(cfg, log, &signals, from).run(&mut child, &server, &mut state)?;
+        let (outcome, reached_safe_point) =
+            Watch::new(cfg, log, &signals, from).run(&mut child, &server, &mut state)?;
         let ran_for = child.started.elapsed();
         drop(child);
         state.status.child_pid = None;
@@ -279,6 +294,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             l.set_group(None);
         }
         let progressed = job.highest_seq()? > highest_before;
+        let mut outcome_kind = OutcomeKind::Ended;
         let how = match outcome {
             Outcome::Stopped(sig) => {
                 let newest = newest_snapshot(&job, &skip)?;
@@ -316,27 +332,52 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 ));
                 how
             }
-            Outcome::Hung(how) => how,
+            Outcome::Hung(how) => {
+                outcome_kind = OutcomeKind::Hung;
+                how
+            }
         };
-        if !progressed && let Some(seq) = from {
-            let deaths = deaths_after.entry(seq).or_default();
-            *deaths += 1;
-            if *deaths >= cfg.rollback_after {
-                skip.push((seq, seq));
-                let back = newest_snapshot(&job, &skip)?;
-                log.event(&format!(
-                    "snapshot {seq} is suspect: the program died {deaths} times right after \
-                     restoring it, with no new snapshot in between (--rollback-after {}); \
-                     going back to {}",
-                    cfg.rollback_after,
-                    match back {
-                        Some(b) => format!("snapshot {b}"),
-                        None => "a fresh start (no older snapshot)".into(),
-                    }
-                ));
+        let death = Death {
+            how,
+            reached_safe_point,
+            hung: matches!(outcome_kind, OutcomeKind::Hung),
+            progressed,
+        };
+        if let Some(seq) = from {
+            match blame.weigh(seq, &death) {
+                Verdict::Innocent(why) if !progressed => {
+                    log.detail(&format!("not held against snapshot {seq}: {why}"));
+                }
+                Verdict::Innocent(_) => {}
+                Verdict::Pointing { count, needed } => log.detail(&format!(
+                    "held against snapshot {seq}: {count} of {needed} deaths (--rollback-after)"
+                )),
+                Verdict::Suspect(why) => {
+                    skip.push((seq, seq));
+                    suspect.push((seq, seq));
+                    let back = newest_snapshot(&job, &skip)?;
+                    log.event(&format!(
+                        "snapshot {seq} is suspect: {why} (--rollback-after {}); going back to \
+                         {} (retention keeps snapshot {seq} until a newer good one exists)",
+                        cfg.rollback_after,
+                        match back {
+                            Some(b) => format!("snapshot {b}"),
+                            None => "a fresh start (no older snapshot)".into(),
+                        }
+                    ));
+                }
             }
         }
-        match policy.on_failure(Instant::now(), ran_for, progressed) {
+        // A program killed from outside after it was running wasted no restart on its own: it
+        // does not count toward giving up (the backoff still applies).
+        let failure = if progressed {
+            Failure::Progressed
+        } else if death.killed_from_outside() && reached_safe_point {
+            Failure::Excused
+        } else {
+            Failure::Counted
+        };
+        match policy.on_failure(Instant::now(), ran_for, failure) {
             Decision::GiveUp { failures } => {
                 log.mark(
                     "end",
@@ -519,6 +560,8 @@ struct Watch<'a> {
     /// A hang was detected: when to escalate next, and whether SIGTERM was sent.
     hang: Option<(Instant, bool)>,
     done: Vec<u64>,
+    /// The program reached a safe point (a beat or a snapshot) since it started.
+    reached_safe_point: bool,
 }
 
 impl<'a> Watch<'a> {
@@ -549,6 +592,7 @@ impl<'a> Watch<'a> {
             last_progress: Instant::now(),
             hang: None,
             done: Vec::new(),
+            reached_safe_point: false,
         }
     }
 
@@ -635,7 +679,7 @@ impl<'a> Watch<'a> {
         child: &mut Child,
         server: &operator::Server,
         state: &mut JobState,
-    ) -> Result<Outcome> {
+    ) -> Result<(Outcome, bool)> {
         loop {
             // Signals first: when a batch system signals the supervisor and the child at once,
             // the child's exit must be read as the stop it is, not as a crash.
@@ -652,12 +696,13 @@ impl<'a> Watch<'a> {
                 {
                     client.reply(&gone);
                 }
-                return Ok(match (self.stopping, how) {
+                let outcome = match (self.stopping, how) {
                     (_, Ended::Exited(0)) => Outcome::Ended(how),
                     (None, _) if self.hang.is_some() => Outcome::Hung(how),
                     (None, _) => Outcome::Ended(how),
                     (Some((sig, _)), _) => Outcome::Stopped(sig),
-                });
+                };
+                return Ok((outcome, self.reached_safe_point));
             }
             let now = Instant::now();
             let mut deadline = self.next_snapshot;
@@ -832,6 +877,7 @@ impl<'a> Watch<'a> {
             }
             Event::Progress { count } => {
                 self.last_progress = Instant::now();
+                self.reached_safe_point |= count > 0;
                 // Beats come every second; say so once a minute.
                 if self
                     .last_alive_line
@@ -843,6 +889,7 @@ impl<'a> Watch<'a> {
                 }
             }
             Event::SnapshotDone(r) => {
+                self.reached_safe_point = true;
                 self.in_flight = None;
                 self.last_progress = Instant::now();
                 self.done.push(r.seq);

@@ -265,7 +265,7 @@ fn a_snapshot_that_makes_every_restore_crash_is_rolled_back_past() {
         seqs.windows(2).all(|w| w[1] < w[0]),
         "newest first: {seqs:?}"
     );
-    fin.assert_said("died 3 times right after restoring it");
+    fin.assert_said("before reaching its first safe point, 3 times in a row");
     fin.assert_said("going back to a fresh start (no older snapshot)");
     assert_eq!(
         fin.stderr.matches("--crash-on-resume: aborting").count(),

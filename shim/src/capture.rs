@@ -148,7 +148,7 @@ impl Background {
             .spawn(move || {
                 for work in job_rx {
                     let (result, buffers) = match work {
-                        Work::Job(job) => write_job(&mut writer, keep, job),
+                        Work::Job(job) => write_job(&mut writer, &keep, job),
                         Work::Forked { pid, report, warm } => {
                             let mut buffers = Vec::new();
                             if warm > 0 {
@@ -258,7 +258,7 @@ pub(crate) fn forked_child(
 ) -> ! {
     let result = job.and_then(|job| {
         let mut writer = SnapshotWriter::open(job_store, attempt)?;
-        Ok(write_job(&mut writer, keep, job).0)
+        Ok(write_job(&mut writer, &keep, job).0)
     });
     let result: Result<SnapshotReport, String> = match result {
         Ok(r) => r,
@@ -274,7 +274,7 @@ pub(crate) fn forked_child(
 
 fn write_job(
     writer: &mut SnapshotWriter,
-    keep: Retention,
+    keep: &Retention,
     job: Job,
 ) -> (Result<SnapshotReport, String>, Vec<Buffer>) {
     let mut base: Option<Manifest> = None;
@@ -321,7 +321,7 @@ fn write_job(
             }
         }
         let mut report = builder.commit()?;
-        match writer.apply_retention(keep) {
+        match writer.apply_retention(keep.clone()) {
             Ok(r) => report.removed = r.removed_snapshots,
             Err(e) => crate::say!(
                 "snapshot {} is durable, but retention failed: {e}",

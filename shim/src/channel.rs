@@ -26,6 +26,12 @@ pub(crate) const STOP: u32 = 2;
 /// The control thread wants a liveness beat (counted at the next safe point).
 pub(crate) const BEAT: u32 = 4;
 
+/// How often the control thread asks for a liveness beat once the first one was reported.
+const BEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// How often it asks before the first safe point was reached.
+const FIRST_BEAT_POLL: Duration = Duration::from_millis(50);
+
 /// How long an orphaned program (its supervisor gone) may go without reaching a safe point
 /// before the shim ends it, so that no orphan runs on unsupervised.
 const ORPHAN_GRACE: Duration = Duration::from_secs(60);
@@ -120,7 +126,10 @@ pub(crate) fn control_loop(
     orphan: OrphanMode,
     every: Option<Duration>,
 ) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    // Beat quickly until the first safe point is reported: the supervisor tells a program that
+    // dies before its first safe point after a restore (which points at the snapshot) from
+    // one that was running; then once a second.
+    let _ = stream.set_read_timeout(Some(FIRST_BEAT_POLL));
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     let mut last_beats = 0;
@@ -160,6 +169,9 @@ pub(crate) fn control_loop(
                 shared.pending.fetch_or(BEAT, Ordering::Relaxed);
                 let beats = shared.beats.load(Ordering::Relaxed);
                 if beats != last_beats {
+                    if last_beats == 0 {
+                        let _ = reader.get_ref().set_read_timeout(Some(BEAT_EVERY));
+                    }
                     last_beats = beats;
                     shared.send(&Event::Progress { count: beats });
                 }

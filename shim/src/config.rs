@@ -29,6 +29,9 @@ pub const ENV_TRACK_WRITES: &str = "SUPERVISE_TRACK_WRITES";
 pub const ENV_CAPTURE: &str = "SUPERVISE_CAPTURE";
 /// Snapshots `latest` must not restore: `3-5,9` (set by the supervisor).
 pub const ENV_RESTORE_SKIP: &str = "SUPERVISE_RESTORE_SKIP";
+/// Snapshots the supervisor suspects (`7-8`): retention neither counts them toward the
+/// snapshots to keep nor removes them before a newer good snapshot exists.
+pub const ENV_SUSPECT: &str = "SUPERVISE_SUSPECT";
 /// Also keep snapshots younger than this (a duration such as `2h`).
 pub const ENV_KEEP_WITHIN: &str = "SUPERVISE_KEEP_WITHIN";
 /// What to do when the supervisor goes away: `stop` (final snapshot, then exit; the default)
@@ -105,6 +108,8 @@ pub struct Config {
     pub keep_within: Option<Duration>,
     /// What to do when the supervisor goes away.
     pub orphan: OrphanMode,
+    /// Snapshots the supervisor suspects (see [`ENV_SUSPECT`]).
+    pub suspect: Vec<(u64, u64)>,
 }
 
 /// What the program does when its supervisor goes away (the control channel closes).
@@ -123,27 +128,25 @@ impl Config {
         crate::store::Retention {
             keep: self.keep,
             within: self.keep_within,
+            suspect: self.suspect.clone(),
         }
     }
 }
 
-/// Parses `3-5,9` into `[(3, 5), (9, 9)]`.
-fn parse_ranges(value: &str) -> Result<Vec<(u64, u64)>> {
+/// Parses `3-5,9` (the value of `var`) into `[(3, 5), (9, 9)]`.
+fn parse_ranges(var: &'static str, value: &str) -> Result<Vec<(u64, u64)>> {
     value
         .split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|part| {
             let (a, b) = part.split_once('-').unwrap_or((part, part));
             let what = "snapshot numbers and ranges such as 3-5,9";
-            Ok((
-                parse(ENV_RESTORE_SKIP, a, what)?,
-                parse(ENV_RESTORE_SKIP, b, what)?,
-            ))
+            Ok((parse(var, a, what)?, parse(var, b, what)?))
         })
         .collect()
 }
 
-/// Formats ranges the way [`ENV_RESTORE_SKIP`] reads them.
+/// Formats ranges the way [`ENV_RESTORE_SKIP`] and [`ENV_SUSPECT`] read them.
 pub fn format_ranges(ranges: &[(u64, u64)]) -> String {
     ranges
         .iter()
@@ -189,6 +192,7 @@ impl Config {
             track_writes: true,
             keep_within: None,
             orphan: OrphanMode::Stop,
+            suspect: Vec::new(),
         }
     }
 
@@ -205,7 +209,7 @@ impl Config {
                     .map(|v| parse(ENV_RESTORE_AFTER, &v, "a snapshot number"))
                     .transpose()?,
                 skip: var(ENV_RESTORE_SKIP)
-                    .map(|v| parse_ranges(&v))
+                    .map(|v| parse_ranges(ENV_RESTORE_SKIP, &v))
                     .transpose()?
                     .unwrap_or_default(),
             },
@@ -270,6 +274,10 @@ impl Config {
             every,
             keep_within,
             orphan,
+            suspect: var(ENV_SUSPECT)
+                .map(|v| parse_ranges(ENV_SUSPECT, &v))
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }

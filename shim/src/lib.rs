@@ -63,6 +63,7 @@ mod pack;
 pub mod reader;
 mod region;
 mod restore;
+pub mod retention;
 mod runtime;
 pub mod store;
 pub mod writer;

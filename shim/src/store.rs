@@ -22,6 +22,7 @@ use crate::failpoint;
 use crate::format::{self, Manifest, RecordHeader};
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
+pub use crate::retention::Retention;
 
 /// A store directory.
 #[derive(Clone, Debug)]
@@ -107,22 +108,6 @@ pub struct JobStore {
     dir: PathBuf,
     snapshots: PathBuf,
     packs: PathBuf,
-}
-
-/// Which snapshots retention keeps: the newest `keep` (at least one), and also every snapshot
-/// younger than `within` when set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Retention {
-    /// Keep this many newest snapshots.
-    pub keep: usize,
-    /// Also keep the snapshots taken within this long before now.
-    pub within: Option<std::time::Duration>,
-}
-
-impl From<usize> for Retention {
-    fn from(keep: usize) -> Self {
-        Self { keep, within: None }
-    }
 }
 
 /// What [`JobStore::apply_retention`] removed.
@@ -310,22 +295,17 @@ impl JobStore {
     pub fn apply_retention(&self, policy: impl Into<Retention>) -> Result<RetentionReport> {
         let policy = policy.into();
         let seqs = self.snapshot_seqs()?;
-        let mut split = seqs.len().saturating_sub(policy.keep.max(1));
-        if let Some(within) = policy.within {
-            // Snapshots are numbered in the order they were taken: keep from the oldest one
-            // still inside the window (an unreadable manifest is kept: its age is unknown).
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let horizon = now.saturating_sub(within.as_millis() as u64);
-            if let Some(first_young) = seqs[..split].iter().position(|s| {
-                self.read_manifest(*s)
-                    .map_or(true, |m| m.created_unix_ms >= horizon)
-            }) {
-                split = first_young;
-            }
-        }
-        let (old, kept) = seqs.split_at(split);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let horizon = policy
+            .within
+            .map_or(0, |w| now.saturating_sub(w.as_millis() as u64));
+        // An unreadable manifest is kept: its age is unknown.
+        let (old, kept) = policy.choose(&seqs, |s| {
+            self.read_manifest(s)
+                .map_or(true, |m| m.created_unix_ms >= horizon)
+        });
         let mut report = RetentionReport::default();
         let oldest_kept = kept.first().copied().unwrap_or(u64::MAX);
         let damaged_old = self
@@ -354,7 +334,7 @@ impl JobStore {
             durable::fsync_dir(&self.snapshots)?;
         }
         let mut manifests = Vec::with_capacity(kept.len());
-        for seq in kept {
+        for seq in &kept {
             match self.read_manifest(*seq) {
                 Ok(m) => manifests.push(m),
                 Err(_) => return Ok(report),

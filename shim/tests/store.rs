@@ -148,6 +148,44 @@ fn retention_keeps_the_newest_and_frees_unreferenced_packs() {
 }
 
 #[test]
+fn retention_after_stepping_back_keeps_the_good_snapshots_and_the_suspects_until_newer_work() {
+    use supervise_shim::store::Retention;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let commit = |writer: &mut SnapshotWriter, round: u64| {
+        let mut b = writer.begin(Some(&format!("round {round}")));
+        b.slice("grid", &field(20_000 + round as usize)).unwrap();
+        b.commit().unwrap();
+    };
+    for round in 1..=6 {
+        commit(&mut writer, round);
+    }
+    // The supervisor stepped back past 5 and 6 and restored 4.
+    let stepped_back = Retention {
+        keep: 2,
+        within: None,
+        suspect: vec![(5, 6)],
+    };
+    writer.apply_retention(stepped_back.clone()).unwrap();
+    assert_eq!(
+        job.snapshot_seqs().unwrap(),
+        vec![3, 4, 5, 6],
+        "the two newest good ones and the suspects, the newest work there is"
+    );
+    // A snapshot taken after the restore of 4: the suspects go, the good ones stay.
+    commit(&mut writer, 7);
+    writer.apply_retention(stepped_back).unwrap();
+    assert_eq!(job.snapshot_seqs().unwrap(), vec![4, 7]);
+    let present: std::collections::BTreeSet<String> =
+        job.pack_names().unwrap().into_iter().collect();
+    assert_eq!(present, job.referenced_packs().unwrap());
+    for seq in [4, 7] {
+        SnapshotReader::open(&job, seq).unwrap().verify().unwrap();
+    }
+}
+
+#[test]
 fn a_flipped_byte_in_a_chunk_is_reported_with_its_pack() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());

@@ -1,0 +1,90 @@
+//! Work that reached a complete snapshot is never lost: the restart policy under kill storms,
+//! and damage to old snapshots, through the real binary.
+
+mod support;
+
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// `(snapshot, step)` of every "resumed from snapshot S at step N" line the heat example said.
+fn resumes(stderr: &str) -> Vec<(u64, u64)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("resumed from snapshot ").nth(1)?;
+            let mut words = rest.split(' ');
+            let seq = words.next()?.parse().ok()?;
+            let step = rest.split("at step ").nth(1)?.trim().parse().ok()?;
+            Some((seq, step))
+        })
+        .collect()
+}
+
+/// The step recorded in a snapshot's tag (`step N`).
+fn step_of(job: &supervise_shim::JobStore, seq: u64) -> u64 {
+    let tag = job.read_manifest(seq).unwrap().tag.unwrap();
+    tag.strip_prefix("step ").unwrap().parse().unwrap()
+}
+
+#[test]
+fn an_external_kill_storm_steps_back_past_nothing_and_loses_no_step() {
+    let args = ["--n", "256", "--steps", "30000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let run = Run::start(
+        &store,
+        &[
+            "--every",
+            "1s",
+            "--keep",
+            "3",
+            "--backoff",
+            "100ms",
+            "--backoff-max",
+            "200ms",
+            "-v",
+        ],
+        &heat(&args),
+        &[],
+    );
+    let first = run.nth_child_pid(1, LONG);
+    run.wait_for("snapshot 3 done", LONG);
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+    // Each new life is killed 0.3 s after it starts: shorter than --every, so no life takes a
+    // snapshot. More lives than --max-restarts (10) are killed.
+    const STORM: usize = 14;
+    for n in 2..=STORM + 1 {
+        let pid = run.nth_child_pid(n, LONG);
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let job = only_job(&store);
+    let before_storm = *job.snapshot_seqs().unwrap().last().unwrap();
+    let its_step = step_of(&job, before_storm);
+    let fin = run.wait(LONG);
+    fin.assert_completed(&reference);
+    let resumes = resumes(&fin.stderr);
+    assert!(resumes.len() > STORM, "{resumes:?}\n{}", fin.stderr);
+    // Every life of the storm, and the one that finished, resumed from the newest snapshot:
+    // nothing was stepped back past, and no step beyond it was lost.
+    let storm: Vec<_> = resumes.iter().skip(1).take(STORM).collect();
+    assert!(
+        storm
+            .iter()
+            .all(|(seq, step)| *seq == before_storm && *step == its_step && *step > 0),
+        "resumes {resumes:?}, newest before the storm {before_storm}\n{}",
+        fin.stderr
+    );
+    assert_eq!(
+        fin.stderr.matches("is suspect").count(),
+        0,
+        "{}",
+        fin.stderr
+    );
+}
