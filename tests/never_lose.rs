@@ -88,3 +88,54 @@ fn an_external_kill_storm_steps_back_past_nothing_and_loses_no_step() {
         fin.stderr
     );
 }
+
+#[test]
+fn a_missing_pack_of_the_oldest_snapshot_does_not_stop_the_resume() {
+    let args = ["--n", "256", "--steps", "20000"];
+    let reference = reference_checksum(&args);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let options = ["--every", "200ms", "--keep", "3"];
+    let run = Run::start(&store, &options, &heat(&args), &[]);
+    run.wait_for("snapshot 4 done", LONG);
+    run.signal(Signal::SIGTERM);
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(128 + 15), "{}", fin.stderr);
+    let job = only_job(&store);
+    let seqs = job.snapshot_seqs().unwrap();
+    assert_eq!(seqs.len(), 3, "{seqs:?}");
+    let (oldest, newest) = (seqs[0], seqs[2]);
+    // Delete a pack only the oldest snapshot uses.
+    let others: std::collections::BTreeSet<String> = seqs[1..]
+        .iter()
+        .flat_map(|s| job.read_manifest(*s).unwrap().packs)
+        .collect();
+    let only_oldest = job
+        .read_manifest(oldest)
+        .unwrap()
+        .packs
+        .into_iter()
+        .find(|p| !others.contains(p))
+        .expect("the oldest snapshot has a pack of its own");
+    std::fs::remove_file(job.pack_path(&only_oldest)).unwrap();
+    let newest_step = step_of(&job, newest);
+
+    let fin = Run::start(&store, &options, &heat(&args), &[]).wait(LONG);
+    fin.assert_completed(&reference);
+    assert_eq!(
+        resumes(&fin.stderr).first(),
+        Some(&(newest, newest_step)),
+        "{}",
+        fin.stderr
+    );
+    assert!(newest_step > 0);
+    // Set aside (and later removed by retention as older than the oldest kept), and said.
+    assert!(!job.snapshot_seqs().unwrap().contains(&oldest));
+    fin.assert_said(&format!("snapshot {oldest} is damaged and was set aside"));
+    assert_eq!(
+        fin.stderr.matches("is suspect").count(),
+        0,
+        "{}",
+        fin.stderr
+    );
+}

@@ -130,15 +130,17 @@ impl Shim {
                 tag: m.tag.clone(),
             };
         }
+        let writer = SnapshotWriter::open(job.clone(), shim.config.attempt)?;
+        let mut damaged = damaged;
+        damaged.extend_from_slice(writer.set_aside());
         for d in &damaged {
             say!(
-                "snapshot {} of job {} is damaged ({}); set aside, using an older one",
+                "snapshot {} of job {} is damaged ({}); set aside",
                 d.seq,
                 job.name(),
                 d.why
             );
         }
-        let writer = SnapshotWriter::open(job.clone(), shim.config.attempt)?;
         let shared = Arc::clone(&shim.shared);
         let on_done = Arc::new(
             move |result: &std::result::Result<SnapshotReport, String>| {

@@ -379,7 +379,12 @@ impl JobStore {
         let mut sparse = Vec::new();
         for (pack, live) in live {
             let path = self.pack_path(pack);
-            let size = fs::metadata(&path).map_err(io_err("stat", &path))?.len();
+            let size = match fs::metadata(&path) {
+                Ok(m) => m.len(),
+                // A snapshot that lost a pack is set aside by the writer; not a reason to fail.
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("stat", &path)(e)),
+            };
             if live.saturating_mul(2) < size {
                 sparse.push(pack.to_owned());
             }

@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{Encoded, Encoder};
+use crate::control::DamagedSnapshot;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::format::{
@@ -72,6 +73,8 @@ pub struct SnapshotWriter {
     sparse: HashSet<Arc<str>>,
     /// The newest committed manifest, kept to build the next snapshot's deltas on.
     last: Option<Manifest>,
+    /// Snapshots found damaged when the writer opened, and set aside.
+    set_aside: Vec<DamagedSnapshot>,
 }
 
 impl SnapshotWriter {
@@ -91,13 +94,31 @@ impl SnapshotWriter {
             chunk_size: CHUNK_SIZE,
             sparse: HashSet::new(),
             last: None,
+            set_aside: Vec::new(),
         };
         let mut manifests = Vec::new();
         for seq in writer.job.snapshot_seqs()? {
-            if let Ok(manifest) = writer.job.read_manifest(seq) {
-                writer.add_to_index(&manifest);
-                writer.newest = Some(seq);
-                manifests.push(manifest);
+            let checked = writer
+                .job
+                .read_manifest(seq)
+                .and_then(|m| writer.job.open_packs(&m).map(|_| m));
+            match checked {
+                Ok(manifest) => {
+                    writer.add_to_index(&manifest);
+                    writer.newest = Some(seq);
+                    manifests.push(manifest);
+                }
+                // A damaged snapshot (say an old one lost a pack) is set aside, so that it
+                // neither stops the job nor lends a chunk to a new snapshot.
+                Err(e) if e.is_corruption() => {
+                    writer.job.quarantine(seq)?;
+                    writer.set_aside.push(DamagedSnapshot {
+                        seq,
+                        why: e.to_string(),
+                    });
+                }
+                // Unreadable for now (permissions, too many open files): not indexed.
+                Err(_) => {}
             }
         }
         writer.set_sparse(writer.job.sparse_packs(&manifests)?);
@@ -126,6 +147,12 @@ impl SnapshotWriter {
                 raw_len: chunk.raw_len,
             });
         }
+    }
+
+    /// Snapshots found damaged when the writer opened (an old snapshot whose pack is missing or
+    /// truncated, say), which it set aside as [`JobStore::quarantine`] does.
+    pub fn set_aside(&self) -> &[DamagedSnapshot] {
+        &self.set_aside
     }
 
     /// The job this writer writes.
