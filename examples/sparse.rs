@@ -81,16 +81,20 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         round += 1;
         let tag = format!("round {round}");
         if let Some(captured) = shim.snapshot(Some(&tag), |s| s.value("round", &round))? {
-            // Only for this example's report: a program would just go on computing.
-            if let Some(r) = shim.wait_durable()? {
-                let line = format!(
+            // Only for this example's report: a program would just go on computing. A failed
+            // snapshot (a full disk, say) is no reason to stop: the earlier ones are intact,
+            // and the next one is tried at the next safe point.
+            let line = match shim.wait_durable() {
+                Ok(Some(r)) => format!(
                     "sparse: {tag}: paused {} us, {} bytes new, {} written\n",
                     captured.pause.as_micros(),
                     r.bytes_new,
                     r.bytes_written
-                );
-                eprint!("{line}");
-            }
+                ),
+                Ok(None) => String::new(),
+                Err(e) => format!("sparse: {tag}: snapshot failed, going on: {e}\n"),
+            };
+            eprint!("{line}");
         }
     }
     shim.finish()?;

@@ -167,6 +167,12 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     keep: u64,
 
+    /// Re-read and verify every stored chunk within this period, a little at a time between
+    /// snapshots (at most 5% of one core and of the disk), so that a damaged record is found
+    /// and never used by a new snapshot; `off` turns it off.
+    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = parse_scrub)]
+    scrub_every: Scrub,
+
     /// Also keep every snapshot younger than this (e.g. 24h), beyond --keep.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     keep_within: Option<Duration>,
@@ -188,8 +194,10 @@ struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     hang_timeout: Option<Duration>,
 
-    /// After the program died this many times right after restoring the same snapshot (no
-    /// new snapshot in between), go back to the snapshot before it.
+    /// After this many deaths in a row that point at the snapshot just restored, go back to
+    /// the snapshot before it. A death points at it when the program took no new snapshot and
+    /// died before reaching its first safe point, or the same way (exit code or signal) each
+    /// time; a SIGKILL from outside (the OOM killer, an operator) never does.
     #[arg(long, value_name = "K", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rollback_after: u32,
 
@@ -238,6 +246,17 @@ struct RunArgs {
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
+}
+
+/// The scrub's period, or off.
+#[derive(Clone, Copy, Debug)]
+struct Scrub(Option<Duration>);
+
+fn parse_scrub(s: &str) -> Result<Scrub, String> {
+    if s == "off" {
+        return Ok(Scrub(None));
+    }
+    parse_duration(s).map(|d| Scrub(Some(d)))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -348,6 +367,7 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         },
         stop_timeout: cli.stop_timeout,
         fresh: cli.fresh,
+        scrub: cli.scrub_every.0,
     };
     supervisor::run(&cfg, &mut log)
 }

@@ -66,6 +66,8 @@ pub struct JobConfig {
     pub delete_on_success: bool,
     /// The child runs on (and snapshots by itself) if the supervisor dies.
     pub orphan_continue: bool,
+    /// The scrub's period (`None`: off).
+    pub scrub: Option<Duration>,
 }
 
 /// How one life of the child ended.
@@ -257,6 +259,13 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 config::format_ranges(&skip),
             ));
         }
+        env.push((
+            config::ENV_SCRUB.to_owned(),
+            cfg.scrub.map_or_else(
+                || "off".to_owned(),
+                |d| humantime::format_duration(d).to_string(),
+            ),
+        ));
         if !suspect.is_empty() {
             env.push((
                 config::ENV_SUSPECT.to_owned(),
@@ -919,6 +928,27 @@ impl<'a> Watch<'a> {
                 if std::mem::take(&mut self.follow_up) && self.stopping.is_none() {
                     self.request_snapshot(child, "coalesced request");
                 }
+            }
+            Event::RecordsDamaged {
+                packs,
+                why,
+                set_aside,
+            } => {
+                let found = packs
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} in pack {} (first at offset {})",
+                            p.records, p.pack, p.first_offset
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                self.log.event(&format!(
+                    "scrub: damaged records: {found} ({why}); snapshots {set_aside:?} use them \
+                     and were set aside; the next snapshot stores fresh copies (supervise \
+                     verify --repair mends older ones where a good copy exists)"
+                ));
             }
             Event::SnapshotFailed { error } => {
                 self.in_flight = None;

@@ -7,9 +7,10 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aligned_vec::{AVec, ConstAlign};
 use serde::Serialize;
@@ -17,6 +18,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::format::{EntryKind, Manifest};
 use crate::name;
+use crate::scrub::{Finding, Scrubber};
 use crate::store::Retention;
 use crate::writer::{Element, SnapshotReport, SnapshotWriter};
 
@@ -111,6 +113,10 @@ pub(crate) struct Outcome {
 /// Called on the writer thread with each snapshot's outcome.
 pub(crate) type OnDone = Arc<dyn Fn(&Result<SnapshotReport, String>) + Send + Sync>;
 
+/// Called on the writer thread with the damaged records a scrub slice found, and the snapshots
+/// set aside because they use them (or why setting them aside failed).
+pub(crate) type OnDamage = Arc<dyn Fn(&[Finding], &Result<Vec<u64>, String>) + Send + Sync>;
+
 /// What the writer thread is given.
 pub(crate) enum Work {
     /// A captured snapshot to write.
@@ -131,22 +137,59 @@ pub(crate) struct Background {
     outcomes: Receiver<Outcome>,
     in_flight: bool,
     thread: Option<JoinHandle<()>>,
+    /// Set by the writer thread when the scrub found damage.
+    rebase: Arc<AtomicBool>,
 }
 
 impl Background {
     /// Starts the writer thread; `on_done` is called there with each outcome (to tell the
-    /// supervisor at once).
+    /// supervisor at once). With a `scrub` period, the thread verifies stored records between
+    /// snapshots (see [`crate::scrub`]) and calls `on_damage` with the damaged ones it finds,
+    /// after setting aside the snapshots that use it.
     pub(crate) fn spawn(
         mut writer: SnapshotWriter,
         keep: Retention,
+        scrub: Option<Duration>,
         on_done: OnDone,
+        on_damage: OnDamage,
     ) -> Result<Self> {
         let (jobs, job_rx) = channel::<Work>();
         let (out_tx, outcomes) = channel::<Outcome>();
+        let rebase = Arc::new(AtomicBool::new(false));
+        let doubt = Arc::clone(&rebase);
         let thread = std::thread::Builder::new()
             .name("supervise-writer".into())
             .spawn(move || {
-                for work in job_rx {
+                let mut scrubber = scrub.map(Scrubber::new);
+                loop {
+                    let work = match &mut scrubber {
+                        None => match job_rx.recv() {
+                            Ok(work) => work,
+                            Err(_) => break,
+                        },
+                        Some(scrubber) => {
+                            match job_rx.recv_timeout(scrubber.due_in(Instant::now())) {
+                                Ok(work) => work,
+                                Err(RecvTimeoutError::Timeout) => {
+                                    let found = scrubber.run_due(writer.job());
+                                    if !found.is_empty() {
+                                        let records: Vec<_> = found
+                                            .iter()
+                                            .map(|f| (f.pack.clone(), f.offset, f.hash))
+                                            .collect();
+                                        let set_aside =
+                                            writer.distrust(&records).map_err(|e| e.to_string());
+                                        // The regions' bases may use a damaged record: copy
+                                        // them whole next time, so every chunk is hashed anew.
+                                        doubt.store(true, Ordering::SeqCst);
+                                        on_damage(&found, &set_aside);
+                                    }
+                                    continue;
+                                }
+                                Err(RecvTimeoutError::Disconnected) => break,
+                            }
+                        }
+                    };
                     let (result, buffers) = match work {
                         Work::Job(job) => write_job(&mut writer, &keep, job),
                         Work::Forked { pid, report, warm } => {
@@ -177,7 +220,14 @@ impl Background {
             outcomes,
             in_flight: false,
             thread: Some(thread),
+            rebase,
         })
+    }
+
+    /// True (once) when the scrub found a damaged record since the last call: the next
+    /// capture must copy every region whole instead of building on a base that may use it.
+    pub(crate) fn take_rebase(&self) -> bool {
+        self.rebase.swap(false, Ordering::SeqCst)
     }
 
     /// Hands a job to the writer. Call [`wait`](Self::wait) first if one is in flight.

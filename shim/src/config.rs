@@ -32,6 +32,9 @@ pub const ENV_RESTORE_SKIP: &str = "SUPERVISE_RESTORE_SKIP";
 /// Snapshots the supervisor suspects (`7-8`): retention neither counts them toward the
 /// snapshots to keep nor removes them before a newer good snapshot exists.
 pub const ENV_SUSPECT: &str = "SUPERVISE_SUSPECT";
+/// Re-read and verify every stored chunk within this period (a duration such as `1d`; `off`
+/// turns the scrub off). Default one day.
+pub const ENV_SCRUB: &str = "SUPERVISE_SCRUB";
 /// Also keep snapshots younger than this (a duration such as `2h`).
 pub const ENV_KEEP_WITHIN: &str = "SUPERVISE_KEEP_WITHIN";
 /// What to do when the supervisor goes away: `stop` (final snapshot, then exit; the default)
@@ -110,6 +113,8 @@ pub struct Config {
     pub orphan: OrphanMode,
     /// Snapshots the supervisor suspects (see [`ENV_SUSPECT`]).
     pub suspect: Vec<(u64, u64)>,
+    /// The scrub's period, or `None` when it is off (see [`ENV_SCRUB`]).
+    pub scrub: Option<Duration>,
 }
 
 /// What the program does when its supervisor goes away (the control channel closes).
@@ -193,6 +198,7 @@ impl Config {
             keep_within: None,
             orphan: OrphanMode::Stop,
             suspect: Vec::new(),
+            scrub: Some(crate::scrub::DEFAULT_PERIOD),
         }
     }
 
@@ -231,6 +237,10 @@ impl Config {
         };
         let every = duration(ENV_EVERY)?;
         let keep_within = duration(ENV_KEEP_WITHIN)?;
+        let scrub = match var(ENV_SCRUB).as_deref() {
+            Some("off") => None,
+            _ => Some(duration(ENV_SCRUB)?.unwrap_or(crate::scrub::DEFAULT_PERIOD)),
+        };
         let orphan = match var(ENV_ORPHAN).as_deref() {
             None | Some("stop") => OrphanMode::Stop,
             Some("continue") => OrphanMode::Continue,
@@ -274,6 +284,7 @@ impl Config {
             every,
             keep_within,
             orphan,
+            scrub,
             suspect: var(ENV_SUSPECT)
                 .map(|v| parse_ranges(ENV_SUSPECT, &v))
                 .transpose()?

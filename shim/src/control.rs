@@ -28,6 +28,17 @@ pub struct DamagedSnapshot {
     pub why: String,
 }
 
+/// Damaged records the scrub found in one pack.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedPack {
+    /// The pack's name.
+    pub pack: String,
+    /// How many of its records are damaged.
+    pub records: u64,
+    /// Offset of the first one.
+    pub first_offset: u64,
+}
+
 /// Sent by the program's shim.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "ev", rename_all = "snake_case")]
@@ -57,6 +68,16 @@ pub enum Event {
     SnapshotFailed {
         /// Why.
         error: String,
+    },
+    /// The scrub found stored records damaged; the snapshots that used them were set aside and
+    /// the next snapshot stores those chunks anew.
+    RecordsDamaged {
+        /// Damaged records found, per pack.
+        packs: Vec<DamagedPack>,
+        /// What is wrong with the first one.
+        why: String,
+        /// The snapshots set aside because they use one.
+        set_aside: Vec<u64>,
     },
 }
 

@@ -65,6 +65,7 @@ mod region;
 mod restore;
 pub mod retention;
 mod runtime;
+pub mod scrub;
 pub mod store;
 pub mod writer;
 

@@ -14,12 +14,13 @@ use serde::de::DeserializeOwned;
 use crate::capture::{Background, Buffer, Capture, Item, Job, Work, empty_buffer};
 use crate::channel::{SNAP, STOP, Shared, adopt_control_fd, control_loop, set_cloexec};
 use crate::config::{CaptureMode, Config, Mode};
-use crate::control::Event;
+use crate::control::{DamagedPack, Event};
 use crate::dirty::DirtyTracker;
 use crate::error::{Error, Result};
 use crate::format::{CHUNK_SIZE, EntryKind};
 use crate::region::{Region, RegionMem};
 use crate::restore::{Restored, choose_restore};
+use crate::scrub::Finding;
 use crate::store::{JobStore, Store};
 use crate::writer::{Element, SnapshotReport, SnapshotWriter};
 
@@ -156,7 +157,42 @@ impl Shim {
                 }
             },
         );
-        shim.background = Some(Background::spawn(writer, shim.config.retention(), on_done)?);
+        let shared = Arc::clone(&shim.shared);
+        let job_name = job.name().to_owned();
+        let on_damage = Arc::new(
+            move |found: &[Finding], set_aside: &std::result::Result<Vec<u64>, String>| {
+                let mut packs: Vec<DamagedPack> = Vec::new();
+                for f in found {
+                    match packs.iter_mut().find(|p| p.pack == f.pack) {
+                        Some(p) => p.records += 1,
+                        None => packs.push(DamagedPack {
+                            pack: f.pack.clone(),
+                            records: 1,
+                            first_offset: f.offset,
+                        }),
+                    }
+                }
+                let why = found.first().map(|f| f.why.clone()).unwrap_or_default();
+                if let Err(e) = set_aside {
+                    say!(
+                        "scrub: job {job_name}: {} damaged records ({why}); cannot set aside the snapshots that use them: {e}",
+                        found.len()
+                    );
+                }
+                shared.send(&Event::RecordsDamaged {
+                    packs,
+                    why,
+                    set_aside: set_aside.clone().unwrap_or_default(),
+                });
+            },
+        );
+        shim.background = Some(Background::spawn(
+            writer,
+            shim.config.retention(),
+            shim.config.scrub,
+            on_done,
+            on_damage,
+        )?);
         shim.tracker = match shim.config.capture {
             _ if !shim.config.track_writes => None,
             CaptureMode::Auto | CaptureMode::Dirty | CaptureMode::Fork => match DirtyTracker::new()
@@ -422,6 +458,16 @@ impl Shim {
         }
         let started = Instant::now();
         self.settle();
+        if self
+            .background
+            .as_ref()
+            .is_some_and(Background::take_rebase)
+        {
+            // The scrub found a damaged record that a base may use: hash everything anew.
+            for slot in &mut self.regions {
+                slot.baseline = None;
+            }
+        }
         self.shared.snapshotting.store(true, Ordering::SeqCst);
         let stop = pending & STOP != 0 || self.shared.pending.load(Ordering::SeqCst) & STOP != 0;
         let handed_over = if self.fork_wanted() {

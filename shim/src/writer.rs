@@ -155,6 +155,44 @@ impl SnapshotWriter {
         &self.set_aside
     }
 
+    /// Stops trusting stored records the scrub found damaged, given as `(pack, offset, hash)`:
+    /// every committed snapshot that references one is set aside (it no longer restores), and
+    /// a chunk with such a hash is no longer referenced there, so the next snapshot that holds
+    /// those bytes stores them anew. Returns the snapshots set aside.
+    pub fn distrust(&mut self, records: &[(String, u64, Hash)]) -> Result<Vec<u64>> {
+        let mut bad: HashSet<(&str, u64)> = HashSet::new();
+        for (pack, offset, hash) in records {
+            bad.insert((pack.as_str(), *offset));
+            if self
+                .index
+                .get(hash)
+                .is_some_and(|loc| *loc.pack == **pack && loc.offset == *offset)
+            {
+                self.index.remove(hash);
+            }
+        }
+        let mut set_aside = Vec::new();
+        for seq in self.job.snapshot_seqs()? {
+            let Ok(manifest) = self.manifest_of(seq) else {
+                continue;
+            };
+            let uses = manifest.entries.iter().flat_map(|e| &e.chunks).any(|c| {
+                manifest
+                    .packs
+                    .get(c.pack as usize)
+                    .is_some_and(|p| bad.contains(&(p.as_str(), c.offset)))
+            });
+            if uses {
+                self.job.quarantine(seq)?;
+                set_aside.push(seq);
+                if self.last.as_ref().is_some_and(|m| m.seq == seq) {
+                    self.last = None;
+                }
+            }
+        }
+        Ok(set_aside)
+    }
+
     /// The job this writer writes.
     pub fn job(&self) -> &JobStore {
         &self.job
@@ -380,7 +418,16 @@ impl SnapshotBuilder<'_> {
                     let loc =
                         held.ok_or_else(|| mismatch("a clean chunk is not in the store".into()))?;
                     if self.writer.sparse.contains(&loc.pack) {
-                        self.copy_record(chunk.hash, &loc)?
+                        match self.copy_record(chunk.hash, &loc) {
+                            Ok(copied) => copied,
+                            Err(e) if e.is_corruption() => {
+                                // Found rotten on the way: no later snapshot may use it.
+                                let record = (loc.pack.to_string(), loc.offset, chunk.hash);
+                                let _ = self.writer.distrust(&[record]);
+                                return Err(e);
+                            }
+                            Err(e) => return Err(e),
+                        }
                     } else {
                         loc
                     }

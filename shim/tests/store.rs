@@ -328,3 +328,54 @@ fn mostly_dead_packs_are_compacted_and_then_removed() {
         .unwrap();
     assert_eq!(back, data);
 }
+
+#[test]
+fn the_scrub_paces_itself_and_finds_a_rotten_record() {
+    use std::time::Duration;
+    use supervise_shim::scrub::Scrubber;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let mut b = writer.begin(None);
+    b.slice("grid", &field(200_000)).unwrap();
+    b.commit().unwrap();
+    let records = job.read_manifest(1).unwrap().entries[0].chunks.len() as u64;
+
+    // A clean store: one whole pass, nothing found, and then a rest until the period is over.
+    let mut scrub = Scrubber::new(Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(5));
+    let mut found = Vec::new();
+    while scrub.passes == 0 {
+        found.extend(scrub.run_due(&job));
+        std::thread::sleep(scrub.due_in(std::time::Instant::now()));
+    }
+    assert!(found.is_empty(), "{found:?}");
+    // Every record once per pass (the next pass may have begun in the same call).
+    assert!(
+        scrub.verified_records >= records && scrub.verified_records % records == 0,
+        "{} records verified, {records} stored",
+        scrub.verified_records
+    );
+
+    // With a period of an hour, a slice is followed by a rest (the store is read over the hour).
+    let mut slow = Scrubber::new(Duration::from_secs(3600));
+    assert!(
+        slow.run_due(&job).is_empty(),
+        "not due before its first rest"
+    );
+    assert!(slow.due_in(std::time::Instant::now()) > Duration::from_secs(1));
+
+    // One flipped byte in a record's stored bytes is found and named.
+    let manifest = job.read_manifest(1).unwrap();
+    let chunk = manifest.entries[0].chunks[3];
+    let path = job.pack_path(&manifest.packs[0]);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[chunk.offset as usize + 44 + 10] ^= 1;
+    fs::write(&path, bytes).unwrap();
+    let mut scrub = Scrubber::new(Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(5));
+    let found = scrub.run_due(&job);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!((found[0].offset, found[0].hash), (chunk.offset, chunk.hash));
+    assert_eq!(found[0].snapshots, vec![1]);
+}
