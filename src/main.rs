@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser, Subcommand};
+use clap::{ArgAction, CommandFactory, Parser, Subcommand};
 
 use crate::log::{Level, Log};
 use crate::policy::PolicyConfig;
@@ -116,7 +116,7 @@ enum Sub {
         #[arg(value_name = "JOB")]
         job_name: Option<String>,
         /// Give up waiting after this long.
-        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration, allow_hyphen_values = true)]
         timeout: Duration,
     },
     /// The running jobs: pid, uptime, restarts, last snapshot and its age, store size, dedup.
@@ -160,21 +160,21 @@ struct RunArgs {
 
     /// Take a snapshot this often (e.g. 30s, 10m, 1h). 10 minutes loses at most 10 minutes of
     /// an hours-long run to a crash, at a small cost.
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration, allow_hyphen_values = true)]
     every: Duration,
 
     /// Keep this many complete snapshots; older ones and chunks only they use are deleted.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count, allow_hyphen_values = true)]
     keep: u64,
 
     /// Re-read and verify every stored chunk within this period, a little at a time between
     /// snapshots (at most 5% of one core and of the disk), so that a damaged record is found
     /// and never used by a new snapshot; `off` turns it off.
-    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = parse_scrub)]
+    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = parse_scrub, allow_hyphen_values = true)]
     scrub_every: Scrub,
 
     /// Also keep every snapshot younger than this (e.g. 24h), beyond --keep.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     keep_within: Option<Duration>,
 
     /// What to do with the job's snapshots when the command finishes with exit code 0.
@@ -182,7 +182,7 @@ struct RunArgs {
     on_success: String,
 
     /// Resume from this snapshot (see `supervise ls`) instead of the newest.
-    #[arg(long, value_name = "SNAPSHOT", conflicts_with = "fresh")]
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with = "fresh", value_parser = parse_snapshot, allow_hyphen_values = true)]
     from: Option<u64>,
 
     /// If another supervisor holds the job, wait for it to end instead of exiting with 4.
@@ -191,7 +191,7 @@ struct RunArgs {
 
     /// Restart the program when it reaches no safe point for this long (it is asked for a
     /// snapshot, then sent SIGTERM, then SIGKILL, each after min(--stop-timeout, this)).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_hang_timeout, allow_hyphen_values = true)]
     hang_timeout: Option<Duration>,
 
     /// After this many deaths in a row that point at the snapshot just restored, go back to
@@ -212,23 +212,23 @@ struct RunArgs {
     max_restarts: u32,
 
     /// The sliding window --max-restarts counts in.
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration, allow_hyphen_values = true)]
     restart_window: Duration,
 
     /// Delay before the first restart; doubles with each consecutive failure.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     backoff: Duration,
 
     /// Upper bound of the restart delay.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     backoff_max: Duration,
 
     /// A run that lasted this long counts as healthy: the restart delay starts over.
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration, allow_hyphen_values = true)]
     healthy_after: Duration,
 
     /// On SIGINT/SIGTERM, wait this long for the final snapshot and exit before killing.
-    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration, allow_hyphen_values = true)]
     stop_timeout: Duration,
 
     /// Start over: ignore the job's existing snapshots (they are kept until retention).
@@ -259,7 +259,45 @@ fn parse_scrub(s: &str) -> Result<Scrub, String> {
     parse_duration(s).map(|d| Scrub(Some(d)))
 }
 
+/// A count of at least 1.
+fn parse_count(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not a count: give a whole number of at least 1"
+        )),
+    }
+}
+
+/// A snapshot number as `supervise ls` shows it.
+fn parse_snapshot(s: &str) -> Result<u64, String> {
+    s.parse::<u64>().map_err(|_| {
+        format!("{s:?} is not a snapshot number: give one that `supervise ls` shows, such as 12")
+    })
+}
+
+/// The shortest --hang-timeout: a running program reports progress once a second, so a
+/// shorter timeout would stop healthy programs.
+const MIN_HANG_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn parse_hang_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_HANG_TIMEOUT {
+        return Err(format!(
+            "must be at least {}: the program reports progress once a second, so a shorter \
+             timeout would stop a healthy program",
+            humantime::format_duration(MIN_HANG_TIMEOUT)
+        ));
+    }
+    Ok(d)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.starts_with('-') {
+        return Err(format!(
+            "{s:?} is negative: give a positive duration (examples: 30s, 10m, 1h)"
+        ));
+    }
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 10m, 1h)"))?;
     if d.is_zero() {
         return Err("must be more than zero".into());
@@ -298,6 +336,13 @@ fn default_job_name(command: &[OsString]) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.sub.is_none()
+        && let Err(why) = check_run_args(&cli.run)
+    {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, why)
+            .exit();
+    }
     let result = match cli.sub {
         Some(Sub::Bench { store, size, json }) => run_bench(&store, size, json),
         Some(Sub::Ls { at }) => commands::ls(&at.into()),
@@ -321,6 +366,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Checks what no single option's parser can: options that must agree with each other.
+fn check_run_args(run: &RunArgs) -> Result<(), String> {
+    if run.backoff_max < run.backoff {
+        return Err(format!(
+            "--backoff-max {} is below --backoff {}: the delay starts at --backoff and doubles \
+             up to --backoff-max",
+            humantime::format_duration(run.backoff_max),
+            humantime::format_duration(run.backoff)
+        ));
+    }
+    Ok(())
 }
 
 fn run_bench(store: &Path, size: u64, json: bool) -> anyhow::Result<i32> {
@@ -415,5 +473,44 @@ mod tests {
         assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").unwrap_err().contains("examples"));
+    }
+
+    #[test]
+    fn bad_numbers_get_errors_that_name_the_option_not_a_hint_to_use_dashes() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["supervise"];
+            argv.extend_from_slice(args);
+            argv.extend_from_slice(&["--", "true"]);
+            Cli::try_parse_from(argv)
+        };
+        for (args, says) in [
+            (&["--every", "-1s"][..], "negative"),
+            (&["--keep", "-1"], "not a count"),
+            (&["--keep", "0"], "not a count"),
+            (&["--from", "-1"], "not a snapshot number"),
+            (&["--hang-timeout", "1ns"], "at least 2s"),
+            (&["--backoff", "-5s"], "negative"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{args:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(args[0]) && text.contains(says),
+                "{args:?}: {text}"
+            );
+        }
+        let ok = parse(&["--every", "1s", "--keep", "2", "--hang-timeout", "2s"]).unwrap();
+        assert_eq!(ok.run.keep, 2);
+        check_run_args(&ok.run).unwrap();
+        let crossed = parse(&["--backoff", "5s", "--backoff-max", "1s"]).unwrap();
+        assert!(
+            check_run_args(&crossed.run)
+                .unwrap_err()
+                .contains("--backoff-max 1s is below")
+        );
     }
 }

@@ -198,7 +198,7 @@ fn a_hung_program_is_asked_for_a_snapshot_then_stopped_and_restarted() {
         &store,
         &[
             "--hang-timeout",
-            "1s",
+            "2s",
             "--stop-timeout",
             "1s",
             "--max-restarts",
@@ -211,7 +211,7 @@ fn a_hung_program_is_asked_for_a_snapshot_then_stopped_and_restarted() {
     )
     .wait(LONG);
     assert_eq!(fin.code, Some(3), "{}", fin.stderr);
-    fin.assert_said("reached no safe point for 1.0s (--hang-timeout): asking for a snapshot");
+    fin.assert_said("reached no safe point for 2.0s (--hang-timeout): asking for a snapshot");
     fin.assert_said("hung program: sending SIGTERM");
     fin.assert_said("hung program did not stop: sending SIGKILL");
     fin.assert_said("restarting in 10ms");

@@ -21,6 +21,10 @@ pub fn validate(what: &'static str, name: &str) -> Result<()> {
         Some("it starts with '.'")
     } else if name.chars().any(char::is_control) {
         Some("it contains a control character (NUL, newline, tab, ...)")
+    } else if name.chars().any(is_invisible) {
+        Some(
+            "it contains an invisible or direction-changing character (U+200B-U+200F, U+202A-U+202E, U+2066-U+2069, ...), which could disguise it in listings and logs",
+        )
     } else {
         None
     };
@@ -32,6 +36,14 @@ pub fn validate(what: &'static str, name: &str) -> Result<()> {
             why,
         }),
     }
+}
+
+/// Unicode format characters that change how text around them is shown (bidirectional
+/// overrides and isolates, zero-width characters, the byte order mark).
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
 #[cfg(test)]
@@ -55,6 +67,8 @@ mod tests {
             (".hidden", "starts with '.'"),
             ("nul\0", "control"),
             ("new\nline", "control"),
+            ("evil\u{202E}gpj.exe", "direction-changing"),
+            ("zero\u{200B}width", "invisible"),
         ] {
             let err = validate("entry", bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
