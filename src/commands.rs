@@ -412,6 +412,98 @@ pub fn verify(t: &Target, id: Option<&str>) -> Result<i32> {
     Ok(0)
 }
 
+/// Takes the job's lock for a command that changes the store (`what`); `None`, after saying
+/// who holds it and `why` the command must wait, when the job is running.
+fn take_job_lock(job: &JobStore, what: &str, why: &str) -> Result<Option<JobLock>> {
+    let me = supervise_shim::lock::Owner::this_process(&format!("supervise {what}"));
+    Ok(match JobLock::try_take(job.dir(), &me)? {
+        TryLock::Taken(lock) => Some(lock),
+        TryLock::Held(owner) => {
+            eprintln!(
+                "supervise: job {} is running ({}); {why}. Run {what} when it is not running.",
+                job.name(),
+                owner.map_or("holder unknown".into(), |o| format!(
+                    "supervisor pid {}",
+                    o.pid
+                ))
+            );
+            None
+        }
+    })
+}
+
+/// `verify --repair`: mend damaged snapshots from good copies of their chunks, put back set-aside
+/// snapshots that verify, say what was done; then verify as usual.
+pub fn repair(t: &Target) -> Result<i32> {
+    #[derive(Serialize)]
+    struct Unrepairable {
+        snapshot: u64,
+        why: String,
+    }
+    #[derive(Serialize)]
+    struct Repaired {
+        repaired: Vec<u64>,
+        put_back: Vec<u64>,
+        unrepairable: Vec<Unrepairable>,
+    }
+    let job = t.job()?;
+    let Some(_lock) = take_job_lock(&job, "verify --repair", "its program rewrites the store")?
+    else {
+        return Ok(EXIT_HELD);
+    };
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message("repairing");
+    let report = supervise_shim::repair::repair(&job)?;
+    spinner.finish_and_clear();
+    let done = Repaired {
+        repaired: report.repaired,
+        put_back: report.put_back,
+        unrepairable: report
+            .unrepairable
+            .into_iter()
+            .map(|(snapshot, why)| Unrepairable { snapshot, why })
+            .collect(),
+    };
+    if t.json {
+        // One JSON document on stdout: the repair; the verdicts follow on stderr's exit code.
+        print_json(&done)?;
+    } else {
+        for seq in &done.repaired {
+            println!("snapshot {seq}: repaired from good copies of its damaged chunks");
+        }
+        for seq in done.put_back.iter().filter(|s| !done.repaired.contains(s)) {
+            println!("snapshot {seq}: verifies in full; put back among the snapshots");
+        }
+        for u in &done.unrepairable {
+            println!("snapshot {}: cannot be repaired: {}", u.snapshot, u.why);
+        }
+    }
+    let quiet = Target {
+        store: t.store.clone(),
+        job: Some(job.name().to_owned()),
+        json: t.json,
+    };
+    if t.json {
+        // The verdicts are checked, not printed twice: the exit code says whether all verify.
+        return verify_quietly(&quiet);
+    }
+    verify(&quiet, None)
+}
+
+/// Verifies every snapshot of the job; exit code as `verify`, nothing printed.
+fn verify_quietly(t: &Target) -> Result<i32> {
+    let job = t.job()?;
+    for seq in job.snapshot_seqs()? {
+        if SnapshotReader::open(&job, seq)
+            .and_then(|r| r.verify())
+            .is_err()
+        {
+            return Ok(EXIT_DAMAGED);
+        }
+    }
+    Ok(0)
+}
+
 /// `gc`: remove what no snapshot references. Needs the job not to be running.
 pub fn gc(t: &Target) -> Result<i32> {
     #[derive(Serialize)]
@@ -422,21 +514,13 @@ pub fn gc(t: &Target) -> Result<i32> {
         freed_bytes: u64,
     }
     let job = t.job()?;
-    let me = supervise_shim::lock::Owner::this_process("supervise gc");
-    let _lock = match JobLock::try_take(job.dir(), &me)? {
-        TryLock::Taken(lock) => lock,
-        TryLock::Held(owner) => {
-            eprintln!(
-                "supervise: job {} is running ({}); its program removes what no snapshot \
-                 needs after each snapshot. Run gc when it is not running.",
-                job.name(),
-                owner.map_or("holder unknown".into(), |o| format!(
-                    "supervisor pid {}",
-                    o.pid
-                ))
-            );
-            return Ok(EXIT_HELD);
-        }
+    let Some(_lock) = take_job_lock(
+        &job,
+        "gc",
+        "its program removes what no snapshot needs after each snapshot",
+    )?
+    else {
+        return Ok(EXIT_HELD);
     };
     let spinner = ProgressBar::new_spinner();
     spinner.set_message("collecting garbage");

@@ -92,6 +92,11 @@ enum Sub {
         at: Where,
         /// Snapshot number, or `latest` (default: all).
         snapshot: Option<String>,
+        /// Mend what can be mended first (the job must not be running): damaged chunks are
+        /// pointed at good copies found in the job's packs, and snapshots set aside as damaged
+        /// that now verify are put back. With --json, prints what was done.
+        #[arg(long, conflicts_with = "snapshot")]
+        repair: bool,
     },
     /// Remove what no snapshot references (packs, leftovers); report what was freed.
     Gc {
@@ -347,7 +352,10 @@ fn main() -> ExitCode {
         Some(Sub::Bench { store, size, json }) => run_bench(&store, size, json),
         Some(Sub::Ls { at }) => commands::ls(&at.into()),
         Some(Sub::Show { at, snapshot }) => commands::show(&at.into(), &snapshot),
-        Some(Sub::Verify { at, snapshot }) => commands::verify(&at.into(), snapshot.as_deref()),
+        Some(Sub::Verify {
+            at, repair: true, ..
+        }) => commands::repair(&at.into()),
+        Some(Sub::Verify { at, snapshot, .. }) => commands::verify(&at.into(), snapshot.as_deref()),
         Some(Sub::Gc { at }) => commands::gc(&at.into()),
         Some(Sub::Restore { at, snapshot, to }) => commands::restore(&at.into(), &snapshot, &to),
         Some(Sub::Snapshot {

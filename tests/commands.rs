@@ -264,3 +264,54 @@ fn verify_finds_every_injected_corruption() {
         );
     }
 }
+
+#[test]
+fn verify_repair_mends_from_good_copies_and_refuses_while_the_job_runs() {
+    use supervise_shim::{SnapshotWriter, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = Store::open(&store).unwrap().job("j").unwrap();
+    let grid: Vec<f64> = (0..100_000).map(|i| (i as f64 * 1e-3).sin()).collect();
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    for _ in 0..2 {
+        let mut b = writer.begin(None);
+        b.slice("grid", &grid).unwrap();
+        b.commit().unwrap();
+    }
+    let m = job.read_manifest(1).unwrap();
+    let chunk = m.entries[0].chunks[1];
+    let path = job.pack_path(&m.packs[0]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[chunk.offset as usize + 44 + 7] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    writer
+        .distrust(&[(m.packs[0].clone(), chunk.offset, chunk.hash)])
+        .unwrap();
+    let mut b = writer.begin(None);
+    b.slice("grid", &grid).unwrap();
+    b.commit().unwrap();
+    drop(writer);
+
+    // While someone holds the job, repair refuses with 4 and changes nothing.
+    let holder = supervise_shim::lock::JobLock::try_take(
+        job.dir(),
+        &supervise_shim::lock::Owner::this_process("test"),
+    )
+    .unwrap();
+    let (code, _, err) = cmd(&store, &["verify", "--repair", "--job", "j"]);
+    assert_eq!(code, 4, "{err}");
+    assert_eq!(job.snapshot_seqs().unwrap(), vec![3]);
+    drop(holder);
+
+    let done = json(&store, &["verify", "--repair", "--job", "j"]);
+    assert_eq!(done["repaired"], serde_json::json!([1, 2]), "{done}");
+    assert_eq!(done["unrepairable"], serde_json::json!([]), "{done}");
+    let verdicts = json(&store, &["verify", "--job", "j"]);
+    let ok: Vec<bool> = verdicts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["ok"].as_bool().unwrap())
+        .collect();
+    assert_eq!(ok, vec![true, true, true], "{verdicts}");
+}

@@ -62,6 +62,7 @@ pub mod name;
 mod pack;
 pub mod reader;
 mod region;
+pub mod repair;
 mod restore;
 pub mod retention;
 mod runtime;

@@ -279,6 +279,43 @@ impl JobStore {
         Ok(files)
     }
 
+    /// Reads the manifest of snapshot `seq` that was set aside as damaged.
+    pub fn read_set_aside(&self, seq: u64) -> Result<Manifest> {
+        let path = self.snapshots.join(format!("{seq:020}{DAMAGED_SUFFIX}"));
+        let bytes = fs::read(&path).map_err(io_err("read", &path))?;
+        let manifest = Manifest::decode(&bytes, &path)?;
+        if manifest.seq != seq || manifest.job != self.name {
+            return Err(Error::Corrupt {
+                path,
+                why: format!(
+                    "manifest says job {:?} snapshot {}, not job {:?} snapshot {seq}",
+                    manifest.job, manifest.seq, self.name
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Replaces a committed snapshot's manifest with a mended one (same sequence number; only
+    /// where its chunks are stored may differ). Only the job's owner may call it.
+    pub fn republish(&self, manifest: &Manifest) -> Result<()> {
+        self.publish_manifest(manifest).map(|_| ())
+    }
+
+    /// Puts a snapshot that was set aside as damaged back among the committed ones, with the
+    /// (mended or verified) `manifest`. Only the job's owner may call it.
+    pub fn put_back(&self, manifest: &Manifest) -> Result<()> {
+        self.publish_manifest(manifest)?;
+        let aside = self
+            .snapshots
+            .join(format!("{:020}{DAMAGED_SUFFIX}", manifest.seq));
+        match fs::remove_file(&aside) {
+            Ok(()) => durable::fsync_dir(&self.snapshots),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &aside)(e)),
+        }
+    }
+
     /// Moves snapshot `seq` aside as damaged so no restore picks it again. Its packs are left
     /// to retention.
     pub fn quarantine(&self, seq: u64) -> Result<()> {

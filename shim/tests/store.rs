@@ -379,3 +379,67 @@ fn the_scrub_paces_itself_and_finds_a_rotten_record() {
     assert_eq!((found[0].offset, found[0].hash), (chunk.offset, chunk.hash));
     assert_eq!(found[0].snapshots, vec![1]);
 }
+
+/// Flips one stored byte of the record of `chunk` in `pack`.
+fn rot(job: &JobStore, pack: &str, chunk: &supervise_shim::format::ChunkRef) {
+    let path = job.pack_path(pack);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[chunk.offset as usize + 44 + chunk.stored_len as usize - 1] ^= 0x21;
+    fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn repair_points_damaged_snapshots_at_good_copies_and_puts_them_back() {
+    use supervise_shim::repair::repair;
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let grid = field(100_000);
+    for _ in 0..2 {
+        let mut b = writer.begin(None);
+        b.slice("grid", &grid).unwrap();
+        b.commit().unwrap();
+    }
+    // Snapshot 2 is all dedup: its chunks live in snapshot 1's pack. One record rots.
+    let m = job.read_manifest(1).unwrap();
+    let chunk = m.entries[0].chunks[2];
+    rot(&job, &m.packs[0], &chunk);
+    // As the scrub does: set aside what uses it; the next snapshot stores a fresh copy.
+    let set_aside = writer
+        .distrust(&[(m.packs[0].clone(), chunk.offset, chunk.hash)])
+        .unwrap();
+    assert_eq!(set_aside, vec![1, 2]);
+    let mut b = writer.begin(None);
+    b.slice("grid", &grid).unwrap();
+    let report = b.commit().unwrap();
+    assert_eq!(
+        report.bytes_new, chunk.raw_len as u64,
+        "only the rotten chunk anew"
+    );
+    drop(writer);
+
+    let done = repair(&job).unwrap();
+    assert_eq!(done.repaired, vec![1, 2]);
+    assert_eq!(done.put_back, vec![1, 2]);
+    assert!(done.unrepairable.is_empty(), "{:?}", done.unrepairable);
+    assert_eq!(job.snapshot_seqs().unwrap(), vec![1, 2, 3]);
+    for seq in [1, 2, 3] {
+        SnapshotReader::open(&job, seq).unwrap().verify().unwrap();
+    }
+    // A second repair has nothing to do.
+    assert_eq!(repair(&job).unwrap(), Default::default());
+
+    // A record with no good copy anywhere stays damaged, and says so.
+    let m = job.read_manifest(3).unwrap();
+    let other = m.entries[0].chunks[5];
+    rot(&job, &m.packs[m.entries[0].chunks[5].pack as usize], &other);
+    let done = repair(&job).unwrap();
+    assert!(done.repaired.is_empty());
+    let seqs: Vec<u64> = done.unrepairable.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    assert!(
+        done.unrepairable[0].1.contains("no good copy"),
+        "{:?}",
+        done.unrepairable
+    );
+}
