@@ -218,3 +218,75 @@ fn a_rotten_shared_chunk_is_found_by_the_scrub_and_no_later_snapshot_uses_it() {
     assert!(!kept.contains(&1), "{kept:?}");
     fin.assert_said("scrub: damaged records");
 }
+
+/// A small tmpfs mounted for one test (root only); unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(at.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_snapshots_but_never_the_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "3m") else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let store = disk.0.join("store");
+    let args = ["--mib", "4", "--percent", "10", "--rounds", "12"];
+    let reference = {
+        let out = std::process::Command::new(example_bin("sparse"))
+            .args(args)
+            .env_clear()
+            .output()
+            .unwrap();
+        checksum_of(&String::from_utf8_lossy(&out.stdout)).unwrap()
+    };
+    let fin = Run::start(
+        &store,
+        &["--keep", "50", "--every", "1h"],
+        &sparse(&args),
+        &[],
+    )
+    .wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    assert_eq!(
+        checksum_of(&fin.stdout).as_deref(),
+        Some(reference.as_str())
+    );
+    assert!(
+        fin.stderr.contains("No space left on device"),
+        "{}",
+        fin.stderr
+    );
+    assert_eq!(
+        fin.stderr.matches("spawned pid").count(),
+        1,
+        "{}",
+        fin.stderr
+    );
+    // The snapshots that made it are intact.
+    let job = only_job(&store);
+    let kept = job.snapshot_seqs().unwrap();
+    assert!(!kept.is_empty());
+    for seq in kept {
+        supervise_shim::SnapshotReader::open(&job, seq)
+            .and_then(|r| r.verify())
+            .unwrap_or_else(|e| panic!("snapshot {seq}: {e}"));
+    }
+}
