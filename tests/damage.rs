@@ -1,0 +1,127 @@
+//! End-to-end tests of bad bytes on disk through the real binary: a store damaged in ways a
+//! checksum does not catch (a flipped codec byte) is reported as damage and set aside, never
+//! a panic.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use supervise_shim::JobStore;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(120);
+const ARGS: [&str; 4] = ["--n", "256", "--steps", "40000"];
+
+/// Runs `supervise <args> --store <store>`; returns (exit code, stdout, stderr).
+fn cmd(store: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(supervise_bin())
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .expect("run supervise");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// heat under supervise until a few snapshots exist, then stopped with SIGTERM.
+fn stopped_heat(store: &Path) -> JobStore {
+    let run = Run::start(store, &["--every", "100ms"], &heat(&ARGS), &[]);
+    run.wait_for("snapshot 3 done", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    only_job(store)
+}
+
+/// The previous and the newest snapshot.
+fn last_two(job: &JobStore) -> (u64, u64) {
+    let seqs = job.snapshot_seqs().unwrap();
+    (seqs[seqs.len() - 2], seqs[seqs.len() - 1])
+}
+
+/// `verify --json` exits 5 and names snapshot `seq` as not ok; returns its error text.
+fn verify_says_damaged(store: &Path, seq: u64) -> String {
+    let (code, out, err) = cmd(store, &["verify", "--json"]);
+    assert_eq!(code, 5, "verify: {out} {err}");
+    let verdicts: Value = serde_json::from_str(&out).unwrap();
+    let verdict = verdicts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["snapshot"] == seq)
+        .unwrap_or_else(|| panic!("no verdict for {seq}: {verdicts}"));
+    assert_eq!(verdict["ok"], false, "{verdicts}");
+    verdict["error"].as_str().unwrap().to_owned()
+}
+
+/// Runs heat again on the damaged store: it completes as an uninterrupted run would, from
+/// `prev`, and `newest` is set aside as damaged.
+fn resume_sets_aside(store: &Path, job: &JobStore, prev: u64, newest: u64) -> Finished {
+    let fin = Run::start(store, &["--every", "1h"], &heat(&ARGS), &[]).wait(LONG);
+    fin.assert_completed(&reference_checksum(&ARGS));
+    fin.assert_said(&format!("resumed from snapshot {prev} instead"));
+    assert!(
+        job.damaged_seqs().unwrap().contains(&newest),
+        "snapshot {newest} is not set aside: {}",
+        fin.stderr
+    );
+    fin
+}
+
+#[test]
+fn a_flipped_codec_byte_is_damage_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_heat(&store);
+    let (prev, newest) = last_two(&job);
+    let known: Vec<_> = job
+        .read_manifest(prev)
+        .unwrap()
+        .entries
+        .iter()
+        .flat_map(|e| e.chunks.iter().map(|c| c.hash))
+        .collect();
+    let m = job.read_manifest(newest).unwrap();
+    // A zstd record only the newest snapshot has: its codec byte 1 (zstd) becomes 0 (raw).
+    let (pack, at) = m
+        .entry("grid")
+        .unwrap()
+        .chunks
+        .iter()
+        .filter(|c| !known.contains(&c.hash))
+        .find_map(|c| {
+            let pack = job.pack_path(&m.packs[c.pack as usize]);
+            let at = c.offset as usize + 40;
+            (fs::read(&pack).unwrap()[at] == 1).then_some((pack, at))
+        })
+        .expect("a zstd chunk only the newest snapshot has");
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[at] = 0;
+    fs::write(&pack, bytes).unwrap();
+    let pack_name = pack.file_name().unwrap().to_str().unwrap();
+
+    let error = verify_says_damaged(&store, newest);
+    assert!(error.contains(pack_name), "{error}");
+    let out = dir.path().join("out");
+    let (code, _, err) = cmd(
+        &store,
+        &[
+            "restore",
+            &newest.to_string(),
+            "--to",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(pack_name), "{err}");
+
+    resume_sets_aside(&store, &job, prev, newest);
+}
