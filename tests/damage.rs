@@ -1,6 +1,7 @@
 //! End-to-end tests of bad bytes on disk through the real binary: a store damaged in ways a
-//! checksum does not catch (a flipped codec byte) is reported as damage and set aside, never
-//! a panic.
+//! checksum does not catch (a flipped codec byte, a crafted manifest with a valid checksum) is
+//! reported as damage and set aside, never a panic or an abort; a manifest's entry names
+//! cannot make `restore --to` write outside its directory.
 
 mod support;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use supervise_shim::JobStore;
+use supervise_shim::format::{ChunkRef, Manifest, entry_root};
 use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -45,6 +47,13 @@ fn stopped_heat(store: &Path) -> JobStore {
 fn last_two(job: &JobStore) -> (u64, u64) {
     let seqs = job.snapshot_seqs().unwrap();
     (seqs[seqs.len() - 2], seqs[seqs.len() - 1])
+}
+
+/// Replaces snapshot `seq`'s manifest by `edit` of it, re-encoded with a valid checksum.
+fn rewrite_manifest(job: &JobStore, seq: u64, edit: impl FnOnce(&mut Manifest)) {
+    let mut m = job.read_manifest(seq).unwrap();
+    edit(&mut m);
+    fs::write(job.manifest_path(seq), m.encode()).unwrap();
 }
 
 /// `verify --json` exits 5 and names snapshot `seq` as not ok; returns its error text.
@@ -124,4 +133,75 @@ fn a_flipped_codec_byte_is_damage_not_a_panic() {
     assert!(err.contains(pack_name), "{err}");
 
     resume_sets_aside(&store, &job, prev, newest);
+}
+
+#[test]
+fn huge_chunk_lengths_with_a_valid_checksum_are_damage_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_heat(&store);
+    let (prev, newest) = last_two(&job);
+    rewrite_manifest(&job, newest, |m| {
+        let params = m.entries.iter_mut().find(|e| e.name == "params").unwrap();
+        let chunk = ChunkRef {
+            raw_len: u32::MAX,
+            ..params.chunks[0]
+        };
+        params.chunks = vec![chunk; 4096];
+        params.len = 4096 * u64::from(u32::MAX);
+        params.root = entry_root(params.len, params.chunks.iter().map(|c| c.hash));
+    });
+    let manifest = job.manifest_path(newest);
+    let manifest = manifest.to_str().unwrap();
+
+    let error = verify_says_damaged(&store, newest);
+    assert!(error.contains(manifest), "{error}");
+    for args in [vec!["show", "latest"], vec!["restore", "latest", "--to"]] {
+        let mut args = args.clone();
+        let out = dir.path().join("out");
+        if args[0] == "restore" {
+            args.push(out.to_str().unwrap());
+        }
+        let (code, _, err) = cmd(&store, &args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(manifest), "{args:?}: {err}");
+        assert!(!out.join("params.json").exists());
+    }
+
+    resume_sets_aside(&store, &job, prev, newest);
+}
+
+#[test]
+fn restore_refuses_entry_names_that_escape_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_heat(&store);
+    let (prev, newest) = last_two(&job);
+    let absolute = dir.path().join("absolute");
+    for (seq, name) in [
+        (newest, "../../../escaped".to_owned()),
+        (prev, absolute.to_str().unwrap().to_owned()),
+    ] {
+        rewrite_manifest(&job, seq, |m| {
+            m.entries
+                .iter_mut()
+                .find(|e| e.name == "params")
+                .unwrap()
+                .name = name.clone();
+        });
+        let error = verify_says_damaged(&store, seq);
+        assert!(
+            error.contains(job.manifest_path(seq).to_str().unwrap()),
+            "{error}"
+        );
+        let out = dir.path().join("a/b/c");
+        let (code, _, err) = cmd(
+            &store,
+            &["restore", &seq.to_string(), "--to", out.to_str().unwrap()],
+        );
+        assert_eq!(code, 1, "{name}: {err}");
+        assert!(!dir.path().join("escaped.json").exists(), "{name}");
+        assert!(!dir.path().join("absolute.json").exists(), "{name}");
+        assert!(!out.exists(), "{name}: nothing written");
+    }
 }
