@@ -1,11 +1,12 @@
 //! End-to-end tests of bad bytes on disk through the real binary: a store damaged in ways a
 //! checksum does not catch (a flipped codec byte, a crafted manifest with a valid checksum) is
-//! reported as damage and set aside, never a panic or an abort; a manifest's entry names
-//! cannot make `restore --to` write outside its directory.
+//! reported as damage and set aside, never a panic or an abort; `restore --to` writes only
+//! inside its directory, never through a planted symlink.
 
 mod support;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -204,4 +205,49 @@ fn restore_refuses_entry_names_that_escape_its_directory() {
         assert!(!dir.path().join("absolute.json").exists(), "{name}");
         assert!(!out.exists(), "{name}: nothing written");
     }
+}
+
+#[test]
+fn restore_never_follows_a_planted_symlink_and_keeps_files_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_heat(&store);
+    let (_, newest) = last_two(&job);
+    let newest = newest.to_string();
+
+    // A symlink planted where a restored file goes, pointing at a victim file.
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"victim").unwrap();
+    let trap = dir.path().join("trap");
+    fs::create_dir(&trap).unwrap();
+    std::os::unix::fs::symlink(&victim, trap.join("grid.f64")).unwrap();
+    let (code, _, err) = cmd(
+        &store,
+        &["restore", &newest, "--to", trap.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(trap.join("grid.f64").to_str().unwrap()),
+        "{err}"
+    );
+    assert_eq!(fs::read(&victim).unwrap(), b"victim");
+
+    // Restored files keep the store's privacy.
+    let out = dir.path().join("out");
+    let (code, _, err) = cmd(&store, &["restore", &newest, "--to", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&out), 0o700);
+    for file in ["grid.f64", "params.json", "snapshot.json"] {
+        assert_eq!(mode(&out.join(file)), 0o600, "{file}");
+    }
+
+    // A regular file as the target: the error names it.
+    let (code, _, err) = cmd(
+        &store,
+        &["restore", &newest, "--to", victim.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(victim.to_str().unwrap()), "{err}");
+    assert_eq!(fs::read(&victim).unwrap(), b"victim");
 }
