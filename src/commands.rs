@@ -771,7 +771,11 @@ pub fn status(t: &Target) -> Result<i32> {
 /// `log JOB`: the job's event history.
 pub fn log(t: &Target) -> Result<i32> {
     let job = t.job()?;
-    let records = events::read(job.dir())?;
+    let history = events::history(job.dir())?;
+    if let Some(note) = events::skipped_note(job.dir(), &history) {
+        eprintln!("supervise: {note}");
+    }
+    let records = history.records;
     if t.json {
         return print_json(&records);
     }

@@ -1,7 +1,7 @@
-//! End-to-end tests of bad bytes on disk through the real binary: a store damaged in ways a
-//! checksum does not catch (a flipped codec byte, a crafted manifest with a valid checksum) is
-//! reported as damage and set aside, never a panic or an abort; `restore --to` writes only
-//! inside its directory, never through a planted symlink.
+//! End-to-end tests of bad bytes on disk through the real binary: a store or history damaged
+//! in ways a checksum does not catch (a flipped codec byte, a crafted manifest with a valid
+//! checksum, garbage in `events.log`) is reported as damage or skipped, never a panic or an
+//! abort; `restore --to` writes only inside its directory, never through a planted symlink.
 
 mod support;
 
@@ -250,4 +250,32 @@ fn restore_never_follows_a_planted_symlink_and_keeps_files_private() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(victim.to_str().unwrap()), "{err}");
     assert_eq!(fs::read(&victim).unwrap(), b"victim");
+}
+
+#[test]
+fn garbage_in_the_history_is_skipped_and_the_job_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_heat(&store);
+    let log = job.dir().join("events.log");
+    let mut bytes = fs::read(&log).unwrap();
+    bytes.extend_from_slice(b"\xff\xfe\x00binary\x80garbage\n{\"not\": \"a record\"}\n");
+    bytes.extend(std::iter::repeat_n(b'x', 200_000));
+    bytes.extend_from_slice(b"\n\xc3\x28\n");
+    fs::write(&log, bytes).unwrap();
+
+    let (code, out, err) = cmd(&store, &["log", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let records: Value = serde_json::from_str(&out).unwrap();
+    assert!(!records.as_array().unwrap().is_empty(), "{records}");
+
+    let fin = Run::start(&store, &["--every", "1h"], &heat(&ARGS), &[]).wait(LONG);
+    fin.assert_completed(&reference_checksum(&ARGS));
+    fin.assert_said("skipped 4 damaged lines");
+    let (code, out, err) = cmd(&store, &["log", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let records: Value = serde_json::from_str(&out).unwrap();
+    let last = records.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["kind"], "end", "{records}");
+    assert_eq!(last["completed"], true, "{records}");
 }

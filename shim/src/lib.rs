@@ -57,6 +57,7 @@ pub mod error;
 pub mod failpoint;
 pub mod ffi;
 pub mod format;
+pub mod history;
 pub mod lock;
 pub mod name;
 mod pack;
