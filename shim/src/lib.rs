@@ -61,6 +61,7 @@ pub mod history;
 pub mod lock;
 pub mod name;
 mod pack;
+pub mod pack_scan;
 pub mod reader;
 mod region;
 mod restore;
