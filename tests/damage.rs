@@ -241,6 +241,27 @@ fn restore_never_follows_a_planted_symlink_and_keeps_files_private() {
     for file in ["grid.f64", "params.json", "snapshot.json"] {
         assert_eq!(mode(&out.join(file)), 0o600, "{file}");
     }
+    // Unless asked to share them (as far as the umask lets).
+    let shared = dir.path().join("shared");
+    let (code, _, err) = cmd(
+        &store,
+        &[
+            "restore",
+            &newest,
+            "--to",
+            shared.to_str().unwrap(),
+            "--shared",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+        .unwrap();
+    assert_eq!(mode(&shared), 0o755 & !umask);
+    assert_eq!(mode(&shared.join("grid.f64")), 0o644 & !umask);
 
     // A regular file as the target: the error names it.
     let (code, _, err) = cmd(
