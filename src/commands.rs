@@ -544,8 +544,71 @@ pub fn gc(t: &Target) -> Result<i32> {
     Ok(0)
 }
 
-/// `restore SNAPSHOT --to DIR`: each entry as a file.
-pub fn restore(t: &Target, id: &str, to: &Path) -> Result<i32> {
+/// Who may read what `restore --to` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// The store's privacy: files 0600, a created directory 0700.
+    Private,
+    /// Files 0644, a created directory 0755 (`--shared`).
+    Shared,
+}
+
+/// The target directory of `restore --to`: created (with its parents) when missing, then
+/// opened, so every file is created relative to it.
+fn open_target_dir(to: &Path, sharing: Sharing) -> Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+    use std::os::unix::fs::DirBuilderExt;
+    let mode = match sharing {
+        Sharing::Private => 0o700,
+        Sharing::Shared => 0o755,
+    };
+    if std::fs::symlink_metadata(to).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(to)
+            .with_context(|| format!("cannot create {}", to.display()))?;
+    }
+    open(
+        to,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("cannot open {} as a directory", to.display()))
+}
+
+/// Creates `name` in the target directory: never an existing file, never through a symlink.
+fn create_in(
+    dir: &std::os::fd::OwnedFd,
+    to: &Path,
+    name: &str,
+    sharing: Sharing,
+) -> Result<std::fs::File> {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::Mode;
+    let mode = match sharing {
+        Sharing::Private => Mode::from_bits_truncate(0o600),
+        Sharing::Shared => Mode::from_bits_truncate(0o644),
+    };
+    let flags =
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let path = to.join(name);
+    match openat(dir, name, flags, mode) {
+        Ok(fd) => Ok(std::fs::File::from(fd)),
+        Err(nix::errno::Errno::EEXIST) => bail!(
+            "{} already exists: restore neither overwrites nor follows a file (choose a new \
+             or empty directory)",
+            path.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
+/// `restore SNAPSHOT --to DIR`: each entry as a file, created in `DIR` (made if missing)
+/// with `sharing`'s modes; a file that exists there (a symlink too) is an error, never
+/// overwritten or followed.
+pub fn restore(t: &Target, id: &str, to: &Path, sharing: Sharing) -> Result<i32> {
     #[derive(Serialize)]
     struct Written {
         name: String,
@@ -562,36 +625,63 @@ pub fn restore(t: &Target, id: &str, to: &Path) -> Result<i32> {
         dir: PathBuf,
         entries: Vec<Written>,
     }
+    const INDEX: &str = "snapshot.json";
     let job = t.job()?;
     let seq = snapshot_id(&job, id)?;
     let reader = SnapshotReader::open(&job, seq)?;
-    if to.exists() && std::fs::read_dir(to)?.next().is_some() {
+    let m = reader.manifest().clone();
+    // Entry and element names were checked when the manifest was decoded: plain names.
+    let files: Vec<String> = m
+        .entries
+        .iter()
+        .map(|e| match &e.kind {
+            EntryKind::Value => format!("{}.json", e.name),
+            EntryKind::Slice { elem, .. } => format!("{}.{elem}", e.name),
+        })
+        .collect();
+    if files.iter().any(|f| f == INDEX) {
         bail!(
-            "{} exists and is not empty: choose a new directory",
-            to.display()
+            "snapshot {seq} has a value entry named \"snapshot\", which would be written to the index's file {INDEX}"
         );
     }
-    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
-    let m = reader.manifest().clone();
+    let dir = open_target_dir(to, sharing)?;
+    // Refuse before writing anything when a file is there already (creating each file with
+    // O_EXCL|O_NOFOLLOW below is what guarantees it).
+    for file in files.iter().map(String::as_str).chain([INDEX]) {
+        let path = to.join(file);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            bail!(
+                "{} already exists: restore neither overwrites nor follows a file (choose a new \
+                 or empty directory)",
+                path.display()
+            );
+        }
+    }
     let total: u64 = m.entries.iter().map(|e| e.len).sum();
     let bar = progress(total, "restoring");
     let mut entries = Vec::new();
-    for e in &m.entries {
-        let file = match &e.kind {
-            EntryKind::Value => format!("{}.json", e.name),
-            EntryKind::Slice { elem, .. } => format!("{}.{elem}", e.name),
-        };
-        let mut data = vec![0u8; e.len as usize];
-        reader.fill(e, &mut data)?;
-        if e.kind == EntryKind::Value
-            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data)
-        {
-            data = serde_json::to_vec_pretty(&v)?;
-            data.push(b'\n');
-        }
+    for (e, file) in m.entries.iter().zip(files) {
         let path = to.join(&file);
-        std::fs::write(&path, &data).with_context(|| format!("cannot write {}", path.display()))?;
-        bar.inc(e.len);
+        let mut out = create_in(&dir, to, &file, sharing)?;
+        let write_err = |e: std::io::Error| supervise_shim::Error::Io {
+            op: "write",
+            path: path.clone(),
+            source: e,
+        };
+        if e.kind == EntryKind::Value {
+            let mut data = reader.value_bytes(&e.name)?.unwrap_or_default();
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
+                data = serde_json::to_vec_pretty(&v)?;
+                data.push(b'\n');
+            }
+            out.write_all(&data).map_err(write_err)?;
+            bar.inc(e.len);
+        } else {
+            reader.read_entry(e, |batch| {
+                bar.inc(batch.len() as u64);
+                out.write_all(batch).map_err(write_err)
+            })?;
+        }
         entries.push(Written {
             name: e.name.clone(),
             file,
@@ -609,12 +699,14 @@ pub fn restore(t: &Target, id: &str, to: &Path) -> Result<i32> {
         entries,
     };
     let index = serde_json::to_vec_pretty(&done)?;
-    std::fs::write(to.join("snapshot.json"), index)?;
+    create_in(&dir, to, INDEX, sharing)?
+        .write_all(&index)
+        .with_context(|| format!("cannot write {}", to.join(INDEX).display()))?;
     if t.json {
         return print_json(&done);
     }
     println!(
-        "job {} snapshot {} written to {} (an index is in snapshot.json):",
+        "job {} snapshot {} written to {} (an index is in {INDEX}):",
         done.job,
         seq,
         to.display()
@@ -763,7 +855,11 @@ pub fn status(t: &Target) -> Result<i32> {
 /// `log JOB`: the job's event history.
 pub fn log(t: &Target) -> Result<i32> {
     let job = t.job()?;
-    let records = events::read(job.dir())?;
+    let history = events::history(job.dir())?;
+    if let Some(note) = events::skipped_note(job.dir(), &history) {
+        eprintln!("supervise: {note}");
+    }
+    let records = history.records;
     if t.json {
         return print_json(&records);
     }

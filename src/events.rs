@@ -4,32 +4,16 @@
 //! before was lost).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{BufReader, ErrorKind, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+pub use supervise_shim::history::{History, MAX_LINE_LEN, Record};
 
 /// Histories longer than this are cut to their newer half when a supervisor starts.
 const MAX_LOG_BYTES: u64 = 1 << 20;
-
-/// One record of the history.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Record {
-    /// When (milliseconds since the Unix epoch).
-    pub unix_ms: u64,
-    /// The supervisor that wrote it.
-    pub pid: u32,
-    /// What kind of record: `start`, `event`, `end`.
-    pub kind: String,
-    /// The event, as the supervisor said it.
-    pub message: String,
-    /// For `end` records: true when the command finished with exit code 0.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub completed: bool,
-}
 
 /// The history file of one job, open for appending.
 #[derive(Debug)]
@@ -89,23 +73,36 @@ impl EventLog {
     }
 }
 
-/// Reads a job's history, oldest first (lines that do not parse, such as one cut by a crash
-/// mid-write, are skipped). A job without history has an empty one.
+/// Reads a job's history, oldest first (damaged lines are skipped, see [`history`]).
 pub fn read(job_dir: &Path) -> Result<Vec<Record>> {
+    Ok(history(job_dir)?.records)
+}
+
+/// Reads a job's history, oldest first, with the number of damaged lines skipped: not UTF-8,
+/// not a record (such as one cut by a crash mid-write), or longer than [`MAX_LINE_LEN`]. The
+/// history is a log, not state: only an I/O error is an error. A job without history has an
+/// empty one.
+pub fn history(job_dir: &Path) -> Result<History> {
     let path = path_in(job_dir);
     let file = match File::open(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(History::default()),
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
     };
-    let mut records = Vec::new();
-    for line in BufReader::new(file).lines() {
-        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
-        if let Ok(r) = serde_json::from_str::<Record>(&line) {
-            records.push(r);
-        }
-    }
-    Ok(records)
+    supervise_shim::history::read_history(BufReader::new(file))
+        .with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// What to tell the user about the damaged lines a read skipped, if any.
+pub fn skipped_note(job_dir: &Path, history: &History) -> Option<String> {
+    (history.skipped > 0).then(|| {
+        format!(
+            "{}: skipped {} damaged lines (not UTF-8, not a record, or longer than {} bytes)",
+            path_in(job_dir).display(),
+            history.skipped,
+            MAX_LINE_LEN
+        )
+    })
 }
 
 /// How the previous supervisor of a job ended, from its history.

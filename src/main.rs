@@ -103,15 +103,22 @@ enum Sub {
         #[command(flatten)]
         at: Where,
     },
-    /// Write each entry of a snapshot out as a file: raw slices as raw bytes, values as JSON.
+    /// Write each entry of a snapshot out as a file: raw slices as raw bytes, values as JSON,
+    /// and an index, snapshot.json. Files are private like the store (0600, in a directory
+    /// created 0700) unless --shared. A file that already exists in DIR (a symlink too) is an
+    /// error: restore never overwrites nor follows one.
     Restore {
         #[command(flatten)]
         at: Where,
         /// Snapshot number, or `latest`.
         snapshot: String,
-        /// Directory to write into (created; must be empty if it exists).
+        /// Directory to write into (created with its parents if missing; if it exists, the
+        /// files to write must not).
         #[arg(long, value_name = "DIR")]
         to: PathBuf,
+        /// Let others read the files: 0644 files, a created directory 0755.
+        #[arg(long)]
+        shared: bool,
     },
     /// Ask the running job for a snapshot now, wait until it is durable, print its number.
     Snapshot {
@@ -357,7 +364,19 @@ fn main() -> ExitCode {
         }) => commands::repair(&at.into()),
         Some(Sub::Verify { at, snapshot, .. }) => commands::verify(&at.into(), snapshot.as_deref()),
         Some(Sub::Gc { at }) => commands::gc(&at.into()),
-        Some(Sub::Restore { at, snapshot, to }) => commands::restore(&at.into(), &snapshot, &to),
+        Some(Sub::Restore {
+            at,
+            snapshot,
+            to,
+            shared,
+        }) => {
+            let sharing = if shared {
+                commands::Sharing::Shared
+            } else {
+                commands::Sharing::Private
+            };
+            commands::restore(&at.into(), &snapshot, &to, sharing)
+        }
         Some(Sub::Snapshot {
             at,
             job_name,

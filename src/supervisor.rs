@@ -201,7 +201,10 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     // The child inherits the locked descriptor: the job stays held while it runs, even if
     // this supervisor dies.
     lock.inheritable()?;
-    let history = events::read(job.dir())?;
+    let history = events::history(job.dir())?;
+    if let Some(note) = events::skipped_note(job.dir(), &history) {
+        log.event(&note);
+    }
     log.keep_history(EventLog::open(job.dir())?);
     log.mark(
         "start",
@@ -212,7 +215,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         false,
     );
     let server = operator::Server::bind(job.dir())?;
-    let mut skip = initial_skip(cfg, &job, events::last_run(&history), log)?;
+    let mut skip = initial_skip(cfg, &job, events::last_run(&history.records), log)?;
     let mut state = JobState {
         status: Status {
             supervisor_pid: std::process::id(),

@@ -416,6 +416,13 @@ impl Capture<'_> {
             name: name.to_owned(),
             source,
         })?;
+        if json.len() as u64 > crate::format::MAX_VALUE_LEN {
+            return Err(Error::ValueTooLarge {
+                name: name.to_owned(),
+                len: json.len() as u64,
+                max: crate::format::MAX_VALUE_LEN,
+            });
+        }
         let mut data = self.buffer(json.len());
         data.extend_from_slice(&json);
         self.items.push(Item::Whole {

@@ -18,6 +18,7 @@ pub const ZSTD_LEVEL_SHUFFLED: i32 = -1;
 pub fn shuffle(input: &[u8], width: usize, out: &mut Vec<u8>) {
     out.clear();
     out.resize(input.len(), 0);
+    let width = width.max(1);
     let n = input.len() / width;
     let done = match width {
         8 => shuffle8(input, out, n),
@@ -32,9 +33,14 @@ pub fn shuffle(input: &[u8], width: usize, out: &mut Vec<u8>) {
     out[n * width..].copy_from_slice(&input[n * width..]);
 }
 
-/// Inverse of [`shuffle`], writing into `out` (same length as `input`).
+/// Inverse of [`shuffle`], writing into `out` (same length as `input`). Any width (0 and 1
+/// copy) and any lengths are accepted without a panic: only the first
+/// `min(input.len(), out.len())` bytes take part.
 pub fn unshuffle(input: &[u8], width: usize, out: &mut [u8]) {
-    let n = input.len() / width;
+    let len = input.len().min(out.len());
+    let (input, out) = (&input[..len], &mut out[..len]);
+    let width = width.max(1);
+    let n = len / width;
     let done = match width {
         8 => unshuffle8(input, out, n),
         4 => unshuffle4(input, out, n),
@@ -247,6 +253,14 @@ impl Decoder {
             )));
         }
         match header.codec {
+            Codec::Raw if stored.len() != out.len() => {
+                return Err(corrupt(format!(
+                    "chunk {} is stored raw but its stored length {} is not its length {}",
+                    hex(&header.hash[..8]),
+                    header.stored_len,
+                    header.raw_len
+                )));
+            }
             Codec::Raw => out.copy_from_slice(stored),
             Codec::Zstd => {
                 let shuffled = header.shuffle > 1;
@@ -335,6 +349,60 @@ mod tests {
             let mut back = vec![0; input.len()];
             unshuffle(&s, width, &mut back);
             assert_eq!(back, input, "width {width}");
+        }
+    }
+
+    #[test]
+    fn unshuffle_takes_any_width_and_any_lengths() {
+        let input: Vec<u8> = (0..300u32).map(|i| (i * 7 % 256) as u8).collect();
+        for width in 0..=255usize {
+            for len in [0, 1, 7, 8, 9, 64, 255, 256, 300] {
+                for out_len in [0, len / 2, len, len + 3] {
+                    let mut out = vec![0; out_len];
+                    unshuffle(&input[..len], width, &mut out);
+                    if width <= 1 && out_len == len {
+                        assert_eq!(out, &input[..len], "width {width} len {len}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_flipped_header_bit_is_corrupt_never_a_panic() {
+        let smooth: Vec<f64> = (0..8192).map(|i| (i as f64 * 1e-3).sin()).collect();
+        let raw: &[u8] = bytemuck::cast_slice(&smooth);
+        let mut enc = Encoder::new().unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let e = enc.encode(raw, *blake3::hash(raw).as_bytes(), 8).unwrap();
+        assert_eq!(e.header.codec, Codec::Zstd);
+        let path = Path::new("p");
+        // The codec byte flipped from zstd to raw: the stored length is not the raw length.
+        let as_raw = RecordHeader {
+            codec: Codec::Raw,
+            ..e.header
+        };
+        let mut out = vec![0; raw.len()];
+        let err = dec.decode(&as_raw, &e.data, &mut out, path).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        // Every other bit of the header: damage (or a header that does not decode), except
+        // the reserved bytes, which no reader looks at.
+        let bytes = e.header.encode();
+        for bit in 0..RecordHeader::LEN * 8 {
+            let mut b = bytes;
+            b[bit / 8] ^= 1 << (bit % 8);
+            let Ok(h) = RecordHeader::decode(&b, path) else {
+                continue;
+            };
+            let mut out = vec![0; (h.raw_len as usize).min(1 << 20)];
+            let stored = &e.data[..(h.stored_len as usize).min(e.data.len())];
+            let result = dec.decode(&h, stored, &mut out, path);
+            if bit / 8 >= 42 {
+                result.unwrap();
+            } else {
+                let err = result.unwrap_err();
+                assert!(matches!(err, Error::Corrupt { .. }), "bit {bit}: {err}");
+            }
         }
     }
 

@@ -93,6 +93,18 @@ pub enum Error {
         /// The kind asked for.
         wanted: String,
     },
+    /// A typed value whose JSON is larger than a snapshot may hold (a reader would refuse it).
+    #[error(
+        "entry {name:?}: a value of {len} bytes is larger than a snapshot holds (at most {max})"
+    )]
+    ValueTooLarge {
+        /// The entry name.
+        name: String,
+        /// Its serialized length.
+        len: u64,
+        /// The largest accepted ([`crate::format::MAX_VALUE_LEN`]).
+        max: u64,
+    },
     /// A typed value could not be serialized or deserialized.
     #[error("entry {name:?}: {source}")]
     Serde {

@@ -2,11 +2,14 @@
 //! manifests. Every file starts with a 6-byte magic and a little-endian u16 format version, so
 //! later releases can read today's stores. See ARCHITECTURE.md for the byte-level description.
 
+use std::collections::HashSet;
+use std::io::Read;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, io_err};
+use crate::name;
 
 /// Format version written by this release (and the newest it reads).
 pub const FORMAT_VERSION: u16 = 1;
@@ -19,6 +22,30 @@ pub const HEADER_LEN: usize = 8;
 /// Size of the fixed chunks raw regions and values are cut into (64 KiB, see ARCHITECTURE.md
 /// for the measurement behind the choice).
 pub const CHUNK_SIZE: usize = 64 * 1024;
+
+/// Longest chunk a reader accepts: 16 MiB, the largest chunk `SnapshotWriter::with_chunk_size`
+/// makes. Every length read from disk is checked against a bound before anything is allocated.
+pub const MAX_CHUNK_LEN: u32 = 16 << 20;
+/// Longest manifest file a reader accepts: 1 GiB (about 20 million chunk references, over a TiB
+/// of state in 64 KiB chunks). Check it before reading a manifest whole: see
+/// [`check_manifest_len`] and [`read_manifest_bytes`].
+pub const MAX_MANIFEST_LEN: u64 = 1 << 30;
+/// Largest value entry (JSON) a reader reads into memory, and a writer accepts: 1 GiB.
+pub const MAX_VALUE_LEN: u64 = 1 << 30;
+
+/// The element types a slice entry may hold (as `Element::NAME` spells them) and their sizes.
+pub const ELEMENT_TYPES: [(&str, u32); 10] = [
+    ("u8", 1),
+    ("i8", 1),
+    ("u16", 2),
+    ("i16", 2),
+    ("u32", 4),
+    ("i32", 4),
+    ("u64", 8),
+    ("i64", 8),
+    ("f32", 4),
+    ("f64", 8),
+];
 
 /// A blake3 hash.
 pub type Hash = [u8; 32];
@@ -82,13 +109,46 @@ impl RecordHeader {
         };
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&bytes[..32]);
-        Ok(Self {
+        let header = Self {
             hash,
             raw_len: u32_at(32),
             stored_len: u32_at(36),
             codec,
             shuffle: bytes[41],
-        })
+        };
+        header.check().map_err(corrupt)?;
+        Ok(header)
+    }
+
+    /// Checks the fields against what a writer makes: a raw length of 1 byte to
+    /// [`MAX_CHUNK_LEN`]; raw records stored as they are (stored length = raw length, no
+    /// shuffle); zstd records smaller than the chunk (the encoder keeps a chunk raw unless
+    /// zstd saves 1/32 of it) with a shuffle width of 0, 1, 2, 4 or 8.
+    fn check(&self) -> std::result::Result<(), &'static str> {
+        if self.raw_len == 0 || self.raw_len > MAX_CHUNK_LEN {
+            return Err("chunk record has a raw length of 0 or above 16 MiB");
+        }
+        match self.codec {
+            Codec::Raw if self.stored_len != self.raw_len => {
+                Err("raw chunk record has a stored length other than its raw length")
+            }
+            Codec::Raw if self.shuffle != 0 => Err("raw chunk record has a shuffle width"),
+            Codec::Zstd if self.stored_len >= self.raw_len => {
+                Err("compressed chunk record is not smaller than its raw length")
+            }
+            Codec::Zstd if !matches!(self.shuffle, 0 | 1 | 2 | 4 | 8) => {
+                Err("chunk record has an unknown shuffle width")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Offset just past the record that starts at `offset` (header and stored bytes), or
+    /// `None` if it does not fit in a u64.
+    pub fn end(offset: u64, stored_len: u32) -> Option<u64> {
+        offset
+            .checked_add(Self::LEN as u64)?
+            .checked_add(u64::from(stored_len))
     }
 }
 
@@ -117,6 +177,42 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 6], what: &str, path: &Path) -> R
         });
     }
     Ok(version)
+}
+
+/// Checks the length of a manifest file (e.g. from its metadata) before it is read whole:
+/// [`Error::Corrupt`] naming `path` if it is longer than [`MAX_MANIFEST_LEN`].
+pub fn check_manifest_len(len: u64, path: &Path) -> Result<()> {
+    if len > MAX_MANIFEST_LEN {
+        return Err(Error::Corrupt {
+            path: path.to_owned(),
+            why: format!("manifest is {len} bytes, more than any snapshot's ({MAX_MANIFEST_LEN})"),
+        });
+    }
+    Ok(())
+}
+
+/// Reads a whole manifest file from `file` (opened from `path`), reading no more than
+/// [`MAX_MANIFEST_LEN`] + 1 bytes: a longer file is [`Error::Corrupt`] without being read
+/// whole. A file that grows while it is read is caught the same way.
+pub fn read_manifest_bytes(file: impl Read, path: &Path) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("read", path))?;
+    check_manifest_len(bytes.len() as u64, path)?;
+    Ok(bytes)
+}
+
+/// True when `name` is a pack name as a writer makes it: snapshot number (20 digits), a nonce
+/// (16 lower-case hex digits) and an index (3 to 10 digits), joined by `-`.
+pub fn is_pack_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('-').collect();
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    matches!(parts.as_slice(), [seq, nonce, index]
+        if seq.len() == 20 && digits(seq)
+            && nonce.len() == 16 && hex(nonce)
+            && (3..=10).contains(&index.len()) && digits(index))
 }
 
 /// Figures recorded with each snapshot.
@@ -225,6 +321,8 @@ pub fn entry_root(len: u64, chunks: impl IntoIterator<Item = Hash>) -> Hash {
 
 impl Manifest {
     /// Encodes the manifest file: header, body length (u64 LE), postcard body, blake3 of body.
+    /// (The writer's manifests pass [`Manifest::check`]; encoding does not enforce it, so tests
+    /// can craft damaged ones.)
     pub fn encode(&self) -> Vec<u8> {
         let body = postcard::to_stdvec(self).expect("manifest serialization cannot fail");
         let mut out = Vec::with_capacity(HEADER_LEN + 8 + body.len() + 32);
@@ -235,8 +333,12 @@ impl Manifest {
         out
     }
 
-    /// Decodes and checks a manifest file read from `path`.
+    /// Decodes and checks a manifest file read from `path`: header, length, checksum, and
+    /// everything a writer guarantees (see [`Manifest::check`]), so that no field read from
+    /// disk can make a reader allocate without bound, read out of bounds or write outside a
+    /// directory.
     pub fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
+        check_manifest_len(bytes.len() as u64, path)?;
         check_header(bytes, MANIFEST_MAGIC, "snapshot manifest", path)?;
         let corrupt = |why: String| Error::Corrupt {
             path: path.to_owned(),
@@ -263,28 +365,81 @@ impl Manifest {
         }
         let manifest: Manifest = postcard::from_bytes(body)
             .map_err(|e| corrupt(format!("manifest does not decode: {e}")))?;
-        for entry in &manifest.entries {
-            if let Some(c) = entry
-                .chunks
-                .iter()
-                .find(|c| c.pack as usize >= manifest.packs.len())
-            {
-                return Err(corrupt(format!(
-                    "entry {:?} names pack #{} of {}",
-                    entry.name,
-                    c.pack,
-                    manifest.packs.len()
-                )));
+        manifest.check().map_err(corrupt)?;
+        Ok(manifest)
+    }
+
+    /// Checks what a writer guarantees: the job, entry and element names are valid (as when
+    /// they are written: they become file names), the pack names are plain pack names, no
+    /// entry name repeats, every chunk names a pack of the list, has a raw length of 1 byte to
+    /// [`MAX_CHUNK_LEN`], a stored length no larger (a chunk is stored raw unless compression
+    /// saves), a record inside the address range of a pack after its header; the chunks add
+    /// up to the entry's length, a whole number of elements, and a value is at most
+    /// [`MAX_VALUE_LEN`]. Returns what is wrong.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        name::validate("job", &self.job).map_err(|e| format!("manifest has an {e}"))?;
+        if let Some(p) = self.packs.iter().find(|p| !is_pack_name(p)) {
+            return Err(format!("manifest names an invalid pack {p:?}"));
+        }
+        let mut names = HashSet::with_capacity(self.entries.len());
+        for entry in &self.entries {
+            name::validate("entry", &entry.name).map_err(|e| format!("manifest has an {e}"))?;
+            if !names.insert(entry.name.as_str()) {
+                return Err(format!("entry {:?} appears twice", entry.name));
             }
-            let sum: u64 = entry.chunks.iter().map(|c| u64::from(c.raw_len)).sum();
+            let bad = |why: String| format!("entry {:?}: {why}", entry.name);
+            match &entry.kind {
+                EntryKind::Value if entry.len > MAX_VALUE_LEN => {
+                    return Err(bad(format!(
+                        "a value of {} bytes (at most {MAX_VALUE_LEN})",
+                        entry.len
+                    )));
+                }
+                EntryKind::Value => {}
+                EntryKind::Slice { elem, elem_size } => {
+                    if !ELEMENT_TYPES.contains(&(elem.as_str(), *elem_size)) {
+                        return Err(bad(format!(
+                            "unknown element type {elem:?} of {elem_size} bytes"
+                        )));
+                    }
+                    if entry.len % u64::from(*elem_size) != 0 {
+                        return Err(bad(format!(
+                            "{} bytes are not a whole number of {elem}",
+                            entry.len
+                        )));
+                    }
+                }
+            }
+            let mut sum = 0u64;
+            for c in &entry.chunks {
+                if c.pack as usize >= self.packs.len() {
+                    return Err(bad(format!(
+                        "names pack #{} of {}",
+                        c.pack,
+                        self.packs.len()
+                    )));
+                }
+                if c.raw_len == 0 || c.raw_len > MAX_CHUNK_LEN || c.stored_len > c.raw_len {
+                    return Err(bad(format!(
+                        "a chunk of {} bytes stored in {} (at most {MAX_CHUNK_LEN}, stored in no more)",
+                        c.raw_len, c.stored_len
+                    )));
+                }
+                if c.offset < HEADER_LEN as u64
+                    || RecordHeader::end(c.offset, c.stored_len).is_none()
+                {
+                    return Err(bad(format!("a chunk at offset {}", c.offset)));
+                }
+                sum = sum.saturating_add(u64::from(c.raw_len));
+            }
             if sum != entry.len {
-                return Err(corrupt(format!(
-                    "entry {:?}: chunks add up to {sum} bytes, entry says {}",
-                    entry.name, entry.len
+                return Err(bad(format!(
+                    "chunks add up to {sum} bytes, entry says {}",
+                    entry.len
                 )));
             }
         }
-        Ok(manifest)
+        Ok(())
     }
 
     /// Looks up an entry by name.
@@ -313,7 +468,7 @@ mod tests {
             attempt: 0,
             tag: Some("step 10".into()),
             stats: SnapshotStats::default(),
-            packs: vec!["p".into()],
+            packs: vec!["00000000000000000003-0123456789abcdef-000".into()],
             entries: vec![EntryMeta {
                 name: "e".into(),
                 kind: EntryKind::Value,
@@ -347,6 +502,134 @@ mod tests {
                 "flipped byte {i}"
             );
         }
+    }
+
+    /// `sample()` changed by `edit`, re-encoded with a valid checksum, decoded.
+    fn decode_edited(edit: impl FnOnce(&mut Manifest)) -> Result<Manifest> {
+        let mut m = sample();
+        edit(&mut m);
+        Manifest::decode(&m.encode(), Path::new("m"))
+    }
+
+    fn assert_corrupt(result: Result<Manifest>, what: &str) {
+        match result {
+            Err(Error::Corrupt { path, .. }) => assert_eq!(path, Path::new("m"), "{what}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+
+    /// Sets the only entry's chunks to `n` copies of `chunk` (length and root made to agree).
+    fn set_chunks(m: &mut Manifest, chunk: ChunkRef, n: usize) {
+        let e = &mut m.entries[0];
+        e.chunks = vec![chunk; n];
+        e.len = e.chunks.iter().map(|c| u64::from(c.raw_len)).sum();
+        e.root = entry_root(e.len, e.chunks.iter().map(|c| c.hash));
+    }
+
+    #[test]
+    fn lengths_beyond_what_a_writer_makes_are_corrupt() {
+        let chunk = sample().entries[0].chunks[0];
+        let max = 16u32 << 20;
+        for (what, bad) in [
+            (
+                "raw length 0xffffffff",
+                ChunkRef {
+                    raw_len: u32::MAX,
+                    ..chunk
+                },
+            ),
+            (
+                "raw length above 16 MiB",
+                ChunkRef {
+                    raw_len: max + 1,
+                    stored_len: 1,
+                    ..chunk
+                },
+            ),
+            (
+                "stored above raw",
+                ChunkRef {
+                    raw_len: 100,
+                    stored_len: 101,
+                    ..chunk
+                },
+            ),
+            (
+                "offset inside the file header",
+                ChunkRef { offset: 3, ..chunk },
+            ),
+            (
+                "record end overflows",
+                ChunkRef {
+                    offset: u64::MAX - 10,
+                    ..chunk
+                },
+            ),
+        ] {
+            assert_corrupt(decode_edited(|m| set_chunks(m, bad, 4096)), what);
+        }
+        let biggest = ChunkRef {
+            raw_len: max,
+            stored_len: max,
+            ..chunk
+        };
+        decode_edited(|m| set_chunks(m, biggest, 3)).unwrap();
+    }
+
+    #[test]
+    fn names_that_could_escape_a_directory_are_corrupt() {
+        for bad in [
+            "../../../escaped",
+            "/abs/path",
+            "",
+            "a/b",
+            ".hidden",
+            "nul\0",
+        ] {
+            assert_corrupt(decode_edited(|m| m.entries[0].name = bad.into()), bad);
+            assert_corrupt(decode_edited(|m| m.job = bad.into()), bad);
+            assert_corrupt(decode_edited(|m| m.packs[0] = bad.into()), bad);
+            assert_corrupt(
+                decode_edited(|m| {
+                    m.entries[0].kind = EntryKind::Slice {
+                        elem: bad.into(),
+                        elem_size: 8,
+                    }
+                }),
+                bad,
+            );
+        }
+        for bad in [
+            "p",
+            "0000-0123456789abcdef-000",
+            "00000000000000000003-0123456789ABCDEF-000",
+        ] {
+            assert_corrupt(decode_edited(|m| m.packs[0] = bad.into()), bad);
+        }
+        for bad in [("f64", 4), ("f65", 8)] {
+            let kind = EntryKind::Slice {
+                elem: bad.0.into(),
+                elem_size: bad.1,
+            };
+            assert_corrupt(decode_edited(|m| m.entries[0].kind = kind), bad.0);
+        }
+        decode_edited(|m| {
+            m.entries[0].kind = EntryKind::Slice {
+                elem: "u8".into(),
+                elem_size: 1,
+            }
+        })
+        .unwrap();
+        // 100 bytes are not a whole number of f64.
+        assert_corrupt(
+            decode_edited(|m| {
+                m.entries[0].kind = EntryKind::Slice {
+                    elem: "f64".into(),
+                    elem_size: 8,
+                }
+            }),
+            "100 bytes of f64",
+        );
     }
 
     #[test]

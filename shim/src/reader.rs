@@ -8,8 +8,14 @@ use std::sync::Mutex;
 
 use crate::codec::Decoder;
 use crate::error::{Error, Result, io_err};
-use crate::format::{ChunkRef, EntryKind, EntryMeta, Manifest, RecordHeader, entry_root};
+use crate::format::{
+    ChunkRef, EntryKind, EntryMeta, MAX_VALUE_LEN, Manifest, RecordHeader, entry_root,
+};
 use crate::store::JobStore;
+
+/// Most bytes [`SnapshotReader::read_entry`] (and so [`SnapshotReader::verify`]) holds in
+/// memory at once: chunks are read in batches of about this size (at least one chunk).
+pub const READ_BATCH: usize = 32 << 20;
 
 /// An open snapshot whose manifest decoded and whose packs are all present and long enough.
 pub struct SnapshotReader {
@@ -49,6 +55,12 @@ impl SnapshotReader {
                 wanted: "value".into(),
             });
         }
+        if entry.len > MAX_VALUE_LEN {
+            return Err(self.damaged(format!(
+                "entry {name:?} is a value of {} bytes, more than any value's ({MAX_VALUE_LEN})",
+                entry.len
+            )));
+        }
         let mut out = vec![0u8; entry.len as usize];
         self.fill(entry, &mut out)?;
         Ok(Some(out))
@@ -80,18 +92,59 @@ impl SnapshotReader {
         Ok(true)
     }
 
-    /// Reads and verifies every chunk of every entry without keeping the data.
+    /// Reads and verifies every chunk of every entry without keeping the data (at most about
+    /// [`READ_BATCH`] bytes in memory at once, whatever the entries' lengths).
     pub fn verify(&self) -> Result<()> {
-        let mut scratch = Vec::new();
         for entry in &self.manifest.entries {
-            scratch.resize(entry.len as usize, 0);
-            self.fill(entry, &mut scratch)?;
+            self.read_entry(entry, |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// Reads an entry in order, verified, handing `sink` one batch of whole chunks after
+    /// another (about [`READ_BATCH`] bytes each; the chunks of a batch are read in parallel),
+    /// so an entry of any length is read with bounded memory.
+    pub fn read_entry(
+        &self,
+        entry: &EntryMeta,
+        mut sink: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.check_root(entry)?;
+        let mut buf = Vec::new();
+        let mut rest = entry.chunks.as_slice();
+        while !rest.is_empty() {
+            let (mut n, mut bytes) = (0, 0usize);
+            while let Some(c) = rest.get(n) {
+                let len = c.raw_len as usize;
+                if n > 0 && bytes + len > READ_BATCH {
+                    break;
+                }
+                bytes += len;
+                n += 1;
+            }
+            let (batch, tail) = rest.split_at(n);
+            buf.resize(bytes, 0);
+            self.fill_chunks(batch, &mut buf)?;
+            sink(&buf)?;
+            rest = tail;
         }
         Ok(())
     }
 
     /// Decodes an entry into `dest` (exactly `entry.len` bytes), in parallel.
     pub fn fill(&self, entry: &EntryMeta, dest: &mut [u8]) -> Result<()> {
+        self.check_root(entry)?;
+        if dest.len() as u64 != entry.len {
+            return Err(Error::SizeMismatch {
+                name: entry.name.clone(),
+                stored: entry.len,
+                dest: dest.len() as u64,
+            });
+        }
+        self.fill_chunks(&entry.chunks, dest)
+    }
+
+    fn check_root(&self, entry: &EntryMeta) -> Result<()> {
         let root = entry_root(entry.len, entry.chunks.iter().map(|c| c.hash));
         if root != entry.root {
             return Err(self.damaged(format!(
@@ -99,17 +152,26 @@ impl SnapshotReader {
                 entry.name
             )));
         }
-        // Split the destination by each chunk's recorded length (the manifest's check that
-        // they add up to the entry's length makes this exact).
-        let mut pieces = Vec::with_capacity(entry.chunks.len());
+        Ok(())
+    }
+
+    /// Decodes `chunks` one after another into `dest`, in parallel.
+    fn fill_chunks(&self, chunks: &[ChunkRef], dest: &mut [u8]) -> Result<()> {
+        // Split the destination by each chunk's recorded length.
+        let mut pieces = Vec::with_capacity(chunks.len());
         let mut rest = dest;
-        for chunk in &entry.chunks {
-            let (piece, tail) = rest.split_at_mut(chunk.raw_len as usize);
+        for chunk in chunks {
+            let Some((piece, tail)) = rest.split_at_mut_checked(chunk.raw_len as usize) else {
+                return Err(self.damaged("chunk lengths do not add up to the entry's".into()));
+            };
             pieces.push(piece);
             rest = tail;
         }
-        let work = Mutex::new(pieces.into_iter().zip(entry.chunks.iter()));
-        let threads = self.threads.min(entry.chunks.len()).max(1);
+        if !rest.is_empty() {
+            return Err(self.damaged("chunk lengths do not add up to the entry's".into()));
+        }
+        let work = Mutex::new(pieces.into_iter().zip(chunks.iter()));
+        let threads = self.threads.min(chunks.len()).max(1);
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         std::thread::scope(|scope| {
             for _ in 0..threads {
@@ -141,7 +203,10 @@ impl SnapshotReader {
             let Some((out, chunk)) = next else {
                 return Ok(());
             };
-            let (path, file) = &self.packs[chunk.pack as usize];
+            let Some((path, file)) = self.packs.get(chunk.pack as usize) else {
+                return Err(self.damaged(format!("a chunk names pack #{}", chunk.pack)));
+            };
+            // The manifest's check bounds stored_len (at most the raw length, 16 MiB).
             buf.resize(RecordHeader::LEN + chunk.stored_len as usize, 0);
             file.read_exact_at(&mut buf, chunk.offset)
                 .map_err(io_err("read", path))?;
