@@ -273,7 +273,7 @@ impl<'a> Checker<'a> {
     }
 
     fn check(&mut self, pack: &str, chunk: &ChunkRef) -> bool {
-        if chunk.raw_len as usize > MAX_RAW_LEN || chunk.stored_len as usize > MAX_RAW_LEN * 2 {
+        if chunk.raw_len > format::MAX_CHUNK_LEN || chunk.stored_len > chunk.raw_len {
             return false;
         }
         let job = self.job;
@@ -306,6 +306,3 @@ impl<'a> Checker<'a> {
             .is_ok()
     }
 }
-
-/// Longest chunk a writer makes (`SnapshotWriter::with_chunk_size` allows up to 16 MiB).
-const MAX_RAW_LEN: usize = 16 << 20;

@@ -29,9 +29,6 @@ const REST_PER_WORK: u32 = 19;
 /// Bytes verified per slice at most (a slice ends after the record that crosses it).
 const SLICE_BYTES: u64 = 4 << 20;
 
-/// Longest chunk a writer makes (`SnapshotWriter::with_chunk_size` allows up to 16 MiB).
-const MAX_RAW_LEN: usize = 16 << 20;
-
 /// One stored record the committed snapshots reference.
 #[derive(Clone, Debug)]
 struct Target {
@@ -209,7 +206,7 @@ impl Scrubber {
 
     /// Reads and verifies one record; the reason it is damaged, or `None`.
     fn check(&mut self, job: &JobStore, t: &Target) -> Option<String> {
-        if t.raw_len as usize > MAX_RAW_LEN {
+        if t.raw_len > crate::format::MAX_CHUNK_LEN {
             return Some(format!(
                 "the snapshots give it an implausible length {}",
                 t.raw_len
