@@ -157,10 +157,13 @@ impl Server {
         let shown = job_dir.join(SOCKET_NAME);
         if let Some(st) = dir.stat(SOCKET_NAME)? {
             if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFSOCK.bits() {
-                bail!(
-                    "{} exists and is not a socket: refusing to replace it (remove it if it is not needed)",
-                    shown.display()
-                );
+                return Err(supervise_shim::Error::Unsafe {
+                    path: shown,
+                    kind: supervise_shim::UnsafeKind::NotExpectedKind {
+                        found: supervise_shim::fsops::kind_of(&st),
+                    },
+                }
+                .into());
             }
             dir.remove(SOCKET_NAME)?;
         }

@@ -56,7 +56,8 @@ fn errno_io(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
-fn kind_of(st: &FileStat) -> &'static str {
+/// What kind of file `st` describes, in words ("symbolic link", "regular file", ...).
+pub fn kind_of(st: &FileStat) -> &'static str {
     match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
         SFlag::S_IFDIR => "directory",
         SFlag::S_IFREG => "regular file",

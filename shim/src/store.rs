@@ -88,7 +88,10 @@ impl Store {
     /// Opens an existing job (an error naming the jobs there are if it does not exist).
     pub fn existing_job(&self, job: &str) -> Result<JobStore> {
         name::validate("job", job)?;
-        let exists = self.root.has_dir(job)? && self.root.sub(job, false)?.has_dir("snapshots")?;
+        // A link where the job or its snapshots should be is not "no such job": it is refused
+        // by name when the job is opened.
+        let exists =
+            self.root.has_dir(job)? && self.root.sub(job, false)?.stat("snapshots")?.is_some();
         if !exists {
             return Err(Error::NoSuchJob {
                 job: job.to_owned(),
