@@ -189,13 +189,15 @@ impl Dir {
     pub fn sub(&self, name: &str, create: bool) -> Result<Self> {
         let path = self.join(name);
         if create && self.access == Access::Owner {
-            gate("create directory").map_err(io_err("create directory", &path))?;
+            let armed = gate("create directory").map_err(io_err("create directory", &path))?;
             match nix::sys::stat::mkdirat(&*self.fd, name, Mode::from_bits_truncate(0o700)) {
                 Ok(()) => {
-                    crash::record(|| crash::Undo::Mkdir {
-                        dir: self.undo_dir(),
-                        name: name.to_owned(),
-                    });
+                    if armed {
+                        crash::record(crash::Undo::Mkdir {
+                            dir: self.undo_dir(),
+                            name: name.to_owned(),
+                        });
+                    }
                     self.fsync()?;
                 }
                 Err(Errno::EEXIST) => {}
@@ -346,7 +348,7 @@ impl Dir {
     pub fn create(&self, name: &str, direct: bool) -> Result<File> {
         self.writable("create", name)?;
         let path = self.join(name);
-        gate("create").map_err(io_err("create", &path))?;
+        let armed = gate("create").map_err(io_err("create", &path))?;
         let mut flags =
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         if direct {
@@ -355,11 +357,13 @@ impl Dir {
         let fd = nix::fcntl::openat(&*self.fd, name, flags, Mode::from_bits_truncate(0o600))
             .map_err(|e| io_err("create", &path)(errno_io(e)))?;
         let file = File::from(fd);
-        crash::record(|| crash::Undo::Created {
-            dir: self.undo_dir(),
-            name: name.to_owned(),
-        });
-        crash::track_data(&file, true);
+        if armed {
+            crash::record(crash::Undo::Created {
+                dir: self.undo_dir(),
+                name: name.to_owned(),
+            });
+            crash::track_data(&file, true);
+        }
         Ok(file)
     }
 
@@ -367,16 +371,22 @@ impl Dir {
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
         self.writable("rename into place", to)?;
         let path = self.join(to);
-        gate("rename").map_err(io_err("rename into place", &path))?;
-        let stashed = crash::stash(&self.fd, to);
+        let armed = gate("rename").map_err(io_err("rename into place", &path))?;
+        let stashed = if armed {
+            crash::stash(&self.fd, to)
+        } else {
+            None
+        };
         match nix::fcntl::renameat(&*self.fd, from, &*self.fd, to) {
             Ok(()) => {
-                crash::record(|| crash::Undo::Renamed {
-                    dir: self.undo_dir(),
-                    from: from.to_owned(),
-                    to: to.to_owned(),
-                    replaced: stashed,
-                });
+                if armed {
+                    crash::record(crash::Undo::Renamed {
+                        dir: self.undo_dir(),
+                        from: from.to_owned(),
+                        to: to.to_owned(),
+                        replaced: stashed,
+                    });
+                }
                 Ok(())
             }
             Err(e) => Err(io_err("rename into place", &path)(errno_io(e))),
@@ -387,12 +397,16 @@ impl Dir {
     pub fn remove(&self, name: &str) -> Result<bool> {
         self.writable("remove", name)?;
         let path = self.join(name);
-        gate("remove").map_err(io_err("remove", &path))?;
-        let stashed = crash::stash(&self.fd, name);
+        let armed = gate("remove").map_err(io_err("remove", &path))?;
+        let stashed = if armed {
+            crash::stash(&self.fd, name)
+        } else {
+            None
+        };
         match nix::unistd::unlinkat(&*self.fd, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
             Ok(()) => {
                 if let Some(stash) = stashed {
-                    crash::record(|| crash::Undo::Removed {
+                    crash::record(crash::Undo::Removed {
                         dir: self.undo_dir(),
                         name: name.to_owned(),
                         stash,
@@ -410,10 +424,12 @@ impl Dir {
         if self.access == Access::ReadOnly {
             return Ok(());
         }
-        gate("fsync directory").map_err(io_err("fsync directory", &self.path))?;
+        let armed = gate("fsync directory").map_err(io_err("fsync directory", &self.path))?;
         nix::unistd::fsync(&*self.fd)
             .map_err(|e| io_err("fsync directory", &self.path)(errno_io(e)))?;
-        crash::dir_synced(self.id);
+        if armed {
+            crash::dir_synced(self.id);
+        }
         Ok(())
     }
 
@@ -486,33 +502,38 @@ fn create_dirs(dir: &Path) -> Result<()> {
 
 /// Writes all of `data` at `offset` (a durability step: unsynced until [`fsync_file`]).
 pub fn write_all_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
-    gate("write")?;
-    crash::track_data(file, false);
+    if gate("write")? {
+        crash::track_data(file, false);
+    }
     file.write_all_at(data, offset)
 }
 
 /// Sets a file's length.
 pub fn set_len(file: &File, len: u64) -> io::Result<()> {
-    gate("truncate")?;
-    crash::track_data(file, false);
+    if gate("truncate")? {
+        crash::track_data(file, false);
+    }
     file.set_len(len)
 }
 
 /// Fsyncs a file's data and metadata.
 pub fn fsync_file(file: &File) -> io::Result<()> {
-    gate("fsync")?;
+    let armed = gate("fsync")?;
     file.sync_all()?;
-    crash::data_synced(file);
+    if armed {
+        crash::data_synced(file);
+    }
     Ok(())
 }
 
-/// Counts an operation; in test mode, fails it when armed to.
+/// Counts an operation; in test mode, fails it when armed to. Returns whether test mode is on
+/// (then the caller journals the operation's effect). Unarmed: one relaxed load.
 #[inline]
-fn gate(op: &'static str) -> io::Result<()> {
+fn gate(op: &'static str) -> io::Result<bool> {
     if !crash::ARMED.load(std::sync::atomic::Ordering::Relaxed) {
-        return Ok(());
+        return Ok(false);
     }
-    crash::step(op)
+    crash::step(op).map(|()| true)
 }
 
 pub mod crash {
@@ -792,21 +813,15 @@ pub mod crash {
     }
 
     /// Journals an effect (when armed with a journal).
-    pub(super) fn record(undo: impl FnOnce() -> Undo) {
-        if !ARMED.load(Ordering::Relaxed) {
-            return;
-        }
+    pub(super) fn record(undo: Undo) {
         if let Some(s) = state().as_mut().filter(|s| s.stash.is_some()) {
-            s.journal.push(undo());
+            s.journal.push(undo);
         }
     }
 
     /// Before `name` in `dir` is removed or replaced: keeps a link to it in the stash so the
     /// removal can be undone. `None` when there is no such file or no journal.
     pub(super) fn stash(dir: &OwnedFd, name: &str) -> Option<String> {
-        if !ARMED.load(Ordering::Relaxed) {
-            return None;
-        }
         let mut guard = state();
         let s = guard.as_mut()?;
         let stash = s.stash.as_ref()?;
@@ -824,9 +839,6 @@ pub mod crash {
     /// Before data is written to `file`: remembers its length at its last fsync (0 when it is
     /// `new`).
     pub(super) fn track_data(file: &File, new: bool) {
-        if !ARMED.load(Ordering::Relaxed) {
-            return;
-        }
         let Some((dev, ino, size)) = key(file) else {
             return;
         };
@@ -846,9 +858,6 @@ pub mod crash {
 
     /// After `file` was fsynced: its data is durable.
     pub(super) fn data_synced(file: &File) {
-        if !ARMED.load(Ordering::Relaxed) {
-            return;
-        }
         if let Some((dev, ino, _)) = key(file)
             && let Some(s) = state().as_mut()
         {
@@ -858,9 +867,6 @@ pub mod crash {
 
     /// After a directory was fsynced: the names changed in it are durable.
     pub(super) fn dir_synced(id: (u64, u64)) {
-        if !ARMED.load(Ordering::Relaxed) {
-            return;
-        }
         if let Some(s) = state().as_mut() {
             s.journal.retain(|u| u.dir().id != id);
         }
