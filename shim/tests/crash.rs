@@ -16,22 +16,23 @@ use std::time::Instant;
 
 use supervise_shim::format::CHUNK_SIZE;
 use supervise_shim::fsops::crash::{self, Fault};
-use supervise_shim::{JobStore, Result, SnapshotReader, SnapshotWriter, Store};
+use supervise_shim::{JobStore, Result, SnapshotReader, SnapshotReport, SnapshotWriter, Store};
 
 /// The layer's test mode is process-global: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const PER_CHUNK: usize = CHUNK_SIZE / 8;
-const CHUNKS: usize = 20;
+const CHUNKS: usize = 8;
 
-/// The grid of snapshot generation `g`: chunks below `changed` differ per generation.
+/// The grid of generation `g`: chunks below `changed` are generation `g`'s, the others
+/// generation 1's.
 fn grid(g: u64, changed: usize) -> Vec<f64> {
     (0..CHUNKS * PER_CHUNK)
         .map(|i| {
             let shift = if i / PER_CHUNK < changed {
                 g as f64
             } else {
-                0.0
+                1.0
             };
             (i as f64 * 1e-3).sin() * 100.0 + shift
         })
@@ -56,15 +57,23 @@ struct Expect {
 
 /// Commits a whole snapshot of `grid` and records it.
 fn snapshot(writer: &mut SnapshotWriter, exp: &mut Expect, grid: Vec<f64>) -> Result<u64> {
+    Ok(snapshot_report(writer, exp, grid)?.seq)
+}
+
+fn snapshot_report(
+    writer: &mut SnapshotWriter,
+    exp: &mut Expect,
+    grid: Vec<f64>,
+) -> Result<SnapshotReport> {
     let mut b = writer.begin(None);
     let seq = b.seq();
     exp.highest = exp.highest.max(seq);
     b.value("seq", &seq)?;
     b.slice("grid", &grid)?;
     exp.grids.insert(seq, grid);
-    b.commit()?;
+    let report = b.commit()?;
     exp.committed.push(seq);
-    Ok(seq)
+    Ok(report)
 }
 
 /// Commits a delta of `grid` on snapshot `base`, whose chunks below `changed` are dirty.
@@ -125,27 +134,37 @@ fn delta_and_retention(root: &Path, exp: &mut Expect) -> Result<()> {
     }
     delta(&mut w, exp, base, new, 2)?;
     let report = w.apply_retention(1)?;
+    assert_eq!(report.removed_snapshots, [1, 2, 3], "the shape is as meant");
+    assert_eq!(report.removed_packs.len(), 2, "the shape is as meant");
     for seq in report.removed_snapshots {
         exp.committed.retain(|s| *s != seq);
     }
     Ok(())
 }
 
-/// Snapshot 1, then 2 with 12 of 20 chunks changed, keeping one: 1's pack is sparse.
+/// Snapshot 1, then 2 with 5 of 8 chunks changed, keeping one: 1's pack is sparse (3 of its
+/// 8 chunks live).
 fn setup_sparse(root: &Path, exp: &mut Expect) {
     let mut w = SnapshotWriter::open(open_job(root).unwrap(), 0).unwrap();
     snapshot(&mut w, exp, grid(1, CHUNKS)).unwrap();
-    snapshot(&mut w, exp, grid(2, 12)).unwrap();
+    snapshot(&mut w, exp, grid(2, 5)).unwrap();
     w.apply_retention(1).unwrap();
     exp.committed.retain(|s| *s != 1);
 }
 
-/// The same data again: the 8 chunks living in the sparse pack are copied over, and retention
+/// The same data again: the 3 chunks living in the sparse pack are copied over, and retention
 /// then removes snapshot 2 and the sparse pack.
 fn compaction(root: &Path, exp: &mut Expect) -> Result<()> {
     let mut w = SnapshotWriter::open(open_job(root)?, 0)?;
-    snapshot(&mut w, exp, grid(2, 12))?;
+    let made = snapshot_report(&mut w, exp, grid(2, 5))?;
+    assert_eq!(
+        made.bytes_compacted,
+        3 * CHUNK_SIZE as u64,
+        "the shape is as meant"
+    );
     let report = w.apply_retention(1)?;
+    assert_eq!(report.removed_snapshots, [2], "the shape is as meant");
+    assert_eq!(report.removed_packs.len(), 1, "the sparse pack goes");
     for seq in report.removed_snapshots {
         exp.committed.retain(|s| *s != seq);
     }
