@@ -3,9 +3,8 @@
 //! next supervisor (a history that does not end with an `end` record means the supervisor
 //! before was lost).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufReader, ErrorKind, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,8 +22,11 @@ pub struct EventLog {
 
 /// The path of a job's history.
 pub fn path_in(job_dir: &Path) -> PathBuf {
-    job_dir.join("events.log")
+    job_dir.join(LOG_NAME)
 }
+
+/// The history's file name in the job directory.
+const LOG_NAME: &str = "events.log";
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -34,10 +36,14 @@ fn now_ms() -> u64 {
 
 impl EventLog {
     /// Opens the history for appending (only the job's lock holder does), first cutting it to
-    /// its newer half if it grew past 1 MiB.
+    /// its newer half if it grew past 1 MiB. The job directory and the file are opened without
+    /// following links and must be this user's (a planted link is refused, never written
+    /// through).
     pub fn open(job_dir: &Path) -> Result<Self> {
         let path = path_in(job_dir);
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() > MAX_LOG_BYTES) {
+        let dir = supervise_shim::fsops::Dir::open_owned(job_dir)?;
+        let file = dir.open_private(LOG_NAME, true)?;
+        if file.metadata().is_ok_and(|m| m.len() > MAX_LOG_BYTES) {
             let records = read(job_dir)?;
             let keep = &records[records.len() / 2..];
             let mut text = String::new();
@@ -45,15 +51,11 @@ impl EventLog {
                 text.push_str(&serde_json::to_string(r)?);
                 text.push('\n');
             }
-            supervise_shim::durable::write_atomic(&path, text.as_bytes(), |_| ())
+            dir.write_atomic(LOG_NAME, text.as_bytes(), |_| ())
                 .with_context(|| format!("cannot rewrite {}", path.display()))?;
+            let file = dir.open_private(LOG_NAME, true)?;
+            return Ok(Self { file });
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
         Ok(Self { file })
     }
 

@@ -69,6 +69,10 @@ struct Where {
     /// Print JSON (shapes documented in README.md) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Look at a store that another user owns or others may write (refused otherwise), read-only:
+    /// for ls, show, verify, log, restore --to; links inside it are still never followed.
+    #[arg(long)]
+    allow_foreign_store: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -472,6 +476,7 @@ impl From<Where> for commands::Target {
             store: w.store,
             job: w.job,
             json: w.json,
+            allow_foreign_store: w.allow_foreign_store,
         }
     }
 }

@@ -78,8 +78,18 @@ fn short_path(dir: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}/{SOCKET_NAME}", dir.as_raw_fd())
 }
 
+/// Opens the job directory without following a link at its last component.
 fn open_dir(job_dir: &Path) -> Result<File> {
-    File::open(job_dir).with_context(|| format!("cannot open {}", job_dir.display()))
+    let fd = nix::fcntl::open(
+        job_dir,
+        nix::fcntl::OFlag::O_RDONLY
+            | nix::fcntl::OFlag::O_DIRECTORY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .with_context(|| format!("cannot open {}", job_dir.display()))?;
+    Ok(File::from(fd))
 }
 
 /// A client connected to the operator socket, with what it has sent so far.
@@ -137,20 +147,49 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens in `job_dir` (the caller holds the job lock, so a socket file left there is a
-    /// dead supervisor's and is replaced).
+    /// Listens in `job_dir` (the caller holds the job lock, so a socket left there is a dead
+    /// supervisor's and is replaced; anything else there, such as a planted link or file, is
+    /// refused and left alone). The socket is made 0600 before it listens.
     pub fn bind(job_dir: &Path) -> Result<Self> {
-        let dir = open_dir(job_dir)?;
-        let path = short_path(dir.as_fd());
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e).context("cannot remove the old operator socket"),
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
+        use nix::sys::stat::{FchmodatFlags, Mode, SFlag};
+        let dir = supervise_shim::fsops::Dir::open_owned(job_dir)?;
+        let shown = job_dir.join(SOCKET_NAME);
+        if let Some(st) = dir.stat(SOCKET_NAME)? {
+            if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFSOCK.bits() {
+                return Err(supervise_shim::Error::Unsafe {
+                    path: shown,
+                    kind: supervise_shim::UnsafeKind::NotExpectedKind {
+                        found: supervise_shim::fsops::kind_of(&st),
+                    },
+                }
+                .into());
+            }
+            dir.remove(SOCKET_NAME)?;
         }
-        let listener = UnixListener::bind(&path)
-            .with_context(|| format!("cannot listen on {}", job_dir.join(SOCKET_NAME).display()))?;
-        listener.set_nonblocking(true)?;
-        Ok(Self { listener })
+        let path = short_path(dir.as_fd());
+        let listen = || -> nix::Result<std::os::fd::OwnedFd> {
+            let fd = nix::sys::socket::socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                None,
+            )?;
+            nix::sys::socket::bind(fd.as_raw_fd(), &UnixAddr::new(path.as_str())?)?;
+            // Nobody else may connect: 0600 before listen (until then connects are refused).
+            nix::sys::stat::fchmodat(
+                dir.as_fd(),
+                SOCKET_NAME,
+                Mode::from_bits_truncate(0o600),
+                FchmodatFlags::FollowSymlink,
+            )?;
+            nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(16)?)?;
+            Ok(fd)
+        };
+        let fd = listen().with_context(|| format!("cannot listen on {}", shown.display()))?;
+        Ok(Self {
+            listener: UnixListener::from(fd),
+        })
     }
 
     /// The listening socket (for polling).

@@ -107,6 +107,47 @@ fn a_crash_at_each_step_of_the_commit_protocol_loses_nothing() {
 }
 
 #[test]
+fn a_kill_at_every_file_system_operation_of_the_first_snapshots_loses_nothing() {
+    // `fsop@K` kills the program at the K-th durability step of the store's file-system layer
+    // (opening the job, then each snapshot's creates, writes, fsyncs, renames and directory
+    // fsyncs, and retention's removals from the third snapshot on: about 44 operations). At
+    // each: the restart resumes, the result is the uninterrupted one, and the store ends clean.
+    let args = ["--n", "256", "--steps", "1500"];
+    let reference = reference_checksum(&args);
+    let mut killed = 0;
+    for k in 1..=44 {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let failpoint = format!("fsop@{k}");
+        let run = Run::start(
+            &store,
+            &["--every", "30ms", "--keep", "2", "--backoff", "10ms"],
+            &heat(&args),
+            &[("SUPERVISE_FAILPOINT", &failpoint)],
+        );
+        let fin = run.wait(LONG);
+        fin.assert_completed(&reference);
+        if !fin.stderr.contains(&format!("fail point {failpoint} ")) {
+            continue;
+        }
+        killed += 1;
+        assert_eq!(
+            fin.stderr.matches("child died: signal SIGKILL").count(),
+            1,
+            "{failpoint}: {}",
+            fin.stderr
+        );
+        assert!(
+            !fin.stderr.contains("damaged"),
+            "{failpoint}: {}",
+            fin.stderr
+        );
+        assert_store_clean(&only_job(&store));
+    }
+    assert!(killed >= 40, "only {killed} of 44 kill points reached");
+}
+
+#[test]
 fn sigterm_takes_a_final_snapshot_and_the_same_command_resumes() {
     let args = ["--n", "256", "--steps", "30000"];
     let reference = reference_checksum(&args);

@@ -130,6 +130,102 @@ pub enum Error {
     /// The snapshot closure of the program returned an error of its own.
     #[error("snapshot aborted by the program: {0}")]
     Aborted(String),
+    /// A file or directory of the store that is not safe to use: a symbolic link or other
+    /// unexpected kind of file, or one another user owns or may write. Nothing was done to it.
+    #[error("{path}: refusing to use it: {kind}; {}", kind.remedy())]
+    Unsafe {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        kind: UnsafeKind,
+    },
+    /// A manifest larger than any this release writes or reads.
+    #[error("{path}: manifest is {len} bytes, more than the {max} a manifest may have")]
+    TooLarge {
+        /// The manifest file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The bound.
+        max: u64,
+    },
+}
+
+/// Why a store path is refused (see [`Error::Unsafe`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnsafeKind {
+    /// Not the kind of file expected there (a symbolic link, a directory where a file belongs,
+    /// a socket, a FIFO...).
+    NotExpectedKind {
+        /// What was found.
+        found: &'static str,
+    },
+    /// The store root is a symbolic link another user owns.
+    ForeignLink {
+        /// The link's owner.
+        uid: u32,
+    },
+    /// Owned by another user than the one running this process.
+    ForeignOwner {
+        /// The owner.
+        uid: u32,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Writable by the group or by others.
+    OpenToOthers {
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A file with more than one name (a hard link could point anywhere).
+    HardLinked {
+        /// How many names it has.
+        links: u64,
+    },
+}
+
+impl std::fmt::Display for UnsafeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnsafeKind::NotExpectedKind { found } => write!(f, "it is a {found}"),
+            UnsafeKind::ForeignLink { uid } => {
+                write!(
+                    f,
+                    "it is a symbolic link owned by uid {uid}, not by this user"
+                )
+            }
+            UnsafeKind::ForeignOwner { uid, mode } => write!(
+                f,
+                "it is owned by uid {uid} (mode {mode:04o}), not by this user (uid {})",
+                nix::unistd::geteuid()
+            ),
+            UnsafeKind::OpenToOthers { mode } => {
+                write!(f, "its mode {mode:04o} lets the group or others write it")
+            }
+            UnsafeKind::HardLinked { links } => write!(f, "it has {links} hard links"),
+        }
+    }
+}
+
+impl UnsafeKind {
+    /// What the user can do about it.
+    pub fn remedy(&self) -> &'static str {
+        match self {
+            UnsafeKind::NotExpectedKind { .. } | UnsafeKind::HardLinked { .. } => {
+                "the store never follows links inside it: remove it (supervise recreates what it needs)"
+            }
+            UnsafeKind::ForeignLink { .. } => {
+                "use the real directory as --store, or a link of your own"
+            }
+            UnsafeKind::ForeignOwner { .. } => {
+                "use a store of your own (--store), or chown it if it is yours; read-only commands (ls, show, verify, log, restore --to) can look with --allow-foreign-store"
+            }
+            UnsafeKind::OpenToOthers { .. } => {
+                "run chmod go-w on it (supervise creates its directories 0700 and files 0600)"
+            }
+        }
+    }
 }
 
 /// Result with the shim's [`Error`].

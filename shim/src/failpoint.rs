@@ -1,7 +1,8 @@
 //! Fault injection for crash tests. `SUPERVISE_FAILPOINT=NAME` (or `NAME@N`, the N-th time it is
 //! reached) kills the process with SIGKILL when the code reaches the point `NAME`, the way a
 //! power cut or `kill -9` would. Points: `packs-synced`, `packs-renamed`, `manifest-synced`,
-//! `manifest-renamed`. Under a supervisor it fires in the first run of the program only
+//! `manifest-renamed`, and `fsop@N`: the N-th operation of the store's file-system layer
+//! (any durability step: see [`crate::fsops::crash`]). Under a supervisor it fires in the first run of the program only
 //! (`SUPERVISE_ATTEMPT` unset or 0), so the restarted program shows the recovery. Unset, a
 //! check costs one load of an initialised `OnceLock`.
 
@@ -29,6 +30,9 @@ fn armed() -> &'static Option<Armed> {
             Some((n, at)) => (n.to_owned(), at.parse().unwrap_or(1)),
             None => (spec, 1),
         };
+        if name == "fsop" {
+            crate::fsops::crash::arm_kill(at);
+        }
         Some(Armed {
             name,
             at,

@@ -11,10 +11,9 @@
 //! the next one to try. The file is never replaced (a rename would give it a new inode and a
 //! new, unheld lock), only rewritten in place.
 
-use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, Write};
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,6 +21,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result, io_err};
+use crate::fsops::Dir;
 
 /// Who holds a job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,18 +76,12 @@ impl JobLock {
     }
 
     /// Tries once, without waiting, to take the lock of the job in `job_dir`; on success,
-    /// records `owner` in the lock file.
+    /// records `owner` in the lock file. The job directory and the lock file are opened
+    /// without following links and must belong to this user ([`Error::Unsafe`] otherwise):
+    /// a lock planted as a link to another file is refused, not written through.
     pub fn try_take(job_dir: &Path, owner: &Owner) -> Result<TryLock> {
         let path = Self::path_in(job_dir);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io_err("open lock file", &path))?;
+        let file = Dir::open_owned(job_dir)?.open_private("lock", false)?;
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => locked,
             Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -113,17 +107,29 @@ impl JobLock {
     }
 
     /// Who holds the job in `job_dir` now, or `None` when nobody does. Never blocks and never
-    /// takes the lock away from anyone (a probe that got it releases it at once).
+    /// takes the lock away from anyone (a probe that got it releases it at once). The lock
+    /// file is opened without following a link (a link there is [`Error::Unsafe`]).
     pub fn holder(job_dir: &Path) -> Result<Option<Owner>> {
         let path = Self::path_in(job_dir);
-        let file = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("open lock file", &path)(e)),
+        let file = match nix::fcntl::open(
+            &path,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC
+                | nix::fcntl::OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            Ok(fd) => File::from(fd),
+            Err(nix::errno::Errno::ENOENT) => return Ok(None),
+            Err(nix::errno::Errno::ELOOP) => {
+                return Err(Error::Unsafe {
+                    path,
+                    kind: crate::error::UnsafeKind::NotExpectedKind {
+                        found: "symbolic link",
+                    },
+                });
+            }
+            Err(e) => return Err(io_err("open lock file", &path)(e.into())),
         };
         match Flock::lock(file, FlockArg::LockSharedNonblock) {
             Ok(_probe) => Ok(None),

@@ -4,16 +4,15 @@
 //! 1.3 against 0.4-0.9 GB/s measured on this machine kind), else buffered with early writeback.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::durable;
-use crate::error::{Result, io_err};
+use crate::error::{Error, Result, io_err};
 use crate::format::{self, RecordHeader};
+use crate::fsops::{self, Dir};
 
 /// Size of a pack write; a multiple of any device's logical block size.
 const BLOCK: usize = 4 << 20;
@@ -67,7 +66,10 @@ struct Io {
 /// A pack file being written under its temporary name.
 pub(crate) struct PackWriter {
     pub(crate) name: String,
-    tmp: PathBuf,
+    /// The temporary name in the pack directory.
+    tmp: String,
+    /// Its path, for messages.
+    tmp_path: PathBuf,
     io: Option<Io>,
     block: Block,
     blocks: usize,
@@ -81,7 +83,8 @@ pub(crate) struct PackWriter {
 /// A pack written in full, waiting to be fsynced and renamed into place at commit.
 pub(crate) struct FinishedPack {
     pub(crate) name: String,
-    pub(crate) tmp: PathBuf,
+    /// The temporary name in the pack directory.
+    pub(crate) tmp: String,
     pub(crate) file: File,
 }
 
@@ -126,14 +129,15 @@ fn io_loop(
     for job in jobs {
         if !broken {
             let data = job.block.bytes(job.len);
-            let mut result = file.write_all_at(data, job.offset);
+            let mut result = fsops::write_all_at(&file, data, job.offset);
             if let Err(e) = &result
                 && direct.load(Ordering::Relaxed)
                 && e.raw_os_error() == Some(libc::EINVAL)
             {
                 // The filesystem opened the file with O_DIRECT but refuses direct writes.
                 direct.store(false, Ordering::Relaxed);
-                result = stop_direct(&file).and_then(|()| file.write_all_at(data, job.offset));
+                result =
+                    stop_direct(&file).and_then(|()| fsops::write_all_at(&file, data, job.offset));
             }
             match result {
                 Ok(()) => {
@@ -155,20 +159,15 @@ fn io_loop(
 }
 
 impl PackWriter {
-    /// Creates the pack file `tmp` (private, new) and its I/O thread.
-    pub(crate) fn create(name: String, tmp: PathBuf) -> Result<Self> {
-        let opened = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_DIRECT)
-            .open(&tmp);
-        let (file, direct) = match opened {
+    /// Creates the pack file `tmp` in `dir` (private, new) and its I/O thread.
+    pub(crate) fn create(name: String, dir: &Dir, tmp: String) -> Result<Self> {
+        let tmp_path = dir.join(&tmp);
+        let (file, direct) = match dir.create(&tmp, true) {
             Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (durable::create_private_file(&tmp)?, false)
+            Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                (dir.create(&tmp, false)?, false)
             }
-            Err(e) => return Err(io_err("create", &tmp)(e)),
+            Err(e) => return Err(e),
         };
         let (jobs, job_rx) = sync_channel::<WriteJob>(BLOCKS);
         let (free_tx, free) = channel::<Block>();
@@ -179,11 +178,12 @@ impl PackWriter {
             std::thread::Builder::new()
                 .name("supervise-pack-io".into())
                 .spawn(move || io_loop(file, job_rx, free_tx, &failed, &direct))
-                .map_err(io_err("spawn pack I/O thread", &tmp))?
+                .map_err(io_err("spawn pack I/O thread", &tmp_path))?
         };
         let mut pack = Self {
             name,
             tmp,
+            tmp_path,
             io: Some(Io {
                 jobs,
                 free,
@@ -236,7 +236,7 @@ impl PackWriter {
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            return Err(io_err("write", &self.tmp)(e));
+            return Err(io_err("write", &self.tmp_path)(e));
         }
         let next = match self.io().free.try_recv() {
             Ok(block) => block,
@@ -245,7 +245,7 @@ impl PackWriter {
                 Block::new()
             }
             Err(_) => self.io().free.recv().map_err(|_| {
-                io_err("write", &self.tmp)(std::io::Error::other("pack I/O thread ended"))
+                io_err("write", &self.tmp_path)(std::io::Error::other("pack I/O thread ended"))
             })?,
         };
         let block = std::mem::replace(&mut self.block, next);
@@ -255,7 +255,7 @@ impl PackWriter {
             offset: self.queued,
         };
         self.io().jobs.send(job).map_err(|_| {
-            io_err("write", &self.tmp)(std::io::Error::other("pack I/O thread ended"))
+            io_err("write", &self.tmp_path)(std::io::Error::other("pack I/O thread ended"))
         })?;
         self.queued += len as u64;
         self.fill = 0;
@@ -289,12 +289,12 @@ impl PackWriter {
         let io = self.io.take().expect("finish runs once");
         drop(io.jobs);
         let file = io.thread.join().map_err(|_| {
-            io_err("write", &self.tmp)(std::io::Error::other("pack I/O thread panicked"))
+            io_err("write", &self.tmp_path)(std::io::Error::other("pack I/O thread panicked"))
         })?;
         if let Some(e) = io.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(io_err("write", &self.tmp)(e));
+            return Err(io_err("write", &self.tmp_path)(e));
         }
-        file.set_len(exact).map_err(io_err("truncate", &self.tmp))?;
+        fsops::set_len(&file, exact).map_err(io_err("truncate", &self.tmp_path))?;
         if !io.direct.load(Ordering::Relaxed) {
             start_writeback(&file, 0, exact);
         }

@@ -14,7 +14,7 @@ use std::io::{BufReader, ErrorKind, Read};
 use std::os::unix::fs::FileExt;
 
 use crate::codec::Decoder;
-use crate::error::{Result, io_err};
+use crate::error::{Error, Result, io_err};
 use crate::format::{self, ChunkRef, Hash, Manifest, RecordHeader};
 use crate::store::JobStore;
 
@@ -182,10 +182,10 @@ fn find_good_copies(
     let mut copies: HashMap<Hash, Copy> = HashMap::new();
     for pack in job.pack_names()? {
         let path = job.pack_path(&pack);
-        let file = match File::open(&path) {
+        let file = match job.open_pack(&pack) {
             Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err("open", &path)(e)),
+            Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
         };
         let len = file.metadata().map_err(io_err("stat", &path))?.len();
         let mut reader = BufReader::with_capacity(1 << 20, &file);
@@ -280,7 +280,7 @@ impl<'a> Checker<'a> {
         let file = self
             .files
             .entry(pack.to_owned())
-            .or_insert_with(|| File::open(job.pack_path(pack)).ok());
+            .or_insert_with(|| job.open_pack(pack).ok());
         let Some(file) = file else {
             return false;
         };

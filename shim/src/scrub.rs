@@ -9,7 +9,6 @@
 //! runs at the 5% rate; the next pass starts a period after the last one started, or at once.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
@@ -213,10 +212,10 @@ impl Scrubber {
             ));
         }
         let path = job.pack_path(&t.pack);
-        let file = match File::open(&path) {
+        let file = match job.open_pack(&t.pack) {
             Ok(f) => f,
             // Removed by retention since the pass began, unless a snapshot still needs it.
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
                 let needed = t.snapshots.iter().any(|s| job.manifest_path(*s).exists());
                 return needed.then(|| "the pack is missing".to_owned());
             }

@@ -11,15 +11,15 @@
 //! between snapshots, so it never races an in-progress snapshot.
 
 use std::collections::HashSet;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::durable::{self, TMP_PREFIX};
 use crate::error::{Error, Result, io_err};
 use crate::failpoint;
-use crate::format::{self, Manifest, RecordHeader};
+use crate::format::{self, MAX_MANIFEST_LEN, Manifest, RecordHeader};
+use crate::fsops::{self, Access, Dir, TMP_PREFIX};
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
 pub use crate::retention::Retention;
@@ -27,44 +27,54 @@ pub use crate::retention::Retention;
 /// A store directory.
 #[derive(Clone, Debug)]
 pub struct Store {
-    root: PathBuf,
+    root: Dir,
 }
 
 impl Store {
-    /// Opens (creating with mode 0700 if needed) the store at `root`.
+    /// Opens (creating with mode 0700 if needed) the store at `root`, for writing: it must
+    /// belong to this user and be writable by nobody else ([`Error::Unsafe`] otherwise).
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        durable::create_private_dir(&root)?;
-        Ok(Self { root })
+        Ok(Self {
+            root: Dir::open_root(&root, true, Access::Owner)?,
+        })
     }
 
     /// The store's directory.
     pub fn root(&self) -> &Path {
-        &self.root
+        self.root.path()
     }
 
     /// Opens an existing store (for commands that only look: a missing store is an error, not
-    /// something to create).
+    /// something to create). Checked like [`Store::open`].
     pub fn open_existing(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        match fs::metadata(&root) {
-            Ok(m) if m.is_dir() => Ok(Self { root }),
-            Ok(_) => Err(Error::Io {
-                op: "open store",
-                path: root,
-                source: std::io::Error::other("not a directory"),
-            }),
-            Err(e) => Err(io_err("open store", &root)(e)),
-        }
+        Ok(Self {
+            root: Dir::open_root(&root, false, Access::Owner)?,
+        })
+    }
+
+    /// Opens an existing store for looking only, whoever owns it and whatever its mode (links
+    /// inside it are still never followed); every change to it fails.
+    pub fn open_read_only(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        Ok(Self {
+            root: Dir::open_root(&root, false, Access::ReadOnly)?,
+        })
     }
 
     /// The names of the jobs in the store, sorted.
     pub fn jobs(&self) -> Result<Vec<String>> {
         let mut jobs = Vec::new();
-        for entry in fs::read_dir(&self.root).map_err(io_err("list", &self.root))? {
-            let entry = entry.map_err(io_err("list", &self.root))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.path().join("snapshots").is_dir() && name::validate("job", &name).is_ok() {
+        for name in self.root.list()? {
+            if name::validate("job", &name).is_ok()
+                && self.root.has_dir(&name)?
+                && self
+                    .root
+                    .sub(&name, false)
+                    .and_then(|d| d.has_dir("snapshots"))
+                    .unwrap_or(false)
+            {
                 jobs.push(name);
             }
         }
@@ -75,39 +85,47 @@ impl Store {
     /// Opens an existing job (an error naming the jobs there are if it does not exist).
     pub fn existing_job(&self, job: &str) -> Result<JobStore> {
         name::validate("job", job)?;
-        if !self.root.join(job).join("snapshots").is_dir() {
+        // A link where the job or its snapshots should be is not "no such job": it is refused
+        // by name when the job is opened.
+        let exists =
+            self.root.has_dir(job)? && self.root.sub(job, false)?.stat("snapshots")?.is_some();
+        if !exists {
             return Err(Error::NoSuchJob {
                 job: job.to_owned(),
-                store: self.root.clone(),
+                store: self.root().to_owned(),
                 known: self.jobs()?.join(", "),
             });
         }
-        self.job(job)
+        self.open_job(job, false)
     }
 
     /// Opens (creating if needed) the part of the store that belongs to `job`.
     pub fn job(&self, job: &str) -> Result<JobStore> {
+        self.open_job(job, !self.root.read_only())
+    }
+
+    fn open_job(&self, job: &str, create: bool) -> Result<JobStore> {
         name::validate("job", job)?;
-        let dir = self.root.join(job);
-        let store = JobStore {
+        let dir = self.root.sub(job, create)?;
+        let snapshots = dir.sub("snapshots", create)?;
+        let packs = dir.sub("packs", create)?;
+        Ok(JobStore {
             name: job.to_owned(),
-            snapshots: dir.join("snapshots"),
-            packs: dir.join("packs"),
             dir,
-        };
-        durable::create_private_dir(&store.snapshots)?;
-        durable::create_private_dir(&store.packs)?;
-        Ok(store)
+            snapshots,
+            packs,
+        })
     }
 }
 
-/// One job's snapshots and packs.
+/// One job's snapshots and packs. Every operation is relative to the job's directories,
+/// opened once without following links.
 #[derive(Clone, Debug)]
 pub struct JobStore {
     name: String,
-    dir: PathBuf,
-    snapshots: PathBuf,
-    packs: PathBuf,
+    dir: Dir,
+    snapshots: Dir,
+    packs: Dir,
 }
 
 /// What [`JobStore::apply_retention`] removed.
@@ -135,25 +153,39 @@ impl JobStore {
 
     /// The job's directory.
     pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The job's directory, open (for what lives beside the snapshots: lock, event log).
+    pub fn job_dir(&self) -> &Dir {
         &self.dir
+    }
+
+    fn manifest_name(seq: u64) -> String {
+        format!("{seq:020}{SNAP_SUFFIX}")
+    }
+
+    fn damaged_name(seq: u64) -> String {
+        format!("{seq:020}{DAMAGED_SUFFIX}")
+    }
+
+    fn pack_file(pack: &str) -> String {
+        format!("{pack}{PACK_SUFFIX}")
     }
 
     /// The path of snapshot `seq`'s manifest.
     pub fn manifest_path(&self, seq: u64) -> PathBuf {
-        self.snapshots.join(format!("{seq:020}{SNAP_SUFFIX}"))
+        self.snapshots.join(&Self::manifest_name(seq))
     }
 
     /// The path of a pack file.
     pub fn pack_path(&self, pack: &str) -> PathBuf {
-        self.packs.join(format!("{pack}{PACK_SUFFIX}"))
+        self.packs.join(&Self::pack_file(pack))
     }
 
-    fn list(dir: &Path, suffix: &str) -> Result<Vec<String>> {
+    fn list(dir: &Dir, suffix: &str) -> Result<Vec<String>> {
         let mut names = Vec::new();
-        for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
-            let entry = entry.map_err(io_err("list", dir))?;
-            let file = entry.file_name();
-            let file = file.to_string_lossy();
+        for file in dir.list()? {
             if let Some(stem) = file.strip_suffix(suffix)
                 && !file.starts_with(TMP_PREFIX)
             {
@@ -203,19 +235,33 @@ impl JobStore {
         Ok(packs)
     }
 
-    /// Reads and checks snapshot `seq`'s manifest.
+    /// Reads and checks snapshot `seq`'s manifest (never through a link, and never more than
+    /// the bound on a manifest's size: [`Error::TooLarge`]).
     pub fn read_manifest(&self, seq: u64) -> Result<Manifest> {
-        let path = self.manifest_path(seq);
-        let bytes = fs::read(&path).map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
+        self.read_manifest_named(&Self::manifest_name(seq), seq)
+    }
+
+    /// Reads and checks the manifest file `name` of snapshot `seq` in `snapshots/`.
+    fn read_manifest_named(&self, name: &str, seq: u64) -> Result<Manifest> {
+        let path = self.snapshots.join(name);
+        let file = self.snapshots.open_read(name).map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == ErrorKind::NotFound => {
                 Error::NoSuchSnapshot {
                     job: self.name.clone(),
                     seq,
                 }
-            } else {
-                io_err("read", &path)(e)
             }
+            e => e,
         })?;
+        let len = file.metadata().map_err(io_err("stat", &path))?.len();
+        if len > MAX_MANIFEST_LEN {
+            return Err(Error::TooLarge {
+                path,
+                len,
+                max: MAX_MANIFEST_LEN,
+            });
+        }
+        let bytes = format::read_manifest_bytes(file, &path)?;
         let manifest = Manifest::decode(&bytes, &path)?;
         if manifest.seq != seq || manifest.job != self.name {
             return Err(Error::Corrupt {
@@ -232,10 +278,16 @@ impl JobStore {
     /// Publishes a manifest: temp name, fsync, rename, fsync directory. Returns its size.
     pub(crate) fn publish_manifest(&self, manifest: &Manifest) -> Result<u64> {
         let bytes = manifest.encode();
-        durable::write_atomic(&self.manifest_path(manifest.seq), &bytes, |stage| {
-            failpoint::hit(&format!("manifest-{stage}"))
-        })?;
+        self.snapshots
+            .write_atomic(&Self::manifest_name(manifest.seq), &bytes, |stage| {
+                failpoint::hit(&format!("manifest-{stage}"))
+            })?;
         Ok(bytes.len() as u64)
+    }
+
+    /// Opens a pack file for reading (never through a link).
+    pub(crate) fn open_pack(&self, pack: &str) -> Result<File> {
+        self.packs.open_read(&Self::pack_file(pack))
     }
 
     /// Opens every pack a manifest names and checks that each holds every record the manifest
@@ -250,15 +302,15 @@ impl JobStore {
         let mut files = Vec::with_capacity(manifest.packs.len());
         for (pack, needed) in manifest.packs.iter().zip(needed) {
             let path = self.pack_path(pack);
-            let file = match File::open(&path) {
+            let file = match self.open_pack(pack) {
                 Ok(f) => f,
-                Err(e) if e.kind() == ErrorKind::NotFound => {
+                Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
                     return Err(Error::Corrupt {
                         path,
                         why: format!("pack is missing (snapshot {} needs it)", manifest.seq),
                     });
                 }
-                Err(e) => return Err(io_err("open", &path)(e)),
+                Err(e) => return Err(e),
             };
             let len = file.metadata().map_err(io_err("stat", &path))?.len();
             if len < needed {
@@ -281,19 +333,7 @@ impl JobStore {
 
     /// Reads the manifest of snapshot `seq` that was set aside as damaged.
     pub fn read_set_aside(&self, seq: u64) -> Result<Manifest> {
-        let path = self.snapshots.join(format!("{seq:020}{DAMAGED_SUFFIX}"));
-        let bytes = fs::read(&path).map_err(io_err("read", &path))?;
-        let manifest = Manifest::decode(&bytes, &path)?;
-        if manifest.seq != seq || manifest.job != self.name {
-            return Err(Error::Corrupt {
-                path,
-                why: format!(
-                    "manifest says job {:?} snapshot {}, not job {:?} snapshot {seq}",
-                    manifest.job, manifest.seq, self.name
-                ),
-            });
-        }
-        Ok(manifest)
+        self.read_manifest_named(&Self::damaged_name(seq), seq)
     }
 
     /// Replaces a committed snapshot's manifest with a mended one (same sequence number; only
@@ -306,23 +346,25 @@ impl JobStore {
     /// (mended or verified) `manifest`. Only the job's owner may call it.
     pub fn put_back(&self, manifest: &Manifest) -> Result<()> {
         self.publish_manifest(manifest)?;
-        let aside = self
-            .snapshots
-            .join(format!("{:020}{DAMAGED_SUFFIX}", manifest.seq));
-        match fs::remove_file(&aside) {
-            Ok(()) => durable::fsync_dir(&self.snapshots),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("remove", &aside)(e)),
+        if self.snapshots.remove(&Self::damaged_name(manifest.seq))? {
+            self.snapshots.fsync()?;
         }
+        Ok(())
     }
 
     /// Moves snapshot `seq` aside as damaged so no restore picks it again. Its packs are left
     /// to retention.
     pub fn quarantine(&self, seq: u64) -> Result<()> {
-        let from = self.manifest_path(seq);
-        let to = self.snapshots.join(format!("{seq:020}{DAMAGED_SUFFIX}"));
-        fs::rename(&from, &to).map_err(io_err("quarantine", &from))?;
-        durable::fsync_dir(&self.snapshots)
+        self.snapshots
+            .rename(&Self::manifest_name(seq), &Self::damaged_name(seq))?;
+        self.snapshots.fsync()
+    }
+
+    fn size_of(dir: &Dir, name: &str) -> u64 {
+        dir.stat(name)
+            .ok()
+            .flatten()
+            .map_or(0, |st| st.st_size as u64)
     }
 
     /// Keeps the committed snapshots the policy names (see [`Retention`]) and removes older
@@ -349,26 +391,19 @@ impl JobStore {
             .damaged_seqs()?
             .into_iter()
             .filter(|s| *s < oldest_kept);
-        let mut to_remove: Vec<(PathBuf, Option<u64>)> = old
+        let mut to_remove: Vec<(String, Option<u64>)> = old
             .iter()
-            .map(|s| (self.manifest_path(*s), Some(*s)))
+            .map(|s| (Self::manifest_name(*s), Some(*s)))
             .collect();
-        to_remove.extend(damaged_old.map(|s| {
-            (
-                self.snapshots.join(format!("{s:020}{DAMAGED_SUFFIX}")),
-                None,
-            )
-        }));
-        for (path, seq) in &to_remove {
-            report.freed_bytes += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            match fs::remove_file(path) {
-                Ok(()) => report.removed_snapshots.extend(seq),
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("remove", path)(e)),
+        to_remove.extend(damaged_old.map(|s| (Self::damaged_name(s), None)));
+        for (name, seq) in &to_remove {
+            report.freed_bytes += Self::size_of(&self.snapshots, name);
+            if self.snapshots.remove(name)? {
+                report.removed_snapshots.extend(seq);
             }
         }
         if !to_remove.is_empty() {
-            durable::fsync_dir(&self.snapshots)?;
+            self.snapshots.fsync()?;
         }
         let mut manifests = Vec::with_capacity(kept.len());
         for seq in &kept {
@@ -385,13 +420,13 @@ impl JobStore {
             if live.contains(pack.as_str()) {
                 continue;
             }
-            let path = self.pack_path(&pack);
-            report.freed_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            let file = Self::pack_file(&pack);
+            report.freed_bytes += Self::size_of(&self.packs, &file);
+            self.packs.remove(&file)?;
             report.removed_packs.push(pack);
         }
         if !report.removed_packs.is_empty() {
-            durable::fsync_dir(&self.packs)?;
+            self.packs.fsync()?;
         }
         report.sparse_packs = self.sparse_packs(&manifests)?;
         Ok(report)
@@ -415,12 +450,11 @@ impl JobStore {
         }
         let mut sparse = Vec::new();
         for (pack, live) in live {
-            let path = self.pack_path(pack);
-            let size = match fs::metadata(&path) {
-                Ok(m) => m.len(),
+            let file = Self::pack_file(pack);
+            let size = match self.packs.stat(&file)? {
+                Some(st) => st.st_size as u64,
                 // A snapshot that lost a pack is set aside by the writer; not a reason to fail.
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("stat", &path)(e)),
+                None => continue,
             };
             if live.saturating_mul(2) < size {
                 sparse.push(pack.to_owned());
@@ -434,23 +468,22 @@ impl JobStore {
     pub fn remove_all_snapshots(&self) -> Result<RetentionReport> {
         let mut report = RetentionReport::default();
         for seq in self.snapshot_seqs()? {
-            let path = self.manifest_path(seq);
-            report.freed_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            let name = Self::manifest_name(seq);
+            report.freed_bytes += Self::size_of(&self.snapshots, &name);
+            self.snapshots.remove(&name)?;
             report.removed_snapshots.push(seq);
         }
         for seq in self.damaged_seqs()? {
-            let path = self.snapshots.join(format!("{seq:020}{DAMAGED_SUFFIX}"));
-            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            self.snapshots.remove(&Self::damaged_name(seq))?;
         }
-        durable::fsync_dir(&self.snapshots)?;
+        self.snapshots.fsync()?;
         for pack in self.pack_names()? {
-            let path = self.pack_path(&pack);
-            report.freed_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            let file = Self::pack_file(&pack);
+            report.freed_bytes += Self::size_of(&self.packs, &file);
+            self.packs.remove(&file)?;
             report.removed_packs.push(pack);
         }
-        durable::fsync_dir(&self.packs)?;
+        self.packs.fsync()?;
         Ok(report)
     }
 
@@ -474,40 +507,51 @@ impl JobStore {
     fn bytes_of(&self, pick: impl Fn(&str) -> bool) -> Result<u64> {
         let mut total = 0;
         for dir in [&self.snapshots, &self.packs] {
-            for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
-                let entry = entry.map_err(io_err("list", dir))?;
-                if pick(&entry.file_name().to_string_lossy()) {
-                    total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            for name in dir.list()? {
+                if pick(&name) {
+                    total += Self::size_of(dir, &name);
                 }
             }
         }
         Ok(total)
     }
 
-    /// Removes temporary files a writer that died left behind. Only the job's writer calls it.
+    /// Removes temporary files a writer that died left behind (and makes the removals
+    /// durable). Only the job's writer calls it.
     pub(crate) fn remove_leftovers(&self) -> Result<usize> {
-        Ok(durable::remove_leftover_tmp(&self.snapshots)?
-            + durable::remove_leftover_tmp(&self.packs)?)
+        let mut removed = 0;
+        for dir in [&self.snapshots, &self.packs] {
+            let n = dir.remove_leftover_tmp()?;
+            if n > 0 {
+                dir.fsync()?;
+            }
+            removed += n;
+        }
+        Ok(removed)
     }
 
     /// Starts a new pack file under a temporary name.
     pub(crate) fn create_pack(&self, name: String) -> Result<PackWriter> {
-        let tmp = self.packs.join(format!("{TMP_PREFIX}{name}{PACK_SUFFIX}"));
-        PackWriter::create(name, tmp)
+        let tmp = format!("{TMP_PREFIX}{}", Self::pack_file(&name));
+        PackWriter::create(name, &self.packs, tmp)
+    }
+
+    /// Removes an unfinished pack (a snapshot that failed).
+    pub(crate) fn remove_unfinished_pack(&self, tmp: &str) -> Result<bool> {
+        self.packs.remove(tmp)
     }
 
     /// Fsyncs finished packs, renames them into place and fsyncs the pack directory once.
     pub(crate) fn publish_packs(&self, packs: &[FinishedPack]) -> Result<()> {
         for pack in packs {
-            pack.file.sync_all().map_err(io_err("fsync", &pack.tmp))?;
+            fsops::fsync_file(&pack.file).map_err(io_err("fsync", self.packs.join(&pack.tmp)))?;
         }
         crate::failpoint::hit("packs-synced");
         for pack in packs {
-            let to = self.pack_path(&pack.name);
-            fs::rename(&pack.tmp, &to).map_err(io_err("rename into place", &to))?;
+            self.packs.rename(&pack.tmp, &Self::pack_file(&pack.name))?;
         }
         if !packs.is_empty() {
-            durable::fsync_dir(&self.packs)?;
+            self.packs.fsync()?;
         }
         Ok(())
     }

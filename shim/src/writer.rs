@@ -444,7 +444,7 @@ impl SnapshotBuilder<'_> {
     /// mostly-dead pack, checked, and appended to this snapshot's pack as it is.
     fn copy_record(&mut self, hash: Hash, loc: &Loc) -> Result<Loc> {
         let path = self.writer.job.pack_path(&loc.pack);
-        let file = std::fs::File::open(&path).map_err(crate::error::io_err("open", &path))?;
+        let file = self.writer.job.open_pack(&loc.pack)?;
         let mut buf = vec![0u8; RecordHeader::LEN + loc.stored_len as usize];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, loc.offset)
             .map_err(crate::error::io_err("read", &path))?;
@@ -699,7 +699,7 @@ impl Drop for SnapshotBuilder<'_> {
         // The snapshot failed or was abandoned: remove what it wrote.
         drop(self.current.take());
         for pack in self.finished.drain(..) {
-            let _ = std::fs::remove_file(&pack.tmp);
+            let _ = self.writer.job.remove_unfinished_pack(&pack.tmp);
         }
         // A later snapshot must not reuse the number of one that may be half-visible.
         self.writer.next_seq = self.seq + 1;
