@@ -56,6 +56,18 @@ impl EventLog {
             let file = dir.open_private(LOG_NAME, true)?;
             return Ok(Self { file });
         }
+        // A supervisor killed mid-write leaves a torn last line: end it, so that the next
+        // record starts a line of its own (the torn one is skipped when read).
+        let len = file.metadata().map_or(0, |m| m.len());
+        let mut last = [0u8; 1];
+        if len > 0
+            && std::os::unix::fs::FileExt::read_exact_at(&file, &mut last, len - 1).is_ok()
+            && last[0] != b'\n'
+        {
+            (&file)
+                .write_all(b"\n")
+                .with_context(|| format!("cannot append to {}", path.display()))?;
+        }
         Ok(Self { file })
     }
 

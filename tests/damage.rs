@@ -300,3 +300,33 @@ fn garbage_in_the_history_is_skipped_and_the_job_completes() {
     assert_eq!(last["kind"], "end", "{records}");
     assert_eq!(last["completed"], true, "{records}");
 }
+
+#[test]
+fn a_torn_last_history_line_does_not_swallow_the_next_run_s_first_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = stopped_heat(&store);
+    let log = job.dir().join("events.log");
+    let mut bytes = fs::read(&log).unwrap();
+    // A supervisor killed in the middle of writing a record.
+    bytes.extend_from_slice(br#"{"unix_ms":1,"pid":1,"kind":"ev"#);
+    fs::write(&log, bytes).unwrap();
+    let fin = Run::start(&store, &["--every", "1h"], &heat(&ARGS), &[]).wait(LONG);
+    fin.assert_completed(&reference_checksum(&ARGS));
+    let (code, out, err) = cmd(&store, &["log", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let records: Value = serde_json::from_str(&out).unwrap();
+    let kinds: Vec<&str> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    // Two runs: each has its start record and its end record.
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "start").count(),
+        2,
+        "{records}"
+    );
+    assert_eq!(kinds.last(), Some(&"end"), "{records}");
+}

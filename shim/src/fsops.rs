@@ -313,7 +313,7 @@ impl Dir {
         let path = self.join(name);
         let mut flags = OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
         flags |= if append {
-            OFlag::O_WRONLY | OFlag::O_APPEND
+            OFlag::O_RDWR | OFlag::O_APPEND
         } else {
             OFlag::O_RDWR
         };

@@ -308,6 +308,13 @@ impl SnapshotBuilder<'_> {
             name: name.to_owned(),
             source,
         })?;
+        if bytes.len() as u64 > crate::format::MAX_VALUE_LEN {
+            return Err(Error::ValueTooLarge {
+                name: name.to_owned(),
+                len: bytes.len() as u64,
+                max: crate::format::MAX_VALUE_LEN,
+            });
+        }
         self.add(name, EntryKind::Value, &bytes, 0)
     }
 
