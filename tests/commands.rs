@@ -4,7 +4,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -12,21 +11,6 @@ use serde_json::Value;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
-
-/// Runs `supervise <args> --store <store>`; returns (exit code, stdout, stderr).
-fn cmd(store: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(supervise_bin())
-        .args(args)
-        .arg("--store")
-        .arg(store)
-        .output()
-        .expect("run supervise");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn json(store: &Path, args: &[&str]) -> Value {
     let mut with = args.to_vec();

@@ -8,7 +8,6 @@ mod support;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -19,21 +18,6 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
 const ARGS: [&str; 4] = ["--n", "256", "--steps", "40000"];
-
-/// Runs `supervise <args> --store <store>`; returns (exit code, stdout, stderr).
-fn cmd(store: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(supervise_bin())
-        .args(args)
-        .arg("--store")
-        .arg(store)
-        .output()
-        .expect("run supervise");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// heat under supervise until a few snapshots exist, then stopped with SIGTERM.
 fn stopped_heat(store: &Path) -> JobStore {

@@ -8,7 +8,6 @@ mod support;
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -31,21 +30,6 @@ fn job_dirs(store: &Path) {
 /// Runs `supervise --store <store> --job j -- heat ...` to its end.
 fn run_job(store: &Path) -> Finished {
     Run::start(store, &["--job", "j", "--every", "50ms"], &heat(&HEAT), &[]).wait(LONG)
-}
-
-/// Runs `supervise <args> --store <store>`: (exit code, stdout, stderr).
-fn cmd(store: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(supervise_bin())
-        .args(args)
-        .arg("--store")
-        .arg(store)
-        .output()
-        .expect("run supervise");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Plants `<store>/j/<name> -> victim` and checks the job is refused naming the link, and the

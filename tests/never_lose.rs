@@ -173,15 +173,7 @@ fn a_rotten_shared_chunk_is_found_by_the_scrub_and_no_later_snapshot_uses_it() {
         "--sleep-ms",
         "250",
     ];
-    let reference = {
-        let out = std::process::Command::new(example_bin("sparse"))
-            .args(args)
-            .env_clear()
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        checksum_of(&String::from_utf8_lossy(&out.stdout)).unwrap()
-    };
+    let reference = example_checksum("sparse", &args);
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let run = Run::start(
@@ -249,14 +241,7 @@ fn a_full_disk_fails_snapshots_but_never_the_program() {
     };
     let store = disk.0.join("store");
     let args = ["--mib", "4", "--percent", "10", "--rounds", "12"];
-    let reference = {
-        let out = std::process::Command::new(example_bin("sparse"))
-            .args(args)
-            .env_clear()
-            .output()
-            .unwrap();
-        checksum_of(&String::from_utf8_lossy(&out.stdout)).unwrap()
-    };
+    let reference = example_checksum("sparse", &args);
     let fin = Run::start(
         &store,
         &["--keep", "50", "--every", "1h"],

@@ -125,15 +125,7 @@ impl Scrubber {
                 break;
             };
             bytes += RecordHeader::LEN as u64 + u64::from(target.stored_len);
-            if let Some(why) = self.check(job, &target) {
-                findings.push(Finding {
-                    pack: target.pack,
-                    offset: target.offset,
-                    hash: target.hash,
-                    why,
-                    snapshots: target.snapshots,
-                });
-            }
+            findings.extend(self.finding(job, target));
         }
         // Damage tends to come in runs (a bad sector, a torn write): check the rest of each
         // damaged pack at once rather than at the scrub's pace.
@@ -144,15 +136,7 @@ impl Scrubber {
                 .partition(|t| damaged.contains(&t.pack));
             self.queue = rest;
             for target in same {
-                if let Some(why) = self.check(job, &target) {
-                    findings.push(Finding {
-                        pack: target.pack,
-                        offset: target.offset,
-                        hash: target.hash,
-                        why,
-                        snapshots: target.snapshots,
-                    });
-                }
+                findings.extend(self.finding(job, target));
             }
         }
         let worked = now.elapsed();
@@ -201,6 +185,18 @@ impl Scrubber {
             .sum();
         self.rate = total as f64 / self.period.as_secs_f64();
         self.pass_started = Some(Instant::now());
+    }
+
+    /// Checks one record: what is wrong with it, or `None` when it is intact.
+    fn finding(&mut self, job: &JobStore, target: Target) -> Option<Finding> {
+        let why = self.check(job, &target)?;
+        Some(Finding {
+            pack: target.pack,
+            offset: target.offset,
+            hash: target.hash,
+            why,
+            snapshots: target.snapshots,
+        })
     }
 
     /// Reads and verifies one record; the reason it is damaged, or `None`.

@@ -42,6 +42,36 @@ pub fn heat(args: &[&str]) -> Vec<OsString> {
     cmd
 }
 
+/// Runs `supervise <args> --store <store>` to its end: (exit code, stdout, stderr).
+pub fn cmd(store: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(supervise_bin())
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .expect("run supervise");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The checksum printed by an uninterrupted run of the example `name` with `args`.
+pub fn example_checksum(name: &str, args: &[&str]) -> String {
+    let out = Command::new(example_bin(name))
+        .args(args)
+        .env_clear()
+        .output()
+        .expect("run the example");
+    assert!(
+        out.status.success(),
+        "{name} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    checksum_of(&String::from_utf8_lossy(&out.stdout)).expect("the example prints a checksum")
+}
+
 /// The checksum of an uninterrupted run of the heat example (no supervisor), computed once
 /// per argument list.
 pub fn reference_checksum(args: &[&str]) -> String {
