@@ -275,3 +275,37 @@ fn a_full_disk_fails_snapshots_but_never_the_program() {
             .unwrap_or_else(|e| panic!("snapshot {seq}: {e}"));
     }
 }
+
+#[test]
+fn a_read_only_store_is_an_error_naming_the_path_and_keeps_its_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "8m") else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let store = disk.0.join("store");
+    let args = ["--mib", "1", "--rounds", "2"];
+    let fin = Run::start(&store, &["--every", "1h"], &sparse(&args), &[]).wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    let before = only_job(&store).snapshot_seqs().unwrap();
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&disk.0)
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+    let fin = Run::start(&store, &["--every", "1h"], &sparse(&args), &[]).wait(LONG);
+    assert_eq!(fin.code, Some(1), "{}", fin.stderr);
+    assert!(
+        fin.stderr.contains(&store.display().to_string()) && fin.stderr.contains("Read-only"),
+        "{}",
+        fin.stderr
+    );
+    assert_eq!(
+        fin.stderr.matches("spawned pid").count(),
+        0,
+        "{}",
+        fin.stderr
+    );
+    assert_eq!(only_job(&store).snapshot_seqs().unwrap(), before);
+}
