@@ -25,6 +25,18 @@ fn resumes(stderr: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// How many steps of `heat --n 256` this machine computes per second now.
+fn heat_steps_per_second() -> f64 {
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(example_bin("heat"))
+        .args(["--n", "256", "--steps", "3000"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    3000.0 / started.elapsed().as_secs_f64()
+}
+
 /// The step recorded in a snapshot's tag (`step N`).
 fn step_of(job: &supervise_shim::JobStore, seq: u64) -> u64 {
     let tag = job.read_manifest(seq).unwrap().tag.unwrap();
@@ -33,7 +45,12 @@ fn step_of(job: &supervise_shim::JobStore, seq: u64) -> u64 {
 
 #[test]
 fn an_external_kill_storm_steps_back_past_nothing_and_loses_no_step() {
-    let args = ["--n", "256", "--steps", "30000"];
+    // Long enough that no life of the storm can finish the job in its 0.3 s, on a fast
+    // machine or a slow one: about 8 s of computing at this machine's present speed (the first
+    // three snapshots take 3 s, and every life of the storm starts again from the third).
+    let steps = (heat_steps_per_second() * 8.0).clamp(20_000.0, 400_000.0) as u64;
+    let steps = steps.to_string();
+    let args = ["--n", "256", "--steps", steps.as_str()];
     let reference = reference_checksum(&args);
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
@@ -91,7 +108,9 @@ fn an_external_kill_storm_steps_back_past_nothing_and_loses_no_step() {
 
 #[test]
 fn a_missing_pack_of_the_oldest_snapshot_does_not_stop_the_resume() {
-    let args = ["--n", "256", "--steps", "20000"];
+    // About 4 s of computing here, whatever the machine's speed: 4 snapshots come first.
+    let steps = ((heat_steps_per_second() * 4.0).clamp(20_000.0, 200_000.0) as u64).to_string();
+    let args = ["--n", "256", "--steps", steps.as_str()];
     let reference = reference_checksum(&args);
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
