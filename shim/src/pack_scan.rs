@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::codec::Decoder;
 use crate::error::{Error, Result, io_err};
-use crate::format::{self, HEADER_LEN, MAX_CHUNK_LEN, PACK_MAGIC, RecordHeader};
+use crate::format::{self, ChunkRef, HEADER_LEN, MAX_CHUNK_LEN, PACK_MAGIC, RecordHeader};
 
 /// Something a pack can be read from at an offset: a [`File`], or bytes in memory.
 pub trait PackSource {
@@ -147,6 +147,60 @@ impl<R: PackSource + ?Sized> Iterator for PackScanner<'_, R> {
         let result = self.read_record();
         self.done = result.is_err();
         Some(result)
+    }
+}
+
+/// Reads the single records a manifest points at and verifies each: the record must be the
+/// chunk the manifest names (hash and lengths), and its bytes must decode to that chunk.
+pub struct RecordReader {
+    decoder: Decoder,
+    buf: Vec<u8>,
+}
+
+impl RecordReader {
+    /// A reader with its own decompressor (`path` is named if one cannot be made).
+    pub fn new(path: &Path) -> Result<Self> {
+        Ok(Self {
+            decoder: Decoder::new().map_err(io_err("create decompressor", path))?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Reads the record of `chunk` from `file` (the pack at `path`) and decodes it into `out`
+    /// (exactly `chunk.raw_len` bytes), verified. A pack that ends first is an [`Error::Io`]
+    /// whose source is `UnexpectedEof`; anything else wrong is [`Error::Corrupt`].
+    pub fn read(
+        &mut self,
+        file: &File,
+        path: &Path,
+        chunk: &ChunkRef,
+        out: &mut [u8],
+    ) -> Result<()> {
+        if chunk.stored_len > MAX_CHUNK_LEN {
+            return Err(Error::Corrupt {
+                path: path.to_owned(),
+                why: format!("record at offset {} is too long", chunk.offset),
+            });
+        }
+        self.buf
+            .resize(RecordHeader::LEN + chunk.stored_len as usize, 0);
+        file.read_exact_at(&mut self.buf, chunk.offset)
+            .map_err(io_err("read", path))?;
+        let header = RecordHeader::decode(&self.buf, path)?;
+        if header.hash != chunk.hash
+            || header.stored_len != chunk.stored_len
+            || header.raw_len != chunk.raw_len
+        {
+            return Err(Error::Corrupt {
+                path: path.to_owned(),
+                why: format!(
+                    "record at offset {} is not the chunk the snapshot names",
+                    chunk.offset
+                ),
+            });
+        }
+        self.decoder
+            .decode(&header, &self.buf[RecordHeader::LEN..], out, path)
     }
 }
 

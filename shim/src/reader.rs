@@ -2,15 +2,12 @@
 //! and checked against its blake3 hash; each entry's root is checked against its chunk list.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use crate::codec::Decoder;
-use crate::error::{Error, Result, io_err};
-use crate::format::{
-    ChunkRef, EntryKind, EntryMeta, MAX_VALUE_LEN, Manifest, RecordHeader, entry_root,
-};
+use crate::error::{Error, Result};
+use crate::format::{ChunkRef, EntryKind, EntryMeta, MAX_VALUE_LEN, Manifest, entry_root};
+use crate::pack_scan::RecordReader;
 use crate::store::JobStore;
 
 /// Most bytes [`SnapshotReader::read_entry`] (and so [`SnapshotReader::verify`]) holds in
@@ -195,9 +192,7 @@ impl SnapshotReader {
     where
         I: Iterator<Item = (&'a mut [u8], &'a ChunkRef)>,
     {
-        let mut decoder =
-            Decoder::new().map_err(io_err("create decompressor", self.packs_dir()))?;
-        let mut buf = Vec::new();
+        let mut records = RecordReader::new(&self.packs_dir())?;
         loop {
             let next = work.lock().unwrap_or_else(|p| p.into_inner()).next();
             let Some((out, chunk)) = next else {
@@ -206,21 +201,7 @@ impl SnapshotReader {
             let Some((path, file)) = self.packs.get(chunk.pack as usize) else {
                 return Err(self.damaged(format!("a chunk names pack #{}", chunk.pack)));
             };
-            // The manifest's check bounds stored_len (at most the raw length, 16 MiB).
-            buf.resize(RecordHeader::LEN + chunk.stored_len as usize, 0);
-            file.read_exact_at(&mut buf, chunk.offset)
-                .map_err(io_err("read", path))?;
-            let header = RecordHeader::decode(&buf, path)?;
-            if header.hash != chunk.hash || header.stored_len != chunk.stored_len {
-                return Err(Error::Corrupt {
-                    path: path.clone(),
-                    why: format!(
-                        "record at offset {} is not the chunk snapshot {} expects",
-                        chunk.offset, self.manifest.seq
-                    ),
-                });
-            }
-            decoder.decode(&header, &buf[RecordHeader::LEN..], out, path)?;
+            records.read(file, path, chunk, out)?;
         }
     }
 

@@ -10,12 +10,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, ErrorKind, Read};
-use std::os::unix::fs::FileExt;
+use std::io::ErrorKind;
 
-use crate::codec::Decoder;
-use crate::error::{Error, Result, io_err};
-use crate::format::{self, ChunkRef, Hash, Manifest, RecordHeader};
+use crate::error::{Error, Result};
+use crate::format::{self, ChunkRef, Hash, Manifest};
+use crate::pack_scan::{PackScanner, RecordReader};
 use crate::store::JobStore;
 
 /// What a repair did.
@@ -106,7 +105,7 @@ pub fn repair(job: &JobStore) -> Result<RepairReport> {
                 .map(|(e, c)| d.manifest.entries[*e].chunks[*c].hash)
         })
         .collect();
-    let copies = find_good_copies(job, &wanted, &mut checker)?;
+    let copies = find_good_copies(job, &wanted)?;
     for Damaged {
         seq,
         committed,
@@ -173,12 +172,9 @@ fn drop_unused_packs(manifest: &mut Manifest) {
     manifest.packs = packs;
 }
 
-/// Scans every pack of the job for records of the `wanted` chunks that verify.
-fn find_good_copies(
-    job: &JobStore,
-    wanted: &HashSet<Hash>,
-    checker: &mut Checker,
-) -> Result<HashMap<Hash, Copy>> {
+/// Scans every pack of the job for records of the `wanted` chunks (each record scanned is
+/// verified; a pack's scan ends at its first damaged record).
+fn find_good_copies(job: &JobStore, wanted: &HashSet<Hash>) -> Result<HashMap<Hash, Copy>> {
     let mut copies: HashMap<Hash, Copy> = HashMap::new();
     for pack in job.pack_names()? {
         let path = job.pack_path(&pack);
@@ -187,53 +183,19 @@ fn find_good_copies(
             Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        let len = file.metadata().map_err(io_err("stat", &path))?.len();
-        let mut reader = BufReader::with_capacity(1 << 20, &file);
-        let mut head = [0u8; format::HEADER_LEN];
-        if reader.read_exact(&mut head).is_err()
-            || format::check_header(&head, format::PACK_MAGIC, "pack", &path).is_err()
-        {
+        let Ok(scan) = PackScanner::new(&file, &path) else {
             continue;
-        }
-        let mut offset = format::HEADER_LEN as u64;
-        let mut record = [0u8; RecordHeader::LEN];
-        while offset + RecordHeader::LEN as u64 <= len {
-            if reader.read_exact(&mut record).is_err() {
-                break;
+        };
+        for record in scan.map_while(std::result::Result::ok) {
+            let h = record.header;
+            if wanted.contains(&h.hash) {
+                copies.entry(h.hash).or_insert_with(|| Copy {
+                    pack: pack.clone(),
+                    offset: record.offset,
+                    stored_len: h.stored_len,
+                    raw_len: h.raw_len,
+                });
             }
-            // A record header that does not decode ends what can be trusted of this pack.
-            let Ok(header) = RecordHeader::decode(&record, &path) else {
-                break;
-            };
-            let end = offset + RecordHeader::LEN as u64 + u64::from(header.stored_len);
-            if end > len {
-                break;
-            }
-            let chunk = ChunkRef {
-                hash: header.hash,
-                pack: 0,
-                offset,
-                stored_len: header.stored_len,
-                raw_len: header.raw_len,
-            };
-            if wanted.contains(&header.hash)
-                && !copies.contains_key(&header.hash)
-                && checker.good(&pack, &chunk)
-            {
-                copies.insert(
-                    header.hash,
-                    Copy {
-                        pack: pack.clone(),
-                        offset,
-                        stored_len: header.stored_len,
-                        raw_len: header.raw_len,
-                    },
-                );
-            }
-            reader
-                .seek_relative(i64::from(header.stored_len))
-                .map_err(io_err("read", &path))?;
-            offset = end;
         }
     }
     Ok(copies)
@@ -242,10 +204,9 @@ fn find_good_copies(
 /// Reads and verifies records, remembering each verdict.
 struct Checker<'a> {
     job: &'a JobStore,
-    decoder: Decoder,
+    records: RecordReader,
     files: HashMap<String, Option<File>>,
     verdicts: HashMap<(String, u64), bool>,
-    record: Vec<u8>,
     raw: Vec<u8>,
 }
 
@@ -253,10 +214,9 @@ impl<'a> Checker<'a> {
     fn new(job: &'a JobStore) -> Result<Self> {
         Ok(Self {
             job,
-            decoder: Decoder::new().map_err(io_err("create decompressor", job.dir()))?,
+            records: RecordReader::new(job.dir())?,
             files: HashMap::new(),
             verdicts: HashMap::new(),
-            record: Vec::new(),
             raw: Vec::new(),
         })
     }
@@ -267,42 +227,21 @@ impl<'a> Checker<'a> {
         if let Some(v) = self.verdicts.get(&key) {
             return *v;
         }
-        let v = self.check(pack, chunk);
-        self.verdicts.insert(key, v);
-        v
-    }
-
-    fn check(&mut self, pack: &str, chunk: &ChunkRef) -> bool {
-        if chunk.raw_len > format::MAX_CHUNK_LEN || chunk.stored_len > chunk.raw_len {
-            return false;
-        }
         let job = self.job;
         let file = self
             .files
             .entry(pack.to_owned())
             .or_insert_with(|| job.open_pack(pack).ok());
-        let Some(file) = file else {
-            return false;
+        let v = match file {
+            Some(file) if chunk.raw_len <= format::MAX_CHUNK_LEN => {
+                self.raw.resize(chunk.raw_len as usize, 0);
+                self.records
+                    .read(file, &job.pack_path(pack), chunk, &mut self.raw)
+                    .is_ok()
+            }
+            _ => false,
         };
-        let path = job.pack_path(pack);
-        self.record
-            .resize(RecordHeader::LEN + chunk.stored_len as usize, 0);
-        if file.read_exact_at(&mut self.record, chunk.offset).is_err() {
-            return false;
-        }
-        let Ok(header) = RecordHeader::decode(&self.record, &path) else {
-            return false;
-        };
-        if header.hash != chunk.hash
-            || header.stored_len != chunk.stored_len
-            || header.raw_len != chunk.raw_len
-        {
-            return false;
-        }
-        self.raw.resize(chunk.raw_len as usize, 0);
-        let stored = &self.record[RecordHeader::LEN..];
-        self.decoder
-            .decode(&header, stored, &mut self.raw, &path)
-            .is_ok()
+        self.verdicts.insert(key, v);
+        v
     }
 }

@@ -10,12 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use crate::codec::Decoder;
 use crate::error::Error;
-use crate::format::{Hash, RecordHeader};
+use crate::format::{ChunkRef, Hash, RecordHeader};
+use crate::pack_scan::RecordReader;
 use crate::store::JobStore;
 
 /// Default time within which every stored byte is re-read.
@@ -63,8 +62,7 @@ pub struct Scrubber {
     /// Bytes per second that finish a pass within the period.
     rate: f64,
     next_at: Instant,
-    decoder: Option<Decoder>,
-    record: Vec<u8>,
+    records: Option<RecordReader>,
     raw: Vec<u8>,
     /// Records verified in all passes so far.
     pub verified_records: u64,
@@ -83,8 +81,7 @@ impl Scrubber {
             pass_started: None,
             rate: 0.0,
             next_at: Instant::now() + period.min(Duration::from_secs(60)),
-            decoder: None,
-            record: Vec::new(),
+            records: None,
             raw: Vec::new(),
             verified_records: 0,
             passes: 0,
@@ -218,35 +215,26 @@ impl Scrubber {
             // Not readable now (descriptors, permissions): not evidence of damage.
             Err(_) => return None,
         };
-        self.record
-            .resize(RecordHeader::LEN + t.stored_len as usize, 0);
-        if let Err(e) = file.read_exact_at(&mut self.record, t.offset) {
-            return (e.kind() == ErrorKind::UnexpectedEof).then(|| "the pack is truncated".into());
-        }
-        let header = match RecordHeader::decode(&self.record, &path) {
-            Ok(h) => h,
-            Err(e) => return Some(reason(e)),
-        };
-        if header.hash != t.hash || header.stored_len != t.stored_len || header.raw_len != t.raw_len
-        {
-            return Some("the record's header does not match the snapshots' reference".into());
-        }
-        let decoder = match &mut self.decoder {
-            Some(d) => d,
-            None => match Decoder::new() {
-                Ok(d) => self.decoder.insert(d),
+        let records = match &mut self.records {
+            Some(r) => r,
+            None => match RecordReader::new(&path) {
+                Ok(r) => self.records.insert(r),
                 Err(_) => return None,
             },
         };
+        let chunk = ChunkRef {
+            hash: t.hash,
+            pack: 0,
+            offset: t.offset,
+            stored_len: t.stored_len,
+            raw_len: t.raw_len,
+        };
         self.raw.resize(t.raw_len as usize, 0);
         self.verified_records += 1;
-        match decoder.decode(
-            &header,
-            &self.record[RecordHeader::LEN..],
-            &mut self.raw,
-            &path,
-        ) {
+        match records.read(&file, &path, &chunk, &mut self.raw) {
             Ok(()) => None,
+            Err(Error::Io { source, .. }) => (source.kind() == ErrorKind::UnexpectedEof)
+                .then(|| "the pack is truncated".to_owned()),
             Err(e) => Some(reason(e)),
         }
     }
