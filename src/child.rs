@@ -3,8 +3,8 @@
 //! killing its whole group, so no grandchild outlives it.
 
 use std::ffi::OsString;
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus};
@@ -13,12 +13,16 @@ use std::time::Instant;
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+use supervise_shim::config;
 
 /// A running child and its end of the control channel.
 pub struct Child {
     process: std::process::Child,
     /// The supervisor's end of the control socket.
     pub control: UnixStream,
+    /// The read end of the child's stderr, when it is passed through the supervisor
+    /// ([`StderrTail`] keeps its last lines); `None` once it reached its end.
+    pub stderr: Option<std::fs::File>,
     /// When it was spawned.
     pub started: Instant,
     reaped: bool,
@@ -57,14 +61,17 @@ impl From<ExitStatus> for Ended {
 
 impl Child {
     /// Spawns `argv` with `env` added to the supervisor's environment. The child gets the
-    /// supervisor's stdin, stdout and stderr (and every descriptor it made inheritable, such
-    /// as the job lock). With `die_with_supervisor`, the kernel sends the child SIGTERM if
-    /// the supervisor dies (its shim then takes a final snapshot and exits).
+    /// supervisor's stdin and stdout (and every descriptor it made inheritable, such as the
+    /// job lock). Its stderr is the supervisor's, or with `pass_stderr` a pipe the supervisor
+    /// reads and passes on (see [`Child::pass_stderr`]); the supervisor's own stderr is then
+    /// inherited too, named by [`config::ENV_STDERR_FD`], and the shim takes it back as its
+    /// stderr when it starts. With `die_with_supervisor`, the kernel sends the child SIGTERM
+    /// if the supervisor dies (its shim then takes a final snapshot and exits).
     pub fn spawn(
         argv: &[OsString],
         env: &[(String, String)],
-        control_env: &str,
         die_with_supervisor: bool,
+        pass_stderr: bool,
     ) -> io::Result<Self> {
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
@@ -73,7 +80,28 @@ impl Child {
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .env(control_env, fd.to_string());
+            .env(config::ENV_CONTROL_FD, fd.to_string());
+        let mut stderr_read = None;
+        // Both close-on-exec here; the child's copies are made inheritable before exec.
+        let mut own_stderr: Option<OwnedFd> = None;
+        if pass_stderr {
+            let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            let own = std::io::stderr().as_fd().try_clone_to_owned()?;
+            let meta = nix::sys::stat::fstat(&own)?;
+            cmd.env(
+                config::ENV_STDERR_FD,
+                format!("{}:{}:{}", own.as_raw_fd(), meta.st_dev, meta.st_ino),
+            );
+            cmd.stderr(std::process::Stdio::from(write_end));
+            let read = std::fs::File::from(read_end);
+            nix::fcntl::fcntl(
+                &read,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )?;
+            stderr_read = Some(read);
+            own_stderr = Some(own);
+        }
+        let own_stderr_fd = own_stderr.as_ref().map(|f| f.as_raw_fd());
         cmd.process_group(0);
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls (rt_sigaction, sigprocmask, prctl, getppid, kill, fcntl);
@@ -110,18 +138,55 @@ impl Child {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(io::Error::last_os_error());
                 }
+                if let Some(own) = own_stderr_fd
+                    && libc::fcntl(own, libc::F_SETFD, 0) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
         let process = cmd.spawn()?;
+        // The command holds the pipe's write end until it is dropped: the end of the
+        // child's stderr must be seen when the child's copies close.
+        drop(cmd);
         drop(theirs);
+        drop(own_stderr);
         ours.set_nonblocking(true)?;
         Ok(Self {
             process,
             control: ours,
+            stderr: stderr_read,
             started: Instant::now(),
             reaped: false,
         })
+    }
+
+    /// Passes on what the child wrote to its stderr since the last call (without blocking)
+    /// to the supervisor's stderr, keeping the last lines in `tail`.
+    pub fn pass_stderr(&mut self, tail: &mut StderrTail) {
+        let Some(pipe) = self.stderr.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) => {
+                    self.stderr = None;
+                    return;
+                }
+                Ok(n) => {
+                    let _ = std::io::stderr().lock().write_all(&buf[..n]);
+                    tail.push(&buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.stderr = None;
+                    return;
+                }
+            }
+        }
     }
 
     /// The child's pid (also its process group id).
@@ -162,6 +227,38 @@ impl Drop for Child {
     }
 }
 
+/// The last bytes a child wrote to its stderr, to show when it fails at once.
+#[derive(Debug, Default)]
+pub struct StderrTail {
+    bytes: std::collections::VecDeque<u8>,
+}
+
+/// Bytes of a child's stderr kept.
+const TAIL_BYTES: usize = 4096;
+
+impl StderrTail {
+    /// Appends what the child wrote, forgetting the oldest beyond the bound.
+    pub fn push(&mut self, data: &[u8]) {
+        let data = &data[data.len().saturating_sub(TAIL_BYTES)..];
+        let over = (self.bytes.len() + data.len()).saturating_sub(TAIL_BYTES);
+        self.bytes.drain(..over);
+        self.bytes.extend(data);
+    }
+
+    /// The last `n` lines, as text (invalid UTF-8 replaced), without a trailing newline.
+    pub fn last_lines(&self, n: usize) -> Vec<String> {
+        let (a, b) = self.bytes.as_slices();
+        let text = String::from_utf8_lossy(&[a, b].concat()).into_owned();
+        let lines: Vec<&str> = text.trim_end_matches('\n').split('\n').collect();
+        let lines: Vec<String> = lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|l| l.trim_end_matches('\r').to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        lines
+    }
+}
+
 /// Reaps any exited descendants that were re-parented to the supervisor (it is a
 /// subreaper), without blocking.
 pub fn reap_orphans() {
@@ -181,5 +278,27 @@ pub fn become_subreaper() -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StderrTail;
+
+    #[test]
+    fn the_tail_keeps_the_last_lines_within_its_bound() {
+        let mut tail = StderrTail::default();
+        assert!(tail.last_lines(3).is_empty());
+        tail.push(b"one\ntwo\r\n");
+        tail.push(b"thr");
+        tail.push(b"ee\n\n");
+        assert_eq!(tail.last_lines(2), ["two", "three"]);
+        assert_eq!(tail.last_lines(10), ["one", "two", "three"]);
+        tail.push(&vec![b'x'; 10_000]);
+        let lines = tail.last_lines(5);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].len(), 4096);
+        tail.push(b"\n\xffbad utf-8\n");
+        assert_eq!(tail.last_lines(1), ["\u{fffd}bad utf-8"]);
     }
 }

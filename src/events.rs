@@ -72,13 +72,20 @@ impl EventLog {
     }
 
     /// Appends a record (one write, so concurrent readers see whole lines).
-    pub fn append(&self, kind: &str, message: &str, completed: bool) {
+    pub fn append(
+        &self,
+        kind: &str,
+        message: &str,
+        completed: bool,
+        data: Option<serde_json::Value>,
+    ) {
         let record = Record {
             unix_ms: now_ms(),
             pid: std::process::id(),
             kind: kind.to_owned(),
             message: message.to_owned(),
             completed,
+            data,
         };
         if let Ok(mut line) = serde_json::to_string(&record) {
             line.push('\n');
@@ -158,13 +165,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(last_run(&read(dir.path()).unwrap()), LastRun::None);
         let log = EventLog::open(dir.path()).unwrap();
-        log.append("start", "started", false);
-        log.append("event", "snapshot 1 done", false);
+        log.append("start", "started", false, None);
+        log.append("snapshot", "snapshot 1 done", false, None);
         assert!(matches!(
             last_run(&read(dir.path()).unwrap()),
             LastRun::Lost { .. }
         ));
-        log.append("end", "finished", true);
+        log.append("end", "finished", true, None);
         let records = read(dir.path()).unwrap();
         assert_eq!(records.len(), 3);
         assert_eq!(records[1].message, "snapshot 1 done");

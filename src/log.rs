@@ -1,9 +1,11 @@
-//! Event lines on stderr: one readable line per event, with time and job.
+//! Event lines on stderr: one readable line per event, with time and job; the one place that
+//! prints the supervisor's events and records them in the job's history.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::event::{JobEvent, Outcome};
 use crate::events::EventLog;
 
 /// How much to say.
@@ -41,16 +43,27 @@ impl Log {
         self.history = Some(Arc::new(history));
     }
 
-    fn record(&self, kind: &str, msg: &str, completed: bool) {
+    /// Says `event` (unless `-q` and it is not always shown) and appends it to the history.
+    pub fn emit(&self, event: &JobEvent) {
+        let msg = event.to_string();
         if let Some(h) = &self.history {
-            h.append(kind, msg, completed);
+            let completed = matches!(
+                event,
+                JobEvent::End {
+                    outcome: Outcome::Finished | Outcome::AlreadyDone,
+                    ..
+                }
+            );
+            h.append(
+                &event.kind(),
+                &msg,
+                completed,
+                serde_json::to_value(event).ok(),
+            );
         }
-    }
-
-    /// A record that marks the start or end of a supervisor's run (always shown).
-    pub fn mark(&self, kind: &str, msg: &str, completed: bool) {
-        self.record(kind, msg, completed);
-        self.line(msg);
+        if event.always_shown() || self.level >= Level::Normal {
+            self.line(&msg);
+        }
     }
 
     fn line(&self, msg: &str) {
@@ -60,24 +73,10 @@ impl Log {
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
-    /// An event (shown unless `-q`).
-    pub fn event(&self, msg: &str) {
-        self.record("event", msg, false);
-        if self.level >= Level::Normal {
-            self.line(msg);
-        }
-    }
-
     /// A detail (shown with `-v`).
     pub fn detail(&self, msg: &str) {
         if self.level >= Level::Verbose {
             self.line(msg);
         }
-    }
-
-    /// An event always shown (errors, the job's end).
-    pub fn always(&self, msg: &str) {
-        self.record("event", msg, false);
-        self.line(msg);
     }
 }

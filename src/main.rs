@@ -5,8 +5,10 @@ mod bench;
 mod blame;
 mod child;
 mod commands;
+mod event;
 mod events;
 mod human;
+mod identity;
 mod lifeline;
 mod log;
 mod operator;
@@ -321,35 +323,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// The default job name: the command's file name (letters, digits, '-', '_') and the first
-/// 8 hex digits of the blake3 of the whole command line.
-fn default_job_name(command: &[OsString]) -> String {
-    let base = Path::new(&command[0])
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut clean: String = base
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if clean.is_empty() {
-        clean = "job".into();
-    }
-    let mut hasher = blake3::Hasher::new();
-    for arg in command {
-        hasher.update(arg.as_encoded_bytes());
-        hasher.update(&[0]);
-    }
-    format!("{clean}-{}", &hasher.finalize().to_hex()[..8])
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.sub.is_none()
@@ -424,10 +397,21 @@ fn run_bench(store: &Path, size: u64, json: bool) -> anyhow::Result<i32> {
 }
 
 fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
-    let job = cli
-        .job
-        .clone()
-        .unwrap_or_else(|| default_job_name(&cli.command));
+    // Before anything is created in the store: a program that cannot start is an error here.
+    let program = identity::resolve(&cli.command)?;
+    let job = match cli.job.clone() {
+        Some(job) => job,
+        None => {
+            let name = identity::job_name(&program, &cli.command);
+            let legacy = identity::legacy_job_name(&cli.command);
+            // A job an earlier release named from the command line as typed keeps its name.
+            if !cli.store.join(&name).exists() && cli.store.join(&legacy).is_dir() {
+                legacy
+            } else {
+                name
+            }
+        }
+    };
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => Level::Quiet,
         (false, 0) => Level::Normal,
@@ -435,6 +419,7 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
     };
     let mut log = Log::new(level, &job);
     let cfg = JobConfig {
+        origin: program.origin(&cli.command),
         command: cli.command,
         store: cli.store,
         job,
@@ -484,20 +469,6 @@ impl From<Where> for commands::Target {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn job_names_are_stable_valid_and_tell_commands_apart() {
-        let a = default_job_name(&["./target/release/heat".into(), "--n".into(), "64".into()]);
-        let b = default_job_name(&["./target/release/heat".into(), "--n".into(), "65".into()]);
-        assert!(a.starts_with("heat-") && a.len() == 13, "{a}");
-        assert_ne!(a, b);
-        assert_eq!(
-            a,
-            default_job_name(&["./target/release/heat".into(), "--n".into(), "64".into()])
-        );
-        let odd = default_job_name(&["/x/..py thon\n".into()]);
-        supervise_shim::name::validate("job", &odd).unwrap();
-    }
 
     #[test]
     fn durations_parse_like_humans_write_them() {

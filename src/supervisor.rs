@@ -17,9 +17,11 @@ use supervise_shim::lock::{JobLock, Owner, TryLock};
 use supervise_shim::{JobStore, Store};
 
 use crate::blame::{Blame, Death, Verdict};
-use crate::child::{self, Child, Ended};
-use crate::events::{self, EventLog, LastRun};
+use crate::child::{self, Child, Ended, StderrTail};
+use crate::event::{From, JobEvent, Outcome as RunOutcome, Totals, millis};
+use crate::events::{self, EventLog, LastRun, Record};
 use crate::human;
+use crate::identity::Origin;
 use crate::lifeline::Lifeline;
 use crate::log::Log;
 use crate::operator::{self, Status};
@@ -38,6 +40,8 @@ pub const EXIT_HELD: i32 = 4;
 pub struct JobConfig {
     /// The command and its arguments.
     pub command: Vec<OsString>,
+    /// What the snapshots record as their origin.
+    pub origin: Origin,
     /// The store directory.
     pub store: PathBuf,
     /// The job name.
@@ -97,21 +101,21 @@ fn now_unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Takes the job's lock: at once, or (with `wait`) when its holder lets go. `Ok(Err(code))`:
-/// the supervisor must exit with that code instead.
+/// Takes the job's lock: at once, or (with `wait`) when its holder lets go; says whether it
+/// waited. `Ok(Err(code))`: the supervisor must exit with that code instead.
 fn take_lock(
     job: &JobStore,
     command_line: &str,
     cfg: &JobConfig,
     signals: &Signals,
     log: &Log,
-) -> Result<std::result::Result<JobLock, i32>> {
+) -> Result<std::result::Result<(JobLock, bool), i32>> {
     let me = Owner::this_process(command_line);
     let mut said_waiting = false;
     let mut misses = 0;
     loop {
         match JobLock::try_take(job.dir(), &me)? {
-            TryLock::Taken(lock) => return Ok(Ok(lock)),
+            TryLock::Taken(lock) => return Ok(Ok((lock, said_waiting))),
             // A `status` probe holds the lock for an instant: look again before believing it.
             TryLock::Held(_) if misses < 3 => {
                 misses += 1;
@@ -119,21 +123,27 @@ fn take_lock(
                 continue;
             }
             TryLock::Held(owner) => {
-                let who = describe_owner(owner.as_ref());
+                let holder = describe_owner(owner.as_ref());
                 if !cfg.wait {
-                    log.always(&format!(
-                        "job {:?} is already running: {who}. Two copies of one job must never \
-                         run; wait for it with --wait, or stop it first",
-                        cfg.job
-                    ));
+                    log.emit(&JobEvent::Held {
+                        holder,
+                        waiting: false,
+                    });
                     return Ok(Err(EXIT_HELD));
                 }
                 if !said_waiting {
-                    log.always(&format!("--wait: job held by {who}; waiting for it to end"));
+                    log.emit(&JobEvent::Held {
+                        holder,
+                        waiting: true,
+                    });
                     said_waiting = true;
                 }
                 if let Some(sig) = sleep_unless_stopped(signals, Duration::from_millis(500)) {
-                    log.always(&format!("stopped by {} while waiting", signal_name(sig)));
+                    log.emit(&end(
+                        RunOutcome::Stopped,
+                        128 + sig,
+                        format!("stopped by {} while waiting", signal_name(sig)),
+                    ));
                     return Ok(Err(128 + sig));
                 }
             }
@@ -194,28 +204,35 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ");
-    let lock = match take_lock(&job, &command_line, cfg, &signals, log)? {
-        Ok(lock) => lock,
+    let (lock, waited) = match take_lock(&job, &command_line, cfg, &signals, log)? {
+        Ok(taken) => taken,
         Err(code) => return Ok(code),
     };
     // The child inherits the locked descriptor: the job stays held while it runs, even if
     // this supervisor dies.
     lock.inheritable()?;
     let history = events::history(job.dir())?;
-    if let Some(note) = events::skipped_note(job.dir(), &history) {
-        log.event(&note);
+    if let Some(detail) = events::skipped_note(job.dir(), &history) {
+        log.emit(&JobEvent::HistoryDamaged { detail });
     }
     log.keep_history(EventLog::open(job.dir())?);
-    log.mark(
-        "start",
-        &format!(
-            "supervisor pid {} started: {command_line}",
-            std::process::id()
-        ),
-        false,
-    );
+    let last = events::last_run(&history.records);
+    if waited && !cfg.fresh && cfg.from.is_none() && last == (LastRun::Ended { completed: true }) {
+        log.emit(&end(
+            RunOutcome::AlreadyDone,
+            0,
+            "the job completed while this supervisor waited for it: nothing to do (--fresh \
+             runs it again)"
+                .into(),
+        ));
+        return Ok(0);
+    }
+    log.emit(&JobEvent::Start {
+        supervisor_pid: std::process::id(),
+        command: command_line.clone(),
+    });
     let server = operator::Server::bind(job.dir())?;
-    let mut skip = initial_skip(cfg, &job, events::last_run(&history.records), log)?;
+    let mut skip = initial_skip(cfg, &job, last, log)?;
     let mut state = JobState {
         status: Status {
             supervisor_pid: std::process::id(),
@@ -229,10 +246,18 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     // Snapshots stepped back past: the child's retention keeps them until a newer good one.
     let mut suspect: Vec<(u64, u64)> = Vec::new();
     let mut attempt: u32 = 0;
+    let mut said_no_shim = false;
+    let mut ever_connected = false;
+    // Lives in a row that failed at once before reaching the shim.
+    let mut failed_at_once: u32 = 0;
+    let origin = serde_json::to_string(&cfg.origin)?;
     loop {
         let from = newest_snapshot(&job, &skip)?;
         let highest_before = job.highest_seq()?;
         note_snapshot(&job, &mut state, newest_snapshot(&job, &[])?);
+        if let Some(seq) = from {
+            note_origin(&job, seq, cfg, log);
+        }
         let mut env = vec![
             (
                 config::ENV_STORE.to_owned(),
@@ -255,6 +280,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 }
                 .to_owned(),
             ),
+            (config::ENV_ORIGIN.to_owned(), origin.clone()),
         ];
         if !skip.is_empty() {
             env.push((
@@ -281,24 +307,40 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 humantime::format_duration(within).to_string(),
             ));
         }
-        let mut child = Child::spawn(
+        // The child's stderr passes through the supervisor (which keeps its last lines to
+        // show if it fails at once) unless it must outlive the supervisor.
+        let spawned = Child::spawn(
             &cfg.command,
             &env,
-            config::ENV_CONTROL_FD,
             !cfg.orphan_continue,
-        )
-        .with_context(|| format!("cannot start {}", cfg.command[0].to_string_lossy()))?;
+            !cfg.orphan_continue,
+        );
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                let e = anyhow::Error::from(e)
+                    .context(format!("cannot start {}", cfg.command[0].to_string_lossy()));
+                // A job that never ran leaves nothing behind: not even its directory.
+                if attempt == 0 && history.records.is_empty() && job.highest_seq()?.is_none() {
+                    drop(server);
+                    let _ = std::fs::remove_dir_all(job.dir());
+                }
+                return Err(e);
+            }
+        };
         if let Some(l) = lifeline.as_mut() {
             l.set_group(Some(child.pid()));
         }
         state.status.child_pid = Some(child.pid());
-        log.event(&format!(
-            "spawned pid {} ({})",
-            child.pid(),
-            describe_start(from)
-        ));
-        let (outcome, reached_safe_point) =
-            Watch::new(cfg, log, &signals, from).run(&mut child, &server, &mut state)?;
+        log.emit(&JobEvent::Spawned {
+            pid: child.pid(),
+            from: From(from),
+        });
+        let life = Watch::new(cfg, log, &signals, from, said_no_shim)
+            .run(&mut child, &server, &mut state)?;
+        said_no_shim = life.said_no_shim;
+        ever_connected |= life.connected;
+        let reached_safe_point = life.reached_safe_point;
         let ran_for = child.started.elapsed();
         drop(child);
         state.status.child_pid = None;
@@ -307,41 +349,52 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         }
         let progressed = job.highest_seq()? > highest_before;
         let mut outcome_kind = OutcomeKind::Ended;
-        let how = match outcome {
+        let how = match life.outcome {
             Outcome::Stopped(sig) => {
                 let newest = newest_snapshot(&job, &skip)?;
-                log.mark(
-                    "end",
-                    &format!(
-                        "stopped by {}; run the same command again to resume ({})",
-                        signal_name(sig),
-                        describe_start(newest)
+                let detail = match newest {
+                    Some(seq) => format!(
+                        "stopped by {}; run the same command again to resume (from snapshot \
+                         {seq})",
+                        signal_name(sig)
                     ),
-                    false,
-                );
+                    None if !ever_connected => format!(
+                        "stopped by {}; the program does not use the supervise shim, so there \
+                         is no snapshot: running the same command again starts it from the \
+                         beginning",
+                        signal_name(sig)
+                    ),
+                    None => format!(
+                        "stopped by {}; the program took no snapshot yet: running the same \
+                         command again starts it from the beginning",
+                        signal_name(sig)
+                    ),
+                };
+                log.emit(&end(RunOutcome::Stopped, 128 + sig, detail));
                 return Ok(128 + sig);
             }
             Outcome::Ended(Ended::Exited(0)) => {
-                let mut msg = format!(
-                    "job finished (exit code 0) after {}",
-                    human::duration(ran_for)
-                );
+                let mut detail = String::from("job finished (exit code 0)");
                 if cfg.delete_on_success {
                     let removed = job.remove_all_snapshots()?;
-                    msg.push_str(&format!(
+                    detail.push_str(&format!(
                         "; --on-success delete: removed {} snapshots, {} freed",
                         removed.removed_snapshots.len(),
                         human::bytes(removed.freed_bytes)
                     ));
                 }
-                log.mark("end", &msg, true);
+                let totals = totals(&events::read(job.dir())?, now_unix_ms());
+                detail.push_str(&format!(": {totals}"));
+                log.emit(&JobEvent::End {
+                    outcome: RunOutcome::Finished,
+                    exit_code: 0,
+                    detail,
+                    totals: Some(totals),
+                });
                 return Ok(0);
             }
             Outcome::Ended(how) => {
-                log.event(&format!(
-                    "child died: {how} after {}",
-                    human::duration(ran_for)
-                ));
+                log.emit(&JobEvent::died(how, ran_for, life.connected));
                 how
             }
             Outcome::Hung(how) => {
@@ -349,12 +402,60 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 how
             }
         };
+        if let Some(mismatch) = life.mismatch {
+            let detail = format!(
+                "gave up: {}",
+                JobEvent::RestoreMismatch {
+                    seq: mismatch.0,
+                    entry: mismatch.1.clone(),
+                    stored_bytes: mismatch.2,
+                    wanted_bytes: mismatch.3,
+                }
+            );
+            log.emit(&end(RunOutcome::ConfigError, EXIT_GAVE_UP, detail));
+            return Ok(EXIT_GAVE_UP);
+        }
+        if !life.connected && !said_no_shim && ran_for >= NO_SHIM_AFTER_DEATH {
+            log.emit(&JobEvent::NoShim {
+                after_ms: millis(ran_for),
+                hang_timeout: cfg.hang_timeout.is_some(),
+            });
+            said_no_shim = true;
+        }
         let death = Death {
             how,
             reached_safe_point,
             hung: matches!(outcome_kind, OutcomeKind::Hung),
             progressed,
         };
+        // A program that fails at once, again and again, before it reaches the shim is
+        // misconfigured (wrong program, arguments, input, library): restarts cannot help.
+        if !life.connected && ran_for < AT_ONCE && !death.killed_from_outside() {
+            failed_at_once += 1;
+        } else {
+            failed_at_once = 0;
+        }
+        if failed_at_once >= CONFIG_ERROR_AFTER {
+            let lines = life.stderr_tail.last_lines(10);
+            let mut detail = format!(
+                "gave up: the program failed at once {failed_at_once} times in a row (last: \
+                 {how} after {}) before it reached the supervise shim. That is a configuration \
+                 error (the program, its arguments, its input files or libraries), not a crash \
+                 that restarting can mend",
+                human::duration(ran_for)
+            );
+            if lines.is_empty() {
+                detail.push_str("; it wrote nothing to stderr");
+            } else {
+                detail.push_str(". The last lines it wrote to stderr:");
+                for line in lines {
+                    detail.push_str("\n    | ");
+                    detail.push_str(&line);
+                }
+            }
+            log.emit(&end(RunOutcome::ConfigError, EXIT_GAVE_UP, detail));
+            return Ok(EXIT_GAVE_UP);
+        }
         if let Some(seq) = from {
             match blame.weigh(seq, &death) {
                 Verdict::Innocent(why) if !progressed => {
@@ -368,15 +469,12 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                     skip.push((seq, seq));
                     suspect.push((seq, seq));
                     let back = newest_snapshot(&job, &skip)?;
-                    log.event(&format!(
-                        "snapshot {seq} is suspect: {why} (--rollback-after {}); going back to \
-                         {} (retention keeps snapshot {seq} until a newer good one exists)",
-                        cfg.rollback_after,
-                        match back {
-                            Some(b) => format!("snapshot {b}"),
-                            None => "a fresh start (no older snapshot)".into(),
-                        }
-                    ));
+                    log.emit(&JobEvent::Suspect {
+                        seq,
+                        why,
+                        rollback_after: cfg.rollback_after,
+                        back_to: From(back),
+                    });
                 }
             }
         }
@@ -391,31 +489,30 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         };
         match policy.on_failure(Instant::now(), ran_for, failure) {
             Decision::GiveUp { failures } => {
-                log.mark(
-                    "end",
-                    &format!(
+                log.emit(&end(
+                    RunOutcome::GaveUp,
+                    EXIT_GAVE_UP,
+                    format!(
                         "gave up: {failures} failures without progress within {} \
                          (--max-restarts {}); last: {how}",
                         human::duration(cfg.policy.window),
                         cfg.policy.max_restarts
                     ),
-                    false,
-                );
+                ));
                 return Ok(EXIT_GAVE_UP);
             }
             Decision::Restart { delay } => {
                 let from = newest_snapshot(&job, &skip)?;
-                log.event(&format!(
-                    "restarting in {} ({})",
-                    human::duration(delay),
-                    describe_start(from)
-                ));
+                log.emit(&JobEvent::Restarting {
+                    delay_ms: millis(delay),
+                    from: From(from),
+                });
                 if let Some(sig) = sleep_unless_stopped(&signals, delay) {
-                    log.mark(
-                        "end",
-                        &format!("stopped by {} while waiting to restart", signal_name(sig)),
-                        false,
-                    );
+                    log.emit(&end(
+                        RunOutcome::Stopped,
+                        128 + sig,
+                        format!("stopped by {} while waiting to restart", signal_name(sig)),
+                    ));
                     return Ok(128 + sig);
                 }
             }
@@ -423,6 +520,86 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         attempt += 1;
         state.status.restarts += 1;
     }
+}
+
+/// A life shorter than this that fails before reaching the shim failed "at once".
+const AT_ONCE: Duration = Duration::from_secs(1);
+
+/// Lives in a row failing at once before reaching the shim that make a configuration error.
+const CONFIG_ERROR_AFTER: u32 = 3;
+
+/// A program that has run this long without the shim is told it does not use it.
+const NO_SHIM_AFTER: Duration = Duration::from_secs(10);
+
+/// A program that died after running this long without the shim is told so too.
+const NO_SHIM_AFTER_DEATH: Duration = Duration::from_secs(1);
+
+/// An `end` event without totals.
+fn end(outcome: RunOutcome, exit_code: i32, detail: String) -> JobEvent {
+    JobEvent::End {
+        outcome,
+        exit_code,
+        detail,
+        totals: None,
+    }
+}
+
+/// Says when the snapshot about to be restored was taken by another build of the program
+/// (resuming anyway: rebuilding with a fix is normal).
+fn note_origin(job: &JobStore, seq: u64, cfg: &JobConfig, log: &Log) {
+    let _ = (job, seq, cfg, log);
+}
+
+/// The job's totals from its history: from the first start after it last completed, to `now`.
+fn totals(records: &[Record], now_ms: u64) -> Totals {
+    let begin = records
+        .iter()
+        .rposition(|r| r.kind == "end" && r.completed)
+        .map_or(0, |i| i + 1);
+    let records = &records[begin..];
+    let field = |r: &Record, name: &str| {
+        r.data
+            .as_ref()
+            .and_then(|d| d.get(name))
+            .and_then(serde_json::Value::as_u64)
+    };
+    let mut t = Totals::default();
+    // When the work that a death or a loss would wipe out began: the last snapshot or start.
+    let mut mark: Option<u64> = None;
+    let mut ended = true;
+    for r in records {
+        match r.kind.as_str() {
+            "start" => {
+                if t.runs == 0 {
+                    t.elapsed_ms = now_ms.saturating_sub(r.unix_ms);
+                }
+                if !ended && let Some(m) = mark {
+                    // The supervisor before was lost: its work since the last snapshot, and
+                    // the time until this one started, were lost.
+                    t.lost_ms += r.unix_ms.saturating_sub(m);
+                }
+                t.runs += 1;
+                ended = false;
+            }
+            "end" => ended = true,
+            "spawned" => {
+                t.lives += 1;
+                mark = Some(r.unix_ms);
+            }
+            "snapshot" => mark = Some(r.unix_ms),
+            "died" => {
+                if let Some(m) = mark {
+                    t.lost_ms += r.unix_ms.saturating_sub(m);
+                }
+            }
+            "restarting" => {
+                t.restarts += 1;
+                t.lost_ms += field(r, "delay_ms").unwrap_or(0);
+            }
+            _ => {}
+        }
+    }
+    t
 }
 
 /// The snapshots this run must not restore, from `--fresh`, `--from` and how the previous
@@ -450,9 +627,10 @@ fn initial_skip(
                 }
             );
         }
-        log.event(&format!(
-            "--from {from}: resuming from snapshot {from} as asked"
-        ));
+        log.emit(&JobEvent::Resume {
+            reason: "from".into(),
+            detail: format!("--from {from}: resuming from snapshot {from} as asked"),
+        });
         return Ok(match highest {
             Some(h) if h > from => vec![(from + 1, h)],
             _ => Vec::new(),
@@ -461,37 +639,53 @@ fn initial_skip(
     let everything = || highest.map(|h| vec![(0, h)]).unwrap_or_default();
     if cfg.fresh {
         if let Some(h) = highest {
-            log.event(&format!("--fresh: ignoring snapshots up to {h}"));
+            log.emit(&JobEvent::Resume {
+                reason: "fresh".into(),
+                detail: format!("--fresh: ignoring snapshots up to {h}"),
+            });
         }
         return Ok(everything());
     }
     match last {
         LastRun::Ended { completed: true } if highest.is_some() => {
-            log.event(
-                "the job completed in an earlier run: starting it again from the beginning \
-                 (--from N resumes from one of its snapshots)",
-            );
+            log.emit(&JobEvent::Resume {
+                reason: "completed-before".into(),
+                detail: "the job completed in an earlier run: starting it again from the \
+                         beginning (--from N resumes from one of its snapshots)"
+                    .into(),
+            });
             Ok(everything())
         }
         LastRun::Lost { last_unix_ms } => {
             let newest = newest_snapshot(job, &[])?;
+            let ago =
+                |ms: u64| human::duration(Duration::from_millis(now_unix_ms().saturating_sub(ms)));
             let lost = match newest.map(|s| job.read_manifest(s)) {
-                Some(Ok(m)) => format!(
-                    "from snapshot {} taken {} ago; the work since then is lost (the supervisor \
-                     was last heard of {} ago)",
+                // The program's own final snapshot, taken when it noticed the loss.
+                Some(Ok(m)) if m.created_unix_ms >= last_unix_ms => format!(
+                    "from snapshot {}, which the program took {} after the supervisor was last \
+                     heard of ({} ago): no work was lost",
                     m.seq,
+                    human::duration(Duration::from_millis(m.created_unix_ms - last_unix_ms)),
+                    ago(last_unix_ms)
+                ),
+                Some(Ok(m)) => format!(
+                    "from snapshot {} taken {} ago: at least {} of work is lost (from the \
+                     snapshot to when the supervisor was last heard of, {} ago; more if the \
+                     program ran on after it)",
+                    m.seq,
+                    ago(m.created_unix_ms),
                     human::duration(Duration::from_millis(
-                        now_unix_ms().saturating_sub(m.created_unix_ms)
+                        last_unix_ms.saturating_sub(m.created_unix_ms)
                     )),
-                    human::duration(Duration::from_millis(
-                        now_unix_ms().saturating_sub(last_unix_ms)
-                    ))
+                    ago(last_unix_ms)
                 ),
                 _ => "from the beginning: it left no snapshot".to_owned(),
             };
-            log.event(&format!(
-                "resuming after the previous supervisor was lost, {lost}"
-            ));
+            log.emit(&JobEvent::Resume {
+                reason: "after-loss".into(),
+                detail: format!("resuming after the previous supervisor was lost, {lost}"),
+            });
             Ok(Vec::new())
         }
         _ => Ok(Vec::new()),
@@ -512,13 +706,6 @@ fn newest_snapshot(job: &JobStore, skip: &[(u64, u64)]) -> Result<Option<u64>> {
         .into_iter()
         .rev()
         .find(|s| !skip.iter().any(|(a, b)| (a..=b).contains(&s))))
-}
-
-fn describe_start(from: Option<u64>) -> String {
-    match from {
-        Some(seq) => format!("from snapshot {seq}"),
-        None => "fresh start".to_owned(),
-    }
 }
 
 fn signal_name(sig: i32) -> &'static str {
@@ -574,6 +761,23 @@ struct Watch<'a> {
     done: Vec<u64>,
     /// The program reached a safe point (a beat or a snapshot) since it started.
     reached_safe_point: bool,
+    /// This supervisor told that the program does not use the shim.
+    said_no_shim: bool,
+    /// The last lines of its stderr.
+    stderr_tail: StderrTail,
+    /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored, wanted).
+    mismatch: Option<(u64, String, u64, u64)>,
+}
+
+/// How one life of the child went.
+struct Life {
+    outcome: Outcome,
+    reached_safe_point: bool,
+    /// It initialised the shim.
+    connected: bool,
+    said_no_shim: bool,
+    stderr_tail: StderrTail,
+    mismatch: Option<(u64, String, u64, u64)>,
 }
 
 impl<'a> Watch<'a> {
@@ -582,6 +786,7 @@ impl<'a> Watch<'a> {
         log: &'a Log,
         signals: &'a Signals,
         expected_from: Option<u64>,
+        said_no_shim: bool,
     ) -> Self {
         Self {
             cfg,
@@ -605,6 +810,9 @@ impl<'a> Watch<'a> {
             hang: None,
             done: Vec::new(),
             reached_safe_point: false,
+            said_no_shim,
+            stderr_tail: StderrTail::default(),
+            mismatch: None,
         }
     }
 
@@ -662,10 +870,9 @@ impl<'a> Watch<'a> {
         let grace = self.cfg.stop_timeout.min(limit);
         match self.hang {
             None if now.duration_since(self.last_progress) >= limit => {
-                self.log.event(&format!(
-                    "the program reached no safe point for {} (--hang-timeout): asking for a snapshot, then stopping it",
-                    human::duration(limit)
-                ));
+                self.log.emit(&JobEvent::Hung {
+                    timeout_ms: millis(limit),
+                });
                 if self.in_flight.is_none() {
                     self.send(child, &Request::Snapshot);
                     self.in_flight = Some(now);
@@ -673,12 +880,18 @@ impl<'a> Watch<'a> {
                 self.hang = Some((now + grace, false));
             }
             Some((at, false)) if now >= at => {
-                self.log.event("hung program: sending SIGTERM");
+                self.log.emit(&JobEvent::Signalled {
+                    signal: "SIGTERM".into(),
+                    why: "hung program".into(),
+                });
                 child.kill_group(Signal::SIGTERM);
                 self.hang = Some((now + grace, true));
             }
             Some((at, true)) if now >= at && !self.killed => {
-                self.log.event("hung program did not stop: sending SIGKILL");
+                self.log.emit(&JobEvent::Signalled {
+                    signal: "SIGKILL".into(),
+                    why: "hung program did not stop".into(),
+                });
                 child.kill_group(Signal::SIGKILL);
                 self.killed = true;
             }
@@ -691,12 +904,13 @@ impl<'a> Watch<'a> {
         child: &mut Child,
         server: &operator::Server,
         state: &mut JobState,
-    ) -> Result<(Outcome, bool)> {
+    ) -> Result<Life> {
         loop {
             // Signals first: when a batch system signals the supervisor and the child at once,
             // the child's exit must be read as the stop it is, not as a crash.
             self.handle_signals(child);
             if let Some(how) = child.try_wait().context("cannot wait for the child")? {
+                child.pass_stderr(&mut self.stderr_tail);
                 self.read_control(child);
                 self.record_done(state);
                 let gone = operator::Reply::error(format!("the program ended ({how})"));
@@ -714,7 +928,14 @@ impl<'a> Watch<'a> {
                     (None, _) => Outcome::Ended(how),
                     (Some((sig, _)), _) => Outcome::Stopped(sig),
                 };
-                return Ok((outcome, self.reached_safe_point));
+                return Ok(Life {
+                    outcome,
+                    reached_safe_point: self.reached_safe_point,
+                    connected: self.connected,
+                    said_no_shim: self.said_no_shim,
+                    stderr_tail: self.stderr_tail,
+                    mismatch: self.mismatch,
+                });
             }
             let now = Instant::now();
             let mut deadline = self.next_snapshot;
@@ -734,6 +955,9 @@ impl<'a> Watch<'a> {
                 if self.control_open {
                     fds.push(PollFd::new(control, PollFlags::POLLIN));
                 }
+                if let Some(pipe) = &child.stderr {
+                    fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
+                }
                 for client in &self.clients {
                     fds.push(PollFd::new(client.fd(), PollFlags::POLLIN));
                 }
@@ -743,11 +967,19 @@ impl<'a> Watch<'a> {
                 }
             }
             self.signals.drain();
+            child.pass_stderr(&mut self.stderr_tail);
             self.read_control(child);
             self.record_done(state);
             self.serve_operators(child, server, state);
             let now = Instant::now();
             self.check_hang(child, now);
+            if !self.connected && !self.said_no_shim && child.started.elapsed() >= NO_SHIM_AFTER {
+                self.log.emit(&JobEvent::NoShim {
+                    after_ms: millis(child.started.elapsed()),
+                    hang_timeout: self.cfg.hang_timeout.is_some(),
+                });
+                self.said_no_shim = true;
+            }
             if now >= self.next_snapshot {
                 self.next_snapshot = now + self.cfg.every;
                 if self.stopping.is_none() {
@@ -758,10 +990,13 @@ impl<'a> Watch<'a> {
                 && now >= stop_by
                 && !self.killed
             {
-                self.log.event(&format!(
-                    "child did not stop within {} (--stop-timeout); killing it",
-                    human::duration(self.cfg.stop_timeout)
-                ));
+                self.log.emit(&JobEvent::Signalled {
+                    signal: "SIGKILL".into(),
+                    why: format!(
+                        "the program did not stop within {} (--stop-timeout)",
+                        human::duration(self.cfg.stop_timeout)
+                    ),
+                });
                 child.kill_group(Signal::SIGKILL);
                 self.killed = true;
             }
@@ -779,25 +1014,26 @@ impl<'a> Watch<'a> {
     fn handle_signals(&mut self, child: &Child) {
         if let Some(sig) = self.signals.take_stop() {
             if self.stopping.is_some() {
-                self.log.event(&format!(
-                    "{} again: killing the child now",
-                    signal_name(sig)
-                ));
+                self.log.emit(&JobEvent::Signalled {
+                    signal: "SIGKILL".into(),
+                    why: format!("{} again", signal_name(sig)),
+                });
                 child.kill_group(Signal::SIGKILL);
                 self.killed = true;
             } else if self.connected {
-                self.log.event(&format!(
-                    "{}: asking for a final snapshot, then stopping (up to {})",
-                    signal_name(sig),
-                    human::duration(self.cfg.stop_timeout)
-                ));
+                self.log.emit(&JobEvent::Stopping {
+                    signal: signal_name(sig).into(),
+                    shim: true,
+                    timeout_ms: millis(self.cfg.stop_timeout),
+                });
                 self.send(child, &Request::Stop);
                 self.stopping = Some((sig, Instant::now() + self.cfg.stop_timeout));
             } else {
-                self.log.event(&format!(
-                    "{}: the program has no shim connected; sending it SIGTERM",
-                    signal_name(sig)
-                ));
+                self.log.emit(&JobEvent::Stopping {
+                    signal: signal_name(sig).into(),
+                    shim: false,
+                    timeout_ms: millis(self.cfg.stop_timeout),
+                });
                 child.kill_group(Signal::SIGTERM);
                 self.stopping = Some((sig, Instant::now() + self.cfg.stop_timeout));
             }
@@ -809,9 +1045,8 @@ impl<'a> Watch<'a> {
 
     fn request_snapshot(&mut self, child: &Child, why: &str) {
         if !self.connected {
-            if !self.warned_no_shim {
-                self.log
-                    .event("cannot take a snapshot: the program has not initialised the shim");
+            if !self.warned_no_shim && !self.said_no_shim {
+                self.log.emit(&JobEvent::NoSnapshotWithoutShim);
                 self.warned_no_shim = true;
             }
             return;
@@ -869,22 +1104,21 @@ impl<'a> Watch<'a> {
                 self.connected = true;
                 self.last_progress = Instant::now();
                 for d in &damaged {
-                    self.log.event(&format!(
-                        "snapshot {} is damaged and was set aside: {}",
-                        d.seq, d.why
-                    ));
+                    self.log.emit(&JobEvent::SnapshotSetAside {
+                        seq: d.seq,
+                        why: d.why.clone(),
+                    });
                 }
                 if resumed_from != self.expected_from {
-                    self.log.event(&format!(
-                        "child resumed {} instead",
-                        describe_start(resumed_from)
-                    ));
+                    self.log.emit(&JobEvent::ResumedInstead {
+                        from: From(resumed_from),
+                    });
                     self.expected_from = resumed_from;
                 }
                 let tag = tag.map(|t| format!(", tag {t:?}")).unwrap_or_default();
                 self.log.detail(&format!(
                     "shim connected in pid {pid} ({}{tag}, capture: {capture})",
-                    describe_start(resumed_from)
+                    From(resumed_from)
                 ));
             }
             Event::Progress { count } => {
@@ -911,19 +1145,15 @@ impl<'a> Watch<'a> {
                     status: None,
                     snapshot: Some(r.seq),
                 });
-                let tag = r.tag.map(|t| format!(" [{t}]")).unwrap_or_default();
-                let compacted = match r.bytes_compacted {
-                    0 => String::new(),
-                    n => format!(" (+{} compacted)", human::bytes(n)),
-                };
-                self.log.event(&format!(
-                    "snapshot {} done{tag}: {} total, {} new{compacted}, {} written, {} ms",
-                    r.seq,
-                    human::bytes(r.bytes_total),
-                    human::bytes(r.bytes_new),
-                    human::bytes(r.bytes_written),
-                    r.duration_ms
-                ));
+                self.log.emit(&JobEvent::Snapshot {
+                    seq: r.seq,
+                    tag: r.tag,
+                    bytes_total: r.bytes_total,
+                    bytes_new: r.bytes_new,
+                    bytes_written: r.bytes_written,
+                    bytes_compacted: r.bytes_compacted,
+                    duration_ms: r.duration_ms,
+                });
                 if !r.removed.is_empty() {
                     self.log
                         .detail(&format!("retention removed snapshots {:?}", r.removed));
@@ -947,19 +1177,73 @@ impl<'a> Watch<'a> {
                     })
                     .collect::<Vec<_>>()
                     .join(", ");
-                self.log.event(&format!(
-                    "scrub: damaged records: {found} ({why}); snapshots {set_aside:?} use them \
-                     and were set aside; the next snapshot stores fresh copies (supervise \
-                     verify --repair mends older ones where a good copy exists)"
-                ));
+                self.log.emit(&JobEvent::RecordsDamaged {
+                    found,
+                    why,
+                    set_aside,
+                });
             }
             Event::SnapshotFailed { error } => {
                 self.in_flight = None;
                 self.answer_waiting(&operator::Reply::error(format!("snapshot failed: {error}")));
-                self.log.event(&format!(
-                    "snapshot failed: {error} (earlier snapshots are intact)"
-                ));
+                self.log.emit(&JobEvent::SnapshotFailed { error });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(
+        unix_ms: u64,
+        kind: &str,
+        completed: bool,
+        data: Option<serde_json::Value>,
+    ) -> Record {
+        Record {
+            unix_ms,
+            pid: 1,
+            kind: kind.into(),
+            message: String::new(),
+            completed,
+            data,
+        }
+    }
+
+    #[test]
+    fn totals_count_from_the_last_completion_and_charge_deaths_and_losses() {
+        let delay = |ms: u64| Some(serde_json::json!({ "delay_ms": ms }));
+        let records = [
+            // An earlier completed run: not counted.
+            record(0, "start", false, None),
+            record(10, "spawned", false, None),
+            record(20, "end", true, None),
+            // This job: a run that lost 300 ms to a crash and waited 1000 ms...
+            record(1_000, "start", false, None),
+            record(1_100, "spawned", false, None),
+            record(1_500, "snapshot", false, None),
+            record(1_800, "died", false, None),
+            record(1_800, "restarting", false, delay(1_000)),
+            record(2_800, "spawned", false, None),
+            record(3_000, "snapshot", false, None),
+            // ...and was lost 500 ms after its last snapshot (a rerun 2 s later),
+            record(3_500, "event", false, None),
+            record(5_000, "start", false, None),
+            record(5_100, "spawned", false, None),
+        ];
+        let t = totals(&records, 9_000);
+        assert_eq!(
+            t,
+            Totals {
+                elapsed_ms: 8_000,
+                lives: 3,
+                restarts: 1,
+                runs: 2,
+                lost_ms: 300 + 1_000 + 2_000,
+            }
+        );
+        assert!(t.to_string().contains("2 runs, 1 restart"), "{t}");
     }
 }

@@ -353,7 +353,8 @@ fn gives_up_after_the_restart_limit_with_a_clear_message() {
     let run = Run::start(
         &dir.path().join("store"),
         &["--max-restarts", "2", "--backoff", "10ms"],
-        &["/bin/sh".into(), "-c".into(), "exit 7".into()],
+        // It runs a while first: a program that fails at once is a configuration error.
+        &["/bin/sh".into(), "-c".into(), "sleep 1.1; exit 7".into()],
         &[],
     );
     let fin = run.wait(LONG);

@@ -101,9 +101,45 @@ pub(crate) fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
         ));
     }
     set_cloexec(fd, true).map_err(|e| bad(format!("cannot set close-on-exec ({e})")))?;
+    take_back_stderr();
     // SAFETY: the supervisor passed this fd to us for the control channel and nothing else in
     // the process owns it; fcntl above proved it open. We take sole ownership here.
     Ok(unsafe { UnixStream::from_raw_fd(fd) })
+}
+
+/// Makes the supervisor's own stderr this program's stderr again (see
+/// [`crate::config::ENV_STDERR_FD`]); does nothing unless the named descriptor is open and is
+/// still the file it names (device and inode), so a stale variable inherited by a program this
+/// one starts cannot redirect its stderr to an unrelated file.
+fn take_back_stderr() {
+    let Ok(value) = std::env::var(crate::config::ENV_STDERR_FD) else {
+        return;
+    };
+    let mut parts = value.split(':').map(str::parse::<u64>);
+    let (Some(Ok(fd)), Some(Ok(dev)), Some(Ok(ino)), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return;
+    };
+    let Ok(fd) = RawFd::try_from(fd) else {
+        return;
+    };
+    if fd <= 2 {
+        return;
+    }
+    // SAFETY: fstat on a raw descriptor number only fills `stat`; a closed fd yields EBADF.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_dev != dev || stat.st_ino != ino {
+        return;
+    }
+    // SAFETY: dup2 makes fd 2 a copy of `fd` (checked open and the named file above); the old
+    // fd 2 (the pipe to the supervisor) is closed by it, and `fd` is owned by nothing else in
+    // this process: the supervisor passed it for this alone.
+    unsafe {
+        if libc::dup2(fd, 2) == 2 {
+            libc::close(fd);
+        }
+    }
 }
 
 pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {

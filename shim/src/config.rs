@@ -40,6 +40,14 @@ pub const ENV_KEEP_WITHIN: &str = "SUPERVISE_KEEP_WITHIN";
 /// What to do when the supervisor goes away: `stop` (final snapshot, then exit; the default)
 /// or `continue` (keep running, snapshotting on the `SUPERVISE_EVERY` schedule, and finish).
 pub const ENV_ORPHAN: &str = "SUPERVISE_ORPHAN";
+/// The supervisor's own stderr, inherited as `FD:DEV:INODE` when the program's stderr is a pipe
+/// through the supervisor (which keeps its last lines to show if the program fails at once):
+/// the shim makes it its stderr again when it starts, so that a program that uses the shim
+/// writes straight to the terminal or log, and keeps writing there if the supervisor dies.
+pub const ENV_STDERR_FD: &str = "SUPERVISE_STDERR_FD";
+/// What produced the snapshots (JSON: program, hash of the executable, arguments), set by the
+/// supervisor and recorded in each snapshot.
+pub const ENV_ORIGIN: &str = "SUPERVISE_ORIGIN";
 
 /// How a snapshot is captured at the program's safe point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

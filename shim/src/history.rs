@@ -18,13 +18,17 @@ pub struct Record {
     pub unix_ms: u64,
     /// The supervisor that wrote it.
     pub pid: u32,
-    /// What kind of record: `start`, `event`, `end`.
+    /// What kind of record: `start` and `end` mark a supervisor's run; between them the
+    /// event's kind (`spawned`, `died`, `snapshot`, ...; `event` in older histories).
     pub kind: String,
     /// The event, as the supervisor said it.
     pub message: String,
     /// For `end` records: true when the command finished with exit code 0.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub completed: bool,
+    /// The event's fields (with its `kind`), for programs; absent in older histories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 /// A history as read: its records, oldest first, and how many damaged lines were skipped.
@@ -105,6 +109,7 @@ mod tests {
             kind: "event".into(),
             message: message.into(),
             completed: false,
+            data: None,
         };
         serde_json::to_string(&r).unwrap() + "\n"
     }

@@ -201,6 +201,7 @@ fn write_fuzz_seeds() {
             kind: kind.into(),
             message: message.into(),
             completed,
+            data: None,
         };
         let line = serde_json::to_string(&r).unwrap() + "\n";
         fs::write(dir.join(format!("line-{i}")), &line).unwrap();

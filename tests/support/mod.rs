@@ -367,3 +367,25 @@ pub fn assert_store_clean(job: &supervise_shim::JobStore) {
         "packs on disk vs packs referenced"
     );
 }
+
+/// The typed events of the store's only job, oldest first: each history record's `data`
+/// (its `kind` and fields), or for an older record without data, just its `kind`.
+pub fn job_events(store: &Path) -> Vec<serde_json::Value> {
+    let path = only_job(store).dir().join("events.log");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|r| match r.get("data") {
+            Some(d) if !d.is_null() => d.clone(),
+            _ => serde_json::json!({ "kind": r["kind"] }),
+        })
+        .collect()
+}
+
+/// The events of one kind.
+pub fn events_of(store: &Path, kind: &str) -> Vec<serde_json::Value> {
+    job_events(store)
+        .into_iter()
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}

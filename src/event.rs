@@ -1,0 +1,432 @@
+//! What the supervisor tells about a job, as typed events: each has a kind (`spawned`, `died`,
+//! `snapshot`, ...), fields, and one English sentence. [`crate::log::Log`] prints the sentence
+//! and appends kind, sentence and fields to the job's history, where `supervise log --json`
+//! and tests read them.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::child::Ended;
+use crate::human;
+
+/// Milliseconds, for the events' fields.
+fn ms(d: std::time::Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// How a job's run (one supervisor's) ended: the `end` record's `outcome`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The command finished with exit code 0.
+    Finished,
+    /// Stopped by a signal to the supervisor; run the command again to resume.
+    Stopped,
+    /// Too many failures without progress.
+    GaveUp,
+    /// The program failed at once, several times, before it reached the shim: a configuration
+    /// error (wrong path, arguments, missing library), not a crash to recover from.
+    ConfigError,
+    /// The job had completed (while this supervisor waited for it, or before).
+    AlreadyDone,
+}
+
+/// Where a life of the program starts.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct From(pub Option<u64>);
+
+impl fmt::Display for From {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(seq) => write!(f, "from snapshot {seq}"),
+            None => f.write_str("fresh start"),
+        }
+    }
+}
+
+/// The job's totals when it ends: from the first start of the job (across supervisors, as the
+/// history tells) to now.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Totals {
+    /// From the job's first start to its end.
+    pub elapsed_ms: u64,
+    /// Lives of the program (spawns), in every run of the job.
+    pub lives: u64,
+    /// Restarts after a failure (spawns that were not the first of a supervisor).
+    pub restarts: u64,
+    /// Supervisors that ran the job (reruns after a stop or a loss count).
+    pub runs: u64,
+    /// Time the restarts cost: each failed life's time since its last snapshot (the work
+    /// redone) plus the waits before restarting.
+    pub lost_ms: u64,
+}
+
+impl fmt::Display for Totals {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} since the job first started, {} {}, {} {}",
+            human::duration(std::time::Duration::from_millis(self.elapsed_ms)),
+            self.runs,
+            if self.runs == 1 { "run" } else { "runs" },
+            self.restarts,
+            if self.restarts == 1 {
+                "restart"
+            } else {
+                "restarts"
+            },
+        )?;
+        if self.restarts > 0 {
+            write!(
+                f,
+                ", about {} lost to restarts",
+                human::duration(std::time::Duration::from_millis(self.lost_ms))
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// One event of a job.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum JobEvent {
+    /// A supervisor took the job and starts running it.
+    Start {
+        /// The supervisor's pid.
+        supervisor_pid: u32,
+        /// The command line.
+        command: String,
+    },
+    /// The supervisor's run of the job ended (always the last record of a run).
+    End {
+        /// How.
+        outcome: Outcome,
+        /// The exit code the supervisor returns.
+        exit_code: i32,
+        /// The whole sentence (it depends on the outcome).
+        detail: String,
+        /// The job's totals, when it finished.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        totals: Option<Totals>,
+    },
+    /// Another supervisor holds the job; this one exits (or waits, with --wait).
+    Held {
+        /// Who holds it.
+        holder: String,
+        /// This supervisor waits for it.
+        waiting: bool,
+    },
+    /// The program was started.
+    Spawned {
+        /// Its pid.
+        pid: u32,
+        /// The snapshot it restores, if any.
+        from: From,
+    },
+    /// The program ended without being asked to.
+    Died {
+        /// How (`exit code N` or `signal NAME (N)`).
+        how: String,
+        /// How long it ran.
+        after_ms: u64,
+        /// It had connected to the shim.
+        shim: bool,
+    },
+    /// It will be started again.
+    Restarting {
+        /// After this delay.
+        delay_ms: u64,
+        /// From this snapshot.
+        from: From,
+    },
+    /// A snapshot is skipped from now on: the deaths after restoring it point at it.
+    Suspect {
+        /// The snapshot.
+        seq: u64,
+        /// The evidence.
+        why: String,
+        /// --rollback-after.
+        rollback_after: u32,
+        /// Where the next life starts.
+        back_to: From,
+    },
+    /// A snapshot became durable.
+    Snapshot {
+        /// Its number.
+        seq: u64,
+        /// The program's tag.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        /// The state's size.
+        bytes_total: u64,
+        /// Bytes of chunks not stored before.
+        bytes_new: u64,
+        /// Bytes written (compressed), compaction included.
+        bytes_written: u64,
+        /// Bytes of live chunks moved out of mostly dead packs.
+        bytes_compacted: u64,
+        /// From the request to durable.
+        duration_ms: u64,
+    },
+    /// A snapshot could not be taken; earlier ones are intact.
+    SnapshotFailed {
+        /// Why.
+        error: String,
+    },
+    /// The program could not be asked for a snapshot: it has not initialised the shim.
+    NoSnapshotWithoutShim,
+    /// The program ran for a while and never initialised the shim: nothing can be snapshotted.
+    NoShim {
+        /// How long it has run without the shim.
+        after_ms: u64,
+        /// --hang-timeout was given (and cannot work without the shim).
+        hang_timeout: bool,
+    },
+    /// The shim found a damaged snapshot at start and set it aside.
+    SnapshotSetAside {
+        /// The snapshot.
+        seq: u64,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The scrub found damaged records.
+    RecordsDamaged {
+        /// What was found, where.
+        found: String,
+        /// Why they are damaged.
+        why: String,
+        /// Snapshots set aside because they use them.
+        set_aside: Vec<u64>,
+    },
+    /// The program restored another snapshot than the one the supervisor expected.
+    ResumedInstead {
+        /// What it restored.
+        from: From,
+    },
+    /// The program's entries do not fit the snapshot (its parameters changed).
+    RestoreMismatch {
+        /// The snapshot.
+        seq: u64,
+        /// The entry.
+        entry: String,
+        /// Its size in the snapshot.
+        stored_bytes: u64,
+        /// The size the program asked for.
+        wanted_bytes: u64,
+    },
+    /// The program reached no safe point for --hang-timeout.
+    Hung {
+        /// --hang-timeout.
+        timeout_ms: u64,
+    },
+    /// Escalating a stop: a signal sent to the program's process group.
+    Signalled {
+        /// The signal.
+        signal: String,
+        /// Why.
+        why: String,
+    },
+    /// The supervisor was told to stop: it asks for a final snapshot, then stops the program.
+    Stopping {
+        /// The signal the supervisor got.
+        signal: String,
+        /// The program uses the shim (a final snapshot is asked for).
+        shim: bool,
+        /// How long it waits.
+        timeout_ms: u64,
+    },
+    /// How this run starts, decided from the options and the job's history.
+    Resume {
+        /// Why this start (`from`, `fresh`, `after-loss`).
+        reason: String,
+        /// The sentence.
+        detail: String,
+    },
+    /// The job's history had damaged lines, skipped.
+    HistoryDamaged {
+        /// The sentence.
+        detail: String,
+    },
+}
+
+impl JobEvent {
+    /// The record's kind (`spawned`, `died`, ...), as `supervise log --kind` filters it.
+    pub fn kind(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "event".to_owned())
+    }
+
+    /// Shown even with `-q`: the job's start and end, and what stops it from running.
+    pub fn always_shown(&self) -> bool {
+        matches!(
+            self,
+            JobEvent::Start { .. } | JobEvent::End { .. } | JobEvent::Held { .. }
+        )
+    }
+
+    /// A died event.
+    pub fn died(how: Ended, after: std::time::Duration, shim: bool) -> Self {
+        JobEvent::Died {
+            how: how.to_string(),
+            after_ms: ms(after),
+            shim,
+        }
+    }
+}
+
+impl fmt::Display for JobEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use std::time::Duration;
+        let dur = |ms: u64| human::duration(Duration::from_millis(ms));
+        match self {
+            JobEvent::Start {
+                supervisor_pid,
+                command,
+            } => write!(f, "supervisor pid {supervisor_pid} started: {command}"),
+            JobEvent::End { detail, .. } => f.write_str(detail),
+            JobEvent::Held { holder, waiting } => {
+                if *waiting {
+                    write!(f, "--wait: job held by {holder}; waiting for it to end")
+                } else {
+                    write!(
+                        f,
+                        "the job is already running: {holder}. Two copies of one job must \
+                         never run; wait for it with --wait, or stop it first"
+                    )
+                }
+            }
+            JobEvent::Spawned { pid, from } => write!(f, "spawned pid {pid} ({from})"),
+            JobEvent::Died { how, after_ms, .. } => {
+                write!(f, "child died: {how} after {}", dur(*after_ms))
+            }
+            JobEvent::Restarting { delay_ms, from } => {
+                write!(f, "restarting in {} ({from})", dur(*delay_ms))
+            }
+            JobEvent::Suspect {
+                seq,
+                why,
+                rollback_after,
+                back_to,
+            } => {
+                let back = match back_to.0 {
+                    Some(b) => format!("snapshot {b}"),
+                    None => "a fresh start (no older snapshot)".into(),
+                };
+                write!(
+                    f,
+                    "snapshot {seq} is suspect: {why} (--rollback-after {rollback_after}); going \
+                     back to {back} (retention keeps snapshot {seq} until a newer good one exists)"
+                )
+            }
+            JobEvent::Snapshot {
+                seq,
+                tag,
+                bytes_total,
+                bytes_new,
+                bytes_written,
+                bytes_compacted,
+                duration_ms,
+            } => {
+                let tag = tag.as_ref().map(|t| format!(" [{t}]")).unwrap_or_default();
+                let compacted = match bytes_compacted {
+                    0 => String::new(),
+                    n => format!(" (+{} compacted)", human::bytes(*n)),
+                };
+                write!(
+                    f,
+                    "snapshot {seq} done{tag}: {} total, {} new{compacted}, {} written, {duration_ms} ms",
+                    human::bytes(*bytes_total),
+                    human::bytes(*bytes_new),
+                    human::bytes(*bytes_written),
+                )
+            }
+            JobEvent::SnapshotFailed { error } => {
+                write!(f, "snapshot failed: {error} (earlier snapshots are intact)")
+            }
+            JobEvent::NoSnapshotWithoutShim => {
+                f.write_str("cannot take a snapshot: the program has not initialised the shim")
+            }
+            JobEvent::NoShim {
+                after_ms,
+                hang_timeout,
+            } => {
+                write!(
+                    f,
+                    "the program has run {} without initialising the supervise shim: it cannot be \
+                     snapshotted, and a restart starts it from scratch. Link the shim (README: \
+                     \"Use it from Rust\", \"Use it from C\") so that it resumes where it was",
+                    dur(*after_ms)
+                )?;
+                if *hang_timeout {
+                    f.write_str(
+                        "; --hang-timeout needs the shim's safe points and does nothing for it",
+                    )?;
+                }
+                Ok(())
+            }
+            JobEvent::SnapshotSetAside { seq, why } => {
+                write!(f, "snapshot {seq} is damaged and was set aside: {why}")
+            }
+            JobEvent::RecordsDamaged {
+                found,
+                why,
+                set_aside,
+            } => write!(
+                f,
+                "scrub: damaged records: {found} ({why}); snapshots {set_aside:?} use them and \
+                 were set aside; the next snapshot stores fresh copies (supervise verify --repair \
+                 mends older ones where a good copy exists)"
+            ),
+            JobEvent::ResumedInstead { from } => write!(f, "child resumed {from} instead"),
+            JobEvent::RestoreMismatch {
+                seq,
+                entry,
+                stored_bytes,
+                wanted_bytes,
+            } => write!(
+                f,
+                "entry {entry:?} of snapshot {seq} holds {stored_bytes} bytes but the program \
+                 asks for {wanted_bytes}: its parameters changed since the snapshot. Run with \
+                 --fresh to start over, or with the parameters the snapshot was taken with \
+                 (`supervise show {seq}`); the snapshot is not damaged"
+            ),
+            JobEvent::Hung { timeout_ms } => write!(
+                f,
+                "the program reached no safe point for {} (--hang-timeout): asking for a \
+                 snapshot, then stopping it",
+                dur(*timeout_ms)
+            ),
+            JobEvent::Signalled { signal, why } => write!(f, "{why}: sending {signal}"),
+            JobEvent::Stopping {
+                signal,
+                shim,
+                timeout_ms,
+            } => {
+                if *shim {
+                    write!(
+                        f,
+                        "{signal}: asking for a final snapshot, then stopping (up to {})",
+                        dur(*timeout_ms)
+                    )
+                } else {
+                    write!(
+                        f,
+                        "{signal}: the program has no shim connected; sending it SIGTERM"
+                    )
+                }
+            }
+            JobEvent::Resume { detail, .. } | JobEvent::HistoryDamaged { detail } => {
+                f.write_str(detail)
+            }
+        }
+    }
+}
+
+/// Milliseconds of a duration, for events' fields.
+pub fn millis(d: std::time::Duration) -> u64 {
+    ms(d)
+}

@@ -1,0 +1,220 @@
+//! What a job is: the program it runs (found as the shell finds it, then made canonical) and
+//! its arguments. The default job name comes from them, so `./sim`, `sim` found in `PATH` and
+//! `/abs/sim` with the same arguments are one job; each snapshot records the program, a hash
+//! of its executable and its arguments, so that a resume can tell when the program was rebuilt.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+/// Executables larger than this are not hashed (their origin records no hash).
+const MAX_HASHED_BYTES: u64 = 1 << 30;
+
+/// The program a job runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Program {
+    /// Its canonical path (links resolved).
+    pub path: PathBuf,
+    /// The blake3 of the executable file, in hex (`None` when it is too large or unreadable).
+    pub exe_blake3: Option<String>,
+}
+
+/// What produced a snapshot, as the supervisor tells the shim (`SUPERVISE_ORIGIN`, JSON).
+#[derive(Clone, Debug, Serialize)]
+pub struct Origin {
+    /// The program's canonical path.
+    pub program: String,
+    /// The blake3 of its executable, in hex.
+    pub exe_blake3: Option<String>,
+    /// The arguments after the program.
+    pub args: Vec<String>,
+}
+
+/// Finds `command[0]` as `execvp` would (a name with a `/` relative to the working directory,
+/// otherwise the first executable file of that name in `PATH`), resolves it to its canonical
+/// path and hashes it. An error names the program and what is wrong, before anything is
+/// created in the store.
+pub fn resolve(command: &[OsString]) -> Result<Program> {
+    let Some(name) = command.first() else {
+        bail!("no command given: put the program to run after `--`");
+    };
+    let given = Path::new(name);
+    let found = if name.as_encoded_bytes().contains(&b'/') {
+        check_executable(given)?;
+        given.to_path_buf()
+    } else {
+        let path =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(given))
+            .find(|p| check_executable(p).is_ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "cannot start {}: no such program in PATH ({})",
+                    given.display(),
+                    path.to_string_lossy()
+                )
+            })?
+    };
+    let path = std::fs::canonicalize(&found)
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", found.display()))?;
+    let exe_blake3 = hash_file(&path);
+    Ok(Program { path, exe_blake3 })
+}
+
+fn check_executable(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        bail!("cannot start {}: it is not a file", path.display());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        bail!(
+            "cannot start {}: it is not executable (chmod +x it, or run its interpreter: \
+             supervise -- python3 {})",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn hash_file(path: &Path) -> Option<String> {
+    let file = std::fs::File::open(path).ok()?;
+    if file.metadata().ok()?.len() > MAX_HASHED_BYTES {
+        return None;
+    }
+    let mut hasher = blake3::Hasher::new();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file).take(MAX_HASHED_BYTES);
+    std::io::copy(&mut reader, &mut hasher).ok()?;
+    Some(hasher.finalize().to_hex().to_string())
+}
+
+impl Program {
+    /// The origin of snapshots taken by this program run with `command`'s arguments.
+    pub fn origin(&self, command: &[OsString]) -> Origin {
+        Origin {
+            program: self.path.to_string_lossy().into_owned(),
+            exe_blake3: self.exe_blake3.clone(),
+            args: command
+                .iter()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+        }
+    }
+}
+
+/// The default job name: the program's file name as given (letters, digits, '-', '_'; `sh`,
+/// not the `dash` it links to) and the first 8 hex digits of the blake3 of its canonical path
+/// and the arguments (as given: a relative argument names a file relative to where the job
+/// runs).
+pub fn job_name(program: &Program, command: &[OsString]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(program.path.as_os_str().as_encoded_bytes());
+    hasher.update(&[0]);
+    for arg in command.iter().skip(1) {
+        hasher.update(arg.as_encoded_bytes());
+        hasher.update(&[0]);
+    }
+    format!(
+        "{}-{}",
+        clean_base(Path::new(&command[0])),
+        &hasher.finalize().to_hex()[..8]
+    )
+}
+
+/// The name releases before 0.2 gave the job: the file name as given and a hash of the command
+/// line as typed. A store that holds a job under it (and none under [`job_name`]) keeps it.
+pub fn legacy_job_name(command: &[OsString]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for arg in command {
+        hasher.update(arg.as_encoded_bytes());
+        hasher.update(&[0]);
+    }
+    format!(
+        "{}-{}",
+        clean_base(Path::new(&command[0])),
+        &hasher.finalize().to_hex()[..8]
+    )
+}
+
+fn clean_base(path: &Path) -> String {
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let clean: String = base
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "job".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn equivalent_spellings_of_a_program_are_one_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("sim");
+        std::fs::write(&exe, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        let link = dir.path().join("bin/sim");
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        let abs = os(&[exe.to_str().unwrap(), "--n", "4"]);
+        let dotted = os(&[&format!("{}/./sim", dir.path().display()), "--n", "4"]);
+        let linked = os(&[link.to_str().unwrap(), "--n", "4"]);
+        let name = |c: &[OsString]| job_name(&resolve(c).unwrap(), c);
+        assert_eq!(name(&abs), name(&dotted));
+        assert_eq!(name(&abs), name(&linked));
+        assert!(name(&abs).starts_with("sim-"), "{}", name(&abs));
+        assert_ne!(name(&abs), name(&os(&[exe.to_str().unwrap(), "--n", "5"])));
+        // Found in PATH as the shell would, canonical, named as given.
+        let sh = resolve(&os(&["sh"])).unwrap();
+        assert!(sh.path.is_absolute() && sh.exe_blake3.is_some(), "{sh:?}");
+        assert!(job_name(&sh, &os(&["sh"])).starts_with("sh-"));
+        let odd = legacy_job_name(&os(&["/x/..py thon\n"]));
+        supervise_shim::name::validate("job", &odd).unwrap();
+    }
+
+    #[test]
+    fn a_program_that_cannot_run_is_named_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("data.txt");
+        std::fs::write(&plain, b"x").unwrap();
+        let err = resolve(&os(&[plain.to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not executable"), "{err}");
+        let err = resolve(&os(&["no-such-program-here-xyz"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no such program in PATH"), "{err}");
+        let err = resolve(&os(&[dir.path().to_str().unwrap()]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a file"), "{err}");
+    }
+}

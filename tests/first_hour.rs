@@ -1,0 +1,217 @@
+//! What a newcomer meets in the first hour: a program that fails at once, one that never uses
+//! the shim, a job spelled two ways, waiting for a job that completes, and the job's totals.
+//! Assertions are on the typed events of the job's history.
+
+mod support;
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(120);
+
+fn sh(script: &str) -> Vec<OsString> {
+    vec!["/bin/sh".into(), "-c".into(), script.into()]
+}
+
+fn last_end(store: &std::path::Path) -> serde_json::Value {
+    events_of(store, "end").pop().expect("an end event")
+}
+
+#[test]
+fn a_program_that_fails_at_once_is_a_configuration_error_shown_with_its_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let run = Run::start(
+        &store,
+        &[],
+        &sh("echo 'error: cannot open case.toml' >&2; exit 2"),
+        &[],
+    );
+    // The default backoff (1 s, 2 s): three tries, not 13 minutes of them.
+    let fin = run.wait(Duration::from_secs(30));
+    assert_eq!(fin.code, Some(3), "{}", fin.stderr);
+    assert_eq!(events_of(&store, "spawned").len(), 3);
+    let end = last_end(&store);
+    assert_eq!(end["outcome"], "config-error", "{end}");
+    assert_eq!(end["exit_code"], 3);
+    let detail = end["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("| error: cannot open case.toml"),
+        "{detail}"
+    );
+    // Its stderr also reached ours as it was written, once per life (and the start line
+    // and the end line quote it).
+    assert_eq!(
+        fin.stderr.matches("error: cannot open case.toml").count(),
+        3 + 2,
+        "{}",
+        fin.stderr
+    );
+}
+
+#[test]
+fn a_program_without_the_shim_is_told_so_and_a_stop_promises_no_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // It runs a while, so it is not a configuration error, and dies without the shim.
+    let run = Run::start(
+        &store,
+        &["--max-restarts", "0", "--hang-timeout", "5s"],
+        &sh("sleep 1.2; exit 3"),
+        &[],
+    );
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(3), "{}", fin.stderr);
+    let died = events_of(&store, "died");
+    assert_eq!(died[0]["shim"], false, "{died:?}");
+    let no_shim = events_of(&store, "no-shim");
+    assert_eq!(no_shim.len(), 1, "said once: {no_shim:?}");
+    assert_eq!(no_shim[0]["hang_timeout"], true);
+    assert_eq!(last_end(&store)["outcome"], "gave-up");
+
+    // Stopped, it has nothing to resume from, and says so rather than "run it again to resume".
+    let store = dir.path().join("store2");
+    let run = Run::start(&store, &[], &sh("sleep 60"), &[]);
+    run.wait_for("spawned pid", LONG);
+    run.signal(Signal::SIGTERM);
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(143), "{}", fin.stderr);
+    let end = last_end(&store);
+    assert_eq!(end["outcome"], "stopped", "{end}");
+    let detail = end["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("does not use the supervise shim") && !detail.contains("to resume"),
+        "{detail}"
+    );
+    let stopping = events_of(&store, "stopping");
+    assert_eq!(stopping[0]["shim"], false, "{stopping:?}");
+}
+
+#[test]
+fn a_program_with_the_shim_writes_to_the_supervisors_stderr_directly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let run = Run::start(
+        &store,
+        &["--every", "200ms"],
+        &heat(&["--n", "256", "--steps", "100000000"]),
+        &[],
+    );
+    let child = run.nth_child_pid(1, LONG);
+    run.wait_for("snapshot 1 done", LONG);
+    let fd2 = |pid: u32| std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap();
+    // Before the shim started, its stderr was a pipe through the supervisor (to keep its last
+    // lines); the shim took the supervisor's own stderr back.
+    assert_eq!(fd2(child), fd2(run.pid()));
+    run.signal(Signal::SIGTERM);
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(143), "{}", fin.stderr);
+    let detail = last_end(&store)["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("to resume (from snapshot"), "{detail}");
+}
+
+#[test]
+fn two_spellings_of_one_program_are_one_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let heat_bin = example_bin("heat");
+    let args = ["--n", "256", "--steps", "100000000"];
+    let run = Run::start(&store, &["--every", "200ms"], &heat(&args), &[]);
+    run.wait_for("snapshot 2 done", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    // The same program as ./heat from its directory resumes the same job.
+    let mut cmd = std::process::Command::new(supervise_bin());
+    cmd.current_dir(heat_bin.parent().unwrap())
+        .arg("--store")
+        .arg(&store)
+        .args(["--every", "200ms", "--", "./heat"])
+        .args(args);
+    let run = Run::spawn(cmd);
+    run.wait_for("spawned pid", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    let spawned = events_of(&store, "spawned");
+    assert_eq!(spawned.len(), 2);
+    assert!(spawned[1]["from"].as_u64().unwrap() >= 2, "{spawned:?}");
+}
+
+#[test]
+fn a_job_that_completes_while_another_supervisor_waits_is_done_for_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let args = ["--n", "256", "--steps", "30000"];
+    let first = Run::start(&store, &["--every", "200ms"], &heat(&args), &[]);
+    first.wait_for("spawned pid", LONG);
+    let second = Run::start(&store, &["--every", "200ms", "--wait"], &heat(&args), &[]);
+    second.wait_for("--wait: job held by", LONG);
+    assert_eq!(first.wait(LONG).code, Some(0));
+    let fin = second.wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    assert_eq!(events_of(&store, "spawned").len(), 1, "run once");
+    assert_eq!(last_end(&store)["outcome"], "already-done");
+}
+
+#[test]
+fn the_end_of_a_job_gives_its_totals_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let args = ["--n", "256", "--steps", "60000"];
+    let reference = reference_checksum(&args);
+    let run = Run::start(
+        &store,
+        &["--every", "300ms", "--backoff", "100ms"],
+        &heat(&args),
+        &[],
+    );
+    let pid = run.nth_child_pid(1, LONG);
+    run.wait_for("snapshot 1 done", LONG);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let fin = run.wait(LONG);
+    fin.assert_completed(&reference);
+    let spawned = events_of(&store, "spawned");
+    assert!(spawned[1]["from"].as_u64().unwrap() >= 1, "{spawned:?}");
+    let end = last_end(&store);
+    assert_eq!(end["outcome"], "finished");
+    let totals = &end["totals"];
+    assert_eq!(totals["runs"], 1, "{end}");
+    assert_eq!(totals["lives"], 2, "{end}");
+    assert_eq!(totals["restarts"], 1, "{end}");
+    // The restart cost at least its 100 ms wait.
+    assert!(totals["lost_ms"].as_u64().unwrap() >= 100, "{end}");
+    assert!(totals["elapsed_ms"].as_u64().unwrap() >= totals["lost_ms"].as_u64().unwrap());
+}
+
+#[test]
+fn a_program_that_cannot_start_leaves_no_job_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "not a program\n").unwrap();
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, [0u8, 1, 2, 3]).unwrap();
+    std::fs::set_permissions(&garbage, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (program, says) in [
+        (text.to_str().unwrap(), "not executable"),
+        (garbage.to_str().unwrap(), "cannot start"),
+        ("no-such-program-xyz", "no such program in PATH"),
+    ] {
+        let out = std::process::Command::new(supervise_bin())
+            .arg("--store")
+            .arg(&store)
+            .args(["--", program])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{program}: {err}");
+        assert!(err.contains(says), "{program}: {err}");
+        let jobs: Vec<_> = std::fs::read_dir(&store)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(jobs.is_empty(), "{program}: left {jobs:?}");
+    }
+}
