@@ -42,7 +42,19 @@ impl Target {
         } else {
             Store::open_existing
         };
-        open(&self.store).with_context(|| format!("no store at {}", self.store.display()))
+        match open(&self.store) {
+            Ok(store) => Ok(store),
+            Err(supervise_shim::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                bail!(
+                    "no store at {}: it does not exist (give the store's directory with --store)",
+                    self.store.display()
+                )
+            }
+            // The error names the store's path.
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The named job, or the only one in the store.

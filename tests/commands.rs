@@ -303,3 +303,68 @@ fn verify_repair_mends_from_good_copies_and_refuses_while_the_job_runs() {
         .collect();
     assert_eq!(ok, vec![true, true, true], "{verdicts}");
 }
+
+/// Runs `supervise <args>` (no `--store` added): (exit code, stdout, stderr).
+fn bare(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(supervise_bin())
+        .args(args)
+        .output()
+        .expect("run supervise");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_store_that_is_a_file_is_not_a_directory_for_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("store");
+    std::fs::write(&file, b"a file").unwrap();
+    let to = dir.path().join("out");
+    let to = to.to_str().unwrap();
+    let want = format!("{} is not a directory", file.display());
+    let commands: [&[&str]; 11] = [
+        &["--", "true"],
+        &["ls"],
+        &["ls", "--allow-foreign-store"],
+        &["show", "latest"],
+        &["verify"],
+        &["verify", "--repair"],
+        &["gc"],
+        &["restore", "latest", "--to", to],
+        &["snapshot"],
+        &["status"],
+        &["log"],
+    ];
+    for args in commands {
+        // The run command takes its options before `--`.
+        let (code, _, err) = if args[0] == "--" {
+            let store = file.to_str().unwrap();
+            bare(&["--store", store, "--", "true"])
+        } else {
+            cmd(&file, args)
+        };
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert_eq!(err.matches("(os error").count(), 0, "{args:?}: {err}");
+    }
+    // A store below a file names the file.
+    let below = file.join("sub");
+    for args in [&["ls"][..], &["status"]] {
+        let (code, _, err) = cmd(&below, args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(&want), "{args:?}: {err}");
+    }
+    let (code, _, err) = bare(&["--store", below.to_str().unwrap(), "--", "true"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&want), "{err}");
+    // A missing store is said once, plainly.
+    let (code, _, err) = cmd(&dir.path().join("none"), &["ls"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no store at") && err.contains("does not exist"),
+        "{err}"
+    );
+}
