@@ -141,9 +141,14 @@ impl Client {
     }
 }
 
-/// The supervisor's end: a listening socket in the job directory.
+/// The supervisor's end: a listening socket in the job directory, removed when dropped (if
+/// the file there is still the socket this server created).
 pub struct Server {
     listener: UnixListener,
+    /// The job directory, to remove the socket from.
+    dir: supervise_shim::fsops::Dir,
+    /// The socket file's device and inode.
+    id: (u64, u64),
 }
 
 impl Server {
@@ -187,8 +192,13 @@ impl Server {
             Ok(fd)
         };
         let fd = listen().with_context(|| format!("cannot listen on {}", shown.display()))?;
+        let st = dir
+            .stat(SOCKET_NAME)?
+            .with_context(|| format!("{} vanished after it was created", shown.display()))?;
         Ok(Self {
             listener: UnixListener::from(fd),
+            id: (st.st_dev, st.st_ino),
+            dir,
         })
     }
 
@@ -209,6 +219,19 @@ impl Server {
             }
         }
         clients
+    }
+}
+
+impl Drop for Server {
+    /// Removes the socket file, unless it is no longer the one this server created (another
+    /// supervisor's, after this one lost the job): best effort, as a socket left behind is
+    /// replaced by the next supervisor anyway.
+    fn drop(&mut self) {
+        if let Ok(Some(st)) = self.dir.stat(SOCKET_NAME)
+            && (st.st_dev, st.st_ino) == self.id
+        {
+            let _ = self.dir.remove(SOCKET_NAME);
+        }
     }
 }
 
@@ -240,5 +263,37 @@ pub fn ask(job_dir: &Path, request: &Request, timeout: Duration) -> Result<Optio
             )
         }
         Err(e) => Err(e).context("cannot read the supervisor's reply"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_is_removed_on_drop_only_if_it_is_still_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join(SOCKET_NAME);
+        let server = Server::bind(dir.path()).unwrap();
+        assert!(sock.exists());
+        drop(server);
+        assert!(!sock.exists(), "removed when the server is dropped");
+
+        // A second server (a new supervisor) replaced the first one's socket: dropping the
+        // first leaves the second's alone.
+        let first = Server::bind(dir.path()).unwrap();
+        let second = Server::bind(dir.path()).unwrap();
+        drop(first);
+        assert!(sock.exists(), "the second server's socket stays");
+        assert!(UnixStream::connect(&sock).is_ok(), "and still listens");
+        drop(second);
+        assert!(!sock.exists());
+
+        // Anything else put there in its place is left alone too.
+        let server = Server::bind(dir.path()).unwrap();
+        std::fs::remove_file(&sock).unwrap();
+        std::fs::write(&sock, b"not ours").unwrap();
+        drop(server);
+        assert_eq!(std::fs::read(&sock).unwrap(), b"not ours");
     }
 }
