@@ -80,7 +80,7 @@ impl Target {
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<i32> {
-    let mut out = std::io::stdout().lock();
+    let mut out = human::out();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;
     Ok(0)
@@ -184,7 +184,7 @@ pub fn ls(t: &Target) -> Result<i32> {
         return print_json(&rows);
     }
     if rows.is_empty() {
-        println!("store {} holds no job", t.store.display());
+        human::outln!("store {} holds no job", t.store.display())?;
         return Ok(0);
     }
     let table: Vec<Vec<String>> = rows
@@ -203,7 +203,7 @@ pub fn ls(t: &Target) -> Result<i32> {
     human::table(
         &["JOB", "SNAPSHOTS", "NEWEST", "TAKEN", "ON DISK", "STATE"],
         &table,
-    );
+    )?;
     Ok(0)
 }
 
@@ -267,11 +267,11 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
             ]
         })
         .collect();
-    println!("job {}", job.name());
+    human::outln!("job {}", job.name())?;
     human::table(
         &["SNAPSHOT", "TIME", "AGE", "TAG", "SIZE", "NEW", "STATE"],
         &table,
-    );
+    )?;
     Ok(0)
 }
 
@@ -337,7 +337,7 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
     if t.json {
         return print_json(&shown);
     }
-    println!(
+    human::outln!(
         "job {} snapshot {} taken {} ({}){}",
         shown.job,
         shown.snapshot,
@@ -348,15 +348,15 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
             .as_ref()
             .map(|t| format!(", tag {t:?}"))
             .unwrap_or_default()
-    );
-    println!(
+    )?;
+    human::outln!(
         "{} of state stored in {} (ratio {:.2}); {} new when taken, {} written",
         human::bytes(shown.bytes_total),
         human::bytes(shown.stored_bytes),
         shown.dedup_ratio,
         human::bytes(shown.bytes_new),
         human::bytes(shown.bytes_written)
-    );
+    )?;
     let table: Vec<Vec<String>> = shown
         .entries
         .iter()
@@ -370,7 +370,7 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
             ]
         })
         .collect();
-    human::table(&["ENTRY", "KIND", "SIZE", "CHUNKS", "UNIQUE"], &table);
+    human::table(&["ENTRY", "KIND", "SIZE", "CHUNKS", "UNIQUE"], &table)?;
     Ok(0)
 }
 
@@ -411,12 +411,12 @@ pub fn verify(t: &Target, id: Option<&str>) -> Result<i32> {
     } else {
         for v in &verdicts {
             match &v.error {
-                None => println!("snapshot {}: ok", v.snapshot),
-                Some(e) => println!("snapshot {}: DAMAGED: {e}", v.snapshot),
+                None => human::outln!("snapshot {}: ok", v.snapshot)?,
+                Some(e) => human::outln!("snapshot {}: DAMAGED: {e}", v.snapshot)?,
             }
         }
         if verdicts.is_empty() {
-            println!("job {} has no snapshot to verify", job.name());
+            human::outln!("job {} has no snapshot to verify", job.name())?;
         }
     }
     if damaged > 0 {
@@ -487,13 +487,13 @@ pub fn repair(t: &Target) -> Result<i32> {
         print_json(&done)?;
     } else {
         for seq in &done.repaired {
-            println!("snapshot {seq}: repaired from good copies of its damaged chunks");
+            human::outln!("snapshot {seq}: repaired from good copies of its damaged chunks")?;
         }
         for seq in done.put_back.iter().filter(|s| !done.repaired.contains(s)) {
-            println!("snapshot {seq}: verifies in full; put back among the snapshots");
+            human::outln!("snapshot {seq}: verifies in full; put back among the snapshots")?;
         }
         for u in &done.unrepairable {
-            println!("snapshot {}: cannot be repaired: {}", u.snapshot, u.why);
+            human::outln!("snapshot {}: cannot be repaired: {}", u.snapshot, u.why)?;
         }
     }
     let quiet = Target {
@@ -554,12 +554,12 @@ pub fn gc(t: &Target) -> Result<i32> {
     if t.json {
         return print_json(&done);
     }
-    println!(
+    human::outln!(
         "job {}: removed {} packs; {} freed",
         done.job,
         done.removed_packs.len(),
         human::bytes(done.freed_bytes)
-    );
+    )?;
     Ok(0)
 }
 
@@ -724,18 +724,18 @@ pub fn restore(t: &Target, id: &str, to: &Path, sharing: Sharing) -> Result<i32>
     if t.json {
         return print_json(&done);
     }
-    println!(
+    human::outln!(
         "job {} snapshot {} written to {} (an index is in {INDEX}):",
         done.job,
         seq,
         to.display()
-    );
+    )?;
     let table: Vec<Vec<String>> = done
         .entries
         .iter()
         .map(|w| vec![w.file.clone(), w.kind.clone(), human::bytes(w.bytes)])
         .collect();
-    human::table(&["FILE", "KIND", "SIZE"], &table);
+    human::table(&["FILE", "KIND", "SIZE"], &table)?;
     Ok(0)
 }
 
@@ -758,7 +758,7 @@ pub fn snapshot(t: &Target, timeout: Duration) -> Result<i32> {
                     snapshot: seq,
                 });
             }
-            println!("{seq}");
+            human::outln!("{seq}")?;
             Ok(0)
         }
         _ => bail!(
@@ -838,7 +838,7 @@ pub fn status(t: &Target) -> Result<i32> {
         return print_json(&rows);
     }
     if rows.is_empty() {
-        println!("no job is running in store {}", t.store.display());
+        human::outln!("no job is running in store {}", t.store.display())?;
         return Ok(0);
     }
     let dash = || "-".to_owned();
@@ -867,7 +867,7 @@ pub fn status(t: &Target) -> Result<i32> {
             "",
         ],
         &table,
-    );
+    )?;
     Ok(0)
 }
 
@@ -882,7 +882,7 @@ pub fn log(t: &Target) -> Result<i32> {
     if t.json {
         return print_json(&records);
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = human::out();
     for r in &records {
         writeln!(out, "{}  [{}] {}", time(r.unix_ms), r.pid, r.message)?;
     }

@@ -15,6 +15,7 @@ mod signals;
 mod supervisor;
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -393,7 +394,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("supervise: error: {e:#}");
+            // Not eprintln!: a closed stderr must not turn an error into a panic.
+            let _ = writeln!(std::io::stderr(), "supervise: error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -416,7 +418,7 @@ fn run_bench(store: &Path, size: u64, json: bool) -> anyhow::Result<i32> {
     let say = |msg: &str| eprintln!("supervise bench: {msg}");
     let (limits, rows, mode) = bench::run(store, size, &say)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        human::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
     } else {
         bench::print_table(size, &limits, &rows, mode);
     }

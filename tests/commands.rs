@@ -368,3 +368,60 @@ fn a_store_that_is_a_file_is_not_a_directory_for_every_command() {
         "{err}"
     );
 }
+
+/// A store with job `j` whose history is `records` (kind, seconds ago, message), oldest first.
+fn store_with_history(store: &Path, records: &[(&str, u64, &str)]) {
+    let job = supervise_shim::Store::open(store)
+        .unwrap()
+        .job("j")
+        .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut text = String::new();
+    for (kind, ago, message) in records {
+        let record = serde_json::json!({
+            "unix_ms": now_ms - ago * 1000,
+            "pid": 42,
+            "kind": kind,
+            "message": message,
+        });
+        text.push_str(&format!("{record}\n"));
+    }
+    std::fs::write(job.dir().join("events.log"), text).unwrap();
+}
+
+#[test]
+fn a_reader_that_closes_the_pipe_early_ends_every_command_quietly() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // Far more output than a pipe holds, so that the writer meets the closed pipe.
+    let many: Vec<(&str, u64, &str)> = (0..3000)
+        .map(|_| ("event", 1, "something happened"))
+        .collect();
+    store_with_history(&store, &many);
+    for json in [true, false] {
+        let mut command = std::process::Command::new(supervise_bin());
+        command.args(["log", "--store"]).arg(&store);
+        if json {
+            command.arg("--json");
+        }
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty());
+        // The reader is gone (as `| head -1` leaves it).
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "json {json}: {err}");
+        assert_eq!(err, "", "json {json}");
+    }
+}
