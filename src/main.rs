@@ -40,12 +40,20 @@ Exit codes:
 
 The command is started with SUPERVISE_* variables that the shim reads (see README.md).";
 
+/// The two forms of the command line (clap's own would read `supervise <COMMAND>`, as if the
+/// program to run came there).
+const USAGE: &str = "supervise [OPTIONS] -- <PROGRAM> [ARGS]...
+       supervise <SUBCOMMAND> [OPTIONS]";
+
 /// Runs COMMAND, snapshots it on a schedule through the supervise shim it links, and restarts
 /// it from its newest complete snapshot when it crashes, is killed or exits non-zero.
 #[derive(Parser, Debug)]
 #[command(
     name = "supervise",
     version,
+    override_usage = USAGE,
+    subcommand_value_name = "SUBCOMMAND",
+    subcommand_help_heading = "Subcommands",
     after_help = EXIT_CODES,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
@@ -351,8 +359,117 @@ fn default_job_name(command: &[OsString]) -> String {
     format!("{clean}-{}", &hasher.finalize().to_hex()[..8])
 }
 
+/// Parses the command line; exits 2 with clap's message, or with ours when the program to run
+/// is given without `--` before it (or not at all).
+fn parse_cli() -> Cli {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => match forgotten_dashes(&e, &argv) {
+            Some(why) => Cli::command()
+                .error(clap::error::ErrorKind::InvalidSubcommand, why)
+                .exit(),
+            None => e.exit(),
+        },
+    }
+}
+
+/// Quotes `arg` for a shell when it needs it (for a command line shown to copy).
+fn shell_quote(arg: &std::ffi::OsStr) -> String {
+    let s = arg.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Levenshtein distance (for suggesting a subcommand to a mistyped word).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// The index in `args` of the first word that is neither an option nor an option's value
+/// (a subcommand, the program to run, or `--`).
+fn first_word(args: &[OsString]) -> Option<usize> {
+    let cmd = Cli::command();
+    let takes_value = |long: &str| {
+        cmd.get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .is_some_and(|a| a.get_action().takes_values())
+    };
+    let mut i = 0;
+    while let Some(arg) = args.get(i) {
+        let arg = arg.to_string_lossy();
+        match arg.strip_prefix("--") {
+            Some("") => return Some(i),
+            Some(long) if !long.contains('=') && takes_value(long) => i += 2,
+            Some(_) => i += 1,
+            None if arg.starts_with('-') && arg.len() > 1 => i += 1,
+            None => return Some(i),
+        }
+    }
+    None
+}
+
+/// When a parse error comes from a program given without `--` before it (`supervise ./sim
+/// --n 4`), or from no program at all: what to say instead of clap's "unexpected argument".
+fn forgotten_dashes(e: &clap::Error, argv: &[OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ErrorKind};
+    let args = argv.get(1..).unwrap_or_default();
+    // `supervise` and then `part`, as a line to copy.
+    let quoted = |part: &[OsString]| {
+        let mut shown = vec!["supervise".to_owned()];
+        shown.extend(part.iter().map(|a| shell_quote(a)));
+        shown.join(" ")
+    };
+    let words = |part: &[OsString]| part.iter().map(|a| shell_quote(a)).collect::<Vec<_>>();
+    let word = first_word(args);
+    match e.kind() {
+        ErrorKind::MissingRequiredArgument if word.is_none() => Some(format!(
+            "no program to run: put it after `--`: {} -- <PROGRAM> [ARGS]... (or give a \
+             subcommand: see `supervise --help`)",
+            quoted(args)
+        )),
+        ErrorKind::InvalidSubcommand | ErrorKind::UnknownArgument
+            if e.get(ContextKind::SuggestedSubcommand).is_none() =>
+        {
+            let program = word?;
+            let name = args[program].to_string_lossy();
+            if name == "--" || Sub::has_subcommand(&name) {
+                return None;
+            }
+            let like = Cli::command()
+                .get_subcommands()
+                .map(|c| c.get_name().to_owned())
+                .find(|sub| edit_distance(sub, &name) <= 2);
+            Some(format!(
+                "{} is not a subcommand{}: to run a program, put it after `--`: {} -- {}",
+                shell_quote(&args[program]),
+                like.map(|sub| format!(" (did you mean `supervise {sub}`?)"))
+                    .unwrap_or_default(),
+                quoted(&args[..program]),
+                words(&args[program..]).join(" ")
+            ))
+        }
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     if cli.sub.is_none()
         && let Err(why) = check_run_args(&cli.run)
     {

@@ -318,6 +318,41 @@ fn bare(args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
+fn a_program_without_dashes_is_told_where_they_go() {
+    let (code, _, err) = bare(&["./sim", "--n", "4"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("put it after `--`: supervise -- ./sim --n 4"),
+        "{err}"
+    );
+    // Options before the program stay before `--`; odd words are quoted to copy.
+    let (code, _, err) = bare(&["--every", "1s", "-q", "./sim", "a b"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("supervise --every 1s -q -- ./sim 'a b'"),
+        "{err}"
+    );
+    // No program at all.
+    let (code, _, err) = bare(&["--every", "1m"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no program to run"), "{err}");
+    assert!(err.contains("supervise --every 1m -- <PROGRAM>"), "{err}");
+    // A mistyped subcommand gets a suggestion too.
+    let (code, _, err) = bare(&["stauts"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("did you mean `supervise status`?"), "{err}");
+    assert!(!bare(&["./sim"]).2.contains("did you mean"));
+    // The usage shows both forms.
+    let (code, out, _) = bare(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("supervise [OPTIONS] -- <PROGRAM> [ARGS]...")
+            && out.contains("supervise <SUBCOMMAND>"),
+        "{out}"
+    );
+}
+
+#[test]
 fn a_store_that_is_a_file_is_not_a_directory_for_every_command() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("store");
