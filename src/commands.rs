@@ -141,6 +141,9 @@ fn stored_bytes<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> u64 {
     total
 }
 
+/// What the state of snapshots (`logical`: their bytes in memory) costs on disk (`stored`:
+/// the bytes of the distinct compressed chunk records they use): state ÷ stored, the saving of
+/// dedup and compression together (10 = ten times smaller); 0 when nothing is stored.
 fn ratio(logical: u64, stored: u64) -> f64 {
     if stored == 0 {
         0.0
@@ -275,6 +278,15 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
     Ok(0)
 }
 
+/// How `show` defines its state/stored ratio (JSON: `dedup_ratio`).
+pub const SHOW_RATIO: &str = "the snapshot's state, its bytes in memory, divided by the bytes \
+     of the distinct compressed chunks it uses on disk";
+
+/// How `status` defines its STATE/STORED column (JSON: `dedup_ratio`).
+pub const STATUS_RATIO: &str = "STATE/STORED: the state of the job's snapshots (their bytes \
+     in memory, summed) divided by the bytes of the distinct compressed chunks they use on disk; \
+     dedup between snapshots and compression both raise it (10 = ten times smaller)";
+
 /// `show SNAPSHOT`: entries, sizes, chunk counts, dedup ratio.
 pub fn show(t: &Target, id: &str) -> Result<i32> {
     #[derive(Serialize)]
@@ -350,10 +362,11 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
             .unwrap_or_default()
     )?;
     human::outln!(
-        "{} of state stored in {} (ratio {:.2}); {} new when taken, {} written",
+        "{} of state stored in {}: state/stored {:.2} ({}); {} new when taken, {} written",
         human::bytes(shown.bytes_total),
         human::bytes(shown.stored_bytes),
         shown.dedup_ratio,
+        SHOW_RATIO,
         human::bytes(shown.bytes_new),
         human::bytes(shown.bytes_written)
     )?;
@@ -783,7 +796,14 @@ pub fn status(t: &Target) -> Result<i32> {
         last_snapshot: Option<u64>,
         last_snapshot_unix_ms: Option<u64>,
         bytes_on_disk: u64,
+        /// `state_bytes / stored_bytes` (0 when nothing is stored).
         dedup_ratio: f64,
+        /// The state of the job's snapshots: their bytes in memory, summed.
+        state_bytes: u64,
+        /// The bytes of the distinct compressed chunk records they use.
+        stored_bytes: u64,
+        /// Whether the program's shim has connected (`null`: the supervisor does not say).
+        shim_connected: Option<bool>,
         note: Option<String>,
     }
     let store = t.store()?;
@@ -803,6 +823,7 @@ pub fn status(t: &Target) -> Result<i32> {
             .filter_map(|s| job.read_manifest(s).ok())
             .collect();
         let logical: u64 = manifests.iter().map(|m| m.stats.bytes_total).sum();
+        let stored = stored_bytes(&manifests);
         let mut row = Row {
             job: name.clone(),
             supervisor_pid: Some(owner.pid),
@@ -812,7 +833,10 @@ pub fn status(t: &Target) -> Result<i32> {
             last_snapshot: manifests.last().map(|m| m.seq),
             last_snapshot_unix_ms: manifests.last().map(|m| m.created_unix_ms),
             bytes_on_disk: job.disk_bytes()?,
-            dedup_ratio: ratio(logical, stored_bytes(&manifests)),
+            dedup_ratio: ratio(logical, stored),
+            state_bytes: logical,
+            stored_bytes: stored,
+            shim_connected: None,
             note: None,
         };
         match operator::ask(job.dir(), &Request::Status, Duration::from_secs(5)) {
@@ -822,6 +846,7 @@ pub fn status(t: &Target) -> Result<i32> {
                     row.child_pid = s.child_pid;
                     row.started_unix_ms = Some(s.started_unix_ms);
                     row.restarts = Some(s.restarts);
+                    row.shim_connected = s.shim_connected;
                 }
             }
             Ok(_) => {
@@ -856,19 +881,38 @@ pub fn status(t: &Target) -> Result<i32> {
                 r.last_snapshot.map_or_else(dash, |s| s.to_string()),
                 r.last_snapshot_unix_ms.map_or_else(dash, age),
                 human::bytes(r.bytes_on_disk),
-                format!("{:.2}", r.dedup_ratio),
+                ratio_cell(r.shim_connected, r.stored_bytes, r.dedup_ratio),
                 r.note.clone().unwrap_or_default(),
             ]
         })
         .collect();
     human::table(
         &[
-            "JOB", "PID", "CHILD", "UPTIME", "RESTARTS", "SNAPSHOT", "TAKEN", "ON DISK", "DEDUP",
+            "JOB",
+            "PID",
+            "CHILD",
+            "UPTIME",
+            "RESTARTS",
+            "SNAPSHOT",
+            "TAKEN",
+            "ON DISK",
+            "STATE/STORED",
             "",
         ],
         &table,
     )?;
+    human::outln!("\n{STATUS_RATIO}")?;
     Ok(0)
+}
+
+/// The STATE/STORED cell of `status`: `no shim` when the program has not connected the shim
+/// (so it takes no snapshot), `-` when nothing is stored yet, else the ratio.
+fn ratio_cell(shim_connected: Option<bool>, stored: u64, ratio: f64) -> String {
+    match (shim_connected, stored) {
+        (Some(false), 0) => "no shim".into(),
+        (_, 0) => "-".into(),
+        (_, _) => format!("{ratio:.2}"),
+    }
 }
 
 /// `log JOB`: the job's event history.

@@ -91,7 +91,11 @@ enum Sub {
         #[command(flatten)]
         at: Where,
     },
-    /// Show a snapshot: its entries, sizes, chunk counts and dedup ratio.
+    /// Show a snapshot: its entries, sizes, chunk counts and state/stored ratio.
+    ///
+    /// state/stored: the snapshot's state (its bytes in memory) divided by the bytes of the
+    /// distinct compressed chunks it uses on disk (JSON: dedup_ratio); dedup and compression
+    /// both raise it.
     Show {
         #[command(flatten)]
         at: Where,
@@ -144,7 +148,13 @@ enum Sub {
         #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration, allow_hyphen_values = true)]
         timeout: Duration,
     },
-    /// The running jobs: pid, uptime, restarts, last snapshot and its age, store size, dedup.
+    /// The running jobs: pid, uptime, restarts, last snapshot and its age, store size,
+    /// state/stored ratio.
+    ///
+    /// STATE/STORED: the state of the job's snapshots (their bytes in memory, summed) divided
+    /// by the bytes of the distinct compressed chunks they use on disk (JSON: dedup_ratio =
+    /// state_bytes / stored_bytes); dedup between snapshots and compression both raise it.
+    /// `no shim`: the program has not initialised the shim (yet), so it takes no snapshot.
     Status {
         #[command(flatten)]
         at: Where,

@@ -44,6 +44,11 @@ pub struct Status {
     pub last_snapshot_unix_ms: Option<u64>,
     /// The command.
     pub command: String,
+    /// Whether the running program's shim has connected to the supervisor (`Some(false)`: the
+    /// program has not initialised the shim, or not yet, so it takes no snapshot). `None` in
+    /// the reply of a supervisor older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shim_connected: Option<bool>,
 }
 
 /// The reply to a request.
@@ -295,5 +300,22 @@ mod tests {
         std::fs::write(&sock, b"not ours").unwrap();
         drop(server);
         assert_eq!(std::fs::read(&sock).unwrap(), b"not ours");
+    }
+
+    #[test]
+    fn a_status_without_the_newer_fields_still_parses() {
+        let old = r#"{"ok":true,"status":{"supervisor_pid":7,"child_pid":null,
+            "started_unix_ms":1,"restarts":0,"last_snapshot":null,
+            "last_snapshot_unix_ms":null,"command":"sim"}}"#;
+        let reply: Reply = serde_json::from_str(old).unwrap();
+        let status = reply.status.unwrap();
+        assert_eq!(status.supervisor_pid, 7);
+        assert_eq!(status.shim_connected, None);
+        let new = Status {
+            shim_connected: Some(false),
+            ..Status::default()
+        };
+        let back: Status = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back.shim_connected, Some(false));
     }
 }

@@ -460,3 +460,110 @@ fn a_reader_that_closes_the_pipe_early_ends_every_command_quietly() {
         assert_eq!(err, "", "json {json}");
     }
 }
+
+/// A stand-in for a running supervisor of `job`: holds its lock and answers every request on
+/// its socket with `reply`.
+fn fake_supervisor(job: &supervise_shim::JobStore, reply: Value) -> supervise_shim::lock::TryLock {
+    use std::io::{BufRead, BufReader, Write};
+    let lock = supervise_shim::lock::JobLock::try_take(
+        job.dir(),
+        &supervise_shim::lock::Owner::this_process("test"),
+    )
+    .unwrap();
+    let listener =
+        std::os::unix::net::UnixListener::bind(job.dir().join("supervisor.sock")).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+        }
+    });
+    lock
+}
+
+/// Two snapshots of the same grid in job `j` of `store`.
+fn two_snapshots(store: &Path) -> supervise_shim::JobStore {
+    use supervise_shim::{SnapshotWriter, Store};
+    let job = Store::open(store).unwrap().job("j").unwrap();
+    let grid: Vec<f64> = (0..100_000).map(|i| (i as f64 * 1e-3).sin()).collect();
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    for _ in 0..2 {
+        let mut b = writer.begin(None);
+        b.slice("grid", &grid).unwrap();
+        b.commit().unwrap();
+    }
+    job
+}
+
+#[test]
+fn status_and_show_name_and_define_their_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = two_snapshots(&store);
+
+    let shown = json(&store, &["show", "latest"]);
+    let (total, stored) = (
+        shown["bytes_total"].as_f64().unwrap(),
+        shown["stored_bytes"].as_f64().unwrap(),
+    );
+    assert!((shown["dedup_ratio"].as_f64().unwrap() - total / stored).abs() < 1e-9);
+    let (_, human, _) = cmd(&store, &["show", "latest"]);
+    assert!(
+        human.contains("state/stored") && human.contains("divided by"),
+        "{human}"
+    );
+
+    // A supervisor older than `shim_connected` says nothing about the shim: the ratio shows.
+    let _held = fake_supervisor(
+        &job,
+        serde_json::json!({"ok": true, "status": {"supervisor_pid": 1, "child_pid": 2,
+            "started_unix_ms": 0, "restarts": 0, "last_snapshot": 2,
+            "last_snapshot_unix_ms": 0, "command": "sim"}}),
+    );
+    let status = json(&store, &["status"]);
+    let row = &status[0];
+    assert_eq!(row["shim_connected"], Value::Null, "{status}");
+    let (state, stored) = (
+        row["state_bytes"].as_f64().unwrap(),
+        row["stored_bytes"].as_f64().unwrap(),
+    );
+    assert_eq!(state, 2.0 * total, "two snapshots of the same state");
+    assert!((row["dedup_ratio"].as_f64().unwrap() - state / stored).abs() < 1e-9);
+    let (_, human, _) = cmd(&store, &["status"]);
+    assert!(human.contains("STATE/STORED"), "{human}");
+    assert!(human.contains(&format!("{:.2}", state / stored)), "{human}");
+    assert!(human.contains("divided by"), "{human}");
+    let (_, help, _) = cmd(&store, &["status", "--help"]);
+    assert!(
+        help.contains("STATE/STORED") && help.contains("divided by"),
+        "{help}"
+    );
+    let (_, help, _) = cmd(&store, &["show", "--help"]);
+    assert!(
+        help.contains("state/stored") && help.contains("divided by"),
+        "{help}"
+    );
+}
+
+#[test]
+fn status_says_no_shim_for_a_program_that_never_connected_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = supervise_shim::Store::open(&store)
+        .unwrap()
+        .job("j")
+        .unwrap();
+    let _held = fake_supervisor(
+        &job,
+        serde_json::json!({"ok": true, "status": {"supervisor_pid": 1, "child_pid": 2,
+            "started_unix_ms": 0, "restarts": 0, "last_snapshot": null,
+            "last_snapshot_unix_ms": null, "command": "sleep 100", "shim_connected": false}}),
+    );
+    let status = json(&store, &["status"]);
+    assert_eq!(status[0]["shim_connected"], false, "{status}");
+    let (_, human, _) = cmd(&store, &["status"]);
+    assert!(human.contains("no shim"), "{human}");
+    assert!(!human.contains("0.00"), "{human}");
+}
