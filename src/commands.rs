@@ -915,14 +915,72 @@ fn ratio_cell(shim_connected: Option<bool>, stored: u64, ratio: f64) -> String {
     }
 }
 
-/// `log JOB`: the job's event history.
-pub fn log(t: &Target) -> Result<i32> {
+/// Which records `log` shows.
+#[derive(Clone, Debug, Default)]
+pub struct LogFilter {
+    /// Only the last N records (of those the other filters keep).
+    pub last: Option<usize>,
+    /// Only records written at or after this time (ms since the epoch).
+    pub since_unix_ms: Option<u64>,
+    /// Only records of these kinds (all kinds when empty).
+    pub kinds: Vec<String>,
+}
+
+impl LogFilter {
+    /// The records this filter keeps, oldest first.
+    fn apply(&self, records: Vec<events::Record>) -> Vec<events::Record> {
+        let mut kept: Vec<events::Record> = records
+            .into_iter()
+            .filter(|r| self.since_unix_ms.is_none_or(|since| r.unix_ms >= since))
+            .filter(|r| self.kinds.is_empty() || self.kinds.contains(&r.kind))
+            .collect();
+        if let Some(n) = self.last {
+            kept.drain(..kept.len().saturating_sub(n));
+        }
+        kept
+    }
+}
+
+/// The kinds of `records` with how many of each, in the order they first appear:
+/// `start (2), spawned (5)`.
+fn kinds_present(records: &[events::Record]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for r in records {
+        match counts.iter_mut().find(|(k, _)| *k == r.kind) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((&r.kind, 1)),
+        }
+    }
+    if counts.is_empty() {
+        return "none (the history is empty)".into();
+    }
+    counts
+        .iter()
+        .map(|(k, n)| format!("{k} ({n})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `log JOB`: the job's event history, filtered.
+pub fn log(t: &Target, filter: &LogFilter) -> Result<i32> {
     let job = t.job()?;
     let history = events::history(job.dir())?;
     if let Some(note) = events::skipped_note(job.dir(), &history) {
         eprintln!("supervise: {note}");
     }
-    let records = history.records;
+    let kinds_there = (!filter.kinds.is_empty()).then(|| kinds_present(&history.records));
+    let records = filter.apply(history.records);
+    if let Some(there) = kinds_there.filter(|_| records.is_empty()) {
+        eprintln!(
+            "supervise: no record of kind {} in the history of job {}{}; kinds there: {there}",
+            filter.kinds.join(", "),
+            job.name(),
+            filter
+                .since_unix_ms
+                .map(|since| format!(" since {}", time(since)))
+                .unwrap_or_default()
+        );
+    }
     if t.json {
         return print_json(&records);
     }

@@ -159,13 +159,24 @@ enum Sub {
         #[command(flatten)]
         at: Where,
     },
-    /// The job's event history, kept in the store.
+    /// The job's event history, kept in the store, oldest first; the filters combine.
     Log {
         #[command(flatten)]
         at: Where,
         /// The job (default: the only job in the store).
         #[arg(value_name = "JOB")]
         job_name: Option<String>,
+        /// Only the last N records (of those the other filters keep).
+        #[arg(short = 'n', long = "last", value_name = "N")]
+        last: Option<usize>,
+        /// Only records since WHEN: a duration ago (10m, 2h, 1d) or a time in RFC 3339
+        /// (2026-12-02T14:00:00Z, 2026-12-02T15:00:00+01:00).
+        #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+        since: Option<u64>,
+        /// Only records of this kind (repeatable): e.g. start, spawned, snapshot, died,
+        /// restart, gave-up, end. When none match, the kinds in the history are listed.
+        #[arg(long = "kind", value_name = "KIND")]
+        kinds: Vec<String>,
     },
     /// Measure snapshot cost against this machine's limits and the naive way, in one run.
     Bench {
@@ -338,6 +349,40 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("must be more than zero".into());
     }
     Ok(d)
+}
+
+/// `--since`: a duration ago (`10m`) or an RFC 3339 time (`Z` or a `+HH:MM` offset), as ms
+/// since the epoch.
+fn parse_since(s: &str) -> Result<u64, String> {
+    let ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    if let Ok(ago) = humantime::parse_duration(s) {
+        return Ok(ms(std::time::SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(std::time::UNIX_EPOCH)));
+    }
+    let bad = || {
+        format!(
+            "{s:?} is neither a duration ago (10m, 2h, 1d) nor an RFC 3339 time \
+             (2026-12-02T14:00:00Z, 2026-12-02T15:00:00+01:00)"
+        )
+    };
+    // humantime reads UTC times only: apply a numeric offset ourselves.
+    let b = s.as_bytes();
+    let (local, offset_s) = match b.len().checked_sub(6).map(|i| (i, b[i], b[i + 3])) {
+        Some((i, sign @ (b'+' | b'-'), b':')) if s[..i].contains('T') || s[..i].contains(' ') => {
+            let hh: i64 = s[i + 1..i + 3].parse().map_err(|_| bad())?;
+            let mm: i64 = s[i + 4..].parse().map_err(|_| bad())?;
+            let offset = (hh * 3600 + mm * 60) * if sign == b'+' { 1 } else { -1 };
+            (&s[..i], offset)
+        }
+        _ => (s, 0),
+    };
+    let t = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
+    let utc_ms = ms(t) as i64 - offset_s * 1000;
+    u64::try_from(utc_ms).map_err(|_| bad())
 }
 
 /// The default job name: the command's file name (letters, digits, '-', '_') and the first
@@ -515,7 +560,20 @@ fn main() -> ExitCode {
             timeout,
         }) => commands::snapshot(&at.with_job(job_name), timeout),
         Some(Sub::Status { at }) => commands::status(&at.into()),
-        Some(Sub::Log { at, job_name }) => commands::log(&at.with_job(job_name)),
+        Some(Sub::Log {
+            at,
+            job_name,
+            last,
+            since,
+            kinds,
+        }) => commands::log(
+            &at.with_job(job_name),
+            &commands::LogFilter {
+                last,
+                since_unix_ms: since,
+                kinds,
+            },
+        ),
         None => run_job(cli.run),
     };
     match result {
@@ -634,6 +692,21 @@ mod tests {
         assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").unwrap_err().contains("examples"));
+    }
+
+    #[test]
+    fn since_takes_a_duration_ago_or_an_rfc3339_time() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let ago = parse_since("10m").unwrap();
+        assert!(ago <= now - 600_000 && ago > now - 610_000, "{ago} {now}");
+        let utc = parse_since("2026-12-02T14:00:00Z").unwrap();
+        assert_eq!(utc, 1_796_220_000_000);
+        assert_eq!(parse_since("2026-12-02T15:00:00+01:00").unwrap(), utc);
+        assert_eq!(parse_since("2026-12-02T09:30:00-04:30").unwrap(), utc);
+        assert!(parse_since("yesterday").unwrap_err().contains("RFC 3339"));
     }
 
     #[test]

@@ -427,6 +427,94 @@ fn store_with_history(store: &Path, records: &[(&str, u64, &str)]) {
     std::fs::write(job.dir().join("events.log"), text).unwrap();
 }
 
+fn messages(log: &Value) -> Vec<&str> {
+    log.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn log_filters_by_count_time_and_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    store_with_history(
+        &store,
+        &[
+            ("start", 7200, "supervisor started"),
+            ("spawned", 7100, "spawned pid 1"),
+            ("snapshot", 3600, "snapshot 1 done"),
+            ("died", 300, "child died"),
+            ("restart", 290, "restarting"),
+            ("spawned", 280, "spawned pid 2"),
+            ("snapshot", 60, "snapshot 2 done"),
+        ],
+    );
+    let all = json(&store, &["log"]);
+    assert_eq!(all.as_array().unwrap().len(), 7);
+    assert_eq!(
+        messages(&json(&store, &["log", "-n", "2"])),
+        ["spawned pid 2", "snapshot 2 done"]
+    );
+    assert_eq!(
+        messages(&json(&store, &["log", "--since", "10m"])),
+        [
+            "child died",
+            "restarting",
+            "spawned pid 2",
+            "snapshot 2 done"
+        ]
+    );
+    let at = all[2]["unix_ms"].as_u64().unwrap();
+    let rfc3339 =
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(at))
+            .to_string();
+    assert_eq!(
+        json(&store, &["log", "--since", &rfc3339])
+            .as_array()
+            .unwrap()
+            .len(),
+        5,
+        "{rfc3339}"
+    );
+    assert_eq!(
+        messages(&json(
+            &store,
+            &["log", "--kind", "spawned", "--kind", "died"]
+        )),
+        ["spawned pid 1", "child died", "spawned pid 2"]
+    );
+    // Combined: the last one of a kind since a time.
+    assert_eq!(
+        messages(&json(
+            &store,
+            &["log", "--kind", "snapshot", "--since", "2h", "-n", "1"]
+        )),
+        ["snapshot 2 done"]
+    );
+    // Human output too.
+    let (code, out, _) = cmd(&store, &["log", "--kind", "died"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("child died"), "{out}");
+    // A kind that matches nothing: nothing printed, the kinds there are listed.
+    let (code, out, err) = cmd(&store, &["log", "--kind", "gave-up", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        Value::Array(vec![])
+    );
+    assert!(err.contains("no record of kind gave-up"), "{err}");
+    assert!(
+        err.contains("start (1), spawned (2), snapshot (2), died (1), restart (1)"),
+        "{err}"
+    );
+    let (code, _, err) = cmd(&store, &["log", "--since", "yesterday"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("RFC 3339"), "{err}");
+}
+
 #[test]
 fn a_reader_that_closes_the_pipe_early_ends_every_command_quietly() {
     use std::io::{BufRead, BufReader};
