@@ -494,9 +494,9 @@ fn run_in(
 }
 
 /// Prints the human table.
-pub fn print_table(size: u64, lim: &Limits, rows: &[Row], mode: &str) {
+pub fn print_table(size: u64, lim: &Limits, rows: &[Row], mode: &str) -> std::io::Result<()> {
     let gib = |b: f64| b / (1u64 << 30) as f64;
-    println!(
+    human::outln!(
         "machine: memcpy {:.1} GiB/s, blake3 {:.1} GiB/s ({} threads), zstd {:.1} GiB/s at ratio {:.2}, write+fsync {:.2} GiB/s, read {:.2} GiB/s ({})",
         gib(lim.memcpy),
         gib(lim.blake3),
@@ -510,20 +510,26 @@ pub fn print_table(size: u64, lim: &Limits, rows: &[Row], mode: &str) {
         } else {
             "page cache could not be dropped: warm"
         }
-    );
-    println!(
+    )?;
+    human::outln!(
         "state: {} of smooth f64; capture: {mode}",
         human::bytes(size)
-    );
-    println!();
-    println!(
+    )?;
+    human::outln!()?;
+    human::outln!(
         "{:<30} {:<8} {:>10} {:>10} {:>10} {:>9} {:>10}",
-        "scenario", "metric", "ours", "limit", "naive", "ours/lim", "naive/ours"
-    );
+        "scenario",
+        "metric",
+        "ours",
+        "limit",
+        "naive",
+        "ours/lim",
+        "naive/ours"
+    )?;
     for r in rows {
         let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
         let ratio = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}x"));
-        println!(
+        human::outln!(
             "{:<30} {:<8} {:>10} {:>10} {:>10} {:>9} {:>10}",
             r.scenario,
             r.metric,
@@ -532,6 +538,7 @@ pub fn print_table(size: u64, lim: &Limits, rows: &[Row], mode: &str) {
             cell(r.naive),
             ratio(r.limit.map(|l| r.ours / l)),
             ratio(r.naive.map(|n| n / r.ours))
-        );
+        )?;
     }
+    Ok(())
 }

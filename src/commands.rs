@@ -42,7 +42,19 @@ impl Target {
         } else {
             Store::open_existing
         };
-        open(&self.store).with_context(|| format!("no store at {}", self.store.display()))
+        match open(&self.store) {
+            Ok(store) => Ok(store),
+            Err(supervise_shim::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                bail!(
+                    "no store at {}: it does not exist (give the store's directory with --store)",
+                    self.store.display()
+                )
+            }
+            // The error names the store's path.
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The named job, or the only one in the store.
@@ -68,7 +80,7 @@ impl Target {
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<i32> {
-    let mut out = std::io::stdout().lock();
+    let mut out = human::out();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;
     Ok(0)
@@ -129,6 +141,9 @@ fn stored_bytes<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> u64 {
     total
 }
 
+/// What the state of snapshots (`logical`: their bytes in memory) costs on disk (`stored`:
+/// the bytes of the distinct compressed chunk records they use): state ÷ stored, the saving of
+/// dedup and compression together (10 = ten times smaller); 0 when nothing is stored.
 fn ratio(logical: u64, stored: u64) -> f64 {
     if stored == 0 {
         0.0
@@ -172,7 +187,7 @@ pub fn ls(t: &Target) -> Result<i32> {
         return print_json(&rows);
     }
     if rows.is_empty() {
-        println!("store {} holds no job", t.store.display());
+        human::outln!("store {} holds no job", t.store.display())?;
         return Ok(0);
     }
     let table: Vec<Vec<String>> = rows
@@ -191,7 +206,7 @@ pub fn ls(t: &Target) -> Result<i32> {
     human::table(
         &["JOB", "SNAPSHOTS", "NEWEST", "TAKEN", "ON DISK", "STATE"],
         &table,
-    );
+    )?;
     Ok(0)
 }
 
@@ -255,13 +270,22 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
             ]
         })
         .collect();
-    println!("job {}", job.name());
+    human::outln!("job {}", job.name())?;
     human::table(
         &["SNAPSHOT", "TIME", "AGE", "TAG", "SIZE", "NEW", "STATE"],
         &table,
-    );
+    )?;
     Ok(0)
 }
+
+/// How `show` defines its state/stored ratio (JSON: `dedup_ratio`).
+pub const SHOW_RATIO: &str = "the snapshot's state, its bytes in memory, divided by the bytes \
+     of the distinct compressed chunks it uses on disk";
+
+/// How `status` defines its STATE/STORED column (JSON: `dedup_ratio`).
+pub const STATUS_RATIO: &str = "STATE/STORED: the state of the job's snapshots (their bytes \
+     in memory, summed) divided by the bytes of the distinct compressed chunks they use on disk; \
+     dedup between snapshots and compression both raise it (10 = ten times smaller)";
 
 /// `show SNAPSHOT`: entries, sizes, chunk counts, dedup ratio.
 pub fn show(t: &Target, id: &str) -> Result<i32> {
@@ -325,7 +349,7 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
     if t.json {
         return print_json(&shown);
     }
-    println!(
+    human::outln!(
         "job {} snapshot {} taken {} ({}){}",
         shown.job,
         shown.snapshot,
@@ -336,15 +360,16 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
             .as_ref()
             .map(|t| format!(", tag {t:?}"))
             .unwrap_or_default()
-    );
-    println!(
-        "{} of state stored in {} (ratio {:.2}); {} new when taken, {} written",
+    )?;
+    human::outln!(
+        "{} of state stored in {}: state/stored {:.2} ({}); {} new when taken, {} written",
         human::bytes(shown.bytes_total),
         human::bytes(shown.stored_bytes),
         shown.dedup_ratio,
+        SHOW_RATIO,
         human::bytes(shown.bytes_new),
         human::bytes(shown.bytes_written)
-    );
+    )?;
     let table: Vec<Vec<String>> = shown
         .entries
         .iter()
@@ -358,7 +383,7 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
             ]
         })
         .collect();
-    human::table(&["ENTRY", "KIND", "SIZE", "CHUNKS", "UNIQUE"], &table);
+    human::table(&["ENTRY", "KIND", "SIZE", "CHUNKS", "UNIQUE"], &table)?;
     Ok(0)
 }
 
@@ -399,12 +424,12 @@ pub fn verify(t: &Target, id: Option<&str>) -> Result<i32> {
     } else {
         for v in &verdicts {
             match &v.error {
-                None => println!("snapshot {}: ok", v.snapshot),
-                Some(e) => println!("snapshot {}: DAMAGED: {e}", v.snapshot),
+                None => human::outln!("snapshot {}: ok", v.snapshot)?,
+                Some(e) => human::outln!("snapshot {}: DAMAGED: {e}", v.snapshot)?,
             }
         }
         if verdicts.is_empty() {
-            println!("job {} has no snapshot to verify", job.name());
+            human::outln!("job {} has no snapshot to verify", job.name())?;
         }
     }
     if damaged > 0 {
@@ -475,13 +500,13 @@ pub fn repair(t: &Target) -> Result<i32> {
         print_json(&done)?;
     } else {
         for seq in &done.repaired {
-            println!("snapshot {seq}: repaired from good copies of its damaged chunks");
+            human::outln!("snapshot {seq}: repaired from good copies of its damaged chunks")?;
         }
         for seq in done.put_back.iter().filter(|s| !done.repaired.contains(s)) {
-            println!("snapshot {seq}: verifies in full; put back among the snapshots");
+            human::outln!("snapshot {seq}: verifies in full; put back among the snapshots")?;
         }
         for u in &done.unrepairable {
-            println!("snapshot {}: cannot be repaired: {}", u.snapshot, u.why);
+            human::outln!("snapshot {}: cannot be repaired: {}", u.snapshot, u.why)?;
         }
     }
     let quiet = Target {
@@ -542,12 +567,12 @@ pub fn gc(t: &Target) -> Result<i32> {
     if t.json {
         return print_json(&done);
     }
-    println!(
+    human::outln!(
         "job {}: removed {} packs; {} freed",
         done.job,
         done.removed_packs.len(),
         human::bytes(done.freed_bytes)
-    );
+    )?;
     Ok(0)
 }
 
@@ -712,18 +737,18 @@ pub fn restore(t: &Target, id: &str, to: &Path, sharing: Sharing) -> Result<i32>
     if t.json {
         return print_json(&done);
     }
-    println!(
+    human::outln!(
         "job {} snapshot {} written to {} (an index is in {INDEX}):",
         done.job,
         seq,
         to.display()
-    );
+    )?;
     let table: Vec<Vec<String>> = done
         .entries
         .iter()
         .map(|w| vec![w.file.clone(), w.kind.clone(), human::bytes(w.bytes)])
         .collect();
-    human::table(&["FILE", "KIND", "SIZE"], &table);
+    human::table(&["FILE", "KIND", "SIZE"], &table)?;
     Ok(0)
 }
 
@@ -746,7 +771,7 @@ pub fn snapshot(t: &Target, timeout: Duration) -> Result<i32> {
                     snapshot: seq,
                 });
             }
-            println!("{seq}");
+            human::outln!("{seq}")?;
             Ok(0)
         }
         _ => bail!(
@@ -771,7 +796,14 @@ pub fn status(t: &Target) -> Result<i32> {
         last_snapshot: Option<u64>,
         last_snapshot_unix_ms: Option<u64>,
         bytes_on_disk: u64,
+        /// `state_bytes / stored_bytes` (0 when nothing is stored).
         dedup_ratio: f64,
+        /// The state of the job's snapshots: their bytes in memory, summed.
+        state_bytes: u64,
+        /// The bytes of the distinct compressed chunk records they use.
+        stored_bytes: u64,
+        /// Whether the program's shim has connected (`null`: the supervisor does not say).
+        shim_connected: Option<bool>,
         note: Option<String>,
     }
     let store = t.store()?;
@@ -791,6 +823,7 @@ pub fn status(t: &Target) -> Result<i32> {
             .filter_map(|s| job.read_manifest(s).ok())
             .collect();
         let logical: u64 = manifests.iter().map(|m| m.stats.bytes_total).sum();
+        let stored = stored_bytes(&manifests);
         let mut row = Row {
             job: name.clone(),
             supervisor_pid: Some(owner.pid),
@@ -800,7 +833,10 @@ pub fn status(t: &Target) -> Result<i32> {
             last_snapshot: manifests.last().map(|m| m.seq),
             last_snapshot_unix_ms: manifests.last().map(|m| m.created_unix_ms),
             bytes_on_disk: job.disk_bytes()?,
-            dedup_ratio: ratio(logical, stored_bytes(&manifests)),
+            dedup_ratio: ratio(logical, stored),
+            state_bytes: logical,
+            stored_bytes: stored,
+            shim_connected: None,
             note: None,
         };
         match operator::ask(job.dir(), &Request::Status, Duration::from_secs(5)) {
@@ -810,6 +846,7 @@ pub fn status(t: &Target) -> Result<i32> {
                     row.child_pid = s.child_pid;
                     row.started_unix_ms = Some(s.started_unix_ms);
                     row.restarts = Some(s.restarts);
+                    row.shim_connected = s.shim_connected;
                 }
             }
             Ok(_) => {
@@ -826,7 +863,7 @@ pub fn status(t: &Target) -> Result<i32> {
         return print_json(&rows);
     }
     if rows.is_empty() {
-        println!("no job is running in store {}", t.store.display());
+        human::outln!("no job is running in store {}", t.store.display())?;
         return Ok(0);
     }
     let dash = || "-".to_owned();
@@ -844,33 +881,110 @@ pub fn status(t: &Target) -> Result<i32> {
                 r.last_snapshot.map_or_else(dash, |s| s.to_string()),
                 r.last_snapshot_unix_ms.map_or_else(dash, age),
                 human::bytes(r.bytes_on_disk),
-                format!("{:.2}", r.dedup_ratio),
+                ratio_cell(r.shim_connected, r.stored_bytes, r.dedup_ratio),
                 r.note.clone().unwrap_or_default(),
             ]
         })
         .collect();
     human::table(
         &[
-            "JOB", "PID", "CHILD", "UPTIME", "RESTARTS", "SNAPSHOT", "TAKEN", "ON DISK", "DEDUP",
+            "JOB",
+            "PID",
+            "CHILD",
+            "UPTIME",
+            "RESTARTS",
+            "SNAPSHOT",
+            "TAKEN",
+            "ON DISK",
+            "STATE/STORED",
             "",
         ],
         &table,
-    );
+    )?;
+    human::outln!("\n{STATUS_RATIO}")?;
     Ok(0)
 }
 
-/// `log JOB`: the job's event history.
-pub fn log(t: &Target) -> Result<i32> {
+/// The STATE/STORED cell of `status`: `no shim` when the program has not connected the shim
+/// (so it takes no snapshot), `-` when nothing is stored yet, else the ratio.
+fn ratio_cell(shim_connected: Option<bool>, stored: u64, ratio: f64) -> String {
+    match (shim_connected, stored) {
+        (Some(false), 0) => "no shim".into(),
+        (_, 0) => "-".into(),
+        (_, _) => format!("{ratio:.2}"),
+    }
+}
+
+/// Which records `log` shows.
+#[derive(Clone, Debug, Default)]
+pub struct LogFilter {
+    /// Only the last N records (of those the other filters keep).
+    pub last: Option<usize>,
+    /// Only records written at or after this time (ms since the epoch).
+    pub since_unix_ms: Option<u64>,
+    /// Only records of these kinds (all kinds when empty).
+    pub kinds: Vec<String>,
+}
+
+impl LogFilter {
+    /// The records this filter keeps, oldest first.
+    fn apply(&self, records: Vec<events::Record>) -> Vec<events::Record> {
+        let mut kept: Vec<events::Record> = records
+            .into_iter()
+            .filter(|r| self.since_unix_ms.is_none_or(|since| r.unix_ms >= since))
+            .filter(|r| self.kinds.is_empty() || self.kinds.contains(&r.kind))
+            .collect();
+        if let Some(n) = self.last {
+            kept.drain(..kept.len().saturating_sub(n));
+        }
+        kept
+    }
+}
+
+/// The kinds of `records` with how many of each, in the order they first appear:
+/// `start (2), spawned (5)`.
+fn kinds_present(records: &[events::Record]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for r in records {
+        match counts.iter_mut().find(|(k, _)| *k == r.kind) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((&r.kind, 1)),
+        }
+    }
+    if counts.is_empty() {
+        return "none (the history is empty)".into();
+    }
+    counts
+        .iter()
+        .map(|(k, n)| format!("{k} ({n})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `log JOB`: the job's event history, filtered.
+pub fn log(t: &Target, filter: &LogFilter) -> Result<i32> {
     let job = t.job()?;
     let history = events::history(job.dir())?;
     if let Some(note) = events::skipped_note(job.dir(), &history) {
         eprintln!("supervise: {note}");
     }
-    let records = history.records;
+    let kinds_there = (!filter.kinds.is_empty()).then(|| kinds_present(&history.records));
+    let records = filter.apply(history.records);
+    if let Some(there) = kinds_there.filter(|_| records.is_empty()) {
+        eprintln!(
+            "supervise: no record of kind {} in the history of job {}{}; kinds there: {there}",
+            filter.kinds.join(", "),
+            job.name(),
+            filter
+                .since_unix_ms
+                .map(|since| format!(" since {}", time(since)))
+                .unwrap_or_default()
+        );
+    }
     if t.json {
         return print_json(&records);
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = human::out();
     for r in &records {
         writeln!(out, "{}  [{}] {}", time(r.unix_ms), r.pid, r.message)?;
     }

@@ -1,6 +1,67 @@
-//! Human-readable sizes and durations for log lines.
+//! Human-readable sizes and durations for log lines, and standard output for the operator
+//! commands' results.
 
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// Set once standard output's reader has gone away.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Standard output for a command's results. When its reader has gone away (a pipe closed
+/// early, as `supervise log | head -1` leaves it), what is written is dropped without an
+/// error: the reader took what it wanted, and the command goes on to its own exit code
+/// (0, or what it found, such as 5 for damage from `verify`), quietly. Other errors (a full
+/// disk under a redirection) are errors.
+pub struct Out(io::StdoutLock<'static>);
+
+/// Standard output for results (see [`Out`]).
+pub fn out() -> Out {
+    Out(io::stdout().lock())
+}
+
+/// Whether standard output's reader has gone away (writes to [`Out`] were dropped).
+pub fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(Ordering::Relaxed)
+}
+
+impl Out {
+    fn quietly(result: io::Result<usize>, len: usize) -> io::Result<usize> {
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                STDOUT_CLOSED.store(true, Ordering::Relaxed);
+                Ok(len)
+            }
+            other => other,
+        }
+    }
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if stdout_closed() {
+            return Ok(buf.len());
+        }
+        Self::quietly(self.0.write(buf), buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if stdout_closed() {
+            return Ok(());
+        }
+        Self::quietly(self.0.flush().map(|()| 0), 0).map(|_| ())
+    }
+}
+
+/// `println!` to [`out`]: evaluates to `io::Result<()>`, an error only when standard output
+/// fails otherwise than by its reader going away.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!($crate::human::out(), $($arg)*)
+    }};
+}
+pub(crate) use outln;
 
 /// `1536` -> `1.5 KiB`.
 pub fn bytes(n: u64) -> String {
@@ -29,29 +90,31 @@ pub fn duration(d: Duration) -> String {
     }
 }
 
-/// Prints rows under headers in aligned columns (the last column is not padded).
-pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+/// Prints rows under headers in aligned columns (the last column is not padded) to [`out`].
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
+    let mut out = out();
+    let mut line = |cells: Vec<&str>| {
+        let mut text = String::new();
         for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
-                out.push_str(cell);
+                text.push_str(cell);
             } else {
-                out.push_str(&format!("{cell:<w$}  "));
+                text.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        writeln!(out, "{}", text.trim_end())
     };
-    line(headers.to_vec());
+    line(headers.to_vec())?;
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(row.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ mod signals;
 mod supervisor;
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -41,12 +42,20 @@ Exit codes:
 
 The command is started with SUPERVISE_* variables that the shim reads (see README.md).";
 
+/// The two forms of the command line (clap's own would read `supervise <COMMAND>`, as if the
+/// program to run came there).
+const USAGE: &str = "supervise [OPTIONS] -- <PROGRAM> [ARGS]...
+       supervise <SUBCOMMAND> [OPTIONS]";
+
 /// Runs COMMAND, snapshots it on a schedule through the supervise shim it links, and restarts
 /// it from its newest complete snapshot when it crashes, is killed or exits non-zero.
 #[derive(Parser, Debug)]
 #[command(
     name = "supervise",
     version,
+    override_usage = USAGE,
+    subcommand_value_name = "SUBCOMMAND",
+    subcommand_help_heading = "Subcommands",
     after_help = EXIT_CODES,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
@@ -84,7 +93,11 @@ enum Sub {
         #[command(flatten)]
         at: Where,
     },
-    /// Show a snapshot: its entries, sizes, chunk counts and dedup ratio.
+    /// Show a snapshot: its entries, sizes, chunk counts and state/stored ratio.
+    ///
+    /// state/stored: the snapshot's state (its bytes in memory) divided by the bytes of the
+    /// distinct compressed chunks it uses on disk (JSON: dedup_ratio); dedup and compression
+    /// both raise it.
     Show {
         #[command(flatten)]
         at: Where,
@@ -137,18 +150,35 @@ enum Sub {
         #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration, allow_hyphen_values = true)]
         timeout: Duration,
     },
-    /// The running jobs: pid, uptime, restarts, last snapshot and its age, store size, dedup.
+    /// The running jobs: pid, uptime, restarts, last snapshot and its age, store size,
+    /// state/stored ratio.
+    ///
+    /// STATE/STORED: the state of the job's snapshots (their bytes in memory, summed) divided
+    /// by the bytes of the distinct compressed chunks they use on disk (JSON: dedup_ratio =
+    /// state_bytes / stored_bytes); dedup between snapshots and compression both raise it.
+    /// `no shim`: the program has not initialised the shim (yet), so it takes no snapshot.
     Status {
         #[command(flatten)]
         at: Where,
     },
-    /// The job's event history, kept in the store.
+    /// The job's event history, kept in the store, oldest first; the filters combine.
     Log {
         #[command(flatten)]
         at: Where,
         /// The job (default: the only job in the store).
         #[arg(value_name = "JOB")]
         job_name: Option<String>,
+        /// Only the last N records (of those the other filters keep).
+        #[arg(short = 'n', long = "last", value_name = "N")]
+        last: Option<usize>,
+        /// Only records since WHEN: a duration ago (10m, 2h, 1d) or a time in RFC 3339
+        /// (2026-12-02T14:00:00Z, 2026-12-02T15:00:00+01:00).
+        #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+        since: Option<u64>,
+        /// Only records of this kind (repeatable): e.g. start, spawned, snapshot, died,
+        /// restart, gave-up, end. When none match, the kinds in the history are listed.
+        #[arg(long = "kind", value_name = "KIND")]
+        kinds: Vec<String>,
     },
     /// Measure snapshot cost against this machine's limits and the naive way, in one run.
     Bench {
@@ -262,7 +292,7 @@ struct RunArgs {
     verbose: u8,
 
     /// The command to run, after `--`.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
     command: Vec<OsString>,
 }
 
@@ -323,8 +353,151 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `--since`: a duration ago (`10m`) or an RFC 3339 time (`Z` or a `+HH:MM` offset), as ms
+/// since the epoch.
+fn parse_since(s: &str) -> Result<u64, String> {
+    let ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    if let Ok(ago) = humantime::parse_duration(s) {
+        return Ok(ms(std::time::SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(std::time::UNIX_EPOCH)));
+    }
+    let bad = || {
+        format!(
+            "{s:?} is neither a duration ago (10m, 2h, 1d) nor an RFC 3339 time \
+             (2026-12-02T14:00:00Z, 2026-12-02T15:00:00+01:00)"
+        )
+    };
+    // humantime reads UTC times only: apply a numeric offset ourselves.
+    let b = s.as_bytes();
+    let (local, offset_s) = match b.len().checked_sub(6).map(|i| (i, b[i], b[i + 3])) {
+        Some((i, sign @ (b'+' | b'-'), b':')) if s[..i].contains('T') || s[..i].contains(' ') => {
+            let hh: i64 = s[i + 1..i + 3].parse().map_err(|_| bad())?;
+            let mm: i64 = s[i + 4..].parse().map_err(|_| bad())?;
+            let offset = (hh * 3600 + mm * 60) * if sign == b'+' { 1 } else { -1 };
+            (&s[..i], offset)
+        }
+        _ => (s, 0),
+    };
+    let t = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
+    let utc_ms = ms(t) as i64 - offset_s * 1000;
+    u64::try_from(utc_ms).map_err(|_| bad())
+}
+
+/// Parses the command line; exits 2 with clap's message, or with ours when the program to run
+/// is given without `--` before it (or not at all).
+fn parse_cli() -> Cli {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    match Cli::try_parse_from(&argv) {
+        Ok(cli) => cli,
+        Err(e) => match forgotten_dashes(&e, &argv) {
+            Some(why) => Cli::command()
+                .error(clap::error::ErrorKind::InvalidSubcommand, why)
+                .exit(),
+            None => e.exit(),
+        },
+    }
+}
+
+/// Quotes `arg` for a shell when it needs it (for a command line shown to copy).
+fn shell_quote(arg: &std::ffi::OsStr) -> String {
+    let s = arg.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Levenshtein distance (for suggesting a subcommand to a mistyped word).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// The index in `args` of the first word that is neither an option nor an option's value
+/// (a subcommand, the program to run, or `--`).
+fn first_word(args: &[OsString]) -> Option<usize> {
+    let cmd = Cli::command();
+    let takes_value = |long: &str| {
+        cmd.get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .is_some_and(|a| a.get_action().takes_values())
+    };
+    let mut i = 0;
+    while let Some(arg) = args.get(i) {
+        let arg = arg.to_string_lossy();
+        match arg.strip_prefix("--") {
+            Some("") => return Some(i),
+            Some(long) if !long.contains('=') && takes_value(long) => i += 2,
+            Some(_) => i += 1,
+            None if arg.starts_with('-') && arg.len() > 1 => i += 1,
+            None => return Some(i),
+        }
+    }
+    None
+}
+
+/// When a parse error comes from a program given without `--` before it (`supervise ./sim
+/// --n 4`), or from no program at all: what to say instead of clap's "unexpected argument".
+fn forgotten_dashes(e: &clap::Error, argv: &[OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ErrorKind};
+    let args = argv.get(1..).unwrap_or_default();
+    // `supervise` and then `part`, as a line to copy.
+    let quoted = |part: &[OsString]| {
+        let mut shown = vec!["supervise".to_owned()];
+        shown.extend(part.iter().map(|a| shell_quote(a)));
+        shown.join(" ")
+    };
+    let words = |part: &[OsString]| part.iter().map(|a| shell_quote(a)).collect::<Vec<_>>();
+    let word = first_word(args);
+    match e.kind() {
+        ErrorKind::MissingRequiredArgument if word.is_none() => Some(format!(
+            "no program to run: put it after `--`: {} -- <PROGRAM> [ARGS]... (or give a \
+             subcommand: see `supervise --help`)",
+            quoted(args)
+        )),
+        ErrorKind::InvalidSubcommand | ErrorKind::UnknownArgument
+            if e.get(ContextKind::SuggestedSubcommand).is_none() =>
+        {
+            let program = word?;
+            let name = args[program].to_string_lossy();
+            if name == "--" || Sub::has_subcommand(&name) {
+                return None;
+            }
+            let like = Cli::command()
+                .get_subcommands()
+                .map(|c| c.get_name().to_owned())
+                .find(|sub| edit_distance(sub, &name) <= 2);
+            Some(format!(
+                "{} is not a subcommand{}: to run a program, put it after `--`: {} -- {}",
+                shell_quote(&args[program]),
+                like.map(|sub| format!(" (did you mean `supervise {sub}`?)"))
+                    .unwrap_or_default(),
+                quoted(&args[..program]),
+                words(&args[program..]).join(" ")
+            ))
+        }
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     if cli.sub.is_none()
         && let Err(why) = check_run_args(&cli.run)
     {
@@ -360,13 +533,27 @@ fn main() -> ExitCode {
             timeout,
         }) => commands::snapshot(&at.with_job(job_name), timeout),
         Some(Sub::Status { at }) => commands::status(&at.into()),
-        Some(Sub::Log { at, job_name }) => commands::log(&at.with_job(job_name)),
+        Some(Sub::Log {
+            at,
+            job_name,
+            last,
+            since,
+            kinds,
+        }) => commands::log(
+            &at.with_job(job_name),
+            &commands::LogFilter {
+                last,
+                since_unix_ms: since,
+                kinds,
+            },
+        ),
         None => run_job(cli.run),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("supervise: error: {e:#}");
+            // Not eprintln!: a closed stderr must not turn an error into a panic.
+            let _ = writeln!(std::io::stderr(), "supervise: error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -389,9 +576,9 @@ fn run_bench(store: &Path, size: u64, json: bool) -> anyhow::Result<i32> {
     let say = |msg: &str| eprintln!("supervise bench: {msg}");
     let (limits, rows, mode) = bench::run(store, size, &say)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        human::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
     } else {
-        bench::print_table(size, &limits, &rows, mode);
+        bench::print_table(size, &limits, &rows, mode)?;
     }
     Ok(0)
 }
@@ -476,6 +663,21 @@ mod tests {
         assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").unwrap_err().contains("examples"));
+    }
+
+    #[test]
+    fn since_takes_a_duration_ago_or_an_rfc3339_time() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let ago = parse_since("10m").unwrap();
+        assert!(ago <= now - 600_000 && ago > now - 610_000, "{ago} {now}");
+        let utc = parse_since("2026-12-02T14:00:00Z").unwrap();
+        assert_eq!(utc, 1_796_220_000_000);
+        assert_eq!(parse_since("2026-12-02T15:00:00+01:00").unwrap(), utc);
+        assert_eq!(parse_since("2026-12-02T09:30:00-04:30").unwrap(), utc);
+        assert!(parse_since("yesterday").unwrap_err().contains("RFC 3339"));
     }
 
     #[test]

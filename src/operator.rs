@@ -44,6 +44,11 @@ pub struct Status {
     pub last_snapshot_unix_ms: Option<u64>,
     /// The command.
     pub command: String,
+    /// Whether the running program's shim has connected to the supervisor (`Some(false)`: the
+    /// program has not initialised the shim, or not yet, so it takes no snapshot). `None` in
+    /// the reply of a supervisor older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shim_connected: Option<bool>,
 }
 
 /// The reply to a request.
@@ -141,9 +146,14 @@ impl Client {
     }
 }
 
-/// The supervisor's end: a listening socket in the job directory.
+/// The supervisor's end: a listening socket in the job directory, removed when dropped (if
+/// the file there is still the socket this server created).
 pub struct Server {
     listener: UnixListener,
+    /// The job directory, to remove the socket from.
+    dir: supervise_shim::fsops::Dir,
+    /// The socket file's device and inode.
+    id: (u64, u64),
 }
 
 impl Server {
@@ -187,8 +197,13 @@ impl Server {
             Ok(fd)
         };
         let fd = listen().with_context(|| format!("cannot listen on {}", shown.display()))?;
+        let st = dir
+            .stat(SOCKET_NAME)?
+            .with_context(|| format!("{} vanished after it was created", shown.display()))?;
         Ok(Self {
             listener: UnixListener::from(fd),
+            id: (st.st_dev, st.st_ino),
+            dir,
         })
     }
 
@@ -209,6 +224,19 @@ impl Server {
             }
         }
         clients
+    }
+}
+
+impl Drop for Server {
+    /// Removes the socket file, unless it is no longer the one this server created (another
+    /// supervisor's, after this one lost the job): best effort, as a socket left behind is
+    /// replaced by the next supervisor anyway.
+    fn drop(&mut self) {
+        if let Ok(Some(st)) = self.dir.stat(SOCKET_NAME)
+            && (st.st_dev, st.st_ino) == self.id
+        {
+            let _ = self.dir.remove(SOCKET_NAME);
+        }
     }
 }
 
@@ -240,5 +268,54 @@ pub fn ask(job_dir: &Path, request: &Request, timeout: Duration) -> Result<Optio
             )
         }
         Err(e) => Err(e).context("cannot read the supervisor's reply"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_is_removed_on_drop_only_if_it_is_still_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join(SOCKET_NAME);
+        let server = Server::bind(dir.path()).unwrap();
+        assert!(sock.exists());
+        drop(server);
+        assert!(!sock.exists(), "removed when the server is dropped");
+
+        // A second server (a new supervisor) replaced the first one's socket: dropping the
+        // first leaves the second's alone.
+        let first = Server::bind(dir.path()).unwrap();
+        let second = Server::bind(dir.path()).unwrap();
+        drop(first);
+        assert!(sock.exists(), "the second server's socket stays");
+        assert!(UnixStream::connect(&sock).is_ok(), "and still listens");
+        drop(second);
+        assert!(!sock.exists());
+
+        // Anything else put there in its place is left alone too.
+        let server = Server::bind(dir.path()).unwrap();
+        std::fs::remove_file(&sock).unwrap();
+        std::fs::write(&sock, b"not ours").unwrap();
+        drop(server);
+        assert_eq!(std::fs::read(&sock).unwrap(), b"not ours");
+    }
+
+    #[test]
+    fn a_status_without_the_newer_fields_still_parses() {
+        let old = r#"{"ok":true,"status":{"supervisor_pid":7,"child_pid":null,
+            "started_unix_ms":1,"restarts":0,"last_snapshot":null,
+            "last_snapshot_unix_ms":null,"command":"sim"}}"#;
+        let reply: Reply = serde_json::from_str(old).unwrap();
+        let status = reply.status.unwrap();
+        assert_eq!(status.supervisor_pid, 7);
+        assert_eq!(status.shim_connected, None);
+        let new = Status {
+            shim_connected: Some(false),
+            ..Status::default()
+        };
+        let back: Status = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back.shim_connected, Some(false));
     }
 }

@@ -185,8 +185,7 @@ fn describe_owner(owner: Option<&Owner>) -> String {
 
 /// Runs the job to its end; returns the supervisor's exit code.
 pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
-    let store = Store::open(&cfg.store)
-        .with_context(|| format!("cannot open store {}", cfg.store.display()))?;
+    let store = Store::open(&cfg.store).context("cannot open the store")?;
     let job = store.job(&cfg.job)?;
     let store_dir =
         std::path::absolute(store.root()).context("cannot resolve the store directory")?;
@@ -827,7 +826,10 @@ impl<'a> Watch<'a> {
                 Ok(Some(operator::Request::Status)) => client.reply(&operator::Reply {
                     ok: true,
                     error: None,
-                    status: Some(state.status.clone()),
+                    status: Some(operator::Status {
+                        shim_connected: Some(self.connected),
+                        ..state.status.clone()
+                    }),
                     snapshot: None,
                 }),
                 Ok(Some(operator::Request::Snapshot)) => {

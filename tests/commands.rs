@@ -303,3 +303,355 @@ fn verify_repair_mends_from_good_copies_and_refuses_while_the_job_runs() {
         .collect();
     assert_eq!(ok, vec![true, true, true], "{verdicts}");
 }
+
+/// Runs `supervise <args>` (no `--store` added): (exit code, stdout, stderr).
+fn bare(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(supervise_bin())
+        .args(args)
+        .output()
+        .expect("run supervise");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_program_without_dashes_is_told_where_they_go() {
+    let (code, _, err) = bare(&["./sim", "--n", "4"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("put it after `--`: supervise -- ./sim --n 4"),
+        "{err}"
+    );
+    // Options before the program stay before `--`; odd words are quoted to copy.
+    let (code, _, err) = bare(&["--every", "1s", "-q", "./sim", "a b"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("supervise --every 1s -q -- ./sim 'a b'"),
+        "{err}"
+    );
+    // No program at all.
+    let (code, _, err) = bare(&["--every", "1m"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no program to run"), "{err}");
+    assert!(err.contains("supervise --every 1m -- <PROGRAM>"), "{err}");
+    // A mistyped subcommand gets a suggestion too.
+    let (code, _, err) = bare(&["stauts"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("did you mean `supervise status`?"), "{err}");
+    assert!(!bare(&["./sim"]).2.contains("did you mean"));
+    // The usage shows both forms.
+    let (code, out, _) = bare(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("supervise [OPTIONS] -- <PROGRAM> [ARGS]...")
+            && out.contains("supervise <SUBCOMMAND>"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_store_that_is_a_file_is_not_a_directory_for_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("store");
+    std::fs::write(&file, b"a file").unwrap();
+    let to = dir.path().join("out");
+    let to = to.to_str().unwrap();
+    let want = format!("{} is not a directory", file.display());
+    let commands: [&[&str]; 11] = [
+        &["--", "true"],
+        &["ls"],
+        &["ls", "--allow-foreign-store"],
+        &["show", "latest"],
+        &["verify"],
+        &["verify", "--repair"],
+        &["gc"],
+        &["restore", "latest", "--to", to],
+        &["snapshot"],
+        &["status"],
+        &["log"],
+    ];
+    for args in commands {
+        // The run command takes its options before `--`.
+        let (code, _, err) = if args[0] == "--" {
+            let store = file.to_str().unwrap();
+            bare(&["--store", store, "--", "true"])
+        } else {
+            cmd(&file, args)
+        };
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert_eq!(err.matches("(os error").count(), 0, "{args:?}: {err}");
+    }
+    // A store below a file names the file.
+    let below = file.join("sub");
+    for args in [&["ls"][..], &["status"]] {
+        let (code, _, err) = cmd(&below, args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(&want), "{args:?}: {err}");
+    }
+    let (code, _, err) = bare(&["--store", below.to_str().unwrap(), "--", "true"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&want), "{err}");
+    // A missing store is said once, plainly.
+    let (code, _, err) = cmd(&dir.path().join("none"), &["ls"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no store at") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+/// A store with job `j` whose history is `records` (kind, seconds ago, message), oldest first.
+fn store_with_history(store: &Path, records: &[(&str, u64, &str)]) {
+    let job = supervise_shim::Store::open(store)
+        .unwrap()
+        .job("j")
+        .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut text = String::new();
+    for (kind, ago, message) in records {
+        let record = serde_json::json!({
+            "unix_ms": now_ms - ago * 1000,
+            "pid": 42,
+            "kind": kind,
+            "message": message,
+        });
+        text.push_str(&format!("{record}\n"));
+    }
+    std::fs::write(job.dir().join("events.log"), text).unwrap();
+}
+
+fn messages(log: &Value) -> Vec<&str> {
+    log.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn log_filters_by_count_time_and_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    store_with_history(
+        &store,
+        &[
+            ("start", 7200, "supervisor started"),
+            ("spawned", 7100, "spawned pid 1"),
+            ("snapshot", 3600, "snapshot 1 done"),
+            ("died", 300, "child died"),
+            ("restart", 290, "restarting"),
+            ("spawned", 280, "spawned pid 2"),
+            ("snapshot", 60, "snapshot 2 done"),
+        ],
+    );
+    let all = json(&store, &["log"]);
+    assert_eq!(all.as_array().unwrap().len(), 7);
+    assert_eq!(
+        messages(&json(&store, &["log", "-n", "2"])),
+        ["spawned pid 2", "snapshot 2 done"]
+    );
+    assert_eq!(
+        messages(&json(&store, &["log", "--since", "10m"])),
+        [
+            "child died",
+            "restarting",
+            "spawned pid 2",
+            "snapshot 2 done"
+        ]
+    );
+    let at = all[2]["unix_ms"].as_u64().unwrap();
+    let rfc3339 =
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(at))
+            .to_string();
+    assert_eq!(
+        json(&store, &["log", "--since", &rfc3339])
+            .as_array()
+            .unwrap()
+            .len(),
+        5,
+        "{rfc3339}"
+    );
+    assert_eq!(
+        messages(&json(
+            &store,
+            &["log", "--kind", "spawned", "--kind", "died"]
+        )),
+        ["spawned pid 1", "child died", "spawned pid 2"]
+    );
+    // Combined: the last one of a kind since a time.
+    assert_eq!(
+        messages(&json(
+            &store,
+            &["log", "--kind", "snapshot", "--since", "2h", "-n", "1"]
+        )),
+        ["snapshot 2 done"]
+    );
+    // Human output too.
+    let (code, out, _) = cmd(&store, &["log", "--kind", "died"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("child died"), "{out}");
+    // A kind that matches nothing: nothing printed, the kinds there are listed.
+    let (code, out, err) = cmd(&store, &["log", "--kind", "gave-up", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        Value::Array(vec![])
+    );
+    assert!(err.contains("no record of kind gave-up"), "{err}");
+    assert!(
+        err.contains("start (1), spawned (2), snapshot (2), died (1), restart (1)"),
+        "{err}"
+    );
+    let (code, _, err) = cmd(&store, &["log", "--since", "yesterday"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("RFC 3339"), "{err}");
+}
+
+#[test]
+fn a_reader_that_closes_the_pipe_early_ends_every_command_quietly() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // Far more output than a pipe holds, so that the writer meets the closed pipe.
+    let many: Vec<(&str, u64, &str)> = (0..3000)
+        .map(|_| ("event", 1, "something happened"))
+        .collect();
+    store_with_history(&store, &many);
+    for json in [true, false] {
+        let mut command = std::process::Command::new(supervise_bin());
+        command.args(["log", "--store"]).arg(&store);
+        if json {
+            command.arg("--json");
+        }
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty());
+        // The reader is gone (as `| head -1` leaves it).
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "json {json}: {err}");
+        assert_eq!(err, "", "json {json}");
+    }
+}
+
+/// A stand-in for a running supervisor of `job`: holds its lock and answers every request on
+/// its socket with `reply`.
+fn fake_supervisor(job: &supervise_shim::JobStore, reply: Value) -> supervise_shim::lock::TryLock {
+    use std::io::{BufRead, BufReader, Write};
+    let lock = supervise_shim::lock::JobLock::try_take(
+        job.dir(),
+        &supervise_shim::lock::Owner::this_process("test"),
+    )
+    .unwrap();
+    let listener =
+        std::os::unix::net::UnixListener::bind(job.dir().join("supervisor.sock")).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            let _ = (&stream).write_all(format!("{reply}\n").as_bytes());
+        }
+    });
+    lock
+}
+
+/// Two snapshots of the same grid in job `j` of `store`.
+fn two_snapshots(store: &Path) -> supervise_shim::JobStore {
+    use supervise_shim::{SnapshotWriter, Store};
+    let job = Store::open(store).unwrap().job("j").unwrap();
+    let grid: Vec<f64> = (0..100_000).map(|i| (i as f64 * 1e-3).sin()).collect();
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    for _ in 0..2 {
+        let mut b = writer.begin(None);
+        b.slice("grid", &grid).unwrap();
+        b.commit().unwrap();
+    }
+    job
+}
+
+#[test]
+fn status_and_show_name_and_define_their_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = two_snapshots(&store);
+
+    let shown = json(&store, &["show", "latest"]);
+    let (total, stored) = (
+        shown["bytes_total"].as_f64().unwrap(),
+        shown["stored_bytes"].as_f64().unwrap(),
+    );
+    assert!((shown["dedup_ratio"].as_f64().unwrap() - total / stored).abs() < 1e-9);
+    let (_, human, _) = cmd(&store, &["show", "latest"]);
+    assert!(
+        human.contains("state/stored") && human.contains("divided by"),
+        "{human}"
+    );
+
+    // A supervisor older than `shim_connected` says nothing about the shim: the ratio shows.
+    let _held = fake_supervisor(
+        &job,
+        serde_json::json!({"ok": true, "status": {"supervisor_pid": 1, "child_pid": 2,
+            "started_unix_ms": 0, "restarts": 0, "last_snapshot": 2,
+            "last_snapshot_unix_ms": 0, "command": "sim"}}),
+    );
+    let status = json(&store, &["status"]);
+    let row = &status[0];
+    assert_eq!(row["shim_connected"], Value::Null, "{status}");
+    let (state, stored) = (
+        row["state_bytes"].as_f64().unwrap(),
+        row["stored_bytes"].as_f64().unwrap(),
+    );
+    assert_eq!(state, 2.0 * total, "two snapshots of the same state");
+    assert!((row["dedup_ratio"].as_f64().unwrap() - state / stored).abs() < 1e-9);
+    let (_, human, _) = cmd(&store, &["status"]);
+    assert!(human.contains("STATE/STORED"), "{human}");
+    assert!(human.contains(&format!("{:.2}", state / stored)), "{human}");
+    assert!(human.contains("divided by"), "{human}");
+    let (_, help, _) = cmd(&store, &["status", "--help"]);
+    assert!(
+        help.contains("STATE/STORED") && help.contains("divided by"),
+        "{help}"
+    );
+    let (_, help, _) = cmd(&store, &["show", "--help"]);
+    assert!(
+        help.contains("state/stored") && help.contains("divided by"),
+        "{help}"
+    );
+}
+
+#[test]
+fn status_says_no_shim_for_a_program_that_never_connected_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let job = supervise_shim::Store::open(&store)
+        .unwrap()
+        .job("j")
+        .unwrap();
+    let _held = fake_supervisor(
+        &job,
+        serde_json::json!({"ok": true, "status": {"supervisor_pid": 1, "child_pid": 2,
+            "started_unix_ms": 0, "restarts": 0, "last_snapshot": null,
+            "last_snapshot_unix_ms": null, "command": "sleep 100", "shim_connected": false}}),
+    );
+    let status = json(&store, &["status"]);
+    assert_eq!(status[0]["shim_connected"], false, "{status}");
+    let (_, human, _) = cmd(&store, &["status"]);
+    assert!(human.contains("no shim"), "{human}");
+    assert!(!human.contains("0.00"), "{human}");
+}

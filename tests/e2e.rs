@@ -324,7 +324,7 @@ fn bad_job_name_missing_command_and_unknown_program_are_clear_errors() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("<COMMAND>"),
+        String::from_utf8_lossy(&out.stderr).contains("-- <PROGRAM>"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

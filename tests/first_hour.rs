@@ -76,6 +76,13 @@ fn a_program_without_the_shim_is_told_so_and_a_stop_promises_no_resume() {
     let store = dir.path().join("store2");
     let run = Run::start(&store, &[], &sh("sleep 60"), &[]);
     run.wait_for("spawned pid", LONG);
+    // `status` says "no shim" rather than a ratio of nothing.
+    let (code, out, err) = cmd(&store, &["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status[0]["shim_connected"], false, "{status}");
+    let (_, table, _) = cmd(&store, &["status"]);
+    assert!(table.contains("no shim"), "{table}");
     run.signal(Signal::SIGTERM);
     let fin = run.wait(LONG);
     assert_eq!(fin.code, Some(143), "{}", fin.stderr);
@@ -192,12 +199,13 @@ fn a_program_that_cannot_start_leaves_no_job_behind() {
     let store = dir.path().join("store");
     let text = dir.path().join("notes.txt");
     std::fs::write(&text, "not a program\n").unwrap();
-    let garbage = dir.path().join("garbage");
-    std::fs::write(&garbage, [0u8, 1, 2, 3]).unwrap();
-    std::fs::set_permissions(&garbage, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Executable, but its interpreter does not exist: exec itself fails.
+    let script = dir.path().join("script");
+    std::fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     for (program, says) in [
         (text.to_str().unwrap(), "not executable"),
-        (garbage.to_str().unwrap(), "cannot start"),
+        (script.to_str().unwrap(), "cannot start"),
         ("no-such-program-xyz", "no such program in PATH"),
     ] {
         let out = std::process::Command::new(supervise_bin())

@@ -5,11 +5,10 @@ use std::io;
 use std::path::PathBuf;
 
 /// Everything the shim and the store can fail with.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// A job or entry name that cannot be used (it would escape the store or garble a listing).
-    #[error("invalid {what} name {name:?}: {why}")]
     InvalidName {
         /// What the name is for: "job" or "entry".
         what: &'static str,
@@ -19,19 +18,16 @@ pub enum Error {
         why: &'static str,
     },
     /// An I/O operation on a file or directory failed.
-    #[error("{op} {path}: {source}")]
     Io {
         /// The operation, e.g. "create", "fsync", "rename".
         op: &'static str,
         /// The file or directory involved.
         path: PathBuf,
         /// The underlying error.
-        #[source]
         source: io::Error,
     },
     /// A file in the store is damaged: bad magic, wrong checksum, truncated, or a chunk whose
     /// hash does not match.
-    #[error("{path}: damaged: {why}")]
     Corrupt {
         /// The damaged file.
         path: PathBuf,
@@ -39,7 +35,6 @@ pub enum Error {
         why: String,
     },
     /// A store file written by a newer release than this one.
-    #[error("{path}: format version {found} is newer than this release reads (up to {supported})")]
     UnsupportedVersion {
         /// The file.
         path: PathBuf,
@@ -49,7 +44,6 @@ pub enum Error {
         supported: u16,
     },
     /// A snapshot that was asked for by number does not exist.
-    #[error("job {job:?} has no snapshot {seq}")]
     NoSuchSnapshot {
         /// The job.
         job: String,
@@ -57,7 +51,6 @@ pub enum Error {
         seq: u64,
     },
     /// A job that is not in the store.
-    #[error("store {store}: no job {job:?} (jobs there: {known})")]
     NoSuchJob {
         /// The job asked for.
         job: String,
@@ -68,13 +61,11 @@ pub enum Error {
     },
 
     /// Two entries of one snapshot have the same name.
-    #[error("entry {name:?} is added twice to one snapshot")]
     DuplicateEntry {
         /// The entry name.
         name: String,
     },
     /// A restore into memory whose size differs from what the snapshot holds.
-    #[error("entry {name:?}: snapshot holds {stored} bytes but the destination has {dest} bytes")]
     SizeMismatch {
         /// The entry name.
         name: String,
@@ -84,7 +75,6 @@ pub enum Error {
         dest: u64,
     },
     /// An entry exists but is of another kind (a value where a slice was asked, or the other way).
-    #[error("entry {name:?} is a {found}, not a {wanted}")]
     WrongKind {
         /// The entry name.
         name: String,
@@ -94,9 +84,6 @@ pub enum Error {
         wanted: String,
     },
     /// A typed value whose JSON is larger than a snapshot may hold (a reader would refuse it).
-    #[error(
-        "entry {name:?}: a value of {len} bytes is larger than a snapshot holds (at most {max})"
-    )]
     ValueTooLarge {
         /// The entry name.
         name: String,
@@ -106,16 +93,13 @@ pub enum Error {
         max: u64,
     },
     /// A typed value could not be serialized or deserialized.
-    #[error("entry {name:?}: {source}")]
     Serde {
         /// The entry name.
         name: String,
         /// The serde_json error.
-        #[source]
         source: serde_json::Error,
     },
     /// An environment variable the shim reads has a value it cannot use.
-    #[error("environment variable {var}={value:?}: {why}")]
     Env {
         /// The variable.
         var: &'static str,
@@ -125,14 +109,11 @@ pub enum Error {
         why: String,
     },
     /// A snapshot written in the background failed; earlier snapshots are intact.
-    #[error("snapshot failed: {0}")]
     SnapshotFailed(String),
     /// The snapshot closure of the program returned an error of its own.
-    #[error("snapshot aborted by the program: {0}")]
     Aborted(String),
     /// A file or directory of the store that is not safe to use: a symbolic link or other
     /// unexpected kind of file, or one another user owns or may write. Nothing was done to it.
-    #[error("{path}: refusing to use it: {kind}; {}", kind.remedy())]
     Unsafe {
         /// The file or directory.
         path: PathBuf,
@@ -140,7 +121,6 @@ pub enum Error {
         kind: UnsafeKind,
     },
     /// A manifest larger than any this release writes or reads.
-    #[error("{path}: manifest is {len} bytes, more than the {max} a manifest may have")]
     TooLarge {
         /// The manifest file.
         path: PathBuf,
@@ -149,7 +129,87 @@ pub enum Error {
         /// The bound.
         max: u64,
     },
+    /// A path that must be a directory (the store, or a directory on the way to it) is another
+    /// kind of file.
+    NotADirectory {
+        /// The path that is not a directory.
+        path: PathBuf,
+        /// What it is instead ("regular file", "symbolic link", ...).
+        found: &'static str,
+    },
 }
+
+/// The message names the path, job, snapshot or entry involved and includes the text of the
+/// underlying error (for [`Error::Io`] and [`Error::Serde`]), so that `to_string()` alone tells
+/// the whole story. For that reason [`std::error::Error::source`] returns `None`: a reporter
+/// that prints the chain of causes (anyhow's `{:#}`) would otherwise print the cause twice
+/// ("File exists (os error 17): File exists (os error 17)").
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::InvalidName { what, name, why } => {
+                write!(f, "invalid {what} name {name:?}: {why}")
+            }
+            Error::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
+            Error::Corrupt { path, why } => write!(f, "{}: damaged: {why}", path.display()),
+            Error::UnsupportedVersion {
+                path,
+                found,
+                supported,
+            } => write!(
+                f,
+                "{}: format version {found} is newer than this release reads (up to {supported})",
+                path.display()
+            ),
+            Error::NoSuchSnapshot { job, seq } => write!(f, "job {job:?} has no snapshot {seq}"),
+            Error::NoSuchJob { job, store, known } => write!(
+                f,
+                "store {}: no job {job:?} (jobs there: {known})",
+                store.display()
+            ),
+            Error::DuplicateEntry { name } => {
+                write!(f, "entry {name:?} is added twice to one snapshot")
+            }
+            Error::SizeMismatch { name, stored, dest } => write!(
+                f,
+                "entry {name:?}: snapshot holds {stored} bytes but the destination has {dest} bytes"
+            ),
+            Error::WrongKind {
+                name,
+                found,
+                wanted,
+            } => write!(f, "entry {name:?} is a {found}, not a {wanted}"),
+            Error::ValueTooLarge { name, len, max } => write!(
+                f,
+                "entry {name:?}: a value of {len} bytes is larger than a snapshot holds (at most {max})"
+            ),
+            Error::Serde { name, source } => write!(f, "entry {name:?}: {source}"),
+            Error::Env { var, value, why } => {
+                write!(f, "environment variable {var}={value:?}: {why}")
+            }
+            Error::SnapshotFailed(why) => write!(f, "snapshot failed: {why}"),
+            Error::Aborted(why) => write!(f, "snapshot aborted by the program: {why}"),
+            Error::Unsafe { path, kind } => write!(
+                f,
+                "{}: refusing to use it: {kind}; {}",
+                path.display(),
+                kind.remedy()
+            ),
+            Error::TooLarge { path, len, max } => write!(
+                f,
+                "{}: manifest is {len} bytes, more than the {max} a manifest may have",
+                path.display()
+            ),
+            Error::NotADirectory { path, found } => {
+                write!(f, "{} is not a directory (it is a {found})", path.display())
+            }
+        }
+    }
+}
+
+/// No variant has a `source()`: each one's message already includes its cause (see the
+/// `Display` impl).
+impl std::error::Error for Error {}
 
 /// Why a store path is refused (see [`Error::Unsafe`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -244,5 +304,179 @@ impl Error {
     /// True when the error says stored data is damaged (as opposed to a usage or I/O error).
     pub fn is_corruption(&self) -> bool {
         matches!(self, Error::Corrupt { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails to compile when a variant is added, so that [`one_of_each`] stays complete.
+    fn covered(e: &Error) {
+        match e {
+            Error::InvalidName { .. }
+            | Error::Io { .. }
+            | Error::Corrupt { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::NoSuchSnapshot { .. }
+            | Error::NoSuchJob { .. }
+            | Error::DuplicateEntry { .. }
+            | Error::SizeMismatch { .. }
+            | Error::WrongKind { .. }
+            | Error::ValueTooLarge { .. }
+            | Error::Serde { .. }
+            | Error::Env { .. }
+            | Error::SnapshotFailed(_)
+            | Error::Aborted(_)
+            | Error::Unsafe { .. }
+            | Error::TooLarge { .. }
+            | Error::NotADirectory { .. } => {}
+        }
+    }
+
+    /// One error of each variant, with the text of its underlying cause when it has one.
+    fn one_of_each() -> Vec<(Error, Option<String>)> {
+        let io = || io::Error::from_raw_os_error(17);
+        let io_text = io().to_string();
+        let serde = || serde_json::from_str::<u8>("x").unwrap_err();
+        let serde_text = serde().to_string();
+        let path = || PathBuf::from("/s/j/f");
+        vec![
+            (
+                Error::InvalidName {
+                    what: "job",
+                    name: "../x".into(),
+                    why: "it has a slash",
+                },
+                None,
+            ),
+            (
+                Error::Io {
+                    op: "create directory",
+                    path: path(),
+                    source: io(),
+                },
+                Some(io_text),
+            ),
+            (
+                Error::Corrupt {
+                    path: path(),
+                    why: "bad magic".into(),
+                },
+                None,
+            ),
+            (
+                Error::UnsupportedVersion {
+                    path: path(),
+                    found: 9,
+                    supported: 1,
+                },
+                None,
+            ),
+            (
+                Error::NoSuchSnapshot {
+                    job: "j".into(),
+                    seq: 3,
+                },
+                None,
+            ),
+            (
+                Error::NoSuchJob {
+                    job: "j".into(),
+                    store: path(),
+                    known: "a, b".into(),
+                },
+                None,
+            ),
+            (Error::DuplicateEntry { name: "e".into() }, None),
+            (
+                Error::SizeMismatch {
+                    name: "e".into(),
+                    stored: 1,
+                    dest: 2,
+                },
+                None,
+            ),
+            (
+                Error::WrongKind {
+                    name: "e".into(),
+                    found: "value".into(),
+                    wanted: "slice".into(),
+                },
+                None,
+            ),
+            (
+                Error::ValueTooLarge {
+                    name: "e".into(),
+                    len: 2,
+                    max: 1,
+                },
+                None,
+            ),
+            (
+                Error::Serde {
+                    name: "e".into(),
+                    source: serde(),
+                },
+                Some(serde_text),
+            ),
+            (
+                Error::Env {
+                    var: "SUPERVISE_X",
+                    value: "y".into(),
+                    why: "bad".into(),
+                },
+                None,
+            ),
+            (Error::SnapshotFailed("disk full".into()), None),
+            (Error::Aborted("no".into()), None),
+            (
+                Error::Unsafe {
+                    path: path(),
+                    kind: UnsafeKind::HardLinked { links: 2 },
+                },
+                None,
+            ),
+            (
+                Error::TooLarge {
+                    path: path(),
+                    len: 2,
+                    max: 1,
+                },
+                None,
+            ),
+            (
+                Error::NotADirectory {
+                    path: path(),
+                    found: "regular file",
+                },
+                None,
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_cause_is_told_once_in_the_chain() {
+        let errors = one_of_each();
+        assert_eq!(errors.len(), 17, "one of each variant");
+        for (e, cause) in errors {
+            covered(&e);
+            // The chain as a reporter prints it (anyhow's `{:#}`): each error, then its sources.
+            let mut chain = vec![e.to_string()];
+            let mut next = std::error::Error::source(&e);
+            while let Some(c) = next {
+                chain.push(c.to_string());
+                next = c.source();
+            }
+            for (i, text) in chain.iter().enumerate() {
+                for later in &chain[i + 1..] {
+                    assert!(!text.contains(later.as_str()), "{chain:?}");
+                }
+            }
+            let report = chain.join(": ");
+            if let Some(cause) = cause {
+                assert_eq!(report.matches(cause.as_str()).count(), 1, "{report}");
+            }
+        }
     }
 }

@@ -141,12 +141,7 @@ impl Dir {
             Mode::empty(),
         )
         .map_err(|e| match e {
-            Errno::ENOTDIR => unsafe_path(
-                path,
-                UnsafeKind::NotExpectedKind {
-                    found: "file that is not a directory",
-                },
-            ),
+            Errno::ENOTDIR => not_a_directory(path),
             e => io_err("open directory", path)(errno_io(e)),
         })?;
         Self::checked(fd, path.to_owned(), access)
@@ -496,7 +491,43 @@ fn create_dirs(dir: &Path) -> Result<()> {
                 .map_err(io_err("fsync directory", parent))
         }
         Err(Errno::EEXIST) if dir.is_dir() => Ok(()),
+        Err(Errno::EEXIST | Errno::ENOTDIR) => Err(not_a_directory(dir)),
         Err(e) => Err(io_err("create directory", dir)(errno_io(e))),
+    }
+}
+
+/// The error for a store root path that is not a directory: [`Error::NotADirectory`] naming
+/// the first component of `path` (the path itself or a directory on the way to it) that
+/// exists and is not a directory (links followed, as for the root).
+fn not_a_directory(path: &Path) -> Error {
+    let mut ancestors: Vec<&Path> = path
+        .ancestors()
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    ancestors.reverse();
+    for p in ancestors {
+        match nix::sys::stat::stat(p) {
+            Ok(st) if !is(&st, SFlag::S_IFDIR) => {
+                return Error::NotADirectory {
+                    path: p.to_owned(),
+                    found: kind_of(&st),
+                };
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    // A link to nothing, or something that changed meanwhile.
+    let found = nix::sys::stat::lstat(path).map_or("file that is not a directory", |st| {
+        if is(&st, SFlag::S_IFLNK) {
+            "symbolic link to nothing"
+        } else {
+            kind_of(&st)
+        }
+    });
+    Error::NotADirectory {
+        path: path.to_owned(),
+        found,
     }
 }
 
