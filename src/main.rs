@@ -30,11 +30,14 @@ use crate::supervisor::JobConfig;
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0        the command finished with exit code 0 (the job is complete)
+  0        the command finished with exit code 0 (the job is complete), or it completed
+           while this supervisor waited for it (--wait)
   1        error: bad store, bad job name, command cannot be started, ...
   2        bad command line
   3        gave up: the command failed more than --max-restarts times within --restart-window
-           without making progress (a restart after a new snapshot resets the count)
+           without making progress (a restart after a new snapshot resets the count), or a
+           configuration error: it failed at once 3 times in a row before reaching the shim
+           (its last stderr lines are shown), or its entries do not fit the snapshot
   4        the job is held by another supervisor, or by the program a lost one started
            (without --wait)
   5        verify found damage (`supervise verify`)
