@@ -81,6 +81,37 @@ pub enum Event {
     },
 }
 
+/// Events the shim sends that are not (yet) variants of [`Event`], whose exhaustive matches
+/// they would break: the same JSON lines (`{"ev":"restore_mismatch",...}`), so a supervisor can
+/// parse a line as `Event` and then as `Notice`, or move the variant into `Event` (a
+/// supervisor that knows neither ignores the line).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum Notice {
+    /// A restore failed because an entry of the snapshot has another size than the program's
+    /// (its parameters changed): older snapshots would not fit either, so this says nothing
+    /// against the snapshot. Sent before the program gets the error.
+    RestoreMismatch {
+        /// The snapshot restored.
+        seq: u64,
+        /// The entry.
+        entry: String,
+        /// Its size in the snapshot.
+        stored_bytes: u64,
+        /// The size of the program's region, slice or block.
+        wanted_bytes: u64,
+    },
+}
+
+impl Notice {
+    /// Encodes as one JSON line.
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("notices serialize");
+        s.push('\n');
+        s
+    }
+}
+
 impl Event {
     /// Encodes as one JSON line.
     pub fn to_line(&self) -> String {
@@ -122,5 +153,15 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), ev);
         assert_eq!(Request::Stop.to_line(), "{\"op\":\"stop\"}\n");
+        let ev = Notice::RestoreMismatch {
+            seq: 3,
+            entry: "grid".into(),
+            stored_bytes: 32768,
+            wanted_bytes: 33800,
+        };
+        assert_eq!(
+            ev.to_line(),
+            "{\"ev\":\"restore_mismatch\",\"seq\":3,\"entry\":\"grid\",\"stored_bytes\":32768,\"wanted_bytes\":33800}\n"
+        );
     }
 }

@@ -73,11 +73,16 @@ pub enum Error {
         /// The entry name.
         name: String,
     },
-    /// A restore into memory whose size differs from what the snapshot holds.
-    #[error("entry {name:?}: snapshot holds {stored} bytes but the destination has {dest} bytes")]
+    /// A restore into memory whose size differs from what the snapshot holds (the program's
+    /// parameters changed: an older snapshot would not fit either).
+    #[error(
+        "entry {name:?}: snapshot {seq} holds {stored} bytes but the program's has {dest} bytes (were the program's parameters changed?)"
+    )]
     SizeMismatch {
         /// The entry name.
         name: String,
+        /// The snapshot restored.
+        seq: u64,
         /// Bytes in the snapshot.
         stored: u64,
         /// Bytes in the destination.
@@ -138,6 +143,40 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong with it.
         kind: UnsafeKind,
+    },
+    /// A region whose byte length does not fit in memory's address range.
+    #[error("region {name:?}: {len} elements of {elem_size} bytes are more than memory holds")]
+    RegionTooLarge {
+        /// The entry name.
+        name: String,
+        /// Elements asked for.
+        len: usize,
+        /// Bytes per element.
+        elem_size: usize,
+    },
+    /// An output file that cannot be used as one (see [`crate::Shim::output`]).
+    #[error("output file {path}: {why}")]
+    Output {
+        /// The path as the program gave it.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// An output file shorter than the length a snapshot recorded: bytes the resumed program
+    /// counts on are gone (the file was cut or replaced after the snapshot).
+    #[error(
+        "output file {path} is {found} bytes, shorter than the {recorded} bytes {} recorded; it was cut or replaced since: put the file back, or resume from an older snapshot or afresh",
+        seq.map_or_else(|| "this run".to_owned(), |s| format!("snapshot {s}"))
+    )]
+    OutputShorter {
+        /// The file.
+        path: PathBuf,
+        /// The snapshot that recorded the length (`None`: this run, before it was reopened).
+        seq: Option<u64>,
+        /// The length recorded.
+        recorded: u64,
+        /// The length found.
+        found: u64,
     },
     /// A manifest larger than any this release writes or reads.
     #[error("{path}: manifest is {len} bytes, more than the {max} a manifest may have")]

@@ -60,6 +60,7 @@ pub mod fsops;
 pub mod history;
 pub mod lock;
 pub mod name;
+pub mod output;
 mod pack;
 pub mod pack_scan;
 pub mod reader;
@@ -74,6 +75,7 @@ pub mod writer;
 
 pub use capture::Capture;
 pub use error::{Error, Result, UnsafeKind};
+pub use output::Output;
 pub use reader::SnapshotReader;
 pub use region::Region;
 pub use runtime::{EXIT_STOPPED, Shim, Start};
