@@ -31,6 +31,10 @@
 //!
 //! Without a supervisor (and without `SUPERVISE_STORE` set) the same program runs unchanged:
 //! nothing is restored and `due()` is never true. See [`config`] for the environment.
+//!
+//! A program that appends results to a file opens it with [`Shim::output`] (C: `sv_output`):
+//! each snapshot records the file's length, and a resumed run cuts the file back to it, so the
+//! file ends as an uninterrupted run's.
 
 #![deny(missing_docs)]
 

@@ -586,6 +586,15 @@ impl Shim {
                     .push((std::path::PathBuf::from(&out.key), Arc::clone(file)));
             }
         }
+        // Files the restored snapshot recorded that this run has not opened (yet) keep their
+        // marks: a later resume must still cut them to that length, not start them empty.
+        if let Some(restored) = &self.restored {
+            for mark in &restored.reader.manifest().outputs {
+                if !at.marks.iter().any(|m| m.path == mark.path) {
+                    at.marks.push(mark.clone());
+                }
+            }
+        }
         Ok(at)
     }
 

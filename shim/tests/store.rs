@@ -592,6 +592,13 @@ fn an_output_file_is_cut_back_to_the_length_the_restored_snapshot_recorded() {
         shim.wait_durable().unwrap();
         assert_eq!(job(dir.path()).read_manifest(3).unwrap().outputs[0].len, 28);
     }
+    // A run that resumes and snapshots before it opens the file again keeps its mark.
+    {
+        let mut shim = local_shim(dir.path(), |_| {}).unwrap();
+        shim.snapshot(None, |_| Ok(())).unwrap();
+        shim.wait_durable().unwrap();
+        assert_eq!(job(dir.path()).read_manifest(4).unwrap().outputs[0].len, 28);
+    }
     // A file shorter than the snapshot recorded is an error naming it and both lengths.
     fs::write(&path, "step 1\n").unwrap();
     let mut shim = local_shim(dir.path(), |_| {}).unwrap();
@@ -601,7 +608,7 @@ fn an_output_file_is_cut_back_to_the_length_the_restored_snapshot_recorded() {
         "{err}"
     );
     let msg = err.to_string();
-    for part in ["out.txt", "28", "7 bytes", "snapshot 3"] {
+    for part in ["out.txt", "28", "7 bytes", "snapshot 4"] {
         assert!(msg.contains(part), "{part} in {msg}");
     }
     assert_eq!(fs::read(&path).unwrap(), b"step 1\n", "left as it was");
