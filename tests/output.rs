@@ -15,6 +15,17 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
+/// Waits until the child spawned last took a snapshot (or the job finished): the first
+/// snapshot done after the latest "spawned pid" line.
+fn after_a_snapshot_of_this_life(run: &Run) {
+    let ok = wait_until(LONG, || {
+        let log = run.stderr();
+        let life = log.rfind("spawned pid ").map_or("", |i| &log[i..]);
+        life.contains("done [step ") || log.contains("job finished")
+    });
+    assert!(ok, "no snapshot in this life; stderr:\n{}", run.stderr());
+}
+
 /// The steps at which the lines of `stderr` say a run resumed ("resumed from snapshot S at
 /// step N").
 fn resumed_steps(stderr: &str) -> Vec<u64> {
@@ -88,7 +99,7 @@ fn an_output_file_killed_at_random_moments_equals_an_uninterrupted_runs() {
         let pid = run.nth_child_pid(k, LONG);
         // A random moment after the life's first snapshot, so each kill loses some lines
         // written after a snapshot and the next life resumes past step 0.
-        run.wait_for_nth("done [step ", k, LONG);
+        after_a_snapshot_of_this_life(&run);
         std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
         if run.count("job finished") > 0 || !alive(pid) {
             break;
