@@ -201,7 +201,7 @@ pub(crate) fn recorded_path(path: &Path) -> Result<String> {
         .ok_or_else(|| bad("is not valid UTF-8"))?
         .to_owned();
     if key.len() > MAX_OUTPUT_PATH || key.contains('\0') {
-        return Err(bad("is longer than PATH_MAX"));
+        return Err(bad("is longer than PATH_MAX (4096 bytes) or holds a NUL"));
     }
     Ok(key)
 }
