@@ -205,6 +205,17 @@ pub enum JobEvent {
         /// What it restored.
         from: From,
     },
+    /// The snapshot to restore was taken by another program, build or argument list than the
+    /// one now run (a rebuilt program is normal: it resumes anyway).
+    OriginChanged {
+        /// The snapshot.
+        seq: u64,
+        /// What differs: `executable` (same path, other contents), `program` (another path),
+        /// `arguments`.
+        changed: Vec<String>,
+        /// The program now run.
+        program: String,
+    },
     /// The program's entries do not fit the snapshot (its parameters changed).
     RestoreMismatch {
         /// The snapshot.
@@ -382,6 +393,25 @@ impl fmt::Display for JobEvent {
                  mends older ones where a good copy exists)"
             ),
             JobEvent::ResumedInstead { from } => write!(f, "child resumed {from} instead"),
+            JobEvent::OriginChanged {
+                seq,
+                changed,
+                program,
+            } => {
+                let what: Vec<&str> = changed
+                    .iter()
+                    .map(|c| match c.as_str() {
+                        "executable" => "the executable was rebuilt or replaced",
+                        "program" => "it was taken by another program",
+                        _ => "the arguments differ",
+                    })
+                    .collect();
+                write!(
+                    f,
+                    "snapshot {seq} was not taken by this {program}: {}; resuming from it anyway",
+                    what.join(", ")
+                )
+            }
             JobEvent::RestoreMismatch {
                 seq,
                 entry,

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use serde::Serialize;
+pub use supervise_shim::format::Origin;
 
 /// Executables larger than this are not hashed (their origin records no hash).
 const MAX_HASHED_BYTES: u64 = 1 << 30;
@@ -21,17 +21,6 @@ pub struct Program {
     pub path: PathBuf,
     /// The blake3 of the executable file, in hex (`None` when it is too large or unreadable).
     pub exe_blake3: Option<String>,
-}
-
-/// What produced a snapshot, as the supervisor tells the shim (`SUPERVISE_ORIGIN`, JSON).
-#[derive(Clone, Debug, Serialize)]
-pub struct Origin {
-    /// The program's canonical path.
-    pub program: String,
-    /// The blake3 of its executable, in hex.
-    pub exe_blake3: Option<String>,
-    /// The arguments after the program.
-    pub args: Vec<String>,
 }
 
 /// Finds `command[0]` as `execvp` would (a name with a `/` relative to the working directory,

@@ -543,10 +543,32 @@ fn end(outcome: RunOutcome, exit_code: i32, detail: String) -> JobEvent {
     }
 }
 
-/// Says when the snapshot about to be restored was taken by another build of the program
-/// (resuming anyway: rebuilding with a fix is normal).
+/// Says when the snapshot about to be restored was taken by another build of the program, or
+/// another program or arguments (resuming anyway: rebuilding with a fix is normal). Snapshots
+/// of older releases record no origin: nothing to compare.
 fn note_origin(job: &JobStore, seq: u64, cfg: &JobConfig, log: &Log) {
-    let _ = (job, seq, cfg, log);
+    let Ok(Some(then)) = job.read_manifest(seq).map(|m| m.origin) else {
+        return;
+    };
+    let now = &cfg.origin;
+    let mut changed = Vec::new();
+    if then.program != now.program {
+        changed.push("program".to_owned());
+    } else if let (Some(a), Some(b)) = (&then.exe_blake3, &now.exe_blake3)
+        && a != b
+    {
+        changed.push("executable".to_owned());
+    }
+    if then.args != now.args {
+        changed.push("arguments".to_owned());
+    }
+    if !changed.is_empty() {
+        log.emit(&JobEvent::OriginChanged {
+            seq,
+            changed,
+            program: now.program.clone(),
+        });
+    }
 }
 
 /// The job's totals from its history: from the first start after it last completed, to `now`.
@@ -1184,6 +1206,21 @@ impl<'a> Watch<'a> {
                     why,
                     set_aside,
                 });
+            }
+            Event::RestoreMismatch {
+                seq,
+                entry,
+                stored_bytes,
+                wanted_bytes,
+            } => {
+                let mismatch = JobEvent::RestoreMismatch {
+                    seq,
+                    entry: entry.clone(),
+                    stored_bytes,
+                    wanted_bytes,
+                };
+                self.log.emit(&mismatch);
+                self.mismatch = Some((seq, entry, stored_bytes, wanted_bytes));
             }
             Event::SnapshotFailed { error } => {
                 self.in_flight = None;

@@ -1,7 +1,8 @@
 //! End-to-end tests of the C ABI: `examples/heat.c` (built with `cc`) and `examples/heat.f90`
 //! (built with `gfortran` and the `supervise` module) against the shim's static library agree
 //! with the Rust heat, survive kill -9 under supervise, and report bad use (a restore into a
-//! region of another size) as an error instead of crashing.
+//! region of another size) as an error instead of crashing; `examples/lines.c` writes through
+//! `sv_output` the same file as `lines.rs`, and killed with kill -9, still the same file.
 
 mod support;
 
@@ -14,6 +15,17 @@ use nix::unistd::Pid;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
+
+/// Waits until the child spawned last took a snapshot (or the job finished): the first
+/// snapshot done after the latest "spawned pid" line.
+fn after_a_snapshot_of_this_life(run: &Run) {
+    let ok = wait_until(LONG, || {
+        let log = run.stderr();
+        let life = log.rfind("spawned pid ").map_or("", |i| &log[i..]);
+        life.contains("done [step ") || log.contains("job finished")
+    });
+    assert!(ok, "no snapshot in this life; stderr:\n{}", run.stderr());
+}
 
 /// Compiles `sources` (paths in the repository) with `compiler` and `flags` against the
 /// shim's static library into `dir/out`; returns the program's path.
@@ -132,7 +144,9 @@ fn a_restore_into_a_region_of_another_size_is_an_error_naming_both_sizes() {
     assert_eq!(second.status.code(), Some(1));
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(
-        err.contains("sv_restore") && err.contains("32768") && err.contains("33800"),
+        err.contains("sv_restore")
+            && err.contains("\"grid\": snapshot 1 holds 32768")
+            && err.contains("33800"),
         "{err}"
     );
 }
@@ -214,5 +228,95 @@ fn installed_with_pkg_config_a_c_program_builds_with_one_command() {
     assert_eq!(
         checksum_of(&String::from_utf8_lossy(&out.stdout)),
         Some(reference_checksum(&["--n", "64", "--steps", "100"]))
+    );
+}
+
+/// Compiles examples/lines.c into `dir`.
+fn build_lines_c(dir: &Path) -> PathBuf {
+    let include = format!("-I{}/shim/include", env!("CARGO_MANIFEST_DIR"));
+    let flags = ["-O2", "-Wall", "-Wextra", "-Werror", include.as_str()];
+    compile(dir, "cc", &flags, &["examples/lines.c"], "lines-c")
+}
+
+/// Runs `program` with `args` alone in `dir` (created): its output file and checksum.
+fn run_alone(program: &Path, dir: &Path, args: &[&str]) -> (Vec<u8>, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = Command::new(program)
+        .args(args)
+        .env_clear()
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum = checksum_of(&String::from_utf8_lossy(&out.stdout)).expect("a checksum");
+    (std::fs::read(dir.join("out.txt")).unwrap(), sum)
+}
+
+#[test]
+fn sv_output_agrees_with_lines_rs_and_survives_kill9_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines_c = build_lines_c(dir.path());
+    let args = [
+        "--n",
+        "8192",
+        "--steps",
+        "60000",
+        "--out",
+        "out.txt",
+        "--flush-every",
+        "100",
+    ];
+    let (reference, checksum) = run_alone(&example_bin("lines"), &dir.path().join("rs"), &args);
+    let alone = run_alone(&lines_c, &dir.path().join("c"), &args);
+    assert_eq!(alone.1, checksum, "lines.c and lines.rs disagree");
+    assert!(
+        alone.0 == reference,
+        "lines.c's output file differs from lines.rs's"
+    );
+
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let mut cmd = Command::new(supervise_bin());
+    cmd.arg("--store")
+        .arg(dir.path().join("store"))
+        .args(["--every", "50ms", "--backoff", "10ms"])
+        .arg("--")
+        .arg(&lines_c)
+        .args(args)
+        .current_dir(&work);
+    let run = Run::spawn(cmd);
+    let mut rng = fastrand::Rng::new();
+    eprintln!("random seed {}", rng.get_seed());
+    let mut kills = 0;
+    for k in 1..=3 {
+        let child = run.nth_child_pid(k, LONG);
+        after_a_snapshot_of_this_life(&run);
+        std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+        if run.count("job finished") > 0 || !alive(child) {
+            break;
+        }
+        let _ = kill(Pid::from_raw(child as i32), Signal::SIGKILL);
+        kills += 1;
+    }
+    assert!(kills >= 2, "only {kills} kills landed: make the job longer");
+    let fin = run.wait(LONG);
+    fin.assert_completed(&checksum);
+    let resumed: Vec<u64> = fin
+        .stderr
+        .lines()
+        .filter_map(|l| l.split_once("lines.c: resumed at step ").map(|(_, s)| s))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    assert_eq!(resumed.len(), kills, "{}", fin.stderr);
+    assert!(resumed.iter().all(|&s| s > 0), "{resumed:?}");
+    let got = std::fs::read(work.join("out.txt")).unwrap();
+    assert_eq!(got.len(), reference.len(), "output file length");
+    assert!(
+        got == reference,
+        "the output file differs from an uninterrupted run's"
     );
 }

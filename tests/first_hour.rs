@@ -223,3 +223,83 @@ fn a_program_that_cannot_start_leaves_no_job_behind() {
         assert!(jobs.is_empty(), "{program}: left {jobs:?}");
     }
 }
+
+#[test]
+fn changed_parameters_are_a_configuration_error_not_a_suspect_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let sparse = |mib: &str| -> Vec<OsString> {
+        let mut c = vec![example_bin("sparse").into_os_string()];
+        c.extend(
+            ["--mib", mib, "--rounds", "100000", "--sleep-ms", "50"]
+                .iter()
+                .map(OsString::from),
+        );
+        c
+    };
+    let run = Run::start(&store, &["--job", "sim"], &sparse("1"), &[]);
+    run.wait_for("snapshot 2 done", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    let seq = events_of(&store, "snapshot").last().unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    // Twice the state: the region does not fit the snapshot.
+    let run = Run::start(&store, &["--job", "sim"], &sparse("2"), &[]);
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(3), "{}", fin.stderr);
+    let mismatch = events_of(&store, "restore-mismatch");
+    assert_eq!(mismatch.len(), 1, "{}", fin.stderr);
+    assert_eq!(mismatch[0]["entry"], "state");
+    assert_eq!(mismatch[0]["seq"].as_u64(), Some(seq));
+    assert_eq!(mismatch[0]["stored_bytes"], 1 << 20);
+    assert_eq!(mismatch[0]["wanted_bytes"], 2 << 20);
+    assert_eq!(last_end(&store)["outcome"], "config-error");
+    assert!(events_of(&store, "suspect").is_empty(), "{}", fin.stderr);
+    assert_eq!(
+        events_of(&store, "spawned").len(),
+        2,
+        "one try, no rollback"
+    );
+}
+
+#[test]
+fn a_rebuilt_program_resumes_and_says_so() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let exe = dir.path().join("heat");
+    std::fs::copy(example_bin("heat"), &exe).unwrap();
+    let command = vec![
+        exe.clone().into_os_string(),
+        "--n".into(),
+        "256".into(),
+        "--steps".into(),
+        "100000000".into(),
+    ];
+    let run = Run::start(&store, &["--every", "200ms"], &command, &[]);
+    run.wait_for("snapshot 1 done", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    assert!(events_of(&store, "origin-changed").is_empty());
+    // "Rebuilt": other bytes at the same path (a trailing byte does not stop an ELF running).
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&exe)
+        .unwrap()
+        .write_all(b"\0")
+        .unwrap();
+    let run = Run::start(&store, &["--every", "200ms"], &command, &[]);
+    // (Its first snapshot is not number 2: the stop took a final one.)
+    run.wait_for(" done", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    let changed = events_of(&store, "origin-changed");
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0]["changed"], serde_json::json!(["executable"]));
+    let spawned = events_of(&store, "spawned");
+    assert!(
+        spawned[1]["from"].as_u64().unwrap() >= 1,
+        "resumed: {spawned:?}"
+    );
+}

@@ -12,6 +12,7 @@
 #define SUPERVISE_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 /*
  Success.
@@ -92,6 +93,27 @@ int sv_unprotect(const char *name);
  `name` is NULL or a NUL-terminated string.
  */
 void *sv_alloc(const char *name, size_t bytes);
+
+/*
+ Opens the append-only output file `path` (relative to the working directory) as a C
+ stream, or returns NULL (see `sv_last_error`). Write to it with `fprintf`, `fputs`,
+ `fwrite`...; at every snapshot the shim calls `fflush` on it and records the file's length
+ (everything written before the safe point). A run resumed from a snapshot cuts the file
+ back to the length it recorded, so the file ends byte for byte as an uninterrupted run's;
+ a fresh start begins with an empty file; without a supervisor and without
+ `SUPERVISE_STORE` it is a plain file opened for appending. A file shorter than a snapshot
+ recorded is an error naming it and both lengths.
+
+ The shim owns the stream: never `fclose` it (`sv_finalize` flushes and closes it), and
+ write to the file only through it.
+
+ Thread safety: any thread; the stream may be written from one thread at a time, which must
+ not write during `sv_checkpoint`/`sv_poll` (call them from the writing thread).
+
+ # Safety
+ `path` is NULL or a NUL-terminated string.
+ */
+FILE *sv_output(const char *path);
 
 /*
  1 when this run resumes from a snapshot, 0 when it starts fresh, negative on error.

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
@@ -16,7 +17,7 @@ use aligned_vec::{AVec, ConstAlign};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::{EntryKind, Manifest};
+use crate::format::{EntryKind, Manifest, Origin, OutputMark};
 use crate::name;
 use crate::scrub::{Finding, Scrubber};
 use crate::store::Retention;
@@ -101,6 +102,18 @@ pub(crate) struct Job {
     pub(crate) tag: Option<String>,
     pub(crate) items: Vec<Item>,
     pub(crate) started: Instant,
+    /// What produced the snapshot.
+    pub(crate) origin: Option<Origin>,
+    /// The program's output files at the safe point (their bytes written out).
+    pub(crate) outputs: OutputsAt,
+}
+
+/// The output files at a safe point: their marks for the manifest, and the files to fsync
+/// before it is committed.
+#[derive(Default)]
+pub(crate) struct OutputsAt {
+    pub(crate) marks: Vec<OutputMark>,
+    pub(crate) files: Vec<(PathBuf, Arc<File>)>,
 }
 
 /// What the writer thread says about a job.
@@ -370,6 +383,14 @@ fn write_job(
                 }
             }
         }
+        // The outputs' bytes up to their recorded lengths are durable before the manifest that
+        // records them.
+        for (path, file) in &job.outputs.files {
+            file.sync_data()
+                .map_err(crate::error::io_err("fsync output", path))?;
+        }
+        builder.set_origin(job.origin.clone());
+        builder.set_outputs(job.outputs.marks.clone());
         let mut report = builder.commit()?;
         match writer.apply_retention(keep.clone()) {
             Ok(r) => report.removed = r.removed_snapshots,

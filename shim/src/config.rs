@@ -45,8 +45,11 @@ pub const ENV_ORPHAN: &str = "SUPERVISE_ORPHAN";
 /// the shim makes it its stderr again when it starts, so that a program that uses the shim
 /// writes straight to the terminal or log, and keeps writing there if the supervisor dies.
 pub const ENV_STDERR_FD: &str = "SUPERVISE_STDERR_FD";
-/// What produced the snapshots (JSON: program, hash of the executable, arguments), set by the
-/// supervisor and recorded in each snapshot.
+
+/// What produced the snapshots, as JSON of [`crate::format::Origin`] (`{"program":
+/// "/abs/path", "exe_blake3": "<hex>" or null, "args": [...]}`), set by the supervisor and
+/// recorded in each manifest. Missing, unparsable or invalid: no origin is recorded (never an
+/// error).
 pub const ENV_ORIGIN: &str = "SUPERVISE_ORIGIN";
 
 /// How a snapshot is captured at the program's safe point.
@@ -123,6 +126,8 @@ pub struct Config {
     pub suspect: Vec<(u64, u64)>,
     /// The scrub's period, or `None` when it is off (see [`ENV_SCRUB`]).
     pub scrub: Option<Duration>,
+    /// What produced the snapshots (see [`ENV_ORIGIN`]).
+    pub origin: Option<crate::format::Origin>,
 }
 
 /// What the program does when its supervisor goes away (the control channel closes).
@@ -174,6 +179,13 @@ pub fn format_ranges(ranges: &[(u64, u64)]) -> String {
         .join(",")
 }
 
+/// The origin in `value` (JSON), if it parses and would pass a manifest's checks.
+pub fn parse_origin(value: &str) -> Option<crate::format::Origin> {
+    serde_json::from_str::<crate::format::Origin>(value)
+        .ok()
+        .filter(|o| o.check().is_ok())
+}
+
 fn var(name: &'static str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
@@ -207,6 +219,7 @@ impl Config {
             orphan: OrphanMode::Stop,
             suspect: Vec::new(),
             scrub: Some(crate::scrub::DEFAULT_PERIOD),
+            origin: None,
         }
     }
 
@@ -293,10 +306,34 @@ impl Config {
             keep_within,
             orphan,
             scrub,
+            origin: var(ENV_ORIGIN).and_then(|v| parse_origin(&v)),
             suspect: var(ENV_SUSPECT)
                 .map(|v| parse_ranges(ENV_SUSPECT, &v))
                 .transpose()?
                 .unwrap_or_default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_origin_that_does_not_parse_or_check_is_none() {
+        let o = parse_origin(r#"{"program":"/bin/heat","exe_blake3":null,"args":["--n","8"]}"#)
+            .unwrap();
+        assert_eq!(o.program, "/bin/heat");
+        assert_eq!(o.args, ["--n", "8"]);
+        assert!(parse_origin(r#"{"program":"/bin/heat"}"#).is_some());
+        for bad in [
+            "",
+            "not json",
+            r#"{"args":[]}"#,
+            r#"{"program":"/bin/heat","exe_blake3":"xyz"}"#,
+            r#"{"program":"a\u0000b"}"#,
+        ] {
+            assert_eq!(parse_origin(bad), None, "{bad}");
+        }
     }
 }

@@ -79,6 +79,19 @@ pub enum Event {
         /// The snapshots set aside because they use one.
         set_aside: Vec<u64>,
     },
+    /// A restore failed because an entry of the snapshot has another size than the program's
+    /// (its parameters changed): older snapshots would not fit either, so this says nothing
+    /// against the snapshot. Sent before the program gets the error.
+    RestoreMismatch {
+        /// The snapshot restored.
+        seq: u64,
+        /// The entry.
+        entry: String,
+        /// Its size in the snapshot.
+        stored_bytes: u64,
+        /// The size of the program's region, slice or block.
+        wanted_bytes: u64,
+    },
 }
 
 impl Event {
@@ -122,5 +135,15 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), ev);
         assert_eq!(Request::Stop.to_line(), "{\"op\":\"stop\"}\n");
+        let ev = Event::RestoreMismatch {
+            seq: 3,
+            entry: "grid".into(),
+            stored_bytes: 32768,
+            wanted_bytes: 33800,
+        };
+        assert_eq!(
+            ev.to_line(),
+            "{\"ev\":\"restore_mismatch\",\"seq\":3,\"entry\":\"grid\",\"stored_bytes\":32768,\"wanted_bytes\":33800}\n"
+        );
     }
 }

@@ -65,10 +65,13 @@ pub enum Error {
         /// The entry name.
         name: String,
     },
-    /// A restore into memory whose size differs from what the snapshot holds.
+    /// A restore into memory whose size differs from what the snapshot holds (the program's
+    /// parameters changed: an older snapshot would not fit either).
     SizeMismatch {
         /// The entry name.
         name: String,
+        /// The snapshot restored.
+        seq: u64,
         /// Bytes in the snapshot.
         stored: u64,
         /// Bytes in the destination.
@@ -120,6 +123,34 @@ pub enum Error {
         /// What is wrong with it.
         kind: UnsafeKind,
     },
+    /// A region whose byte length does not fit in memory's address range.
+    RegionTooLarge {
+        /// The entry name.
+        name: String,
+        /// Elements asked for.
+        len: usize,
+        /// Bytes per element.
+        elem_size: usize,
+    },
+    /// An output file that cannot be used as one (see [`crate::Shim::output`]).
+    Output {
+        /// The path as the program gave it.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// An output file shorter than the length a snapshot recorded: bytes the resumed program
+    /// counts on are gone (the file was cut or replaced after the snapshot).
+    OutputShorter {
+        /// The file.
+        path: PathBuf,
+        /// The snapshot that recorded the length (`None`: this run, before it was reopened).
+        seq: Option<u64>,
+        /// The length recorded.
+        recorded: u64,
+        /// The length found.
+        found: u64,
+    },
     /// A manifest larger than any this release writes or reads.
     TooLarge {
         /// The manifest file.
@@ -170,9 +201,37 @@ impl std::fmt::Display for Error {
             Error::DuplicateEntry { name } => {
                 write!(f, "entry {name:?} is added twice to one snapshot")
             }
-            Error::SizeMismatch { name, stored, dest } => write!(
+            Error::SizeMismatch {
+                name,
+                seq,
+                stored,
+                dest,
+            } => write!(
                 f,
-                "entry {name:?}: snapshot holds {stored} bytes but the destination has {dest} bytes"
+                "entry {name:?}: snapshot {seq} holds {stored} bytes but the program's has {dest} \
+                 bytes (were the program's parameters changed?)"
+            ),
+            Error::RegionTooLarge {
+                name,
+                len,
+                elem_size,
+            } => write!(
+                f,
+                "region {name:?}: {len} elements of {elem_size} bytes are more than memory holds"
+            ),
+            Error::Output { path, why } => write!(f, "output file {}: {why}", path.display()),
+            Error::OutputShorter {
+                path,
+                seq,
+                recorded,
+                found,
+            } => write!(
+                f,
+                "output file {} is {found} bytes, shorter than the {recorded} bytes {} recorded; \
+                 it was cut or replaced since: put the file back, or resume from an older \
+                 snapshot or afresh",
+                path.display(),
+                seq.map_or_else(|| "this run".to_owned(), |s| format!("snapshot {s}"))
             ),
             Error::WrongKind {
                 name,
@@ -330,6 +389,9 @@ mod tests {
             | Error::Aborted(_)
             | Error::Unsafe { .. }
             | Error::TooLarge { .. }
+            | Error::RegionTooLarge { .. }
+            | Error::Output { .. }
+            | Error::OutputShorter { .. }
             | Error::NotADirectory { .. } => {}
         }
     }
@@ -392,8 +454,33 @@ mod tests {
             (
                 Error::SizeMismatch {
                     name: "e".into(),
+                    seq: 4,
                     stored: 1,
                     dest: 2,
+                },
+                None,
+            ),
+            (
+                Error::RegionTooLarge {
+                    name: "e".into(),
+                    len: usize::MAX,
+                    elem_size: 8,
+                },
+                None,
+            ),
+            (
+                Error::Output {
+                    path: path(),
+                    why: "it is a directory".into(),
+                },
+                None,
+            ),
+            (
+                Error::OutputShorter {
+                    path: path(),
+                    seq: Some(3),
+                    recorded: 10,
+                    found: 5,
                 },
                 None,
             ),

@@ -123,7 +123,9 @@ fn c_name(name: *const c_char) -> Result<String, (c_int, String)> {
 fn io(e: crate::Error) -> (c_int, String) {
     let code = match e {
         crate::Error::SizeMismatch { .. } => SV_ESIZE,
-        crate::Error::InvalidName { .. } | crate::Error::WrongKind { .. } => SV_EINVAL,
+        crate::Error::InvalidName { .. }
+        | crate::Error::WrongKind { .. }
+        | crate::Error::Output { .. } => SV_EINVAL,
         _ => SV_EIO,
     };
     (code, e.to_string())
@@ -251,6 +253,47 @@ pub unsafe extern "C" fn sv_alloc(name: *const c_char, bytes: usize) -> *mut c_v
                 Allocated::U8(r) => r.as_mut_ptr() as *mut c_void,
             };
             s.allocated.push(region);
+            Ok(SV_OK)
+        })
+    });
+    out
+}
+
+/// Opens the append-only output file `path` (relative to the working directory) as a C
+/// stream, or returns NULL (see `sv_last_error`). Write to it with `fprintf`, `fputs`,
+/// `fwrite`...; at every snapshot the shim calls `fflush` on it and records the file's length
+/// (everything written before the safe point). A run resumed from a snapshot cuts the file
+/// back to the length it recorded, so the file ends byte for byte as an uninterrupted run's;
+/// a fresh start begins with an empty file; without a supervisor and without
+/// `SUPERVISE_STORE` it is a plain file opened for appending. A file shorter than a snapshot
+/// recorded is an error naming it and both lengths.
+///
+/// The shim owns the stream: never `fclose` it (`sv_finalize` flushes and closes it), and
+/// write to the file only through it.
+///
+/// Thread safety: any thread; the stream may be written from one thread at a time, which must
+/// not write during `sv_checkpoint`/`sv_poll` (call them from the writing thread).
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sv_output(path: *const c_char) -> *mut libc::FILE {
+    let mut out: *mut libc::FILE = std::ptr::null_mut();
+    guard(|| {
+        if path.is_null() {
+            return Err((SV_EINVAL, "sv_output: path is NULL".into()));
+        }
+        // SAFETY: a NUL-terminated string from the caller (checked non-NULL), valid for the
+        // call, as the header documents.
+        let path = unsafe { CStr::from_ptr(path) };
+        let path = path
+            .to_str()
+            .map_err(|_| (SV_EINVAL, "sv_output: path is not valid UTF-8".to_owned()))?;
+        with_state(|s| {
+            out = s
+                .shim
+                .output_stdio(std::path::Path::new(path))
+                .map_err(io)?;
             Ok(SV_OK)
         })
     });

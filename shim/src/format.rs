@@ -11,8 +11,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result, io_err};
 use crate::name;
 
-/// Format version written by this release (and the newest it reads).
-pub const FORMAT_VERSION: u16 = 1;
+/// Version of the pack files this release writes (and the newest it reads): 1.
+pub const PACK_VERSION: u16 = 1;
+/// Version of the snapshot manifests this release writes (and the newest it reads): 2, which
+/// added [`Manifest::origin`] and [`Manifest::outputs`]. Version 1 manifests are still read
+/// (see [`Manifest::decode`]).
+pub const MANIFEST_VERSION: u16 = 2;
+/// The newest format version of any store file (the manifest's, [`MANIFEST_VERSION`]).
+pub const FORMAT_VERSION: u16 = MANIFEST_VERSION;
+/// Longest output path a manifest may record, in bytes (Linux's `PATH_MAX`).
+pub const MAX_OUTPUT_PATH: usize = 4096;
 /// Magic at the start of every pack file.
 pub const PACK_MAGIC: &[u8; 6] = b"SVPACK";
 /// Magic at the start of every snapshot manifest.
@@ -152,15 +160,31 @@ impl RecordHeader {
     }
 }
 
-/// The file header (magic + version) of a store file.
+/// The version this release writes for files of `magic` (and the newest it reads):
+/// [`MANIFEST_VERSION`] for manifests, [`PACK_VERSION`] for packs.
+pub fn current_version(magic: &[u8; 6]) -> u16 {
+    if magic == MANIFEST_MAGIC {
+        MANIFEST_VERSION
+    } else {
+        PACK_VERSION
+    }
+}
+
+/// The file header (magic + the version this release writes) of a store file.
 pub fn file_header(magic: &[u8; 6]) -> [u8; HEADER_LEN] {
+    file_header_of_version(magic, current_version(magic))
+}
+
+/// The file header of a store file of an explicit `version` (tests craft older files).
+pub fn file_header_of_version(magic: &[u8; 6], version: u16) -> [u8; HEADER_LEN] {
     let mut out = [0u8; HEADER_LEN];
     out[..6].copy_from_slice(magic);
-    out[6..].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[6..].copy_from_slice(&version.to_le_bytes());
     out
 }
 
-/// Checks a file header; returns the version found.
+/// Checks a file header; returns the version found (1 to the newest this release reads for
+/// that kind of file, [`current_version`]).
 pub fn check_header(bytes: &[u8], magic: &[u8; 6], what: &str, path: &Path) -> Result<u16> {
     if bytes.len() < HEADER_LEN || &bytes[..6] != magic {
         return Err(Error::Corrupt {
@@ -169,11 +193,12 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 6], what: &str, path: &Path) -> R
         });
     }
     let version = u16::from_le_bytes([bytes[6], bytes[7]]);
-    if version == 0 || version > FORMAT_VERSION {
+    let newest = current_version(magic);
+    if version == 0 || version > newest {
         return Err(Error::UnsupportedVersion {
             path: path.to_owned(),
             found: version,
-            supported: FORMAT_VERSION,
+            supported: newest,
         });
     }
     Ok(version)
@@ -286,6 +311,79 @@ pub struct EntryMeta {
     pub chunks: Vec<ChunkRef>,
 }
 
+/// What produced a snapshot: the program, as the supervisor started it (from
+/// `SUPERVISE_ORIGIN`, see [`crate::config::ENV_ORIGIN`]). Manifest version 2 on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The program's canonical path.
+    pub program: String,
+    /// blake3 of the program file, 64 lower-case hex digits, if the supervisor hashed it.
+    #[serde(default)]
+    pub exe_blake3: Option<String>,
+    /// Its arguments (without the program itself).
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+impl Origin {
+    /// Checks what a manifest requires of an origin: a program path without NUL, and a hash
+    /// (if any) of 64 lower-case hex digits. Returns what is wrong.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.program.contains('\0') {
+            return Err(format!("an invalid program path {:?}", self.program));
+        }
+        if let Some(hash) = &self.exe_blake3
+            && !(hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        {
+            return Err(format!("an invalid program hash {hash:?}"));
+        }
+        Ok(())
+    }
+}
+
+/// How long an output file of the program was when a snapshot was taken (see
+/// [`crate::Shim::output`]): a restore cuts the file back to this length. Manifest version 2 on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputMark {
+    /// The file's absolute path: its directory's canonical path joined with its name, as
+    /// resolved when the program opened it.
+    pub path: String,
+    /// Its length in bytes: everything the program wrote to it before the snapshot's safe point.
+    pub len: u64,
+}
+
+/// The body of a version 1 manifest: a version 2 body without `origin` and `outputs`.
+#[derive(Deserialize, Serialize)]
+struct ManifestV1 {
+    job: String,
+    seq: u64,
+    parent: Option<u64>,
+    created_unix_ms: u64,
+    attempt: u32,
+    tag: Option<String>,
+    stats: SnapshotStats,
+    packs: Vec<String>,
+    entries: Vec<EntryMeta>,
+}
+
+impl From<ManifestV1> for Manifest {
+    fn from(m: ManifestV1) -> Self {
+        Manifest {
+            job: m.job,
+            seq: m.seq,
+            parent: m.parent,
+            created_unix_ms: m.created_unix_ms,
+            attempt: m.attempt,
+            tag: m.tag,
+            stats: m.stats,
+            packs: m.packs,
+            entries: m.entries,
+            origin: None,
+            outputs: Vec::new(),
+        }
+    }
+}
+
 /// A snapshot manifest: what makes a snapshot exist.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -307,6 +405,13 @@ pub struct Manifest {
     pub packs: Vec<String>,
     /// The entries.
     pub entries: Vec<EntryMeta>,
+    /// What produced the snapshot, when the supervisor said (`None` in version 1 manifests).
+    #[serde(default)]
+    pub origin: Option<Origin>,
+    /// The program's output files and their lengths at the snapshot (empty in version 1
+    /// manifests).
+    #[serde(default)]
+    pub outputs: Vec<OutputMark>,
 }
 
 /// The root hash of an entry from its length and chunk hashes.
@@ -333,13 +438,37 @@ impl Manifest {
         out
     }
 
+    /// Encodes the manifest as a version 1 file (without `origin` and `outputs`), as the
+    /// release before version 2 wrote it; for tests of reading old stores.
+    pub fn encode_v1(&self) -> Vec<u8> {
+        let v1 = ManifestV1 {
+            job: self.job.clone(),
+            seq: self.seq,
+            parent: self.parent,
+            created_unix_ms: self.created_unix_ms,
+            attempt: self.attempt,
+            tag: self.tag.clone(),
+            stats: self.stats.clone(),
+            packs: self.packs.clone(),
+            entries: self.entries.clone(),
+        };
+        let body = postcard::to_stdvec(&v1).expect("manifest serialization cannot fail");
+        let mut out = Vec::with_capacity(HEADER_LEN + 8 + body.len() + 32);
+        out.extend_from_slice(&file_header_of_version(MANIFEST_MAGIC, 1));
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&body);
+        out.extend_from_slice(blake3::hash(&body).as_bytes());
+        out
+    }
+
     /// Decodes and checks a manifest file read from `path`: header, length, checksum, and
     /// everything a writer guarantees (see [`Manifest::check`]), so that no field read from
     /// disk can make a reader allocate without bound, read out of bounds or write outside a
-    /// directory.
+    /// directory. Reads version 1 (decoded in its own layout, then given no origin and no
+    /// outputs) and version 2.
     pub fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
         check_manifest_len(bytes.len() as u64, path)?;
-        check_header(bytes, MANIFEST_MAGIC, "snapshot manifest", path)?;
+        let version = check_header(bytes, MANIFEST_MAGIC, "snapshot manifest", path)?;
         let corrupt = |why: String| Error::Corrupt {
             path: path.to_owned(),
             why,
@@ -363,8 +492,25 @@ impl Manifest {
                 "manifest checksum does not match its content".into(),
             ));
         }
-        let manifest: Manifest = postcard::from_bytes(body)
-            .map_err(|e| corrupt(format!("manifest does not decode: {e}")))?;
+        // The whole body must be used: a body of another version must not decode by chance.
+        let decoded = match version {
+            1 => postcard::take_from_bytes::<ManifestV1>(body).map(|(m, rest)| (m.into(), rest)),
+            _ => postcard::take_from_bytes::<Manifest>(body),
+        };
+        let manifest = match decoded {
+            Ok((manifest, [])) => manifest,
+            Ok((_, rest)) => {
+                return Err(corrupt(format!(
+                    "manifest (version {version}) has {} bytes after its body",
+                    rest.len()
+                )));
+            }
+            Err(e) => {
+                return Err(corrupt(format!(
+                    "manifest (version {version}) does not decode: {e}"
+                )));
+            }
+        };
         manifest.check().map_err(corrupt)?;
         Ok(manifest)
     }
@@ -375,9 +521,29 @@ impl Manifest {
     /// [`MAX_CHUNK_LEN`], a stored length no larger (a chunk is stored raw unless compression
     /// saves), a record inside the address range of a pack after its header; the chunks add
     /// up to the entry's length, a whole number of elements, and a value is at most
-    /// [`MAX_VALUE_LEN`]. Returns what is wrong.
+    /// [`MAX_VALUE_LEN`]; output paths are absolute, at most [`MAX_OUTPUT_PATH`] bytes, without
+    /// NUL, and none repeats; an origin's program has no NUL and its hash, if any, is 64
+    /// lower-case hex digits. Returns what is wrong.
     pub fn check(&self) -> std::result::Result<(), String> {
         name::validate("job", &self.job).map_err(|e| format!("manifest has an {e}"))?;
+        let mut paths = HashSet::with_capacity(self.outputs.len());
+        for out in &self.outputs {
+            if !out.path.starts_with('/')
+                || out.path.len() > MAX_OUTPUT_PATH
+                || out.path.contains('\0')
+            {
+                return Err(format!(
+                    "manifest names an invalid output path {:?} (absolute, at most {MAX_OUTPUT_PATH} bytes, no NUL)",
+                    out.path
+                ));
+            }
+            if !paths.insert(out.path.as_str()) {
+                return Err(format!("output {:?} appears twice", out.path));
+            }
+        }
+        if let Some(origin) = &self.origin {
+            origin.check().map_err(|e| format!("manifest has {e}"))?;
+        }
         if let Some(p) = self.packs.iter().find(|p| !is_pack_name(p)) {
             return Err(format!("manifest names an invalid pack {p:?}"));
         }
@@ -475,6 +641,15 @@ mod tests {
                 len: 100,
                 root: entry_root(100, [[7; 32]]),
                 chunks: vec![chunk],
+            }],
+            origin: Some(Origin {
+                program: "/usr/bin/heat".into(),
+                exe_blake3: Some("ab".repeat(32)),
+                args: vec!["--n".into(), "64".into()],
+            }),
+            outputs: vec![OutputMark {
+                path: "/tmp/out.txt".into(),
+                len: 1234,
             }],
         }
     }
@@ -630,6 +805,86 @@ mod tests {
             }),
             "100 bytes of f64",
         );
+    }
+
+    #[test]
+    fn version_1_manifests_decode_without_origin_and_outputs() {
+        let m = sample();
+        let v1 = m.encode_v1();
+        assert_eq!(&v1[6..8], &1u16.to_le_bytes());
+        let decoded = Manifest::decode(&v1, Path::new("m")).unwrap();
+        assert_eq!(
+            decoded,
+            Manifest {
+                origin: None,
+                outputs: Vec::new(),
+                ..m.clone()
+            }
+        );
+        // Every bound still holds in version 1.
+        let mut bad = m.clone();
+        bad.entries[0].name = "../x".into();
+        assert_corrupt(
+            Manifest::decode(&bad.encode_v1(), Path::new("m")),
+            "v1 name",
+        );
+        for len in 0..v1.len() {
+            assert!(Manifest::decode(&v1[..len], Path::new("m")).is_err());
+        }
+    }
+
+    #[test]
+    fn a_body_under_the_other_version_number_is_corrupt() {
+        let mut v2 = sample().encode();
+        v2[6..8].copy_from_slice(&1u16.to_le_bytes());
+        assert_corrupt(Manifest::decode(&v2, Path::new("m")), "v2 body as v1");
+        let mut v1 = sample().encode_v1();
+        v1[6..8].copy_from_slice(&2u16.to_le_bytes());
+        assert_corrupt(Manifest::decode(&v1, Path::new("m")), "v1 body as v2");
+    }
+
+    #[test]
+    fn bad_outputs_and_origins_are_corrupt() {
+        for bad in [
+            "",
+            "relative/out",
+            "/nul\0",
+            &format!("/{}", "a".repeat(4096)),
+        ] {
+            assert_corrupt(decode_edited(|m| m.outputs[0].path = bad.into()), bad);
+        }
+        assert_corrupt(
+            decode_edited(|m| m.outputs.push(m.outputs[0].clone())),
+            "repeated output",
+        );
+        for bad in ["AB".repeat(32), "ab".repeat(31), "zz".repeat(32)] {
+            assert_corrupt(
+                decode_edited(|m| {
+                    if let Some(o) = &mut m.origin {
+                        o.exe_blake3 = Some(bad.clone())
+                    }
+                }),
+                &bad,
+            );
+        }
+        decode_edited(|m| m.origin = None).unwrap();
+        decode_edited(|m| m.outputs.clear()).unwrap();
+    }
+
+    #[test]
+    fn packs_keep_version_1() {
+        assert_eq!(&file_header(PACK_MAGIC)[6..], &1u16.to_le_bytes());
+        assert_eq!(&file_header(MANIFEST_MAGIC)[6..], &2u16.to_le_bytes());
+        let mut pack = file_header(PACK_MAGIC);
+        pack[6] = 2;
+        assert!(matches!(
+            check_header(&pack, PACK_MAGIC, "pack", Path::new("p")),
+            Err(Error::UnsupportedVersion {
+                found: 2,
+                supported: 1,
+                ..
+            })
+        ));
     }
 
     #[test]

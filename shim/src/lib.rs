@@ -31,6 +31,10 @@
 //!
 //! Without a supervisor (and without `SUPERVISE_STORE` set) the same program runs unchanged:
 //! nothing is restored and `due()` is never true. See [`config`] for the environment.
+//!
+//! A program that appends results to a file opens it with [`Shim::output`] (C: `sv_output`):
+//! each snapshot records the file's length, and a resumed run cuts the file back to it, so the
+//! file ends as an uninterrupted run's.
 
 #![deny(missing_docs)]
 
@@ -60,6 +64,7 @@ pub mod fsops;
 pub mod history;
 pub mod lock;
 pub mod name;
+pub mod output;
 mod pack;
 pub mod pack_scan;
 pub mod reader;
@@ -74,6 +79,7 @@ pub mod writer;
 
 pub use capture::Capture;
 pub use error::{Error, Result, UnsafeKind};
+pub use output::Output;
 pub use reader::SnapshotReader;
 pub use region::Region;
 pub use runtime::{EXIT_STOPPED, Shim, Start};

@@ -81,6 +81,7 @@ impl SnapshotReader {
         if entry.len != dest.len() as u64 {
             return Err(Error::SizeMismatch {
                 name: name.to_owned(),
+                seq: self.manifest.seq,
                 stored: entry.len,
                 dest: dest.len() as u64,
             });
@@ -134,6 +135,7 @@ impl SnapshotReader {
         if dest.len() as u64 != entry.len {
             return Err(Error::SizeMismatch {
                 name: entry.name.clone(),
+                seq: self.manifest.seq,
                 stored: entry.len,
                 dest: dest.len() as u64,
             });

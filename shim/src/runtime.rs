@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::capture::{Background, Buffer, Capture, Item, Job, Work, empty_buffer};
+use crate::capture::{Background, Buffer, Capture, Item, Job, OutputsAt, Work, empty_buffer};
 use crate::channel::{SNAP, STOP, Shared, adopt_control_fd, control_loop, set_cloexec};
 use crate::config::{CaptureMode, Config, Mode};
 use crate::control::{DamagedPack, Event};
 use crate::dirty::DirtyTracker;
 use crate::error::{Error, Result};
 use crate::format::{CHUNK_SIZE, EntryKind};
+use crate::output::{self, Output, OutputFile, Sink};
 use crate::region::{Region, RegionMem};
 use crate::restore::{Restored, choose_restore};
 use crate::scrub::Finding;
@@ -75,6 +76,8 @@ pub struct Shim {
     /// Slots (indices into `regions`) captured in the snapshot being written.
     in_flight_regions: Vec<usize>,
     last: Option<std::result::Result<SnapshotReport, String>>,
+    /// The output files this run opened (closed ones too: their lengths stay recorded).
+    outputs: Vec<output::Shared>,
     /// Tests: make the next fork fail (after the dirty pages were collected).
     #[cfg(test)]
     fail_next_fork: bool,
@@ -116,6 +119,7 @@ impl Shim {
             ranges: Vec::new(),
             in_flight_regions: Vec::new(),
             last: None,
+            outputs: Vec::new(),
             #[cfg(test)]
             fail_next_fork: false,
         };
@@ -321,10 +325,10 @@ impl Shim {
             });
         }
         let size = std::mem::size_of::<T>();
-        let bytes = len.checked_mul(size).ok_or_else(|| Error::SizeMismatch {
+        let bytes = len.checked_mul(size).ok_or_else(|| Error::RegionTooLarge {
             name: name.to_owned(),
-            stored: 0,
-            dest: u64::MAX,
+            len,
+            elem_size: size,
         })?;
         let kind = EntryKind::Slice {
             elem: T::NAME.to_owned(),
@@ -341,7 +345,10 @@ impl Shim {
                 Ok(true) => baseline = Some(seq),
                 Ok(false) => {}
                 Err(e) if e.is_corruption() => return Err(self.restart_after_damage(seq, e)),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.report_mismatch(&e);
+                    return Err(e);
+                }
             }
         }
         // A restored region is protected now: it must be tracked from its restored content on.
@@ -398,8 +405,175 @@ impl Shim {
                 let seq = restored.reader.manifest().seq;
                 Err(self.restart_after_damage(seq, e))
             }
-            other => other,
+            Err(e) => {
+                self.report_mismatch(&e);
+                Err(e)
+            }
+            Ok(found) => Ok(found),
         }
+    }
+
+    /// Tells the supervisor when a restore failed on an entry's size: the program's parameters
+    /// changed, which says nothing against the snapshot (an older one would not fit either).
+    fn report_mismatch(&self, e: &Error) {
+        if let Error::SizeMismatch {
+            name,
+            seq,
+            stored,
+            dest,
+        } = e
+        {
+            self.shared.send(&Event::RestoreMismatch {
+                seq: *seq,
+                entry: name.clone(),
+                stored_bytes: *stored,
+                wanted_bytes: *dest,
+            });
+        }
+    }
+
+    /// Opens the append-only output file `path` (relative to the working directory), whose
+    /// length each snapshot records. Write to the returned [`Output`] (it buffers by itself;
+    /// each snapshot writes its buffer out, then records the file's length and makes those
+    /// bytes durable before the snapshot is).
+    ///
+    /// - Resumed from a snapshot that recorded the file: it is cut back to the recorded length,
+    ///   so the file ends byte for byte as an uninterrupted run's. A file shorter than that is
+    ///   [`Error::OutputShorter`], naming it and both lengths: never accepted silently.
+    /// - A fresh start (or a snapshot taken before the file was opened): the file starts empty,
+    ///   as in the uninterrupted run. Its former content is lost.
+    /// - Without a supervisor and without `SUPERVISE_STORE`: a plain file opened for appending
+    ///   (created if missing, never cut).
+    ///
+    /// Snapshots record the absolute path (the directory's canonical path joined with the file
+    /// name, resolved now), so a resumed run finds its file wherever it starts from as long as
+    /// it names the same file. A path may be opened once at a time; opened again after its
+    /// [`Output`] was dropped, it goes on where it ended.
+    pub fn output(&mut self, path: impl AsRef<std::path::Path>) -> Result<Output> {
+        let shared = self.open_output(path.as_ref(), false)?;
+        Ok(Output::new(shared))
+    }
+
+    /// [`output`](Self::output) for the C ABI: the file as a C stream (`FILE *`) that the shim
+    /// flushes at every snapshot and closes at the end.
+    pub(crate) fn output_stdio(&mut self, path: &std::path::Path) -> Result<*mut libc::FILE> {
+        let shared = self.open_output(path, true)?;
+        let out = output::lock(&shared);
+        match out.sink {
+            Sink::Stdio(fp) => Ok(fp),
+            _ => Err(Error::Output {
+                path: path.to_owned(),
+                why: "is not a C stream".into(),
+            }),
+        }
+    }
+
+    fn open_output(&mut self, path: &std::path::Path, stdio: bool) -> Result<output::Shared> {
+        let key = output::recorded_path(path)?;
+        let existing = self
+            .outputs
+            .iter()
+            .find(|o| output::lock(o).key == key)
+            .cloned();
+        if let Some(shared) = &existing
+            && !matches!(output::lock(shared).sink, Sink::Closed)
+        {
+            return Err(Error::Output {
+                path: path.to_owned(),
+                why: "is open already".into(),
+            });
+        }
+        let file = if self.is_active() {
+            let (len, seq) = match &existing {
+                Some(shared) => (output::lock(shared).len, None),
+                None => {
+                    let restored = self.restored.as_ref().map(|r| r.reader.manifest());
+                    let mark = restored.and_then(|m| {
+                        m.outputs
+                            .iter()
+                            .find(|o| o.path == key)
+                            .map(|o| (o.len, Some(m.seq)))
+                    });
+                    mark.unwrap_or((0, None))
+                }
+            };
+            output::open_at(&key, len, seq)?
+        } else {
+            output::open_append(std::path::Path::new(&key))?
+        };
+        let len = file
+            .metadata()
+            .map_err(crate::error::io_err("stat output", path))?
+            .len();
+        let sink = if stdio {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+            // SAFETY: dup and fdopen take an open descriptor and a NUL-terminated mode; the
+            // new descriptor belongs to the stream from here on (or is closed on failure).
+            let fp = unsafe {
+                let copy = libc::dup(fd);
+                let fp = if copy >= 0 {
+                    libc::fdopen(copy, c"a".as_ptr())
+                } else {
+                    std::ptr::null_mut()
+                };
+                if fp.is_null() && copy >= 0 {
+                    libc::close(copy);
+                }
+                fp
+            };
+            if fp.is_null() {
+                return Err(Error::Io {
+                    op: "open a C stream on output",
+                    path: path.to_owned(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            Sink::Stdio(fp)
+        } else {
+            Sink::Buffer(Vec::new())
+        };
+        let state = OutputFile {
+            key,
+            file: Some(Arc::new(file)),
+            len,
+            sink,
+        };
+        Ok(match existing {
+            Some(shared) => {
+                *output::lock(&shared) = state;
+                shared
+            }
+            None => {
+                let shared = Arc::new(Mutex::new(state));
+                self.outputs.push(Arc::clone(&shared));
+                shared
+            }
+        })
+    }
+
+    /// At a safe point: writes out what the program wrote to its output files and notes their
+    /// lengths for the snapshot.
+    fn outputs_at_safe_point(&mut self) -> Result<OutputsAt> {
+        let mut at = OutputsAt::default();
+        for shared in &self.outputs {
+            let mut out = output::lock(shared);
+            out.flush()?;
+            at.marks.push(out.mark());
+            if let Some(file) = &out.file {
+                at.files
+                    .push((std::path::PathBuf::from(&out.key), Arc::clone(file)));
+            }
+        }
+        // Files the restored snapshot recorded that this run has not opened (yet) keep their
+        // marks: a later resume must still cut them to that length, not start them empty.
+        if let Some(restored) = &self.restored {
+            for mark in &restored.reader.manifest().outputs {
+                if !at.marks.iter().any(|m| m.path == mark.path) {
+                    at.marks.push(mark.clone());
+                }
+            }
+        }
+        Ok(at)
     }
 
     fn restart_after_damage(&self, seq: u64, err: Error) -> Error {
@@ -470,11 +644,13 @@ impl Shim {
         }
         self.shared.snapshotting.store(true, Ordering::SeqCst);
         let stop = pending & STOP != 0 || self.shared.pending.load(Ordering::SeqCst) & STOP != 0;
-        let handed_over = if self.fork_wanted() {
-            self.capture_forked(tag, fill, started)
-        } else {
-            self.capture(tag, fill, started).map(Work::Job)
-        };
+        let handed_over = self.outputs_at_safe_point().and_then(|outputs| {
+            if self.fork_wanted() {
+                self.capture_forked(tag, fill, started, outputs)
+            } else {
+                self.capture(tag, fill, started, outputs).map(Work::Job)
+            }
+        });
         let work = match handed_over {
             Ok(work) => work,
             Err(e) => {
@@ -525,8 +701,12 @@ impl Shim {
 
     /// Ends the shim's work: waits for a snapshot still being written. Call it when the
     /// computation is complete.
+    /// Output files still open are written out (their errors returned here) and stay open.
     pub fn finish(mut self) -> Result<()> {
         self.settle();
+        for shared in &self.outputs {
+            output::lock(shared).flush()?;
+        }
         Ok(())
     }
 
@@ -553,7 +733,13 @@ impl Shim {
     /// Takes the snapshot in a forked copy-on-write process: here only the dirty pages are
     /// collected (and tracking reset); the child runs `fill`, reads regions in place, writes
     /// the snapshot with a writer of its own and reports through a pipe.
-    fn capture_forked<F>(&mut self, tag: Option<&str>, fill: F, started: Instant) -> Result<Work>
+    fn capture_forked<F>(
+        &mut self,
+        tag: Option<&str>,
+        fill: F,
+        started: Instant,
+        outputs: OutputsAt,
+    ) -> Result<Work>
     where
         F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
@@ -584,6 +770,7 @@ impl Shim {
         }
         let parent = std::process::id() as libc::pid_t;
         let (attempt, keep) = (self.config.attempt, self.config.retention());
+        let origin = self.config.origin.clone();
         // SAFETY: the child only runs the snapshot code path (allocation, file I/O, thread
         // creation for hashing, all of which glibc keeps usable after fork) and leaves with
         // _exit; it takes none of the shim's locks and prints nothing.
@@ -650,6 +837,8 @@ impl Shim {
                         tag: tag.map(str::to_owned),
                         items,
                         started,
+                        origin,
+                        outputs,
                     })
                 })();
                 crate::capture::forked_child(job, attempt, keep, built, std::fs::File::from(write))
@@ -693,7 +882,13 @@ impl Shim {
     }
 
     /// Copies what the snapshot needs; the program is paused for exactly this.
-    fn capture<F>(&mut self, tag: Option<&str>, fill: F, started: Instant) -> Result<Job>
+    fn capture<F>(
+        &mut self,
+        tag: Option<&str>,
+        fill: F,
+        started: Instant,
+        outputs: OutputsAt,
+    ) -> Result<Job>
     where
         F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
@@ -720,6 +915,8 @@ impl Shim {
             tag: tag.map(str::to_owned),
             items,
             started,
+            origin: self.config.origin.clone(),
+            outputs,
         })
     }
 
@@ -782,6 +979,13 @@ impl Shim {
 impl Drop for Shim {
     fn drop(&mut self) {
         self.settle();
+        // C streams are the shim's to close; a Rust `Output` closes when it is dropped.
+        for shared in &self.outputs {
+            let mut out = output::lock(shared);
+            if matches!(out.sink, Sink::Stdio(_)) {
+                let _ = out.close();
+            }
+        }
     }
 }
 

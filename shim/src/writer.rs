@@ -17,8 +17,8 @@ use crate::control::DamagedSnapshot;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::format::{
-    CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Hash, Manifest, RecordHeader, SnapshotStats,
-    entry_root,
+    CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Hash, Manifest, Origin, OutputMark, RecordHeader,
+    SnapshotStats, entry_root,
 };
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
@@ -230,6 +230,8 @@ impl SnapshotWriter {
             stats: SnapshotStats::default(),
             packs_made: 0,
             committed: false,
+            origin: None,
+            outputs: Vec::new(),
             writer: self,
         }
     }
@@ -275,6 +277,8 @@ pub struct SnapshotBuilder<'w> {
     stats: SnapshotStats,
     packs_made: u32,
     committed: bool,
+    origin: Option<Origin>,
+    outputs: Vec<OutputMark>,
 }
 
 /// What a worker found for one chunk.
@@ -346,6 +350,17 @@ impl SnapshotBuilder<'_> {
     /// The manifest of committed snapshot `seq`, to build deltas on.
     pub fn manifest_of(&self, seq: u64) -> Result<Manifest> {
         self.writer.manifest_of(seq)
+    }
+
+    /// Records what produced the snapshot (see [`Manifest::origin`]).
+    pub fn set_origin(&mut self, origin: Option<Origin>) {
+        self.origin = origin;
+    }
+
+    /// Records the program's output files and their lengths (see [`Manifest::outputs`]). The
+    /// caller makes their bytes durable before [`commit`](Self::commit).
+    pub fn set_outputs(&mut self, outputs: Vec<OutputMark>) {
+        self.outputs = outputs;
     }
 
     /// Adds an entry of any kind from its bytes, byte-shuffled with width `shuffle` (0: none).
@@ -676,6 +691,8 @@ impl SnapshotBuilder<'_> {
             stats: self.stats.clone(),
             packs: std::mem::take(&mut self.pack_table),
             entries: std::mem::take(&mut self.entries),
+            origin: self.origin.take(),
+            outputs: std::mem::take(&mut self.outputs),
         };
         let manifest_len = self.writer.job.publish_manifest(&manifest)?;
         let tag = manifest.tag.clone();

@@ -115,6 +115,8 @@ fn manifest(entries: usize) -> Manifest {
             "00000000000000000006-fedcba9876543210-001".into(),
         ],
         entries,
+        origin: None,
+        outputs: Vec::new(),
     }
 }
 

@@ -443,3 +443,190 @@ fn repair_points_damaged_snapshots_at_good_copies_and_puts_them_back() {
         done.unrepairable
     );
 }
+
+/// A local shim on `dir/store`, job "j", with `edit` applied to its configuration.
+fn local_shim(
+    dir: &Path,
+    edit: impl FnOnce(&mut supervise_shim::config::Config),
+) -> supervise_shim::Result<supervise_shim::Shim> {
+    let mut config = supervise_shim::config::Config::local(dir.join("store"), "j");
+    config.scrub = None;
+    edit(&mut config);
+    supervise_shim::Shim::open(config)
+}
+
+#[test]
+fn a_restore_of_another_size_names_entry_sizes_and_snapshot_and_tells_the_supervisor() {
+    use std::io::{BufRead, BufReader};
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut shim = local_shim(dir.path(), |_| {}).unwrap();
+        let mut r = shim.region::<u64>("r", 100).unwrap();
+        r.fill(7);
+        shim.snapshot(None, |s| s.slice("s", &[1.0f64; 10]))
+            .unwrap();
+        assert_eq!(shim.wait_durable().unwrap().unwrap().seq, 1);
+    }
+    // Resumed under a "supervisor" (this test, at the other end of the control socket) with a
+    // region and a slice of other sizes.
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut shim = local_shim(dir.path(), |c| {
+        c.mode = supervise_shim::config::Mode::Supervised(theirs.into_raw_fd());
+        c.orphan = supervise_shim::config::OrphanMode::Continue;
+        c.every = Some(std::time::Duration::from_secs(3600));
+    })
+    .unwrap();
+    let err = shim.region::<u64>("r", 101).err().unwrap().to_string();
+    for part in ["\"r\"", "snapshot 1", "800", "808"] {
+        assert!(err.contains(part), "{part} in {err}");
+    }
+    let mut slice = [0.0f64; 11];
+    let err = shim.load_slice("s", &mut slice).unwrap_err().to_string();
+    for part in ["\"s\"", "snapshot 1", "80", "88"] {
+        assert!(err.contains(part), "{part} in {err}");
+    }
+    ours.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut events = Vec::new();
+    for line in BufReader::new(&ours).lines() {
+        // The mismatch events among the others (hello, beats).
+        let line = line.unwrap();
+        if let Ok(event @ supervise_shim::control::Event::RestoreMismatch { .. }) =
+            serde_json::from_str::<supervise_shim::control::Event>(&line)
+        {
+            events.push(event);
+            if events.len() == 2 {
+                break;
+            }
+        }
+    }
+    use supervise_shim::control::Event::RestoreMismatch;
+    assert_eq!(
+        events,
+        [
+            RestoreMismatch {
+                seq: 1,
+                entry: "r".into(),
+                stored_bytes: 800,
+                wanted_bytes: 808
+            },
+            RestoreMismatch {
+                seq: 1,
+                entry: "s".into(),
+                stored_bytes: 80,
+                wanted_bytes: 88
+            }
+        ]
+    );
+}
+
+#[test]
+fn the_origin_from_the_configuration_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = supervise_shim::format::Origin {
+        program: "/opt/sim/bin/heat".into(),
+        exe_blake3: Some("0f".repeat(32)),
+        args: vec!["--n".into(), "64".into()],
+    };
+    let mut shim = local_shim(dir.path(), |c| c.origin = Some(origin.clone())).unwrap();
+    shim.snapshot(None, |s| s.value("v", &1)).unwrap();
+    shim.wait_durable().unwrap();
+    let m = job(dir.path()).read_manifest(1).unwrap();
+    assert_eq!(m.origin, Some(origin));
+    assert!(m.outputs.is_empty());
+}
+
+#[test]
+fn an_output_file_is_cut_back_to_the_length_the_restored_snapshot_recorded() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    fs::write(&path, "left over from an earlier run\n").unwrap();
+    {
+        let mut shim = local_shim(dir.path(), |_| {}).unwrap();
+        let mut out = shim.output(&path).unwrap();
+        // A fresh start begins with an empty file, as the uninterrupted run would.
+        assert_eq!(fs::read(&path).unwrap(), b"");
+        // Buffered: nothing reaches the file before a snapshot (or a flush).
+        writeln!(out, "step 1").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"");
+        shim.snapshot(Some("step 1"), |_| Ok(())).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"step 1\n");
+        writeln!(out, "step 2").unwrap();
+        shim.snapshot(Some("step 2"), |_| Ok(())).unwrap();
+        shim.wait_durable().unwrap();
+        writeln!(out, "step 3 (after the last snapshot)").unwrap();
+        out.flush().unwrap();
+        assert!(
+            shim.output(&path).is_err(),
+            "a file open already is refused"
+        );
+        // The program dies here (its Output and shim dropped without another snapshot).
+    }
+    let m = job(dir.path()).read_manifest(2).unwrap();
+    let abs = fs::canonicalize(dir.path()).unwrap().join("out.txt");
+    assert_eq!(
+        m.outputs,
+        [supervise_shim::format::OutputMark {
+            path: abs.to_str().unwrap().into(),
+            len: 14
+        }]
+    );
+    // Resumed from snapshot 2: the file is cut to what it held then; the run goes on.
+    {
+        let mut shim = local_shim(dir.path(), |_| {}).unwrap();
+        // The relative path from the same directory names the same file.
+        let cwd = std::env::current_dir().unwrap();
+        std::env::set_current_dir(dir.path()).unwrap();
+        let out = shim.output("out.txt");
+        std::env::set_current_dir(cwd).unwrap();
+        let mut out = out.unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"step 1\nstep 2\n");
+        writeln!(out, "step 3").unwrap();
+        drop(out);
+        assert_eq!(fs::read(&path).unwrap(), b"step 1\nstep 2\nstep 3\n");
+        // Opened again in the same run, it goes on where it ended.
+        let mut out = shim.output(&path).unwrap();
+        writeln!(out, "step 4").unwrap();
+        shim.snapshot(None, |_| Ok(())).unwrap();
+        shim.wait_durable().unwrap();
+        assert_eq!(job(dir.path()).read_manifest(3).unwrap().outputs[0].len, 28);
+    }
+    // A run that resumes and snapshots before it opens the file again keeps its mark.
+    {
+        let mut shim = local_shim(dir.path(), |_| {}).unwrap();
+        shim.snapshot(None, |_| Ok(())).unwrap();
+        shim.wait_durable().unwrap();
+        assert_eq!(job(dir.path()).read_manifest(4).unwrap().outputs[0].len, 28);
+    }
+    // A file shorter than the snapshot recorded is an error naming it and both lengths.
+    fs::write(&path, "step 1\n").unwrap();
+    let mut shim = local_shim(dir.path(), |_| {}).unwrap();
+    let err = shim.output(&path).err().unwrap();
+    assert!(
+        matches!(err, supervise_shim::Error::OutputShorter { .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    for part in ["out.txt", "28", "7 bytes", "snapshot 4"] {
+        assert!(msg.contains(part), "{part} in {msg}");
+    }
+    assert_eq!(fs::read(&path).unwrap(), b"step 1\n", "left as it was");
+}
+
+#[test]
+fn without_a_store_an_output_is_a_plain_append_file() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.txt");
+    fs::write(&path, "before\n").unwrap();
+    let mut shim = local_shim(dir.path(), |c| c.mode = supervise_shim::config::Mode::Off).unwrap();
+    let mut out = shim.output(&path).unwrap();
+    writeln!(out, "after").unwrap();
+    assert_eq!(shim.snapshot(None, |_| Ok(())).unwrap(), None);
+    drop(out);
+    assert_eq!(fs::read(&path).unwrap(), b"before\nafter\n");
+    assert!(!dir.path().join("store").exists());
+}
