@@ -311,6 +311,10 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
         stored_bytes: u64,
         dedup_ratio: f64,
         entries: Vec<EntryRow>,
+        /// What produced it (snapshots of releases before format 2 record none).
+        origin: Option<supervise_shim::format::Origin>,
+        /// The output files' lengths it recorded.
+        outputs: Vec<supervise_shim::format::OutputMark>,
     }
     let job = t.job()?;
     let seq = snapshot_id(&job, id)?;
@@ -345,6 +349,8 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
         stored_bytes: stored,
         dedup_ratio: ratio(m.stats.bytes_total, stored),
         entries,
+        origin: m.origin.clone(),
+        outputs: m.outputs.clone(),
     };
     if t.json {
         return print_json(&shown);
@@ -384,6 +390,21 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
         })
         .collect();
     human::table(&["ENTRY", "KIND", "SIZE", "CHUNKS", "UNIQUE"], &table)?;
+    if let Some(o) = &shown.origin {
+        let hash = o
+            .exe_blake3
+            .as_ref()
+            .map(|h| format!(" (blake3 {})", &h[..h.len().min(16)]))
+            .unwrap_or_default();
+        human::outln!("taken by {}{hash} {}", o.program, o.args.join(" "))?;
+    }
+    for out in &shown.outputs {
+        human::outln!(
+            "output file {}: {} recorded",
+            out.path,
+            human::bytes(out.len)
+        )?;
+    }
     Ok(0)
 }
 

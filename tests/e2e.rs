@@ -112,7 +112,9 @@ fn a_kill_at_every_file_system_operation_of_the_first_snapshots_loses_nothing() 
     // (opening the job, then each snapshot's creates, writes, fsyncs, renames and directory
     // fsyncs, and retention's removals from the third snapshot on: about 44 operations). At
     // each: the restart resumes, the result is the uninterrupted one, and the store ends clean.
-    let args = ["--n", "256", "--steps", "1500"];
+    // Long enough for a dozen snapshots on a fast machine (0.1 s per 1,500 steps here, idle),
+    // so that every kill point is reached however fast it runs.
+    let args = ["--n", "256", "--steps", "6000"];
     let reference = reference_checksum(&args);
     let mut killed = 0;
     for k in 1..=44 {

@@ -545,7 +545,7 @@ mod tests {
     #[test]
     fn every_cause_is_told_once_in_the_chain() {
         let errors = one_of_each();
-        assert_eq!(errors.len(), 17, "one of each variant");
+        assert_eq!(errors.len(), 20, "one of each variant");
         for (e, cause) in errors {
             covered(&e);
             // The chain as a reporter prints it (anyhow's `{:#}`): each error, then its sources.

@@ -289,6 +289,17 @@ impl Run {
     }
 }
 
+/// A test that fails (panics) while a supervisor runs must not leave it and its program
+/// running: SIGKILL the supervisor; its lifeline then stops the program.
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
