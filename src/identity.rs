@@ -103,31 +103,31 @@ impl Program {
 /// and the arguments (as given: a relative argument names a file relative to where the job
 /// runs).
 pub fn job_name(program: &Program, command: &[OsString]) -> String {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(program.path.as_os_str().as_encoded_bytes());
-    hasher.update(&[0]);
-    for arg in command.iter().skip(1) {
-        hasher.update(arg.as_encoded_bytes());
-        hasher.update(&[0]);
-    }
-    format!(
-        "{}-{}",
-        clean_base(Path::new(&command[0])),
-        &hasher.finalize().to_hex()[..8]
-    )
+    let hashed = std::iter::once(program.path.as_os_str())
+        .chain(command.iter().skip(1).map(|a| a.as_os_str()));
+    name_of(Path::new(&command[0]), hashed)
 }
 
 /// The name releases before 0.2 gave the job: the file name as given and a hash of the command
 /// line as typed. A store that holds a job under it (and none under [`job_name`]) keeps it.
 pub fn legacy_job_name(command: &[OsString]) -> String {
+    name_of(
+        Path::new(&command[0]),
+        command.iter().map(|a| a.as_os_str()),
+    )
+}
+
+/// `<clean file name of program>-<first 8 hex digits of the blake3 of the parts, each ended by
+/// a NUL>`.
+fn name_of<'a>(program: &Path, parts: impl Iterator<Item = &'a std::ffi::OsStr>) -> String {
     let mut hasher = blake3::Hasher::new();
-    for arg in command {
-        hasher.update(arg.as_encoded_bytes());
+    for part in parts {
+        hasher.update(part.as_encoded_bytes());
         hasher.update(&[0]);
     }
     format!(
         "{}-{}",
-        clean_base(Path::new(&command[0])),
+        clean_base(program),
         &hasher.finalize().to_hex()[..8]
     )
 }

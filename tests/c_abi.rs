@@ -16,17 +16,6 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
-/// Waits until the child spawned last took a snapshot (or the job finished): the first
-/// snapshot done after the latest "spawned pid" line.
-fn after_a_snapshot_of_this_life(run: &Run) {
-    let ok = wait_until(LONG, || {
-        let log = run.stderr();
-        let life = log.rfind("spawned pid ").map_or("", |i| &log[i..]);
-        life.contains("done [step ") || log.contains("job finished")
-    });
-    assert!(ok, "no snapshot in this life; stderr:\n{}", run.stderr());
-}
-
 /// Compiles `sources` (paths in the repository) with `compiler` and `flags` against the
 /// shim's static library into `dir/out`; returns the program's path.
 fn compile(dir: &Path, compiler: &str, flags: &[&str], sources: &[&str], out: &str) -> PathBuf {
@@ -289,20 +278,7 @@ fn sv_output_agrees_with_lines_rs_and_survives_kill9_byte_for_byte() {
         .args(args)
         .current_dir(&work);
     let run = Run::spawn(cmd);
-    let mut rng = fastrand::Rng::new();
-    eprintln!("random seed {}", rng.get_seed());
-    let mut kills = 0;
-    for k in 1..=3 {
-        let child = run.nth_child_pid(k, LONG);
-        after_a_snapshot_of_this_life(&run);
-        std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
-        if run.count("job finished") > 0 || !alive(child) {
-            break;
-        }
-        let _ = kill(Pid::from_raw(child as i32), Signal::SIGKILL);
-        kills += 1;
-    }
-    assert!(kills >= 2, "only {kills} kills landed: make the job longer");
+    let kills = kill_lives_after_a_snapshot(&run, 3, 300);
     let fin = run.wait(LONG);
     fin.assert_completed(&checksum);
     let resumed: Vec<u64> = fin

@@ -303,3 +303,33 @@ fn a_rebuilt_program_resumes_and_says_so() {
         "resumed: {spawned:?}"
     );
 }
+
+#[test]
+fn a_job_named_by_an_earlier_release_keeps_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let command = heat(&["--n", "256", "--steps", "100000000"]);
+    // Releases before named a job from the command line as typed.
+    let mut hasher = blake3::Hasher::new();
+    for part in &command {
+        hasher.update(part.as_encoded_bytes());
+        hasher.update(&[0]);
+    }
+    let legacy = format!("heat-{}", &hasher.finalize().to_hex()[..8]);
+    let run = Run::start(
+        &store,
+        &["--every", "200ms", "--job", &legacy],
+        &command,
+        &[],
+    );
+    run.wait_for("snapshot 1 done", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    let run = Run::start(&store, &["--every", "200ms"], &command, &[]);
+    run.wait_for("spawned pid", LONG);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    let spawned = events_of(&store, "spawned");
+    assert_eq!(spawned.len(), 2, "one job: {spawned:?}");
+    assert!(spawned[1]["from"].as_u64().unwrap() >= 1, "{spawned:?}");
+}

@@ -9,22 +9,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
-
-/// Waits until the child spawned last took a snapshot (or the job finished): the first
-/// snapshot done after the latest "spawned pid" line.
-fn after_a_snapshot_of_this_life(run: &Run) {
-    let ok = wait_until(LONG, || {
-        let log = run.stderr();
-        let life = log.rfind("spawned pid ").map_or("", |i| &log[i..]);
-        life.contains("done [step ") || log.contains("job finished")
-    });
-    assert!(ok, "no snapshot in this life; stderr:\n{}", run.stderr());
-}
 
 /// The steps at which the lines of `stderr` say a run resumed ("resumed from snapshot S at
 /// step N").
@@ -92,22 +79,7 @@ fn an_output_file_killed_at_random_moments_equals_an_uninterrupted_runs() {
         .args(args)
         .current_dir(&work);
     let run = Run::spawn(cmd);
-    let mut rng = fastrand::Rng::new();
-    eprintln!("random seed {}", rng.get_seed());
-    let mut kills = 0;
-    for k in 1..=3 {
-        let pid = run.nth_child_pid(k, LONG);
-        // A random moment after the life's first snapshot, so each kill loses some lines
-        // written after a snapshot and the next life resumes past step 0.
-        after_a_snapshot_of_this_life(&run);
-        std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
-        if run.count("job finished") > 0 || !alive(pid) {
-            break;
-        }
-        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-        kills += 1;
-    }
-    assert!(kills >= 2, "only {kills} kills landed: make the job longer");
+    let kills = kill_lives_after_a_snapshot(&run, 3, 400);
     let fin = run.wait(LONG);
     fin.assert_completed(&checksum);
     let resumed = resumed_steps(&fin.stderr);

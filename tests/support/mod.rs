@@ -400,3 +400,39 @@ pub fn events_of(store: &Path, kind: &str) -> Vec<serde_json::Value> {
         .filter(|e| e["kind"] == kind)
         .collect()
 }
+
+/// Waits until the child spawned last took a snapshot (or the job finished): the first
+/// snapshot done after the latest "spawned pid" line.
+pub fn after_a_snapshot_of_this_life(run: &Run) {
+    let ok = wait_until(Duration::from_secs(120), || {
+        let log = run.stderr();
+        let life = log.rfind("spawned pid ").map_or("", |i| &log[i..]);
+        life.contains("done [step ") || log.contains("job finished")
+    });
+    assert!(ok, "no snapshot in this life; stderr:\n{}", run.stderr());
+}
+
+/// Kills the first `lives` lives of the child with SIGKILL, each at a random moment up to
+/// `max_ms` after its first snapshot, so that each kill loses work done since a snapshot and
+/// the next life resumes past step 0. Returns the kills that landed (a job that finished is
+/// not killed); asserts at least 2.
+pub fn kill_lives_after_a_snapshot(run: &Run, lives: usize, max_ms: u64) -> usize {
+    let mut rng = fastrand::Rng::new();
+    eprintln!("random seed {}", rng.get_seed());
+    let mut kills = 0;
+    for k in 1..=lives {
+        let pid = run.nth_child_pid(k, Duration::from_secs(120));
+        after_a_snapshot_of_this_life(run);
+        std::thread::sleep(Duration::from_millis(rng.u64(0..max_ms)));
+        if run.count("job finished") > 0 || !alive(pid) {
+            break;
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        kills += 1;
+    }
+    assert!(kills >= 2, "only {kills} kills landed: make the job longer");
+    kills
+}
