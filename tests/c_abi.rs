@@ -35,7 +35,7 @@ fn compile(dir: &Path, compiler: &str, flags: &[&str], sources: &[&str], out: &s
         .args(["-lpthread", "-ldl", "-lm", "-o"])
         .arg(&program)
         .status()
-        .unwrap_or_else(|e| panic!("{compiler} is needed (.ci/run installs it): {e}"));
+        .unwrap_or_else(|e| panic!("{compiler} is needed (scripts/test installs it): {e}"));
     assert!(status.success(), "{compiler} failed");
     program
 }
@@ -161,7 +161,7 @@ fn heat_c_runs_clean_under_valgrind_snapshotting_and_restoring() {
             .env("SUPERVISE_JOB", "valgrind")
             .env("SUPERVISE_EVERY", "20ms")
             .output()
-            .expect("valgrind is needed (.ci/run installs it)");
+            .expect("valgrind is needed (scripts/test installs it)");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{err}");
         assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
@@ -191,7 +191,7 @@ fn installed_with_pkg_config_a_c_program_builds_with_one_command() {
         .args(["--cflags", "--libs", "supervise-shim"])
         .env("PKG_CONFIG_PATH", &pc_path)
         .output()
-        .expect("pkg-config is needed (.ci/run installs it)");
+        .expect("pkg-config is needed (scripts/test installs it)");
     assert!(flags.status.success());
     let flags = String::from_utf8_lossy(&flags.stdout).trim().to_owned();
     let program = dir.path().join("heat-pc");
