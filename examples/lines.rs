@@ -115,7 +115,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let digest = mix(&mut state, step);
         step += 1;
         writeln!(file, "step {step} {digest:016x}")?;
-        if args.flush_every > 0 && step % args.flush_every == 0 {
+        if args.flush_every > 0 && step.is_multiple_of(args.flush_every) {
             file.flush()?;
         }
         if shim.due() {

@@ -487,7 +487,7 @@ impl Capture<'_> {
                 elem_size: 1,
             },
             data,
-            shuffle: if bytes.len() % 8 == 0 { 8 } else { 0 },
+            shuffle: if bytes.len().is_multiple_of(8) { 8 } else { 0 },
         });
         Ok(())
     }

@@ -243,7 +243,7 @@ pub unsafe extern "C" fn sv_alloc(name: *const c_char, bytes: usize) -> *mut c_v
             if s.protected.iter().any(|p| p.name == name) {
                 return Err((SV_EINVAL, format!("{name:?} is already protected")));
             }
-            let mut region = if bytes % 8 == 0 {
+            let mut region = if bytes.is_multiple_of(8) {
                 Allocated::F64(s.shim.region::<f64>(&name, bytes / 8).map_err(io)?)
             } else {
                 Allocated::U8(s.shim.region::<u8>(&name, bytes).map_err(io)?)

@@ -352,7 +352,7 @@ fn the_scrub_paces_itself_and_finds_a_rotten_record() {
     assert!(found.is_empty(), "{found:?}");
     // Every record once per pass (the next pass may have begun in the same call).
     assert!(
-        scrub.verified_records >= records && scrub.verified_records % records == 0,
+        scrub.verified_records >= records && scrub.verified_records.is_multiple_of(records),
         "{} records verified, {records} stored",
         scrub.verified_records
     );
