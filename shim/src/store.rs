@@ -432,6 +432,34 @@ impl JobStore {
         Ok(report)
     }
 
+    /// Removes the packs that neither `manifests` (the committed snapshots) nor the snapshots
+    /// set aside as damaged reference (`verify --repair` may put those back). Only the job's
+    /// writer calls it, with every committed manifest. Returns the packs removed.
+    pub(crate) fn remove_unreferenced_packs(&self, manifests: &[Manifest]) -> Result<Vec<String>> {
+        let mut live: HashSet<String> = manifests
+            .iter()
+            .flat_map(|m| m.packs.iter().cloned())
+            .collect();
+        for seq in self.damaged_seqs()? {
+            match self.read_set_aside(seq) {
+                Ok(m) => live.extend(m.packs),
+                // What it needs is unknown: keep every pack.
+                Err(_) => return Ok(Vec::new()),
+            }
+        }
+        let mut removed = Vec::new();
+        for pack in self.pack_names()? {
+            if !live.contains(&pack) {
+                self.packs.remove(&Self::pack_file(&pack))?;
+                removed.push(pack);
+            }
+        }
+        if !removed.is_empty() {
+            self.packs.fsync()?;
+        }
+        Ok(removed)
+    }
+
     /// Packs of which the given snapshots use less than half: each record is counted once, and
     /// the rest of the file is chunks no kept snapshot needs any more. The writer rewrites the
     /// chunks it finds in such packs, so they die with the snapshots that still use them and

@@ -97,6 +97,7 @@ impl SnapshotWriter {
             set_aside: Vec::new(),
         };
         let mut manifests = Vec::new();
+        let mut unreadable = false;
         for seq in writer.job.snapshot_seqs()? {
             let checked = writer
                 .job
@@ -118,8 +119,15 @@ impl SnapshotWriter {
                     });
                 }
                 // Unreadable for now (permissions, too many open files): not indexed.
-                Err(_) => {}
+                Err(_) => unreadable = true,
             }
+        }
+        // Packs no snapshot references are what a writer killed between a manifest's removal
+        // and its packs' (retention), or between a pack's rename and its manifest's commit,
+        // left behind; no other writer runs (we hold the job). Kept while any manifest could
+        // not be read: what it needs is unknown.
+        if !unreadable {
+            writer.job.remove_unreferenced_packs(&manifests)?;
         }
         writer.set_sparse(writer.job.sparse_packs(&manifests)?);
         writer.last = manifests.pop();

@@ -148,6 +148,36 @@ fn retention_keeps_the_newest_and_frees_unreferenced_packs() {
 }
 
 #[test]
+fn packs_an_interrupted_retention_left_behind_are_removed_when_the_writer_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    let mut grid = field(50_000);
+    for _ in 0..3 {
+        for x in &mut grid {
+            *x += 1.0;
+        }
+        let mut b = writer.begin(None);
+        b.slice("grid", &grid).unwrap();
+        b.commit().unwrap();
+    }
+    drop(writer);
+    let packs_of = |seq: u64| job.read_manifest(seq).unwrap().packs;
+    let (first, second) = (packs_of(1), packs_of(2));
+    // Retention killed after removing manifest 1, before its packs; snapshot 2 set aside as
+    // damaged (its packs stay: `verify --repair` may put it back).
+    std::fs::remove_file(job.manifest_path(1)).unwrap();
+    job.quarantine(2).unwrap();
+    SnapshotWriter::open(job.clone(), 1).unwrap();
+    let present: std::collections::BTreeSet<String> =
+        job.pack_names().unwrap().into_iter().collect();
+    assert!(first.iter().all(|p| !present.contains(p)), "{present:?}");
+    assert!(second.iter().all(|p| present.contains(p)), "{present:?}");
+    assert_eq!(job.snapshot_seqs().unwrap(), vec![3]);
+    SnapshotReader::open(&job, 3).unwrap().verify().unwrap();
+}
+
+#[test]
 fn retention_after_stepping_back_keeps_the_good_snapshots_and_the_suspects_until_newer_work() {
     use supervise_shim::store::Retention;
     let dir = tempfile::tempdir().unwrap();
