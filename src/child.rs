@@ -20,9 +20,6 @@ pub struct Child {
     process: std::process::Child,
     /// The supervisor's end of the control socket.
     pub control: UnixStream,
-    /// The read end of the child's stderr, when it is passed through the supervisor
-    /// ([`StderrTail`] keeps its last lines); `None` once it reached its end.
-    pub stderr: Option<std::fs::File>,
     /// When it was spawned.
     pub started: Instant,
     reaped: bool,
@@ -60,48 +57,35 @@ impl From<ExitStatus> for Ended {
 }
 
 impl Child {
-    /// Spawns `argv` with `env` added to the supervisor's environment. The child gets the
-    /// supervisor's stdin and stdout (and every descriptor it made inheritable, such as the
-    /// job lock). Its stderr is the supervisor's, or with `pass_stderr` a pipe the supervisor
-    /// reads and passes on (see [`Child::pass_stderr`]); the supervisor's own stderr is then
-    /// inherited too, named by [`config::ENV_STDERR_FD`], and the shim takes it back as its
-    /// stderr when it starts. With `die_with_supervisor`, the kernel sends the child SIGTERM
-    /// if the supervisor dies (its shim then takes a final snapshot and exits).
+    /// Spawns `program` (found and resolved before, so that what runs is what was hashed) with
+    /// `argv[0]` and the rest of `argv` as its arguments, and `env` added to the supervisor's
+    /// environment. The child gets the supervisor's stdin and stdout (and every descriptor it
+    /// made inheritable, such as the job lock). Its stderr is the supervisor's, or with
+    /// `stderr` the [`StderrPipe`]'s write end; the supervisor's own stderr is then inherited
+    /// too, named by [`config::ENV_STDERR_FD`], and the shim takes it back as its stderr once
+    /// it started. With `die_with_supervisor`, the kernel sends the child SIGTERM if the
+    /// supervisor dies (its shim then takes a final snapshot and exits).
     pub fn spawn(
+        program: &std::path::Path,
         argv: &[OsString],
         env: &[(String, String)],
         die_with_supervisor: bool,
-        pass_stderr: bool,
+        stderr: Option<&StderrPipe>,
     ) -> io::Result<Self> {
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
         let fd = theirs.as_raw_fd();
         let parent = std::process::id() as libc::pid_t;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
+        let mut cmd = Command::new(program);
+        cmd.arg0(&argv[0])
+            .args(&argv[1..])
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env(config::ENV_CONTROL_FD, fd.to_string());
-        let mut stderr_read = None;
-        // Both close-on-exec here; the child's copies are made inheritable before exec.
-        let mut own_stderr: Option<OwnedFd> = None;
-        if pass_stderr {
-            let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-            let own = std::io::stderr().as_fd().try_clone_to_owned()?;
-            let meta = nix::sys::stat::fstat(&own)?;
-            cmd.env(
-                config::ENV_STDERR_FD,
-                format!("{}:{}:{}", own.as_raw_fd(), meta.st_dev, meta.st_ino),
-            );
-            cmd.stderr(std::process::Stdio::from(write_end));
-            let read = std::fs::File::from(read_end);
-            nix::fcntl::fcntl(
-                &read,
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            )?;
-            stderr_read = Some(read);
-            own_stderr = Some(own);
+        if let Some(pipe) = stderr {
+            cmd.env(config::ENV_STDERR_FD, &pipe.env_value);
+            cmd.stderr(std::process::Stdio::from(pipe.write.try_clone()?));
         }
-        let own_stderr_fd = own_stderr.as_ref().map(|f| f.as_raw_fd());
+        let own_stderr_fd = stderr.map(|p| p.own.as_raw_fd());
         cmd.process_group(0);
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls (rt_sigaction, sigprocmask, prctl, getppid, kill, fcntl);
@@ -147,46 +131,15 @@ impl Child {
             });
         }
         let process = cmd.spawn()?;
-        // The command holds the pipe's write end until it is dropped: the end of the
-        // child's stderr must be seen when the child's copies close.
         drop(cmd);
         drop(theirs);
-        drop(own_stderr);
         ours.set_nonblocking(true)?;
         Ok(Self {
             process,
             control: ours,
-            stderr: stderr_read,
             started: Instant::now(),
             reaped: false,
         })
-    }
-
-    /// Passes on what the child wrote to its stderr since the last call (without blocking)
-    /// to the supervisor's stderr, keeping the last lines in `tail`.
-    pub fn pass_stderr(&mut self, tail: &mut StderrTail) {
-        let Some(pipe) = self.stderr.as_mut() else {
-            return;
-        };
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match pipe.read(&mut buf) {
-                Ok(0) => {
-                    self.stderr = None;
-                    return;
-                }
-                Ok(n) => {
-                    let _ = std::io::stderr().lock().write_all(&buf[..n]);
-                    tail.push(&buf[..n]);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(_) => {
-                    self.stderr = None;
-                    return;
-                }
-            }
-        }
     }
 
     /// The child's pid (also its process group id).
@@ -224,6 +177,78 @@ impl Drop for Child {
             self.reaped = true;
         }
         reap_orphans();
+    }
+}
+
+/// The pipe the children's stderr goes through while the supervisor lives: one for the
+/// supervisor's life, created before the lifeline helper, which keeps its read end and passes
+/// on what the program writes while it stops it after the supervisor died (so a program never
+/// gets SIGPIPE for writing to its stderr).
+pub struct StderrPipe {
+    /// The read end (non-blocking).
+    read: std::fs::File,
+    /// The write end each child gets as its stderr.
+    write: OwnedFd,
+    /// A copy of the supervisor's own stderr each child inherits, for the shim to take back.
+    own: OwnedFd,
+    /// `SUPERVISE_STDERR_FD`: `own's fd:dev:inode:the pipe's dev:inode`.
+    env_value: String,
+}
+
+impl StderrPipe {
+    /// Makes the pipe (every descriptor close-on-exec; a child's copies are made inheritable
+    /// as it starts).
+    pub fn new() -> io::Result<Self> {
+        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let own = std::io::stderr().as_fd().try_clone_to_owned()?;
+        let theirs = nix::sys::stat::fstat(&own)?;
+        let pipe = nix::sys::stat::fstat(&write_end)?;
+        let env_value = format!(
+            "{}:{}:{}:{}:{}",
+            own.as_raw_fd(),
+            theirs.st_dev,
+            theirs.st_ino,
+            pipe.st_dev,
+            pipe.st_ino
+        );
+        let read = std::fs::File::from(read_end);
+        nix::fcntl::fcntl(
+            &read,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        Ok(Self {
+            read,
+            write: write_end,
+            own,
+            env_value,
+        })
+    }
+
+    /// The read end, to poll and for the lifeline helper.
+    pub fn read_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    /// The copy of the supervisor's stderr the children inherit.
+    pub fn own_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.own.as_fd()
+    }
+
+    /// Passes on what the children wrote since the last call (without blocking) to the
+    /// supervisor's stderr, keeping the last lines in `tail`.
+    pub fn pass(&self, tail: &mut StderrTail) {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match (&self.read).read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let _ = std::io::stderr().lock().write_all(&buf[..n]);
+                    tail.push(&buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
     }
 }
 

@@ -17,8 +17,12 @@ const MAX_HASHED_BYTES: u64 = 1 << 30;
 /// The program a job runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Program {
-    /// Its canonical path (links resolved).
+    /// Its canonical path (links resolved), which snapshots record.
     pub path: PathBuf,
+    /// The path it is run by and named after: its directory's canonical path and its file
+    /// name as found, so that `./sim`, `sim` in `PATH` and `/abs/sim` are one, and a program
+    /// that is a link (`python3` -> `python3.11`) keeps its job when the link is moved.
+    pub run: PathBuf,
     /// The blake3 of the executable file, in hex (`None` when it is too large or unreadable).
     pub exe_blake3: Option<String>,
 }
@@ -51,8 +55,16 @@ pub fn resolve(command: &[OsString]) -> Result<Program> {
     };
     let path = std::fs::canonicalize(&found)
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", found.display()))?;
+    let dir = found.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", found.display()))?;
+    let run = dir.join(found.file_name().unwrap_or(found.as_os_str()));
     let exe_blake3 = hash_file(&path);
-    Ok(Program { path, exe_blake3 })
+    Ok(Program {
+        path,
+        run,
+        exe_blake3,
+    })
 }
 
 fn check_executable(path: &Path) -> Result<()> {
@@ -99,11 +111,11 @@ impl Program {
 }
 
 /// The default job name: the program's file name as given (letters, digits, '-', '_'; `sh`,
-/// not the `dash` it links to) and the first 8 hex digits of the blake3 of its canonical path
+/// not the `dash` it links to) and the first 8 hex digits of the blake3 of [`Program::run`]
 /// and the arguments (as given: a relative argument names a file relative to where the job
 /// runs).
 pub fn job_name(program: &Program, command: &[OsString]) -> String {
-    let hashed = std::iter::once(program.path.as_os_str())
+    let hashed = std::iter::once(program.run.as_os_str())
         .chain(command.iter().skip(1).map(|a| a.as_os_str()));
     name_of(Path::new(&command[0]), hashed)
 }
@@ -169,9 +181,10 @@ mod tests {
         let exe = dir.path().join("sim");
         std::fs::write(&exe, b"#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::create_dir(dir.path().join("bin")).unwrap();
-        let link = dir.path().join("bin/sim");
-        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        // A directory reached through a link is the same directory.
+        let link = dir.path().join("linked");
+        std::os::unix::fs::symlink(dir.path(), &link).unwrap();
+        let link = link.join("sim");
         let abs = os(&[exe.to_str().unwrap(), "--n", "4"]);
         let dotted = os(&[&format!("{}/./sim", dir.path().display()), "--n", "4"]);
         let linked = os(&[link.to_str().unwrap(), "--n", "4"]);

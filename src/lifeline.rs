@@ -7,12 +7,14 @@
 //! waits up to the grace period for the group to empty, then sends SIGKILL.
 
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use nix::sys::signal::{SigHandler, Signal, killpg, signal};
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
+
+use crate::child::StderrPipe;
 
 /// The supervisor's end of the lifeline.
 pub struct Lifeline {
@@ -21,7 +23,11 @@ pub struct Lifeline {
 
 impl Lifeline {
     /// Forks the helper. Call before any thread is started.
-    pub fn start(grace: Duration) -> std::io::Result<Self> {
+    /// With `stderr` (the children's stderr pipe), the helper keeps its read end and the
+    /// supervisor's stderr, and passes on what the program writes while it stops it: a
+    /// program is never killed by SIGPIPE for writing to its stderr after the supervisor died.
+    pub fn start(grace: Duration, stderr: Option<&StderrPipe>) -> std::io::Result<Self> {
+        let keep = stderr.map(|p| (p.read_fd().as_raw_fd(), p.own_fd().as_raw_fd()));
         let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC)?;
         // SAFETY: called from the single-threaded supervisor at start (no other thread exists
         // that could hold a lock across the fork); the helper only uses simple syscalls and
@@ -29,7 +35,7 @@ impl Lifeline {
         match unsafe { fork() }? {
             ForkResult::Child => {
                 drop(write_end);
-                helper(read_end, grace)
+                helper(read_end, grace, keep)
             }
             ForkResult::Parent { .. } => {
                 drop(read_end);
@@ -46,7 +52,21 @@ impl Lifeline {
     }
 }
 
-fn helper(read_end: OwnedFd, grace: Duration) -> ! {
+/// Passes on what is in the children's stderr pipe (`from`, non-blocking) to `to`.
+fn pass_on(from: i32, to: i32) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        // SAFETY: read and write on descriptors this helper holds, into and from a local buffer.
+        let n = unsafe { libc::read(from, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return;
+        }
+        // SAFETY: as above; a failed write drops the bytes (nobody reads them).
+        unsafe { libc::write(to, buf.as_ptr().cast(), n as usize) };
+    }
+}
+
+fn helper(read_end: OwnedFd, grace: Duration, stderr: Option<(i32, i32)>) -> ! {
     // Keep out of the way of the terminal's and the scheduler's signals: only the pipe
     // closing ends the helper.
     for sig in [
@@ -59,8 +79,9 @@ fn helper(read_end: OwnedFd, grace: Duration) -> ! {
         // SAFETY: setting a signal to SIG_IGN installs no handler code.
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
-    // Hold no terminal or pipe of the supervisor's open: readers of its output see EOF when
-    // the supervisor ends, not when the helper does.
+    // Hold no terminal or pipe of the supervisor's open but the copy of its stderr that the
+    // children's stderr is passed on to (the helper ends with the supervisor unless a program
+    // is running, which holds that stderr too).
     if let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -82,9 +103,15 @@ fn helper(read_end: OwnedFd, grace: Duration) -> ! {
         if killpg(group, Signal::SIGTERM).is_ok() {
             let until = Instant::now() + grace;
             while Instant::now() < until && killpg(group, None).is_ok() {
+                if let Some((from, to)) = stderr {
+                    pass_on(from, to);
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             let _ = killpg(group, Signal::SIGKILL);
+            if let Some((from, to)) = stderr {
+                pass_on(from, to);
+            }
         }
     }
     // SAFETY: ends the helper without running the supervisor's atexit handlers or destructors.

@@ -610,6 +610,7 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
     let mut log = Log::new(level, &job);
     let cfg = JobConfig {
         origin: program.origin(&cli.command),
+        program,
         command: cli.command,
         store: cli.store,
         job,

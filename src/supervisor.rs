@@ -17,11 +17,11 @@ use supervise_shim::lock::{JobLock, Owner, TryLock};
 use supervise_shim::{JobStore, Store};
 
 use crate::blame::{Blame, Death, Verdict};
-use crate::child::{self, Child, Ended, StderrTail};
+use crate::child::{self, Child, Ended, StderrPipe, StderrTail};
 use crate::event::{From, JobEvent, Outcome as RunOutcome, Totals, millis};
 use crate::events::{self, EventLog, LastRun, Record};
 use crate::human;
-use crate::identity::Origin;
+use crate::identity::{Origin, Program};
 use crate::lifeline::Lifeline;
 use crate::log::Log;
 use crate::operator::{self, Status};
@@ -40,6 +40,8 @@ pub const EXIT_HELD: i32 = 4;
 pub struct JobConfig {
     /// The command and its arguments.
     pub command: Vec<OsString>,
+    /// The program the command runs, found as `execvp` would.
+    pub program: Program,
     /// What the snapshots record as their origin.
     pub origin: Origin,
     /// The store directory.
@@ -101,21 +103,27 @@ fn now_unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Takes the job's lock: at once, or (with `wait`) when its holder lets go; says whether it
-/// waited. `Ok(Err(code))`: the supervisor must exit with that code instead.
+/// Takes the job's lock: at once, or (with `wait`) when its holder lets go. With the lock,
+/// when it was held at first: how many records the job's history had then (what the holder
+/// did is what came after). `Ok(Err(code))`: the supervisor must exit with that code instead.
 fn take_lock(
     job: &JobStore,
     command_line: &str,
     cfg: &JobConfig,
     signals: &Signals,
     log: &Log,
-) -> Result<std::result::Result<(JobLock, bool), i32>> {
+) -> Result<std::result::Result<(JobLock, Option<usize>), i32>> {
     let me = Owner::this_process(command_line);
     let mut said_waiting = false;
     let mut misses = 0;
+    let mut history_when_held = None;
     loop {
-        match JobLock::try_take(job.dir(), &me)? {
-            TryLock::Taken(lock) => return Ok(Ok((lock, said_waiting))),
+        let taken = JobLock::try_take(job.dir(), &me)?;
+        if matches!(taken, TryLock::Held(_)) && history_when_held.is_none() {
+            history_when_held = Some(events::read(job.dir())?.len());
+        }
+        match taken {
+            TryLock::Taken(lock) => return Ok(Ok((lock, history_when_held))),
             // A `status` probe holds the lock for an instant: look again before believing it.
             TryLock::Held(_) if misses < 3 => {
                 misses += 1;
@@ -191,10 +199,21 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         std::path::absolute(store.root()).context("cannot resolve the store directory")?;
     child::become_subreaper().context("cannot become a child subreaper")?;
     // Forked before the lock is taken, so that it does not hold the lock after we exit.
+    // The program's stderr passes through the supervisor (which keeps its last lines to show
+    // if it fails at once) unless it must outlive the supervisor. Made before the lifeline,
+    // which keeps its read end.
+    let stderr_pipe = if cfg.orphan_continue {
+        None
+    } else {
+        Some(StderrPipe::new().context("cannot make the program's stderr pipe")?)
+    };
     let mut lifeline = if cfg.orphan_continue {
         None
     } else {
-        Some(Lifeline::start(cfg.stop_timeout).context("cannot start the lifeline process")?)
+        Some(
+            Lifeline::start(cfg.stop_timeout, stderr_pipe.as_ref())
+                .context("cannot start the lifeline process")?,
+        )
     };
     let signals = Signals::install().context("cannot install signal handlers")?;
     let command_line = cfg
@@ -203,7 +222,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ");
-    let (lock, waited) = match take_lock(&job, &command_line, cfg, &signals, log)? {
+    let (lock, history_when_held) = match take_lock(&job, &command_line, cfg, &signals, log)? {
         Ok(taken) => taken,
         Err(code) => return Ok(code),
     };
@@ -216,7 +235,18 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     }
     log.keep_history(EventLog::open(job.dir())?);
     let last = events::last_run(&history.records);
-    if waited && !cfg.fresh && cfg.from.is_none() && last == (LastRun::Ended { completed: true }) {
+    // The holder we waited for (not a gc or repair holding the lock) completed the job.
+    let completed_meanwhile = history_when_held.is_some_and(|n| {
+        history
+            .records
+            .get(n..)
+            .is_some_and(|new| new.iter().any(|r| r.kind == "end" && r.completed))
+    });
+    if completed_meanwhile
+        && !cfg.fresh
+        && cfg.from.is_none()
+        && last == (LastRun::Ended { completed: true })
+    {
         log.emit(&end(
             RunOutcome::AlreadyDone,
             0,
@@ -309,10 +339,11 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         // The child's stderr passes through the supervisor (which keeps its last lines to
         // show if it fails at once) unless it must outlive the supervisor.
         let spawned = Child::spawn(
+            &cfg.program.run,
             &cfg.command,
             &env,
             !cfg.orphan_continue,
-            !cfg.orphan_continue,
+            stderr_pipe.as_ref(),
         );
         let mut child = match spawned {
             Ok(child) => child,
@@ -335,7 +366,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             pid: child.pid(),
             from: From(from),
         });
-        let life = Watch::new(cfg, log, &signals, from, said_no_shim)
+        let life = Watch::new(cfg, log, &signals, from, said_no_shim, stderr_pipe.as_ref())
             .run(&mut child, &server, &mut state)?;
         said_no_shim = life.said_no_shim;
         ever_connected |= life.connected;
@@ -397,11 +428,15 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 how
             }
             Outcome::Hung(how) => {
+                log.emit(&JobEvent::died(how, ran_for, life.connected));
                 outcome_kind = OutcomeKind::Hung;
                 how
             }
         };
-        if let Some(mismatch) = life.mismatch {
+        // Unless the program handled the mismatch and went on to take snapshots.
+        if let Some(mismatch) = life.mismatch
+            && !progressed
+        {
             let detail = format!(
                 "gave up: {}",
                 JobEvent::RestoreMismatch {
@@ -429,12 +464,15 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         };
         // A program that fails at once, again and again, before it reaches the shim is
         // misconfigured (wrong program, arguments, input, library): restarts cannot help.
+        // Only a job none of whose lives ever got going: one that ran for hours and then fails
+        // at once (a stale lock file, a port still in use) is left to the restart policy.
         if !life.connected && ran_for < AT_ONCE && !death.killed_from_outside() {
             failed_at_once += 1;
         } else {
             failed_at_once = 0;
         }
-        if failed_at_once >= CONFIG_ERROR_AFTER {
+        if failed_at_once >= CONFIG_ERROR_AFTER && !ever_connected && failed_at_once == attempt + 1
+        {
             let lines = life.stderr_tail.last_lines(10);
             let mut detail = format!(
                 "gave up: the program failed at once {failed_at_once} times in a row (last: \
@@ -683,6 +721,18 @@ fn initial_skip(
                 |ms: u64| human::duration(Duration::from_millis(now_unix_ms().saturating_sub(ms)));
             let lost = match newest.map(|s| job.read_manifest(s)) {
                 // The program's own final snapshot, taken when it noticed the loss.
+                // With --orphan continue the program ran on and took snapshots without a
+                // supervisor; what it did after its last one is unknown.
+                Some(Ok(m)) if m.created_unix_ms >= last_unix_ms && cfg.orphan_continue => {
+                    format!(
+                        "from snapshot {}, which the program took {} after the supervisor was \
+                         last heard of ({} ago), running on without it (--orphan continue): \
+                         the work it did after that snapshot, if any, is lost",
+                        m.seq,
+                        human::duration(Duration::from_millis(m.created_unix_ms - last_unix_ms)),
+                        ago(last_unix_ms)
+                    )
+                }
                 Some(Ok(m)) if m.created_unix_ms >= last_unix_ms => format!(
                     "from snapshot {}, which the program took {} after the supervisor was last \
                      heard of ({} ago): no work was lost",
@@ -784,7 +834,8 @@ struct Watch<'a> {
     reached_safe_point: bool,
     /// This supervisor told that the program does not use the shim.
     said_no_shim: bool,
-    /// The last lines of its stderr.
+    /// The pipe its stderr goes through, and the last lines of it.
+    stderr_pipe: Option<&'a StderrPipe>,
     stderr_tail: StderrTail,
     /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored, wanted).
     mismatch: Option<(u64, String, u64, u64)>,
@@ -808,6 +859,7 @@ impl<'a> Watch<'a> {
         signals: &'a Signals,
         expected_from: Option<u64>,
         said_no_shim: bool,
+        stderr_pipe: Option<&'a StderrPipe>,
     ) -> Self {
         Self {
             cfg,
@@ -832,8 +884,16 @@ impl<'a> Watch<'a> {
             done: Vec::new(),
             reached_safe_point: false,
             said_no_shim,
+            stderr_pipe,
             stderr_tail: StderrTail::default(),
             mismatch: None,
+        }
+    }
+
+    /// Passes on what the program wrote to its stderr, keeping the last lines.
+    fn pass_stderr(&mut self) {
+        if let Some(pipe) = self.stderr_pipe {
+            pipe.pass(&mut self.stderr_tail);
         }
     }
 
@@ -934,7 +994,7 @@ impl<'a> Watch<'a> {
             // the child's exit must be read as the stop it is, not as a crash.
             self.handle_signals(child);
             if let Some(how) = child.try_wait().context("cannot wait for the child")? {
-                child.pass_stderr(&mut self.stderr_tail);
+                self.pass_stderr();
                 self.read_control(child);
                 self.record_done(state);
                 let gone = operator::Reply::error(format!("the program ended ({how})"));
@@ -979,8 +1039,8 @@ impl<'a> Watch<'a> {
                 if self.control_open {
                     fds.push(PollFd::new(control, PollFlags::POLLIN));
                 }
-                if let Some(pipe) = &child.stderr {
-                    fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
+                if let Some(pipe) = self.stderr_pipe {
+                    fds.push(PollFd::new(pipe.read_fd(), PollFlags::POLLIN));
                 }
                 for client in &self.clients {
                     fds.push(PollFd::new(client.fd(), PollFlags::POLLIN));
@@ -991,7 +1051,7 @@ impl<'a> Watch<'a> {
                 }
             }
             self.signals.drain();
-            child.pass_stderr(&mut self.stderr_tail);
+            self.pass_stderr();
             self.read_control(child);
             self.record_done(state);
             self.serve_operators(child, server, state);

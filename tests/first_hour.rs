@@ -333,3 +333,75 @@ fn a_job_named_by_an_earlier_release_keeps_its_name() {
     assert_eq!(spawned.len(), 2, "one job: {spawned:?}");
     assert!(spawned[1]["from"].as_u64().unwrap() >= 1, "{spawned:?}");
 }
+
+#[test]
+fn a_program_that_sent_its_stderr_elsewhere_keeps_it_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let err_file = dir.path().join("sim.err");
+    let script = format!(
+        "exec {} --n 256 --steps 100000000 2>{}",
+        example_bin("heat").display(),
+        err_file.display()
+    );
+    let run = Run::start(&store, &["--every", "200ms"], &sh(&script), &[]);
+    let child = run.nth_child_pid(1, LONG);
+    run.wait_for("snapshot 1 done", LONG);
+    let fd2 = std::fs::read_link(format!("/proc/{child}/fd/2")).unwrap();
+    assert_eq!(
+        fd2, err_file,
+        "the shim must not take back a redirected stderr"
+    );
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+}
+
+#[test]
+fn a_program_writing_to_stderr_after_the_supervisor_died_is_not_killed_by_sigpipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let marker = dir.path().join("finished");
+    // It ignores SIGTERM (the lifeline's and the kernel's), and writes to stderr after the
+    // supervisor is gone.
+    let script = format!(
+        "trap '' TERM; echo up-$((2+3)) >&2; sleep 1.5; echo still-$((1+1)) >&2; echo ok > {}",
+        marker.display()
+    );
+    let run = Run::start(&store, &["--stop-timeout", "10s"], &sh(&script), &[]);
+    // (What it prints is computed, so that the supervisor's start line, which quotes the
+    // command, cannot be mistaken for it.)
+    run.wait_for("up-5", LONG);
+    run.signal(Signal::SIGKILL);
+    assert!(
+        wait_until(Duration::from_secs(20), || marker.exists()),
+        "the program died writing to its stderr"
+    );
+    // And what it wrote was passed on (by the lifeline helper).
+    assert!(
+        wait_until(Duration::from_secs(20), || run.stderr().contains("still-2")),
+        "{}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn a_program_that_ran_before_and_now_fails_at_once_is_left_to_the_restart_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let ran = dir.path().join("ran");
+    // The first life runs a while, the next ones fail at once (a stale lock file, say).
+    let script = format!(
+        "if [ -f {0} ]; then exit 2; fi; touch {0}; sleep 1.2; exit 3",
+        ran.display()
+    );
+    let run = Run::start(
+        &store,
+        &["--max-restarts", "4", "--backoff", "10ms"],
+        &sh(&script),
+        &[],
+    );
+    let fin = run.wait(LONG);
+    assert_eq!(fin.code, Some(3), "{}", fin.stderr);
+    assert_eq!(last_end(&store)["outcome"], "gave-up", "{}", fin.stderr);
+    assert_eq!(events_of(&store, "spawned").len(), 5);
+}

@@ -101,24 +101,24 @@ pub(crate) fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
         ));
     }
     set_cloexec(fd, true).map_err(|e| bad(format!("cannot set close-on-exec ({e})")))?;
-    take_back_stderr();
     // SAFETY: the supervisor passed this fd to us for the control channel and nothing else in
     // the process owns it; fcntl above proved it open. We take sole ownership here.
     Ok(unsafe { UnixStream::from_raw_fd(fd) })
 }
 
 /// Makes the supervisor's own stderr this program's stderr again (see
-/// [`crate::config::ENV_STDERR_FD`]); does nothing unless the named descriptor is open and is
-/// still the file it names (device and inode), so a stale variable inherited by a program this
-/// one starts cannot redirect its stderr to an unrelated file.
-fn take_back_stderr() {
+/// [`crate::config::ENV_STDERR_FD`]: `fd:dev:inode:pipe dev:pipe inode`), once the shim has
+/// told the supervisor it started (what it wrote before, an error of its start included, went
+/// through the supervisor, which shows the last lines of a program that fails at once). Only
+/// when fd 2 is still the supervisor's pipe: a program (or a script before it) that sent its
+/// stderr elsewhere keeps it there. Only when the named descriptor is open and still the file
+/// it names: a stale variable inherited by a program this one starts redirects nothing.
+pub(crate) fn take_back_stderr() {
     let Ok(value) = std::env::var(crate::config::ENV_STDERR_FD) else {
         return;
     };
-    let mut parts = value.split(':').map(str::parse::<u64>);
-    let (Some(Ok(fd)), Some(Ok(dev)), Some(Ok(ino)), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let fields: Vec<u64> = value.split(':').filter_map(|f| f.parse().ok()).collect();
+    let [fd, dev, ino, pipe_dev, pipe_ino] = fields[..] else {
         return;
     };
     let Ok(fd) = RawFd::try_from(fd) else {
@@ -127,18 +127,23 @@ fn take_back_stderr() {
     if fd <= 2 {
         return;
     }
-    // SAFETY: fstat on a raw descriptor number only fills `stat`; a closed fd yields EBADF.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_dev != dev || stat.st_ino != ino {
+    let identity = |fd: RawFd| {
+        // SAFETY: fstat on a raw descriptor number only fills `stat`; a closed fd yields EBADF.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((stat.st_dev, stat.st_ino))
+    };
+    if identity(fd) != Some((dev, ino)) {
         return;
     }
-    // SAFETY: dup2 makes fd 2 a copy of `fd` (checked open and the named file above); the old
-    // fd 2 (the pipe to the supervisor) is closed by it, and `fd` is owned by nothing else in
-    // this process: the supervisor passed it for this alone.
+    // SAFETY: dup2 makes fd 2 a copy of `fd` (checked open and the file it names above), which
+    // closes the old fd 2 (checked to be the pipe to the supervisor); `fd` is owned by nothing
+    // else in this process: the supervisor passed it for this alone, and it is closed either
+    // way.
     unsafe {
-        if libc::dup2(fd, 2) == 2 {
-            libc::close(fd);
+        if identity(2) == Some((pipe_dev, pipe_ino)) {
+            libc::dup2(fd, 2);
         }
+        libc::close(fd);
     }
 }
 

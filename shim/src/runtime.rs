@@ -225,6 +225,7 @@ impl Shim {
             damaged,
             capture: shim.capture_mode().to_owned(),
         });
+        crate::channel::take_back_stderr();
         shim.spawn_control_thread()?;
         Ok(shim)
     }

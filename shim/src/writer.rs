@@ -125,8 +125,9 @@ impl SnapshotWriter {
         // Packs no snapshot references are what a writer killed between a manifest's removal
         // and its packs' (retention), or between a pack's rename and its manifest's commit,
         // left behind; no other writer runs (we hold the job). Kept while any manifest could
-        // not be read: what it needs is unknown.
-        if !unreadable {
+        // not be read (what it needs is unknown), and when this open set a snapshot aside
+        // (`verify --repair` may find good copies of its chunks in any pack).
+        if !unreadable && writer.set_aside.is_empty() {
             writer.job.remove_unreferenced_packs(&manifests)?;
         }
         writer.set_sparse(writer.job.sparse_packs(&manifests)?);
