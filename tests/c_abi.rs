@@ -227,24 +227,6 @@ fn build_lines_c(dir: &Path) -> PathBuf {
     compile(dir, "cc", &flags, &["examples/lines.c"], "lines-c")
 }
 
-/// Runs `program` with `args` alone in `dir` (created): its output file and checksum.
-fn run_alone(program: &Path, dir: &Path, args: &[&str]) -> (Vec<u8>, String) {
-    std::fs::create_dir_all(dir).unwrap();
-    let out = Command::new(program)
-        .args(args)
-        .env_clear()
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sum = checksum_of(&String::from_utf8_lossy(&out.stdout)).expect("a checksum");
-    (std::fs::read(dir.join("out.txt")).unwrap(), sum)
-}
-
 #[test]
 fn sv_output_agrees_with_lines_rs_and_survives_kill9_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
@@ -259,8 +241,8 @@ fn sv_output_agrees_with_lines_rs_and_survives_kill9_byte_for_byte() {
         "--flush-every",
         "100",
     ];
-    let (reference, checksum) = run_alone(&example_bin("lines"), &dir.path().join("rs"), &args);
-    let alone = run_alone(&lines_c, &dir.path().join("c"), &args);
+    let (reference, checksum) = run_alone_in(&example_bin("lines"), &dir.path().join("rs"), &args);
+    let alone = run_alone_in(&lines_c, &dir.path().join("c"), &args);
     assert_eq!(alone.1, checksum, "lines.c and lines.rs disagree");
     assert!(
         alone.0 == reference,

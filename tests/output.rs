@@ -24,24 +24,6 @@ fn resumed_steps(stderr: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Runs examples/lines alone in `dir` (a fresh directory): its output file and checksum.
-fn lines_alone(dir: &Path, args: &[&str]) -> (Vec<u8>, String) {
-    fs::create_dir_all(dir).unwrap();
-    let out = Command::new(example_bin("lines"))
-        .args(args)
-        .env_clear()
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sum = checksum_of(&String::from_utf8_lossy(&out.stdout)).expect("a checksum");
-    (fs::read(dir.join("out.txt")).unwrap(), sum)
-}
-
 #[test]
 fn an_output_file_killed_at_random_moments_equals_an_uninterrupted_runs() {
     // Flushed every 100 lines: when a kill lands, the file holds lines written after the last
@@ -57,7 +39,8 @@ fn an_output_file_killed_at_random_moments_equals_an_uninterrupted_runs() {
         "100",
     ];
     let dir = tempfile::tempdir().unwrap();
-    let (reference, checksum) = lines_alone(&dir.path().join("alone"), &args);
+    let (reference, checksum) =
+        run_alone_in(&example_bin("lines"), &dir.path().join("alone"), &args);
     let work = dir.path().join("work");
     fs::create_dir(&work).unwrap();
     // Something in the way: a fresh start under a supervisor begins with an empty file.

@@ -436,3 +436,22 @@ pub fn kill_lives_after_a_snapshot(run: &Run, lives: usize, max_ms: u64) -> usiz
     assert!(kills >= 2, "only {kills} kills landed: make the job longer");
     kills
 }
+
+/// Runs `program` with `args` alone (no supervisor, empty environment) in `dir` (created): the
+/// `out.txt` it wrote there and the checksum it printed.
+pub fn run_alone_in(program: &Path, dir: &Path, args: &[&str]) -> (Vec<u8>, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = Command::new(program)
+        .args(args)
+        .env_clear()
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sum = checksum_of(&String::from_utf8_lossy(&out.stdout)).expect("a checksum");
+    (std::fs::read(dir.join("out.txt")).unwrap(), sum)
+}
