@@ -2,7 +2,7 @@
  * shim through its C ABI. The same algorithm, options and last line as examples/heat.rs:
  * `checksum <hex>` (blake3 of the final grid's bytes), so the two agree.
  *
- *   cc -O2 examples/heat.c -Ishim/include target/release/libsupervise_shim.a -lpthread -ldl -lm -o heat-c
+ *   cc -O2 examples/heat.c -Ishim/capi/include target/release/libsupervise.a -lpthread -ldl -lm -o heat-c
  *   supervise --every 5s -- ./heat-c --n 2048 --steps 5400
  */
 #include <stdint.h>

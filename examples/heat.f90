@@ -2,7 +2,7 @@
 ! shim through its Fortran module. The same algorithm, options and last line as heat.rs and
 ! heat.c: `checksum <hex>` (blake3 of the final grid's bytes, row-major), so all three agree.
 !
-!   gfortran -O2 shim/include/supervise.f90 examples/heat.f90 \
+!   gfortran -O2 shim/capi/include/supervise.f90 examples/heat.f90 \
 !       $(pkg-config --libs supervise-shim) -o heat-f
 !   supervise --every 5s -- ./heat-f --n 2048 --steps 5400
 program heat

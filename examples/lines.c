@@ -3,7 +3,7 @@
  * snapshot and cuts back on a resume). Same options, output file and last line,
  * `checksum <hex>`, as lines.rs, so the two agree byte for byte.
  *
- *   cc -O2 examples/lines.c -Ishim/include target/release/libsupervise_shim.a -lpthread -ldl -lm -o lines-c
+ *   cc -O2 examples/lines.c -Ishim/capi/include target/release/libsupervise.a -lpthread -ldl -lm -o lines-c
  *   supervise --every 5s -- ./lines-c --n 4096 --steps 100000 --out lines.txt
  */
 #include <inttypes.h>

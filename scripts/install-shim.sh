@@ -23,14 +23,17 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ -z "$from" ]; then
-    cargo build --release -p supervise-shim
+    cargo build --release -p supervise-capi
     from=target/release
 fi
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' shim/Cargo.toml | head -1)
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' shim/capi/Cargo.toml | head -1)
 install -d "$prefix/lib/pkgconfig" "$prefix/include"
-install -m 0644 "$from/libsupervise_shim.a" "$prefix/lib/"
-install -m 0755 "$from/libsupervise_shim.so" "$prefix/lib/"
-install -m 0644 shim/include/supervise.h shim/include/supervise.f90 "$prefix/include/"
+install -m 0644 "$from/libsupervise.a" "$prefix/lib/"
+install -m 0755 "$from/libsupervise.so" "$prefix/lib/"
+# The names of releases before the C ABI had a crate of its own, for programs that link them.
+ln -sf libsupervise.a "$prefix/lib/libsupervise_shim.a"
+ln -sf libsupervise.so "$prefix/lib/libsupervise_shim.so"
+install -m 0644 shim/capi/include/supervise.h shim/capi/include/supervise.f90 "$prefix/include/"
 cat > "$prefix/lib/pkgconfig/supervise-shim.pc" <<PC
 prefix=$prefix
 libdir=\${prefix}/lib
@@ -40,7 +43,7 @@ Name: supervise-shim
 Description: Checkpoint/restart shim for programs run under supervise
 Version: $version
 Cflags: -I\${includedir}
-Libs: -L\${libdir} -Wl,-rpath,\${libdir} -lsupervise_shim
+Libs: -L\${libdir} -Wl,-rpath,\${libdir} -lsupervise
 Libs.private: -lpthread -ldl -lm
 PC
 echo "installed in $prefix; use: PKG_CONFIG_PATH=$prefix/lib/pkgconfig pkg-config --cflags --libs supervise-shim"
@@ -52,8 +55,8 @@ fi
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 # The module's wrappers have code of their own (the NUL-terminated names, the error message):
-# supervise.mod for `use supervise`, and its object in a library beside libsupervise_shim.
-gfortran -O2 -fPIC -c shim/include/supervise.f90 -J "$build" -o "$build/supervise_f90.o"
+# supervise.mod for `use supervise`, and its object in a library beside libsupervise.
+gfortran -O2 -fPIC -c shim/capi/include/supervise.f90 -J "$build" -o "$build/supervise_f90.o"
 ar rcs "$build/libsupervise_fortran.a" "$build/supervise_f90.o"
 install -m 0644 "$build/supervise.mod" "$prefix/include/"
 install -m 0644 "$build/libsupervise_fortran.a" "$prefix/lib/"

@@ -13,7 +13,7 @@ use std::time::Instant;
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use supervise_shim::config;
+use supervise_store::config;
 
 /// A running child and its end of the control channel.
 pub struct Child {

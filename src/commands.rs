@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use supervise_shim::format::{EntryKind, Manifest};
-use supervise_shim::lock::{JobLock, TryLock};
-use supervise_shim::{JobStore, SnapshotReader, Store};
+use supervise_store::format::{EntryKind, Manifest};
+use supervise_store::lock::{JobLock, TryLock};
+use supervise_store::{JobStore, SnapshotReader, Store};
 
 use crate::events;
 use crate::human;
@@ -44,7 +44,7 @@ impl Target {
         };
         match open(&self.store) {
             Ok(store) => Ok(store),
-            Err(supervise_shim::Error::Io { source, .. })
+            Err(supervise_store::Error::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
                 bail!(
@@ -312,9 +312,9 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
         dedup_ratio: f64,
         entries: Vec<EntryRow>,
         /// What produced it (snapshots of releases before format 2 record none).
-        origin: Option<supervise_shim::format::Origin>,
+        origin: Option<supervise_store::format::Origin>,
         /// The output files' lengths it recorded.
-        outputs: Vec<supervise_shim::format::OutputMark>,
+        outputs: Vec<supervise_store::format::OutputMark>,
     }
     let job = t.job()?;
     let seq = snapshot_id(&job, id)?;
@@ -467,7 +467,7 @@ pub fn verify(t: &Target, id: Option<&str>) -> Result<i32> {
 /// Takes the job's lock for a command that changes the store (`what`); `None`, after saying
 /// who holds it and `why` the command must wait, when the job is running.
 fn take_job_lock(job: &JobStore, what: &str, why: &str) -> Result<Option<JobLock>> {
-    let me = supervise_shim::lock::Owner::this_process(&format!("supervise {what}"));
+    let me = supervise_store::lock::Owner::this_process(&format!("supervise {what}"));
     Ok(match JobLock::try_take(job.dir(), &me)? {
         TryLock::Taken(lock) => Some(lock),
         TryLock::Held(owner) => {
@@ -505,7 +505,7 @@ pub fn repair(t: &Target) -> Result<i32> {
     };
     let spinner = ProgressBar::new_spinner();
     spinner.set_message("repairing");
-    let report = supervise_shim::repair::repair(&job)?;
+    let report = supervise_store::repair::repair(&job)?;
     spinner.finish_and_clear();
     let done = Repaired {
         repaired: report.repaired,
@@ -716,7 +716,7 @@ pub fn restore(t: &Target, id: &str, to: &Path, sharing: Sharing) -> Result<i32>
     for (e, file) in m.entries.iter().zip(files) {
         let path = to.join(&file);
         let mut out = create_in(&dir, to, &file, sharing)?;
-        let write_err = |e: std::io::Error| supervise_shim::Error::Io {
+        let write_err = |e: std::io::Error| supervise_store::Error::Io {
             op: "write",
             path: path.clone(),
             source: e,

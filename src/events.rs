@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-pub use supervise_shim::history::{History, MAX_LINE_LEN, Record};
+pub use supervise_store::history::{History, MAX_LINE_LEN, Record};
 
 /// Histories longer than this are cut to their newer half when a supervisor starts.
 const MAX_LOG_BYTES: u64 = 1 << 20;
@@ -41,7 +41,7 @@ impl EventLog {
     /// through).
     pub fn open(job_dir: &Path) -> Result<Self> {
         let path = path_in(job_dir);
-        let dir = supervise_shim::fsops::Dir::open_owned(job_dir)?;
+        let dir = supervise_store::fsops::Dir::open_owned(job_dir)?;
         let file = dir.open_private(LOG_NAME, true)?;
         if file.metadata().is_ok_and(|m| m.len() > MAX_LOG_BYTES) {
             let records = read(job_dir)?;
@@ -110,7 +110,7 @@ pub fn history(job_dir: &Path) -> Result<History> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(History::default()),
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
     };
-    supervise_shim::history::read_history(BufReader::new(file))
+    supervise_store::history::read_history(BufReader::new(file))
         .with_context(|| format!("cannot read {}", path.display()))
 }
 

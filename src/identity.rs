@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-pub use supervise_shim::format::Origin;
+pub use supervise_store::format::Origin;
 
 /// Executables larger than this are not hashed (their origin records no hash).
 const MAX_HASHED_BYTES: u64 = 1 << 30;
@@ -198,7 +198,7 @@ mod tests {
         assert!(sh.path.is_absolute() && sh.exe_blake3.is_some(), "{sh:?}");
         assert!(job_name(&sh, &os(&["sh"])).starts_with("sh-"));
         let odd = legacy_job_name(&os(&["/x/..py thon\n"]));
-        supervise_shim::name::validate("job", &odd).unwrap();
+        supervise_store::name::validate("job", &odd).unwrap();
     }
 
     #[test]

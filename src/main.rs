@@ -1,7 +1,6 @@
 //! `supervise`: runs a long simulation, snapshots it on a schedule through the shim it links,
 //! and restarts it from its newest complete snapshot when it dies.
 
-mod bench;
 mod blame;
 mod child;
 mod commands;
@@ -18,7 +17,7 @@ mod supervisor;
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -183,17 +182,17 @@ enum Sub {
         #[arg(long = "kind", value_name = "KIND")]
         kinds: Vec<String>,
     },
-    /// Measure snapshot cost against this machine's limits and the naive way, in one run.
+    /// Measure snapshot cost against this machine's limits and the naive way, in one run
+    /// (runs supervise-bench: `supervise bench --help` for its options).
+    #[command(disable_help_flag = true)]
     Bench {
-        /// Store directory to measure on (a temporary job in it is removed afterwards).
-        #[arg(long, value_name = "DIR", default_value = ".supervise")]
-        store: PathBuf,
-        /// Size of the state (e.g. 256MiB, 1GiB).
-        #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = bench::parse_size)]
-        size: u64,
-        /// Print rows of {scenario, metric, ours, limit, naive, unit} as JSON.
-        #[arg(long)]
-        json: bool,
+        /// supervise-bench's arguments: --store DIR, --size SIZE, --json.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -509,7 +508,7 @@ fn main() -> ExitCode {
             .exit();
     }
     let result = match cli.sub {
-        Some(Sub::Bench { store, size, json }) => run_bench(&store, size, json),
+        Some(Sub::Bench { args }) => run_bench(&args),
         Some(Sub::Ls { at }) => commands::ls(&at.into()),
         Some(Sub::Show { at, snapshot }) => commands::show(&at.into(), &snapshot),
         Some(Sub::Verify {
@@ -575,15 +574,23 @@ fn check_run_args(run: &RunArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn run_bench(store: &Path, size: u64, json: bool) -> anyhow::Result<i32> {
-    let say = |msg: &str| eprintln!("supervise bench: {msg}");
-    let (limits, rows, mode) = bench::run(store, size, &say)?;
-    if json {
-        human::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
-    } else {
-        bench::print_table(size, &limits, &rows, mode)?;
+/// `supervise bench`: the benchmark links the runtime a program links, so it is a program of
+/// its own, `supervise-bench`, found beside this binary or on `PATH`.
+fn run_bench(args: &[std::ffi::OsString]) -> anyhow::Result<i32> {
+    const BENCH: &str = "supervise-bench";
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(BENCH)))
+        .filter(|path| path.is_file());
+    let program = beside.unwrap_or_else(|| PathBuf::from(BENCH));
+    match std::process::Command::new(&program).args(args).status() {
+        Ok(status) => Ok(status.code().unwrap_or(1)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "supervise bench needs the {BENCH} program, which is not installed: \
+             cargo install --locked --path shim/bench (from the supervise source tree)"
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot run {}", program.display()))),
     }
-    Ok(0)
 }
 
 fn run_job(cli: RunArgs) -> anyhow::Result<i32> {

@@ -151,7 +151,7 @@ impl Client {
 pub struct Server {
     listener: UnixListener,
     /// The job directory, to remove the socket from.
-    dir: supervise_shim::fsops::Dir,
+    dir: supervise_store::fsops::Dir,
     /// The socket file's device and inode.
     id: (u64, u64),
 }
@@ -163,14 +163,14 @@ impl Server {
     pub fn bind(job_dir: &Path) -> Result<Self> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
         use nix::sys::stat::{FchmodatFlags, Mode, SFlag};
-        let dir = supervise_shim::fsops::Dir::open_owned(job_dir)?;
+        let dir = supervise_store::fsops::Dir::open_owned(job_dir)?;
         let shown = job_dir.join(SOCKET_NAME);
         if let Some(st) = dir.stat(SOCKET_NAME)? {
             if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFSOCK.bits() {
-                return Err(supervise_shim::Error::Unsafe {
+                return Err(supervise_store::Error::Unsafe {
                     path: shown,
-                    kind: supervise_shim::UnsafeKind::NotExpectedKind {
-                        found: supervise_shim::fsops::kind_of(&st),
+                    kind: supervise_store::UnsafeKind::NotExpectedKind {
+                        found: supervise_store::fsops::kind_of(&st),
                     },
                 }
                 .into());

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::Signal;
-use supervise_shim::config;
-use supervise_shim::control::{Event, Request};
-use supervise_shim::lock::{JobLock, Owner, TryLock};
-use supervise_shim::{JobStore, Store};
+use supervise_store::config;
+use supervise_store::control::{Event, Request};
+use supervise_store::lock::{JobLock, Owner, TryLock};
+use supervise_store::{JobStore, Store};
 
 use crate::blame::{Blame, Death, Verdict};
 use crate::child::{self, Child, Ended, StderrPipe, StderrTail};

@@ -25,7 +25,7 @@ fn compile(dir: &Path, compiler: &str, flags: &[&str], sources: &[&str], out: &s
         .parent()
         .expect("bin dir")
         .join("deps")
-        .join("libsupervise_shim.a");
+        .join("libsupervise.a");
     assert!(lib.exists(), "{} is missing", lib.display());
     let program = dir.join(out);
     let status = Command::new(compiler)
@@ -42,7 +42,7 @@ fn compile(dir: &Path, compiler: &str, flags: &[&str], sources: &[&str], out: &s
 
 /// Compiles examples/heat.c into `dir`.
 fn build_heat_c(dir: &Path) -> PathBuf {
-    let include = format!("-I{}/shim/include", env!("CARGO_MANIFEST_DIR"));
+    let include = format!("-I{}/shim/capi/include", env!("CARGO_MANIFEST_DIR"));
     let flags = ["-O2", "-Wall", "-Wextra", "-Werror", include.as_str()];
     compile(dir, "cc", &flags, &["examples/heat.c"], "heat-c")
 }
@@ -51,7 +51,7 @@ fn build_heat_c(dir: &Path) -> PathBuf {
 fn build_heat_f90(dir: &Path) -> PathBuf {
     let modules = format!("-J{}", dir.display());
     let flags = ["-O2", "-Wall", "-Werror", modules.as_str()];
-    let sources = ["shim/include/supervise.f90", "examples/heat.f90"];
+    let sources = ["shim/capi/include/supervise.f90", "examples/heat.f90"];
     compile(dir, "gfortran", &flags, &sources, "heat-f")
 }
 
@@ -222,7 +222,7 @@ fn installed_with_pkg_config_a_c_program_builds_with_one_command() {
 
 /// Compiles examples/lines.c into `dir`.
 fn build_lines_c(dir: &Path) -> PathBuf {
-    let include = format!("-I{}/shim/include", env!("CARGO_MANIFEST_DIR"));
+    let include = format!("-I{}/shim/capi/include", env!("CARGO_MANIFEST_DIR"));
     let flags = ["-O2", "-Wall", "-Wextra", "-Werror", include.as_str()];
     compile(dir, "cc", &flags, &["examples/lines.c"], "lines-c")
 }

@@ -152,7 +152,7 @@ fn ls_show_restore_and_gc_read_the_store() {
 }
 
 /// heat under supervise until a few snapshots exist, then stopped.
-fn stopped_heat(store: &Path) -> supervise_shim::JobStore {
+fn stopped_heat(store: &Path) -> supervise_store::JobStore {
     let run = Run::start(
         store,
         &["--every", "100ms"],
@@ -167,7 +167,7 @@ fn stopped_heat(store: &Path) -> supervise_shim::JobStore {
 
 #[test]
 fn verify_finds_every_injected_corruption() {
-    type Damage = fn(&supervise_shim::JobStore, u64);
+    type Damage = fn(&supervise_store::JobStore, u64);
     let cases: [(&str, Damage, &str); 4] = [
         (
             "flipped byte in a pack",
@@ -255,7 +255,7 @@ fn verify_finds_every_injected_corruption() {
 
 #[test]
 fn verify_repair_mends_from_good_copies_and_refuses_while_the_job_runs() {
-    use supervise_shim::{SnapshotWriter, Store};
+    use supervise_store::{SnapshotWriter, Store};
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let job = Store::open(&store).unwrap().job("j").unwrap();
@@ -281,9 +281,9 @@ fn verify_repair_mends_from_good_copies_and_refuses_while_the_job_runs() {
     drop(writer);
 
     // While someone holds the job, repair refuses with 4 and changes nothing.
-    let holder = supervise_shim::lock::JobLock::try_take(
+    let holder = supervise_store::lock::JobLock::try_take(
         job.dir(),
-        &supervise_shim::lock::Owner::this_process("test"),
+        &supervise_store::lock::Owner::this_process("test"),
     )
     .unwrap();
     let (code, _, err) = cmd(&store, &["verify", "--repair", "--job", "j"]);
@@ -406,7 +406,7 @@ fn a_store_that_is_a_file_is_not_a_directory_for_every_command() {
 
 /// A store with job `j` whose history is `records` (kind, seconds ago, message), oldest first.
 fn store_with_history(store: &Path, records: &[(&str, u64, &str)]) {
-    let job = supervise_shim::Store::open(store)
+    let job = supervise_store::Store::open(store)
         .unwrap()
         .job("j")
         .unwrap();
@@ -551,11 +551,14 @@ fn a_reader_that_closes_the_pipe_early_ends_every_command_quietly() {
 
 /// A stand-in for a running supervisor of `job`: holds its lock and answers every request on
 /// its socket with `reply`.
-fn fake_supervisor(job: &supervise_shim::JobStore, reply: Value) -> supervise_shim::lock::TryLock {
+fn fake_supervisor(
+    job: &supervise_store::JobStore,
+    reply: Value,
+) -> supervise_store::lock::TryLock {
     use std::io::{BufRead, BufReader, Write};
-    let lock = supervise_shim::lock::JobLock::try_take(
+    let lock = supervise_store::lock::JobLock::try_take(
         job.dir(),
-        &supervise_shim::lock::Owner::this_process("test"),
+        &supervise_store::lock::Owner::this_process("test"),
     )
     .unwrap();
     let listener =
@@ -572,8 +575,8 @@ fn fake_supervisor(job: &supervise_shim::JobStore, reply: Value) -> supervise_sh
 }
 
 /// Two snapshots of the same grid in job `j` of `store`.
-fn two_snapshots(store: &Path) -> supervise_shim::JobStore {
-    use supervise_shim::{SnapshotWriter, Store};
+fn two_snapshots(store: &Path) -> supervise_store::JobStore {
+    use supervise_store::{SnapshotWriter, Store};
     let job = Store::open(store).unwrap().job("j").unwrap();
     let grid: Vec<f64> = (0..100_000).map(|i| (i as f64 * 1e-3).sin()).collect();
     let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
@@ -639,7 +642,7 @@ fn status_and_show_name_and_define_their_ratio() {
 fn status_says_no_shim_for_a_program_that_never_connected_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let job = supervise_shim::Store::open(&store)
+    let job = supervise_store::Store::open(&store)
         .unwrap()
         .job("j")
         .unwrap();

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use supervise_shim::JobStore;
-use supervise_shim::format::{ChunkRef, Manifest, entry_root};
+use supervise_store::JobStore;
+use supervise_store::format::{ChunkRef, Manifest, entry_root};
 use support::*;
 
 const LONG: Duration = Duration::from_secs(120);

@@ -231,7 +231,7 @@ fn kill9_of_the_supervisor_leaves_no_process_behind_and_the_rerun_resumes() {
 }
 
 /// Runs heat under supervise until a few snapshots exist, then stops it with SIGTERM.
-fn stopped_job_with_snapshots(store: &std::path::Path, args: &[&str]) -> supervise_shim::JobStore {
+fn stopped_job_with_snapshots(store: &std::path::Path, args: &[&str]) -> supervise_store::JobStore {
     let run = Run::start(store, &["--every", "100ms"], &heat(args), &[]);
     run.wait_for("snapshot 3 done", LONG);
     run.signal(Signal::SIGTERM);
@@ -243,8 +243,8 @@ fn stopped_job_with_snapshots(store: &std::path::Path, args: &[&str]) -> supervi
 /// runs the same command again, and checks it completes as an uninterrupted run would.
 /// Returns the second run, the previous and the newest snapshot numbers.
 fn resume_after_damaging_newest(
-    damage: impl FnOnce(&supervise_shim::JobStore, u64, u64),
-) -> (Finished, supervise_shim::JobStore, u64, u64) {
+    damage: impl FnOnce(&supervise_store::JobStore, u64, u64),
+) -> (Finished, supervise_store::JobStore, u64, u64) {
     let args = ["--n", "256", "--steps", "40000"];
     let reference = reference_checksum(&args);
     let dir = tempfile::tempdir().unwrap();
@@ -597,7 +597,7 @@ fn a_full_disk_fails_the_snapshot_cleanly_and_keeps_the_earlier_ones() {
     let seqs = job.snapshot_seqs().unwrap();
     assert!(!seqs.is_empty());
     for seq in seqs {
-        supervise_shim::SnapshotReader::open(&job, seq)
+        supervise_store::SnapshotReader::open(&job, seq)
             .unwrap()
             .verify()
             .unwrap();
@@ -629,68 +629,6 @@ fn a_stale_control_fd_in_the_environment_is_a_clear_error() {
             "{err}"
         );
     }
-}
-
-#[test]
-fn bench_measures_every_scenario_against_the_limits_and_the_naive_way() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(supervise_bin())
-        .args(["bench", "--size", "16MiB", "--json", "--store"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let get = |scenario: &str, metric: &str| -> (f64, f64, f64) {
-        let row = rows
-            .iter()
-            .find(|r| r["scenario"] == scenario && r["metric"] == metric)
-            .unwrap_or_else(|| panic!("no row {scenario}/{metric}"));
-        // A row without a measured limit has null there.
-        let num = |k: &str| {
-            row[k].as_f64().unwrap_or_else(|| {
-                assert_eq!(k, "limit", "{k} missing in {row}");
-                f64::NAN
-            })
-        };
-        (num("ours"), num("limit"), num("naive"))
-    };
-    for scenario in [
-        "full",
-        "1% changed",
-        "10% changed",
-        "1% changed, copy, no tracking",
-        "1% changed, fork, no tracking",
-    ] {
-        for metric in ["pause", "durable", "written"] {
-            let (ours, limit, naive) = get(scenario, metric);
-            // A fork's pause has no measured limit (null).
-            let no_limit = scenario.contains("fork") && metric == "pause";
-            assert!(
-                ours > 0.0 && naive > 0.0 && (limit > 0.0 || no_limit),
-                "{scenario}/{metric}"
-            );
-        }
-    }
-    let (restore, _, _) = get("restore", "time");
-    assert!(restore > 0.0);
-    // What must hold on any machine: incremental snapshots write a fraction of the naive bytes.
-    let (written, limit, naive) = get("1% changed", "written");
-    assert!(
-        written < naive / 10.0,
-        "1%: {written} MiB vs naive {naive} MiB"
-    );
-    assert!(
-        written < limit * 1.5,
-        "1%: {written} MiB vs limit {limit} MiB"
-    );
-    // The bench leaves nothing behind in the user's store.
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 #[test]

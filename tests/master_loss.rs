@@ -147,7 +147,7 @@ fn with_orphan_continue_the_program_finishes_alone_and_keeps_snapshotting() {
     fin.assert_said("supervisor gone; running on unsupervised");
     assert!(job.highest_seq().unwrap().unwrap() > before);
     assert!(
-        supervise_shim::lock::JobLock::holder(job.dir())
+        supervise_store::lock::JobLock::holder(job.dir())
             .unwrap()
             .is_none()
     );

@@ -38,7 +38,7 @@ fn heat_steps_per_second() -> f64 {
 }
 
 /// The step recorded in a snapshot's tag (`step N`).
-fn step_of(job: &supervise_shim::JobStore, seq: u64) -> u64 {
+fn step_of(job: &supervise_store::JobStore, seq: u64) -> u64 {
     let tag = job.read_manifest(seq).unwrap().tag.unwrap();
     tag.strip_prefix("step ").unwrap().parse().unwrap()
 }
@@ -222,7 +222,7 @@ fn a_rotten_shared_chunk_is_found_by_the_scrub_and_no_later_snapshot_uses_it() {
         fin.stderr
     );
     for seq in &kept {
-        supervise_shim::SnapshotReader::open(&job, *seq)
+        supervise_store::SnapshotReader::open(&job, *seq)
             .and_then(|r| r.verify())
             .unwrap_or_else(|e| panic!("snapshot {seq}: {e}\n{}", fin.stderr));
     }
@@ -289,7 +289,7 @@ fn a_full_disk_fails_snapshots_but_never_the_program() {
     let kept = job.snapshot_seqs().unwrap();
     assert!(!kept.is_empty());
     for seq in kept {
-        supervise_shim::SnapshotReader::open(&job, seq)
+        supervise_store::SnapshotReader::open(&job, seq)
             .and_then(|r| r.verify())
             .unwrap_or_else(|e| panic!("snapshot {seq}: {e}"));
     }

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use aligned_vec::{AVec, ConstAlign};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::format::{EntryKind, Manifest, Origin, OutputMark};
-use crate::name;
-use crate::scrub::{Finding, Scrubber};
-use crate::store::Retention;
-use crate::writer::{Element, SnapshotReport, SnapshotWriter};
+use supervise_store::error::{Error, Result};
+use supervise_store::format::{EntryKind, Manifest, Origin, OutputMark};
+use supervise_store::name;
+use supervise_store::scrub::{Finding, Scrubber};
+use supervise_store::store::Retention;
+use supervise_store::writer::{Element, SnapshotReport, SnapshotWriter};
 
 /// A capture buffer: page-aligned. Regions are page-aligned too, and a copy whose destination
 /// sits a few bytes past its source modulo 4 KiB runs 3-6x slower on x86 (loads falsely wait
@@ -157,7 +157,7 @@ pub(crate) struct Background {
 impl Background {
     /// Starts the writer thread; `on_done` is called there with each outcome (to tell the
     /// supervisor at once). With a `scrub` period, the thread verifies stored records between
-    /// snapshots (see [`crate::scrub`]) and calls `on_damage` with the damaged ones it finds,
+    /// snapshots (see [`supervise_store::scrub`]) and calls `on_damage` with the damaged ones it finds,
     /// after setting aside the snapshots that use it.
     pub(crate) fn spawn(
         mut writer: SnapshotWriter,
@@ -313,7 +313,7 @@ fn await_forked(
 /// The body of a forked snapshot process: write `job` with a writer of its own, send the
 /// outcome through `report`, and leave without running the program's exit handlers.
 pub(crate) fn forked_child(
-    job_store: crate::store::JobStore,
+    job_store: supervise_store::store::JobStore,
     attempt: u32,
     keep: Retention,
     job: Result<Job>,
@@ -387,7 +387,7 @@ fn write_job(
         // records them.
         for (path, file) in &job.outputs.files {
             file.sync_data()
-                .map_err(crate::error::io_err("fsync output", path))?;
+                .map_err(supervise_store::error::io_err("fsync output", path))?;
         }
         builder.set_origin(job.origin.clone());
         builder.set_outputs(job.outputs.marks.clone());
@@ -437,11 +437,11 @@ impl Capture<'_> {
             name: name.to_owned(),
             source,
         })?;
-        if json.len() as u64 > crate::format::MAX_VALUE_LEN {
+        if json.len() as u64 > supervise_store::format::MAX_VALUE_LEN {
             return Err(Error::ValueTooLarge {
                 name: name.to_owned(),
                 len: json.len() as u64,
-                max: crate::format::MAX_VALUE_LEN,
+                max: supervise_store::format::MAX_VALUE_LEN,
             });
         }
         let mut data = self.buffer(json.len());
@@ -476,7 +476,7 @@ impl Capture<'_> {
     /// Adds untyped bytes (the C ABI's regions), stored as a `u8` slice. Lengths that are a
     /// multiple of 8 are byte-shuffled as 8-byte elements before compression: C simulation
     /// state is mostly `double`, and shuffling only changes how well a chunk compresses.
-    pub(crate) fn raw(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+    pub fn raw(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         self.claim(name)?;
         let mut data = self.buffer(bytes.len());
         data.extend_from_slice(bytes);

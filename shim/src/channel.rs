@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{MsgFlags, send};
 
-use crate::config::OrphanMode;
-use crate::control::{Event, Request};
-use crate::error::{Error, Result};
 use crate::runtime::EXIT_STOPPED;
+use supervise_store::config::OrphanMode;
+use supervise_store::control::{Event, Request};
+use supervise_store::error::{Error, Result};
 
 /// Pending-request bits: a snapshot is requested.
 pub(crate) const SNAP: u32 = 1;
@@ -82,7 +82,7 @@ impl Shared {
 /// the child starts.
 pub(crate) fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
     let bad = |why: String| Error::Env {
-        var: crate::config::ENV_CONTROL_FD,
+        var: supervise_store::config::ENV_CONTROL_FD,
         value: fd.to_string(),
         why,
     };
@@ -107,14 +107,14 @@ pub(crate) fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
 }
 
 /// Makes the supervisor's own stderr this program's stderr again (see
-/// [`crate::config::ENV_STDERR_FD`]: `fd:dev:inode:pipe dev:pipe inode`), once the shim has
+/// [`supervise_store::config::ENV_STDERR_FD`]: `fd:dev:inode:pipe dev:pipe inode`), once the shim has
 /// told the supervisor it started (what it wrote before, an error of its start included, went
 /// through the supervisor, which shows the last lines of a program that fails at once). Only
 /// when fd 2 is still the supervisor's pipe: a program (or a script before it) that sent its
 /// stderr elsewhere keeps it there. Only when the named descriptor is open and still the file
 /// it names: a stale variable inherited by a program this one starts redirects nothing.
 pub(crate) fn take_back_stderr() {
-    let Ok(value) = std::env::var(crate::config::ENV_STDERR_FD) else {
+    let Ok(value) = std::env::var(supervise_store::config::ENV_STDERR_FD) else {
         return;
     };
     let fields: Vec<u64> = value.split(':').filter_map(|f| f.parse().ok()).collect();

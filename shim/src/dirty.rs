@@ -16,6 +16,7 @@ const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
 const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+#[cfg(test)]
 const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
 const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
@@ -81,6 +82,7 @@ struct PmScanArg {
 pub struct DirtyTracker {
     uffd: OwnedFd,
     pagemap: File,
+    #[cfg_attr(not(test), allow(dead_code))]
     page: usize,
 }
 
@@ -135,6 +137,7 @@ impl DirtyTracker {
     }
 
     /// The page size.
+    #[cfg(test)]
     pub fn page_size(&self) -> usize {
         self.page
     }
@@ -160,6 +163,7 @@ impl DirtyTracker {
     }
 
     /// Stops tracking a range.
+    #[cfg(test)]
     pub fn unregister(&self, addr: usize, len: usize) -> io::Result<()> {
         let mut range = UffdioRange {
             start: addr as u64,

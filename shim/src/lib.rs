@@ -30,7 +30,7 @@
 //! ```
 //!
 //! Without a supervisor (and without `SUPERVISE_STORE` set) the same program runs unchanged:
-//! nothing is restored and `due()` is never true. See [`config`] for the environment.
+//! nothing is restored and `due()` is never true. See [`Config`] for the environment.
 //!
 //! A program that appends results to a file opens it with [`Shim::output`] (C: `sv_output`):
 //! each snapshot records the file's length, and a resumed run cuts the file back to it, so the
@@ -51,37 +51,16 @@ pub(crate) use say;
 
 mod capture;
 mod channel;
-
-pub mod codec;
-pub mod config;
-pub mod control;
-pub mod dirty;
-pub mod error;
-pub mod failpoint;
-pub mod ffi;
-pub mod format;
-pub mod fsops;
-pub mod history;
-pub mod lock;
-pub mod name;
-pub mod output;
-mod pack;
-pub mod pack_scan;
-pub mod reader;
+mod dirty;
+mod output;
 mod region;
-pub mod repair;
 mod restore;
-pub mod retention;
 mod runtime;
-pub mod scrub;
-pub mod store;
-pub mod writer;
 
 pub use capture::Capture;
-pub use error::{Error, Result, UnsafeKind};
 pub use output::Output;
-pub use reader::SnapshotReader;
 pub use region::Region;
-pub use runtime::{EXIT_STOPPED, Shim, Start};
-pub use store::{JobStore, Store};
-pub use writer::{Element, SnapshotBuilder, SnapshotReport, SnapshotWriter};
+pub use runtime::{DuePoll, EXIT_STOPPED, Shim, Start};
+pub use supervise_store::config::{CaptureMode, Config};
+pub use supervise_store::{Error, Result, UnsafeKind};
+pub use supervise_store::{SnapshotBuilder, SnapshotReport};

@@ -11,8 +11,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::error::{Error, Result, io_err};
-use crate::format::{MAX_OUTPUT_PATH, OutputMark};
+use supervise_store::error::{Error, Result, io_err};
+use supervise_store::format::{MAX_OUTPUT_PATH, OutputMark};
 
 /// Bytes an [`Output`] collects before it writes them to its file.
 pub const OUTPUT_BUFFER: usize = 64 * 1024;

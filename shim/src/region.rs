@@ -6,9 +6,9 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
-use crate::format::EntryKind;
-use crate::writer::Element;
+use supervise_store::error::{Error, Result};
+use supervise_store::format::EntryKind;
+use supervise_store::writer::Element;
 
 /// Regions at least this large are mapped 2 MiB-aligned with transparent huge pages: fork,
 /// whole copies, hashing and restore all run faster on huge pages (one translation per

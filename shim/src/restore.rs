@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 
-use crate::config::RestoreFrom;
-use crate::control::DamagedSnapshot;
-use crate::error::Result;
-use crate::format::EntryKind;
-use crate::reader::SnapshotReader;
-use crate::store::JobStore;
+use supervise_store::config::RestoreFrom;
+use supervise_store::control::DamagedSnapshot;
+use supervise_store::error::Result;
+use supervise_store::format::EntryKind;
+use supervise_store::reader::SnapshotReader;
+use supervise_store::store::JobStore;
 
 /// The restored snapshot, with its value entries already read and verified.
 pub(crate) struct Restored {

@@ -13,17 +13,17 @@ use serde::de::DeserializeOwned;
 
 use crate::capture::{Background, Buffer, Capture, Item, Job, OutputsAt, Work, empty_buffer};
 use crate::channel::{SNAP, STOP, Shared, adopt_control_fd, control_loop, set_cloexec};
-use crate::config::{CaptureMode, Config, Mode};
-use crate::control::{DamagedPack, Event};
 use crate::dirty::DirtyTracker;
-use crate::error::{Error, Result};
-use crate::format::{CHUNK_SIZE, EntryKind};
 use crate::output::{self, Output, OutputFile, Sink};
 use crate::region::{Region, RegionMem};
 use crate::restore::{Restored, choose_restore};
-use crate::scrub::Finding;
-use crate::store::{JobStore, Store};
-use crate::writer::{Element, SnapshotReport, SnapshotWriter};
+use supervise_store::config::{CaptureMode, Config, Mode};
+use supervise_store::control::{DamagedPack, Event};
+use supervise_store::error::{Error, Result};
+use supervise_store::format::{CHUNK_SIZE, EntryKind};
+use supervise_store::scrub::Finding;
+use supervise_store::store::{JobStore, Store};
+use supervise_store::writer::{Element, SnapshotReport, SnapshotWriter};
 
 /// Exit code of a program that stopped on request (supervisor stop, SIGTERM, or supervisor
 /// lost) after its final snapshot: the job is not finished and can be resumed.
@@ -95,7 +95,7 @@ impl Shim {
     /// Like [`init`](Self::init) with a configuration given in full instead of read from the
     /// environment.
     pub fn open(config: Config) -> Result<Self> {
-        crate::failpoint::init();
+        supervise_store::failpoint::init();
         let control = match config.mode {
             Mode::Supervised(fd) => Some(Mutex::new(adopt_control_fd(fd)?)),
             _ => None,
@@ -315,7 +315,7 @@ impl Shim {
     /// region is part of every snapshot until it is dropped; where the kernel allows, a
     /// snapshot copies only the 64 KiB chunks of it written since the last one.
     pub fn region<T: Element>(&mut self, name: &str, len: usize) -> Result<Region<T>> {
-        crate::name::validate("entry", name)?;
+        supervise_store::name::validate("entry", name)?;
         if self
             .regions
             .iter()
@@ -457,7 +457,7 @@ impl Shim {
 
     /// [`output`](Self::output) for the C ABI: the file as a C stream (`FILE *`) that the shim
     /// flushes at every snapshot and closes at the end.
-    pub(crate) fn output_stdio(&mut self, path: &std::path::Path) -> Result<*mut libc::FILE> {
+    pub fn output_stdio(&mut self, path: &std::path::Path) -> Result<*mut libc::FILE> {
         let shared = self.open_output(path, true)?;
         let out = output::lock(&shared);
         match out.sink {
@@ -504,7 +504,7 @@ impl Shim {
         };
         let len = file
             .metadata()
-            .map_err(crate::error::io_err("stat output", path))?
+            .map_err(supervise_store::error::io_err("stat output", path))?
             .len();
         let sink = if stdio {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
@@ -610,9 +610,12 @@ impl Shim {
         self.shared.due()
     }
 
-    /// The state `due` reads, for callers that poll without holding the shim (the C ABI).
-    pub(crate) fn shared(&self) -> Arc<Shared> {
-        Arc::clone(&self.shared)
+    /// A handle that answers [`Shim::due`] without holding the shim, for callers that poll
+    /// from code that cannot borrow it (the C ABI's lock-free `sv_due`).
+    pub fn due_poll(&self) -> DuePoll {
+        DuePoll {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Takes a snapshot now. `fill` adds typed values and slices (copied at once); every
@@ -1017,10 +1020,23 @@ fn copy_chunks(bytes: &[u8], dirty: &[usize]) -> Buffer {
     out
 }
 
+/// What [`Shim::due`] reads, held apart from the shim: see [`Shim::due_poll`].
+pub struct DuePoll {
+    shared: Arc<Shared>,
+}
+
+impl DuePoll {
+    /// True when a snapshot is due, as [`Shim::due`].
+    #[inline]
+    pub fn due(&self) -> bool {
+        self.shared.due()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reader::SnapshotReader;
+    use supervise_store::reader::SnapshotReader;
 
     fn fork_shim(dir: &std::path::Path) -> Shim {
         let mut config = Config::local(dir.join("store"), "t");

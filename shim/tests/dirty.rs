@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use supervise_shim::config::{CaptureMode, Config};
-use supervise_shim::{Shim, SnapshotReader, Store};
+use supervise_shim::Shim;
+use supervise_shim::{CaptureMode, Config};
+use supervise_store::{SnapshotReader, Store};
 
 fn shim(dir: &std::path::Path, capture: CaptureMode) -> Option<Shim> {
     let mut config = Config::local(dir.join("store"), "dirty");

@@ -4,8 +4,8 @@
 use std::fs;
 use std::path::Path;
 
-use supervise_shim::format::CHUNK_SIZE;
-use supervise_shim::{JobStore, SnapshotReader, SnapshotWriter, Store};
+use supervise_store::format::CHUNK_SIZE;
+use supervise_store::{JobStore, SnapshotReader, SnapshotWriter, Store};
 
 fn job(dir: &Path) -> JobStore {
     Store::open(dir.join("store")).unwrap().job("j").unwrap()
@@ -179,7 +179,7 @@ fn packs_an_interrupted_retention_left_behind_are_removed_when_the_writer_opens(
 
 #[test]
 fn retention_after_stepping_back_keeps_the_good_snapshots_and_the_suspects_until_newer_work() {
-    use supervise_shim::store::Retention;
+    use supervise_store::store::Retention;
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
     let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
@@ -362,7 +362,7 @@ fn mostly_dead_packs_are_compacted_and_then_removed() {
 #[test]
 fn the_scrub_paces_itself_and_finds_a_rotten_record() {
     use std::time::Duration;
-    use supervise_shim::scrub::Scrubber;
+    use supervise_store::scrub::Scrubber;
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
     let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
@@ -411,7 +411,7 @@ fn the_scrub_paces_itself_and_finds_a_rotten_record() {
 }
 
 /// Flips one stored byte of the record of `chunk` in `pack`.
-fn rot(job: &JobStore, pack: &str, chunk: &supervise_shim::format::ChunkRef) {
+fn rot(job: &JobStore, pack: &str, chunk: &supervise_store::format::ChunkRef) {
     let path = job.pack_path(pack);
     let mut bytes = fs::read(&path).unwrap();
     bytes[chunk.offset as usize + 44 + chunk.stored_len as usize - 1] ^= 0x21;
@@ -420,7 +420,7 @@ fn rot(job: &JobStore, pack: &str, chunk: &supervise_shim::format::ChunkRef) {
 
 #[test]
 fn repair_points_damaged_snapshots_at_good_copies_and_puts_them_back() {
-    use supervise_shim::repair::repair;
+    use supervise_store::repair::repair;
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
     let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
@@ -477,9 +477,9 @@ fn repair_points_damaged_snapshots_at_good_copies_and_puts_them_back() {
 /// A local shim on `dir/store`, job "j", with `edit` applied to its configuration.
 fn local_shim(
     dir: &Path,
-    edit: impl FnOnce(&mut supervise_shim::config::Config),
-) -> supervise_shim::Result<supervise_shim::Shim> {
-    let mut config = supervise_shim::config::Config::local(dir.join("store"), "j");
+    edit: impl FnOnce(&mut supervise_store::config::Config),
+) -> supervise_store::Result<supervise_shim::Shim> {
+    let mut config = supervise_store::config::Config::local(dir.join("store"), "j");
     config.scrub = None;
     edit(&mut config);
     supervise_shim::Shim::open(config)
@@ -503,8 +503,8 @@ fn a_restore_of_another_size_names_entry_sizes_and_snapshot_and_tells_the_superv
     // region and a slice of other sizes.
     let (ours, theirs) = UnixStream::pair().unwrap();
     let mut shim = local_shim(dir.path(), |c| {
-        c.mode = supervise_shim::config::Mode::Supervised(theirs.into_raw_fd());
-        c.orphan = supervise_shim::config::OrphanMode::Continue;
+        c.mode = supervise_store::config::Mode::Supervised(theirs.into_raw_fd());
+        c.orphan = supervise_store::config::OrphanMode::Continue;
         c.every = Some(std::time::Duration::from_secs(3600));
     })
     .unwrap();
@@ -523,8 +523,8 @@ fn a_restore_of_another_size_names_entry_sizes_and_snapshot_and_tells_the_superv
     for line in BufReader::new(&ours).lines() {
         // The mismatch events among the others (hello, beats).
         let line = line.unwrap();
-        if let Ok(event @ supervise_shim::control::Event::RestoreMismatch { .. }) =
-            serde_json::from_str::<supervise_shim::control::Event>(&line)
+        if let Ok(event @ supervise_store::control::Event::RestoreMismatch { .. }) =
+            serde_json::from_str::<supervise_store::control::Event>(&line)
         {
             events.push(event);
             if events.len() == 2 {
@@ -532,7 +532,7 @@ fn a_restore_of_another_size_names_entry_sizes_and_snapshot_and_tells_the_superv
             }
         }
     }
-    use supervise_shim::control::Event::RestoreMismatch;
+    use supervise_store::control::Event::RestoreMismatch;
     assert_eq!(
         events,
         [
@@ -555,7 +555,7 @@ fn a_restore_of_another_size_names_entry_sizes_and_snapshot_and_tells_the_superv
 #[test]
 fn the_origin_from_the_configuration_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let origin = supervise_shim::format::Origin {
+    let origin = supervise_store::format::Origin {
         program: "/opt/sim/bin/heat".into(),
         exe_blake3: Some("0f".repeat(32)),
         args: vec!["--n".into(), "64".into()],
@@ -599,7 +599,7 @@ fn an_output_file_is_cut_back_to_the_length_the_restored_snapshot_recorded() {
     let abs = fs::canonicalize(dir.path()).unwrap().join("out.txt");
     assert_eq!(
         m.outputs,
-        [supervise_shim::format::OutputMark {
+        [supervise_store::format::OutputMark {
             path: abs.to_str().unwrap().into(),
             len: 14
         }]
@@ -636,7 +636,7 @@ fn an_output_file_is_cut_back_to_the_length_the_restored_snapshot_recorded() {
     let mut shim = local_shim(dir.path(), |_| {}).unwrap();
     let err = shim.output(&path).err().unwrap();
     assert!(
-        matches!(err, supervise_shim::Error::OutputShorter { .. }),
+        matches!(err, supervise_store::Error::OutputShorter { .. }),
         "{err}"
     );
     let msg = err.to_string();
@@ -652,7 +652,7 @@ fn without_a_store_an_output_is_a_plain_append_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.txt");
     fs::write(&path, "before\n").unwrap();
-    let mut shim = local_shim(dir.path(), |c| c.mode = supervise_shim::config::Mode::Off).unwrap();
+    let mut shim = local_shim(dir.path(), |c| c.mode = supervise_store::config::Mode::Off).unwrap();
     let mut out = shim.output(&path).unwrap();
     writeln!(out, "after").unwrap();
     assert_eq!(shim.snapshot(None, |_| Ok(())).unwrap(), None);

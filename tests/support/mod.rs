@@ -345,14 +345,14 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// The only job in a store (tests use one job per store).
-pub fn only_job(store: &Path) -> supervise_shim::JobStore {
+pub fn only_job(store: &Path) -> supervise_store::JobStore {
     let names: Vec<String> = std::fs::read_dir(store)
         .expect("store exists")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names.len(), 1, "jobs in store: {names:?}");
-    supervise_shim::Store::open(store)
+    supervise_store::Store::open(store)
         .unwrap()
         .job(&names[0])
         .unwrap()
@@ -360,7 +360,7 @@ pub fn only_job(store: &Path) -> supervise_shim::JobStore {
 
 /// Checks the store's invariants: no temporary files, and exactly the packs the committed
 /// snapshots reference.
-pub fn assert_store_clean(job: &supervise_shim::JobStore) {
+pub fn assert_store_clean(job: &supervise_store::JobStore) {
     for sub in ["snapshots", "packs"] {
         for e in std::fs::read_dir(job.dir().join(sub)).unwrap().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();

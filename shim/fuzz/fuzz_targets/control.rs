@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use supervise_shim::control::{Event, Request};
+use supervise_store::control::{Event, Request};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(event) = serde_json::from_slice::<Event>(data) {

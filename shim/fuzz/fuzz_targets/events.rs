@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use supervise_shim::history::{parse_line, read_history};
+use supervise_store::history::{parse_line, read_history};
 
 fuzz_target!(|data: &[u8]| {
     if let Some(record) = parse_line(data) {

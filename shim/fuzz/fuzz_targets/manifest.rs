@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use supervise_shim::format::{MANIFEST_MAGIC, Manifest, file_header};
+use supervise_store::format::{MANIFEST_MAGIC, Manifest, file_header};
 
 fuzz_target!(|data: &[u8]| {
     let path = Path::new("fuzz.snap");

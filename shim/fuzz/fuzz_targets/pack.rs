@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use supervise_shim::pack_scan::scan_pack;
+use supervise_store::pack_scan::scan_pack;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(records) = scan_pack(data, Path::new("fuzz.pack")) {

@@ -6,8 +6,8 @@ use std::cell::RefCell;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use supervise_shim::codec::{Decoder, unshuffle};
-use supervise_shim::format::RecordHeader;
+use supervise_store::codec::{Decoder, unshuffle};
+use supervise_store::format::RecordHeader;
 
 thread_local! {
     static DECODER: RefCell<Decoder> = RefCell::new(Decoder::new().expect("zstd context"));

@@ -3,8 +3,8 @@
 
 use std::ffi::c_void;
 
-use supervise_shim::Store;
-use supervise_shim::ffi::*;
+use supervise::*;
+use supervise_store::Store;
 
 #[test]
 fn allocated_regions_restore_and_snapshot_only_what_changed() {

@@ -3,7 +3,7 @@
 
 use std::ffi::{CStr, c_void};
 
-use supervise_shim::ffi::*;
+use supervise::*;
 
 fn last_error() -> String {
     // SAFETY: sv_last_error returns a NUL-terminated string valid until the next call.

@@ -2,19 +2,19 @@
 //! encodings of each decoder's input. Not part of a normal run:
 //!
 //! ```text
-//! cargo test -p supervise-shim --test fuzz_seeds -- --ignored
+//! cargo test -p supervise-store --test fuzz_seeds -- --ignored
 //! ```
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use supervise_shim::SnapshotReport;
-use supervise_shim::codec::Encoder;
-use supervise_shim::control::{DamagedSnapshot, Event, Request};
-use supervise_shim::format::{
+use supervise_store::SnapshotReport;
+use supervise_store::codec::Encoder;
+use supervise_store::control::{DamagedSnapshot, Event, Request};
+use supervise_store::format::{
     ChunkRef, EntryKind, EntryMeta, Manifest, PACK_MAGIC, SnapshotStats, entry_root, file_header,
 };
-use supervise_shim::history::Record;
+use supervise_store::history::Record;
 
 fn seeds(target: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -149,7 +149,7 @@ fn write_fuzz_seeds() {
             pack.extend_from_slice(&r);
         }
     }
-    supervise_shim::pack_scan::scan_pack(&pack, Path::new("p")).unwrap();
+    supervise_store::pack_scan::scan_pack(&pack, Path::new("p")).unwrap();
     fs::write(dir.join("pack-3-of-each"), &pack).unwrap();
     fs::write(dir.join("pack-empty"), file_header(PACK_MAGIC)).unwrap();
 

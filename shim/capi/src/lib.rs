@@ -8,12 +8,11 @@
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicPtr, Ordering};
-use std::sync::{Arc, Mutex};
 
-use crate::channel::Shared;
-use crate::region::Region;
-use crate::runtime::{Shim, Start};
+use supervise_shim::{DuePoll, Error, Region, Shim, Start};
+use supervise_store::name;
 
 /// Success.
 pub const SV_OK: c_int = 0;
@@ -59,14 +58,17 @@ struct State {
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
 /// What the polls read without taking `STATE`'s lock: the shim's pending-request word, set
-/// by `sv_init` and cleared by `sv_finalize`. Each `Shared` put here is leaked on purpose (a
+/// by `sv_init` and cleared by `sv_finalize`. Each `DuePoll` put here is leaked on purpose (a
 /// few dozen bytes per `sv_init`), so a poll racing `sv_finalize` never reads freed memory.
-static POLL: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
+static POLL: AtomicPtr<DuePoll> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Every `DuePoll` ever put in `POLL`, so that the leaked ones stay reachable (to valgrind too).
+static LEAKED: Mutex<Vec<&'static DuePoll>> = Mutex::new(Vec::new());
 
 /// The pending-request word, if the shim is open.
-fn poll_state() -> Option<&'static Shared> {
+fn poll_state() -> Option<&'static DuePoll> {
     let ptr = POLL.load(Ordering::Acquire);
-    // SAFETY: non-null values come from `Arc::into_raw` in sv_init and are never freed.
+    // SAFETY: non-null values come from `Box::leak` in sv_init and are never freed.
     (!ptr.is_null()).then(|| unsafe { &*ptr })
 }
 
@@ -116,16 +118,14 @@ fn c_name(name: *const c_char) -> Result<String, (c_int, String)> {
     let name = name
         .to_str()
         .map_err(|_| (SV_EINVAL, "name is not valid UTF-8".to_owned()))?;
-    crate::name::validate("entry", name).map_err(|e| (SV_EINVAL, e.to_string()))?;
+    name::validate("entry", name).map_err(|e| (SV_EINVAL, e.to_string()))?;
     Ok(name.to_owned())
 }
 
-fn io(e: crate::Error) -> (c_int, String) {
+fn io(e: Error) -> (c_int, String) {
     let code = match e {
-        crate::Error::SizeMismatch { .. } => SV_ESIZE,
-        crate::Error::InvalidName { .. }
-        | crate::Error::WrongKind { .. }
-        | crate::Error::Output { .. } => SV_EINVAL,
+        Error::SizeMismatch { .. } => SV_ESIZE,
+        Error::InvalidName { .. } | Error::WrongKind { .. } | Error::Output { .. } => SV_EINVAL,
         _ => SV_EIO,
     };
     (code, e.to_string())
@@ -152,10 +152,9 @@ pub extern "C" fn sv_init() -> c_int {
             })
             .unwrap_or_else(|| "program".into());
         let shim = Shim::init(&program).map_err(io)?;
-        POLL.store(
-            Arc::into_raw(shim.shared()) as *mut Shared,
-            Ordering::Release,
-        );
+        let poll: &'static DuePoll = Box::leak(Box::new(shim.due_poll()));
+        LEAKED.lock().unwrap_or_else(|e| e.into_inner()).push(poll);
+        POLL.store(std::ptr::from_ref(poll).cast_mut(), Ordering::Release);
         *state = Some(State {
             shim,
             protected: Vec::new(),

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use supervise_shim::format::CHUNK_SIZE;
-use supervise_shim::fsops::crash::{self, Fault};
-use supervise_shim::{JobStore, Result, SnapshotReader, SnapshotReport, SnapshotWriter, Store};
+use supervise_store::format::CHUNK_SIZE;
+use supervise_store::fsops::crash::{self, Fault};
+use supervise_store::{JobStore, Result, SnapshotReader, SnapshotReport, SnapshotWriter, Store};
 
 /// The layer's test mode is process-global: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());

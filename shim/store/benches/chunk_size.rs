@@ -2,11 +2,11 @@
 //! snapshot after 1% of it changed (in scattered 64 KiB blocks, and in scattered 4 KiB pages),
 //! measured side by side on the same machine in one run.
 //!
-//! `cargo bench -p supervise-shim --bench chunk_size [-- --mib 256]`
+//! `cargo bench -p supervise-store --bench chunk_size [-- --mib 256]`
 
 use std::time::Instant;
 
-use supervise_shim::{SnapshotWriter, Store};
+use supervise_store::{SnapshotWriter, Store};
 
 fn field(n: usize) -> Vec<f64> {
     (0..n)

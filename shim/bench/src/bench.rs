@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use bytesize::ByteSize;
 use serde::Serialize;
-use supervise_shim::config::{CaptureMode, Config};
-use supervise_shim::format::CHUNK_SIZE;
-use supervise_shim::{Shim, SnapshotReader, Store};
+use supervise_shim::{CaptureMode, Config, Shim};
+use supervise_store::format::CHUNK_SIZE;
+use supervise_store::{SnapshotReader, Store};
 
-use crate::human;
+use crate::outln;
 
 /// One measured figure.
 #[derive(Clone, Debug, Serialize)]
@@ -52,30 +53,6 @@ pub struct Limits {
     pub read: f64,
     /// Whether the page cache could be dropped for the read and restore figures.
     pub cold: bool,
-}
-
-/// Parses sizes like `1GiB`, `256MiB`, `512M`, `4096`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 64MiB, 1GiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
-    };
-    let bytes = (num * mult as f64) as u64;
-    if bytes < 1 << 20 {
-        return Err("the size must be at least 1MiB".into());
-    }
-    Ok(bytes)
 }
 
 fn threads() -> usize {
@@ -118,8 +95,7 @@ fn best_of<F: FnMut() -> Duration>(runs: usize, mut f: F) -> Duration {
 
 /// Drops the page cache (needs root); says whether it could.
 fn drop_caches() -> bool {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    nix::unistd::sync();
     fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
 
@@ -167,10 +143,10 @@ fn measure_limits(dir: &Path, data: &[u8]) -> Result<Limits> {
                     let mut shuffled = Vec::new();
                     let mut total = 0;
                     for chunk in part.chunks(CHUNK_SIZE) {
-                        supervise_shim::codec::shuffle(chunk, 8, &mut shuffled);
+                        supervise_store::codec::shuffle(chunk, 8, &mut shuffled);
                         total += zstd::bulk::compress(
                             &shuffled,
-                            supervise_shim::codec::ZSTD_LEVEL_SHUFFLED,
+                            supervise_store::codec::ZSTD_LEVEL_SHUFFLED,
                         )
                         .map_or(chunk.len(), |c| c.len());
                     }
@@ -224,7 +200,7 @@ fn direct_write_speed(path: &Path, data: &[u8]) -> Option<f64> {
         .write(true)
         .create(true)
         .truncate(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
         .open(path)
         .ok()?;
     let mut backing = vec![0u8; BLOCK + 4096];
@@ -320,7 +296,7 @@ fn shim(store: &Path, job: &str, capture: CaptureMode, track_writes: bool) -> Re
     let mut config = Config::local(store, job);
     config.capture = capture;
     config.track_writes = track_writes;
-    config.restore = supervise_shim::config::RestoreFrom::Nothing;
+    config.restore = supervise_store::config::RestoreFrom::Nothing;
     Ok(Shim::open(config)?)
 }
 
@@ -381,7 +357,7 @@ fn run_in(
 ) -> Result<(Limits, Vec<Row>, &'static str)> {
     say(&format!(
         "preparing a smooth f64 field of {}",
-        human::bytes(size as u64)
+        ByteSize(size as u64).display().iec()
     ));
     let base = field(n);
     let raw: &[u8] = bytemuck::cast_slice(&base);
@@ -496,7 +472,7 @@ fn run_in(
 /// Prints the human table.
 pub fn print_table(size: u64, lim: &Limits, rows: &[Row], mode: &str) -> std::io::Result<()> {
     let gib = |b: f64| b / (1u64 << 30) as f64;
-    human::outln!(
+    outln!(
         "machine: memcpy {:.1} GiB/s, blake3 {:.1} GiB/s ({} threads), zstd {:.1} GiB/s at ratio {:.2}, write+fsync {:.2} GiB/s, read {:.2} GiB/s ({})",
         gib(lim.memcpy),
         gib(lim.blake3),
@@ -511,12 +487,12 @@ pub fn print_table(size: u64, lim: &Limits, rows: &[Row], mode: &str) -> std::io
             "page cache could not be dropped: warm"
         }
     )?;
-    human::outln!(
+    outln!(
         "state: {} of smooth f64; capture: {mode}",
-        human::bytes(size)
+        ByteSize(size).display().iec()
     )?;
-    human::outln!()?;
-    human::outln!(
+    outln!()?;
+    outln!(
         "{:<30} {:<8} {:>10} {:>10} {:>10} {:>9} {:>10}",
         "scenario",
         "metric",
@@ -529,7 +505,7 @@ pub fn print_table(size: u64, lim: &Limits, rows: &[Row], mode: &str) -> std::io
     for r in rows {
         let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}"));
         let ratio = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}x"));
-        human::outln!(
+        outln!(
             "{:<30} {:<8} {:>10} {:>10} {:>10} {:>9} {:>10}",
             r.scenario,
             r.metric,

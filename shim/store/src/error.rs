@@ -351,10 +351,7 @@ impl UnsafeKind {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Wraps an `io::Error` with the operation and path, for `map_err`.
-pub(crate) fn io_err(
-    op: &'static str,
-    path: impl Into<PathBuf>,
-) -> impl FnOnce(io::Error) -> Error {
+pub fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
     let path = path.into();
     move |source| Error::Io { op, path, source }
 }

@@ -1,6 +1,6 @@
-/* supervise shim: the C ABI. Generated from shim/src/ffi.rs by cbindgen; do not edit.
+/* supervise shim: the C ABI. Generated from shim/capi/src/lib.rs by cbindgen; do not edit.
  *
- * Link: libsupervise_shim.a (with -lpthread -ldl -lm) or libsupervise_shim.so, or use
+ * Link: libsupervise.a (with -lpthread -ldl -lm) or libsupervise.so, or use
  * `pkg-config --cflags --libs supervise-shim` after scripts/install-shim.sh.
  * Functions return 0 (or the documented positive value) on success and a negative SV_E*
  * code on error; sv_last_error() then says what went wrong, for the calling thread. No call

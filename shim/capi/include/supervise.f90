@@ -1,6 +1,6 @@
-! supervise shim: the Fortran interface to the C ABI (shim/include/supervise.h), through
-! iso_c_binding. Compile this file with your program and link libsupervise_shim:
-!   gfortran shim/include/supervise.f90 sim.f90 $(pkg-config --libs supervise-shim)
+! supervise shim: the Fortran interface to the C ABI (shim/capi/include/supervise.h), through
+! iso_c_binding. Compile this file with your program and link libsupervise:
+!   gfortran shim/capi/include/supervise.f90 sim.f90 $(pkg-config --libs supervise-shim)
 !
 ! Functions return 0 (or the documented positive value) on success and a negative SV_E* code
 ! on error; sv_error_message() says what went wrong. Names are passed as Fortran strings (the

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
-use supervise_shim::lock::{JobLock, Owner};
-use supervise_shim::{Error, Result, SnapshotReader, SnapshotWriter, Store, UnsafeKind};
+use supervise_store::lock::{JobLock, Owner};
+use supervise_store::{Error, Result, SnapshotReader, SnapshotWriter, Store, UnsafeKind};
 
 const OTHER_UID: u32 = 65534;
 
