@@ -1,5 +1,11 @@
 //! The shim's configuration, read from the environment. The supervisor sets these for its
 //! child; a user can set them by hand to take local snapshots without a supervisor.
+//!
+//! [`ChildEnv`] is the one description of what the supervisor tells its child: it writes the
+//! variables ([`ChildEnv::to_env`]) and reads them back ([`ChildEnv::from_lookup`], which
+//! [`Config::from_env`] uses), so their names, formats and defaults live here only. The two
+//! descriptors a child inherits ([`ENV_CONTROL_FD`], [`ENV_STDERR_FD`]) are set where the child
+//! is spawned, since only that code knows their numbers.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,8 +23,6 @@ pub const ENV_JOB: &str = "SUPERVISE_JOB";
 pub const ENV_KEEP: &str = "SUPERVISE_KEEP";
 /// What to restore: `latest` (default), `none`, or a snapshot number.
 pub const ENV_RESTORE: &str = "SUPERVISE_RESTORE";
-/// With `latest`: consider only snapshots numbered above this (used by `supervise --fresh`).
-pub const ENV_RESTORE_AFTER: &str = "SUPERVISE_RESTORE_AFTER";
 /// Which run of the program this is (0 first), recorded in manifests.
 pub const ENV_ATTEMPT: &str = "SUPERVISE_ATTEMPT";
 /// Local mode only: take a snapshot this often (e.g. `30s`, `10m`).
@@ -85,7 +89,8 @@ pub enum Mode {
 pub enum RestoreFrom {
     /// The newest that verifies, numbered above `after` if given.
     Latest {
-        /// Lower bound (exclusive).
+        /// Lower bound (exclusive). No environment variable sets it: it is for code that
+        /// builds a [`Config`] itself.
         after: Option<u64>,
         /// Snapshots not to restore (inclusive ranges): ones the supervisor found suspect,
         /// or newer ones the user chose to go back past.
@@ -95,6 +100,197 @@ pub enum RestoreFrom {
     Nothing,
     /// Exactly this one (an error if it is missing or damaged).
     Exact(u64),
+}
+
+impl RestoreFrom {
+    /// The snapshots to try, newest first, out of `seqs` (the job's committed snapshots, in
+    /// any order): the one asked for, or every one above `after` and outside `skip`. The first
+    /// that opens and verifies is the one to restore.
+    pub fn candidates(&self, seqs: &[u64]) -> Vec<u64> {
+        match self {
+            RestoreFrom::Nothing => Vec::new(),
+            RestoreFrom::Exact(seq) => vec![*seq],
+            RestoreFrom::Latest { after, skip } => {
+                let mut chosen: Vec<u64> = seqs
+                    .iter()
+                    .copied()
+                    .filter(|s| after.is_none_or(|a| *s > a))
+                    .filter(|s| !skip.iter().any(|(a, b)| (a..=b).contains(&s)))
+                    .collect();
+                chosen.sort_unstable_by(|a, b| b.cmp(a));
+                chosen.dedup();
+                chosen
+            }
+        }
+    }
+
+    /// [`RestoreFrom::candidates`] among `job`'s committed snapshots, newest first.
+    pub fn candidates_in(&self, job: &crate::store::JobStore) -> Result<Vec<u64>> {
+        match self {
+            RestoreFrom::Nothing => Ok(Vec::new()),
+            RestoreFrom::Exact(seq) => Ok(vec![*seq]),
+            RestoreFrom::Latest { .. } => Ok(self.candidates(&job.snapshot_seqs()?)),
+        }
+    }
+
+    /// The newest of `job`'s committed snapshots outside the `skip` ranges: what `latest`
+    /// restores when every candidate verifies.
+    pub fn newest_outside(
+        job: &crate::store::JobStore,
+        skip: &[(u64, u64)],
+    ) -> Result<Option<u64>> {
+        let latest = RestoreFrom::Latest {
+            after: None,
+            skip: skip.to_vec(),
+        };
+        Ok(latest.candidates_in(job)?.first().copied())
+    }
+}
+
+/// What the supervisor tells the program it runs, through the environment: written by
+/// [`ChildEnv::to_env`], read by [`ChildEnv::from_lookup`] (and so by [`Config::from_env`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildEnv {
+    /// Store directory ([`ENV_STORE`]; default `.supervise`).
+    pub store: PathBuf,
+    /// Job name ([`ENV_JOB`]; default: the name the program gives).
+    pub job: String,
+    /// Snapshots to keep ([`ENV_KEEP`]; default 3).
+    pub keep: usize,
+    /// Which run of the program this is, 0 first ([`ENV_ATTEMPT`]).
+    pub attempt: u32,
+    /// What to restore ([`ENV_RESTORE`] and [`ENV_RESTORE_SKIP`]; default the latest). The
+    /// `after` bound of [`RestoreFrom::Latest`] has no variable and is not written.
+    pub restore: RestoreFrom,
+    /// The snapshot schedule ([`ENV_EVERY`]; none when unset).
+    pub every: Option<Duration>,
+    /// Also keep snapshots younger than this ([`ENV_KEEP_WITHIN`]).
+    pub keep_within: Option<Duration>,
+    /// What to do when the supervisor goes away ([`ENV_ORPHAN`]; default stop).
+    pub orphan: OrphanMode,
+    /// Snapshots the supervisor suspects ([`ENV_SUSPECT`]).
+    pub suspect: Vec<(u64, u64)>,
+    /// The scrub's period, `None` when off ([`ENV_SCRUB`]; default one day).
+    pub scrub: Option<Duration>,
+    /// What produced the snapshots ([`ENV_ORIGIN`]).
+    pub origin: Option<crate::format::Origin>,
+}
+
+impl ChildEnv {
+    /// The variables to add to the child's environment. Unset parts (no schedule, no
+    /// `keep_within`, nothing skipped or suspect, no origin) write no variable, so that the
+    /// child reads the default; `store` is written as text (lossily if it is not UTF-8).
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            (ENV_STORE, self.store.to_string_lossy().into_owned()),
+            (ENV_JOB, self.job.clone()),
+            (ENV_KEEP, self.keep.to_string()),
+            (ENV_ATTEMPT, self.attempt.to_string()),
+        ];
+        match &self.restore {
+            RestoreFrom::Latest { skip, .. } => {
+                env.push((ENV_RESTORE, "latest".to_owned()));
+                if !skip.is_empty() {
+                    env.push((ENV_RESTORE_SKIP, format_ranges(skip)));
+                }
+            }
+            RestoreFrom::Nothing => env.push((ENV_RESTORE, "none".to_owned())),
+            RestoreFrom::Exact(seq) => env.push((ENV_RESTORE, seq.to_string())),
+        }
+        if let Some(every) = self.every {
+            env.push((ENV_EVERY, humantime::format_duration(every).to_string()));
+        }
+        env.push((ENV_ORPHAN, self.orphan.as_str().to_owned()));
+        if let Some(origin) = &self.origin
+            && let Ok(json) = serde_json::to_string(origin)
+        {
+            env.push((ENV_ORIGIN, json));
+        }
+        env.push((
+            ENV_SCRUB,
+            self.scrub.map_or_else(
+                || "off".to_owned(),
+                |d| humantime::format_duration(d).to_string(),
+            ),
+        ));
+        if !self.suspect.is_empty() {
+            env.push((ENV_SUSPECT, format_ranges(&self.suspect)));
+        }
+        if let Some(within) = self.keep_within {
+            env.push((
+                ENV_KEEP_WITHIN,
+                humantime::format_duration(within).to_string(),
+            ));
+        }
+        env
+    }
+
+    /// Reads the description through `lookup` (a variable's value; empty counts as unset),
+    /// with `default_job` when [`ENV_JOB`] is unset.
+    pub fn from_lookup(
+        lookup: impl Fn(&'static str) -> Option<String>,
+        default_job: &str,
+    ) -> Result<Self> {
+        let var = |name: &'static str| lookup(name).filter(|v| !v.is_empty());
+        let restore = match var(ENV_RESTORE).as_deref() {
+            None | Some("latest") => RestoreFrom::Latest {
+                after: None,
+                skip: var(ENV_RESTORE_SKIP)
+                    .map(|v| parse_ranges(ENV_RESTORE_SKIP, &v))
+                    .transpose()?
+                    .unwrap_or_default(),
+            },
+            Some("none") => RestoreFrom::Nothing,
+            Some(n) => {
+                RestoreFrom::Exact(parse(ENV_RESTORE, n, "latest, none or a snapshot number")?)
+            }
+        };
+        let duration = |name: &'static str| {
+            var(name)
+                .map(|v| {
+                    humantime::parse_duration(&v).map_err(|e| Error::Env {
+                        var: name,
+                        value: v.clone(),
+                        why: e.to_string(),
+                    })
+                })
+                .transpose()
+        };
+        let scrub = match var(ENV_SCRUB).as_deref() {
+            Some("off") => None,
+            _ => Some(duration(ENV_SCRUB)?.unwrap_or(crate::scrub::DEFAULT_PERIOD)),
+        };
+        let orphan = match var(ENV_ORPHAN).as_deref() {
+            None => OrphanMode::Stop,
+            Some(value) => OrphanMode::parse(value).ok_or_else(|| Error::Env {
+                var: ENV_ORPHAN,
+                value: value.to_owned(),
+                why: "expected stop or continue".into(),
+            })?,
+        };
+        Ok(Self {
+            store: var(ENV_STORE).map_or_else(|| PathBuf::from(".supervise"), PathBuf::from),
+            job: var(ENV_JOB).unwrap_or_else(|| default_job.to_owned()),
+            keep: var(ENV_KEEP)
+                .map(|v| parse(ENV_KEEP, &v, "a count"))
+                .transpose()?
+                .unwrap_or(3),
+            attempt: var(ENV_ATTEMPT)
+                .map(|v| parse(ENV_ATTEMPT, &v, "a count"))
+                .transpose()?
+                .unwrap_or(0),
+            restore,
+            every: duration(ENV_EVERY)?,
+            keep_within: duration(ENV_KEEP_WITHIN)?,
+            orphan,
+            suspect: var(ENV_SUSPECT)
+                .map(|v| parse_ranges(ENV_SUSPECT, &v))
+                .transpose()?
+                .unwrap_or_default(),
+            scrub,
+            origin: var(ENV_ORIGIN).and_then(|v| parse_origin(&v)),
+        })
+    }
 }
 
 /// Everything the shim reads from the environment.
@@ -138,6 +334,25 @@ pub enum OrphanMode {
     Stop,
     /// Keep running unsupervised to the end, snapshotting on the `SUPERVISE_EVERY` schedule.
     Continue,
+}
+
+impl OrphanMode {
+    /// The value of [`ENV_ORPHAN`] (and of `supervise --orphan`): `stop` or `continue`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrphanMode::Stop => "stop",
+            OrphanMode::Continue => "continue",
+        }
+    }
+
+    /// The mode named `value` (`stop` or `continue`).
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "stop" => Some(OrphanMode::Stop),
+            "continue" => Some(OrphanMode::Continue),
+            _ => None,
+        }
+    }
 }
 
 impl Config {
@@ -230,49 +445,6 @@ impl Config {
             None if var(ENV_STORE).is_some() => Mode::Local,
             None => Mode::Off,
         };
-        let restore = match var(ENV_RESTORE).as_deref() {
-            None | Some("latest") => RestoreFrom::Latest {
-                after: var(ENV_RESTORE_AFTER)
-                    .map(|v| parse(ENV_RESTORE_AFTER, &v, "a snapshot number"))
-                    .transpose()?,
-                skip: var(ENV_RESTORE_SKIP)
-                    .map(|v| parse_ranges(ENV_RESTORE_SKIP, &v))
-                    .transpose()?
-                    .unwrap_or_default(),
-            },
-            Some("none") => RestoreFrom::Nothing,
-            Some(n) => {
-                RestoreFrom::Exact(parse(ENV_RESTORE, n, "latest, none or a snapshot number")?)
-            }
-        };
-        let duration = |name: &'static str| {
-            var(name)
-                .map(|v| {
-                    humantime::parse_duration(&v).map_err(|e| Error::Env {
-                        var: name,
-                        value: v.clone(),
-                        why: e.to_string(),
-                    })
-                })
-                .transpose()
-        };
-        let every = duration(ENV_EVERY)?;
-        let keep_within = duration(ENV_KEEP_WITHIN)?;
-        let scrub = match var(ENV_SCRUB).as_deref() {
-            Some("off") => None,
-            _ => Some(duration(ENV_SCRUB)?.unwrap_or(crate::scrub::DEFAULT_PERIOD)),
-        };
-        let orphan = match var(ENV_ORPHAN).as_deref() {
-            None | Some("stop") => OrphanMode::Stop,
-            Some("continue") => OrphanMode::Continue,
-            Some(other) => {
-                return Err(Error::Env {
-                    var: ENV_ORPHAN,
-                    value: other.to_owned(),
-                    why: "expected stop or continue".into(),
-                });
-            }
-        };
         let capture = match var(ENV_CAPTURE).as_deref() {
             None | Some("auto") => CaptureMode::Auto,
             Some("dirty") => CaptureMode::Dirty,
@@ -287,30 +459,22 @@ impl Config {
                 });
             }
         };
+        let child = ChildEnv::from_lookup(|name| std::env::var(name).ok(), default_job)?;
         Ok(Self {
             capture,
             track_writes: var(ENV_TRACK_WRITES).as_deref() != Some("0"),
             mode,
-            store: var(ENV_STORE).map_or_else(|| PathBuf::from(".supervise"), PathBuf::from),
-            job: var(ENV_JOB).unwrap_or_else(|| default_job.to_owned()),
-            keep: var(ENV_KEEP)
-                .map(|v| parse(ENV_KEEP, &v, "a count"))
-                .transpose()?
-                .unwrap_or(3),
-            restore,
-            attempt: var(ENV_ATTEMPT)
-                .map(|v| parse(ENV_ATTEMPT, &v, "a count"))
-                .transpose()?
-                .unwrap_or(0),
-            every,
-            keep_within,
-            orphan,
-            scrub,
-            origin: var(ENV_ORIGIN).and_then(|v| parse_origin(&v)),
-            suspect: var(ENV_SUSPECT)
-                .map(|v| parse_ranges(ENV_SUSPECT, &v))
-                .transpose()?
-                .unwrap_or_default(),
+            store: child.store,
+            job: child.job,
+            keep: child.keep,
+            restore: child.restore,
+            attempt: child.attempt,
+            every: child.every,
+            keep_within: child.keep_within,
+            orphan: child.orphan,
+            scrub: child.scrub,
+            origin: child.origin,
+            suspect: child.suspect,
         })
     }
 }
@@ -318,6 +482,73 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn read_back(env: &[(&'static str, String)]) -> ChildEnv {
+        let lookup =
+            |name: &'static str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+        ChildEnv::from_lookup(lookup, "unused").unwrap()
+    }
+
+    #[test]
+    fn the_child_environment_reads_back_as_written() {
+        let full = ChildEnv {
+            store: PathBuf::from("/data/store"),
+            job: "heat".into(),
+            keep: 5,
+            attempt: 2,
+            restore: RestoreFrom::Latest {
+                after: None,
+                skip: vec![(3, 5), (9, 9)],
+            },
+            every: Some(Duration::from_millis(90_500)),
+            keep_within: Some(Duration::from_secs(7200)),
+            orphan: OrphanMode::Continue,
+            suspect: vec![(7, 8)],
+            scrub: None,
+            origin: parse_origin(r#"{"program":"/bin/heat","exe_blake3":null,"args":["-n"]}"#),
+        };
+        assert_eq!(read_back(&full.to_env()), full);
+        let bare = ChildEnv {
+            restore: RestoreFrom::Exact(4),
+            every: None,
+            keep_within: None,
+            orphan: OrphanMode::Stop,
+            suspect: Vec::new(),
+            scrub: Some(Duration::from_secs(3600)),
+            origin: None,
+            ..full.clone()
+        };
+        assert_eq!(read_back(&bare.to_env()), bare);
+        let nothing = ChildEnv {
+            restore: RestoreFrom::Nothing,
+            ..bare
+        };
+        assert_eq!(read_back(&nothing.to_env()), nothing);
+        // Unset, everything takes its default.
+        let defaults = read_back(&[]);
+        assert_eq!(defaults.store, PathBuf::from(".supervise"));
+        assert_eq!(defaults.job, "unused");
+        assert_eq!(defaults.keep, 3);
+        assert_eq!(defaults.scrub, Some(crate::scrub::DEFAULT_PERIOD));
+        assert_eq!(defaults.orphan, OrphanMode::Stop);
+    }
+
+    #[test]
+    fn restore_candidates_are_newest_first_outside_the_skipped() {
+        let seqs = [1, 2, 3, 4, 5, 6, 9];
+        let latest = |after, skip: &[(u64, u64)]| RestoreFrom::Latest {
+            after,
+            skip: skip.to_vec(),
+        };
+        assert_eq!(latest(None, &[]).candidates(&seqs), [9, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(latest(None, &[(3, 5), (9, 9)]).candidates(&seqs), [6, 2, 1]);
+        assert_eq!(latest(Some(4), &[(6, 6)]).candidates(&seqs), [9, 5]);
+        assert_eq!(latest(None, &[(0, 9)]).candidates(&seqs), Vec::<u64>::new());
+        assert_eq!(RestoreFrom::Exact(4).candidates(&seqs), [4]);
+        // Asked for by number, it is tried even if the listing does not show it.
+        assert_eq!(RestoreFrom::Exact(7).candidates(&seqs), [7]);
+        assert!(RestoreFrom::Nothing.candidates(&seqs).is_empty());
+    }
 
     #[test]
     fn an_origin_that_does_not_parse_or_check_is_none() {

@@ -5,7 +5,7 @@
 //! change to a store goes ([`fsops`]), writing and reading snapshots ([`writer`], [`reader`]),
 //! the job lock ([`lock`]), retention, scrubbing and repair, the job's history ([`history`]),
 //! and the protocol between the supervisor and the program it runs: the environment
-//! ([`config`]) and the control messages ([`control`]).
+//! ([`config`]), the control messages ([`control`]) and the exit codes ([`exit`]).
 //!
 //! A program does not use this crate directly: it links `supervise-shim` (Rust) or
 //! `supervise-capi` (C, C++, Fortran).
@@ -16,6 +16,7 @@ pub mod codec;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod exit;
 pub mod failpoint;
 pub mod format;
 pub mod fsops;
