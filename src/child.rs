@@ -4,15 +4,18 @@
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus};
 use std::time::Instant;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::Pid;
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::sys::prctl;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::unistd::{Pid, getpid, getppid};
 use supervise_store::config;
 
 /// A running child and its end of the control channel.
@@ -68,18 +71,18 @@ impl Child {
     pub fn spawn(
         program: &std::path::Path,
         argv: &[OsString],
-        env: &[(String, String)],
+        env: &[(&'static str, String)],
         die_with_supervisor: bool,
         stderr: Option<&StderrPipe>,
     ) -> io::Result<Self> {
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
         let fd = theirs.as_raw_fd();
-        let parent = std::process::id() as libc::pid_t;
+        let parent = getpid();
         let mut cmd = Command::new(program);
         cmd.arg0(&argv[0])
             .args(&argv[1..])
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| (*k, v)))
             .env(config::ENV_CONTROL_FD, fd.to_string());
         if let Some(pipe) = stderr {
             cmd.env(config::ENV_STDERR_FD, &pipe.env_value);
@@ -88,8 +91,10 @@ impl Child {
         let own_stderr_fd = stderr.map(|p| p.own.as_raw_fd());
         cmd.process_group(0);
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (rt_sigaction, sigprocmask, prctl, getppid, kill, fcntl);
-        // it allocates nothing and touches no lock.
+        // async-signal-safe system calls (rt_sigaction, sigprocmask, prctl, getppid, getpid,
+        // kill, fcntl); it allocates nothing and touches no lock. The descriptors it borrows
+        // by number (the control socket's and the supervisor's stderr copy) are open in the
+        // child: `theirs` and the pipe live until after the spawn.
         unsafe {
             cmd.pre_exec(move || {
                 // The raw system call, because glibc's sigaction refuses signals 32 and 33 (it
@@ -107,25 +112,18 @@ impl Child {
                         );
                     }
                 }
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                if die_with_supervisor
-                    && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0
-                {
-                    return Err(io::Error::last_os_error());
+                let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+                if die_with_supervisor {
+                    prctl::set_pdeathsig(Signal::SIGTERM)?;
+                    if getppid() != parent {
+                        // The supervisor died between fork and prctl.
+                        let _ = kill(getpid(), Signal::SIGTERM);
+                    }
                 }
-                if die_with_supervisor && libc::getppid() != parent {
-                    // The supervisor died between fork and prctl.
-                    libc::kill(libc::getpid(), libc::SIGTERM);
-                }
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if let Some(own) = own_stderr_fd
-                    && libc::fcntl(own, libc::F_SETFD, 0) != 0
-                {
-                    return Err(io::Error::last_os_error());
+                let inheritable = || FcntlArg::F_SETFD(FdFlag::empty());
+                fcntl(BorrowedFd::borrow_raw(fd), inheritable())?;
+                if let Some(own) = own_stderr_fd {
+                    fcntl(BorrowedFd::borrow_raw(own), inheritable())?;
                 }
                 Ok(())
             });
@@ -148,24 +146,34 @@ impl Child {
     }
 
     /// Returns how the child ended, if it has, without blocking. Once it has ended, the rest
-    /// of its process group is killed.
+    /// of its process group is killed, and then the child is reaped: its exit is first only
+    /// observed (`waitid` with `WNOWAIT`), so that while the group is killed the child is a
+    /// zombie whose pid, and so its group's id, no new process can take.
     pub fn try_wait(&mut self) -> io::Result<Option<Ended>> {
         if self.reaped {
             return Ok(None);
         }
-        match self.process.try_wait()? {
-            Some(status) => {
-                self.reaped = true;
+        let observe = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::Pid(self.group()), observe) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => Ok(None),
+            Ok(_) => {
                 self.kill_group(Signal::SIGKILL);
+                let status = self.process.wait()?;
+                self.reaped = true;
                 Ok(Some(status.into()))
             }
-            None => Ok(None),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// The child's process group (its pid).
+    fn group(&self) -> Pid {
+        Pid::from_raw(self.process.id() as i32)
     }
 
     /// Sends `signal` to the child's whole process group.
     pub fn kill_group(&self, signal: Signal) {
-        let _ = killpg(Pid::from_raw(self.process.id() as i32), signal);
+        let _ = killpg(self.group(), signal);
     }
 }
 
@@ -297,13 +305,7 @@ pub fn reap_orphans() {
 /// Makes the supervisor a child subreaper: orphaned grandchildren are re-parented to it, so
 /// it can reap them and no zombie is left behind.
 pub fn become_subreaper() -> io::Result<()> {
-    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag and touches no memory.
-    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    Ok(prctl::set_child_subreaper(true)?)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -14,13 +14,11 @@ use supervise_store::format::{EntryKind, Manifest};
 use supervise_store::lock::{JobLock, TryLock};
 use supervise_store::{JobStore, SnapshotReader, Store};
 
+use crate::clock::now_unix_ms;
 use crate::events;
 use crate::human;
 use crate::operator::{self, Request};
-use crate::supervisor::EXIT_HELD;
-
-/// Exit code of `verify` when it found damage.
-pub const EXIT_DAMAGED: i32 = 5;
+use supervise_store::exit;
 
 /// Where a command looks and how it prints.
 #[derive(Clone, Debug)]
@@ -86,16 +84,10 @@ fn print_json<T: Serialize>(value: &T) -> Result<i32> {
     Ok(0)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn age(unix_ms: u64) -> String {
     format!(
         "{} ago",
-        human::duration(Duration::from_millis(now_ms().saturating_sub(unix_ms)))
+        human::duration(Duration::from_millis(now_unix_ms().saturating_sub(unix_ms)))
     )
 }
 
@@ -459,7 +451,7 @@ pub fn verify(t: &Target, id: Option<&str>) -> Result<i32> {
             verdicts.len(),
             job.name()
         );
-        return Ok(EXIT_DAMAGED);
+        return Ok(exit::DAMAGED);
     }
     Ok(0)
 }
@@ -501,7 +493,7 @@ pub fn repair(t: &Target) -> Result<i32> {
     let job = t.job()?;
     let Some(_lock) = take_job_lock(&job, "verify --repair", "its program rewrites the store")?
     else {
-        return Ok(EXIT_HELD);
+        return Ok(exit::HELD);
     };
     let spinner = ProgressBar::new_spinner();
     spinner.set_message("repairing");
@@ -551,7 +543,7 @@ fn verify_quietly(t: &Target) -> Result<i32> {
             .and_then(|r| r.verify())
             .is_err()
         {
-            return Ok(EXIT_DAMAGED);
+            return Ok(exit::DAMAGED);
         }
     }
     Ok(0)
@@ -573,7 +565,7 @@ pub fn gc(t: &Target) -> Result<i32> {
         "its program removes what no snapshot needs after each snapshot",
     )?
     else {
-        return Ok(EXIT_HELD);
+        return Ok(exit::HELD);
     };
     let spinner = ProgressBar::new_spinner();
     spinner.set_message("collecting garbage");
@@ -896,7 +888,7 @@ pub fn status(t: &Target) -> Result<i32> {
                 r.supervisor_pid.map_or_else(dash, |p| p.to_string()),
                 r.child_pid.map_or_else(dash, |p| p.to_string()),
                 r.started_unix_ms.map_or_else(dash, |t| {
-                    human::duration(Duration::from_millis(now_ms().saturating_sub(t)))
+                    human::duration(Duration::from_millis(now_unix_ms().saturating_sub(t)))
                 }),
                 r.restarts.map_or_else(dash, |n| n.to_string()),
                 r.last_snapshot.map_or_else(dash, |s| s.to_string()),

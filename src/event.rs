@@ -8,12 +8,8 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::child::Ended;
+use crate::clock::millis;
 use crate::human;
-
-/// Milliseconds, for the events' fields.
-fn ms(d: std::time::Duration) -> u64 {
-    d.as_millis() as u64
-}
 
 /// How a job's run (one supervisor's) ended: the `end` record's `outcome`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -283,7 +279,7 @@ impl JobEvent {
     pub fn died(how: Ended, after: std::time::Duration, shim: bool) -> Self {
         JobEvent::Died {
             how: how.to_string(),
-            after_ms: ms(after),
+            after_ms: millis(after),
             shim,
         }
     }
@@ -454,9 +450,4 @@ impl fmt::Display for JobEvent {
             }
         }
     }
-}
-
-/// Milliseconds of a duration, for events' fields.
-pub fn millis(d: std::time::Duration) -> u64 {
-    ms(d)
 }

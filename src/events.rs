@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io::{BufReader, ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 pub use supervise_store::history::{History, MAX_LINE_LEN, Record};
@@ -27,12 +26,6 @@ pub fn path_in(job_dir: &Path) -> PathBuf {
 
 /// The history's file name in the job directory.
 const LOG_NAME: &str = "events.log";
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 impl EventLog {
     /// Opens the history for appending (only the job's lock holder does), first cutting it to
@@ -80,7 +73,7 @@ impl EventLog {
         data: Option<serde_json::Value>,
     ) {
         let record = Record {
-            unix_ms: now_ms(),
+            unix_ms: crate::clock::now_unix_ms(),
             pid: std::process::id(),
             kind: kind.to_owned(),
             message: message.to_owned(),

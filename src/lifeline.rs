@@ -7,12 +7,14 @@
 //! waits up to the grace period for the group to empty, then sends SIGKILL.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use nix::sys::signal::{SigHandler, Signal, killpg, signal};
-use nix::unistd::{ForkResult, Pid, fork, pipe2};
+use nix::unistd::{
+    ForkResult, Pid, dup2_stderr, dup2_stdin, dup2_stdout, fork, pipe2, read, write,
+};
 
 use crate::child::StderrPipe;
 
@@ -27,7 +29,7 @@ impl Lifeline {
     /// supervisor's stderr, and passes on what the program writes while it stops it: a
     /// program is never killed by SIGPIPE for writing to its stderr after the supervisor died.
     pub fn start(grace: Duration, stderr: Option<&StderrPipe>) -> std::io::Result<Self> {
-        let keep = stderr.map(|p| (p.read_fd().as_raw_fd(), p.own_fd().as_raw_fd()));
+        let keep = stderr.map(|p| (p.read_fd(), p.own_fd()));
         let (read_end, write_end) = pipe2(OFlag::O_CLOEXEC)?;
         // SAFETY: called from the single-threaded supervisor at start (no other thread exists
         // that could hold a lock across the fork); the helper only uses simple syscalls and
@@ -53,20 +55,24 @@ impl Lifeline {
 }
 
 /// Passes on what is in the children's stderr pipe (`from`, non-blocking) to `to`.
-fn pass_on(from: i32, to: i32) {
+fn pass_on(from: BorrowedFd<'_>, to: BorrowedFd<'_>) {
     let mut buf = [0u8; 16 * 1024];
     loop {
-        // SAFETY: read and write on descriptors this helper holds, into and from a local buffer.
-        let n = unsafe { libc::read(from, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            return;
+        match read(from, &mut buf) {
+            Ok(0) | Err(_) => return,
+            // A failed write drops the bytes (nobody reads them).
+            Ok(n) => {
+                let _ = write(to, &buf[..n]);
+            }
         }
-        // SAFETY: as above; a failed write drops the bytes (nobody reads them).
-        unsafe { libc::write(to, buf.as_ptr().cast(), n as usize) };
     }
 }
 
-fn helper(read_end: OwnedFd, grace: Duration, stderr: Option<(i32, i32)>) -> ! {
+fn helper(
+    read_end: OwnedFd,
+    grace: Duration,
+    stderr: Option<(BorrowedFd<'_>, BorrowedFd<'_>)>,
+) -> ! {
     // Keep out of the way of the terminal's and the scheduler's signals: only the pipe
     // closing ends the helper.
     for sig in [
@@ -87,10 +93,9 @@ fn helper(read_end: OwnedFd, grace: Duration, stderr: Option<(i32, i32)>) -> ! {
         .write(true)
         .open("/dev/null")
     {
-        for fd in 0..3 {
-            // SAFETY: dup2 onto the standard descriptors of this single-threaded helper.
-            unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
-        }
+        let _ = dup2_stdin(&null);
+        let _ = dup2_stdout(&null);
+        let _ = dup2_stderr(&null);
     }
     let mut pipe = std::fs::File::from(read_end);
     let mut pgid = 0u32;

@@ -3,6 +3,7 @@
 
 mod blame;
 mod child;
+mod clock;
 mod commands;
 mod event;
 mod events;
@@ -25,24 +26,48 @@ use clap::{ArgAction, CommandFactory, Parser, Subcommand};
 
 use crate::log::{Level, Log};
 use crate::policy::PolicyConfig;
-use crate::supervisor::JobConfig;
+use crate::supervisor::{JobConfig, OnSuccess};
+use supervise_store::config::OrphanMode;
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0        the command finished with exit code 0 (the job is complete), or it completed
-           while this supervisor waited for it (--wait)
-  1        error: bad store, bad job name, command cannot be started, ...
-  2        bad command line
-  3        gave up: the command failed more than --max-restarts times within --restart-window
-           without making progress (a restart after a new snapshot resets the count), or a
-           configuration error: it failed at once 3 times in a row before reaching the shim
-           (its last stderr lines are shown), or its entries do not fit the snapshot
-  4        the job is held by another supervisor, or by the program a lost one started
-           (without --wait)
-  5        verify found damage (`supervise verify`)
-  130/143  stopped by SIGINT/SIGTERM after a final snapshot; run the same command to resume
+/// `--orphan`: what the program does if the supervisor dies ([`OrphanMode`], which the store
+/// crate defines without clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Orphan {
+    /// It takes a final snapshot and exits.
+    Stop,
+    /// It runs on unsupervised.
+    Continue,
+}
 
-The command is started with SUPERVISE_* variables that the shim reads (see README.md).";
+/// The help text's last part: the exit codes (from [`supervise_store::exit`]), each meaning
+/// wrapped under its code.
+fn exit_codes_help() -> String {
+    const WIDTH: usize = 80;
+    let mut text = String::from("Exit codes:\n");
+    for (codes, meaning) in supervise_store::exit::SUPERVISOR {
+        let mut line = format!("  {codes:<9}");
+        let mut empty = true;
+        for word in meaning.split_whitespace() {
+            if !empty && line.len() + 1 + word.len() > WIDTH {
+                text.push_str(&line);
+                text.push('\n');
+                line = " ".repeat(11);
+                empty = true;
+            }
+            if !empty {
+                line.push(' ');
+            }
+            line.push_str(word);
+            empty = false;
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text.push_str(
+        "\nThe command is started with SUPERVISE_* variables that the shim reads (see README.md).",
+    );
+    text
+}
 
 /// The two forms of the command line (clap's own would read `supervise <COMMAND>`, as if the
 /// program to run came there).
@@ -58,7 +83,7 @@ const USAGE: &str = "supervise [OPTIONS] -- <PROGRAM> [ARGS]...
     override_usage = USAGE,
     subcommand_value_name = "SUBCOMMAND",
     subcommand_help_heading = "Subcommands",
-    after_help = EXIT_CODES,
+    after_help = exit_codes_help(),
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -228,8 +253,8 @@ struct RunArgs {
     keep_within: Option<Duration>,
 
     /// What to do with the job's snapshots when the command finishes with exit code 0.
-    #[arg(long, value_name = "WHAT", default_value = "keep", value_parser = ["keep", "delete"])]
-    on_success: String,
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = OnSuccess::Keep)]
+    on_success: OnSuccess,
 
     /// Resume from this snapshot (see `supervise ls`) instead of the newest.
     #[arg(long, value_name = "SNAPSHOT", conflicts_with = "fresh", value_parser = parse_snapshot, allow_hyphen_values = true)]
@@ -254,8 +279,8 @@ struct RunArgs {
     /// If the supervisor dies: `stop` (the program takes a final snapshot and exits; rerun
     /// the command to resume) or `continue` (it runs on unsupervised, snapshotting on the
     /// --every schedule, and finishes).
-    #[arg(long, value_name = "WHAT", default_value = "stop", value_parser = ["stop", "continue"])]
-    orphan: String,
+    #[arg(long, value_name = "WHAT", value_enum, default_value_t = Orphan::Stop)]
+    orphan: Orphan,
 
     /// Give up after more than N restarts within --restart-window.
     #[arg(long, value_name = "N", default_value_t = 10)]
@@ -358,10 +383,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `--since`: a duration ago (`10m`) or an RFC 3339 time (`Z` or a `+HH:MM` offset), as ms
 /// since the epoch.
 fn parse_since(s: &str) -> Result<u64, String> {
-    let ms = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    };
+    let ms = clock::unix_ms;
     if let Ok(ago) = humantime::parse_duration(s) {
         return Ok(ms(std::time::SystemTime::now()
             .checked_sub(ago)
@@ -556,7 +578,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // Not eprintln!: a closed stderr must not turn an error into a panic.
             let _ = writeln!(std::io::stderr(), "supervise: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(supervise_store::exit::ERROR as u8)
         }
     }
 }
@@ -628,8 +650,11 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         wait: cli.wait,
         hang_timeout: cli.hang_timeout,
         rollback_after: cli.rollback_after,
-        delete_on_success: cli.on_success == "delete",
-        orphan_continue: cli.orphan == "continue",
+        on_success: cli.on_success,
+        orphan: match cli.orphan {
+            Orphan::Stop => OrphanMode::Stop,
+            Orphan::Continue => OrphanMode::Continue,
+        },
         policy: PolicyConfig {
             max_restarts: cli.max_restarts,
             window: cli.restart_window,
@@ -678,10 +703,7 @@ mod tests {
 
     #[test]
     fn since_takes_a_duration_ago_or_an_rfc3339_time() {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
+        let now = clock::now_unix_ms();
         let ago = parse_since("10m").unwrap();
         assert!(ago <= now - 600_000 && ago > now - 610_000, "{ago} {now}");
         let utc = parse_since("2026-12-02T14:00:00Z").unwrap();

@@ -2,23 +2,24 @@
 //! watch it over the control channel, and when it dies, restart it from the newest complete
 //! snapshot under the restart policy. SIGINT/SIGTERM: final snapshot, stop, exit.
 
+mod state;
+mod watch;
+
 use std::ffi::OsString;
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::Signal;
-use supervise_store::config;
-use supervise_store::control::{Event, Request};
+use supervise_store::config::{ChildEnv, OrphanMode, RestoreFrom};
+use supervise_store::exit;
 use supervise_store::lock::{JobLock, Owner, TryLock};
 use supervise_store::{JobStore, Store};
 
 use crate::blame::{Blame, Death, Verdict};
-use crate::child::{self, Child, Ended, StderrPipe, StderrTail};
-use crate::event::{From, JobEvent, Outcome as RunOutcome, Totals, millis};
+use crate::child::{self, Child, Ended, StderrPipe};
+use crate::clock::{millis, now_unix_ms};
+use crate::event::{From, JobEvent, Outcome as RunOutcome, Totals};
 use crate::events::{self, EventLog, LastRun, Record};
 use crate::human;
 use crate::identity::{Origin, Program};
@@ -27,13 +28,8 @@ use crate::log::Log;
 use crate::operator::{self, Status};
 use crate::policy::{Decision, Failure, PolicyConfig, RestartPolicy};
 use crate::signals::Signals;
-
-/// Exit code when the restart limit was reached.
-pub const EXIT_GAVE_UP: i32 = 3;
-
-/// Exit code when another supervisor (or the program an earlier one left running) holds the
-/// job, without `--wait`.
-pub const EXIT_HELD: i32 = 4;
+use state::{Outcome, signal_name};
+use watch::Watch;
 
 /// Everything the supervisor needs to run one job.
 #[derive(Clone, Debug)]
@@ -68,39 +64,27 @@ pub struct JobConfig {
     pub hang_timeout: Option<Duration>,
     /// After this many deaths right after restoring one snapshot, go back past it.
     pub rollback_after: u32,
-    /// Delete the job's snapshots when the command finishes with exit code 0.
-    pub delete_on_success: bool,
-    /// The child runs on (and snapshots by itself) if the supervisor dies.
-    pub orphan_continue: bool,
+    /// What to do with the job's snapshots when the command finishes with exit code 0.
+    pub on_success: OnSuccess,
+    /// Whether the child stops or runs on (and snapshots by itself) if the supervisor dies.
+    pub orphan: OrphanMode,
     /// The scrub's period (`None`: off).
     pub scrub: Option<Duration>,
 }
 
-/// How one life of the child ended.
-enum Outcome {
-    /// It ended by itself (or was killed by someone else).
-    Ended(Ended),
-    /// It stopped reaching safe points and was stopped (how it ended).
-    Hung(Ended),
-    /// The supervisor was told to stop (by this signal) and stopped it.
-    Stopped(i32),
-}
-
-/// Whether a failed life ended by itself or was stopped as hung.
-enum OutcomeKind {
-    Ended,
-    Hung,
+/// What to do with a job's snapshots when its command finishes with exit code 0
+/// (`--on-success`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnSuccess {
+    /// Keep them.
+    Keep,
+    /// Delete them.
+    Delete,
 }
 
 /// What a running supervisor knows about its job, for operators.
 struct JobState {
     status: Status,
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Takes the job's lock: at once, or (with `wait`) when its holder lets go. With the lock,
@@ -137,7 +121,7 @@ fn take_lock(
                         holder,
                         waiting: false,
                     });
-                    return Ok(Err(EXIT_HELD));
+                    return Ok(Err(exit::HELD));
                 }
                 if !said_waiting {
                     log.emit(&JobEvent::Held {
@@ -149,10 +133,10 @@ fn take_lock(
                 if let Some(sig) = sleep_unless_stopped(signals, Duration::from_millis(500)) {
                     log.emit(&end(
                         RunOutcome::Stopped,
-                        128 + sig,
+                        exit::stopped_by(sig),
                         format!("stopped by {} while waiting", signal_name(sig)),
                     ));
-                    return Ok(Err(128 + sig));
+                    return Ok(Err(exit::stopped_by(sig)));
                 }
             }
         }
@@ -202,12 +186,12 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     // The program's stderr passes through the supervisor (which keeps its last lines to show
     // if it fails at once) unless it must outlive the supervisor. Made before the lifeline,
     // which keeps its read end.
-    let stderr_pipe = if cfg.orphan_continue {
+    let stderr_pipe = if cfg.orphan == OrphanMode::Continue {
         None
     } else {
         Some(StderrPipe::new().context("cannot make the program's stderr pipe")?)
     };
-    let mut lifeline = if cfg.orphan_continue {
+    let mut lifeline = if cfg.orphan == OrphanMode::Continue {
         None
     } else {
         Some(
@@ -279,7 +263,6 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     let mut ever_connected = false;
     // Lives in a row that failed at once before reaching the shim.
     let mut failed_at_once: u32 = 0;
-    let origin = serde_json::to_string(&cfg.origin)?;
     loop {
         let from = newest_snapshot(&job, &skip)?;
         let highest_before = job.highest_seq()?;
@@ -287,62 +270,30 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         if let Some(seq) = from {
             note_origin(&job, seq, cfg, log);
         }
-        let mut env = vec![
-            (
-                config::ENV_STORE.to_owned(),
-                store_dir.to_string_lossy().into_owned(),
-            ),
-            (config::ENV_JOB.to_owned(), cfg.job.clone()),
-            (config::ENV_KEEP.to_owned(), cfg.keep.to_string()),
-            (config::ENV_ATTEMPT.to_owned(), attempt.to_string()),
-            (config::ENV_RESTORE.to_owned(), "latest".to_owned()),
-            (
-                config::ENV_EVERY.to_owned(),
-                humantime::format_duration(cfg.every).to_string(),
-            ),
-            (
-                config::ENV_ORPHAN.to_owned(),
-                if cfg.orphan_continue {
-                    "continue"
-                } else {
-                    "stop"
-                }
-                .to_owned(),
-            ),
-            (config::ENV_ORIGIN.to_owned(), origin.clone()),
-        ];
-        if !skip.is_empty() {
-            env.push((
-                config::ENV_RESTORE_SKIP.to_owned(),
-                config::format_ranges(&skip),
-            ));
+        let env = ChildEnv {
+            store: store_dir.clone(),
+            job: cfg.job.clone(),
+            keep: cfg.keep,
+            attempt,
+            restore: RestoreFrom::Latest {
+                after: None,
+                skip: skip.clone(),
+            },
+            every: Some(cfg.every),
+            keep_within: cfg.keep_within,
+            orphan: cfg.orphan,
+            suspect: suspect.clone(),
+            scrub: cfg.scrub,
+            origin: Some(cfg.origin.clone()),
         }
-        env.push((
-            config::ENV_SCRUB.to_owned(),
-            cfg.scrub.map_or_else(
-                || "off".to_owned(),
-                |d| humantime::format_duration(d).to_string(),
-            ),
-        ));
-        if !suspect.is_empty() {
-            env.push((
-                config::ENV_SUSPECT.to_owned(),
-                config::format_ranges(&suspect),
-            ));
-        }
-        if let Some(within) = cfg.keep_within {
-            env.push((
-                config::ENV_KEEP_WITHIN.to_owned(),
-                humantime::format_duration(within).to_string(),
-            ));
-        }
+        .to_env();
         // The child's stderr passes through the supervisor (which keeps its last lines to
         // show if it fails at once) unless it must outlive the supervisor.
         let spawned = Child::spawn(
             &cfg.program.run,
             &cfg.command,
             &env,
-            !cfg.orphan_continue,
+            !(cfg.orphan == OrphanMode::Continue),
             stderr_pipe.as_ref(),
         );
         let mut child = match spawned {
@@ -378,7 +329,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             l.set_group(None);
         }
         let progressed = job.highest_seq()? > highest_before;
-        let mut outcome_kind = OutcomeKind::Ended;
+        let hung = matches!(life.outcome, Outcome::Hung(_));
         let how = match life.outcome {
             Outcome::Stopped(sig) => {
                 let newest = newest_snapshot(&job, &skip)?;
@@ -400,12 +351,12 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                         signal_name(sig)
                     ),
                 };
-                log.emit(&end(RunOutcome::Stopped, 128 + sig, detail));
-                return Ok(128 + sig);
+                log.emit(&end(RunOutcome::Stopped, exit::stopped_by(sig), detail));
+                return Ok(exit::stopped_by(sig));
             }
             Outcome::Ended(Ended::Exited(0)) => {
                 let mut detail = String::from("job finished (exit code 0)");
-                if cfg.delete_on_success {
+                if cfg.on_success == OnSuccess::Delete {
                     let removed = job.remove_all_snapshots()?;
                     detail.push_str(&format!(
                         "; --on-success delete: removed {} snapshots, {} freed",
@@ -429,7 +380,6 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             }
             Outcome::Hung(how) => {
                 log.emit(&JobEvent::died(how, ran_for, life.connected));
-                outcome_kind = OutcomeKind::Hung;
                 how
             }
         };
@@ -446,8 +396,8 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                     wanted_bytes: mismatch.3,
                 }
             );
-            log.emit(&end(RunOutcome::ConfigError, EXIT_GAVE_UP, detail));
-            return Ok(EXIT_GAVE_UP);
+            log.emit(&end(RunOutcome::ConfigError, exit::GAVE_UP, detail));
+            return Ok(exit::GAVE_UP);
         }
         if !life.connected && !said_no_shim && ran_for >= NO_SHIM_AFTER_DEATH {
             log.emit(&JobEvent::NoShim {
@@ -459,7 +409,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         let death = Death {
             how,
             reached_safe_point,
-            hung: matches!(outcome_kind, OutcomeKind::Hung),
+            hung,
             progressed,
         };
         // A program that fails at once, again and again, before it reaches the shim is
@@ -490,8 +440,8 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                     detail.push_str(&line);
                 }
             }
-            log.emit(&end(RunOutcome::ConfigError, EXIT_GAVE_UP, detail));
-            return Ok(EXIT_GAVE_UP);
+            log.emit(&end(RunOutcome::ConfigError, exit::GAVE_UP, detail));
+            return Ok(exit::GAVE_UP);
         }
         if let Some(seq) = from {
             match blame.weigh(seq, &death) {
@@ -528,7 +478,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             Decision::GiveUp { failures } => {
                 log.emit(&end(
                     RunOutcome::GaveUp,
-                    EXIT_GAVE_UP,
+                    exit::GAVE_UP,
                     format!(
                         "gave up: {failures} failures without progress within {} \
                          (--max-restarts {}); last: {how}",
@@ -536,7 +486,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                         cfg.policy.max_restarts
                     ),
                 ));
-                return Ok(EXIT_GAVE_UP);
+                return Ok(exit::GAVE_UP);
             }
             Decision::Restart { delay } => {
                 let from = newest_snapshot(&job, &skip)?;
@@ -547,10 +497,10 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 if let Some(sig) = sleep_unless_stopped(&signals, delay) {
                     log.emit(&end(
                         RunOutcome::Stopped,
-                        128 + sig,
+                        exit::stopped_by(sig),
                         format!("stopped by {} while waiting to restart", signal_name(sig)),
                     ));
-                    return Ok(128 + sig);
+                    return Ok(exit::stopped_by(sig));
                 }
             }
         }
@@ -723,7 +673,10 @@ fn initial_skip(
                 // The program's own final snapshot, taken when it noticed the loss.
                 // With --orphan continue the program ran on and took snapshots without a
                 // supervisor; what it did after its last one is unknown.
-                Some(Ok(m)) if m.created_unix_ms >= last_unix_ms && cfg.orphan_continue => {
+                Some(Ok(m))
+                    if m.created_unix_ms >= last_unix_ms
+                        && (cfg.orphan == OrphanMode::Continue) =>
+                {
                     format!(
                         "from snapshot {}, which the program took {} after the supervisor was \
                          last heard of ({} ago), running on without it (--orphan continue): \
@@ -770,17 +723,10 @@ fn note_snapshot(job: &JobStore, state: &mut JobState, seq: Option<u64>) {
         .map(|m| m.created_unix_ms);
 }
 
-/// The newest committed snapshot outside the `skip` ranges.
+/// The newest committed snapshot outside the `skip` ranges (the choice the runtime makes with
+/// the same ranges, as long as that snapshot verifies).
 fn newest_snapshot(job: &JobStore, skip: &[(u64, u64)]) -> Result<Option<u64>> {
-    Ok(job
-        .snapshot_seqs()?
-        .into_iter()
-        .rev()
-        .find(|s| !skip.iter().any(|(a, b)| (a..=b).contains(&s))))
-}
-
-fn signal_name(sig: i32) -> &'static str {
-    Signal::try_from(sig).map_or("a signal", Signal::as_str)
+    Ok(RestoreFrom::newest_outside(job, skip)?)
 }
 
 /// Waits `delay`, returning early with the signal if told to stop.
@@ -801,494 +747,9 @@ fn sleep_unless_stopped(signals: &Signals, delay: Duration) -> Option<i32> {
     }
 }
 
+/// A poll timeout for `d` (rounded up, at most a minute).
 fn poll_timeout(d: Duration) -> PollTimeout {
     PollTimeout::try_from(d.as_millis().min(60_000) as u32 + 1).unwrap_or(PollTimeout::MAX)
-}
-
-/// The state of watching one life of the child.
-struct Watch<'a> {
-    cfg: &'a JobConfig,
-    log: &'a Log,
-    signals: &'a Signals,
-    expected_from: Option<u64>,
-    inbox: Vec<u8>,
-    connected: bool,
-    control_open: bool,
-    next_snapshot: Instant,
-    in_flight: Option<Instant>,
-    follow_up: bool,
-    stopping: Option<(i32, Instant)>,
-    killed: bool,
-    warned_no_shim: bool,
-    last_alive_line: Option<Instant>,
-    /// Operator clients connected, and those waiting for the snapshot in flight or the next.
-    clients: Vec<operator::Client>,
-    waiting_now: Vec<operator::Client>,
-    waiting_next: Vec<operator::Client>,
-    /// When the program last showed progress (a safe point reached).
-    last_progress: Instant,
-    /// A hang was detected: when to escalate next, and whether SIGTERM was sent.
-    hang: Option<(Instant, bool)>,
-    done: Vec<u64>,
-    /// The program reached a safe point (a beat or a snapshot) since it started.
-    reached_safe_point: bool,
-    /// This supervisor told that the program does not use the shim.
-    said_no_shim: bool,
-    /// The pipe its stderr goes through, and the last lines of it.
-    stderr_pipe: Option<&'a StderrPipe>,
-    stderr_tail: StderrTail,
-    /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored, wanted).
-    mismatch: Option<(u64, String, u64, u64)>,
-}
-
-/// How one life of the child went.
-struct Life {
-    outcome: Outcome,
-    reached_safe_point: bool,
-    /// It initialised the shim.
-    connected: bool,
-    said_no_shim: bool,
-    stderr_tail: StderrTail,
-    mismatch: Option<(u64, String, u64, u64)>,
-}
-
-impl<'a> Watch<'a> {
-    fn new(
-        cfg: &'a JobConfig,
-        log: &'a Log,
-        signals: &'a Signals,
-        expected_from: Option<u64>,
-        said_no_shim: bool,
-        stderr_pipe: Option<&'a StderrPipe>,
-    ) -> Self {
-        Self {
-            cfg,
-            log,
-            signals,
-            expected_from,
-            inbox: Vec::new(),
-            connected: false,
-            control_open: true,
-            next_snapshot: Instant::now() + cfg.every,
-            in_flight: None,
-            follow_up: false,
-            stopping: None,
-            killed: false,
-            warned_no_shim: false,
-            last_alive_line: None,
-            clients: Vec::new(),
-            waiting_now: Vec::new(),
-            waiting_next: Vec::new(),
-            last_progress: Instant::now(),
-            hang: None,
-            done: Vec::new(),
-            reached_safe_point: false,
-            said_no_shim,
-            stderr_pipe,
-            stderr_tail: StderrTail::default(),
-            mismatch: None,
-        }
-    }
-
-    /// Passes on what the program wrote to its stderr, keeping the last lines.
-    fn pass_stderr(&mut self) {
-        if let Some(pipe) = self.stderr_pipe {
-            pipe.pass(&mut self.stderr_tail);
-        }
-    }
-
-    /// Accepts operator clients and answers the requests that arrived.
-    fn serve_operators(&mut self, child: &Child, server: &operator::Server, state: &JobState) {
-        self.clients.extend(server.accept());
-        let mut keep = Vec::new();
-        for mut client in std::mem::take(&mut self.clients) {
-            match client.read_request() {
-                Ok(None) => keep.push(client),
-                Err(()) => {}
-                Ok(Some(operator::Request::Status)) => client.reply(&operator::Reply {
-                    ok: true,
-                    error: None,
-                    status: Some(operator::Status {
-                        shim_connected: Some(self.connected),
-                        ..state.status.clone()
-                    }),
-                    snapshot: None,
-                }),
-                Ok(Some(operator::Request::Snapshot)) => {
-                    if !self.connected {
-                        client.reply(&operator::Reply::error(
-                            "the program has not initialised the shim (yet)",
-                        ));
-                    } else if self.stopping.is_some() || self.hang.is_some() {
-                        client.reply(&operator::Reply::error("the program is being stopped"));
-                    } else if self.in_flight.is_some() {
-                        // The one in flight was captured before the request: wait for the next.
-                        self.follow_up = true;
-                        self.waiting_next.push(client);
-                    } else {
-                        self.request_snapshot(child, "operator");
-                        self.waiting_now.push(client);
-                    }
-                }
-            }
-        }
-        self.clients = keep;
-    }
-
-    /// Answers the operators waiting for the snapshot that just ended.
-    fn answer_waiting(&mut self, reply: &operator::Reply) {
-        for mut client in self.waiting_now.drain(..) {
-            client.reply(reply);
-        }
-        self.waiting_now = std::mem::take(&mut self.waiting_next);
-    }
-
-    /// Escalates a hang: a snapshot request first, then SIGTERM, then SIGKILL.
-    fn check_hang(&mut self, child: &Child, now: Instant) {
-        let Some(limit) = self.cfg.hang_timeout else {
-            return;
-        };
-        if !self.connected || self.stopping.is_some() {
-            return;
-        }
-        let grace = self.cfg.stop_timeout.min(limit);
-        match self.hang {
-            None if now.duration_since(self.last_progress) >= limit => {
-                self.log.emit(&JobEvent::Hung {
-                    timeout_ms: millis(limit),
-                });
-                if self.in_flight.is_none() {
-                    self.send(child, &Request::Snapshot);
-                    self.in_flight = Some(now);
-                }
-                self.hang = Some((now + grace, false));
-            }
-            Some((at, false)) if now >= at => {
-                self.log.emit(&JobEvent::Signalled {
-                    signal: "SIGTERM".into(),
-                    why: "hung program".into(),
-                });
-                child.kill_group(Signal::SIGTERM);
-                self.hang = Some((now + grace, true));
-            }
-            Some((at, true)) if now >= at && !self.killed => {
-                self.log.emit(&JobEvent::Signalled {
-                    signal: "SIGKILL".into(),
-                    why: "hung program did not stop".into(),
-                });
-                child.kill_group(Signal::SIGKILL);
-                self.killed = true;
-            }
-            _ => {}
-        }
-    }
-
-    fn run(
-        mut self,
-        child: &mut Child,
-        server: &operator::Server,
-        state: &mut JobState,
-    ) -> Result<Life> {
-        loop {
-            // Signals first: when a batch system signals the supervisor and the child at once,
-            // the child's exit must be read as the stop it is, not as a crash.
-            self.handle_signals(child);
-            if let Some(how) = child.try_wait().context("cannot wait for the child")? {
-                self.pass_stderr();
-                self.read_control(child);
-                self.record_done(state);
-                let gone = operator::Reply::error(format!("the program ended ({how})"));
-                // Those waiting for this snapshot and those waiting for the next one.
-                for mut client in self
-                    .waiting_now
-                    .drain(..)
-                    .chain(self.waiting_next.drain(..))
-                {
-                    client.reply(&gone);
-                }
-                let outcome = match (self.stopping, how) {
-                    (_, Ended::Exited(0)) => Outcome::Ended(how),
-                    (None, _) if self.hang.is_some() => Outcome::Hung(how),
-                    (None, _) => Outcome::Ended(how),
-                    (Some((sig, _)), _) => Outcome::Stopped(sig),
-                };
-                return Ok(Life {
-                    outcome,
-                    reached_safe_point: self.reached_safe_point,
-                    connected: self.connected,
-                    said_no_shim: self.said_no_shim,
-                    stderr_tail: self.stderr_tail,
-                    mismatch: self.mismatch,
-                });
-            }
-            let now = Instant::now();
-            let mut deadline = self.next_snapshot;
-            if let Some((_, stop_by)) = self.stopping {
-                deadline = deadline.min(stop_by);
-            }
-            // Wake at least every 200 ms to check the child even if a SIGCHLD was coalesced.
-            let timeout = deadline
-                .saturating_duration_since(now)
-                .min(Duration::from_millis(200));
-            {
-                let control = child.control.as_fd();
-                let mut fds = vec![
-                    PollFd::new(self.signals.fd(), PollFlags::POLLIN),
-                    PollFd::new(server.fd(), PollFlags::POLLIN),
-                ];
-                if self.control_open {
-                    fds.push(PollFd::new(control, PollFlags::POLLIN));
-                }
-                if let Some(pipe) = self.stderr_pipe {
-                    fds.push(PollFd::new(pipe.read_fd(), PollFlags::POLLIN));
-                }
-                for client in &self.clients {
-                    fds.push(PollFd::new(client.fd(), PollFlags::POLLIN));
-                }
-                match poll(&mut fds, poll_timeout(timeout)) {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(e).context("poll failed"),
-                }
-            }
-            self.signals.drain();
-            self.pass_stderr();
-            self.read_control(child);
-            self.record_done(state);
-            self.serve_operators(child, server, state);
-            let now = Instant::now();
-            self.check_hang(child, now);
-            if !self.connected && !self.said_no_shim && child.started.elapsed() >= NO_SHIM_AFTER {
-                self.log.emit(&JobEvent::NoShim {
-                    after_ms: millis(child.started.elapsed()),
-                    hang_timeout: self.cfg.hang_timeout.is_some(),
-                });
-                self.said_no_shim = true;
-            }
-            if now >= self.next_snapshot {
-                self.next_snapshot = now + self.cfg.every;
-                if self.stopping.is_none() {
-                    self.request_snapshot(child, "schedule");
-                }
-            }
-            if let Some((_, stop_by)) = self.stopping
-                && now >= stop_by
-                && !self.killed
-            {
-                self.log.emit(&JobEvent::Signalled {
-                    signal: "SIGKILL".into(),
-                    why: format!(
-                        "the program did not stop within {} (--stop-timeout)",
-                        human::duration(self.cfg.stop_timeout)
-                    ),
-                });
-                child.kill_group(Signal::SIGKILL);
-                self.killed = true;
-            }
-        }
-    }
-
-    /// Notes the snapshots that completed for `status`.
-    fn record_done(&mut self, state: &mut JobState) {
-        if let Some(seq) = self.done.drain(..).max() {
-            state.status.last_snapshot = Some(seq);
-            state.status.last_snapshot_unix_ms = Some(now_unix_ms());
-        }
-    }
-
-    fn handle_signals(&mut self, child: &Child) {
-        if let Some(sig) = self.signals.take_stop() {
-            if self.stopping.is_some() {
-                self.log.emit(&JobEvent::Signalled {
-                    signal: "SIGKILL".into(),
-                    why: format!("{} again", signal_name(sig)),
-                });
-                child.kill_group(Signal::SIGKILL);
-                self.killed = true;
-            } else if self.connected {
-                self.log.emit(&JobEvent::Stopping {
-                    signal: signal_name(sig).into(),
-                    shim: true,
-                    timeout_ms: millis(self.cfg.stop_timeout),
-                });
-                self.send(child, &Request::Stop);
-                self.stopping = Some((sig, Instant::now() + self.cfg.stop_timeout));
-            } else {
-                self.log.emit(&JobEvent::Stopping {
-                    signal: signal_name(sig).into(),
-                    shim: false,
-                    timeout_ms: millis(self.cfg.stop_timeout),
-                });
-                child.kill_group(Signal::SIGTERM);
-                self.stopping = Some((sig, Instant::now() + self.cfg.stop_timeout));
-            }
-        }
-        if self.signals.take_snapshot() {
-            self.request_snapshot(child, "SIGUSR1");
-        }
-    }
-
-    fn request_snapshot(&mut self, child: &Child, why: &str) {
-        if !self.connected {
-            if !self.warned_no_shim && !self.said_no_shim {
-                self.log.emit(&JobEvent::NoSnapshotWithoutShim);
-                self.warned_no_shim = true;
-            }
-            return;
-        }
-        if self.in_flight.is_some() {
-            self.follow_up |= why == "SIGUSR1";
-            self.log.detail(&format!(
-                "snapshot requested ({why}) while one is running: coalesced"
-            ));
-            return;
-        }
-        self.log.detail(&format!("requesting a snapshot ({why})"));
-        self.send(child, &Request::Snapshot);
-        self.in_flight = Some(Instant::now());
-    }
-
-    fn send(&mut self, child: &Child, request: &Request) {
-        if let Err(e) = (&child.control).write_all(request.to_line().as_bytes()) {
-            self.log
-                .detail(&format!("control channel write failed: {e}"));
-        }
-    }
-
-    fn read_control(&mut self, child: &Child) {
-        let mut buf = [0u8; 4096];
-        while self.control_open {
-            match (&child.control).read(&mut buf) {
-                Ok(0) => self.control_open = false,
-                Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(_) => self.control_open = false,
-            }
-        }
-        while let Some(end) = self.inbox.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.inbox.drain(..=end).collect();
-            match serde_json::from_slice::<Event>(&line) {
-                Ok(event) => self.handle_event(child, event),
-                Err(e) => self
-                    .log
-                    .detail(&format!("ignoring bad control message: {e}")),
-            }
-        }
-    }
-
-    fn handle_event(&mut self, child: &Child, event: Event) {
-        match event {
-            Event::Hello {
-                pid,
-                resumed_from,
-                tag,
-                damaged,
-                capture,
-            } => {
-                self.connected = true;
-                self.last_progress = Instant::now();
-                for d in &damaged {
-                    self.log.emit(&JobEvent::SnapshotSetAside {
-                        seq: d.seq,
-                        why: d.why.clone(),
-                    });
-                }
-                if resumed_from != self.expected_from {
-                    self.log.emit(&JobEvent::ResumedInstead {
-                        from: From(resumed_from),
-                    });
-                    self.expected_from = resumed_from;
-                }
-                let tag = tag.map(|t| format!(", tag {t:?}")).unwrap_or_default();
-                self.log.detail(&format!(
-                    "shim connected in pid {pid} ({}{tag}, capture: {capture})",
-                    From(resumed_from)
-                ));
-            }
-            Event::Progress { count } => {
-                self.last_progress = Instant::now();
-                self.reached_safe_point |= count > 0;
-                // Beats come every second; say so once a minute.
-                if self
-                    .last_alive_line
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-                {
-                    self.last_alive_line = Some(Instant::now());
-                    self.log
-                        .detail(&format!("alive: {count} safe points reached"));
-                }
-            }
-            Event::SnapshotDone(r) => {
-                self.reached_safe_point = true;
-                self.in_flight = None;
-                self.last_progress = Instant::now();
-                self.done.push(r.seq);
-                self.answer_waiting(&operator::Reply {
-                    ok: true,
-                    error: None,
-                    status: None,
-                    snapshot: Some(r.seq),
-                });
-                self.log.emit(&JobEvent::Snapshot {
-                    seq: r.seq,
-                    tag: r.tag,
-                    bytes_total: r.bytes_total,
-                    bytes_new: r.bytes_new,
-                    bytes_written: r.bytes_written,
-                    bytes_compacted: r.bytes_compacted,
-                    duration_ms: r.duration_ms,
-                });
-                if !r.removed.is_empty() {
-                    self.log
-                        .detail(&format!("retention removed snapshots {:?}", r.removed));
-                }
-                if std::mem::take(&mut self.follow_up) && self.stopping.is_none() {
-                    self.request_snapshot(child, "coalesced request");
-                }
-            }
-            Event::RecordsDamaged {
-                packs,
-                why,
-                set_aside,
-            } => {
-                let found = packs
-                    .iter()
-                    .map(|p| {
-                        format!(
-                            "{} in pack {} (first at offset {})",
-                            p.records, p.pack, p.first_offset
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                self.log.emit(&JobEvent::RecordsDamaged {
-                    found,
-                    why,
-                    set_aside,
-                });
-            }
-            Event::RestoreMismatch {
-                seq,
-                entry,
-                stored_bytes,
-                wanted_bytes,
-            } => {
-                let mismatch = JobEvent::RestoreMismatch {
-                    seq,
-                    entry: entry.clone(),
-                    stored_bytes,
-                    wanted_bytes,
-                };
-                self.log.emit(&mismatch);
-                self.mismatch = Some((seq, entry, stored_bytes, wanted_bytes));
-            }
-            Event::SnapshotFailed { error } => {
-                self.in_flight = None;
-                self.answer_waiting(&operator::Reply::error(format!("snapshot failed: {error}")));
-                self.log.emit(&JobEvent::SnapshotFailed { error });
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,466 @@
+//! Watching one life of the child: the control channel, operators, signals, the schedule and
+//! the child's stderr, feeding what happens to the child's state machine ([`super::state`])
+//! and carrying out its actions.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use nix::poll::{PollFd, PollFlags, poll};
+use supervise_store::control::{Event, Request};
+
+use super::state::{
+    Action, ChildState, Context, Input, Outcome, Request as SnapshotRequest, SnapshotReason,
+    Snapshots,
+};
+use super::{JobConfig, JobState, NO_SHIM_AFTER, poll_timeout};
+use crate::child::{Child, StderrPipe, StderrTail};
+use crate::clock::{millis, now_unix_ms};
+use crate::event::{From, JobEvent};
+use crate::log::Log;
+use crate::operator;
+use crate::signals::Signals;
+
+/// The state of watching one life of the child.
+pub(super) struct Watch<'a> {
+    cfg: &'a JobConfig,
+    log: &'a Log,
+    signals: &'a Signals,
+    expected_from: Option<u64>,
+    inbox: Vec<u8>,
+    /// The program initialised the shim.
+    connected: bool,
+    /// The control channel is open (it closes when the program ends or closes it).
+    control_open: bool,
+    next_snapshot: Instant,
+    /// Where the child stands: running, hung, or being stopped.
+    state: ChildState,
+    /// The snapshot requests: one running or not, and a follow-up owed.
+    snapshots: Snapshots,
+    /// This life told that a snapshot cannot be taken without the shim.
+    warned_no_shim: bool,
+    last_alive_line: Option<Instant>,
+    /// Operator clients connected, and those waiting for the snapshot in flight or the next.
+    clients: Vec<operator::Client>,
+    waiting_now: Vec<operator::Client>,
+    waiting_next: Vec<operator::Client>,
+    /// When the program last showed progress (a safe point reached).
+    last_progress: Instant,
+    done: Vec<u64>,
+    /// The program reached a safe point (a beat or a snapshot) since it started.
+    reached_safe_point: bool,
+    /// This supervisor told that the program does not use the shim.
+    said_no_shim: bool,
+    /// The pipe its stderr goes through, and the last lines of it.
+    stderr_pipe: Option<&'a StderrPipe>,
+    stderr_tail: StderrTail,
+    /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored, wanted).
+    mismatch: Option<(u64, String, u64, u64)>,
+}
+
+/// How one life of the child went.
+pub(super) struct Life {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// It reached a safe point (a beat or a snapshot).
+    pub reached_safe_point: bool,
+    /// It initialised the shim.
+    pub connected: bool,
+    /// This supervisor has told that the program does not use the shim.
+    pub said_no_shim: bool,
+    /// The last lines of its stderr.
+    pub stderr_tail: StderrTail,
+    /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored,
+    /// wanted).
+    pub mismatch: Option<(u64, String, u64, u64)>,
+}
+
+impl<'a> Watch<'a> {
+    /// Starts watching a life restored from `expected_from`.
+    pub(super) fn new(
+        cfg: &'a JobConfig,
+        log: &'a Log,
+        signals: &'a Signals,
+        expected_from: Option<u64>,
+        said_no_shim: bool,
+        stderr_pipe: Option<&'a StderrPipe>,
+    ) -> Self {
+        Self {
+            cfg,
+            log,
+            signals,
+            expected_from,
+            inbox: Vec::new(),
+            connected: false,
+            control_open: true,
+            next_snapshot: Instant::now() + cfg.every,
+            state: ChildState::Running,
+            snapshots: Snapshots::Idle { owed: false },
+            warned_no_shim: false,
+            last_alive_line: None,
+            clients: Vec::new(),
+            waiting_now: Vec::new(),
+            waiting_next: Vec::new(),
+            last_progress: Instant::now(),
+            done: Vec::new(),
+            reached_safe_point: false,
+            said_no_shim,
+            stderr_pipe,
+            stderr_tail: StderrTail::default(),
+            mismatch: None,
+        }
+    }
+
+    /// Passes on what the program wrote to its stderr, keeping the last lines.
+    fn pass_stderr(&mut self) {
+        if let Some(pipe) = self.stderr_pipe {
+            pipe.pass(&mut self.stderr_tail);
+        }
+    }
+
+    /// Accepts operator clients and answers the requests that arrived.
+    fn serve_operators(&mut self, child: &Child, server: &operator::Server, state: &JobState) {
+        self.clients.extend(server.accept());
+        let mut keep = Vec::new();
+        for mut client in std::mem::take(&mut self.clients) {
+            match client.read_request() {
+                Ok(None) => keep.push(client),
+                Err(()) => {}
+                Ok(Some(operator::Request::Status)) => client.reply(&operator::Reply {
+                    ok: true,
+                    error: None,
+                    status: Some(operator::Status {
+                        shim_connected: Some(self.connected),
+                        ..state.status.clone()
+                    }),
+                    snapshot: None,
+                }),
+                Ok(Some(operator::Request::Snapshot)) => {
+                    if !self.connected {
+                        client.reply(&operator::Reply::error(
+                            "the program has not initialised the shim (yet)",
+                        ));
+                    } else if !self.state.takes_operator_snapshots() {
+                        client.reply(&operator::Reply::error("the program is being stopped"));
+                    } else if self.snapshots.in_flight() {
+                        // The one in flight was captured before the request: wait for the next.
+                        self.snapshots = self.snapshots.request(SnapshotReason::Operator).0;
+                        self.waiting_next.push(client);
+                    } else {
+                        self.request_snapshot(child, SnapshotReason::Operator);
+                        self.waiting_now.push(client);
+                    }
+                }
+            }
+        }
+        self.clients = keep;
+    }
+
+    /// Answers the operators waiting for the snapshot that just ended.
+    fn answer_waiting(&mut self, reply: &operator::Reply) {
+        for mut client in self.waiting_now.drain(..) {
+            client.reply(reply);
+        }
+        self.waiting_now = std::mem::take(&mut self.waiting_next);
+    }
+
+    /// Feeds `input` to the child's state machine and carries out its actions.
+    fn step(&mut self, child: &Child, input: Input) {
+        let cx = Context {
+            connected: self.connected,
+            stop_timeout: self.cfg.stop_timeout,
+            hang_timeout: self.cfg.hang_timeout,
+        };
+        let (next, actions) = self.state.step(input, &cx);
+        self.state = next;
+        for action in actions {
+            match action {
+                Action::Emit(event) => self.log.emit(&event),
+                Action::SendStop => self.send(child, &Request::Stop),
+                Action::AskSnapshot => {
+                    if !self.snapshots.in_flight() {
+                        self.send(child, &Request::Snapshot);
+                        self.snapshots = self.snapshots.sent();
+                    }
+                }
+                Action::Kill(signal) => child.kill_group(signal),
+            }
+        }
+    }
+
+    /// Watches the life to its end.
+    pub(super) fn run(
+        mut self,
+        child: &mut Child,
+        server: &operator::Server,
+        state: &mut JobState,
+    ) -> Result<Life> {
+        loop {
+            // Signals first: when a batch system signals the supervisor and the child at once,
+            // the child's exit must be read as the stop it is, not as a crash.
+            self.handle_signals(child);
+            if let Some(how) = child.try_wait().context("cannot wait for the child")? {
+                self.pass_stderr();
+                self.read_control(child);
+                self.record_done(state);
+                let gone = operator::Reply::error(format!("the program ended ({how})"));
+                // Those waiting for this snapshot and those waiting for the next one.
+                for mut client in self
+                    .waiting_now
+                    .drain(..)
+                    .chain(self.waiting_next.drain(..))
+                {
+                    client.reply(&gone);
+                }
+                return Ok(Life {
+                    outcome: self.state.outcome(how),
+                    reached_safe_point: self.reached_safe_point,
+                    connected: self.connected,
+                    said_no_shim: self.said_no_shim,
+                    stderr_tail: self.stderr_tail,
+                    mismatch: self.mismatch,
+                });
+            }
+            let now = Instant::now();
+            let mut deadline = self.next_snapshot;
+            if let Some(stop_by) = self.state.deadline() {
+                deadline = deadline.min(stop_by);
+            }
+            // Wake at least every 200 ms to check the child even if a SIGCHLD was coalesced.
+            let timeout = deadline
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(200));
+            {
+                let control = child.control.as_fd();
+                let mut fds = vec![
+                    PollFd::new(self.signals.fd(), PollFlags::POLLIN),
+                    PollFd::new(server.fd(), PollFlags::POLLIN),
+                ];
+                if self.control_open {
+                    fds.push(PollFd::new(control, PollFlags::POLLIN));
+                }
+                if let Some(pipe) = self.stderr_pipe {
+                    fds.push(PollFd::new(pipe.read_fd(), PollFlags::POLLIN));
+                }
+                for client in &self.clients {
+                    fds.push(PollFd::new(client.fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, poll_timeout(timeout)) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(e).context("poll failed"),
+                }
+            }
+            self.signals.drain();
+            self.pass_stderr();
+            self.read_control(child);
+            self.record_done(state);
+            self.serve_operators(child, server, state);
+            let now = Instant::now();
+            let since_progress = now.saturating_duration_since(self.last_progress);
+            self.step(
+                child,
+                Input::Tick {
+                    now,
+                    since_progress,
+                },
+            );
+            if !self.connected && !self.said_no_shim && child.started.elapsed() >= NO_SHIM_AFTER {
+                self.log.emit(&JobEvent::NoShim {
+                    after_ms: millis(child.started.elapsed()),
+                    hang_timeout: self.cfg.hang_timeout.is_some(),
+                });
+                self.said_no_shim = true;
+            }
+            if now >= self.next_snapshot {
+                self.next_snapshot = now + self.cfg.every;
+                if self.state.takes_snapshots() {
+                    self.request_snapshot(child, SnapshotReason::Schedule);
+                }
+            }
+        }
+    }
+
+    /// Notes the snapshots that completed for `status`.
+    fn record_done(&mut self, state: &mut JobState) {
+        if let Some(seq) = self.done.drain(..).max() {
+            state.status.last_snapshot = Some(seq);
+            state.status.last_snapshot_unix_ms = Some(now_unix_ms());
+        }
+    }
+
+    fn handle_signals(&mut self, child: &Child) {
+        if let Some(sig) = self.signals.take_stop() {
+            self.step(child, Input::StopSignal(sig));
+        }
+        if self.signals.take_snapshot() {
+            self.request_snapshot(child, SnapshotReason::Signal);
+        }
+    }
+
+    fn request_snapshot(&mut self, child: &Child, reason: SnapshotReason) {
+        if !self.connected {
+            if !self.warned_no_shim && !self.said_no_shim {
+                self.log.emit(&JobEvent::NoSnapshotWithoutShim);
+                self.warned_no_shim = true;
+            }
+            return;
+        }
+        let (next, request) = self.snapshots.request(reason);
+        self.snapshots = next;
+        match request {
+            SnapshotRequest::Coalesced => self.log.detail(&format!(
+                "snapshot requested ({reason}) while one is running: coalesced"
+            )),
+            SnapshotRequest::Send => {
+                self.log
+                    .detail(&format!("requesting a snapshot ({reason})"));
+                self.send(child, &Request::Snapshot);
+            }
+        }
+    }
+
+    fn send(&mut self, child: &Child, request: &Request) {
+        if let Err(e) = (&child.control).write_all(request.to_line().as_bytes()) {
+            self.log
+                .detail(&format!("control channel write failed: {e}"));
+        }
+    }
+
+    fn read_control(&mut self, child: &Child) {
+        let mut buf = [0u8; 4096];
+        while self.control_open {
+            match (&child.control).read(&mut buf) {
+                Ok(0) => self.control_open = false,
+                Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => self.control_open = false,
+            }
+        }
+        while let Some(end) = self.inbox.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.inbox.drain(..=end).collect();
+            match serde_json::from_slice::<Event>(&line) {
+                Ok(event) => self.handle_event(child, event),
+                Err(e) => self
+                    .log
+                    .detail(&format!("ignoring bad control message: {e}")),
+            }
+        }
+    }
+
+    fn handle_event(&mut self, child: &Child, event: Event) {
+        match event {
+            Event::Hello {
+                pid,
+                resumed_from,
+                tag,
+                damaged,
+                capture,
+            } => {
+                self.connected = true;
+                self.last_progress = Instant::now();
+                for d in &damaged {
+                    self.log.emit(&JobEvent::SnapshotSetAside {
+                        seq: d.seq,
+                        why: d.why.clone(),
+                    });
+                }
+                if resumed_from != self.expected_from {
+                    self.log.emit(&JobEvent::ResumedInstead {
+                        from: From(resumed_from),
+                    });
+                    self.expected_from = resumed_from;
+                }
+                let tag = tag.map(|t| format!(", tag {t:?}")).unwrap_or_default();
+                self.log.detail(&format!(
+                    "shim connected in pid {pid} ({}{tag}, capture: {capture})",
+                    From(resumed_from)
+                ));
+            }
+            Event::Progress { count } => {
+                self.last_progress = Instant::now();
+                self.reached_safe_point |= count > 0;
+                // Beats come every second; say so once a minute.
+                if self
+                    .last_alive_line
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                {
+                    self.last_alive_line = Some(Instant::now());
+                    self.log
+                        .detail(&format!("alive: {count} safe points reached"));
+                }
+            }
+            Event::SnapshotDone(r) => {
+                self.reached_safe_point = true;
+                let (next, follow_up) = self.snapshots.done();
+                self.snapshots = next;
+                self.last_progress = Instant::now();
+                self.done.push(r.seq);
+                self.answer_waiting(&operator::Reply {
+                    ok: true,
+                    error: None,
+                    status: None,
+                    snapshot: Some(r.seq),
+                });
+                self.log.emit(&JobEvent::Snapshot {
+                    seq: r.seq,
+                    tag: r.tag,
+                    bytes_total: r.bytes_total,
+                    bytes_new: r.bytes_new,
+                    bytes_written: r.bytes_written,
+                    bytes_compacted: r.bytes_compacted,
+                    duration_ms: r.duration_ms,
+                });
+                if !r.removed.is_empty() {
+                    self.log
+                        .detail(&format!("retention removed snapshots {:?}", r.removed));
+                }
+                if follow_up && self.state.takes_snapshots() {
+                    self.request_snapshot(child, SnapshotReason::FollowUp);
+                }
+            }
+            Event::RecordsDamaged {
+                packs,
+                why,
+                set_aside,
+            } => {
+                let found = packs
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} in pack {} (first at offset {})",
+                            p.records, p.pack, p.first_offset
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                self.log.emit(&JobEvent::RecordsDamaged {
+                    found,
+                    why,
+                    set_aside,
+                });
+            }
+            Event::RestoreMismatch {
+                seq,
+                entry,
+                stored_bytes,
+                wanted_bytes,
+            } => {
+                let mismatch = JobEvent::RestoreMismatch {
+                    seq,
+                    entry: entry.clone(),
+                    stored_bytes,
+                    wanted_bytes,
+                };
+                self.log.emit(&mismatch);
+                self.mismatch = Some((seq, entry, stored_bytes, wanted_bytes));
+            }
+            Event::SnapshotFailed { error } => {
+                self.snapshots = self.snapshots.failed();
+                self.answer_waiting(&operator::Reply::error(format!("snapshot failed: {error}")));
+                self.log.emit(&JobEvent::SnapshotFailed { error });
+            }
+        }
+    }
+}
