@@ -64,7 +64,8 @@ impl EventLog {
         Ok(Self { file })
     }
 
-    /// Appends a record (one write, so concurrent readers see whole lines).
+    /// Appends a record made of these parts, stamped now (for tests).
+    #[cfg(test)]
     pub fn append(
         &self,
         kind: &str,
@@ -72,15 +73,19 @@ impl EventLog {
         completed: bool,
         data: Option<serde_json::Value>,
     ) {
-        let record = Record {
+        self.append_record(&Record {
             unix_ms: crate::clock::now_unix_ms(),
             pid: std::process::id(),
             kind: kind.to_owned(),
             message: message.to_owned(),
             completed,
             data,
-        };
-        if let Ok(mut line) = serde_json::to_string(&record) {
+        });
+    }
+
+    /// Appends `record` (one write, so concurrent readers see whole lines).
+    pub fn append_record(&self, record: &Record) {
+        if let Ok(mut line) = serde_json::to_string(record) {
             line.push('\n');
             let _ = (&self.file).write_all(line.as_bytes());
         }

@@ -1,12 +1,16 @@
 //! Event lines on stderr: one readable line per event, with time and job; the one place that
-//! prints the supervisor's events and records them in the job's history.
+//! prints the supervisor's events and records them in the job's history, and (with
+//! `--events`) writes them as JSON lines for machines, one history record per line.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::event::{JobEvent, Outcome};
-use crate::events::EventLog;
+use crate::events::{EventLog, Record};
+
+/// Where `--events` writes: a file or standard output.
+pub type EventSink = Arc<Mutex<Box<dyn Write + Send>>>;
 
 /// How much to say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -21,11 +25,13 @@ pub enum Level {
 
 /// The event log of one job: lines on stderr, and (once the job is held) its history in
 /// the store.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Log {
     level: Level,
     job: String,
     history: Option<Arc<EventLog>>,
+    /// `--events`: each event as a JSON line (the schema of `supervise log --json`).
+    sink: Option<EventSink>,
 }
 
 impl Log {
@@ -35,7 +41,13 @@ impl Log {
             level,
             job: job.to_owned(),
             history: None,
+            sink: None,
         }
+    }
+
+    /// From now on, each event is also written to `sink` as a JSON line, as it happens.
+    pub fn events_to(&mut self, sink: Box<dyn Write + Send>) {
+        self.sink = Some(Arc::new(Mutex::new(sink)));
     }
 
     /// From now on, events are also appended to the job's history.
@@ -46,20 +58,32 @@ impl Log {
     /// Says `event` (unless `-q` and it is not always shown) and appends it to the history.
     pub fn emit(&self, event: &JobEvent) {
         let msg = event.to_string();
-        if let Some(h) = &self.history {
-            let completed = matches!(
-                event,
-                JobEvent::End {
-                    outcome: Outcome::Finished | Outcome::AlreadyDone,
-                    ..
-                }
-            );
-            h.append(
-                &event.kind(),
-                &msg,
-                completed,
-                serde_json::to_value(event).ok(),
-            );
+        if self.history.is_some() || self.sink.is_some() {
+            let record = Record {
+                unix_ms: crate::clock::now_unix_ms(),
+                pid: std::process::id(),
+                kind: event.kind(),
+                message: msg.clone(),
+                completed: matches!(
+                    event,
+                    JobEvent::End {
+                        outcome: Outcome::Finished | Outcome::AlreadyDone,
+                        ..
+                    }
+                ),
+                data: serde_json::to_value(event).ok(),
+            };
+            if let Some(h) = &self.history {
+                h.append_record(&record);
+            }
+            if let Some(sink) = &self.sink
+                && let Ok(mut line) = serde_json::to_string(&record)
+                && let Ok(mut out) = sink.lock()
+            {
+                line.push('\n');
+                // A reader that went away loses the lines, not the job.
+                let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+            }
         }
         if event.always_shown() || self.level >= Level::Normal {
             self.line(&msg);

@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{ArgAction, CommandFactory, Parser, Subcommand};
 
 use crate::log::{Level, Log};
@@ -227,6 +228,12 @@ struct RunArgs {
     /// Directory of the snapshot store (created if missing, mode 0700).
     #[arg(long, value_name = "DIR", default_value = ".supervise")]
     store: PathBuf,
+
+    /// Also write each event, as it happens, as one JSON line to FILE (appended to; `-` is
+    /// standard output), in the schema of `supervise log --json`: for programs that follow
+    /// the job.
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
 
     /// Job name. Default: the command's file name and a hash of the whole command line, so
     /// running the same command again resumes the same job.
@@ -637,6 +644,20 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         (false, _) => Level::Verbose,
     };
     let mut log = Log::new(level, &job);
+    if let Some(path) = &cli.events {
+        let sink: Box<dyn Write + Send> = if path.as_os_str() == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("cannot open --events {}", path.display()))?,
+            )
+        };
+        log.events_to(sink);
+    }
     let cfg = JobConfig {
         origin: program.origin(&cli.command),
         program,
