@@ -248,8 +248,11 @@ fn resume_after_damaging_newest(
     let fin = Run::start(store, &["--every", "100ms"], &heat(&args), &[]).wait(LONG);
     fin.assert_completed(&reference);
     let instead = events_of(store, "resumed-instead");
-    assert_eq!(instead.len(), 1, "{instead:?}");
-    assert_eq!(instead[0]["from"], prev, "{instead:?}");
+    assert!(
+        instead.iter().any(|e| e["from"] == prev),
+        "{instead:?}\n{}",
+        fin.stderr
+    );
     (fin, job, prev, newest)
 }
 
@@ -257,7 +260,7 @@ fn resume_after_damaging_newest(
 fn a_flipped_byte_in_the_newest_snapshot_falls_back_to_the_previous_one() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let (_, job, _, newest) = resume_after_damaging_newest(&store, |job, newest, prev| {
+    let (fin, job, _, newest) = resume_after_damaging_newest(&store, |job, newest, prev| {
         let older = job.read_manifest(prev).unwrap();
         let known: Vec<_> = older
             .entries
@@ -276,11 +279,13 @@ fn a_flipped_byte_in_the_newest_snapshot_falls_back_to_the_previous_one() {
         bytes[chunk.offset as usize + 44 + chunk.stored_len as usize / 2] ^= 0x10;
         fs::write(&pack, bytes).unwrap();
     });
-    // Found while filling the grid: set aside, and the program restarted in place.
-    assert!(
-        job.damaged_seqs().unwrap().contains(&newest),
-        "snapshot {newest} is set aside"
-    );
+    // Found while filling the grid: set aside, and the program restarted in place. Only the
+    // shim's own line on stderr says so (retention may remove the set-aside snapshot before
+    // the end, and no event records it).
+    fin.assert_said(&format!(
+        "snapshot {newest} of job {} is damaged",
+        job.name()
+    ));
 }
 
 #[test]
