@@ -1,8 +1,6 @@
 //! Helpers for end-to-end tests: run the real `supervise` binary and the example programs,
 //! follow their output as it comes, and look at processes and the store.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -14,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+/// How long a test waits for something that should come in seconds, before it fails.
+pub const LONG: Duration = Duration::from_secs(120);
 
 /// The `supervise` binary under test.
 pub fn supervise_bin() -> PathBuf {
@@ -107,6 +108,8 @@ pub fn checksum_of(stdout: &str) -> Option<String> {
 /// A running `supervise`, with its stderr lines collected as they come.
 pub struct Run {
     child: Child,
+    /// The store named by `--store`, where the job's history is.
+    store: Option<PathBuf>,
     lines: Arc<Mutex<Vec<String>>>,
     stdout: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
@@ -167,6 +170,11 @@ impl Run {
 
     /// Starts a prepared command with piped output.
     pub fn spawn(mut cmd: Command) -> Run {
+        let store = cmd
+            .get_args()
+            .skip_while(|a| *a != "--store")
+            .nth(1)
+            .map(PathBuf::from);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -193,6 +201,7 @@ impl Run {
         ];
         Run {
             child,
+            store,
             lines,
             stdout,
             readers,
@@ -207,16 +216,6 @@ impl Run {
     /// Stderr so far.
     pub fn stderr(&self) -> String {
         self.lines.lock().unwrap().join("\n")
-    }
-
-    /// How many stderr lines so far contain `pat`.
-    pub fn count(&self, pat: &str) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(pat))
-            .count()
     }
 
     /// Waits until the `n`-th stderr line containing `pat` appears and returns it.
@@ -247,14 +246,66 @@ impl Run {
         self.wait_for_nth(pat, 1, timeout)
     }
 
-    /// The pid of the child spawned `n`-th (from the "spawned pid N" lines).
-    pub fn nth_child_pid(&self, n: usize, timeout: Duration) -> u32 {
-        let line = self.wait_for_nth("spawned pid ", n, timeout);
-        let rest = &line[line.find("spawned pid ").expect("pattern") + 12..];
-        rest.split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("pid")
+    /// The typed events this supervisor recorded in its job's history so far (the records
+    /// whose `pid` is its own), oldest first.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let store = self.store.as_deref().expect("a run with --store");
+        history(store)
+            .into_iter()
+            .filter(|r| r["pid"] == self.pid())
+            .map(record_data)
+            .collect()
+    }
+
+    /// This supervisor's events of one kind so far.
+    pub fn events_of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect()
+    }
+
+    /// Waits until this supervisor has recorded `n` events of `kind` that satisfy `pred`, and
+    /// returns the `n`-th.
+    pub fn wait_for_event(
+        &self,
+        kind: &str,
+        n: usize,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let until = Instant::now() + LONG;
+        loop {
+            if let Some(e) = self
+                .events_of(kind)
+                .into_iter()
+                .filter(|e| pred(e))
+                .nth(n - 1)
+            {
+                return e;
+            }
+            assert!(
+                Instant::now() < until,
+                "timed out waiting for {kind} event #{n}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until snapshot `seq` is durable (its `snapshot` event).
+    pub fn wait_for_snapshot(&self, seq: u64) -> serde_json::Value {
+        self.wait_for_event("snapshot", 1, |e| e["seq"] == seq)
+    }
+
+    /// The pid of the child spawned `n`-th (from the `spawned` events).
+    pub fn nth_child_pid(&self, n: usize) -> u32 {
+        let spawned = self.wait_for_event("spawned", n, |_| true);
+        spawned["pid"].as_u64().expect("pid") as u32
+    }
+
+    /// This supervisor's run of the job ended (its `end` event is recorded).
+    pub fn ended(&self) -> bool {
+        !self.events_of("end").is_empty()
     }
 
     /// Sends `signal` to the supervisor.
@@ -379,18 +430,40 @@ pub fn assert_store_clean(job: &supervise_store::JobStore) {
     );
 }
 
-/// The typed events of the store's only job, oldest first: each history record's `data`
-/// (its `kind` and fields), or for an older record without data, just its `kind`.
-pub fn job_events(store: &Path) -> Vec<serde_json::Value> {
-    let path = only_job(store).dir().join("events.log");
+/// The records of the history of the store's only job (its `events.log`), oldest first;
+/// nothing while there is no job, or its history is not a regular file.
+pub fn history(store: &Path) -> Vec<serde_json::Value> {
+    let jobs: Vec<PathBuf> = std::fs::read_dir(store)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let [job] = jobs.as_slice() else {
+        return Vec::new();
+    };
+    let path = job.join("events.log");
+    if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+        return Vec::new();
+    }
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|r| match r.get("data") {
-            Some(d) if !d.is_null() => d.clone(),
-            _ => serde_json::json!({ "kind": r["kind"] }),
-        })
         .collect()
+}
+
+/// A history record's typed event: its `data` (its `kind` and fields), or for an older
+/// record without data, just its `kind`.
+fn record_data(r: serde_json::Value) -> serde_json::Value {
+    match r.get("data") {
+        Some(d) if !d.is_null() => d.clone(),
+        _ => serde_json::json!({ "kind": r["kind"] }),
+    }
+}
+
+/// The typed events of the store's only job, oldest first, every supervisor's.
+pub fn job_events(store: &Path) -> Vec<serde_json::Value> {
+    history(store).into_iter().map(record_data).collect()
 }
 
 /// The events of one kind.
@@ -401,13 +474,69 @@ pub fn events_of(store: &Path, kind: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits until the child spawned last took a snapshot (or the job finished): the first
-/// snapshot done after the latest "spawned pid" line.
+/// How many `died` events of the store's job say the program was killed by SIGKILL.
+pub fn sigkill_deaths(store: &Path) -> usize {
+    events_of(store, "died")
+        .iter()
+        .filter(|e| e["how"] == "signal SIGKILL (9)")
+        .count()
+}
+
+/// Where the lives of the store's job started, in order: the `spawned` events' `from`
+/// (a snapshot number, or None for a fresh start).
+pub fn spawned_from(store: &Path) -> Vec<Option<u64>> {
+    events_of(store, "spawned")
+        .iter()
+        .map(|e| e["from"].as_u64())
+        .collect()
+}
+
+/// The `end` event of the store's job's latest run.
+pub fn last_end(store: &Path) -> serde_json::Value {
+    events_of(store, "end").pop().expect("an end event")
+}
+
+/// heat with `args` under supervise until snapshot 3 is durable, then stopped with SIGTERM.
+pub fn stopped_job_with_snapshots(store: &Path, args: &[&str]) -> supervise_store::JobStore {
+    let run = Run::start(store, &["--every", "100ms"], &heat(args), &[]);
+    run.wait_for_snapshot(3);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    only_job(store)
+}
+
+/// Runs `supervise <args>` (no `--store` added): (exit code, stdout, stderr).
+pub fn bare(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(supervise_bin())
+        .args(args)
+        .output()
+        .expect("run supervise");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `supervise <args> --json --store <store>`, which must succeed, and parses its output.
+pub fn json(store: &Path, args: &[&str]) -> serde_json::Value {
+    let mut with = args.to_vec();
+    with.push("--json");
+    let (code, out, err) = cmd(store, &with);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+/// Waits until the child spawned last took a snapshot (or the job finished): a snapshot
+/// event after the latest `spawned` event.
 pub fn after_a_snapshot_of_this_life(run: &Run) {
     let ok = wait_until(Duration::from_secs(120), || {
-        let log = run.stderr();
-        let life = log.rfind("spawned pid ").map_or("", |i| &log[i..]);
-        life.contains("done [step ") || log.contains("job finished")
+        let events = run.events();
+        let life = events
+            .iter()
+            .rposition(|e| e["kind"] == "spawned")
+            .map_or(&events[..0], |i| &events[i..]);
+        life.iter().any(|e| e["kind"] == "snapshot") || run.ended()
     });
     assert!(ok, "no snapshot in this life; stderr:\n{}", run.stderr());
 }
@@ -421,20 +550,51 @@ pub fn kill_lives_after_a_snapshot(run: &Run, lives: usize, max_ms: u64) -> usiz
     eprintln!("random seed {}", rng.get_seed());
     let mut kills = 0;
     for k in 1..=lives {
-        let pid = run.nth_child_pid(k, Duration::from_secs(120));
+        let pid = run.nth_child_pid(k);
         after_a_snapshot_of_this_life(run);
         std::thread::sleep(Duration::from_millis(rng.u64(0..max_ms)));
-        if run.count("job finished") > 0 || !alive(pid) {
+        if run.ended() || !alive(pid) {
             break;
         }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        sigkill(pid);
         kills += 1;
     }
     assert!(kills >= 2, "only {kills} kills landed: make the job longer");
     kills
+}
+
+/// A small tmpfs mounted for one test (root only), private (0700); unmounted when dropped.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`16m`) at `path` (created); None if mounting fails (not
+    /// root).
+    pub fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(path.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Sends SIGKILL to `pid` (gone already is fine).
+pub fn sigkill(pid: u32) {
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
 }
 
 /// Runs `program` with `args` alone (no supervisor, empty environment) in `dir` (created): the

@@ -4,17 +4,13 @@
 //! region of another size) as an error instead of crashing; `examples/lines.c` writes through
 //! `sv_output` the same file as `lines.rs`, and killed with kill -9, still the same file.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use support::*;
-
-const LONG: Duration = Duration::from_secs(120);
 
 /// Compiles `sources` (paths in the repository) with `compiler` and `flags` against the
 /// shim's static library into `dir/out`; returns the program's path.
@@ -83,8 +79,8 @@ fn agrees_and_survives_kill9(program: &Path, resumed_line: &str) {
     );
     fastrand::seed(11);
     for kill_no in 1..=3 {
-        let child = run.nth_child_pid(kill_no, LONG);
-        run.wait_for_nth("done [step ", kill_no, LONG);
+        let child = run.nth_child_pid(kill_no);
+        run.wait_for_event("snapshot", kill_no, |_| true);
         std::thread::sleep(Duration::from_millis(fastrand::u64(0..200)));
         let _ = kill(Pid::from_raw(child as i32), Signal::SIGKILL);
     }

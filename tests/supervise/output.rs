@@ -1,17 +1,12 @@
 //! End-to-end tests of output files (`Shim::output`, examples/lines.rs) under the real
 //! `supervise` binary, and of stores written by older releases (tests/fixtures/store-v1).
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use support::*;
-
-const LONG: Duration = Duration::from_secs(120);
+use crate::support::*;
 
 /// The steps at which the lines of `stderr` say a run resumed ("resumed from snapshot S at
 /// step N").

@@ -3,29 +3,19 @@
 //! checksum, garbage in `events.log`) is reported as damage or skipped, never a panic or an
 //! abort; `restore --to` writes only inside its directory, never through a planted symlink.
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::Duration;
 
-use nix::sys::signal::Signal;
+use crate::support::*;
 use serde_json::Value;
 use supervise_store::JobStore;
 use supervise_store::format::{ChunkRef, Manifest, entry_root};
-use support::*;
-
-const LONG: Duration = Duration::from_secs(120);
 const ARGS: [&str; 4] = ["--n", "256", "--steps", "40000"];
 
 /// heat under supervise until a few snapshots exist, then stopped with SIGTERM.
 fn stopped_heat(store: &Path) -> JobStore {
-    let run = Run::start(store, &["--every", "100ms"], &heat(&ARGS), &[]);
-    run.wait_for("snapshot 3 done", LONG);
-    run.signal(Signal::SIGTERM);
-    assert_eq!(run.wait(LONG).code, Some(143));
-    only_job(store)
+    stopped_job_with_snapshots(store, &ARGS)
 }
 
 /// The previous and the newest snapshot.
@@ -61,7 +51,12 @@ fn verify_says_damaged(store: &Path, seq: u64) -> String {
 fn resume_sets_aside(store: &Path, job: &JobStore, prev: u64, newest: u64) -> Finished {
     let fin = Run::start(store, &["--every", "1h"], &heat(&ARGS), &[]).wait(LONG);
     fin.assert_completed(&reference_checksum(&ARGS));
-    fin.assert_said(&format!("resumed from snapshot {prev} instead"));
+    let instead = events_of(store, "resumed-instead");
+    assert_eq!(
+        instead.last().map(|e| &e["from"]),
+        Some(&prev.into()),
+        "{instead:?}"
+    );
     assert!(
         job.damaged_seqs().unwrap().contains(&newest),
         "snapshot {newest} is not set aside: {}",

@@ -1,24 +1,12 @@
 //! End-to-end tests of the operator's commands through the real binary, human and `--json`
 //! output, and `verify` finding every kind of damage a test can inject.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use support::*;
-
-const LONG: Duration = Duration::from_secs(120);
-
-fn json(store: &Path, args: &[&str]) -> Value {
-    let mut with = args.to_vec();
-    with.push("--json");
-    let (code, out, err) = cmd(store, &with);
-    assert_eq!(code, 0, "{args:?}: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-}
 
 #[test]
 fn status_snapshot_and_log_talk_to_the_running_job() {
@@ -54,16 +42,21 @@ fn status_snapshot_and_log_talk_to_the_running_job() {
     assert_eq!(status[0]["last_snapshot"], 2);
 
     let log = json(&store, &["log", &name]);
-    let messages: Vec<&str> = log
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["message"].as_str().unwrap())
-        .collect();
-    assert!(messages[0].starts_with("supervisor pid"), "{messages:?}");
-    assert!(messages.iter().any(|m| m.starts_with("snapshot 2 done")));
+    let records = log.as_array().unwrap();
+    assert_eq!(records[0]["kind"], "start", "{log}");
+    assert_eq!(records[0]["data"]["supervisor_pid"], run.pid(), "{log}");
+    let snapshot = |seq: u64| {
+        records
+            .iter()
+            .find(|r| r["kind"] == "snapshot" && r["data"]["seq"] == seq)
+            .unwrap_or_else(|| panic!("no snapshot {seq}: {log}"))
+    };
+    snapshot(2);
+    // The human log prints each record's message on its line.
     let (_, human, _) = cmd(&store, &["log", &name]);
-    assert!(human.contains("snapshot 1 done"), "{human}");
+    let first = snapshot(1)["message"].as_str().unwrap();
+    assert!(human.contains(first), "{human}");
+    assert_eq!(human.lines().count(), records.len(), "{human}");
 
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
@@ -71,14 +64,14 @@ fn status_snapshot_and_log_talk_to_the_running_job() {
     assert_eq!(json(&store, &["status"]), Value::Array(vec![]));
     let (code, _, err) = cmd(&store, &["snapshot", &name]);
     assert_eq!(code, 1);
-    assert!(err.contains("is not running"), "{err}");
+    assert!(err.contains(&name) && err.contains("not running"), "{err}");
 }
 
 #[test]
 fn ls_show_restore_and_gc_read_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let job = stopped_heat(&store);
+    let job = stopped_job_with_snapshots(&store, &["--n", "256", "--steps", "100000000"]);
     let seqs = job.snapshot_seqs().unwrap();
     let newest = *seqs.last().unwrap();
 
@@ -105,7 +98,7 @@ fn ls_show_restore_and_gc_read_the_store() {
     assert!(shown["dedup_ratio"].as_f64().unwrap() > 1.0, "{shown}");
     let (code, _, err) = cmd(&store, &["show", "999"]);
     assert_eq!(code, 1);
-    assert!(err.contains("has no snapshot 999"), "{err}");
+    assert!(err.contains("999"), "names the snapshot: {err}");
 
     // restore --to: raw slices as raw bytes, values as JSON, an index.
     let out = dir.path().join("out");
@@ -149,20 +142,6 @@ fn ls_show_restore_and_gc_read_the_store() {
         json(&store, &["verify"]).as_array().unwrap().len(),
         seqs.len()
     );
-}
-
-/// heat under supervise until a few snapshots exist, then stopped.
-fn stopped_heat(store: &Path) -> supervise_store::JobStore {
-    let run = Run::start(
-        store,
-        &["--every", "100ms"],
-        &heat(&["--n", "256", "--steps", "100000000"]),
-        &[],
-    );
-    run.wait_for("snapshot 3 done", LONG);
-    run.signal(Signal::SIGTERM);
-    assert_eq!(run.wait(LONG).code, Some(143));
-    only_job(store)
 }
 
 #[test]
@@ -223,7 +202,7 @@ fn verify_finds_every_injected_corruption() {
     for (what, damage, says) in cases {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
-        let job = stopped_heat(&store);
+        let job = stopped_job_with_snapshots(&store, &["--n", "256", "--steps", "100000000"]);
         let (code, _, err) = cmd(&store, &["verify"]);
         assert_eq!(code, 0, "{what}: clean store: {err}");
         let newest = *job.snapshot_seqs().unwrap().last().unwrap();
@@ -302,19 +281,6 @@ fn verify_repair_mends_from_good_copies_and_refuses_while_the_job_runs() {
         .map(|v| v["ok"].as_bool().unwrap())
         .collect();
     assert_eq!(ok, vec![true, true, true], "{verdicts}");
-}
-
-/// Runs `supervise <args>` (no `--store` added): (exit code, stdout, stderr).
-fn bare(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(supervise_bin())
-        .args(args)
-        .output()
-        .expect("run supervise");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

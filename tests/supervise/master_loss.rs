@@ -2,17 +2,13 @@
 //! again (never two copies at once), `--wait`, `--orphan continue`, `--from`, hang detection
 //! and the roll back past a snapshot that makes every restore crash.
 
-mod support;
-
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::*;
 use nix::sys::signal::Signal;
-use support::*;
-
-const LONG: Duration = Duration::from_secs(120);
 
 /// heat, wrapped so that each copy takes an exclusive `flock` on `mark` for its whole life
 /// (the descriptor survives the `exec` into heat): a copy that finds it taken writes `two`.
@@ -47,7 +43,7 @@ fn supervisor_killed_at_random_moments_and_rerun_completes_and_never_runs_two_co
         with_orphan.extend(["--orphan", orphan]);
         let run = Run::start(&store, &with_orphan, &command, &[]);
         std::thread::sleep(Duration::from_millis(fastrand::u64(50..1500)));
-        if run.count("job finished") > 0 {
+        if run.ended() {
             break;
         }
         run.signal(Signal::SIGKILL);
@@ -84,10 +80,9 @@ fn supervisor_killed_at_random_moments_and_rerun_completes_and_never_runs_two_co
     // (A supervisor killed while it waited for the job never started it.)
     assert!(starts >= 2, "{records:?}");
     assert!(
-        records.iter().any(|r| r["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("resuming after the previous supervisor was lost, from snapshot")),
+        records
+            .iter()
+            .any(|r| r["kind"] == "resume" && r["data"]["reason"] == "after-loss"),
         "{records:?}"
     );
     assert_eq!(records.last().unwrap()["kind"], "end");
@@ -102,18 +97,17 @@ fn a_second_supervisor_of_a_running_job_says_who_holds_it_and_exits_4() {
     first.wait_for("shim connected", LONG);
     let second = Run::start(&store, &["--every", "1h"], &command, &[]).wait(LONG);
     assert_eq!(second.code, Some(4), "{}", second.stderr);
-    second.assert_said(&format!(
-        "is already running: supervisor pid {} on",
-        first.pid()
-    ));
-    second.assert_said("wait for it with --wait");
+    // Said before the job is held, so on stderr only: the holder's pid, and the option.
+    second.assert_said(&format!("supervisor pid {} on", first.pid()));
+    second.assert_said("--wait");
     // With --wait it starts once the first one is gone.
     let waiting = Run::start(&store, &["--every", "1h", "--wait", "-v"], &command, &[]);
     waiting.wait_for("--wait: job held by supervisor pid", LONG);
     first.signal(Signal::SIGTERM);
     assert_eq!(first.wait(LONG).code, Some(143));
     waiting.wait_for("shim connected", LONG);
-    waiting.wait_for("(from snapshot 1", LONG);
+    let spawned = waiting.wait_for_event("spawned", 1, |_| true);
+    assert_eq!(spawned["from"], 1, "{spawned}");
     waiting.signal(Signal::SIGTERM);
     assert_eq!(waiting.wait(LONG).code, Some(143));
 }
@@ -130,8 +124,8 @@ fn with_orphan_continue_the_program_finishes_alone_and_keeps_snapshotting() {
         &heat(&args),
         &[],
     );
-    let child = run.nth_child_pid(1, LONG);
-    run.wait_for("snapshot 1 done", LONG);
+    let child = run.nth_child_pid(1);
+    run.wait_for_snapshot(1);
     run.signal(Signal::SIGKILL);
     let job = only_job(&store);
     let before = job.highest_seq().unwrap().unwrap();
@@ -160,15 +154,16 @@ fn from_resumes_a_chosen_older_snapshot_and_skips_the_newer_ones() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let run = Run::start(&store, &["--every", "100ms"], &heat(&args), &[]);
-    run.wait_for("snapshot 3 done", LONG);
+    run.wait_for_snapshot(3);
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
     let job = only_job(&store);
     let oldest = job.snapshot_seqs().unwrap()[0];
     let bad = Run::start(&store, &["--from", "999"], &heat(&args), &[]).wait(LONG);
     assert_eq!(bad.code, Some(1));
-    bad.assert_said("--from 999: job");
-    bad.assert_said("has no snapshot 999 (it has: ");
+    // A user-facing error: it names the option and the snapshots there are.
+    bad.assert_said("--from 999");
+    bad.assert_said(&format!("{oldest}"));
     let fin = Run::start(
         &store,
         &["--every", "1h", "--from", &oldest.to_string()],
@@ -177,9 +172,10 @@ fn from_resumes_a_chosen_older_snapshot_and_skips_the_newer_ones() {
     )
     .wait(LONG);
     fin.assert_completed(&reference);
-    fin.assert_said(&format!("--from {oldest}: resuming from snapshot {oldest}"));
-    fin.assert_said("spawned pid");
-    fin.assert_said(&format!("(from snapshot {oldest})"));
+    let resume = events_of(&store, "resume");
+    assert_eq!(resume.last().unwrap()["reason"], "from", "{resume:?}");
+    let from = spawned_from(&store);
+    assert_eq!(from.last(), Some(&Some(oldest)), "{from:?}");
 }
 
 #[test]
@@ -211,13 +207,19 @@ fn a_hung_program_is_asked_for_a_snapshot_then_stopped_and_restarted() {
     )
     .wait(LONG);
     assert_eq!(fin.code, Some(3), "{}", fin.stderr);
-    fin.assert_said("reached no safe point for 2.0s (--hang-timeout): asking for a snapshot");
-    fin.assert_said("hung program: sending SIGTERM");
-    fin.assert_said("hung program did not stop: sending SIGKILL");
-    fin.assert_said("restarting in 10ms");
-    assert_eq!(
-        fin.stderr.matches("hung program: sending SIGTERM").count(),
-        2
+    let hung = events_of(&store, "hung");
+    assert!(
+        !hung.is_empty() && hung.iter().all(|e| e["timeout_ms"] == 2000),
+        "{hung:?}"
+    );
+    let signalled = events_of(&store, "signalled");
+    let sent = |signal: &str| signalled.iter().filter(|e| e["signal"] == signal).count();
+    assert_eq!(sent("SIGTERM"), 2, "{signalled:?}");
+    assert!(sent("SIGKILL") >= 1, "it did not stop: {signalled:?}");
+    let restarting = events_of(&store, "restarting");
+    assert!(
+        restarting.iter().any(|e| e["delay_ms"] == 10),
+        "{restarting:?}"
     );
 }
 
@@ -242,31 +244,35 @@ fn a_snapshot_that_makes_every_restore_crash_is_rolled_back_past() {
         &poisoned,
         &[],
     );
-    let child = run.nth_child_pid(1, LONG);
-    run.wait_for("snapshot 2 done", LONG);
+    let child = run.nth_child_pid(1);
+    run.wait_for_snapshot(2);
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child as i32), Signal::SIGKILL);
     let fin = run.wait(LONG);
     // Every snapshot is poisoned: after 3 crashes on each, back past all of them to a fresh
     // start, which then runs to the end.
     fin.assert_completed(&reference);
-    let seqs: Vec<u64> = {
-        let mut v = Vec::new();
-        for line in fin.stderr.lines() {
-            if let Some(rest) = line.split("snapshot ").nth(1)
-                && line.contains("is suspect")
-            {
-                v.push(rest.split(' ').next().unwrap().parse().unwrap());
-            }
-        }
-        v
-    };
+    let suspects = events_of(&store, "suspect");
+    let seqs: Vec<u64> = suspects
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
     assert!(!seqs.is_empty(), "{}", fin.stderr);
     assert!(
         seqs.windows(2).all(|w| w[1] < w[0]),
         "newest first: {seqs:?}"
     );
-    fin.assert_said("before reaching its first safe point, 3 times in a row");
-    fin.assert_said("going back to a fresh start (no older snapshot)");
+    assert!(
+        suspects.iter().all(|e| e["why"]
+            .as_str()
+            .unwrap()
+            .contains("before reaching its first safe point, 3 times in a row")),
+        "{suspects:?}"
+    );
+    assert_eq!(
+        suspects.last().unwrap()["back_to"],
+        serde_json::Value::Null,
+        "back to a fresh start: {suspects:?}"
+    );
     assert_eq!(
         fin.stderr.matches("--crash-on-resume: aborting").count(),
         3 * seqs.len(),
@@ -290,7 +296,7 @@ fn keep_within_and_on_success_delete() {
     fin.assert_completed(&reference_checksum(&args));
     let job = only_job(&store);
     let kept = job.snapshot_seqs().unwrap().len();
-    let taken = fin.stderr.matches(" done [step ").count();
+    let taken = events_of(&store, "snapshot").len();
     assert!(taken >= 2, "{}", fin.stderr);
     assert_eq!(kept, taken, "--keep-within 1h keeps all of them");
     // Run again with delete: it starts over (the job completed) and removes its snapshots.
@@ -301,8 +307,18 @@ fn keep_within_and_on_success_delete() {
         &[],
     )
     .wait(LONG);
-    again.assert_said("the job completed in an earlier run: starting it again");
-    again.assert_said("--on-success delete: removed");
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    let resume = events_of(&store, "resume");
+    assert_eq!(
+        resume.last().unwrap()["reason"],
+        "completed-before",
+        "{resume:?}"
+    );
+    let end = last_end(&store);
+    assert_eq!(end["outcome"], "finished", "{end}");
+    // Only the end's sentence says what --on-success removed.
+    let detail = end["detail"].as_str().unwrap();
+    assert!(detail.contains("--on-success delete"), "{detail}");
     assert!(job.snapshot_seqs().unwrap().is_empty());
     assert!(job.pack_names().unwrap().is_empty());
 }
@@ -319,8 +335,8 @@ fn the_program_a_lost_supervisor_left_running_holds_the_job_until_it_ends() {
         &heat(&args),
         &[],
     );
-    let orphan = first.nth_child_pid(1, LONG);
-    first.wait_for("snapshot 1 done", LONG);
+    let orphan = first.nth_child_pid(1);
+    first.wait_for_snapshot(1);
     let lost = first.pid();
     first.signal(Signal::SIGKILL);
     let second = Run::start(
@@ -333,7 +349,7 @@ fn the_program_a_lost_supervisor_left_running_holds_the_job_until_it_ends() {
         &format!("--wait: job held by supervisor pid {lost} on "),
         LONG,
     );
-    second.wait_for("spawned pid", LONG);
+    second.wait_for_event("spawned", 1, |_| true);
     assert!(
         !alive(orphan),
         "a second copy started while the orphan {orphan} still ran"

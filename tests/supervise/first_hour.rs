@@ -2,22 +2,14 @@
 //! the shim, a job spelled two ways, waiting for a job that completes, and the job's totals.
 //! Assertions are on the typed events of the job's history.
 
-mod support;
-
 use std::ffi::OsString;
 use std::time::Duration;
 
+use crate::support::*;
 use nix::sys::signal::Signal;
-use support::*;
-
-const LONG: Duration = Duration::from_secs(120);
 
 fn sh(script: &str) -> Vec<OsString> {
     vec!["/bin/sh".into(), "-c".into(), script.into()]
-}
-
-fn last_end(store: &std::path::Path) -> serde_json::Value {
-    events_of(store, "end").pop().expect("an end event")
 }
 
 #[test]
@@ -75,7 +67,7 @@ fn a_program_without_the_shim_is_told_so_and_a_stop_promises_no_resume() {
     // Stopped, it has nothing to resume from, and says so rather than "run it again to resume".
     let store = dir.path().join("store2");
     let run = Run::start(&store, &[], &sh("sleep 60"), &[]);
-    run.wait_for("spawned pid", LONG);
+    run.wait_for_event("spawned", 1, |_| true);
     // `status` says "no shim" rather than a ratio of nothing.
     let (code, out, err) = cmd(&store, &["status", "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -107,8 +99,8 @@ fn a_program_with_the_shim_writes_to_the_supervisors_stderr_directly() {
         &heat(&["--n", "256", "--steps", "100000000"]),
         &[],
     );
-    let child = run.nth_child_pid(1, LONG);
-    run.wait_for("snapshot 1 done", LONG);
+    let child = run.nth_child_pid(1);
+    run.wait_for_snapshot(1);
     let fd2 = |pid: u32| std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap();
     // Before the shim started, its stderr was a pipe through the supervisor (to keep its last
     // lines); the shim took the supervisor's own stderr back.
@@ -116,8 +108,12 @@ fn a_program_with_the_shim_writes_to_the_supervisors_stderr_directly() {
     run.signal(Signal::SIGTERM);
     let fin = run.wait(LONG);
     assert_eq!(fin.code, Some(143), "{}", fin.stderr);
-    let detail = last_end(&store)["detail"].as_str().unwrap().to_owned();
-    assert!(detail.contains("to resume (from snapshot"), "{detail}");
+    let end = last_end(&store);
+    assert_eq!(end["outcome"], "stopped", "{end}");
+    // The sentence promises a resume, from the snapshot the stop took.
+    let seq = events_of(&store, "snapshot").last().unwrap()["seq"].clone();
+    let detail = end["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("from snapshot {seq}")), "{detail}");
 }
 
 #[test]
@@ -127,7 +123,7 @@ fn two_spellings_of_one_program_are_one_job() {
     let heat_bin = example_bin("heat");
     let args = ["--n", "256", "--steps", "100000000"];
     let run = Run::start(&store, &["--every", "200ms"], &heat(&args), &[]);
-    run.wait_for("snapshot 2 done", LONG);
+    run.wait_for_snapshot(2);
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
     // The same program as ./heat from its directory resumes the same job.
@@ -138,7 +134,7 @@ fn two_spellings_of_one_program_are_one_job() {
         .args(["--every", "200ms", "--", "./heat"])
         .args(args);
     let run = Run::spawn(cmd);
-    run.wait_for("spawned pid", LONG);
+    run.wait_for_event("spawned", 1, |_| true);
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
     let spawned = events_of(&store, "spawned");
@@ -152,7 +148,7 @@ fn a_job_that_completes_while_another_supervisor_waits_is_done_for_both() {
     let store = dir.path().join("store");
     let args = ["--n", "256", "--steps", "30000"];
     let first = Run::start(&store, &["--every", "200ms"], &heat(&args), &[]);
-    first.wait_for("spawned pid", LONG);
+    first.wait_for_event("spawned", 1, |_| true);
     let second = Run::start(&store, &["--every", "200ms", "--wait"], &heat(&args), &[]);
     second.wait_for("--wait: job held by", LONG);
     assert_eq!(first.wait(LONG).code, Some(0));
@@ -174,8 +170,8 @@ fn the_end_of_a_job_gives_its_totals_across_restarts() {
         &heat(&args),
         &[],
     );
-    let pid = run.nth_child_pid(1, LONG);
-    run.wait_for("snapshot 1 done", LONG);
+    let pid = run.nth_child_pid(1);
+    run.wait_for_snapshot(1);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     let fin = run.wait(LONG);
     fin.assert_completed(&reference);
@@ -238,7 +234,7 @@ fn changed_parameters_are_a_configuration_error_not_a_suspect_snapshot() {
         c
     };
     let run = Run::start(&store, &["--job", "sim"], &sparse("1"), &[]);
-    run.wait_for("snapshot 2 done", LONG);
+    run.wait_for_snapshot(2);
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
     let seq = events_of(&store, "snapshot").last().unwrap()["seq"]
@@ -278,7 +274,7 @@ fn a_rebuilt_program_resumes_and_says_so() {
         "100000000".into(),
     ];
     let run = Run::start(&store, &["--every", "200ms"], &command, &[]);
-    run.wait_for("snapshot 1 done", LONG);
+    run.wait_for_snapshot(1);
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
     assert!(events_of(&store, "origin-changed").is_empty());
@@ -291,7 +287,7 @@ fn a_rebuilt_program_resumes_and_says_so() {
         .unwrap();
     let run = Run::start(&store, &["--every", "200ms"], &command, &[]);
     // (Its first snapshot is not number 2: the stop took a final one.)
-    run.wait_for(" done", LONG);
+    run.wait_for_event("snapshot", 1, |_| true);
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
     let changed = events_of(&store, "origin-changed");
@@ -322,11 +318,11 @@ fn a_job_named_by_an_earlier_release_keeps_its_name() {
         &command,
         &[],
     );
-    run.wait_for("snapshot 1 done", LONG);
+    run.wait_for_snapshot(1);
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
     let run = Run::start(&store, &["--every", "200ms"], &command, &[]);
-    run.wait_for("spawned pid", LONG);
+    run.wait_for_event("spawned", 1, |_| true);
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
     let spawned = events_of(&store, "spawned");
@@ -345,8 +341,8 @@ fn a_program_that_sent_its_stderr_elsewhere_keeps_it_there() {
         err_file.display()
     );
     let run = Run::start(&store, &["--every", "200ms"], &sh(&script), &[]);
-    let child = run.nth_child_pid(1, LONG);
-    run.wait_for("snapshot 1 done", LONG);
+    let child = run.nth_child_pid(1);
+    run.wait_for_snapshot(1);
     let fd2 = std::fs::read_link(format!("/proc/{child}/fd/2")).unwrap();
     assert_eq!(
         fd2, err_file,

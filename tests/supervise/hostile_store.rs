@@ -4,16 +4,11 @@
 //! with an error naming the path, and nothing outside the store is touched. The operator
 //! socket is private (0600).
 
-mod support;
-
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
 use std::path::Path;
-use std::time::Duration;
 
+use crate::support::*;
 use nix::sys::signal::Signal;
-use support::*;
-
-const LONG: Duration = Duration::from_secs(120);
 const HEAT: [&str; 4] = ["--n", "64", "--steps", "300"];
 
 /// Creates `<store>/j/{snapshots,packs}` as an earlier release did (0700).
