@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{Encoded, Encoder};
 use crate::control::DamagedSnapshot;
 use crate::error::{Error, Result};
-use crate::failpoint;
 use crate::format::{
     CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Hash, Manifest, Origin, OutputMark, RecordHeader,
     SnapshotStats, entry_root,
@@ -686,7 +685,6 @@ impl SnapshotBuilder<'_> {
         }
         let finished = std::mem::take(&mut self.finished);
         self.writer.job.publish_packs(&finished)?;
-        failpoint::hit("packs-renamed");
         self.stats.duration_ms = self.started.elapsed().as_millis() as u64;
         let manifest = Manifest {
             job: self.writer.job.name().to_owned(),
