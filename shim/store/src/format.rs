@@ -596,7 +596,9 @@ impl Manifest {
                 {
                     return Err(bad(format!("a chunk at offset {}", c.offset)));
                 }
-                sum = sum.saturating_add(u64::from(c.raw_len));
+                sum = sum.checked_add(u64::from(c.raw_len)).ok_or_else(|| {
+                    bad("its chunk lengths add up to more than a u64 holds".into())
+                })?;
             }
             if sum != entry.len {
                 return Err(bad(format!(

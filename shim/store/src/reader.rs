@@ -215,11 +215,9 @@ impl SnapshotReader {
     }
 
     fn damaged(&self, why: String) -> Error {
-        Error::Corrupt {
-            path: PathBuf::from(format!(
-                "snapshot {} of job {}",
-                self.manifest.seq, self.manifest.job
-            )),
+        Error::SnapshotDamaged {
+            job: self.manifest.job.clone(),
+            seq: self.manifest.seq,
             why,
         }
     }

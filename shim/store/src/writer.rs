@@ -404,10 +404,11 @@ impl SnapshotBuilder<'_> {
         shuffle: u8,
     ) -> Result<()> {
         self.check_new_name(name)?;
-        let dir = self.writer.job.dir().to_owned();
-        let mismatch = |why: String| Error::Corrupt {
-            path: dir.clone(),
-            why: format!("entry {name:?}: cannot build on snapshot data: {why}"),
+        let job = self.writer.job.name().to_owned();
+        let mismatch = |why: String| Error::DeltaBase {
+            job: job.clone(),
+            entry: name.to_owned(),
+            why,
         };
         let uniform = base.chunks.split_last().is_none_or(|(last, rest)| {
             rest.iter().all(|c| c.raw_len as usize == CHUNK_SIZE)
@@ -425,7 +426,14 @@ impl SnapshotBuilder<'_> {
                 .chunks
                 .get(i)
                 .ok_or_else(|| mismatch(format!("no chunk {i}")))?;
-            let end = offset + chunk.raw_len as usize;
+            let end =
+                offset
+                    .checked_add(chunk.raw_len as usize)
+                    .ok_or_else(|| Error::Overflow {
+                        job: job.clone(),
+                        entry: name.to_owned(),
+                        what: "the end of a dirty chunk's bytes",
+                    })?;
             let bytes = data
                 .get(offset..end)
                 .ok_or_else(|| mismatch("dirty data too short".into()))?;
@@ -619,8 +627,9 @@ impl SnapshotBuilder<'_> {
                 Found::Known(hash) => self.writer.index.get(&hash).cloned().map(|l| (hash, l)),
                 Found::Twin(hash) => self.new_locs.get(&hash).cloned().map(|l| (hash, l)),
             };
-            let (hash, loc) = loc.ok_or_else(|| Error::Corrupt {
-                path: self.writer.job.dir().to_owned(),
+            let (hash, loc) = loc.ok_or_else(|| Error::Internal {
+                job: self.writer.job.name().to_owned(),
+                seq: Some(self.seq),
                 why: "a repeated chunk was never written".into(),
             })?;
             refs[i] = Some(self.chunk_ref(hash, &loc));
