@@ -32,6 +32,14 @@ pub mod store;
 pub mod writer;
 
 pub use error::{Error, Result, UnsafeKind};
+
+/// How many threads hash, compress or decompress a snapshot's chunks in parallel: the
+/// machine's parallelism, 1 to 8 (2 when it cannot be known).
+pub(crate) fn worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8)
+}
 pub use reader::SnapshotReader;
 pub use store::{JobStore, Store};
 pub use writer::{Element, SnapshotBuilder, SnapshotReport, SnapshotWriter};

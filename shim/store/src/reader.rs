@@ -29,9 +29,7 @@ impl SnapshotReader {
         Ok(Self {
             manifest,
             packs,
-            threads: std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .clamp(1, 8),
+            threads: crate::worker_threads(),
         })
     }
 

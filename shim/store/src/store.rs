@@ -164,7 +164,8 @@ impl JobStore {
         format!("{seq:020}{SNAP_SUFFIX}")
     }
 
-    fn damaged_name(seq: u64) -> String {
+    /// The file name of snapshot `seq`'s manifest once set aside as damaged.
+    pub fn damaged_name(seq: u64) -> String {
         format!("{seq:020}{DAMAGED_SUFFIX}")
     }
 
@@ -175,6 +176,11 @@ impl JobStore {
     /// The path of snapshot `seq`'s manifest.
     pub fn manifest_path(&self, seq: u64) -> PathBuf {
         self.snapshots.join(&Self::manifest_name(seq))
+    }
+
+    /// The path of snapshot `seq`'s manifest once set aside as damaged.
+    pub fn damaged_path(&self, seq: u64) -> PathBuf {
+        self.snapshots.join(&Self::damaged_name(seq))
     }
 
     /// The path of a pack file.
@@ -369,9 +375,7 @@ impl JobStore {
     pub fn apply_retention(&self, policy: impl Into<Retention>) -> Result<RetentionReport> {
         let policy = policy.into();
         let seqs = self.snapshot_seqs()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = format::unix_ms_now();
         let horizon = policy
             .within
             .map_or(0, |w| now.saturating_sub(w.as_millis() as u64));
@@ -463,15 +467,9 @@ impl JobStore {
     /// the store stays within about twice the live data.
     pub fn sparse_packs(&self, manifests: &[Manifest]) -> Result<Vec<String>> {
         let mut live: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
-        let mut seen: HashSet<(&str, u64)> = HashSet::new();
-        for m in manifests {
-            for chunk in m.entries.iter().flat_map(|e| &e.chunks) {
-                let pack = m.packs[chunk.pack as usize].as_str();
-                if seen.insert((pack, chunk.offset)) {
-                    *live.entry(pack).or_default() +=
-                        (RecordHeader::LEN as u64) + u64::from(chunk.stored_len);
-                }
-            }
+        for (pack, chunk) in format::distinct_records(manifests) {
+            *live.entry(pack).or_default() +=
+                (RecordHeader::LEN as u64) + u64::from(chunk.stored_len);
         }
         let mut sparse = Vec::new();
         for (pack, live) in live {

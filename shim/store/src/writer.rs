@@ -17,7 +17,7 @@ use crate::control::DamagedSnapshot;
 use crate::error::{Error, Result};
 use crate::format::{
     CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Hash, Manifest, Origin, OutputMark, RecordHeader,
-    SnapshotStats, entry_root,
+    SnapshotStats, entry_root, unix_ms_now,
 };
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
@@ -87,9 +87,7 @@ impl SnapshotWriter {
             job,
             index: HashMap::new(),
             attempt,
-            threads: std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .clamp(1, 8),
+            threads: crate::worker_threads(),
             chunk_size: CHUNK_SIZE,
             sparse: HashSet::new(),
             last: None,
@@ -699,9 +697,7 @@ impl SnapshotBuilder<'_> {
             job: self.writer.job.name().to_owned(),
             seq: self.seq,
             parent: self.writer.newest,
-            created_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            created_unix_ms: unix_ms_now(),
             attempt: self.writer.attempt,
             tag: self.tag.take(),
             stats: self.stats.clone(),
