@@ -173,7 +173,7 @@ pub enum Error {
         /// Bytes per element.
         elem_size: usize,
     },
-    /// An output file that cannot be used as one (see [`crate::Shim::output`]).
+    /// An output file that cannot be used as one (see `Shim::output` in `supervise-shim`).
     Output {
         /// The path as the program gave it.
         path: PathBuf,

@@ -368,8 +368,8 @@ impl Origin {
     }
 }
 
-/// How long an output file of the program was when a snapshot was taken (see
-/// [`crate::Shim::output`]): a restore cuts the file back to this length. Manifest version 2 on.
+/// How long an output file of the program was when a snapshot was taken (see `Shim::output`
+/// in `supervise-shim`): a restore cuts the file back to this length. Manifest version 2 on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputMark {
     /// The file's absolute path: its directory's canonical path joined with its name, as

@@ -2,14 +2,14 @@
 //! here, as one of a few named operations on a [`Dir`]:
 //!
 //! - **publish** files written in full under temporary names (a snapshot's packs,
-//!   [`Dir::publish_packs`]: fsync each, rename each, fsync the directory once) or one file
-//!   from bytes (a manifest, [`Dir::publish_manifest`]; [`Dir::write_atomic`]: temp name,
+//!   `Dir::publish_packs`: fsync each, rename each, fsync the directory once) or one file
+//!   from bytes (a manifest, `Dir::publish_manifest`; [`Dir::write_atomic`]: temp name,
 //!   fsync, rename, fsync the directory);
-//! - **set aside** a file under another name ([`Dir::set_aside`]: rename, fsync the
+//! - **set aside** a file under another name (`Dir::set_aside`: rename, fsync the
 //!   directory), which is how a damaged snapshot is quarantined;
-//! - **remove** files durably ([`Dir::remove_durably`]: unlink each, fsync the directory
+//! - **remove** files durably (`Dir::remove_durably`: unlink each, fsync the directory
 //!   once), for retention and the cleanup of unreferenced packs, and leftover temporary files
-//!   ([`Dir::remove_leftover_tmp`]).
+//!   (`Dir::remove_leftover_tmp`).
 //!
 //! Below them, the single steps (create, write, truncate and fsync a file; rename, remove,
 //! create a name; fsync a directory) are counted one by one. Three things follow:
