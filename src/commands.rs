@@ -121,16 +121,10 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 
 /// Bytes of distinct stored records a set of manifests uses (what they cost on disk).
 fn stored_bytes<'a>(manifests: impl IntoIterator<Item = &'a Manifest>) -> u64 {
-    let mut seen = HashSet::new();
-    let mut total = 0;
-    for m in manifests {
-        for c in m.entries.iter().flat_map(|e| &e.chunks) {
-            if seen.insert((m.packs[c.pack as usize].as_str(), c.offset)) {
-                total += u64::from(c.stored_len);
-            }
-        }
-    }
-    total
+    supervise_store::format::distinct_records(manifests)
+        .into_iter()
+        .map(|(_, c)| u64::from(c.stored_len))
+        .sum()
 }
 
 /// What the state of snapshots (`logical`: their bytes in memory) costs on disk (`stored`:

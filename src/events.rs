@@ -44,7 +44,7 @@ impl EventLog {
                 text.push_str(&serde_json::to_string(r)?);
                 text.push('\n');
             }
-            dir.write_atomic(LOG_NAME, text.as_bytes(), |_| ())
+            dir.write_atomic(LOG_NAME, text.as_bytes())
                 .with_context(|| format!("cannot rewrite {}", path.display()))?;
             let file = dir.open_private(LOG_NAME, true)?;
             return Ok(Self { file });

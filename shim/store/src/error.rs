@@ -34,6 +34,47 @@ pub enum Error {
         /// What is wrong with it.
         why: String,
     },
+    /// A snapshot whose files each decode but which does not hold together (its chunk list
+    /// does not match an entry's root hash, its chunk lengths do not add up): damage found in
+    /// the snapshot as a whole rather than in one file.
+    SnapshotDamaged {
+        /// The job.
+        job: String,
+        /// The damaged snapshot.
+        seq: u64,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// An invariant of the store or the shim does not hold: a bug in supervise, not damage to
+    /// stored data (so no snapshot is set aside for it).
+    Internal {
+        /// The job.
+        job: String,
+        /// The snapshot being written or read, if any.
+        seq: Option<u64>,
+        /// Which invariant failed.
+        why: String,
+    },
+    /// A delta entry that cannot be built on the earlier snapshot's entry it names: the dirty
+    /// chunks given do not fit it, or one of its clean chunks is not in the store any more. No
+    /// stored data is damaged; a whole (not delta) snapshot of the entry works.
+    DeltaBase {
+        /// The job.
+        job: String,
+        /// The entry.
+        entry: String,
+        /// What does not fit.
+        why: String,
+    },
+    /// A length or offset computed from the program's input does not fit its type.
+    Overflow {
+        /// The job.
+        job: String,
+        /// The entry whose lengths overflowed.
+        entry: String,
+        /// What was being computed.
+        what: &'static str,
+    },
     /// A store file written by a newer release than this one.
     UnsupportedVersion {
         /// The file.
@@ -132,7 +173,7 @@ pub enum Error {
         /// Bytes per element.
         elem_size: usize,
     },
-    /// An output file that cannot be used as one (see [`crate::Shim::output`]).
+    /// An output file that cannot be used as one (see `Shim::output` in `supervise-shim`).
     Output {
         /// The path as the program gave it.
         path: PathBuf,
@@ -183,6 +224,27 @@ impl std::fmt::Display for Error {
             }
             Error::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
             Error::Corrupt { path, why } => write!(f, "{}: damaged: {why}", path.display()),
+            Error::SnapshotDamaged { job, seq, why } => {
+                write!(f, "job {job:?} snapshot {seq}: damaged: {why}")
+            }
+            Error::Internal { job, seq, why } => {
+                write!(f, "job {job:?}")?;
+                if let Some(seq) = seq {
+                    write!(f, " snapshot {seq}")?;
+                }
+                write!(
+                    f,
+                    ": internal error (a bug in supervise, not damage to the store): {why}"
+                )
+            }
+            Error::DeltaBase { job, entry, why } => write!(
+                f,
+                "job {job:?} entry {entry:?}: cannot build on the earlier snapshot's data: {why}"
+            ),
+            Error::Overflow { job, entry, what } => write!(
+                f,
+                "job {job:?} entry {entry:?}: {what} does not fit in this machine's integers"
+            ),
             Error::UnsupportedVersion {
                 path,
                 found,
@@ -359,7 +421,7 @@ pub fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Err
 impl Error {
     /// True when the error says stored data is damaged (as opposed to a usage or I/O error).
     pub fn is_corruption(&self) -> bool {
-        matches!(self, Error::Corrupt { .. })
+        matches!(self, Error::Corrupt { .. } | Error::SnapshotDamaged { .. })
     }
 }
 
@@ -373,6 +435,10 @@ mod tests {
             Error::InvalidName { .. }
             | Error::Io { .. }
             | Error::Corrupt { .. }
+            | Error::SnapshotDamaged { .. }
+            | Error::Internal { .. }
+            | Error::DeltaBase { .. }
+            | Error::Overflow { .. }
             | Error::UnsupportedVersion { .. }
             | Error::NoSuchSnapshot { .. }
             | Error::NoSuchJob { .. }
@@ -421,6 +487,38 @@ mod tests {
                 Error::Corrupt {
                     path: path(),
                     why: "bad magic".into(),
+                },
+                None,
+            ),
+            (
+                Error::SnapshotDamaged {
+                    job: "j".into(),
+                    seq: 3,
+                    why: "chunk list does not match its root hash".into(),
+                },
+                None,
+            ),
+            (
+                Error::Internal {
+                    job: "j".into(),
+                    seq: Some(3),
+                    why: "a repeated chunk was never written".into(),
+                },
+                None,
+            ),
+            (
+                Error::DeltaBase {
+                    job: "j".into(),
+                    entry: "e".into(),
+                    why: "no chunk 9".into(),
+                },
+                None,
+            ),
+            (
+                Error::Overflow {
+                    job: "j".into(),
+                    entry: "e".into(),
+                    what: "the end of a dirty chunk",
                 },
                 None,
             ),
@@ -542,7 +640,7 @@ mod tests {
     #[test]
     fn every_cause_is_told_once_in_the_chain() {
         let errors = one_of_each();
-        assert_eq!(errors.len(), 20, "one of each variant");
+        assert_eq!(errors.len(), 24, "one of each variant");
         for (e, cause) in errors {
             covered(&e);
             // The chain as a reporter prints it (anyhow's `{:#}`): each error, then its sources.
@@ -562,5 +660,42 @@ mod tests {
                 assert_eq!(report.matches(cause.as_str()).count(), 1, "{report}");
             }
         }
+    }
+
+    #[test]
+    fn only_damage_to_stored_data_counts_as_corruption() {
+        // Corruption sets a snapshot aside: a bug or an overflow must not.
+        for (e, _) in one_of_each() {
+            let damage = matches!(e, Error::Corrupt { .. } | Error::SnapshotDamaged { .. });
+            assert_eq!(e.is_corruption(), damage, "{e}");
+        }
+    }
+
+    #[test]
+    fn messages_name_the_job_and_snapshot_not_a_made_up_path() {
+        let damaged = Error::SnapshotDamaged {
+            job: "heat".into(),
+            seq: 7,
+            why: "w".into(),
+        };
+        assert_eq!(damaged.to_string(), "job \"heat\" snapshot 7: damaged: w");
+        let bug = Error::Internal {
+            job: "heat".into(),
+            seq: None,
+            why: "w".into(),
+        };
+        assert!(
+            bug.to_string().starts_with("job \"heat\": internal error"),
+            "{bug}"
+        );
+        let overflow = Error::Overflow {
+            job: "heat".into(),
+            entry: "grid".into(),
+            what: "the end of a dirty chunk",
+        };
+        assert!(
+            overflow.to_string().contains("entry \"grid\""),
+            "{overflow}"
+        );
     }
 }

@@ -1,16 +1,52 @@
 //! Fault injection for crash tests. `SUPERVISE_FAILPOINT=NAME` (or `NAME@N`, the N-th time it is
 //! reached) kills the process with SIGKILL when the code reaches the point `NAME`, the way a
-//! power cut or `kill -9` would. Points: `packs-synced`, `packs-renamed`, `manifest-synced`,
-//! `manifest-renamed`, and `fsop@N`: the N-th operation of the store's file-system layer
-//! (any durability step: see [`crate::fsops::crash`]). Under a supervisor it fires in the first run of the program only
-//! (`SUPERVISE_ATTEMPT` unset or 0), so the restarted program shows the recovery. Unset, a
-//! check costs one load of an initialised `OnceLock`.
+//! power cut or `kill -9` would. The points are the steps of a commit ([`Failpoint`], hooked in
+//! the store's file-system layer, [`crate::fsops`]): `packs-synced`, `packs-renamed`,
+//! `manifest-synced`, `manifest-renamed`; and `fsop@N`: the N-th operation of that layer (any
+//! durability step: see [`crate::fsops::crash`]). Under a supervisor it fires in the first run
+//! of the program only (`SUPERVISE_ATTEMPT` unset or 0), so the restarted program shows the
+//! recovery. Unset, a check costs one load of an initialised `OnceLock`.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The environment variable naming the fail point.
 pub const ENV: &str = "SUPERVISE_FAILPOINT";
+
+/// A named step of a commit where `SUPERVISE_FAILPOINT` can kill the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failpoint {
+    /// A snapshot's packs are fsynced under their temporary names, not yet renamed.
+    PacksSynced,
+    /// The packs are renamed into place and the pack directory is fsynced; the manifest is
+    /// not yet written.
+    PacksRenamed,
+    /// The manifest is fsynced under its temporary name, not yet renamed.
+    ManifestSynced,
+    /// The manifest is renamed into place (the snapshot is visible), its directory not yet
+    /// fsynced.
+    ManifestRenamed,
+}
+
+impl Failpoint {
+    /// Every fail point, in the order a commit reaches them.
+    pub const ALL: [Failpoint; 4] = [
+        Failpoint::PacksSynced,
+        Failpoint::PacksRenamed,
+        Failpoint::ManifestSynced,
+        Failpoint::ManifestRenamed,
+    ];
+
+    /// The name `SUPERVISE_FAILPOINT` gives it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Failpoint::PacksSynced => "packs-synced",
+            Failpoint::PacksRenamed => "packs-renamed",
+            Failpoint::ManifestSynced => "manifest-synced",
+            Failpoint::ManifestRenamed => "manifest-renamed",
+        }
+    }
+}
 
 struct Armed {
     name: String,
@@ -46,8 +82,9 @@ pub fn init() {
     let _ = armed();
 }
 
-/// Kills the process if the fail point `name` is armed and reached for the armed time.
-pub fn hit(name: &str) {
+/// Kills the process if the fail point `point` is armed and reached for the armed time.
+pub(crate) fn hit(point: Failpoint) {
+    let name = point.name();
     if let Some(armed) = armed()
         && armed.name == name
         && armed.seen.fetch_add(1, Ordering::SeqCst) + 1 == armed.at
@@ -55,5 +92,24 @@ pub fn hit(name: &str) {
         let line = format!("supervise-shim: fail point {name} reached, killing the process\n");
         let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_names_are_the_documented_ones() {
+        let names: Vec<&str> = Failpoint::ALL.iter().map(|p| p.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "packs-synced",
+                "packs-renamed",
+                "manifest-synced",
+                "manifest-renamed"
+            ]
+        );
     }
 }

@@ -160,6 +160,33 @@ impl RecordHeader {
     }
 }
 
+/// Milliseconds since the Unix epoch, now (0 if the clock is before it): the time stamps of
+/// manifests and retention's ages.
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The distinct chunk records `manifests` use, each once (a record several snapshots or
+/// entries share counts once), with the name of the pack it is in. What a set of snapshots
+/// costs on disk is the sum of these records' lengths.
+pub fn distinct_records<'a>(
+    manifests: impl IntoIterator<Item = &'a Manifest>,
+) -> Vec<(&'a str, &'a ChunkRef)> {
+    let mut seen = HashSet::new();
+    let mut records = Vec::new();
+    for m in manifests {
+        for chunk in m.entries.iter().flat_map(|e| &e.chunks) {
+            let pack = m.packs[chunk.pack as usize].as_str();
+            if seen.insert((pack, chunk.offset)) {
+                records.push((pack, chunk));
+            }
+        }
+    }
+    records
+}
+
 /// The version this release writes for files of `magic` (and the newest it reads):
 /// [`MANIFEST_VERSION`] for manifests, [`PACK_VERSION`] for packs.
 pub fn current_version(magic: &[u8; 6]) -> u16 {
@@ -341,8 +368,8 @@ impl Origin {
     }
 }
 
-/// How long an output file of the program was when a snapshot was taken (see
-/// [`crate::Shim::output`]): a restore cuts the file back to this length. Manifest version 2 on.
+/// How long an output file of the program was when a snapshot was taken (see `Shim::output`
+/// in `supervise-shim`): a restore cuts the file back to this length. Manifest version 2 on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputMark {
     /// The file's absolute path: its directory's canonical path joined with its name, as
@@ -596,7 +623,9 @@ impl Manifest {
                 {
                     return Err(bad(format!("a chunk at offset {}", c.offset)));
                 }
-                sum = sum.saturating_add(u64::from(c.raw_len));
+                sum = sum.checked_add(u64::from(c.raw_len)).ok_or_else(|| {
+                    bad("its chunk lengths add up to more than a u64 holds".into())
+                })?;
             }
             if sum != entry.len {
                 return Err(bad(format!(

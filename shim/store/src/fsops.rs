@@ -1,7 +1,18 @@
-//! The store's one door to the file system: every durability step (create, write, truncate and
-//! fsync a file; rename, remove, create a name; fsync a directory) goes through here.
+//! The store's one door to the file system: every change a store makes visible goes through
+//! here, as one of a few named operations on a [`Dir`]:
 //!
-//! Two things follow from that:
+//! - **publish** files written in full under temporary names (a snapshot's packs,
+//!   `Dir::publish_packs`: fsync each, rename each, fsync the directory once) or one file
+//!   from bytes (a manifest, `Dir::publish_manifest`; [`Dir::write_atomic`]: temp name,
+//!   fsync, rename, fsync the directory);
+//! - **set aside** a file under another name (`Dir::set_aside`: rename, fsync the
+//!   directory), which is how a damaged snapshot is quarantined;
+//! - **remove** files durably (`Dir::remove_durably`: unlink each, fsync the directory
+//!   once), for retention and the cleanup of unreferenced packs, and leftover temporary files
+//!   (`Dir::remove_leftover_tmp`).
+//!
+//! Below them, the single steps (create, write, truncate and fsync a file; rename, remove,
+//! create a name; fsync a directory) are counted one by one. Three things follow:
 //!
 //! - **No escape.** Every operation is relative to a [`Dir`], a directory descriptor opened
 //!   without following a symbolic link (`O_NOFOLLOW`, `openat` from a verified parent) and
@@ -9,6 +20,8 @@
 //!   A link planted inside the store is refused, never followed, so no write, rename or removal
 //!   can land outside the store. Only the store root given by the user is opened through its
 //!   path (a link there is the user's choice, unless someone else owns the link).
+//! - **Named fail points.** The steps of a commit ([`Failpoint`]) are hooked here, where
+//!   `SUPERVISE_FAILPOINT` can kill the process (see [`crate::failpoint`]).
 //! - **Crash testing at every step.** The [`crash`] module counts the operations and, when a
 //!   test arms it, fails the N-th one or "crashes" there (that one and every later one fails,
 //!   as if the process died), journalling what was not yet durable so the test can undo it
@@ -29,6 +42,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
 
 use crate::error::{Error, Result, UnsafeKind, io_err};
+use crate::failpoint::{self, Failpoint};
 
 /// Prefix of temporary files; anything with it is unfinished and may be removed by the writer.
 pub const TMP_PREFIX: &str = ".tmp-";
@@ -429,9 +443,28 @@ impl Dir {
     }
 
     /// Writes `bytes` to `name` atomically and durably (temp name, fsync, rename, fsync the
-    /// directory). `stage` is called with "synced" (temp file durable, not yet renamed) and
-    /// "renamed" (renamed, directory not yet fsynced), for the named fail points.
-    pub fn write_atomic(&self, name: &str, bytes: &[u8], stage: impl Fn(&str)) -> Result<()> {
+    /// directory): after a crash `name` holds either its old content or `bytes`.
+    pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.replace_with(name, bytes, None)
+    }
+
+    /// Publishes a snapshot's manifest as `name`: [`write_atomic`](Self::write_atomic) with
+    /// the fail points [`Failpoint::ManifestSynced`] (temp file durable, not yet renamed) and
+    /// [`Failpoint::ManifestRenamed`] (renamed, directory not yet fsynced).
+    pub(crate) fn publish_manifest(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.replace_with(
+            name,
+            bytes,
+            Some((Failpoint::ManifestSynced, Failpoint::ManifestRenamed)),
+        )
+    }
+
+    fn replace_with(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        points: Option<(Failpoint, Failpoint)>,
+    ) -> Result<()> {
         let tmp = format!("{TMP_PREFIX}{}-{name}", std::process::id());
         let tmp_path = self.join(&tmp);
         self.remove(&tmp)?;
@@ -444,23 +477,82 @@ impl Dir {
             let _ = self.remove(&tmp);
             return Err(e);
         }
-        stage("synced");
+        if let Some((synced, _)) = points {
+            failpoint::hit(synced);
+        }
         self.rename(&tmp, name)?;
-        stage("renamed");
+        if let Some((_, renamed)) = points {
+            failpoint::hit(renamed);
+        }
         self.fsync()
     }
 
-    /// Removes leftover temporary files (from a writer that died mid-way). Only the job's
-    /// single writer calls this, so no live temporary file is removed.
-    pub fn remove_leftover_tmp(&self) -> Result<usize> {
-        let mut removed = 0;
-        for name in self.list()? {
-            if name.starts_with(TMP_PREFIX) && self.remove(&name)? {
-                removed += 1;
-            }
+    /// Publishes files written in full under temporary names (a snapshot's packs): fsyncs
+    /// each, renames each into place, then fsyncs the directory once. Fail points:
+    /// [`Failpoint::PacksSynced`] after the fsyncs, [`Failpoint::PacksRenamed`] after the
+    /// directory's fsync (both reached even when there is no file).
+    pub(crate) fn publish_packs(&self, staged: &[Staged<'_>]) -> Result<()> {
+        for file in staged {
+            fsync_file(file.file).map_err(io_err("fsync", self.join(file.tmp)))?;
+        }
+        failpoint::hit(Failpoint::PacksSynced);
+        for file in staged {
+            self.rename(file.tmp, &file.name)?;
+        }
+        if !staged.is_empty() {
+            self.fsync()?;
+        }
+        failpoint::hit(Failpoint::PacksRenamed);
+        Ok(())
+    }
+
+    /// Sets the file `from` aside as `to` (replacing `to`) and makes the new name durable:
+    /// after a crash the file has one of the two names.
+    pub(crate) fn set_aside(&self, from: &str, to: &str) -> Result<()> {
+        self.rename(from, to)?;
+        self.fsync()
+    }
+
+    /// Removes the files `names` (a missing one is skipped), then fsyncs the directory once
+    /// when any name was given, so that none of them comes back after a crash. Returns
+    /// which of the names were removed (`false`: there was no such file).
+    pub(crate) fn remove_durably<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<bool>> {
+        let mut removed = Vec::new();
+        for name in names {
+            removed.push(self.remove(name)?);
+        }
+        if !removed.is_empty() {
+            self.fsync()?;
         }
         Ok(removed)
     }
+
+    /// Removes leftover temporary files (from a writer that died mid-way) and makes the
+    /// removals durable. Only the job's single writer calls this, so no live temporary file
+    /// is removed. Returns how many were removed.
+    pub(crate) fn remove_leftover_tmp(&self) -> Result<usize> {
+        let names = self.list()?;
+        let leftovers = names
+            .iter()
+            .map(String::as_str)
+            .filter(|name| name.starts_with(TMP_PREFIX));
+        let removed = self.remove_durably(leftovers)?;
+        Ok(removed.into_iter().filter(|r| *r).count())
+    }
+}
+
+/// A file written in full under a temporary name, to be published as `name` (see
+/// [`Dir::publish_packs`]).
+pub(crate) struct Staged<'a> {
+    /// The open file.
+    pub(crate) file: &'a File,
+    /// Its temporary name in the directory.
+    pub(crate) tmp: &'a str,
+    /// The name it is published under.
+    pub(crate) name: String,
 }
 
 impl AsFd for Dir {

@@ -1,11 +1,15 @@
 //! # supervise-store
 //!
 //! The snapshot store of `supervise`, shared by the supervisor and the runtime a program links:
-//! the on-disk format ([`format`], [`codec`], packs), the one layer through which every visible
-//! change to a store goes ([`fsops`]), writing and reading snapshots ([`writer`], [`reader`]),
-//! the job lock ([`lock`]), retention, scrubbing and repair, the job's history ([`history`]),
-//! and the protocol between the supervisor and the program it runs: the environment
-//! ([`config`]), the control messages ([`control`]) and the exit codes ([`exit`]).
+//! the on-disk format ([`format`](mod@format), [`codec`], the pack writer, [`pack_scan`] to read packs
+//! back), the one layer through which every visible change to a store goes ([`fsops`]:
+//! publish packs and manifests, set a damaged snapshot aside, remove durably; with the crash
+//! test's hooks and the named [`failpoint`]s), the store's layout ([`store`]), writing and
+//! reading snapshots ([`writer`], [`reader`]), the job lock ([`lock`]), names ([`name`]),
+//! errors ([`error`]), retention ([`retention`]), scrubbing ([`scrub`]) and repair
+//! ([`repair`]), the job's history ([`history`]), and the protocol between the supervisor and
+//! the program it runs: the environment ([`config`]), the control messages ([`control`]) and
+//! the exit codes ([`exit`]).
 //!
 //! A program does not use this crate directly: it links `supervise-shim` (Rust) or
 //! `supervise-capi` (C, C++, Fortran).
@@ -33,6 +37,14 @@ pub mod store;
 pub mod writer;
 
 pub use error::{Error, Result, UnsafeKind};
+
+/// How many threads hash, compress or decompress a snapshot's chunks in parallel: the
+/// machine's parallelism, 1 to 8 (2 when it cannot be known).
+pub(crate) fn worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8)
+}
 pub use reader::SnapshotReader;
 pub use store::{JobStore, Store};
 pub use writer::{Element, SnapshotBuilder, SnapshotReport, SnapshotWriter};

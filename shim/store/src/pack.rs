@@ -10,6 +10,8 @@ use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use aligned_vec::{AVec, ConstAlign};
+
 use crate::error::{Error, Result, io_err};
 use crate::format::{self, RecordHeader};
 use crate::fsops::{self, Dir};
@@ -23,25 +25,24 @@ const BLOCKS: usize = 3;
 /// Start the disk writing this much of a buffered pack while the rest is compressed.
 const WRITEBACK_STEP: u64 = 16 << 20;
 
-/// A block buffer whose usable part is aligned for O_DIRECT.
+/// A block buffer of [`BLOCK`] bytes, aligned for O_DIRECT.
 struct Block {
-    backing: Vec<u8>,
-    align: usize,
+    bytes: AVec<u8, ConstAlign<DIRECT_ALIGN>>,
 }
 
 impl Block {
     fn new() -> Self {
-        let backing = vec![0u8; BLOCK + DIRECT_ALIGN];
-        let align = backing.as_ptr().align_offset(DIRECT_ALIGN);
-        Self { backing, align }
+        let mut bytes = AVec::with_capacity(DIRECT_ALIGN, BLOCK);
+        bytes.resize(BLOCK, 0);
+        Self { bytes }
     }
 
     fn bytes(&self, len: usize) -> &[u8] {
-        &self.backing[self.align..self.align + len]
+        &self.bytes[..len]
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.backing[self.align..self.align + BLOCK]
+        &mut self.bytes[..]
     }
 }
 

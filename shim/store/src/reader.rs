@@ -29,9 +29,7 @@ impl SnapshotReader {
         Ok(Self {
             manifest,
             packs,
-            threads: std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .clamp(1, 8),
+            threads: crate::worker_threads(),
         })
     }
 
@@ -215,11 +213,9 @@ impl SnapshotReader {
     }
 
     fn damaged(&self, why: String) -> Error {
-        Error::Corrupt {
-            path: PathBuf::from(format!(
-                "snapshot {} of job {}",
-                self.manifest.seq, self.manifest.job
-            )),
+        Error::SnapshotDamaged {
+            job: self.manifest.job.clone(),
+            seq: self.manifest.seq,
             why,
         }
     }

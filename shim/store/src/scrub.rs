@@ -242,7 +242,7 @@ impl Scrubber {
 
 fn reason(e: Error) -> String {
     match e {
-        Error::Corrupt { why, .. } => why,
+        Error::Corrupt { why, .. } | Error::SnapshotDamaged { why, .. } => why,
         other => other.to_string(),
     }
 }

@@ -17,9 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result, io_err};
-use crate::failpoint;
 use crate::format::{self, MAX_MANIFEST_LEN, Manifest, RecordHeader};
-use crate::fsops::{self, Access, Dir, TMP_PREFIX};
+use crate::fsops::{Access, Dir, Staged, TMP_PREFIX};
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
 pub use crate::retention::Retention;
@@ -165,7 +164,8 @@ impl JobStore {
         format!("{seq:020}{SNAP_SUFFIX}")
     }
 
-    fn damaged_name(seq: u64) -> String {
+    /// The file name of snapshot `seq`'s manifest once set aside as damaged.
+    pub fn damaged_name(seq: u64) -> String {
         format!("{seq:020}{DAMAGED_SUFFIX}")
     }
 
@@ -176,6 +176,11 @@ impl JobStore {
     /// The path of snapshot `seq`'s manifest.
     pub fn manifest_path(&self, seq: u64) -> PathBuf {
         self.snapshots.join(&Self::manifest_name(seq))
+    }
+
+    /// The path of snapshot `seq`'s manifest once set aside as damaged.
+    pub fn damaged_path(&self, seq: u64) -> PathBuf {
+        self.snapshots.join(&Self::damaged_name(seq))
     }
 
     /// The path of a pack file.
@@ -279,9 +284,7 @@ impl JobStore {
     pub(crate) fn publish_manifest(&self, manifest: &Manifest) -> Result<u64> {
         let bytes = manifest.encode();
         self.snapshots
-            .write_atomic(&Self::manifest_name(manifest.seq), &bytes, |stage| {
-                failpoint::hit(&format!("manifest-{stage}"))
-            })?;
+            .publish_manifest(&Self::manifest_name(manifest.seq), &bytes)?;
         Ok(bytes.len() as u64)
     }
 
@@ -346,9 +349,8 @@ impl JobStore {
     /// (mended or verified) `manifest`. Only the job's owner may call it.
     pub fn put_back(&self, manifest: &Manifest) -> Result<()> {
         self.publish_manifest(manifest)?;
-        if self.snapshots.remove(&Self::damaged_name(manifest.seq))? {
-            self.snapshots.fsync()?;
-        }
+        self.snapshots
+            .remove_durably([Self::damaged_name(manifest.seq).as_str()])?;
         Ok(())
     }
 
@@ -356,8 +358,7 @@ impl JobStore {
     /// to retention.
     pub fn quarantine(&self, seq: u64) -> Result<()> {
         self.snapshots
-            .rename(&Self::manifest_name(seq), &Self::damaged_name(seq))?;
-        self.snapshots.fsync()
+            .set_aside(&Self::manifest_name(seq), &Self::damaged_name(seq))
     }
 
     fn size_of(dir: &Dir, name: &str) -> u64 {
@@ -374,9 +375,7 @@ impl JobStore {
     pub fn apply_retention(&self, policy: impl Into<Retention>) -> Result<RetentionReport> {
         let policy = policy.into();
         let seqs = self.snapshot_seqs()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = format::unix_ms_now();
         let horizon = policy
             .within
             .map_or(0, |w| now.saturating_sub(w.as_millis() as u64));
@@ -396,14 +395,16 @@ impl JobStore {
             .map(|s| (Self::manifest_name(*s), Some(*s)))
             .collect();
         to_remove.extend(damaged_old.map(|s| (Self::damaged_name(s), None)));
-        for (name, seq) in &to_remove {
+        for (name, _) in &to_remove {
             report.freed_bytes += Self::size_of(&self.snapshots, name);
-            if self.snapshots.remove(name)? {
+        }
+        let removed = self
+            .snapshots
+            .remove_durably(to_remove.iter().map(|(name, _)| name.as_str()))?;
+        for ((_, seq), removed) in to_remove.iter().zip(removed) {
+            if removed {
                 report.removed_snapshots.extend(seq);
             }
-        }
-        if !to_remove.is_empty() {
-            self.snapshots.fsync()?;
         }
         let mut manifests = Vec::with_capacity(kept.len());
         for seq in &kept {
@@ -416,18 +417,13 @@ impl JobStore {
             .iter()
             .flat_map(|m| m.packs.iter().map(String::as_str))
             .collect();
-        for pack in self.pack_names()? {
-            if live.contains(pack.as_str()) {
-                continue;
-            }
-            let file = Self::pack_file(&pack);
-            report.freed_bytes += Self::size_of(&self.packs, &file);
-            self.packs.remove(&file)?;
-            report.removed_packs.push(pack);
-        }
-        if !report.removed_packs.is_empty() {
-            self.packs.fsync()?;
-        }
+        let dead: Vec<String> = self
+            .pack_names()?
+            .into_iter()
+            .filter(|pack| !live.contains(pack.as_str()))
+            .collect();
+        report.freed_bytes += self.remove_packs(&dead)?;
+        report.removed_packs = dead;
         report.sparse_packs = self.sparse_packs(&manifests)?;
         Ok(report)
     }
@@ -447,17 +443,22 @@ impl JobStore {
                 Err(_) => return Ok(Vec::new()),
             }
         }
-        let mut removed = Vec::new();
-        for pack in self.pack_names()? {
-            if !live.contains(&pack) {
-                self.packs.remove(&Self::pack_file(&pack))?;
-                removed.push(pack);
-            }
-        }
-        if !removed.is_empty() {
-            self.packs.fsync()?;
-        }
-        Ok(removed)
+        let dead: Vec<String> = self
+            .pack_names()?
+            .into_iter()
+            .filter(|pack| !live.contains(pack))
+            .collect();
+        self.remove_packs(&dead)?;
+        Ok(dead)
+    }
+
+    /// Removes the visible packs `packs` durably; returns the bytes they took.
+    fn remove_packs(&self, packs: &[String]) -> Result<u64> {
+        let files: Vec<String> = packs.iter().map(|p| Self::pack_file(p)).collect();
+        let bytes = files.iter().map(|f| Self::size_of(&self.packs, f)).sum();
+        self.packs
+            .remove_durably(files.iter().map(String::as_str))?;
+        Ok(bytes)
     }
 
     /// Packs of which the given snapshots use less than half: each record is counted once, and
@@ -466,15 +467,9 @@ impl JobStore {
     /// the store stays within about twice the live data.
     pub fn sparse_packs(&self, manifests: &[Manifest]) -> Result<Vec<String>> {
         let mut live: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
-        let mut seen: HashSet<(&str, u64)> = HashSet::new();
-        for m in manifests {
-            for chunk in m.entries.iter().flat_map(|e| &e.chunks) {
-                let pack = m.packs[chunk.pack as usize].as_str();
-                if seen.insert((pack, chunk.offset)) {
-                    *live.entry(pack).or_default() +=
-                        (RecordHeader::LEN as u64) + u64::from(chunk.stored_len);
-                }
-            }
+        for (pack, chunk) in format::distinct_records(manifests) {
+            *live.entry(pack).or_default() +=
+                (RecordHeader::LEN as u64) + u64::from(chunk.stored_len);
         }
         let mut sparse = Vec::new();
         for (pack, live) in live {
@@ -495,23 +490,19 @@ impl JobStore {
     /// and its event log stay). Only the job's owner may call it.
     pub fn remove_all_snapshots(&self) -> Result<RetentionReport> {
         let mut report = RetentionReport::default();
-        for seq in self.snapshot_seqs()? {
-            let name = Self::manifest_name(seq);
-            report.freed_bytes += Self::size_of(&self.snapshots, &name);
-            self.snapshots.remove(&name)?;
-            report.removed_snapshots.push(seq);
-        }
-        for seq in self.damaged_seqs()? {
-            self.snapshots.remove(&Self::damaged_name(seq))?;
-        }
-        self.snapshots.fsync()?;
-        for pack in self.pack_names()? {
-            let file = Self::pack_file(&pack);
-            report.freed_bytes += Self::size_of(&self.packs, &file);
-            self.packs.remove(&file)?;
-            report.removed_packs.push(pack);
-        }
-        self.packs.fsync()?;
+        let seqs = self.snapshot_seqs()?;
+        let mut names: Vec<String> = seqs.iter().map(|s| Self::manifest_name(*s)).collect();
+        report.freed_bytes += names
+            .iter()
+            .map(|n| Self::size_of(&self.snapshots, n))
+            .sum::<u64>();
+        names.extend(self.damaged_seqs()?.into_iter().map(Self::damaged_name));
+        self.snapshots
+            .remove_durably(names.iter().map(String::as_str))?;
+        report.removed_snapshots = seqs;
+        let packs = self.pack_names()?;
+        report.freed_bytes += self.remove_packs(&packs)?;
+        report.removed_packs = packs;
         Ok(report)
     }
 
@@ -549,11 +540,7 @@ impl JobStore {
     pub(crate) fn remove_leftovers(&self) -> Result<usize> {
         let mut removed = 0;
         for dir in [&self.snapshots, &self.packs] {
-            let n = dir.remove_leftover_tmp()?;
-            if n > 0 {
-                dir.fsync()?;
-            }
-            removed += n;
+            removed += dir.remove_leftover_tmp()?;
         }
         Ok(removed)
     }
@@ -571,16 +558,14 @@ impl JobStore {
 
     /// Fsyncs finished packs, renames them into place and fsyncs the pack directory once.
     pub(crate) fn publish_packs(&self, packs: &[FinishedPack]) -> Result<()> {
-        for pack in packs {
-            fsops::fsync_file(&pack.file).map_err(io_err("fsync", self.packs.join(&pack.tmp)))?;
-        }
-        crate::failpoint::hit("packs-synced");
-        for pack in packs {
-            self.packs.rename(&pack.tmp, &Self::pack_file(&pack.name))?;
-        }
-        if !packs.is_empty() {
-            self.packs.fsync()?;
-        }
-        Ok(())
+        let staged: Vec<Staged<'_>> = packs
+            .iter()
+            .map(|pack| Staged {
+                file: &pack.file,
+                tmp: &pack.tmp,
+                name: Self::pack_file(&pack.name),
+            })
+            .collect();
+        self.packs.publish_packs(&staged)
     }
 }

@@ -15,10 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{Encoded, Encoder};
 use crate::control::DamagedSnapshot;
 use crate::error::{Error, Result};
-use crate::failpoint;
 use crate::format::{
     CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Hash, Manifest, Origin, OutputMark, RecordHeader,
-    SnapshotStats, entry_root,
+    SnapshotStats, entry_root, unix_ms_now,
 };
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
@@ -88,9 +87,7 @@ impl SnapshotWriter {
             job,
             index: HashMap::new(),
             attempt,
-            threads: std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .clamp(1, 8),
+            threads: crate::worker_threads(),
             chunk_size: CHUNK_SIZE,
             sparse: HashSet::new(),
             last: None,
@@ -405,10 +402,11 @@ impl SnapshotBuilder<'_> {
         shuffle: u8,
     ) -> Result<()> {
         self.check_new_name(name)?;
-        let dir = self.writer.job.dir().to_owned();
-        let mismatch = |why: String| Error::Corrupt {
-            path: dir.clone(),
-            why: format!("entry {name:?}: cannot build on snapshot data: {why}"),
+        let job = self.writer.job.name().to_owned();
+        let mismatch = |why: String| Error::DeltaBase {
+            job: job.clone(),
+            entry: name.to_owned(),
+            why,
         };
         let uniform = base.chunks.split_last().is_none_or(|(last, rest)| {
             rest.iter().all(|c| c.raw_len as usize == CHUNK_SIZE)
@@ -426,7 +424,14 @@ impl SnapshotBuilder<'_> {
                 .chunks
                 .get(i)
                 .ok_or_else(|| mismatch(format!("no chunk {i}")))?;
-            let end = offset + chunk.raw_len as usize;
+            let end =
+                offset
+                    .checked_add(chunk.raw_len as usize)
+                    .ok_or_else(|| Error::Overflow {
+                        job: job.clone(),
+                        entry: name.to_owned(),
+                        what: "the end of a dirty chunk's bytes",
+                    })?;
             let bytes = data
                 .get(offset..end)
                 .ok_or_else(|| mismatch("dirty data too short".into()))?;
@@ -620,8 +625,9 @@ impl SnapshotBuilder<'_> {
                 Found::Known(hash) => self.writer.index.get(&hash).cloned().map(|l| (hash, l)),
                 Found::Twin(hash) => self.new_locs.get(&hash).cloned().map(|l| (hash, l)),
             };
-            let (hash, loc) = loc.ok_or_else(|| Error::Corrupt {
-                path: self.writer.job.dir().to_owned(),
+            let (hash, loc) = loc.ok_or_else(|| Error::Internal {
+                job: self.writer.job.name().to_owned(),
+                seq: Some(self.seq),
                 why: "a repeated chunk was never written".into(),
             })?;
             refs[i] = Some(self.chunk_ref(hash, &loc));
@@ -686,15 +692,12 @@ impl SnapshotBuilder<'_> {
         }
         let finished = std::mem::take(&mut self.finished);
         self.writer.job.publish_packs(&finished)?;
-        failpoint::hit("packs-renamed");
         self.stats.duration_ms = self.started.elapsed().as_millis() as u64;
         let manifest = Manifest {
             job: self.writer.job.name().to_owned(),
             seq: self.seq,
             parent: self.writer.newest,
-            created_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            created_unix_ms: unix_ms_now(),
             attempt: self.writer.attempt,
             tag: self.tag.take(),
             stats: self.stats.clone(),
