@@ -1287,6 +1287,16 @@ impl<'a> Watch<'a> {
                 self.answer_waiting(&operator::Reply::error(format!("snapshot failed: {error}")));
                 self.log.emit(&JobEvent::SnapshotFailed { error });
             }
+            // Shown as detail lines until the supervisor gives them events of their own.
+            Event::Warning { kind, message } => {
+                self.log
+                    .detail(&format!("shim warning ({kind:?}): {message}"));
+            }
+            Event::RestoreDamaged { seq, why } => {
+                self.log.detail(&format!(
+                    "snapshot {seq} turned out damaged during the restore ({why}); set aside"
+                ));
+            }
         }
     }
 }

@@ -38,17 +38,6 @@
 
 #![deny(missing_docs)]
 
-/// Writes one message line to stderr with a single write, so that it is not interleaved with
-/// the supervisor's lines on a shared stderr.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let line = format!("supervise-shim: {}\n", format_args!($($arg)*));
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
-    }};
-}
-pub(crate) use say;
-
 mod capture;
 mod channel;
 mod dirty;
@@ -60,7 +49,7 @@ mod runtime;
 pub use capture::Capture;
 pub use output::Output;
 pub use region::Region;
-pub use runtime::{DuePoll, EXIT_STOPPED, Shim, Start};
+pub use runtime::{Captured, DuePoll, EXIT_STOPPED, Next, Shim, Start};
 pub use supervise_store::config::{CaptureMode, Config};
 pub use supervise_store::{Error, Result, UnsafeKind};
 pub use supervise_store::{SnapshotBuilder, SnapshotReport};

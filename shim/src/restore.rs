@@ -1,4 +1,4 @@
-//! Choosing the snapshot to restore at start: the newest that opens and whose value entries
+//! Choosing the snapshot to restore at start: the newest that opens and whose entries all
 //! verify; damaged ones are set aside and reported.
 
 use std::collections::HashMap;
@@ -50,8 +50,12 @@ pub(crate) fn choose_restore(
     Ok((None, damaged))
 }
 
+/// Opens snapshot `seq` and verifies every chunk of it before the program is given any of its
+/// data: damage is found here, where an older snapshot can still take its place, not while the
+/// program fills its memory (when it has already seen values of this one).
 fn open_restored(job: &JobStore, seq: u64) -> Result<Restored> {
     let reader = SnapshotReader::open(job, seq)?;
+    reader.verify()?;
     let mut values = HashMap::new();
     let value_names = reader
         .manifest()
