@@ -1115,6 +1115,31 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_request_returns_stop_after_the_final_snapshot_and_never_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shim = Shim::open(Config::local(dir.path().join("store"), "t")).unwrap();
+        assert!(!shim.should_stop());
+        assert!(matches!(
+            shim.snapshot(None, |s| s.value("v", &1)).unwrap(),
+            Next::Continue(Some(_))
+        ));
+        // What SIGTERM, a supervisor's stop request or its loss does.
+        shim.shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
+        assert!(shim.due() && shim.should_stop());
+        assert_eq!(
+            shim.snapshot(None, |s| s.value("v", &2)).unwrap(),
+            Next::Stop
+        );
+        // Still here: the final snapshot is durable and the program decides when to end.
+        assert_eq!(shim.wait_durable().unwrap().unwrap().seq, 2);
+        assert!(shim.should_stop());
+        assert_eq!(
+            format!("{:?}", shim.stopped()),
+            format!("{:?}", std::process::ExitCode::from(EXIT_STOPPED as u8))
+        );
+    }
+
+    #[test]
     fn writes_collected_by_a_failed_capture_are_in_the_next_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let mut shim = fork_shim(dir.path());
