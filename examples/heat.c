@@ -72,7 +72,14 @@ int main(int argc, char **argv) {
         if (sv_checkpoint_requested() == 1) {
             char tag[32];
             snprintf(tag, sizeof tag, "step %llu", (unsigned long long)step);
-            if (sv_protect("grid", grid, bytes) != 0 || sv_checkpoint(tag) != 0)
+            int rc = sv_protect("grid", grid, bytes);
+            if (rc == 0) rc = sv_checkpoint(tag);
+            if (rc == SV_STOP) { /* asked to stop: the final snapshot is taken */
+                free(grid);
+                free(next);
+                return sv_finalize_stopped();
+            }
+            if (rc != 0)
                 fprintf(stderr, "heat.c: snapshot failed, continuing: %s\n", sv_last_error());
         }
     }

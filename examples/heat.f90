@@ -67,7 +67,12 @@ program heat
             else
                 k = sv_protect('grid', c_loc(b), bytes)
             end if
-            if (sv_checkpoint(tag) /= 0) then
+            k = sv_checkpoint(tag)
+            if (k == SV_STOP) then
+                ! Asked to stop: the final snapshot is taken.
+                k = sv_finalize_stopped()
+                stop SV_EXIT_STOPPED, quiet=.true.
+            else if (k /= 0) then
                 write (0, '(2a)') 'heat.f90: snapshot failed, continuing: ', sv_error_message()
             end if
         end if

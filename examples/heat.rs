@@ -10,7 +10,9 @@
 //! same last line, `checksum <hex>` (blake3 of the final grid's bytes), as an uninterrupted run.
 
 use serde::{Deserialize, Serialize};
-use supervise_shim::{Shim, Start};
+use std::process::ExitCode;
+
+use supervise_shim::{Next, Shim, Start};
 
 /// The program's small state, saved as a typed entry.
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -26,6 +28,26 @@ struct Params {
 fn say(msg: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("heat: {msg}\n").as_bytes());
+}
+
+/// Shows the shim's warnings (it prints nothing itself; it reports through the `log` facade
+/// and to the supervisor) as `supervise-shim: ...` lines on stderr.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) && record.target().starts_with("supervise_shim") {
+            use std::io::Write;
+            let line = format!("supervise-shim: {}\n", record.args());
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 fn parse_args() -> Result<(usize, u64, bool), String> {
@@ -96,24 +118,31 @@ fn step(cur: &[f64], next: &mut [f64], n: usize, alpha: f64, threads: usize) {
     });
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
+    if log::set_logger(&StderrLog).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     let (n, steps, crash_on_resume) = match parse_args() {
         Ok(v) => v,
         Err(e) => {
             say(&e);
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(2);
         }
     };
     match run(n, steps, crash_on_resume) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             say(&format!("error: {e}"));
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
 
-fn run(n: usize, steps: u64, crash_on_resume: bool) -> Result<(), Box<dyn std::error::Error>> {
+fn run(
+    n: usize,
+    steps: u64,
+    crash_on_resume: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // Threads pay off only when a step is long compared to spawning them.
     let threads = if n < 512 {
         1
@@ -160,8 +189,11 @@ fn run(n: usize, steps: u64, crash_on_resume: bool) -> Result<(), Box<dyn std::e
                 s.value("params", &params)?;
                 s.slice("grid", &grid)
             });
-            if let Err(e) = taken {
-                say(&format!("snapshot failed, continuing: {e}"));
+            match taken {
+                Ok(Next::Continue(_)) => {}
+                // The supervisor asked the program to stop: its final snapshot is taken.
+                Ok(Next::Stop) => return Ok(shim.stopped()),
+                Err(e) => say(&format!("snapshot failed, continuing: {e}")),
             }
         }
     }
@@ -170,5 +202,5 @@ fn run(n: usize, steps: u64, crash_on_resume: bool) -> Result<(), Box<dyn std::e
         "checksum {}",
         blake3::hash(bytemuck::cast_slice(&grid)).to_hex()
     );
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -81,7 +81,10 @@ int main(int argc, char **argv) {
         if (sv_checkpoint_requested() == 1) {
             char tag[32];
             snprintf(tag, sizeof tag, "step %" PRIu64, step);
-            if (sv_checkpoint(tag) != 0)
+            int rc = sv_checkpoint(tag);
+            if (rc == SV_STOP) /* asked to stop: the final snapshot is taken */
+                return sv_finalize_stopped();
+            if (rc != 0)
                 fprintf(stderr, "lines.c: snapshot failed, continuing: %s\n", sv_last_error());
         }
     }

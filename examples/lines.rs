@@ -13,7 +13,7 @@
 
 use std::io::Write;
 
-use supervise_shim::{Shim, Start};
+use supervise_shim::{Next, Shim, Start};
 
 /// Prints one line to stderr with a single write.
 fn say(msg: &str) {
@@ -92,7 +92,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match run(&args) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             say(&format!("error: {e}"));
             std::process::ExitCode::FAILURE
@@ -100,7 +100,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+fn run(args: &Args) -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     let (n, steps) = (args.n, args.steps);
     let mut shim = Shim::init("lines")?;
     let mut step: u64 = shim.load("step")?.unwrap_or(0);
@@ -124,8 +124,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 s.value("step", &step)?;
                 s.slice("state", &state)
             });
-            if let Err(e) = taken {
-                say(&format!("snapshot failed, continuing: {e}"));
+            match taken {
+                Ok(Next::Continue(_)) => {}
+                // The supervisor asked the program to stop: its final snapshot is taken.
+                Ok(Next::Stop) => return Ok(shim.stopped()),
+                Err(e) => say(&format!("snapshot failed, continuing: {e}")),
             }
         }
     }
@@ -135,5 +138,5 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "checksum {}",
         blake3::hash(bytemuck::cast_slice(&state)).to_hex()
     );
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -14,11 +14,11 @@
 //! ```text
 //! ```
 
-use supervise_shim::Shim;
+use supervise_shim::{Next, Shim};
 
 fn main() -> std::process::ExitCode {
     match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             let line = format!("sparse: error: {e}\n");
             eprint!("{line}");
@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     let (mut mib, mut percent, mut rounds, mut sleep_ms) = (64usize, 1.0f64, 3u64, 0u64);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -80,7 +80,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::sleep(std::time::Duration::from_millis(sleep_ms));
         round += 1;
         let tag = format!("round {round}");
-        if let Some(captured) = shim.snapshot(Some(&tag), |s| s.value("round", &round))? {
+        let captured = match shim.snapshot(Some(&tag), |s| s.value("round", &round))? {
+            Next::Continue(captured) => captured,
+            // The supervisor asked the program to stop: its final snapshot is taken.
+            Next::Stop => return Ok(shim.stopped()),
+        };
+        if let Some(captured) = captured {
             // Only for this example's report: a program would just go on computing. A failed
             // snapshot (a full disk, say) is no reason to stop: the earlier ones are intact,
             // and the next one is tried at the next safe point.
@@ -102,5 +107,5 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "checksum {}",
         blake3::hash(bytemuck::cast_slice(&state)).to_hex()
     );
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

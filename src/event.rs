@@ -180,6 +180,14 @@ pub enum JobEvent {
         /// --hang-timeout was given (and cannot work without the shim).
         hang_timeout: bool,
     },
+    /// Something the shim could not do as asked, which does not stop the program (e.g. no
+    /// dirty-page tracking here, retention failed after a durable snapshot).
+    ShimWarning {
+        /// What it is about.
+        warning: supervise_store::control::WarningKind,
+        /// The shim's words for it.
+        message: String,
+    },
     /// The shim found a damaged snapshot at start and set it aside.
     SnapshotSetAside {
         /// The snapshot.
@@ -375,6 +383,7 @@ impl fmt::Display for JobEvent {
                 }
                 Ok(())
             }
+            JobEvent::ShimWarning { message, .. } => write!(f, "shim: {message}"),
             JobEvent::SnapshotSetAside { seq, why } => {
                 write!(f, "snapshot {seq} is damaged and was set aside: {why}")
             }

@@ -98,7 +98,7 @@ impl Item {
 }
 
 /// A captured snapshot on its way to the writer thread.
-pub(crate) struct Job {
+pub(crate) struct CaptureTask {
     pub(crate) tag: Option<String>,
     pub(crate) items: Vec<Item>,
     pub(crate) started: Instant,
@@ -116,24 +116,35 @@ pub(crate) struct OutputsAt {
     pub(crate) files: Vec<(PathBuf, Arc<File>)>,
 }
 
-/// What the writer thread says about a job.
+/// What the writer thread says about a capture task.
 pub(crate) struct Outcome {
-    pub(crate) result: Result<SnapshotReport, String>,
-    /// The job's buffers, back for reuse.
+    /// The writer's own error on failure (shared: the program and the supervisor both see it).
+    pub(crate) result: Result<SnapshotReport, Arc<Error>>,
+    /// The task's buffers, back for reuse.
     pub(crate) buffers: Vec<Buffer>,
 }
 
-/// Called on the writer thread with each snapshot's outcome.
-pub(crate) type OnDone = Arc<dyn Fn(&Result<SnapshotReport, String>) + Send + Sync>;
+/// Called on the writer thread with each snapshot's outcome, and why retention failed after a
+/// durable snapshot (if it did).
+pub(crate) type OnDone =
+    Arc<dyn Fn(&Result<SnapshotReport, Arc<Error>>, Option<&str>) + Send + Sync>;
 
 /// Called on the writer thread with the damaged records a scrub slice found, and the snapshots
 /// set aside because they use them (or why setting them aside failed).
-pub(crate) type OnDamage = Arc<dyn Fn(&[Finding], &Result<Vec<u64>, String>) + Send + Sync>;
+pub(crate) type OnDamage = Arc<dyn Fn(&[Finding], &Result<Vec<u64>>) + Send + Sync>;
+
+/// What a forked snapshot process reports through its pipe (as JSON): the snapshot's figures
+/// or why it failed, and why retention failed after it (it prints nothing itself).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ForkedReport {
+    result: Result<SnapshotReport, String>,
+    retention_failed: Option<String>,
+}
 
 /// What the writer thread is given.
 pub(crate) enum Work {
     /// A captured snapshot to write.
-    Job(Job),
+    Capture(CaptureTask),
     /// A forked process writes the snapshot; its report comes through the pipe. `warm`: bytes
     /// of buffer to fault in meanwhile for the next captures (a fork returns no buffers, and
     /// fresh memory is slow to fault in; better here than in the program's pause).
@@ -146,7 +157,7 @@ pub(crate) enum Work {
 
 /// The writer thread and the channels to it.
 pub(crate) struct Background {
-    jobs: Option<Sender<Work>>,
+    tasks: Option<Sender<Work>>,
     outcomes: Receiver<Outcome>,
     in_flight: bool,
     thread: Option<JoinHandle<()>>,
@@ -166,7 +177,7 @@ impl Background {
         on_done: OnDone,
         on_damage: OnDamage,
     ) -> Result<Self> {
-        let (jobs, job_rx) = channel::<Work>();
+        let (tasks, task_rx) = channel::<Work>();
         let (out_tx, outcomes) = channel::<Outcome>();
         let rebase = Arc::new(AtomicBool::new(false));
         let doubt = Arc::clone(&rebase);
@@ -176,12 +187,12 @@ impl Background {
                 let mut scrubber = scrub.map(Scrubber::new);
                 loop {
                     let work = match &mut scrubber {
-                        None => match job_rx.recv() {
+                        None => match task_rx.recv() {
                             Ok(work) => work,
                             Err(_) => break,
                         },
                         Some(scrubber) => {
-                            match job_rx.recv_timeout(scrubber.due_in(Instant::now())) {
+                            match task_rx.recv_timeout(scrubber.due_in(Instant::now())) {
                                 Ok(work) => work,
                                 Err(RecvTimeoutError::Timeout) => {
                                     let found = scrubber.run_due(writer.job());
@@ -190,8 +201,7 @@ impl Background {
                                             .iter()
                                             .map(|f| (f.pack.clone(), f.offset, f.hash))
                                             .collect();
-                                        let set_aside =
-                                            writer.distrust(&records).map_err(|e| e.to_string());
+                                        let set_aside = writer.distrust(&records);
                                         // The regions' bases may use a damaged record: copy
                                         // them whole next time, so every chunk is hashed anew.
                                         doubt.store(true, Ordering::SeqCst);
@@ -203,8 +213,15 @@ impl Background {
                             }
                         }
                     };
-                    let (result, buffers) = match work {
-                        Work::Job(job) => write_job(&mut writer, &keep, job),
+                    let (result, retention_failed, buffers) = match work {
+                        Work::Capture(task) => {
+                            let written = write_task(&mut writer, &keep, task);
+                            (
+                                written.result.map_err(Arc::new),
+                                written.retention_failed,
+                                written.buffers,
+                            )
+                        }
                         Work::Forked { pid, report, warm } => {
                             let mut buffers = Vec::new();
                             if warm > 0 {
@@ -214,22 +231,22 @@ impl Background {
                                 buffer.clear();
                                 buffers.push(buffer);
                             }
-                            (await_forked(&mut writer, pid, report), buffers)
+                            let (result, retention_failed) = await_forked(&mut writer, pid, report);
+                            (result, retention_failed, buffers)
                         }
                     };
-                    on_done(&result);
+                    on_done(&result, retention_failed.as_deref());
                     if out_tx.send(Outcome { result, buffers }).is_err() {
                         break;
                     }
                 }
             })
-            .map_err(|e| Error::Io {
-                op: "spawn writer thread",
-                path: "<thread>".into(),
-                source: e,
+            .map_err(|source| Error::Thread {
+                name: "supervise-writer",
+                source,
             })?;
         Ok(Self {
-            jobs: Some(jobs),
+            tasks: Some(tasks),
             outcomes,
             in_flight: false,
             thread: Some(thread),
@@ -243,17 +260,17 @@ impl Background {
         self.rebase.swap(false, Ordering::SeqCst)
     }
 
-    /// Hands a job to the writer. Call [`wait`](Self::wait) first if one is in flight.
+    /// Hands work to the writer. Call [`wait`](Self::wait) first if some is in flight.
     pub(crate) fn submit(&mut self, work: Work) {
         debug_assert!(!self.in_flight);
-        if let Some(jobs) = &self.jobs
-            && jobs.send(work).is_ok()
+        if let Some(tasks) = &self.tasks
+            && tasks.send(work).is_ok()
         {
             self.in_flight = true;
         }
     }
 
-    /// Waits for the job in flight, if any.
+    /// Waits for the work in flight, if any.
     pub(crate) fn wait(&mut self) -> Option<Outcome> {
         if !self.in_flight {
             return None;
@@ -266,7 +283,7 @@ impl Background {
 impl Drop for Background {
     fn drop(&mut self) {
         let _ = self.wait();
-        drop(self.jobs.take());
+        drop(self.tasks.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -274,76 +291,95 @@ impl Drop for Background {
 }
 
 /// Waits for a forked snapshot process: reads its report, reaps exactly that process (never
-/// another child of the program), and reopens the writer on the store it changed.
+/// another child of the program), and reopens the writer on the store it changed. Returns the
+/// outcome and why retention failed after it. The process's own error comes as text through
+/// the pipe: [`Error::SnapshotFailed`].
 fn await_forked(
     writer: &mut SnapshotWriter,
     pid: libc::pid_t,
     mut report: File,
-) -> Result<SnapshotReport, String> {
+) -> (Result<SnapshotReport, Arc<Error>>, Option<String>) {
     let mut text = String::new();
     let read = report.read_to_string(&mut text);
-    let mut status = 0;
-    // SAFETY: waitpid on the pid this process forked; `status` is a valid out-pointer.
-    let reaped = unsafe { libc::waitpid(pid, &mut status, 0) };
-    let result = match serde_json::from_str::<Result<SnapshotReport, String>>(&text) {
-        Ok(result) => result,
-        Err(_) => Err(match (read, reaped) {
-            (Err(e), _) => format!("cannot read the snapshot process's report: {e}"),
-            (_, r) if r == pid && libc::WIFSIGNALED(status) => {
-                format!(
-                    "the snapshot process was killed by signal {}",
-                    libc::WTERMSIG(status)
-                )
-            }
-            _ => "the snapshot process ended without a report".to_owned(),
-        }),
+    let reaped = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    let (result, retention_failed) = match serde_json::from_str::<ForkedReport>(&text) {
+        Ok(r) => (r.result.map_err(Error::SnapshotFailed), r.retention_failed),
+        Err(_) => {
+            let why = match (read, reaped) {
+                (Err(e), _) => format!("cannot read the snapshot process's report: {e}"),
+                (_, Ok(nix::sys::wait::WaitStatus::Signaled(_, signal, _))) => {
+                    format!(
+                        "the snapshot process was killed by signal {}",
+                        signal as i32
+                    )
+                }
+                _ => "the snapshot process ended without a report".to_owned(),
+            };
+            (Err(Error::SnapshotFailed(why)), None)
+        }
     };
     // It wrote (and applied retention to) the store behind this writer's back.
     match SnapshotWriter::open(writer.job().clone(), writer.attempt()) {
         Ok(fresh) => *writer = fresh,
-        Err(e) => {
-            return Err(format!(
-                "cannot reopen the store after a forked snapshot: {e}"
-            ));
-        }
+        Err(e) => return (Err(Arc::new(e)), retention_failed),
     }
-    result
+    (result.map_err(Arc::new), retention_failed)
 }
 
-/// The body of a forked snapshot process: write `job` with a writer of its own, send the
+/// The body of a forked snapshot process: write `task` with a writer of its own, send the
 /// outcome through `report`, and leave without running the program's exit handlers.
 pub(crate) fn forked_child(
     job_store: supervise_store::store::JobStore,
     attempt: u32,
     keep: Retention,
-    job: Result<Job>,
+    task: Result<CaptureTask>,
     mut report: File,
 ) -> ! {
-    let result = job.and_then(|job| {
+    let forked = match task.and_then(|task| {
         let mut writer = SnapshotWriter::open(job_store, attempt)?;
-        Ok(write_job(&mut writer, &keep, job).0)
-    });
-    let result: Result<SnapshotReport, String> = match result {
-        Ok(r) => r,
-        Err(e) => Err(e.to_string()),
+        Ok(write_task(&mut writer, &keep, task))
+    }) {
+        Ok(written) => ForkedReport {
+            result: written.result.map_err(|e| e.to_string()),
+            retention_failed: written.retention_failed,
+        },
+        Err(e) => ForkedReport {
+            result: Err(e.to_string()),
+            retention_failed: None,
+        },
     };
-    let text = serde_json::to_string(&result).unwrap_or_default();
+    let text = serde_json::to_string(&forked).unwrap_or_default();
     let _ = report.write_all(text.as_bytes());
     drop(report);
-    // SAFETY: ends the forked process at once; it must not run the program's atexit
-    // handlers or flush the program's buffers a second time.
-    unsafe { libc::_exit(0) }
+    leave_forked_child(0)
 }
 
-fn write_job(
-    writer: &mut SnapshotWriter,
-    keep: &Retention,
-    job: Job,
-) -> (Result<SnapshotReport, String>, Vec<Buffer>) {
+/// Ends a forked snapshot process: the one place the shim ends a process. The forked process
+/// is a copy of the program made only to write a snapshot, not the program itself: it must not
+/// run the program's exit handlers, flush its stdio buffers a second time, or take a lock
+/// another thread held at the fork. It prints nothing and takes no lock.
+pub(crate) fn leave_forked_child(code: i32) -> ! {
+    // SAFETY: `_exit` ends the calling process at once; it takes an integer and touches no
+    // memory of the program.
+    unsafe { libc::_exit(code) }
+}
+
+/// What writing one capture task gave.
+struct Written {
+    result: Result<SnapshotReport>,
+    /// Why retention failed after the snapshot was durable.
+    retention_failed: Option<String>,
+    /// The task's buffers, back for reuse.
+    buffers: Vec<Buffer>,
+}
+
+/// Writes a captured snapshot durably, then applies retention.
+fn write_task(writer: &mut SnapshotWriter, keep: &Retention, task: CaptureTask) -> Written {
+    let mut retention_failed = None;
     let mut base: Option<Manifest> = None;
     let result = (|| -> Result<SnapshotReport> {
-        let mut builder = writer.begin_at(job.tag.as_deref(), job.started);
-        for item in &job.items {
+        let mut builder = writer.begin_at(task.tag.as_deref(), task.started);
+        for item in &task.items {
             match item {
                 Item::Whole {
                     name,
@@ -385,24 +421,25 @@ fn write_job(
         }
         // The outputs' bytes up to their recorded lengths are durable before the manifest that
         // records them.
-        for (path, file) in &job.outputs.files {
+        for (path, file) in &task.outputs.files {
             file.sync_data()
                 .map_err(supervise_store::error::io_err("fsync output", path))?;
         }
-        builder.set_origin(job.origin.clone());
-        builder.set_outputs(job.outputs.marks.clone());
+        builder.set_origin(task.origin.clone());
+        builder.set_outputs(task.outputs.marks.clone());
         let mut report = builder.commit()?;
         match writer.apply_retention(keep.clone()) {
             Ok(r) => report.removed = r.removed_snapshots,
-            Err(e) => crate::say!(
-                "snapshot {} is durable, but retention failed: {e}",
-                report.seq
-            ),
+            Err(e) => retention_failed = Some(e.to_string()),
         }
         Ok(report)
     })();
-    let buffers = job.items.into_iter().map(Item::into_buffer).collect();
-    (result.map_err(|e| e.to_string()), buffers)
+    let buffers = task.items.into_iter().map(Item::into_buffer).collect();
+    Written {
+        result,
+        retention_failed,
+        buffers,
+    }
 }
 
 /// What the program's snapshot closure adds entries to: typed values and slices, copied at

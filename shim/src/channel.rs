@@ -6,15 +6,14 @@ use std::io::{BufRead, BufReader, ErrorKind};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{MsgFlags, send};
 
-use crate::runtime::EXIT_STOPPED;
 use supervise_store::config::OrphanMode;
-use supervise_store::control::{Event, Request};
+use supervise_store::control::{Event, Request, WarningKind};
 use supervise_store::error::{Error, Result};
 
 /// Pending-request bits: a snapshot is requested.
@@ -32,15 +31,10 @@ const BEAT_EVERY: Duration = Duration::from_secs(1);
 /// How often it asks before the first safe point was reached.
 const FIRST_BEAT_POLL: Duration = Duration::from_millis(50);
 
-/// How long an orphaned program (its supervisor gone) may go without reaching a safe point
-/// before the shim ends it, so that no orphan runs on unsupervised.
-const ORPHAN_GRACE: Duration = Duration::from_secs(60);
-
 /// State shared with signal handlers and the control thread.
 pub(crate) struct Shared {
     pub(crate) pending: AtomicU32,
     pub(crate) beats: AtomicU64,
-    pub(crate) snapshotting: AtomicBool,
     pub(crate) control: Option<Mutex<UnixStream>>,
 }
 
@@ -59,6 +53,13 @@ impl Shared {
             self.beats.fetch_add(1, Ordering::Relaxed);
         }
         pending & SNAP != 0
+    }
+
+    /// Reports something the supervisor should show (the shim prints nothing): as a
+    /// [`Event::Warning`] to the supervisor, and as a `log` record the program may route.
+    pub(crate) fn warn(&self, kind: WarningKind, message: String) {
+        log::warn!("{message}");
+        self.send(&Event::Warning { kind, message });
     }
 
     pub(crate) fn send(&self, event: &Event) {
@@ -159,8 +160,11 @@ pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
 }
 
 /// Reads requests from the supervisor, sends liveness beats once a second, and on the channel
-/// closing (supervisor gone) asks the program for a final snapshot and exit, or with
-/// [`OrphanMode::Continue`] lets it run on, snapshotting every `every`.
+/// closing (supervisor gone) asks the program for a final snapshot and a stop (the program's
+/// next safe point returns the stop; the shim never ends the process: a program that reaches
+/// no safe point is ended from outside, by the supervisor's lifeline process, which sends
+/// SIGTERM and then SIGKILL to the job's process group), or with [`OrphanMode::Continue`] lets
+/// it run on, snapshotting every `every`.
 pub(crate) fn control_loop(
     shared: &Shared,
     stream: UnixStream,
@@ -174,18 +178,7 @@ pub(crate) fn control_loop(
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     let mut last_beats = 0;
-    let mut orphaned_at: Option<Instant> = None;
     loop {
-        if let Some(since) = orphaned_at {
-            std::thread::sleep(Duration::from_millis(200));
-            if since.elapsed() > ORPHAN_GRACE && !shared.snapshotting.load(Ordering::SeqCst) {
-                say!("supervisor gone and no safe point reached in {ORPHAN_GRACE:?}; exiting");
-                // SAFETY: _exit ends the process at once without running atexit handlers,
-                // which is what we want while another thread may be mid-computation.
-                unsafe { libc::_exit(EXIT_STOPPED) };
-            }
-            continue;
-        }
         let gone = match reader.read_line(&mut line) {
             Ok(0) => true,
             Ok(_) if line.ends_with('\n') => {
@@ -193,7 +186,10 @@ pub(crate) fn control_loop(
                     Ok(Request::Snapshot) => shared.pending.fetch_or(SNAP, Ordering::SeqCst),
                     Ok(Request::Stop) => shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst),
                     Err(e) => {
-                        say!("ignoring bad control message {:?}: {e}", line.trim_end());
+                        shared.warn(
+                            WarningKind::BadControlMessage,
+                            format!("ignoring bad control message {:?}: {e}", line.trim_end()),
+                        );
                         0
                     }
                 };
@@ -225,7 +221,7 @@ pub(crate) fn control_loop(
         }
         if orphan == OrphanMode::Continue {
             let every = every.unwrap_or(Duration::from_secs(600));
-            say!(
+            log::warn!(
                 "supervisor gone; running on unsupervised, a snapshot every {}",
                 humantime::format_duration(every)
             );
@@ -234,8 +230,8 @@ pub(crate) fn control_loop(
                 shared.pending.fetch_or(SNAP, Ordering::SeqCst);
             }
         }
-        say!("supervisor gone; final snapshot at the next safe point, then exit");
+        log::warn!("supervisor gone; final snapshot and stop at the next safe point");
         shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
-        orphaned_at = Some(Instant::now());
+        return;
     }
 }

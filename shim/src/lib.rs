@@ -4,9 +4,9 @@
 //! it after a crash. It owns the on-disk format of the snapshot store.
 //!
 //! ```no_run
-//! use supervise_shim::{Shim, Start};
+//! use supervise_shim::{Next, Shim, Start};
 //!
-//! # fn main() -> supervise_shim::Result<()> {
+//! # fn main() -> supervise_shim::Result<std::process::ExitCode> {
 //! let mut shim = Shim::init("heat")?;                 // restores if there is a snapshot
 //! let mut step: u64 = shim.load("step")?.unwrap_or(0);
 //! let mut grid = vec![0.0f64; 1024 * 1024];
@@ -19,13 +19,19 @@
 //!     step += 1;
 //!     if shim.due() {                                 // one atomic load when nothing is due
 //!         let tag = format!("step {step}");
-//!         shim.snapshot(Some(&tag), |s| {
+//!         let next = shim.snapshot(Some(&tag), |s| {
 //!             s.value("step", &step)?;
 //!             s.slice("grid", &grid)
 //!         })?;
+//!         if next == Next::Stop {
+//!             // Asked to stop; the final snapshot is durable. Clean up, then end with the
+//!             // exit code that tells the supervisor the stop was clean (75).
+//!             return Ok(shim.stopped());
+//!         }
 //!     }
 //! }
-//! shim.finish()
+//! shim.finish()?;
+//! Ok(std::process::ExitCode::SUCCESS)
 //! # }
 //! ```
 //!
@@ -35,19 +41,12 @@
 //! A program that appends results to a file opens it with [`Shim::output`] (C: `sv_output`):
 //! each snapshot records the file's length, and a resumed run cuts the file back to it, so the
 //! file ends as an uninterrupted run's.
+//!
+//! The library never ends the process and prints nothing: a stop request surfaces as
+//! [`Next::Stop`] from [`Shim::snapshot`], and warnings go to the supervisor over the control
+//! channel and to the `log` facade (target `supervise_shim`), where a program may route them.
 
 #![deny(missing_docs)]
-
-/// Writes one message line to stderr with a single write, so that it is not interleaved with
-/// the supervisor's lines on a shared stderr.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let line = format!("supervise-shim: {}\n", format_args!($($arg)*));
-        let _ = std::io::stderr().lock().write_all(line.as_bytes());
-    }};
-}
-pub(crate) use say;
 
 mod capture;
 mod channel;
@@ -60,7 +59,9 @@ mod runtime;
 pub use capture::Capture;
 pub use output::Output;
 pub use region::Region;
-pub use runtime::{DuePoll, EXIT_STOPPED, Shim, Start};
+pub use runtime::{Captured, DuePoll, EXIT_STOPPED, Next, Shim, Start};
 pub use supervise_store::config::{CaptureMode, Config};
 pub use supervise_store::{Error, Result, UnsafeKind};
-pub use supervise_store::{SnapshotBuilder, SnapshotReport};
+// The runtime's one way to add entries is `Capture` (the store's `SnapshotBuilder` is not
+// re-exported).
+pub use supervise_store::SnapshotReport;

@@ -32,10 +32,15 @@ pub(crate) struct RegionMem {
     pub(crate) shuffle: u8,
 }
 
-// SAFETY: RegionMem owns a private anonymous mapping; the shim reads it only at the program's
-// safe points (inside `Shim::snapshot`), and the program's own writes go through `Region`.
+// SAFETY: RegionMem owns a private anonymous mapping that lives as long as it does, with no
+// thread affinity; the program's writes go through `Region` (one owner, `&mut`).
 unsafe impl Send for RegionMem {}
-// SAFETY: as above; shared references only ever read the mapping.
+// SAFETY: shared references only read the mapping, at the program's safe points (inside
+// `Shim::snapshot`). Rust code cannot write it meanwhile (`Region` needs `&mut`), but the C ABI
+// allows other threads to write `sv_alloc` memory during `sv_checkpoint` (see its header): such
+// a write races with the copy (a data race outside Rust's model, on plain bytes), and the
+// copy of that page may mix old and new bytes. The page is then taken again by the next
+// snapshot (dirty tracking marks it written; without tracking every capture copies it whole).
 unsafe impl Sync for RegionMem {}
 
 impl RegionMem {

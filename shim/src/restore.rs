@@ -1,4 +1,4 @@
-//! Choosing the snapshot to restore at start: the newest that opens and whose value entries
+//! Choosing the snapshot to restore at start: the newest that opens and whose entries all
 //! verify; damaged ones are set aside and reported.
 
 use std::collections::HashMap;
@@ -22,17 +22,7 @@ pub(crate) fn choose_restore(
     job: &JobStore,
     from: &RestoreFrom,
 ) -> Result<(Option<Restored>, Vec<DamagedSnapshot>)> {
-    let candidates: Vec<u64> = match from {
-        RestoreFrom::Nothing => return Ok((None, Vec::new())),
-        RestoreFrom::Exact(seq) => vec![*seq],
-        RestoreFrom::Latest { after, skip } => job
-            .snapshot_seqs()?
-            .into_iter()
-            .rev()
-            .filter(|s| after.is_none_or(|a| *s > a))
-            .filter(|s| !skip.iter().any(|(a, b)| (a..=b).contains(&s)))
-            .collect(),
-    };
+    let candidates = from.candidates_in(job)?;
     let mut damaged = Vec::new();
     for seq in candidates {
         match open_restored(job, seq) {
@@ -50,8 +40,12 @@ pub(crate) fn choose_restore(
     Ok((None, damaged))
 }
 
+/// Opens snapshot `seq` and verifies every chunk of it before the program is given any of its
+/// data: damage is found here, where an older snapshot can still take its place, not while the
+/// program fills its memory (when it has already seen values of this one).
 fn open_restored(job: &JobStore, seq: u64) -> Result<Restored> {
     let reader = SnapshotReader::open(job, seq)?;
+    reader.verify()?;
     let mut values = HashMap::new();
     let value_names = reader
         .manifest()

@@ -3,31 +3,31 @@
 
 use std::collections::HashSet;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::capture::{Background, Buffer, Capture, Item, Job, OutputsAt, Work, empty_buffer};
-use crate::channel::{SNAP, STOP, Shared, adopt_control_fd, control_loop, set_cloexec};
+use crate::capture::{
+    Background, Buffer, Capture, CaptureTask, Item, OutputsAt, Work, empty_buffer,
+};
+use crate::channel::{SNAP, STOP, Shared, adopt_control_fd, control_loop};
 use crate::dirty::DirtyTracker;
 use crate::output::{self, Output, OutputFile, Sink};
 use crate::region::{Region, RegionMem};
 use crate::restore::{Restored, choose_restore};
 use supervise_store::config::{CaptureMode, Config, Mode};
-use supervise_store::control::{DamagedPack, Event};
+use supervise_store::control::{DamagedPack, Event, WarningKind};
 use supervise_store::error::{Error, Result};
 use supervise_store::format::{CHUNK_SIZE, EntryKind};
 use supervise_store::scrub::Finding;
 use supervise_store::store::{JobStore, Store};
 use supervise_store::writer::{Element, SnapshotReport, SnapshotWriter};
 
-/// Exit code of a program that stopped on request (supervisor stop, SIGTERM, or supervisor
-/// lost) after its final snapshot: the job is not finished and can be resumed.
-pub const EXIT_STOPPED: i32 = 75;
+/// The exit status of a program that stopped cleanly after its final snapshot, on request
+/// (see [`supervise_store::exit::STOPPED`], where every exit code of the protocol lives).
+pub const EXIT_STOPPED: i32 = supervise_store::exit::STOPPED;
 
 /// How this run of the program started.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +41,20 @@ pub enum Start {
         /// The progress tag the program gave it.
         tag: Option<String>,
     },
+}
+
+/// What the program does after [`Shim::snapshot`].
+#[must_use = "on `Stop` the program must end: clean up, then exit with EXIT_STOPPED (`Shim::stopped`)"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Go on computing. Holds what the capture did, or `None` when the shim is inactive.
+    Continue(Option<Captured>),
+    /// A stop was requested (by the supervisor, by SIGTERM, or because the supervisor is
+    /// gone) and this was the final snapshot: it is durable, or it failed (then
+    /// [`Shim::wait_durable`] returns why; the supervisor was told). The program should clean
+    /// up and end with [`EXIT_STOPPED`], for example with `return shim.stopped()` from `main`.
+    /// The shim never ends the process itself.
+    Stop,
 }
 
 /// A registered region as the shim tracks it.
@@ -75,7 +89,7 @@ pub struct Shim {
     ranges: Vec<Range<usize>>,
     /// Slots (indices into `regions`) captured in the snapshot being written.
     in_flight_regions: Vec<usize>,
-    last: Option<std::result::Result<SnapshotReport, String>>,
+    last: Option<std::result::Result<SnapshotReport, Arc<Error>>>,
     /// The output files this run opened (closed ones too: their lengths stay recorded).
     outputs: Vec<output::Shared>,
     /// Tests: make the next fork fail (after the dirty pages were collected).
@@ -103,7 +117,6 @@ impl Shim {
         let shared = Arc::new(Shared {
             pending: AtomicU32::new(0),
             beats: AtomicU64::new(0),
-            snapshotting: AtomicBool::new(false),
             control,
         });
         let mut shim = Self {
@@ -139,7 +152,8 @@ impl Shim {
         let mut damaged = damaged;
         damaged.extend_from_slice(writer.set_aside());
         for d in &damaged {
-            say!(
+            // The supervisor hears of these in the hello event below.
+            log::warn!(
                 "snapshot {} of job {} is damaged ({}); set aside",
                 d.seq,
                 job.name(),
@@ -148,14 +162,25 @@ impl Shim {
         }
         let shared = Arc::clone(&shim.shared);
         let on_done = Arc::new(
-            move |result: &std::result::Result<SnapshotReport, String>| {
-                shared.snapshotting.store(false, Ordering::SeqCst);
+            move |result: &std::result::Result<SnapshotReport, Arc<Error>>,
+                  retention_failed: Option<&str>| {
                 match result {
-                    Ok(report) => shared.send(&Event::SnapshotDone(report.clone())),
+                    Ok(report) => {
+                        if let Some(why) = retention_failed {
+                            shared.warn(
+                                WarningKind::RetentionFailed,
+                                format!(
+                                    "snapshot {} is durable, but retention failed: {why}",
+                                    report.seq
+                                ),
+                            );
+                        }
+                        shared.send(&Event::SnapshotDone(report.clone()));
+                    }
                     Err(error) => {
-                        say!("snapshot failed: {error} (earlier snapshots are intact)");
+                        log::warn!("snapshot failed: {error} (earlier snapshots are intact)");
                         shared.send(&Event::SnapshotFailed {
-                            error: error.clone(),
+                            error: error.to_string(),
                         });
                     }
                 }
@@ -163,33 +188,34 @@ impl Shim {
         );
         let shared = Arc::clone(&shim.shared);
         let job_name = job.name().to_owned();
-        let on_damage = Arc::new(
-            move |found: &[Finding], set_aside: &std::result::Result<Vec<u64>, String>| {
-                let mut packs: Vec<DamagedPack> = Vec::new();
-                for f in found {
-                    match packs.iter_mut().find(|p| p.pack == f.pack) {
-                        Some(p) => p.records += 1,
-                        None => packs.push(DamagedPack {
-                            pack: f.pack.clone(),
-                            records: 1,
-                            first_offset: f.offset,
-                        }),
-                    }
+        let on_damage = Arc::new(move |found: &[Finding], set_aside: &Result<Vec<u64>>| {
+            let mut packs: Vec<DamagedPack> = Vec::new();
+            for f in found {
+                match packs.iter_mut().find(|p| p.pack == f.pack) {
+                    Some(p) => p.records += 1,
+                    None => packs.push(DamagedPack {
+                        pack: f.pack.clone(),
+                        records: 1,
+                        first_offset: f.offset,
+                    }),
                 }
-                let why = found.first().map(|f| f.why.clone()).unwrap_or_default();
-                if let Err(e) = set_aside {
-                    say!(
-                        "scrub: job {job_name}: {} damaged records ({why}); cannot set aside the snapshots that use them: {e}",
-                        found.len()
+            }
+            let why = found.first().map(|f| f.why.clone()).unwrap_or_default();
+            if let Err(e) = set_aside {
+                shared.warn(
+                        WarningKind::SetAsideFailed,
+                        format!(
+                            "scrub: job {job_name}: {} damaged records ({why}); cannot set aside the snapshots that use them: {e}",
+                            found.len()
+                        ),
                     );
-                }
-                shared.send(&Event::RecordsDamaged {
-                    packs,
-                    why,
-                    set_aside: set_aside.clone().unwrap_or_default(),
-                });
-            },
-        );
+            }
+            shared.send(&Event::RecordsDamaged {
+                packs,
+                why,
+                set_aside: set_aside.as_ref().cloned().unwrap_or_default(),
+            });
+        });
         shim.background = Some(Background::spawn(
             writer,
             shim.config.retention(),
@@ -204,7 +230,10 @@ impl Shim {
                 Ok(t) => Some(t),
                 Err(e) => {
                     if shim.config.capture == CaptureMode::Dirty {
-                        say!("no dirty-page tracking here ({e}); regions are copied whole");
+                        shim.shared.warn(
+                            WarningKind::NoDirtyTracking,
+                            format!("no dirty-page tracking here ({e}); regions are copied whole"),
+                        );
                     }
                     None
                 }
@@ -240,11 +269,7 @@ impl Shim {
                     shared.pending.fetch_or(bits, Ordering::SeqCst);
                 })
             }
-            .map_err(|e| Error::Io {
-                op: "install signal handler",
-                path: "<signal>".into(),
-                source: e,
-            })
+            .map_err(|source| Error::SignalHandler { signal, source })
         };
         register(signal_hook::consts::SIGUSR1, SNAP)?;
         if matches!(self.config.mode, Mode::Supervised(_)) {
@@ -255,26 +280,24 @@ impl Shim {
 
     fn spawn_control_thread(&self) -> Result<()> {
         let shared = Arc::clone(&self.shared);
-        let spawn_err = |e| Error::Io {
-            op: "spawn shim thread",
-            path: "<thread>".into(),
-            source: e,
-        };
+
         let (orphan, every) = (self.config.orphan, self.config.every);
         if let Some(stream) = &self.shared.control {
             let stream = stream
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .try_clone()
-                .map_err(|e| Error::Io {
-                    op: "clone control socket",
-                    path: "<control>".into(),
-                    source: e,
+                .map_err(|source| Error::Control {
+                    op: "clone it",
+                    source,
                 })?;
             std::thread::Builder::new()
                 .name("supervise-control".into())
                 .spawn(move || control_loop(&shared, stream, orphan, every))
-                .map_err(spawn_err)?;
+                .map_err(|source| Error::Thread {
+                    name: "supervise-control",
+                    source,
+                })?;
         } else if let Some(every) = self.config.every {
             std::thread::Builder::new()
                 .name("supervise-timer".into())
@@ -284,7 +307,10 @@ impl Shim {
                         shared.pending.fetch_or(SNAP, Ordering::SeqCst);
                     }
                 })
-                .map_err(spawn_err)?;
+                .map_err(|source| Error::Thread {
+                    name: "supervise-timer",
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -299,7 +325,7 @@ impl Shim {
         self.background.is_some()
     }
 
-    /// The capture strategy in effect: "dirty", "copy", "sync", or "off".
+    /// The capture strategy in effect: "dirty", "copy", "fork", "sync", or "off".
     pub fn capture_mode(&self) -> &'static str {
         match (&self.background, &self.tracker, self.config.capture) {
             (None, _, _) => "off",
@@ -345,7 +371,7 @@ impl Shim {
             {
                 Ok(true) => baseline = Some(seq),
                 Ok(false) => {}
-                Err(e) if e.is_corruption() => return Err(self.restart_after_damage(seq, e)),
+                Err(e) if e.is_corruption() => return Err(self.damaged_after_open(seq, e)),
                 Err(e) => {
                     self.report_mismatch(&e);
                     return Err(e);
@@ -359,7 +385,10 @@ impl Shim {
             Some(t) => match t.register(mem.addr(), mem.mapped, baseline.is_some()) {
                 Ok(()) => true,
                 Err(e) => {
-                    say!("cannot track writes to region {name:?} ({e}); it is copied whole");
+                    self.shared.warn(
+                        WarningKind::RegionUntracked,
+                        format!("cannot track writes to region {name:?} ({e}); it is copied whole"),
+                    );
                     false
                 }
             },
@@ -391,9 +420,10 @@ impl Shim {
 
     /// Fills `dest` with the raw slice `name` from the restored snapshot, verifying every chunk.
     /// Returns `false` (leaving `dest` alone) on a fresh start or if there is no such entry. A
-    /// size or type that differs from the snapshot's is an error naming both. If the data turn
-    /// out to be damaged, the snapshot is set aside and the program is started again in place
-    /// (same pid, same arguments) to resume from an older snapshot.
+    /// size or type that differs from the snapshot's is an error naming both. The whole
+    /// snapshot was verified when the shim opened it (a damaged one is set aside there, and an
+    /// older one restored in its place); data damaged since then is
+    /// [`Error::RestoreDamaged`]: the snapshot is set aside and the program must start again.
     pub fn load_slice<T: Element>(&mut self, name: &str, dest: &mut [T]) -> Result<bool> {
         let Some(restored) = &self.restored else {
             return Ok(false);
@@ -404,7 +434,7 @@ impl Shim {
         {
             Err(e) if e.is_corruption() => {
                 let seq = restored.reader.manifest().seq;
-                Err(self.restart_after_damage(seq, e))
+                Err(self.damaged_after_open(seq, e))
             }
             Err(e) => {
                 self.report_mismatch(&e);
@@ -577,29 +607,23 @@ impl Shim {
         Ok(at)
     }
 
-    fn restart_after_damage(&self, seq: u64, err: Error) -> Error {
+    /// Data of the restored snapshot found damaged after the program was given some of it:
+    /// sets the snapshot aside, tells the supervisor, and returns the error that tells the
+    /// program to start again (the next start restores an older snapshot).
+    fn damaged_after_open(&self, seq: u64, err: Error) -> Error {
         let Some(job) = &self.job else { return err };
-        say!(
-            "snapshot {seq} of job {} is damaged ({err}); set aside, restarting the program to resume from an older one",
-            job.name()
-        );
         if let Err(e) = job.quarantine(seq) {
             return e;
         }
-        if let Some(stream) = &self.shared.control {
-            let fd = stream.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd();
-            let _ = set_cloexec(fd, false);
-        }
-        let mut args = std::env::args_os();
-        let arg0 = args.next().unwrap_or_default();
-        let exec_err = std::process::Command::new("/proc/self/exe")
-            .arg0(arg0)
-            .args(args)
-            .exec();
-        Error::Io {
-            op: "restart program after damaged snapshot",
-            path: "/proc/self/exe".into(),
-            source: exec_err,
+        let why = err.to_string();
+        self.shared.send(&Event::RestoreDamaged {
+            seq,
+            why: why.clone(),
+        });
+        Error::RestoreDamaged {
+            job: job.name().to_owned(),
+            seq,
+            why,
         }
     }
 
@@ -622,17 +646,19 @@ impl Shim {
     /// registered [`Region`] is captured too (only its written chunks, with dirty tracking).
     /// The snapshot is then written durably in the background while the program goes on
     /// (`SUPERVISE_CAPTURE=sync` waits instead); its figures go to the supervisor and to
-    /// [`wait_durable`](Self::wait_durable). Returns the pause, or `None` when the shim is
-    /// inactive. At most one snapshot is written at a time: a new one first waits for the
-    /// last. If the supervisor asked the program to stop (or it got SIGTERM, or lost its
-    /// supervisor), the process exits with [`EXIT_STOPPED`] once this snapshot is durable.
-    pub fn snapshot<F>(&mut self, tag: Option<&str>, fill: F) -> Result<Option<Captured>>
+    /// [`wait_durable`](Self::wait_durable). Returns [`Next::Continue`] with the pause (or
+    /// `None` when the shim is inactive). At most one snapshot is written at a time: a new one
+    /// first waits for the last. If the supervisor asked the program to stop (or it got
+    /// SIGTERM, or lost its supervisor), this is the final snapshot: the call returns
+    /// [`Next::Stop`] once it is durable (or failed), and the program should clean up and end
+    /// with [`EXIT_STOPPED`] (see [`stopped`](Self::stopped)).
+    pub fn snapshot<F>(&mut self, tag: Option<&str>, fill: F) -> Result<Next>
     where
         F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
         let pending = self.shared.pending.fetch_and(!SNAP, Ordering::AcqRel);
         if self.background.is_none() {
-            return Ok(None);
+            return Ok(Next::Continue(None));
         }
         let started = Instant::now();
         self.settle();
@@ -646,13 +672,12 @@ impl Shim {
                 slot.baseline = None;
             }
         }
-        self.shared.snapshotting.store(true, Ordering::SeqCst);
         let stop = pending & STOP != 0 || self.shared.pending.load(Ordering::SeqCst) & STOP != 0;
         let handed_over = self.outputs_at_safe_point().and_then(|outputs| {
             if self.fork_wanted() {
                 self.capture_forked(tag, fill, started, outputs)
             } else {
-                self.capture(tag, fill, started, outputs).map(Work::Job)
+                self.capture(tag, fill, started, outputs).map(Work::Capture)
             }
         });
         let work = match handed_over {
@@ -665,13 +690,16 @@ impl Shim {
                         slot.baseline = None;
                     }
                 }
-                self.shared.snapshotting.store(false, Ordering::SeqCst);
                 self.shared.send(&Event::SnapshotFailed {
                     error: e.to_string(),
                 });
                 if stop {
-                    say!("final snapshot failed ({e}); stopping anyway");
-                    std::process::exit(EXIT_STOPPED);
+                    self.shared.warn(
+                        WarningKind::FinalSnapshotFailed,
+                        format!("final snapshot failed ({e}); stopping anyway"),
+                    );
+                    self.last = Some(Err(Arc::new(e)));
+                    return Ok(Next::Stop);
                 }
                 return Err(e);
             }
@@ -685,11 +713,34 @@ impl Shim {
         }
         if stop {
             if let Some(Err(e)) = &self.last {
-                say!("final snapshot failed ({e}); stopping anyway");
+                self.shared.warn(
+                    WarningKind::FinalSnapshotFailed,
+                    format!("final snapshot failed ({e}); stopping anyway"),
+                );
             }
-            std::process::exit(EXIT_STOPPED);
+            return Ok(Next::Stop);
         }
-        Ok(Some(Captured { pause }))
+        Ok(Next::Continue(Some(Captured { pause })))
+    }
+
+    /// True once a stop was requested (by the supervisor, by SIGTERM, or because the
+    /// supervisor is gone): the next [`snapshot`](Self::snapshot) is the final one and returns
+    /// [`Next::Stop`]. For programs that want to stop without one more snapshot, or that check
+    /// between safe points. One atomic load.
+    pub fn should_stop(&self) -> bool {
+        self.shared.pending.load(Ordering::Acquire) & STOP != 0
+    }
+
+    /// Ends the shim's work after [`Next::Stop`] and returns the exit code that tells the
+    /// supervisor the program stopped cleanly and can be resumed ([`EXIT_STOPPED`]): waits for
+    /// a snapshot still being written and writes out the output files (a failure there is
+    /// logged through the `log` facade: the program stops either way). `return
+    /// shim.stopped();` from `main` after the program's own clean-up.
+    pub fn stopped(self) -> std::process::ExitCode {
+        if let Err(e) = self.finish() {
+            log::warn!("stopping: {e}");
+        }
+        std::process::ExitCode::from(EXIT_STOPPED as u8)
     }
 
     /// Waits until the last snapshot is durable and returns its figures (`None` if none was
@@ -699,7 +750,7 @@ impl Shim {
         match &self.last {
             None => Ok(None),
             Some(Ok(report)) => Ok(Some(report.clone())),
-            Some(Err(e)) => Err(Error::SnapshotFailed(e.clone())),
+            Some(Err(e)) => Err(Error::Background(Arc::clone(e))),
         }
     }
 
@@ -776,8 +827,10 @@ impl Shim {
         let (attempt, keep) = (self.config.attempt, self.config.retention());
         let origin = self.config.origin.clone();
         // SAFETY: the child only runs the snapshot code path (allocation, file I/O, thread
-        // creation for hashing, all of which glibc keeps usable after fork) and leaves with
-        // _exit; it takes none of the shim's locks and prints nothing.
+        // creation for hashing, all of which glibc keeps usable after fork) and the program's
+        // `fill` closure, and leaves through `capture::leave_forked_child` (`_exit`). The shim
+        // itself takes none of its locks and writes nothing to stdout or stderr there; what the
+        // program's closure does is the program's (it should only add entries).
         match unsafe { nix::unistd::fork() } {
             Err(e) => Err(Error::Io {
                 op: "fork snapshot process",
@@ -801,13 +854,14 @@ impl Shim {
             }
             Ok(nix::unistd::ForkResult::Child) => {
                 drop(read);
-                // SAFETY: prctl/getppid/_exit take integers only. The snapshot process must
-                // never outlive the program (a restarted program would be a second writer).
-                unsafe {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                    if libc::getppid() != parent {
-                        libc::_exit(1);
-                    }
+                // The snapshot process must never outlive the program (a restarted program
+                // would be a second writer): killed when its parent dies, and gone at once if
+                // that happened already.
+                let orphaned = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .is_err()
+                    || nix::unistd::getppid().as_raw() != parent;
+                if orphaned {
+                    crate::capture::leave_forked_child(1);
                 }
                 let built = (|| {
                     let mut items = Vec::new();
@@ -837,7 +891,7 @@ impl Shim {
                             },
                         });
                     }
-                    Ok(Job {
+                    Ok(CaptureTask {
                         tag: tag.map(str::to_owned),
                         items,
                         started,
@@ -872,15 +926,21 @@ impl Shim {
                     }
                     return Some((base, dirty));
                 }
-                Err(e) => say!(
-                    "dirty tracking failed for region {:?} ({e}); copying it whole",
-                    mem.name
+                Err(e) => self.shared.warn(
+                    WarningKind::RegionUntracked,
+                    format!(
+                        "dirty tracking failed for region {:?} ({e}); copying it whole",
+                        mem.name
+                    ),
                 ),
             }
         }
         // Start tracking afresh from this whole copy.
         if let Err(e) = tracker.protect(mem.addr(), mem.mapped) {
-            say!("cannot reset write tracking of region {:?} ({e})", mem.name);
+            self.shared.warn(
+                WarningKind::RegionUntracked,
+                format!("cannot reset write tracking of region {:?} ({e})", mem.name),
+            );
         }
         None
     }
@@ -892,7 +952,7 @@ impl Shim {
         fill: F,
         started: Instant,
         outputs: OutputsAt,
-    ) -> Result<Job>
+    ) -> Result<CaptureTask>
     where
         F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
@@ -915,7 +975,7 @@ impl Shim {
                 self.in_flight_regions.push(idx);
             }
         }
-        Ok(Job {
+        Ok(CaptureTask {
             tag: tag.map(str::to_owned),
             items,
             started,
@@ -1055,19 +1115,50 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_request_returns_stop_after_the_final_snapshot_and_never_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shim = Shim::open(Config::local(dir.path().join("store"), "t")).unwrap();
+        assert!(!shim.should_stop());
+        assert!(matches!(
+            shim.snapshot(None, |s| s.value("v", &1)).unwrap(),
+            Next::Continue(Some(_))
+        ));
+        // What SIGTERM, a supervisor's stop request or its loss does.
+        shim.shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
+        assert!(shim.due() && shim.should_stop());
+        assert_eq!(
+            shim.snapshot(None, |s| s.value("v", &2)).unwrap(),
+            Next::Stop
+        );
+        // Still here: the final snapshot is durable and the program decides when to end.
+        assert_eq!(shim.wait_durable().unwrap().unwrap().seq, 2);
+        assert!(shim.should_stop());
+        assert_eq!(
+            format!("{:?}", shim.stopped()),
+            format!("{:?}", std::process::ExitCode::from(EXIT_STOPPED as u8))
+        );
+    }
+
+    #[test]
     fn writes_collected_by_a_failed_capture_are_in_the_next_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let mut shim = fork_shim(dir.path());
         let len = (8 << 20) / 8;
         let mut r = shim.region::<u64>("r", len).unwrap();
         r.fill(1);
-        shim.snapshot(None, |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(None, |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         shim.wait_durable().unwrap();
         r[3 * 8192] = 7; // collected (and protected again) by the capture that fails
         shim.fail_next_fork = true;
         assert!(shim.snapshot(None, |_| Ok(())).is_err());
         r[100 * 8192] = 9;
-        shim.snapshot(None, |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(None, |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         let report = shim.wait_durable().unwrap().unwrap();
         assert_eq!(restored(dir.path(), report.seq, len), &r[..]);
     }
@@ -1079,7 +1170,10 @@ mod tests {
         let mut r = shim.region::<u64>("r", (64 << 20) / 8).unwrap();
         for round in 0..12u64 {
             r[(round as usize) * 8192] = round;
-            shim.snapshot(None, |s| s.value("round", &round)).unwrap();
+            assert!(matches!(
+                shim.snapshot(None, |s| s.value("round", &round)).unwrap(),
+                Next::Continue(_)
+            ));
             shim.wait_durable().unwrap();
         }
         let held: usize = shim.buffers.iter().map(Buffer::capacity).sum();

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use supervise_shim::Shim;
 use supervise_shim::{CaptureMode, Config};
+use supervise_shim::{Next, Shim};
 use supervise_store::{SnapshotReader, Store};
 
 fn shim(dir: &std::path::Path, capture: CaptureMode) -> Option<Shim> {
@@ -48,7 +48,10 @@ fn only_written_chunks_are_stored_and_the_restore_is_exact() {
     for (i, v) in r.iter_mut().enumerate() {
         *v = i as u64;
     }
-    shim.snapshot(None, |_| Ok(())).unwrap();
+    assert!(matches!(
+        shim.snapshot(None, |_| Ok(())).unwrap(),
+        Next::Continue(_)
+    ));
     let first = shim.wait_durable().unwrap().unwrap();
     assert_eq!(first.bytes_total, 8 << 20);
     for round in 1..=5u64 {
@@ -59,7 +62,10 @@ fn only_written_chunks_are_stored_and_the_restore_is_exact() {
         for v in &mut r[60 * 8192..61 * 8192] {
             *v = v.wrapping_mul(31).wrapping_add(round);
         }
-        shim.snapshot(None, |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(None, |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         let report = shim.wait_durable().unwrap().unwrap();
         assert_eq!(report.bytes_new, 4 * 65536, "round {round}: {report:?}");
         assert_eq!(
@@ -102,13 +108,19 @@ fn writes_racing_with_the_capture_are_never_lost() {
     let mut taken = 0;
     for _ in 0..40 {
         std::thread::sleep(Duration::from_millis(3));
-        shim.snapshot(None, |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(None, |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         taken += 1;
     }
     stop.store(true, Ordering::SeqCst);
     let writes = racer.join().unwrap();
     assert!(writes > 10_000, "the racer wrote {writes} times");
-    shim.snapshot(None, |_| Ok(())).unwrap();
+    assert!(matches!(
+        shim.snapshot(None, |_| Ok(())).unwrap(),
+        Next::Continue(_)
+    ));
     let last = shim.wait_durable().unwrap().unwrap();
     assert!(last.seq as usize >= taken, "{last:?}");
     assert_eq!(
@@ -136,7 +148,10 @@ fn copy_and_sync_modes_restore_the_same_bytes() {
             for (i, v) in r.iter_mut().enumerate().step_by(997) {
                 *v = i as u64 ^ round;
             }
-            shim.snapshot(None, |s| s.value("round", &round)).unwrap();
+            assert!(matches!(
+                shim.snapshot(None, |s| s.value("round", &round)).unwrap(),
+                Next::Continue(_)
+            ));
             let report = shim.wait_durable().unwrap().unwrap();
             assert_eq!(
                 restored(dir.path(), report.seq, r.len()),
@@ -157,7 +172,10 @@ fn a_region_is_restored_at_start_and_the_next_snapshot_builds_on_it() {
         for (i, v) in r.iter_mut().enumerate() {
             *v = (i as u64).wrapping_mul(7);
         }
-        shim.snapshot(None, |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(None, |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         shim.wait_durable().unwrap();
         r.to_vec()
     };
@@ -169,7 +187,10 @@ fn a_region_is_restored_at_start_and_the_next_snapshot_builds_on_it() {
     let mut r = shim.region::<u64>("r", len).unwrap();
     assert_eq!(&r[..], &saved[..]);
     r[5] = 1;
-    shim.snapshot(None, |_| Ok(())).unwrap();
+    assert!(matches!(
+        shim.snapshot(None, |_| Ok(())).unwrap(),
+        Next::Continue(_)
+    ));
     let report = shim.wait_durable().unwrap().unwrap();
     assert_eq!(
         report.bytes_new, 65536,
@@ -197,7 +218,10 @@ fn clean_chunks_in_mostly_dead_packs_are_copied_over_by_the_writer() {
     let per_chunk = 8192; // u64 per 64 KiB chunk
     let mut r = shim.region::<u64>("r", 100 * per_chunk).unwrap();
     let snap = |shim: &mut Shim| {
-        shim.snapshot(None, |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(None, |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         shim.wait_durable().unwrap().unwrap()
     };
     for (i, v) in r.iter_mut().enumerate() {
@@ -243,9 +267,11 @@ fn a_forked_snapshot_holds_memory_as_it_was_at_the_fork() {
     }
     let before = r.to_vec();
     let step = 41u64;
-    shim.snapshot(Some("first"), |s| s.value("step", &step))
-        .unwrap()
-        .unwrap();
+    assert!(matches!(
+        shim.snapshot(Some("first"), |s| s.value("step", &step))
+            .unwrap(),
+        Next::Continue(Some(_))
+    ));
     // The program goes on at once, overwriting everything while the snapshot is written.
     for v in r.iter_mut() {
         *v = !*v;
@@ -260,11 +286,17 @@ fn a_forked_snapshot_holds_memory_as_it_was_at_the_fork() {
     assert_eq!(reader.value_bytes("step").unwrap().unwrap(), b"41");
     // The second holds the overwritten state; a third, after one word changed, stores only
     // that chunk: forked snapshots build deltas on the last one.
-    shim.snapshot(None, |_| Ok(())).unwrap();
+    assert!(matches!(
+        shim.snapshot(None, |_| Ok(())).unwrap(),
+        Next::Continue(_)
+    ));
     let second = shim.wait_durable().unwrap().unwrap();
     assert_eq!(restored(dir.path(), second.seq, len), &r[..]);
     r[12345] = 7;
-    shim.snapshot(None, |_| Ok(())).unwrap();
+    assert!(matches!(
+        shim.snapshot(None, |_| Ok(())).unwrap(),
+        Next::Continue(_)
+    ));
     let third = shim.wait_durable().unwrap().unwrap();
     assert_eq!(restored(dir.path(), third.seq, len), &r[..]);
     assert_eq!(third.bytes_new, 65536, "{third:?}");

@@ -4,6 +4,7 @@
 use std::fs;
 use std::path::Path;
 
+use supervise_shim::Next;
 use supervise_store::format::CHUNK_SIZE;
 use supervise_store::{JobStore, SnapshotReader, SnapshotWriter, Store};
 
@@ -495,8 +496,11 @@ fn a_restore_of_another_size_names_entry_sizes_and_snapshot_and_tells_the_superv
         let mut shim = local_shim(dir.path(), |_| {}).unwrap();
         let mut r = shim.region::<u64>("r", 100).unwrap();
         r.fill(7);
-        shim.snapshot(None, |s| s.slice("s", &[1.0f64; 10]))
-            .unwrap();
+        assert!(matches!(
+            shim.snapshot(None, |s| s.slice("s", &[1.0f64; 10]))
+                .unwrap(),
+            Next::Continue(_)
+        ));
         assert_eq!(shim.wait_durable().unwrap().unwrap().seq, 1);
     }
     // Resumed under a "supervisor" (this test, at the other end of the control socket) with a
@@ -561,7 +565,10 @@ fn the_origin_from_the_configuration_is_recorded() {
         args: vec!["--n".into(), "64".into()],
     };
     let mut shim = local_shim(dir.path(), |c| c.origin = Some(origin.clone())).unwrap();
-    shim.snapshot(None, |s| s.value("v", &1)).unwrap();
+    assert!(matches!(
+        shim.snapshot(None, |s| s.value("v", &1)).unwrap(),
+        Next::Continue(_)
+    ));
     shim.wait_durable().unwrap();
     let m = job(dir.path()).read_manifest(1).unwrap();
     assert_eq!(m.origin, Some(origin));
@@ -582,10 +589,16 @@ fn an_output_file_is_cut_back_to_the_length_the_restored_snapshot_recorded() {
         // Buffered: nothing reaches the file before a snapshot (or a flush).
         writeln!(out, "step 1").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"");
-        shim.snapshot(Some("step 1"), |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(Some("step 1"), |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         assert_eq!(fs::read(&path).unwrap(), b"step 1\n");
         writeln!(out, "step 2").unwrap();
-        shim.snapshot(Some("step 2"), |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(Some("step 2"), |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         shim.wait_durable().unwrap();
         writeln!(out, "step 3 (after the last snapshot)").unwrap();
         out.flush().unwrap();
@@ -620,14 +633,20 @@ fn an_output_file_is_cut_back_to_the_length_the_restored_snapshot_recorded() {
         // Opened again in the same run, it goes on where it ended.
         let mut out = shim.output(&path).unwrap();
         writeln!(out, "step 4").unwrap();
-        shim.snapshot(None, |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(None, |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         shim.wait_durable().unwrap();
         assert_eq!(job(dir.path()).read_manifest(3).unwrap().outputs[0].len, 28);
     }
     // A run that resumes and snapshots before it opens the file again keeps its mark.
     {
         let mut shim = local_shim(dir.path(), |_| {}).unwrap();
-        shim.snapshot(None, |_| Ok(())).unwrap();
+        assert!(matches!(
+            shim.snapshot(None, |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
         shim.wait_durable().unwrap();
         assert_eq!(job(dir.path()).read_manifest(4).unwrap().outputs[0].len, 28);
     }
@@ -655,7 +674,10 @@ fn without_a_store_an_output_is_a_plain_append_file() {
     let mut shim = local_shim(dir.path(), |c| c.mode = supervise_store::config::Mode::Off).unwrap();
     let mut out = shim.output(&path).unwrap();
     writeln!(out, "after").unwrap();
-    assert_eq!(shim.snapshot(None, |_| Ok(())).unwrap(), None);
+    assert_eq!(
+        shim.snapshot(None, |_| Ok(())).unwrap(),
+        Next::Continue(None)
+    );
     drop(out);
     assert_eq!(fs::read(&path).unwrap(), b"before\nafter\n");
     assert!(!dir.path().join("store").exists());

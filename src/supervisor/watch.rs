@@ -461,6 +461,17 @@ impl<'a> Watch<'a> {
                 self.answer_waiting(&operator::Reply::error(format!("snapshot failed: {error}")));
                 self.log.emit(&JobEvent::SnapshotFailed { error });
             }
+            Event::Warning { kind, message } => {
+                self.log.emit(&JobEvent::ShimWarning {
+                    warning: kind,
+                    message,
+                });
+            }
+            // Damage found while the program restored (after the start-time check): the shim
+            // has set the snapshot aside and the program ends; it restarts like a crash.
+            Event::RestoreDamaged { seq, why } => {
+                self.log.emit(&JobEvent::SnapshotSetAside { seq, why });
+            }
         }
     }
 }

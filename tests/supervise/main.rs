@@ -9,6 +9,7 @@ mod c_abi;
 mod commands;
 mod damage;
 mod e2e;
+mod events_json;
 mod first_hour;
 mod hostile_store;
 mod master_loss;

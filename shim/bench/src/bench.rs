@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytesize::ByteSize;
 use serde::Serialize;
-use supervise_shim::{CaptureMode, Config, Shim};
+use supervise_shim::{CaptureMode, Config, Next, Shim};
 use supervise_store::format::CHUNK_SIZE;
 use supervise_store::{SnapshotReader, Store};
 
@@ -280,9 +280,10 @@ struct Taken {
 }
 
 fn take(shim: &mut Shim, tag: &str) -> Result<Taken> {
-    let captured = shim
-        .snapshot(Some(tag), |_| Ok(()))?
-        .context("the shim is not active")?;
+    let captured = match shim.snapshot(Some(tag), |_| Ok(()))? {
+        Next::Continue(captured) => captured.context("the shim is not active")?,
+        Next::Stop => bail!("asked to stop"),
+    };
     let report = shim.wait_durable()?.context("no snapshot was written")?;
     Ok(Taken {
         pause: captured.pause.as_secs_f64(),

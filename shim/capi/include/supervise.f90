@@ -11,9 +11,12 @@ module supervise
     private
     public :: sv_init, sv_protect, sv_unprotect, sv_is_restart, sv_restore, &
               sv_checkpoint_requested, sv_checkpoint, sv_poll, sv_finalize, &
-              sv_error_message, sv_digest_hex, sv_alloc
+              sv_error_message, sv_digest_hex, sv_alloc, sv_should_stop, &
+              sv_finalize_stopped
     integer(c_int), parameter, public :: SV_OK = 0, SV_EINVAL = -1, SV_ESTATE = -2, &
-                                         SV_ESIZE = -3, SV_EIO = -4, SV_EINTERNAL = -5
+                                         SV_ESIZE = -3, SV_EIO = -4, SV_EINTERNAL = -5, &
+                                         SV_EDAMAGED = -6, SV_STOP = 2, &
+                                         SV_EXIT_STOPPED = 75
 
     interface
         integer(c_int) function sv_init() bind(c, name="sv_init")
@@ -53,6 +56,14 @@ module supervise
         end function
         subroutine sv_finalize() bind(c, name="sv_finalize")
         end subroutine
+        integer(c_int) function sv_should_stop() bind(c, name="sv_should_stop")
+            import :: c_int
+        end function
+        ! sv_finalize, then SV_EXIT_STOPPED: after SV_STOP and the program's clean-up,
+        ! `k = sv_finalize_stopped()` then `stop SV_EXIT_STOPPED, quiet=.true.`.
+        integer(c_int) function sv_finalize_stopped() bind(c, name="sv_finalize_stopped")
+            import :: c_int
+        end function
         type(c_ptr) function c_last_error() bind(c, name="sv_last_error")
             import :: c_ptr
         end function

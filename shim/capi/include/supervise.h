@@ -44,6 +44,26 @@
  */
 #define SV_EINTERNAL -5
 
+/*
+ Stored data is damaged. From `sv_restore`: the snapshot was set aside, and the program must
+ start again (it then resumes from an older one).
+ */
+#define SV_EDAMAGED -6
+
+/*
+ From `sv_checkpoint` and `sv_poll`: a stop was requested (by the supervisor, by SIGTERM, or
+ because the supervisor is gone) and the final snapshot was taken (`sv_last_error` says
+ why if it failed). Clean up, call `sv_finalize`, and exit with `SV_EXIT_STOPPED`, e.g.
+ `return sv_finalize_stopped();` from `main`. The shim never ends the process itself.
+ */
+#define SV_STOP 2
+
+/*
+ The exit code of a program that stopped on request after its final snapshot: it tells the
+ supervisor the stop was clean and the job can be resumed.
+ */
+#define SV_EXIT_STOPPED 75
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -141,8 +161,10 @@ int sv_checkpoint_requested(void);
 
 /*
  Snapshots every protected region now: they are copied during the call, then written in the
- background. `tag` (may be NULL) labels the snapshot (e.g. "step 1200"). If the supervisor
- asked the program to stop, the process exits (code 75) once this snapshot is durable.
+ background. `tag` (may be NULL) labels the snapshot (e.g. "step 1200"). Returns 0, or
+ `SV_STOP` when a stop was requested: this was the final snapshot (durable, or failed:
+ `sv_last_error` says why), and the program should clean up and exit with
+ `SV_EXIT_STOPPED` (`return sv_finalize_stopped();`).
  Thread safety: any thread, while no thread writes `sv_protect` memory (it is copied during the call); `sv_alloc` memory may be written by other threads (tracked).
 
  # Safety
@@ -152,13 +174,31 @@ int sv_checkpoint(const char *tag);
 
 /*
  At a safe point: takes a snapshot if one was requested. Returns 1 if it took one, 0 if
- none was due, negative on error.
+ none was due, `SV_STOP` if it took the final one before a requested stop (see
+ `sv_checkpoint`), negative on error.
  Thread safety: as `sv_checkpoint`.
 
  # Safety
  As [`sv_checkpoint`].
  */
 int sv_poll(const char *tag);
+
+/*
+ 1 once a stop was requested (by the supervisor, by SIGTERM, or because the supervisor is
+ gone): the next `sv_checkpoint` or `sv_poll` takes the final snapshot and returns
+ `SV_STOP`. 0 otherwise, negative on error.
+
+ Thread safety: any thread.
+ */
+int sv_should_stop(void);
+
+/*
+ `sv_finalize`, then returns `SV_EXIT_STOPPED`, the exit code of a clean stop: after
+ `SV_STOP` and the program's own clean-up, `return sv_finalize_stopped();` from `main`.
+
+ Thread safety: as `sv_finalize`.
+ */
+int sv_finalize_stopped(void);
 
 /*
  The message of the last error on this thread ("" if none). Valid until the next `sv_*`

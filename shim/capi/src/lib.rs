@@ -11,7 +11,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use supervise_shim::{DuePoll, Error, Region, Shim, Start};
+use supervise_shim::{DuePoll, EXIT_STOPPED, Error, Next, Region, Shim, Start};
 use supervise_store::name;
 
 /// Success.
@@ -26,6 +26,18 @@ pub const SV_ESIZE: c_int = -3;
 pub const SV_EIO: c_int = -4;
 /// An internal error (a bug): the shim caught it and stays usable where it can.
 pub const SV_EINTERNAL: c_int = -5;
+/// Stored data is damaged. From `sv_restore`: the snapshot was set aside, and the program must
+/// start again (it then resumes from an older one).
+pub const SV_EDAMAGED: c_int = -6;
+/// From `sv_checkpoint` and `sv_poll`: a stop was requested (by the supervisor, by SIGTERM, or
+/// because the supervisor is gone) and the final snapshot was taken (`sv_last_error` says
+/// why if it failed). Clean up, call `sv_finalize`, and exit with `SV_EXIT_STOPPED`, e.g.
+/// `return sv_finalize_stopped();` from `main`. The shim never ends the process itself.
+pub const SV_STOP: c_int = 2;
+/// The exit code of a program that stopped on request after its final snapshot: it tells the
+/// supervisor the stop was clean and the job can be resumed.
+pub const SV_EXIT_STOPPED: c_int = 75;
+const _: () = assert!(SV_EXIT_STOPPED == EXIT_STOPPED);
 
 struct Protected {
     name: String,
@@ -122,13 +134,40 @@ fn c_name(name: *const c_char) -> Result<String, (c_int, String)> {
     Ok(name.to_owned())
 }
 
+/// The C code of an error. Every variant is named: the last arm only exists because
+/// `Error` is `#[non_exhaustive]` for Rust callers of other crates, and a variant this
+/// release does not know yet is reported as a bug.
+fn code_of(e: &Error) -> c_int {
+    match e {
+        Error::SizeMismatch { .. } | Error::RegionTooLarge { .. } => SV_ESIZE,
+        Error::InvalidName { .. }
+        | Error::WrongKind { .. }
+        | Error::Output { .. }
+        | Error::DuplicateEntry { .. }
+        | Error::ValueTooLarge { .. }
+        | Error::Serde { .. }
+        | Error::Env { .. }
+        | Error::Aborted(_)
+        | Error::NoSuchSnapshot { .. }
+        | Error::NoSuchJob { .. } => SV_EINVAL,
+        Error::Corrupt { .. } | Error::RestoreDamaged { .. } => SV_EDAMAGED,
+        Error::Background(inner) => code_of(inner),
+        Error::Io { .. }
+        | Error::UnsupportedVersion { .. }
+        | Error::SnapshotFailed(_)
+        | Error::Unsafe { .. }
+        | Error::OutputShorter { .. }
+        | Error::TooLarge { .. }
+        | Error::NotADirectory { .. }
+        | Error::SignalHandler { .. }
+        | Error::Thread { .. }
+        | Error::Control { .. } => SV_EIO,
+        _ => SV_EINTERNAL,
+    }
+}
+
 fn io(e: Error) -> (c_int, String) {
-    let code = match e {
-        Error::SizeMismatch { .. } => SV_ESIZE,
-        Error::InvalidName { .. } | Error::WrongKind { .. } | Error::Output { .. } => SV_EINVAL,
-        _ => SV_EIO,
-    };
-    (code, e.to_string())
+    (code_of(&e), e.to_string())
 }
 
 /// Starts the shim: reads the `SUPERVISE_*` environment (works without a supervisor: then it
@@ -366,7 +405,8 @@ fn checkpoint(s: &mut State, tag: *const c_char) -> Outcome {
         )
     };
     let protected = &s.protected;
-    s.shim
+    let next = s
+        .shim
         .snapshot(tag.as_deref(), |c| {
             for p in protected {
                 // SAFETY: registered readable memory (see sv_protect); copied now, while the
@@ -377,12 +417,22 @@ fn checkpoint(s: &mut State, tag: *const c_char) -> Outcome {
             Ok(())
         })
         .map_err(io)?;
-    Ok(SV_OK)
+    Ok(match next {
+        Next::Continue(_) => SV_OK,
+        Next::Stop => {
+            if let Err(e) = s.shim.wait_durable() {
+                set_error(&e.to_string());
+            }
+            SV_STOP
+        }
+    })
 }
 
 /// Snapshots every protected region now: they are copied during the call, then written in the
-/// background. `tag` (may be NULL) labels the snapshot (e.g. "step 1200"). If the supervisor
-/// asked the program to stop, the process exits (code 75) once this snapshot is durable.
+/// background. `tag` (may be NULL) labels the snapshot (e.g. "step 1200"). Returns 0, or
+/// `SV_STOP` when a stop was requested: this was the final snapshot (durable, or failed:
+/// `sv_last_error` says why), and the program should clean up and exit with
+/// `SV_EXIT_STOPPED` (`return sv_finalize_stopped();`).
 /// Thread safety: any thread, while no thread writes `sv_protect` memory (it is copied during the call); `sv_alloc` memory may be written by other threads (tracked).
 ///
 /// # Safety
@@ -393,7 +443,8 @@ pub unsafe extern "C" fn sv_checkpoint(tag: *const c_char) -> c_int {
 }
 
 /// At a safe point: takes a snapshot if one was requested. Returns 1 if it took one, 0 if
-/// none was due, negative on error.
+/// none was due, `SV_STOP` if it took the final one before a requested stop (see
+/// `sv_checkpoint`), negative on error.
 /// Thread safety: as `sv_checkpoint`.
 ///
 /// # Safety
@@ -409,9 +460,29 @@ pub unsafe extern "C" fn sv_poll(tag: *const c_char) -> c_int {
             if !s.shim.due() {
                 return Ok(0);
             }
-            checkpoint(s, tag).map(|_| 1)
+            checkpoint(s, tag).map(|code| if code == SV_STOP { SV_STOP } else { 1 })
         })
     })
+}
+
+/// 1 once a stop was requested (by the supervisor, by SIGTERM, or because the supervisor is
+/// gone): the next `sv_checkpoint` or `sv_poll` takes the final snapshot and returns
+/// `SV_STOP`. 0 otherwise, negative on error.
+///
+/// Thread safety: any thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_should_stop() -> c_int {
+    guard(|| with_state(|s| Ok(c_int::from(s.shim.should_stop()))))
+}
+
+/// `sv_finalize`, then returns `SV_EXIT_STOPPED`, the exit code of a clean stop: after
+/// `SV_STOP` and the program's own clean-up, `return sv_finalize_stopped();` from `main`.
+///
+/// Thread safety: as `sv_finalize`.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_finalize_stopped() -> c_int {
+    sv_finalize();
+    SV_EXIT_STOPPED
 }
 
 /// The message of the last error on this thread ("" if none). Valid until the next `sv_*`

@@ -15,7 +15,8 @@ use crate::writer::SnapshotReport;
 pub enum Request {
     /// Take a snapshot at the next safe point.
     Snapshot,
-    /// Take a final snapshot at the next safe point, then exit with [`crate::EXIT_STOPPED`].
+    /// Take a final snapshot at the next safe point; the program then ends with
+    /// exit code 75 (`EXIT_STOPPED`, a clean stop).
     Stop,
 }
 
@@ -39,6 +40,26 @@ pub struct DamagedPack {
     pub first_offset: u64,
 }
 
+/// What a [`Event::Warning`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningKind {
+    /// `SUPERVISE_CAPTURE=dirty` was asked for, but the kernel cannot track writes: regions
+    /// are copied whole.
+    NoDirtyTracking,
+    /// Writes to one region cannot be tracked (or tracking failed or could not be reset): it
+    /// is copied whole.
+    RegionUntracked,
+    /// A snapshot is durable, but applying retention after it failed.
+    RetentionFailed,
+    /// The scrub found damaged records but could not set aside the snapshots that use them.
+    SetAsideFailed,
+    /// The shim got a control message it does not understand (ignored).
+    BadControlMessage,
+    /// The final snapshot before a stop failed; the program stops anyway.
+    FinalSnapshotFailed,
+}
+
 /// Sent by the program's shim.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "ev", rename_all = "snake_case")]
@@ -53,7 +74,7 @@ pub enum Event {
         tag: Option<String>,
         /// Snapshots found damaged and skipped.
         damaged: Vec<DamagedSnapshot>,
-        /// How snapshots are captured: "dirty", "copy" or "sync".
+        /// How snapshots are captured: "dirty", "copy", "fork" or "sync".
         #[serde(default)]
         capture: String,
     },
@@ -78,6 +99,22 @@ pub enum Event {
         why: String,
         /// The snapshots set aside because they use one.
         set_aside: Vec<u64>,
+    },
+    /// Something the supervisor should show: the shim itself prints nothing.
+    Warning {
+        /// What happened.
+        kind: WarningKind,
+        /// The details, for people.
+        message: String,
+    },
+    /// The snapshot the program resumed from turned out to be damaged after the program was
+    /// given data from it: it was set aside, and the program ends with an error so that it is
+    /// started again from an older one.
+    RestoreDamaged {
+        /// The snapshot set aside.
+        seq: u64,
+        /// What is damaged.
+        why: String,
     },
     /// A restore failed because an entry of the snapshot has another size than the program's
     /// (its parameters changed): older snapshots would not fit either, so this says nothing

@@ -209,6 +209,43 @@ pub enum Error {
         /// What it is instead ("regular file", "symbolic link", ...).
         found: &'static str,
     },
+    // The runtime's variants (supervise-shim).
+    /// The shim could not install its handler of a signal.
+    SignalHandler {
+        /// The signal's number.
+        signal: i32,
+        /// Why.
+        source: io::Error,
+    },
+    /// The shim could not start one of its threads.
+    Thread {
+        /// The thread's name.
+        name: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// An operation on the control socket to the supervisor failed.
+    Control {
+        /// What was being done.
+        op: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// A snapshot written in the background failed; earlier snapshots are intact. The error is
+    /// the writer's own, so a full disk ([`Error::Io`]) can be told from damage
+    /// ([`Error::Corrupt`]).
+    Background(std::sync::Arc<Error>),
+    /// The snapshot this run resumes from turned out to be damaged after the program was given
+    /// data from it: it was set aside, and the program must start again to resume from an
+    /// older one (the shim never restarts the program itself).
+    RestoreDamaged {
+        /// The job.
+        job: String,
+        /// The snapshot set aside.
+        seq: u64,
+        /// What is damaged.
+        why: String,
+    },
 }
 
 /// The message names the path, job, snapshot or entry involved and includes the text of the
@@ -324,6 +361,20 @@ impl std::fmt::Display for Error {
             Error::NotADirectory { path, found } => {
                 write!(f, "{} is not a directory (it is a {found})", path.display())
             }
+            Error::SignalHandler { signal, source } => {
+                write!(f, "cannot install the handler of signal {signal}: {source}")
+            }
+            Error::Thread { name, source } => write!(f, "cannot start thread {name}: {source}"),
+            Error::Control { op, source } => {
+                write!(f, "control socket to the supervisor: cannot {op}: {source}")
+            }
+            Error::Background(error) => {
+                write!(f, "{error} (earlier snapshots are intact)")
+            }
+            Error::RestoreDamaged { job, seq, why } => write!(
+                f,
+                "snapshot {seq} of job {job} is damaged ({why}); it is set aside: start the program again to resume from an older one"
+            ),
         }
     }
 }
@@ -455,7 +506,12 @@ mod tests {
             | Error::RegionTooLarge { .. }
             | Error::Output { .. }
             | Error::OutputShorter { .. }
-            | Error::NotADirectory { .. } => {}
+            | Error::NotADirectory { .. }
+            | Error::SignalHandler { .. }
+            | Error::Thread { .. }
+            | Error::Control { .. }
+            | Error::Background(_)
+            | Error::RestoreDamaged { .. } => {}
         }
     }
 
@@ -481,7 +537,7 @@ mod tests {
                     path: path(),
                     source: io(),
                 },
-                Some(io_text),
+                Some(io_text.clone()),
             ),
             (
                 Error::Corrupt {
@@ -634,13 +690,50 @@ mod tests {
                 },
                 None,
             ),
+            (
+                Error::SignalHandler {
+                    signal: 15,
+                    source: io(),
+                },
+                Some(io_text.clone()),
+            ),
+            (
+                Error::Thread {
+                    name: "supervise-writer",
+                    source: io(),
+                },
+                Some(io_text.clone()),
+            ),
+            (
+                Error::Control {
+                    op: "clone it",
+                    source: io(),
+                },
+                Some(io_text.clone()),
+            ),
+            (
+                Error::Background(std::sync::Arc::new(Error::Io {
+                    op: "write pack",
+                    path: path(),
+                    source: io(),
+                })),
+                Some(io_text.clone()),
+            ),
+            (
+                Error::RestoreDamaged {
+                    job: "j".into(),
+                    seq: 3,
+                    why: "bad hash".into(),
+                },
+                None,
+            ),
         ]
     }
 
     #[test]
     fn every_cause_is_told_once_in_the_chain() {
         let errors = one_of_each();
-        assert_eq!(errors.len(), 24, "one of each variant");
+        assert_eq!(errors.len(), 29, "one of each variant");
         for (e, cause) in errors {
             covered(&e);
             // The chain as a reporter prints it (anyhow's `{:#}`): each error, then its sources.

@@ -1,11 +1,9 @@
 //! `supervise --events FILE|-`: the job's events as JSON lines while it runs, in the schema of
 //! `supervise log --json`.
 
-mod support;
-
 use std::process::Command;
 
-use support::*;
+use crate::support::*;
 
 /// The records of `supervise log --json` for the store's only job.
 fn logged(store: &std::path::Path) -> Vec<serde_json::Value> {
