@@ -14,10 +14,10 @@ use supervise_store::format::{EntryKind, Manifest};
 use supervise_store::lock::{JobLock, TryLock};
 use supervise_store::{JobStore, SnapshotReader, Store};
 
-use crate::clock::now_unix_ms;
 use crate::events;
 use crate::human;
 use crate::operator::{self, Request};
+use supervise_store::clock::now_unix_ms;
 use supervise_store::exit;
 
 /// Where a command looks and how it prints.

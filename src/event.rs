@@ -8,8 +8,8 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::child::Ended;
-use crate::clock::millis;
 use crate::human;
+use supervise_store::clock::millis;
 
 /// How a job's run (one supervisor's) ended: the `end` record's `outcome`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]

@@ -74,7 +74,7 @@ impl EventLog {
         data: Option<serde_json::Value>,
     ) {
         self.append_record(&Record {
-            unix_ms: crate::clock::now_unix_ms(),
+            unix_ms: supervise_store::clock::now_unix_ms(),
             pid: std::process::id(),
             kind: kind.to_owned(),
             message: message.to_owned(),

@@ -60,7 +60,7 @@ impl Log {
         let msg = event.to_string();
         if self.history.is_some() || self.sink.is_some() {
             let record = Record {
-                unix_ms: crate::clock::now_unix_ms(),
+                unix_ms: supervise_store::clock::now_unix_ms(),
                 pid: std::process::id(),
                 kind: event.kind(),
                 message: msg.clone(),

@@ -3,7 +3,6 @@
 
 mod blame;
 mod child;
-mod clock;
 mod commands;
 mod event;
 mod events;
@@ -390,7 +389,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// `--since`: a duration ago (`10m`) or an RFC 3339 time (`Z` or a `+HH:MM` offset), as ms
 /// since the epoch.
 fn parse_since(s: &str) -> Result<u64, String> {
-    let ms = clock::unix_ms;
+    let ms = supervise_store::clock::unix_ms;
     if let Ok(ago) = humantime::parse_duration(s) {
         return Ok(ms(std::time::SystemTime::now()
             .checked_sub(ago)
@@ -724,7 +723,7 @@ mod tests {
 
     #[test]
     fn since_takes_a_duration_ago_or_an_rfc3339_time() {
-        let now = clock::now_unix_ms();
+        let now = supervise_store::clock::now_unix_ms();
         let ago = parse_since("10m").unwrap();
         assert!(ago <= now - 600_000 && ago > now - 610_000, "{ago} {now}");
         let utc = parse_since("2026-12-02T14:00:00Z").unwrap();

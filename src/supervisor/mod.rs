@@ -18,7 +18,6 @@ use supervise_store::{JobStore, Store};
 
 use crate::blame::{Blame, Death, Verdict};
 use crate::child::{self, Child, Ended, StderrPipe};
-use crate::clock::{millis, now_unix_ms};
 use crate::event::{From, JobEvent, Outcome as RunOutcome, Totals};
 use crate::events::{self, EventLog, LastRun, Record};
 use crate::human;
@@ -29,6 +28,7 @@ use crate::operator::{self, Status};
 use crate::policy::{Decision, Failure, PolicyConfig, RestartPolicy};
 use crate::signals::Signals;
 use state::{Outcome, signal_name};
+use supervise_store::clock::{millis, now_unix_ms};
 use watch::Watch;
 
 /// Everything the supervisor needs to run one job.

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::clock::millis;
 use crate::event::JobEvent;
 use crate::human;
+use supervise_store::clock::millis;
 
 /// Where one life of the child stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

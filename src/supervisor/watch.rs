@@ -16,11 +16,11 @@ use super::state::{
 };
 use super::{JobConfig, JobState, NO_SHIM_AFTER, poll_timeout};
 use crate::child::{Child, StderrPipe, StderrTail};
-use crate::clock::{millis, now_unix_ms};
 use crate::event::{From, JobEvent};
 use crate::log::Log;
 use crate::operator;
 use crate::signals::Signals;
+use supervise_store::clock::{millis, now_unix_ms};
 
 /// The state of watching one life of the child.
 pub(super) struct Watch<'a> {

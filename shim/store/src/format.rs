@@ -160,14 +160,6 @@ impl RecordHeader {
     }
 }
 
-/// Milliseconds since the Unix epoch, now (0 if the clock is before it): the time stamps of
-/// manifests and retention's ages.
-pub fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The distinct chunk records `manifests` use, each once (a record several snapshots or
 /// entries share counts once), with the name of the pack it is in. What a set of snapshots
 /// costs on disk is the sum of these records' lengths.

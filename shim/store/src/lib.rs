@@ -16,6 +16,7 @@
 
 #![deny(missing_docs)]
 
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod control;

@@ -375,10 +375,10 @@ impl JobStore {
     pub fn apply_retention(&self, policy: impl Into<Retention>) -> Result<RetentionReport> {
         let policy = policy.into();
         let seqs = self.snapshot_seqs()?;
-        let now = format::unix_ms_now();
+        let now = crate::clock::now_unix_ms();
         let horizon = policy
             .within
-            .map_or(0, |w| now.saturating_sub(w.as_millis() as u64));
+            .map_or(0, |w| now.saturating_sub(crate::clock::millis(w)));
         // An unreadable manifest is kept: its age is unknown.
         let (old, kept) = policy.choose(&seqs, |s| {
             self.read_manifest(s)

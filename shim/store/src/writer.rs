@@ -17,7 +17,7 @@ use crate::control::DamagedSnapshot;
 use crate::error::{Error, Result};
 use crate::format::{
     CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Hash, Manifest, Origin, OutputMark, RecordHeader,
-    SnapshotStats, entry_root, unix_ms_now,
+    SnapshotStats, entry_root,
 };
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
@@ -692,12 +692,12 @@ impl SnapshotBuilder<'_> {
         }
         let finished = std::mem::take(&mut self.finished);
         self.writer.job.publish_packs(&finished)?;
-        self.stats.duration_ms = self.started.elapsed().as_millis() as u64;
+        self.stats.duration_ms = crate::clock::millis(self.started.elapsed());
         let manifest = Manifest {
             job: self.writer.job.name().to_owned(),
             seq: self.seq,
             parent: self.writer.newest,
-            created_unix_ms: unix_ms_now(),
+            created_unix_ms: crate::clock::now_unix_ms(),
             attempt: self.writer.attempt,
             tag: self.tag.take(),
             stats: self.stats.clone(),
@@ -721,7 +721,7 @@ impl SnapshotBuilder<'_> {
             bytes_new: self.stats.bytes_new,
             bytes_compacted: self.stats.bytes_compacted,
             bytes_written: self.stats.bytes_packed + manifest_len,
-            duration_ms: self.started.elapsed().as_millis() as u64,
+            duration_ms: crate::clock::millis(self.started.elapsed()),
             removed: Vec::new(),
         })
     }

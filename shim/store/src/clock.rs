@@ -1,4 +1,5 @@
-//! Times in milliseconds, as the job's history, status and events record them.
+//! Times in milliseconds, as manifests, the job's history, status and events record them:
+//! the one place a time becomes a number of milliseconds.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
