@@ -73,6 +73,10 @@ fn helper(
     grace: Duration,
     stderr: Option<(BorrowedFd<'_>, BorrowedFd<'_>)>,
 ) -> ! {
+    // A session of its own: a kill of the supervisor's whole process group (`kill -9 -PGID`,
+    // `timeout -s KILL`) must not take the helper with it, since then nothing would end a
+    // program that reaches no safe point, and that program holds the job's lock.
+    let _ = nix::unistd::setsid();
     // Keep out of the way of the terminal's and the scheduler's signals: only the pipe
     // closing ends the helper.
     for sig in [

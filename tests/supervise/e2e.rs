@@ -260,7 +260,7 @@ fn resume_after_damaging_newest(
 fn a_flipped_byte_in_the_newest_snapshot_falls_back_to_the_previous_one() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let (fin, job, _, newest) = resume_after_damaging_newest(&store, |job, newest, prev| {
+    let (fin, _, _, newest) = resume_after_damaging_newest(&store, |job, newest, prev| {
         let older = job.read_manifest(prev).unwrap();
         let known: Vec<_> = older
             .entries
@@ -279,13 +279,14 @@ fn a_flipped_byte_in_the_newest_snapshot_falls_back_to_the_previous_one() {
         bytes[chunk.offset as usize + 44 + chunk.stored_len as usize / 2] ^= 0x10;
         fs::write(&pack, bytes).unwrap();
     });
-    // Found while filling the grid: set aside, and the program restarted in place. Only the
-    // shim's own line on stderr says so (retention may remove the set-aside snapshot before
-    // the end, and no event records it).
-    fin.assert_said(&format!(
-        "snapshot {newest} of job {} is damaged",
-        job.name()
-    ));
+    // Found at start, when the shim verifies the whole snapshot before the program sees any
+    // of it: set aside and reported to the supervisor, which records it.
+    let set_aside = events_of(&store, "snapshot-set-aside");
+    assert!(
+        set_aside.iter().any(|e| e["seq"] == newest),
+        "{set_aside:?}\n{}",
+        fin.stderr
+    );
 }
 
 #[test]

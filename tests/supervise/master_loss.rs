@@ -358,3 +358,49 @@ fn the_program_a_lost_supervisor_left_running_holds_the_job_until_it_ends() {
     fin.assert_completed(&reference);
     let _ = first.wait(LONG);
 }
+
+#[test]
+fn a_kill_of_the_supervisors_whole_group_still_ends_a_program_that_reaches_no_safe_point() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // One round, then a sleep that never reaches a safe point: only the lifeline can end it.
+    let mut supervisor = std::process::Command::new(supervise_bin())
+        .args(["--store"])
+        .arg(&store)
+        .args(["--stop-timeout", "1s", "--"])
+        .arg(example_bin("sparse"))
+        .args(["--mib", "1", "--sleep-ms", "600000"])
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut child = None;
+    assert!(
+        wait_until(LONG, || {
+            child = events_of(&store, "spawned")
+                .first()
+                .and_then(|e| e["pid"].as_u64());
+            child.is_some()
+        }),
+        "the program was never spawned"
+    );
+    let child = child.unwrap() as u32;
+    let group = nix::unistd::Pid::from_raw(supervisor.id() as i32);
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = supervisor.wait();
+    assert!(
+        wait_until(Duration::from_secs(30), || !alive(child)),
+        "the program outlived its supervisor's group"
+    );
+    // And the job is free again: nothing of it holds the lock.
+    let job = only_job(&store);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            supervise_store::lock::JobLock::holder(job.dir())
+                .unwrap()
+                .is_none()
+        }),
+        "the job is still held"
+    );
+}

@@ -4,9 +4,9 @@
 use std::io;
 use std::path::PathBuf;
 
-/// Everything the shim and the store can fail with.
+/// Everything the shim and the store can fail with. Not `#[non_exhaustive]`: the C ABI maps
+/// every variant to a code in an exhaustive match, so a new variant must be given one.
 #[derive(Debug)]
-#[non_exhaustive]
 pub enum Error {
     /// A job or entry name that cannot be used (it would escape the store or garble a listing).
     InvalidName {
