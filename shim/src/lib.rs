@@ -50,7 +50,6 @@
 
 mod capture;
 mod channel;
-mod dirty;
 mod output;
 mod region;
 mod restore;
