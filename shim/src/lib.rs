@@ -54,6 +54,7 @@ mod output;
 mod region;
 mod restore;
 mod runtime;
+mod setup;
 
 pub use capture::Capture;
 pub use output::Output;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::capture::{Background, Buffer, Capture, DirtyTracker, OutputsAt, Work};
-use crate::channel::{SNAP, STOP, Shared, adopt_control_fd, control_loop};
+use crate::channel::{SNAP, STOP, Shared, adopt_control_fd};
 use crate::output::{self, Output, OutputFile, Sink};
 use crate::region::{Region, RegionMem};
 use crate::restore::{Restored, choose_restore};
@@ -253,62 +253,6 @@ impl Shim {
         crate::channel::take_back_stderr();
         shim.spawn_control_thread()?;
         Ok(shim)
-    }
-
-    fn install_signal_handlers(&self) -> Result<()> {
-        let register = |signal: i32, bits: u32| {
-            let shared = Arc::clone(&self.shared);
-            // SAFETY: the handler only performs a lock-free atomic fetch_or, which is
-            // async-signal-safe; it allocates nothing and takes no lock.
-            unsafe {
-                signal_hook::low_level::register(signal, move || {
-                    shared.pending.fetch_or(bits, Ordering::SeqCst);
-                })
-            }
-            .map_err(|source| Error::SignalHandler { signal, source })
-        };
-        register(signal_hook::consts::SIGUSR1, SNAP)?;
-        if matches!(self.config.mode, Mode::Supervised(_)) {
-            register(signal_hook::consts::SIGTERM, SNAP | STOP)?;
-        }
-        Ok(())
-    }
-
-    fn spawn_control_thread(&self) -> Result<()> {
-        let shared = Arc::clone(&self.shared);
-
-        let (orphan, every) = (self.config.orphan, self.config.every);
-        if let Some(stream) = &self.shared.control {
-            let stream = stream
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .try_clone()
-                .map_err(|source| Error::Control {
-                    op: "clone it",
-                    source,
-                })?;
-            std::thread::Builder::new()
-                .name("supervise-control".into())
-                .spawn(move || control_loop(&shared, stream, orphan, every))
-                .map_err(|source| Error::Thread {
-                    name: "supervise-control",
-                    source,
-                })?;
-        } else if let Some(every) = self.config.every {
-            std::thread::Builder::new()
-                .name("supervise-timer".into())
-                .spawn(move || {
-                    loop {
-                        std::thread::sleep(every);
-                        shared.pending.fetch_or(SNAP, Ordering::SeqCst);
-                    }
-                })
-                .map_err(|source| Error::Thread {
-                    name: "supervise-timer",
-                    source,
-                })?;
-        }
-        Ok(())
     }
 
     /// How this run started: fresh or from which snapshot.
