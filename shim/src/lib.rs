@@ -50,11 +50,11 @@
 
 mod capture;
 mod channel;
-mod dirty;
 mod output;
 mod region;
 mod restore;
 mod runtime;
+mod setup;
 
 pub use capture::Capture;
 pub use output::Output;

@@ -1,0 +1,297 @@
+//! The background writer thread: it takes each captured snapshot (or the pipe of a forked
+//! snapshot process), writes it durably, applies retention, scrubs stored records between
+//! snapshots, and hands back a typed [`Outcome`] with the task's buffers. [`Shim::settle`]
+//! is the program's side: it waits for the snapshot in flight and takes note of how it went.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use supervise_store::error::{Error, Result};
+use supervise_store::format::Manifest;
+use supervise_store::scrub::{Finding, Scrubber};
+use supervise_store::store::Retention;
+use supervise_store::writer::{SnapshotReport, SnapshotWriter};
+
+use super::fork::await_forked;
+use super::{Buffer, CaptureTask, Item, empty_buffer, reserve_capture};
+use crate::runtime::Shim;
+
+/// What the writer thread says about a capture task.
+pub(crate) struct Outcome {
+    /// The writer's own error on failure (shared: the program and the supervisor both see it).
+    pub(crate) result: Result<SnapshotReport, Arc<Error>>,
+    /// The task's buffers, back for reuse.
+    pub(crate) buffers: Vec<Buffer>,
+}
+
+/// Called on the writer thread with each snapshot's outcome, and why retention failed after a
+/// durable snapshot (if it did).
+pub(crate) type OnDone =
+    Arc<dyn Fn(&Result<SnapshotReport, Arc<Error>>, Option<&str>) + Send + Sync>;
+
+/// Called on the writer thread with the damaged records a scrub slice found, and the snapshots
+/// set aside because they use them (or why setting them aside failed).
+pub(crate) type OnDamage = Arc<dyn Fn(&[Finding], &Result<Vec<u64>>) + Send + Sync>;
+
+/// What the writer thread is given.
+pub(crate) enum Work {
+    /// A captured snapshot to write.
+    Capture(CaptureTask),
+    /// A forked process writes the snapshot; its report comes through the pipe. `warm`: bytes
+    /// of buffer to fault in meanwhile for the next captures (a fork returns no buffers, and
+    /// fresh memory is slow to fault in; better here than in the program's pause).
+    Forked {
+        pid: libc::pid_t,
+        report: File,
+        warm: usize,
+    },
+}
+
+/// The writer thread and the channels to it.
+pub(crate) struct Background {
+    tasks: Option<Sender<Work>>,
+    outcomes: Receiver<Outcome>,
+    in_flight: bool,
+    thread: Option<JoinHandle<()>>,
+    /// Set by the writer thread when the scrub found damage.
+    rebase: Arc<AtomicBool>,
+}
+
+impl Background {
+    /// Starts the writer thread; `on_done` is called there with each outcome (to tell the
+    /// supervisor at once). With a `scrub` period, the thread verifies stored records between
+    /// snapshots (see [`supervise_store::scrub`]) and calls `on_damage` with the damaged ones it finds,
+    /// after setting aside the snapshots that use it.
+    pub(crate) fn spawn(
+        mut writer: SnapshotWriter,
+        keep: Retention,
+        scrub: Option<Duration>,
+        on_done: OnDone,
+        on_damage: OnDamage,
+    ) -> Result<Self> {
+        let (tasks, task_rx) = channel::<Work>();
+        let (out_tx, outcomes) = channel::<Outcome>();
+        let rebase = Arc::new(AtomicBool::new(false));
+        let doubt = Arc::clone(&rebase);
+        let thread = std::thread::Builder::new()
+            .name("supervise-writer".into())
+            .spawn(move || {
+                let mut scrubber = scrub.map(Scrubber::new);
+                loop {
+                    let work = match &mut scrubber {
+                        None => match task_rx.recv() {
+                            Ok(work) => work,
+                            Err(_) => break,
+                        },
+                        Some(scrubber) => {
+                            match task_rx.recv_timeout(scrubber.due_in(Instant::now())) {
+                                Ok(work) => work,
+                                Err(RecvTimeoutError::Timeout) => {
+                                    let found = scrubber.run_due(writer.job());
+                                    if !found.is_empty() {
+                                        let records: Vec<_> = found
+                                            .iter()
+                                            .map(|f| (f.pack.clone(), f.offset, f.hash))
+                                            .collect();
+                                        let set_aside = writer.distrust(&records);
+                                        // The regions' bases may use a damaged record: copy
+                                        // them whole next time, so every chunk is hashed anew.
+                                        doubt.store(true, Ordering::SeqCst);
+                                        on_damage(&found, &set_aside);
+                                    }
+                                    continue;
+                                }
+                                Err(RecvTimeoutError::Disconnected) => break,
+                            }
+                        }
+                    };
+                    let (result, retention_failed, buffers) = match work {
+                        Work::Capture(task) => {
+                            let written = write_task(&mut writer, &keep, task);
+                            (
+                                written.result.map_err(Arc::new),
+                                written.retention_failed,
+                                written.buffers,
+                            )
+                        }
+                        Work::Forked { pid, report, warm } => {
+                            let mut buffers = Vec::new();
+                            if warm > 0 {
+                                let mut buffer = empty_buffer();
+                                reserve_capture(&mut buffer, warm);
+                                buffer.resize(warm, 0);
+                                buffer.clear();
+                                buffers.push(buffer);
+                            }
+                            let (result, retention_failed) = await_forked(&mut writer, pid, report);
+                            (result, retention_failed, buffers)
+                        }
+                    };
+                    on_done(&result, retention_failed.as_deref());
+                    if out_tx.send(Outcome { result, buffers }).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|source| Error::Thread {
+                name: "supervise-writer",
+                source,
+            })?;
+        Ok(Self {
+            tasks: Some(tasks),
+            outcomes,
+            in_flight: false,
+            thread: Some(thread),
+            rebase,
+        })
+    }
+
+    /// True (once) when the scrub found a damaged record since the last call: the next
+    /// capture must copy every region whole instead of building on a base that may use it.
+    pub(crate) fn take_rebase(&self) -> bool {
+        self.rebase.swap(false, Ordering::SeqCst)
+    }
+
+    /// Hands work to the writer. Call [`wait`](Self::wait) first if some is in flight.
+    pub(crate) fn submit(&mut self, work: Work) {
+        debug_assert!(!self.in_flight);
+        if let Some(tasks) = &self.tasks
+            && tasks.send(work).is_ok()
+        {
+            self.in_flight = true;
+        }
+    }
+
+    /// Waits for the work in flight, if any.
+    pub(crate) fn wait(&mut self) -> Option<Outcome> {
+        if !self.in_flight {
+            return None;
+        }
+        self.in_flight = false;
+        self.outcomes.recv().ok()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.wait();
+        drop(self.tasks.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What writing one capture task gave.
+pub(super) struct Written {
+    pub(super) result: Result<SnapshotReport>,
+    /// Why retention failed after the snapshot was durable.
+    pub(super) retention_failed: Option<String>,
+    /// The task's buffers, back for reuse.
+    buffers: Vec<Buffer>,
+}
+
+/// Writes a captured snapshot durably, then applies retention.
+pub(super) fn write_task(
+    writer: &mut SnapshotWriter,
+    keep: &Retention,
+    task: CaptureTask,
+) -> Written {
+    let mut retention_failed = None;
+    let mut base: Option<Manifest> = None;
+    let result = (|| -> Result<SnapshotReport> {
+        let mut builder = writer.begin_at(task.tag.as_deref(), task.started);
+        for item in &task.items {
+            match item {
+                Item::Whole {
+                    name,
+                    kind,
+                    data,
+                    shuffle,
+                } => builder.add_whole(name, kind.clone(), data, *shuffle)?,
+                Item::Mapped {
+                    name,
+                    kind,
+                    addr,
+                    len,
+                    shuffle,
+                } => {
+                    // SAFETY: only built in a forked snapshot process, for a region mapping that
+                    // stays mapped and unwritten there until the process exits.
+                    let data = unsafe { std::slice::from_raw_parts(*addr as *const u8, *len) };
+                    builder.add_whole(name, kind.clone(), data, *shuffle)?
+                }
+                Item::Delta {
+                    name,
+                    base: seq,
+                    dirty,
+                    data,
+                    shuffle,
+                } => {
+                    if base.as_ref().is_none_or(|m| m.seq != *seq) {
+                        base = Some(builder.manifest_of(*seq)?);
+                    }
+                    let entry = base.as_ref().and_then(|m| m.entry(name)).ok_or_else(|| {
+                        Error::Corrupt {
+                            path: format!("snapshot {seq}").into(),
+                            why: format!("has no entry {name:?} to build on"),
+                        }
+                    })?;
+                    builder.add_delta(name, entry, dirty, data, *shuffle)?;
+                }
+            }
+        }
+        // The outputs' bytes up to their recorded lengths are durable before the manifest that
+        // records them.
+        for (path, file) in &task.outputs.files {
+            file.sync_data()
+                .map_err(supervise_store::error::io_err("fsync output", path))?;
+        }
+        builder.set_origin(task.origin.clone());
+        builder.set_outputs(task.outputs.marks.clone());
+        let mut report = builder.commit()?;
+        match writer.apply_retention(keep.clone()) {
+            Ok(r) => report.removed = r.removed_snapshots,
+            Err(e) => retention_failed = Some(e.to_string()),
+        }
+        Ok(report)
+    })();
+    let buffers = task.items.into_iter().map(Item::into_buffer).collect();
+    Written {
+        result,
+        retention_failed,
+        buffers,
+    }
+}
+
+impl Shim {
+    /// Waits for the snapshot in flight and takes note of how it went: on success the
+    /// captured regions have a new base; on failure they are copied whole next time.
+    pub(crate) fn settle(&mut self) {
+        let Some(outcome) = self.background.as_mut().and_then(Background::wait) else {
+            return;
+        };
+        self.buffers
+            .extend(outcome.buffers.into_iter().filter(|b| b.capacity() > 0));
+        // Spare buffers beyond what a capture uses are only memory held: keep the largest few.
+        if self.buffers.len() > MAX_SPARE_BUFFERS {
+            self.buffers
+                .sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+            self.buffers.truncate(MAX_SPARE_BUFFERS);
+        }
+        let base = outcome.result.as_ref().ok().map(|r| r.seq);
+        for idx in self.in_flight_regions.drain(..) {
+            if let Some(slot) = self.regions.get_mut(idx) {
+                slot.baseline = base;
+            }
+        }
+        self.last = Some(outcome.result);
+    }
+}
+
+/// Spare capture buffers kept between snapshots.
+const MAX_SPARE_BUFFERS: usize = 16;
