@@ -65,3 +65,5 @@ pub use supervise_store::{Error, Result, UnsafeKind};
 // The runtime's one way to add entries is `Capture` (the store's `SnapshotBuilder` is not
 // re-exported).
 pub use supervise_store::SnapshotReport;
+/// The element types a [`Region`], [`Shim::load_slice`] and [`Capture::slice`] take.
+pub use supervise_store::writer::Element;

@@ -204,6 +204,7 @@ pub(super) fn write_task(
     let mut retention_failed = None;
     let mut base: Option<Manifest> = None;
     let result = (|| -> Result<SnapshotReport> {
+        let job_name = writer.job().name().to_owned();
         let mut builder = writer.begin_at(task.tag.as_deref(), task.started);
         for item in &task.items {
             match item {
@@ -236,9 +237,10 @@ pub(super) fn write_task(
                         base = Some(builder.manifest_of(*seq)?);
                     }
                     let entry = base.as_ref().and_then(|m| m.entry(name)).ok_or_else(|| {
-                        Error::Corrupt {
-                            path: format!("snapshot {seq}").into(),
-                            why: format!("has no entry {name:?} to build on"),
+                        Error::DeltaBase {
+                            job: job_name.clone(),
+                            entry: name.clone(),
+                            why: format!("snapshot {seq} has no entry of that name to build on"),
                         }
                     })?;
                     builder.add_delta(name, entry, dirty, data, *shuffle)?;
