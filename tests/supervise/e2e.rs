@@ -281,12 +281,7 @@ fn a_flipped_byte_in_the_newest_snapshot_falls_back_to_the_previous_one() {
     });
     // Found at start, when the shim verifies the whole snapshot before the program sees any
     // of it: set aside and reported to the supervisor, which records it.
-    let set_aside = events_of(&store, "snapshot-set-aside");
-    assert!(
-        set_aside.iter().any(|e| e["seq"] == newest),
-        "{set_aside:?}\n{}",
-        fin.stderr
-    );
+    assert_set_aside(&store, newest, &fin.stderr);
 }
 
 #[test]
@@ -304,11 +299,15 @@ fn a_truncated_newest_manifest_falls_back_to_the_previous_one() {
             .unwrap();
     });
     // Found at start: reported to the supervisor.
-    let set_aside = events_of(&store, "snapshot-set-aside");
+    assert_set_aside(&store, newest, &fin.stderr);
+}
+
+/// The job's history records that snapshot `seq` was set aside as damaged.
+fn assert_set_aside(store: &std::path::Path, seq: u64, stderr: &str) {
+    let set_aside = events_of(store, "snapshot-set-aside");
     assert!(
-        set_aside.iter().any(|e| e["seq"] == newest),
-        "{set_aside:?}\n{}",
-        fin.stderr
+        set_aside.iter().any(|e| e["seq"] == seq),
+        "{set_aside:?}\n{stderr}"
     );
 }
 
