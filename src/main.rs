@@ -12,6 +12,9 @@ mod lifeline;
 mod log;
 mod operator;
 mod policy;
+// Wired into the supervisor as its pieces land.
+#[allow(dead_code)]
+mod remote;
 mod signals;
 mod supervisor;
 
