@@ -12,9 +12,11 @@
 //! the program).
 
 pub mod dir;
+pub mod fetch;
 pub mod lease;
 pub mod object;
 pub mod seal;
+pub mod upload;
 
 use std::fmt;
 use std::io::{Read, Write};

@@ -47,5 +47,5 @@ pub(crate) fn worker_threads() -> usize {
         .clamp(1, 8)
 }
 pub use reader::SnapshotReader;
-pub use store::{JobStore, Store};
+pub use store::{JobStore, StagedPack, Store};
 pub use writer::{Element, SnapshotBuilder, SnapshotReport, SnapshotWriter};

@@ -21,6 +21,7 @@ use crate::format::{self, MAX_MANIFEST_LEN, Manifest, RecordHeader};
 use crate::fsops::{Access, Dir, Staged, TMP_PREFIX};
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
+use crate::pack_scan::PackScanner;
 pub use crate::retention::Retention;
 
 /// A store directory.
@@ -125,6 +126,20 @@ pub struct JobStore {
     dir: Dir,
     snapshots: Dir,
     packs: Dir,
+}
+
+/// A pack being copied into the store from elsewhere, under a temporary name: see
+/// [`JobStore::stage_pack`].
+#[derive(Debug)]
+pub struct StagedPack {
+    /// The pack's name (without `.pack`).
+    pub name: String,
+    /// Its temporary file name in `packs/`.
+    tmp: String,
+    /// Its temporary path.
+    pub path: PathBuf,
+    /// The file, open for writing.
+    pub file: File,
 }
 
 /// What [`JobStore::apply_retention`] removed.
@@ -554,6 +569,119 @@ impl JobStore {
     /// Removes an unfinished pack (a snapshot that failed).
     pub(crate) fn remove_unfinished_pack(&self, tmp: &str) -> Result<bool> {
         self.packs.remove(tmp)
+    }
+
+    /// Reads snapshot `seq`'s manifest file as stored (bounded, never through a link), with
+    /// its decoded and checked form: what a copy of the snapshot elsewhere holds, byte for byte.
+    pub fn manifest_file(&self, seq: u64) -> Result<(Vec<u8>, Manifest)> {
+        let manifest = self.read_manifest(seq)?;
+        let name = Self::manifest_name(seq);
+        let path = self.snapshots.join(&name);
+        let file = self.snapshots.open_read(&name)?;
+        let bytes = format::read_manifest_bytes(file, &path)?;
+        // The file was replaced between the two reads (a repair): the bytes must be what was checked.
+        if Manifest::decode(&bytes, &path)? != manifest {
+            return Err(Error::Corrupt {
+                path,
+                why: "the manifest changed while it was read".into(),
+            });
+        }
+        Ok((bytes, manifest))
+    }
+
+    /// Opens pack `name` for reading, as a copy elsewhere takes it (never through a link).
+    pub fn open_pack_file(&self, name: &str) -> Result<File> {
+        self.open_pack(name)
+    }
+
+    /// True when pack `name` is in place.
+    pub fn has_pack(&self, name: &str) -> Result<bool> {
+        Ok(self.packs.stat(&Self::pack_file(name))?.is_some())
+    }
+
+    /// Creates a temporary file in `packs/` to receive pack `name` from elsewhere (see
+    /// [`JobStore::import`]); a file left by a crash is removed by the next writer.
+    pub fn stage_pack(&self, name: &str) -> Result<StagedPack> {
+        if !format::is_pack_name(&Self::pack_file(name)) {
+            return Err(Error::Corrupt {
+                path: self.pack_path(name),
+                why: "not a pack name".into(),
+            });
+        }
+        let tmp = format!("{TMP_PREFIX}import-{}", Self::pack_file(name));
+        // A stale file of that name is from an import that died: start over.
+        self.packs.remove(&tmp)?;
+        let file = self.packs.create(&tmp, false)?;
+        Ok(StagedPack {
+            name: name.to_owned(),
+            path: self.packs.join(&tmp),
+            tmp,
+            file,
+        })
+    }
+
+    /// Reads a staged pack through and verifies every record (header, decoding, blake3).
+    /// Returns the number of records.
+    pub fn verify_staged(&self, pack: &StagedPack) -> Result<u64> {
+        let file = self.packs.open_read(&pack.tmp)?;
+        let mut records = 0;
+        for record in PackScanner::new(&file, &pack.path)? {
+            record?;
+            records += 1;
+        }
+        Ok(records)
+    }
+
+    /// Removes a staged pack that will not be imported.
+    pub fn discard_staged(&self, pack: StagedPack) -> Result<()> {
+        self.packs.remove(&pack.tmp).map(|_| ())
+    }
+
+    /// Brings a snapshot copied from elsewhere into the store, with the local commit rule:
+    /// the staged packs (each verified with [`JobStore::verify_staged`] by the caller) are
+    /// fsynced and renamed into place, every pack the manifest names is checked to be there
+    /// (present, long enough, a pack), local manifests numbered at or above this one are
+    /// removed (a newer owner's snapshot supersedes them), and the manifest bytes are published
+    /// last. Only the job's owner may call it. Returns the decoded manifest.
+    pub fn import(&self, manifest_bytes: &[u8], packs: &[StagedPack]) -> Result<Manifest> {
+        let path = self.snapshots.join("(imported manifest)");
+        let manifest = Manifest::decode(manifest_bytes, &path)?;
+        if manifest.job != self.name {
+            return Err(Error::Corrupt {
+                path,
+                why: format!(
+                    "the manifest is of job {:?}, not {:?}",
+                    manifest.job, self.name
+                ),
+            });
+        }
+        if let Some(stray) = packs.iter().find(|p| !manifest.packs.contains(&p.name)) {
+            return Err(Error::Corrupt {
+                path: stray.path.clone(),
+                why: format!("snapshot {} does not use this pack", manifest.seq),
+            });
+        }
+        let staged: Vec<Staged<'_>> = packs
+            .iter()
+            .map(|p| Staged {
+                file: &p.file,
+                tmp: &p.tmp,
+                name: Self::pack_file(&p.name),
+            })
+            .collect();
+        self.packs.publish_packs(&staged)?;
+        self.open_packs(&manifest)?;
+        let superseded: Vec<String> = self
+            .snapshot_seqs()?
+            .into_iter()
+            .filter(|&seq| seq >= manifest.seq)
+            .map(Self::manifest_name)
+            .collect();
+        self.snapshots
+            .remove_durably(superseded.iter().map(String::as_str))?;
+        self.snapshots
+            .publish_manifest(&Self::manifest_name(manifest.seq), manifest_bytes)?;
+        Ok(manifest)
     }
 
     /// Fsyncs finished packs, renames them into place and fsyncs the pack directory once.
