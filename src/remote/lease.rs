@@ -683,4 +683,72 @@ mod tests {
         );
         assert!(text.contains("/cache/a"), "{text}");
     }
+
+    /// A tier whose next `replace` lands but whose reply is lost (reported Unavailable).
+    struct LostReply<'a> {
+        inner: &'a DirTier,
+        lose_next: std::sync::atomic::AtomicBool,
+    }
+
+    impl Tier for LostReply<'_> {
+        fn describe(&self) -> &str {
+            self.inner.describe()
+        }
+        fn list(&self, prefix: &str) -> TierResult<Vec<crate::remote::ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        fn get(&self, key: &str, out: &mut dyn std::io::Write, max: u64) -> TierResult<Version> {
+            self.inner.get(key, out, max)
+        }
+        fn put(&self, key: &str, data: &mut dyn std::io::Read, len: u64) -> TierResult<Version> {
+            self.inner.put(key, data, len)
+        }
+        fn create(&self, key: &str, bytes: &[u8]) -> TierResult<Version> {
+            self.inner.create(key, bytes)
+        }
+        fn replace(&self, key: &str, bytes: &[u8], version: &Version) -> TierResult<Version> {
+            let v = self.inner.replace(key, bytes, version)?;
+            if self
+                .lose_next
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(TierError::Unavailable {
+                    tier: self.describe().to_owned(),
+                    key: key.to_owned(),
+                    why: "reply lost".into(),
+                });
+            }
+            Ok(v)
+        }
+        fn delete(&self, key: &str) -> TierResult<()> {
+            self.inner.delete(key)
+        }
+    }
+
+    #[test]
+    fn a_renewal_whose_reply_was_lost_is_adopted_not_lost() {
+        let (_tmp, inner) = new_tier();
+        let tier = LostReply {
+            inner: &inner,
+            lose_next: false.into(),
+        };
+        let (me, other) = holders();
+        let ttl = Duration::from_secs(60);
+        let mut lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new()));
+        let deadline = lease.deadline();
+        tier.lose_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(lease.renew(), Err(LeaseError::Unreachable(_))));
+        assert_eq!(
+            lease.deadline(),
+            deadline,
+            "an unconfirmed renewal moves nothing"
+        );
+        lease.renew().unwrap();
+        assert!(lease.deadline() > deadline);
+        assert_eq!(lease.generation(), 1);
+        // And the record is what the holder last wrote: another taker sees it held.
+        held(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new()));
+        lease.release().unwrap();
+    }
 }
