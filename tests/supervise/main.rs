@@ -4,6 +4,9 @@
 //! `events.log` records' `kind` and `data`), the commands' `--json` output and exit codes.
 
 mod support;
+// A real S3-compatible server (moto), for the remote-tier tests; unused until they land.
+#[allow(dead_code)]
+mod s3_server;
 
 mod c_abi;
 mod commands;
