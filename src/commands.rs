@@ -206,6 +206,10 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
         bytes_new: Option<u64>,
         bytes_written: Option<u64>,
         damaged: Option<String>,
+        /// `local` (on this store only) or `off-node` (on a durable tier too).
+        durability: &'static str,
+        /// The durable tiers it reached, as the job's history tells.
+        off_node: Vec<String>,
     }
     let damaged = |snapshot, why| SnapRow {
         snapshot,
@@ -215,8 +219,11 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
         bytes_new: None,
         bytes_written: None,
         damaged: Some(why),
+        durability: "local",
+        off_node: Vec::new(),
     };
     let job = t.job()?;
+    let off_node = off_node_tiers(job.dir());
     let mut rows = Vec::new();
     for seq in job.snapshot_seqs()? {
         rows.push(match job.read_manifest(seq) {
@@ -228,6 +235,12 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
                 bytes_new: Some(m.stats.bytes_new),
                 bytes_written: Some(m.stats.bytes_packed),
                 damaged: None,
+                durability: if off_node.contains_key(&seq) {
+                    "off-node"
+                } else {
+                    "local"
+                },
+                off_node: off_node.get(&seq).cloned().unwrap_or_default(),
             },
             Err(e) => damaged(seq, e.to_string()),
         });
@@ -250,6 +263,7 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
                 r.tag.clone().unwrap_or_else(dash),
                 r.bytes_total.map_or_else(dash, human::bytes),
                 r.bytes_new.map_or_else(dash, human::bytes),
+                r.durability.into(),
                 r.damaged
                     .clone()
                     .map_or_else(|| "ok".into(), |d| format!("DAMAGED: {d}")),
@@ -258,10 +272,32 @@ fn ls_snapshots(t: &Target) -> Result<i32> {
         .collect();
     human::outln!("job {}", job.name())?;
     human::table(
-        &["SNAPSHOT", "TIME", "AGE", "TAG", "SIZE", "NEW", "STATE"],
+        &[
+            "SNAPSHOT", "TIME", "AGE", "TAG", "SIZE", "NEW", "DURABLE", "STATE",
+        ],
         &table,
     )?;
     Ok(0)
+}
+
+/// The durable tiers each snapshot reached, from the job's history (`safe-off-node` records).
+fn off_node_tiers(job_dir: &std::path::Path) -> std::collections::BTreeMap<u64, Vec<String>> {
+    let mut tiers: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for record in events::read(job_dir).unwrap_or_default() {
+        let Some(data) = record.data.filter(|_| record.kind == "safe-off-node") else {
+            continue;
+        };
+        if let (Some(seq), Some(tier)) = (
+            data.get("seq").and_then(|v| v.as_u64()),
+            data.get("tier").and_then(|v| v.as_str()),
+        ) {
+            let list = tiers.entry(seq).or_default();
+            if !list.iter().any(|t| t == tier) {
+                list.push(tier.to_owned());
+            }
+        }
+    }
+    tiers
 }
 
 /// How `show` defines its state/stored ratio (JSON: `dedup_ratio`).
@@ -802,6 +838,8 @@ pub fn status(t: &Target) -> Result<i32> {
         restarts: Option<u32>,
         last_snapshot: Option<u64>,
         last_snapshot_unix_ms: Option<u64>,
+        /// The newest snapshot on every durable tier (`null`: none, or no durable tier).
+        last_off_node: Option<u64>,
         bytes_on_disk: u64,
         /// `state_bytes / stored_bytes` (0 when nothing is stored).
         dedup_ratio: f64,
@@ -839,6 +877,7 @@ pub fn status(t: &Target) -> Result<i32> {
             restarts: None,
             last_snapshot: manifests.last().map(|m| m.seq),
             last_snapshot_unix_ms: manifests.last().map(|m| m.created_unix_ms),
+            last_off_node: None,
             bytes_on_disk: job.disk_bytes()?,
             dedup_ratio: ratio(logical, stored),
             state_bytes: logical,
@@ -854,6 +893,7 @@ pub fn status(t: &Target) -> Result<i32> {
                     row.started_unix_ms = Some(s.started_unix_ms);
                     row.restarts = Some(s.restarts);
                     row.shim_connected = s.shim_connected;
+                    row.last_off_node = s.last_off_node;
                 }
             }
             Ok(_) => {
@@ -887,6 +927,7 @@ pub fn status(t: &Target) -> Result<i32> {
                 r.restarts.map_or_else(dash, |n| n.to_string()),
                 r.last_snapshot.map_or_else(dash, |s| s.to_string()),
                 r.last_snapshot_unix_ms.map_or_else(dash, age),
+                r.last_off_node.map_or_else(dash, |s| s.to_string()),
                 human::bytes(r.bytes_on_disk),
                 ratio_cell(r.shim_connected, r.stored_bytes, r.dedup_ratio),
                 r.note.clone().unwrap_or_default(),
@@ -902,6 +943,7 @@ pub fn status(t: &Target) -> Result<i32> {
             "RESTARTS",
             "SNAPSHOT",
             "TAKEN",
+            "OFF-NODE",
             "ON DISK",
             "STATE/STORED",
             "",

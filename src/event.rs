@@ -26,6 +26,8 @@ pub enum Outcome {
     ConfigError,
     /// The job had completed (while this supervisor waited for it, or before).
     AlreadyDone,
+    /// The job's lease on its durable tier was lost; the program was stopped.
+    LeaseLost,
 }
 
 /// Where a life of the program starts.
@@ -264,6 +266,70 @@ pub enum JobEvent {
         /// The sentence.
         detail: String,
     },
+    /// This supervisor holds the job's lease on its durable tier.
+    LeaseTaken {
+        /// The tier the lease lives on.
+        tier: String,
+        /// Its generation: every snapshot published under it carries it.
+        generation: u64,
+        /// Its time-to-live (`--lease-ttl`).
+        ttl_ms: u64,
+    },
+    /// The lease was lost: the program is stopped so that two copies never run.
+    LeaseLost {
+        /// The tier.
+        tier: String,
+        /// Why (taken over by whom, or not renewed in time).
+        why: String,
+    },
+    /// A snapshot newer than the local tier's was brought in from a durable tier.
+    Fetched {
+        /// Its number.
+        seq: u64,
+        /// The lease generation it was published under.
+        generation: u64,
+        /// The tier its manifest came from.
+        tier: String,
+        /// Bytes copied.
+        bytes: u64,
+        /// Packs copied.
+        packs: u64,
+        /// How long it took.
+        duration_ms: u64,
+    },
+    /// A durable tier could not be read, or a snapshot on it was passed over (damaged,
+    /// incomplete).
+    TierTrouble {
+        /// The tier.
+        tier: String,
+        /// The snapshot concerned, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        /// What went wrong.
+        why: String,
+    },
+    /// A snapshot is on a durable tier: its manifest is published and names nothing missing.
+    SafeOffNode {
+        /// Its number.
+        seq: u64,
+        /// The tier.
+        tier: String,
+        /// Bytes sent for it.
+        bytes_sent: u64,
+        /// From the start of its upload to the manifest's publication.
+        duration_ms: u64,
+    },
+    /// Copying a snapshot to a durable tier failed; it is retried.
+    UploadFailed {
+        /// The snapshot.
+        seq: u64,
+        /// The tier.
+        tier: String,
+        /// Why.
+        error: String,
+        /// When the next attempt is made (sooner when a new snapshot arrives).
+        retry_in_ms: u64,
+    },
 }
 
 impl JobEvent {
@@ -279,7 +345,10 @@ impl JobEvent {
     pub fn always_shown(&self) -> bool {
         matches!(
             self,
-            JobEvent::Start { .. } | JobEvent::End { .. } | JobEvent::Held { .. }
+            JobEvent::Start { .. }
+                | JobEvent::End { .. }
+                | JobEvent::Held { .. }
+                | JobEvent::LeaseLost { .. }
         )
     }
 
@@ -457,6 +526,60 @@ impl fmt::Display for JobEvent {
             JobEvent::Resume { detail, .. } | JobEvent::HistoryDamaged { detail } => {
                 f.write_str(detail)
             }
+            JobEvent::LeaseTaken {
+                tier,
+                generation,
+                ttl_ms,
+            } => write!(
+                f,
+                "holding the job's lease on {tier} (generation {generation}, renewed every {})",
+                dur(ttl_ms / 3)
+            ),
+            JobEvent::LeaseLost { tier, why } => write!(
+                f,
+                "lost the job's lease on {tier}: {why}; the program is stopped so that two \
+                 copies never run"
+            ),
+            JobEvent::Fetched {
+                seq,
+                generation,
+                tier,
+                bytes,
+                packs,
+                duration_ms,
+            } => write!(
+                f,
+                "fetched snapshot {seq} (generation {generation}) from {tier}: {} in {packs} \
+                 packs, every chunk verified, {}",
+                human::bytes(*bytes),
+                dur(*duration_ms)
+            ),
+            JobEvent::TierTrouble { tier, seq, why } => match seq {
+                Some(seq) => write!(f, "{tier}: snapshot {seq} passed over: {why}"),
+                None => write!(f, "{tier}: {why}"),
+            },
+            JobEvent::SafeOffNode {
+                seq,
+                tier,
+                bytes_sent,
+                duration_ms,
+            } => write!(
+                f,
+                "snapshot {seq} safe off-node ({tier}, {} sent, {})",
+                human::bytes(*bytes_sent),
+                dur(*duration_ms)
+            ),
+            JobEvent::UploadFailed {
+                seq,
+                tier,
+                error,
+                retry_in_ms,
+            } => write!(
+                f,
+                "snapshot {seq} not yet on {tier}: {error}; retrying in {} (snapshots go on \
+                 locally)",
+                dur(*retry_in_ms)
+            ),
         }
     }
 }

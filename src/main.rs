@@ -12,8 +12,6 @@ mod lifeline;
 mod log;
 mod operator;
 mod policy;
-// Wired into the supervisor as its pieces land.
-#[allow(dead_code)]
 mod remote;
 mod signals;
 mod supervisor;
@@ -222,14 +220,67 @@ enum Sub {
         )]
         args: Vec<std::ffi::OsString>,
     },
+    /// Make a new key for --encrypt-key: 32 random bytes as 64 hex digits in FILE (created,
+    /// mode 0600; an existing file is never overwritten). Keep a copy somewhere safe: without
+    /// it, sealed snapshots cannot be read.
+    Keygen {
+        /// The key file to create.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// `--lease-ttl`: a duration of at least 3 s (renewals every third of it must fit).
+fn parse_lease_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl < Duration::from_secs(3) {
+        return Err(format!(
+            "{text} is too short: the lease's time-to-live is at least 3s"
+        ));
+    }
+    Ok(ttl)
 }
 
 /// Running a command under supervision.
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Directory of the snapshot store (created if missing, mode 0700).
-    #[arg(long, value_name = "DIR", default_value = ".supervise")]
-    store: PathBuf,
+    /// Where snapshots are kept: a directory (created if missing, mode 0700), or an
+    /// S3-compatible object store as s3://BUCKET/PREFIX. Repeat it (or give a comma list) to
+    /// keep every snapshot in several places: the program writes to a local directory (the
+    /// first one given, or --cache), and the supervisor copies each snapshot to the others in
+    /// the background; a rerun on any node resumes from the newest one that reached them.
+    /// S3 credentials, region and endpoint come from the standard AWS environment variables
+    /// and profile files.
+    #[arg(
+        long,
+        value_name = "DIR|s3://BUCKET/PREFIX",
+        default_value = ".supervise",
+        value_delimiter = ','
+    )]
+    store: Vec<PathBuf>,
+
+    /// The node-local directory the program writes its snapshots to when every --store is
+    /// remote or another directory should stay the fast local tier (default: the first
+    /// --store directory, else $TMPDIR/supervise-UID).
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+
+    /// The S3 endpoint URL (MinIO, Ceph, any S3-compatible server), instead of
+    /// AWS_ENDPOINT_URL or AWS itself.
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+
+    /// With a --store beyond the local one: the job's lease there lasts this long unless
+    /// renewed (every third of it). A supervisor that cannot renew stops its program before
+    /// it expires; another node takes the job over only after it has expired.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_lease_ttl, allow_hyphen_values = true)]
+    lease_ttl: Duration,
+
+    /// Seal every object sent beyond the node (packs, manifests, the lease) with the key in
+    /// FILE (64 hex digits, mode 0600; `supervise keygen FILE` makes one): authenticated
+    /// encryption, so the storage's operator can neither read nor forge snapshots.
+    #[arg(long, value_name = "FILE", env = "SUPERVISE_ENCRYPT_KEY")]
+    encrypt_key: Option<PathBuf>,
 
     /// Also write each event, as it happens, as one JSON line to FILE (appended to; `-` is
     /// standard output), in the schema of `supervise log --json`: for programs that follow
@@ -540,6 +591,9 @@ fn main() -> ExitCode {
     }
     let result = match cli.sub {
         Some(Sub::Bench { args }) => run_bench(&args),
+        Some(Sub::Keygen { file }) => remote::seal::SealKey::generate(&file)
+            .map(|_| 0)
+            .with_context(|| format!("cannot make a key in {}", file.display())),
         Some(Sub::Ls { at }) => commands::ls(&at.into()),
         Some(Sub::Show { at, snapshot }) => commands::show(&at.into(), &snapshot),
         Some(Sub::Verify {
@@ -609,6 +663,9 @@ fn check_run_args(run: &RunArgs) -> Result<(), String> {
 /// its own, `supervise-bench`, found beside this binary or on `PATH`.
 fn run_bench(args: &[std::ffi::OsString]) -> anyhow::Result<i32> {
     const BENCH: &str = "supervise-bench";
+    if args.iter().any(|a| a == "--remote") {
+        return run_remote_bench(args);
+    }
     let beside = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join(BENCH)))
@@ -624,16 +681,107 @@ fn run_bench(args: &[std::ffi::OsString]) -> anyhow::Result<i32> {
     }
 }
 
+/// Where a job's snapshots go, from `--store`, `--cache` and their companions: the local
+/// store the program writes to, and the durable tiers beyond it (none for one directory).
+fn tiers(cli: &RunArgs) -> anyhow::Result<(PathBuf, Option<supervisor::DurableConfig>)> {
+    use std::sync::Arc;
+    let mut dirs = Vec::new();
+    let mut urls = Vec::new();
+    for store in &cli.store {
+        match store.to_str() {
+            Some(url) if url.contains("://") => {
+                if !url.starts_with("s3://") {
+                    anyhow::bail!("--store {url}: only s3:// URLs are supported, or a directory");
+                }
+                urls.push(url.to_owned());
+            }
+            _ => dirs.push(store.clone()),
+        }
+    }
+    let cache = match &cli.cache {
+        Some(cache) => cache.clone(),
+        None if !dirs.is_empty() => dirs.remove(0),
+        None => std::env::temp_dir().join(format!("supervise-{}", nix::unistd::getuid())),
+    };
+    if urls.is_empty() && dirs.is_empty() {
+        return Ok((cache, None));
+    }
+    let seal = |tier: Box<dyn remote::Tier>| -> anyhow::Result<Arc<dyn remote::Tier>> {
+        Ok(match &cli.encrypt_key {
+            Some(path) => {
+                let key = remote::seal::SealKey::load(path)
+                    .with_context(|| format!("--encrypt-key {}", path.display()))?;
+                Arc::new(remote::seal::Sealed::new(tier, key))
+            }
+            None => Arc::from(tier),
+        })
+    };
+    let mut tiers = Vec::new();
+    for url in &urls {
+        let tier = remote::object::ObjectTier::open(url, cli.s3_endpoint.as_deref())
+            .with_context(|| format!("--store {url}"))?;
+        tiers.push(seal(Box::new(tier))?);
+    }
+    for dir in dirs {
+        tiers.push(seal(Box::new(remote::dir::DirTier::new(dir)))?);
+    }
+    Ok((
+        cache,
+        Some(supervisor::DurableConfig {
+            tiers,
+            lease_ttl: cli.lease_ttl,
+        }),
+    ))
+}
+
+/// `supervise bench --remote s3://BUCKET/PREFIX [--s3-endpoint URL] [--size SIZE] [--json]`:
+/// the durable tier's figures (the remote code is the supervisor's, so it runs here).
+fn run_remote_bench(args: &[std::ffi::OsString]) -> anyhow::Result<i32> {
+    let mut url = None;
+    let mut endpoint = None;
+    let mut size: u64 = 256 << 20;
+    let mut json = false;
+    let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("bench --remote: {arg} needs a value"))
+        };
+        match arg.as_str() {
+            "--remote" => url = Some(value()?),
+            "--s3-endpoint" => endpoint = Some(value()?),
+            "--size" => {
+                let text = value()?;
+                size = text
+                    .trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map_err(|_| anyhow::anyhow!("--size {text:?} is not a size (e.g. 256MiB)"))?
+                    .as_u64();
+            }
+            "--json" => json = true,
+            other => anyhow::bail!(
+                "bench --remote: unknown argument {other:?} (--remote URL, --s3-endpoint URL, \
+                 --size SIZE, --json)"
+            ),
+        }
+    }
+    let url = url.context("bench --remote needs a URL")?;
+    let tier = remote::object::ObjectTier::open(&url, endpoint.as_deref())
+        .with_context(|| format!("--remote {url}"))?;
+    remote::bench::run(std::sync::Arc::new(tier), size, json)
+}
+
 fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
     // Before anything is created in the store: a program that cannot start is an error here.
     let program = identity::resolve(&cli.command)?;
+    let (store, durable) = tiers(&cli)?;
     let job = match cli.job.clone() {
         Some(job) => job,
         None => {
             let name = identity::job_name(&program, &cli.command);
             let legacy = identity::legacy_job_name(&cli.command);
             // A job an earlier release named from the command line as typed keeps its name.
-            if !cli.store.join(&name).exists() && cli.store.join(&legacy).is_dir() {
+            if !store.join(&name).exists() && store.join(&legacy).is_dir() {
                 legacy
             } else {
                 name
@@ -664,7 +812,7 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         origin: program.origin(&cli.command),
         program,
         command: cli.command,
-        store: cli.store,
+        store,
         job,
         every: cli.every,
         keep: cli.keep as usize,
@@ -688,6 +836,7 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         stop_timeout: cli.stop_timeout,
         fresh: cli.fresh,
         scrub: cli.scrub_every.0,
+        durable,
     };
     supervisor::run(&cfg, &mut log)
 }

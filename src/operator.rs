@@ -49,6 +49,10 @@ pub struct Status {
     /// the reply of a supervisor older than this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shim_connected: Option<bool>,
+    /// The newest snapshot that is on every durable tier (`None`: none yet, no durable tier,
+    /// or a supervisor older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_off_node: Option<u64>,
 }
 
 /// The reply to a request.

@@ -173,6 +173,7 @@ impl DirTier {
         DirTier { root: path, name }
     }
 
+    #[cfg(test)]
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -426,6 +427,7 @@ impl DirTier {
         Ok(File::from(fd))
     }
 
+    #[cfg(test)]
     /// Removes the temporary files (unfinished or crashed writes) not modified for
     /// `older_than`, everywhere below the root. Returns how many were removed.
     pub fn remove_leftovers(&self, older_than: Duration) -> TierResult<usize> {

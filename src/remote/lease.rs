@@ -60,6 +60,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -197,6 +198,7 @@ impl Watch {
         Watch::default()
     }
 
+    #[cfg(test)]
     /// The earliest instant at which the version now watched may be taken over (when it is
     /// still unchanged then); `None` before anything was seen.
     pub fn takeover_at(&self) -> Option<Instant> {
@@ -218,9 +220,9 @@ impl Watch {
 
 /// What [`try_acquire`] found.
 #[derive(Debug)]
-pub enum Acquired<'a> {
+pub enum Acquired {
     /// The lease is ours.
-    Taken(Lease<'a>),
+    Taken(Lease),
     /// Someone else holds it; it cannot be taken over for at least `free_in` (more if they
     /// renew).
     Held {
@@ -257,8 +259,8 @@ impl std::error::Error for LeaseError {}
 
 /// A lease held: renew it by [`Lease::renew_due`], have the program stopped by
 /// [`Lease::deadline`].
-pub struct Lease<'a> {
-    tier: &'a dyn Tier,
+pub struct Lease {
+    tier: Arc<dyn Tier>,
     key: String,
     record: Record,
     version: Version,
@@ -266,7 +268,7 @@ pub struct Lease<'a> {
     sent: Instant,
 }
 
-impl fmt::Debug for Lease<'_> {
+impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lease")
             .field("tier", &self.tier.describe())
@@ -277,12 +279,13 @@ impl fmt::Debug for Lease<'_> {
     }
 }
 
-impl Lease<'_> {
+impl Lease {
     /// The lease generation (what this holder's manifest keys carry).
     pub fn generation(&self) -> u64 {
         self.record.generation
     }
 
+    #[cfg(test)]
     /// The holder (this process).
     pub fn holder(&self) -> &Holder {
         &self.record.holder
@@ -366,7 +369,7 @@ impl Lease<'_> {
     }
 
     fn read_current(&self) -> TierResult<Option<(Record, Version)>> {
-        read_record(self.tier, &self.key)
+        read_record(self.tier.as_ref(), &self.key)
     }
 }
 
@@ -399,13 +402,13 @@ fn highest_manifest_generation(tier: &dyn Tier, job: &str) -> TierResult<u64> {
 /// Tries to take the lease of `job` on `tier` for `me`, promising to renew within `ttl`.
 /// `watch` must be kept by the caller across attempts at this job (see the
 /// [module documentation](self) for the protocol).
-pub fn try_acquire<'a>(
-    tier: &'a dyn Tier,
+pub fn try_acquire(
+    tier: &Arc<dyn Tier>,
     job: &str,
     me: &Holder,
     ttl: Duration,
     watch: &mut Watch,
-) -> TierResult<Acquired<'a>> {
+) -> TierResult<Acquired> {
     let key = layout::lease(job);
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
     let record_for = |generation: u64| Record {
@@ -418,19 +421,19 @@ pub fn try_acquire<'a>(
     };
     let taken = |record: Record, version: Version, sent: Instant| {
         Acquired::Taken(Lease {
-            tier,
+            tier: Arc::clone(tier),
             key: key.clone(),
             record,
             version,
             sent,
         })
     };
-    let Some((current, version)) = read_record(tier, &key)? else {
-        let record = record_for(highest_manifest_generation(tier, job)?.saturating_add(1));
+    let Some((current, version)) = read_record(tier.as_ref(), &key)? else {
+        let record = record_for(highest_manifest_generation(tier.as_ref(), job)?.saturating_add(1));
         let sent = Instant::now();
         return match tier.create(&key, &record.to_bytes()) {
             Ok(v) => Ok(taken(record, v, sent)),
-            Err(TierError::Conflict { .. }) => lost_race(tier, &key, watch),
+            Err(TierError::Conflict { .. }) => lost_race(tier.as_ref(), &key, watch),
             Err(e) => Err(e),
         };
     };
@@ -448,19 +451,19 @@ pub fn try_acquire<'a>(
     }
     let generation = current
         .generation
-        .max(highest_manifest_generation(tier, job)?)
+        .max(highest_manifest_generation(tier.as_ref(), job)?)
         .saturating_add(1);
     let record = record_for(generation);
     let sent = Instant::now();
     match tier.replace(&key, &record.to_bytes(), &version) {
         Ok(v) => Ok(taken(record, v, sent)),
-        Err(TierError::Conflict { .. }) => lost_race(tier, &key, watch),
+        Err(TierError::Conflict { .. }) => lost_race(tier.as_ref(), &key, watch),
         Err(e) => Err(e),
     }
 }
 
 /// After a conditional write lost: who holds the lease now.
-fn lost_race<'a>(tier: &'a dyn Tier, key: &str, watch: &mut Watch) -> TierResult<Acquired<'a>> {
+fn lost_race(tier: &dyn Tier, key: &str, watch: &mut Watch) -> TierResult<Acquired> {
     match read_record(tier, key)? {
         Some((record, version)) => {
             let seen_for = watch.observe(&version, record.ttl(), Instant::now());
@@ -481,15 +484,15 @@ fn lost_race<'a>(tier: &'a dyn Tier, key: &str, watch: &mut Watch) -> TierResult
 mod tests {
     use super::*;
     use crate::remote::dir::DirTier;
-    use std::sync::{Arc, Barrier};
+    use std::sync::Barrier;
 
     const JOB: &str = "heat-1";
 
-    fn new_tier() -> (tempfile::TempDir, DirTier) {
+    fn new_tier() -> (tempfile::TempDir, Arc<dyn Tier>) {
         let tmp = tempfile::tempdir().unwrap();
         let tier = DirTier::new(tmp.path().join("replica"));
         std::fs::create_dir(tier.root()).unwrap();
-        (tmp, tier)
+        (tmp, Arc::new(tier))
     }
 
     /// This process as a holder (alive), and another one on another host.
@@ -506,14 +509,14 @@ mod tests {
         (me, other)
     }
 
-    fn take<'a>(a: TierResult<Acquired<'a>>) -> Lease<'a> {
+    fn take(a: TierResult<Acquired>) -> Lease {
         match a.unwrap() {
             Acquired::Taken(lease) => lease,
             Acquired::Held { holder, free_in } => panic!("held by {holder} for {free_in:?}"),
         }
     }
 
-    fn held(a: TierResult<Acquired<'_>>) -> (Holder, Duration) {
+    fn held(a: TierResult<Acquired>) -> (Holder, Duration) {
         match a.unwrap() {
             Acquired::Taken(lease) => panic!("taken: {lease:?}"),
             Acquired::Held { holder, free_in } => (holder, free_in),
@@ -650,7 +653,7 @@ mod tests {
                 std::thread::spawn(move || {
                     barrier.wait();
                     let r =
-                        try_acquire(&*tier, JOB, &me, Duration::from_secs(60), &mut Watch::new());
+                        try_acquire(&tier, JOB, &me, Duration::from_secs(60), &mut Watch::new());
                     match r {
                         Ok(Acquired::Taken(lease)) => Ok(Some(lease.generation())),
                         Ok(Acquired::Held { .. }) => Ok(None),
@@ -685,12 +688,12 @@ mod tests {
     }
 
     /// A tier whose next `replace` lands but whose reply is lost (reported Unavailable).
-    struct LostReply<'a> {
-        inner: &'a DirTier,
+    struct LostReply {
+        inner: Arc<dyn Tier>,
         lose_next: std::sync::atomic::AtomicBool,
     }
 
-    impl Tier for LostReply<'_> {
+    impl Tier for LostReply {
         fn describe(&self) -> &str {
             self.inner.describe()
         }
@@ -728,15 +731,16 @@ mod tests {
     #[test]
     fn a_renewal_whose_reply_was_lost_is_adopted_not_lost() {
         let (_tmp, inner) = new_tier();
-        let tier = LostReply {
-            inner: &inner,
+        let lost = Arc::new(LostReply {
+            inner,
             lose_next: false.into(),
-        };
+        });
+        let tier: Arc<dyn Tier> = lost.clone();
         let (me, other) = holders();
         let ttl = Duration::from_secs(60);
         let mut lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new()));
         let deadline = lease.deadline();
-        tier.lose_next
+        lost.lose_next
             .store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(matches!(lease.renew(), Err(LeaseError::Unreachable(_))));
         assert_eq!(

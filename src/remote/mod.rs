@@ -11,6 +11,7 @@
 //! own small async runtime inside; nothing async leaks out, and nothing here is linked into
 //! the program).
 
+pub mod bench;
 pub mod dir;
 pub mod fetch;
 pub mod lease;

@@ -391,6 +391,7 @@ impl SealKey {
         Ok(SealKey::derive(&raw))
     }
 
+    #[cfg(test)]
     /// The key's id: names it in every sealed object's header without revealing it.
     pub fn id(&self) -> [u8; 8] {
         self.id
@@ -462,11 +463,6 @@ impl Sealed {
             key,
             describe,
         }
-    }
-
-    /// The key objects are sealed with.
-    pub fn key(&self) -> &SealKey {
-        &self.key
     }
 
     /// A new sealing reader over `data` (`len` bytes) for the object `key`.

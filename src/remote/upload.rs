@@ -128,11 +128,6 @@ impl Uploads {
     pub fn wait(&self, timeout: Duration) -> Option<Report> {
         self.reports.recv_timeout(timeout).ok()
     }
-
-    /// How many tiers there are.
-    pub fn tiers(&self) -> usize {
-        self.workers.len()
-    }
 }
 
 impl Drop for Uploads {

@@ -2,6 +2,7 @@
 //! watch it over the control channel, and when it dies, restart it from the newest complete
 //! snapshot under the restart policy. SIGINT/SIGTERM: final snapshot, stop, exit.
 
+mod durable;
 mod state;
 mod watch;
 
@@ -30,6 +31,8 @@ use crate::signals::Signals;
 use state::{Outcome, signal_name};
 use supervise_store::clock::{millis, now_unix_ms};
 use watch::Watch;
+
+pub use durable::DurableConfig;
 
 /// Everything the supervisor needs to run one job.
 #[derive(Clone, Debug)]
@@ -70,6 +73,8 @@ pub struct JobConfig {
     pub orphan: OrphanMode,
     /// The scrub's period (`None`: off).
     pub scrub: Option<Duration>,
+    /// The durable tiers beyond the local store, if any.
+    pub durable: Option<DurableConfig>,
 }
 
 /// What to do with a job's snapshots when its command finishes with exit code 0
@@ -240,6 +245,15 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         ));
         return Ok(0);
     }
+    let durable = match &cfg.durable {
+        Some(d) => {
+            match durable::Durable::start(d, &job, cfg.fresh, cfg.wait, cfg.keep, &signals, log)? {
+                Ok(durable) => Some(durable),
+                Err(code) => return Ok(code),
+            }
+        }
+        None => None,
+    };
     log.emit(&JobEvent::Start {
         supervisor_pid: std::process::id(),
         command: command_line.clone(),
@@ -318,6 +332,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             from: From(from),
         });
         let life = Watch::new(cfg, log, &signals, from, said_no_shim, stderr_pipe.as_ref())
+            .with_durable(durable.as_ref())
             .run(&mut child, &server, &mut state)?;
         said_no_shim = life.said_no_shim;
         ever_connected |= life.connected;
@@ -330,9 +345,41 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         }
         let progressed = job.highest_seq()? > highest_before;
         let hung = matches!(life.outcome, Outcome::Hung(_));
+        if let Some(why) = &life.lease_lost {
+            log.emit(&end(
+                RunOutcome::LeaseLost,
+                exit::LEASE_LOST,
+                format!(
+                    "lost the job's lease ({why}): the program was stopped so that two copies \
+                     never run; the newest snapshot that reached the durable tiers is where the \
+                     job resumes"
+                ),
+            ));
+            return Ok(exit::LEASE_LOST);
+        }
         let how = match life.outcome {
             Outcome::Stopped(sig) => {
                 let newest = newest_snapshot(&job, &skip)?;
+                if let (Some(d), Some(seq)) = (&durable, newest) {
+                    let deadline = life.stop_began.unwrap_or_else(Instant::now) + cfg.stop_timeout;
+                    if !d.flush(seq, deadline, log) {
+                        let lagging = d.lagging(seq).join(", ");
+                        log.emit(&end(
+                            RunOutcome::Stopped,
+                            exit::STOPPED_NOT_OFF_NODE,
+                            format!(
+                                "stopped by {}; the final snapshot {seq} is in the local cache \
+                                 {} but did not reach {lagging} within --stop-timeout {}: \
+                                 running the same command again on this node resumes from it, \
+                                 on another node from the newest snapshot that did",
+                                signal_name(sig),
+                                store_dir.display(),
+                                human::duration(cfg.stop_timeout)
+                            ),
+                        ));
+                        return Ok(exit::STOPPED_NOT_OFF_NODE);
+                    }
+                }
                 let detail = match newest {
                     Some(seq) => format!(
                         "stopped by {}; run the same command again to resume (from snapshot \
@@ -356,6 +403,16 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             }
             Outcome::Ended(Ended::Exited(0)) => {
                 let mut detail = String::from("job finished (exit code 0)");
+                // The newest snapshot goes off-node too (bounded): a rerun elsewhere then
+                // finds the job at its end rather than before it.
+                if let (Some(d), Some(seq)) = (&durable, newest_snapshot(&job, &[])?)
+                    && !d.flush(seq, Instant::now() + cfg.stop_timeout, log)
+                {
+                    detail.push_str(&format!(
+                        "; its last snapshot {seq} did not reach {} within --stop-timeout",
+                        d.lagging(seq).join(", ")
+                    ));
+                }
                 if cfg.on_success == OnSuccess::Delete {
                     let removed = job.remove_all_snapshots()?;
                     detail.push_str(&format!(

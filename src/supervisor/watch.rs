@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result};
 use nix::poll::{PollFd, PollFlags, poll};
 use supervise_store::control::{Event, Request};
 
+use super::durable::{Durable, LeaseState};
 use super::state::{
     Action, ChildState, Context, Input, Outcome, Request as SnapshotRequest, SnapshotReason,
     Snapshots,
@@ -57,6 +58,12 @@ pub(super) struct Watch<'a> {
     stderr_tail: StderrTail,
     /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored, wanted).
     mismatch: Option<(u64, String, u64, u64)>,
+    /// The durable tiers, if any.
+    durable: Option<&'a Durable>,
+    /// When a stop began (a signal, or the lease).
+    stop_began: Option<Instant>,
+    /// The lease was lost, why, and by when the program must have ended.
+    lease_lost: Option<(String, Instant)>,
 }
 
 /// How one life of the child went.
@@ -74,6 +81,10 @@ pub(super) struct Life {
     /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored,
     /// wanted).
     pub mismatch: Option<(u64, String, u64, u64)>,
+    /// When a stop began, if one did.
+    pub stop_began: Option<Instant>,
+    /// Why the job's lease was lost, if it was (the program was stopped for it).
+    pub lease_lost: Option<String>,
 }
 
 impl<'a> Watch<'a> {
@@ -109,6 +120,40 @@ impl<'a> Watch<'a> {
             stderr_pipe,
             stderr_tail: StderrTail::default(),
             mismatch: None,
+            durable: None,
+            stop_began: None,
+            lease_lost: None,
+        }
+    }
+
+    /// Watches the durable tiers too: reports their uploads, nudges them after each snapshot,
+    /// and stops the program when the lease is lost.
+    pub(super) fn with_durable(mut self, durable: Option<&'a Durable>) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Tells the uploads' reports; stops the program when the lease is lost or about to
+    /// expire, and kills it if it is still running when the lease may expire.
+    fn watch_durable(&mut self, child: &Child) {
+        let Some(durable) = self.durable else { return };
+        durable.report(self.log);
+        if let Some((_, deadline)) = &self.lease_lost {
+            if Instant::now() >= *deadline {
+                child.kill_group(nix::sys::signal::Signal::SIGKILL);
+            }
+            return;
+        }
+        if let LeaseState::Stop { why, deadline } = durable.lease_state() {
+            self.log.emit(&JobEvent::LeaseLost {
+                tier: durable.lease_tier().to_owned(),
+                why: why.clone(),
+            });
+            // Ended a little before the lease can expire: a margin for the kill and the reap.
+            let margin = Duration::from_millis(500);
+            self.lease_lost = Some((why, deadline.checked_sub(margin).unwrap_or(deadline)));
+            self.stop_began.get_or_insert_with(Instant::now);
+            self.step(child, Input::StopSignal(libc::SIGTERM));
         }
     }
 
@@ -167,9 +212,17 @@ impl<'a> Watch<'a> {
 
     /// Feeds `input` to the child's state machine and carries out its actions.
     fn step(&mut self, child: &Child, input: Input) {
+        // When the lease is lost, the program must have ended before it can expire.
+        let stop_timeout = match &self.lease_lost {
+            Some((_, by)) => self
+                .cfg
+                .stop_timeout
+                .min(by.saturating_duration_since(Instant::now()) / 2),
+            None => self.cfg.stop_timeout,
+        };
         let cx = Context {
             connected: self.connected,
-            stop_timeout: self.cfg.stop_timeout,
+            stop_timeout,
             hang_timeout: self.cfg.hang_timeout,
         };
         let (next, actions) = self.state.step(input, &cx);
@@ -220,6 +273,8 @@ impl<'a> Watch<'a> {
                     said_no_shim: self.said_no_shim,
                     stderr_tail: self.stderr_tail,
                     mismatch: self.mismatch,
+                    stop_began: self.stop_began,
+                    lease_lost: self.lease_lost.map(|(why, _)| why),
                 });
             }
             let now = Instant::now();
@@ -255,6 +310,10 @@ impl<'a> Watch<'a> {
             self.pass_stderr();
             self.read_control(child);
             self.record_done(state);
+            self.watch_durable(child);
+            if let Some(durable) = self.durable {
+                state.status.last_off_node = durable.safe_everywhere();
+            }
             self.serve_operators(child, server, state);
             let now = Instant::now();
             let since_progress = now.saturating_duration_since(self.last_progress);
@@ -291,6 +350,7 @@ impl<'a> Watch<'a> {
 
     fn handle_signals(&mut self, child: &Child) {
         if let Some(sig) = self.signals.take_stop() {
+            self.stop_began.get_or_insert_with(Instant::now);
             self.step(child, Input::StopSignal(sig));
         }
         if self.signals.take_snapshot() {
@@ -397,6 +457,9 @@ impl<'a> Watch<'a> {
                 self.snapshots = next;
                 self.last_progress = Instant::now();
                 self.done.push(r.seq);
+                if let Some(durable) = self.durable {
+                    durable.nudge();
+                }
                 self.answer_waiting(&operator::Reply {
                     ok: true,
                     error: None,

@@ -18,3 +18,4 @@ mod hostile_store;
 mod master_loss;
 mod never_lose;
 mod output;
+mod remote;

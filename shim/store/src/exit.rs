@@ -23,6 +23,16 @@ pub const HELD: i32 = 4;
 /// `supervise verify` found damage.
 pub const DAMAGED: i32 = 5;
 
+/// Stopped by SIGINT/SIGTERM after a final snapshot that is on the local tier only: it did
+/// not reach every durable tier (`--store s3://...`, several directories) within
+/// `--stop-timeout`. Running the command again on this node resumes from it; on another node,
+/// from the newest snapshot that did reach them.
+pub const STOPPED_NOT_OFF_NODE: i32 = 6;
+
+/// The job's lease on its durable tier was lost (another supervisor took it over, or it could
+/// not be renewed in time): the program was stopped so that two copies never run.
+pub const LEASE_LOST: i32 = 7;
+
 /// A supervised program that stopped on request (supervisor stop, SIGTERM, or supervisor
 /// lost) after its final snapshot: the job is not finished and can be resumed.
 pub const STOPPED: i32 = 75;
@@ -61,6 +71,16 @@ pub const SUPERVISOR: &[(&str, &str)] = &[
     ),
     ("5", "verify found damage (`supervise verify`)"),
     (
+        "6",
+        "stopped by SIGINT/SIGTERM after a final snapshot that did not reach every durable \
+         tier within --stop-timeout (it is in the local cache)",
+    ),
+    (
+        "7",
+        "the job's lease on its durable tier was lost (taken over, or not renewed in time): \
+         the program was stopped so that two copies never run",
+    ),
+    (
         "130/143",
         "stopped by SIGINT/SIGTERM after a final snapshot; run the same command to resume",
     ),
@@ -73,7 +93,17 @@ mod tests {
     #[test]
     fn the_help_table_lists_every_supervisor_code_once() {
         let shown: Vec<&str> = SUPERVISOR.iter().map(|(codes, _)| *codes).collect();
-        let codes = [SUCCESS, ERROR, USAGE, GAVE_UP, HELD, DAMAGED].map(|c| c.to_string());
+        let codes = [
+            SUCCESS,
+            ERROR,
+            USAGE,
+            GAVE_UP,
+            HELD,
+            DAMAGED,
+            STOPPED_NOT_OFF_NODE,
+            LEASE_LOST,
+        ]
+        .map(|c| c.to_string());
         for code in &codes {
             assert_eq!(shown.iter().filter(|s| *s == code).count(), 1, "{code}");
         }

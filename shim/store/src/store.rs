@@ -602,7 +602,7 @@ impl JobStore {
     /// Creates a temporary file in `packs/` to receive pack `name` from elsewhere (see
     /// [`JobStore::import`]); a file left by a crash is removed by the next writer.
     pub fn stage_pack(&self, name: &str) -> Result<StagedPack> {
-        if !format::is_pack_name(&Self::pack_file(name)) {
+        if !format::is_pack_name(name) {
             return Err(Error::Corrupt {
                 path: self.pack_path(name),
                 why: "not a pack name".into(),

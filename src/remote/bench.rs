@@ -1,0 +1,199 @@
+//! `supervise bench --remote URL`: what the durable tier costs, measured side by side in one
+//! run against the same server: a full snapshot's upload and a 1%-changed one's, against a
+//! plain PUT of the same bytes (the limit) and against the naive way (the whole state sent
+//! each time); and a fresh-node restore (fetch, verify, read into memory) against a plain GET
+//! of the same bytes.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use supervise_store::{SnapshotReader, SnapshotWriter, Store};
+
+use super::upload::{Fence, Report, UploadConfig, Uploads};
+use super::{Tier, fetch};
+use crate::human;
+
+/// One run's figures.
+#[derive(Debug, Serialize)]
+pub struct Figures {
+    /// The state's size.
+    pub state_bytes: u64,
+    /// Bytes changed for the second snapshot (1% of the state, in 64 KiB blocks).
+    pub changed_bytes: u64,
+    /// Bytes the first upload sent, and its time.
+    pub full_sent_bytes: u64,
+    /// Seconds.
+    pub full_upload_s: f64,
+    /// A plain PUT of `full_sent_bytes`: the limit.
+    pub plain_put_s: f64,
+    /// Bytes the upload after a 1% change sent, and its time.
+    pub delta_sent_bytes: u64,
+    /// Seconds.
+    pub delta_upload_s: f64,
+    /// The naive way after a 1% change: the whole state again (a plain PUT of it).
+    pub naive_delta_s: f64,
+    /// A fresh node: fetch (download, verify, publish) and read the state into memory.
+    pub fresh_restore_s: f64,
+    /// A plain GET of the bytes the fetch downloaded: the limit.
+    pub plain_get_s: f64,
+}
+
+/// Runs the benchmark on `tier` with a state of `size` bytes; prints a table (or JSON).
+pub fn run(tier: Arc<dyn Tier>, size: u64, json: bool) -> Result<i32> {
+    if size < 1 << 20 {
+        bail!("--size must be at least 1 MiB");
+    }
+    let scratch =
+        std::env::temp_dir().join(format!("supervise-bench-remote-{}", std::process::id()));
+    let result = measure(&tier, size, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let figures = result?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&figures)?);
+        return Ok(0);
+    }
+    let f = &figures;
+    let rate =
+        |bytes: u64, s: f64| format!("{}/s", human::bytes((bytes as f64 / s.max(1e-9)) as u64));
+    println!(
+        "durable tier {} , state {}",
+        tier.describe(),
+        human::bytes(f.state_bytes)
+    );
+    println!(
+        "full snapshot upload   {:>8.3} s  {:>10}  plain PUT of the same bytes {:.3} s ({}): {:.2}x",
+        f.full_upload_s,
+        human::bytes(f.full_sent_bytes),
+        f.plain_put_s,
+        rate(f.full_sent_bytes, f.plain_put_s),
+        f.full_upload_s / f.plain_put_s.max(1e-9)
+    );
+    println!(
+        "1% changed upload      {:>8.3} s  {:>10}  sent / changed {:.2}x; naive (whole state) {:.3} s: {:.1}x faster",
+        f.delta_upload_s,
+        human::bytes(f.delta_sent_bytes),
+        f.delta_sent_bytes as f64 / f.changed_bytes.max(1) as f64,
+        f.naive_delta_s,
+        f.naive_delta_s / f.delta_upload_s.max(1e-9)
+    );
+    println!(
+        "fresh-node restore     {:>8.3} s              plain GET of the same bytes {:.3} s: {:.2}x",
+        f.fresh_restore_s,
+        f.plain_get_s,
+        f.fresh_restore_s / f.plain_get_s.max(1e-9)
+    );
+    Ok(0)
+}
+
+/// A deterministic, incompressible state (xorshift).
+fn state(size: u64) -> Vec<u64> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..size / 8)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        })
+        .collect()
+}
+
+/// Bytes that read as `len` zeros, for plain PUTs.
+struct Zeros(u64);
+
+impl Read for Zeros {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.0) as usize;
+        buf[..n].fill(0);
+        self.0 -= n as u64;
+        Ok(n)
+    }
+}
+
+fn upload_newest(uploads: &Uploads) -> Result<(u64, Duration)> {
+    let started = Instant::now();
+    uploads.nudge();
+    match uploads.wait(Duration::from_secs(600)) {
+        Some(Report::Safe { bytes_sent, .. }) => Ok((bytes_sent, started.elapsed())),
+        Some(Report::Failed { error, .. }) => bail!("upload failed: {error}"),
+        None => bail!("no upload report within 10 minutes"),
+    }
+}
+
+fn measure(tier: &Arc<dyn Tier>, size: u64, scratch: &std::path::Path) -> Result<Figures> {
+    let name = format!("bench-{}", std::process::id());
+    let job = Store::open(scratch.join("node-a"))?.job(&name)?;
+    let mut data = state(size);
+    let mut writer = SnapshotWriter::open(job.clone(), 0)?;
+    let mut b = writer.begin(None);
+    b.slice("state", &data)?;
+    b.commit()?;
+    let uploads = Uploads::start(
+        std::slice::from_ref(tier),
+        &UploadConfig {
+            job: job.clone(),
+            generation: 1,
+            keep: 2,
+            fence: Fence::until(Instant::now() + Duration::from_secs(24 * 3600)),
+        },
+    )?;
+    let (full_sent_bytes, full) = upload_newest(&uploads)?;
+    let plain_key = format!("{name}/plain");
+    let t = Instant::now();
+    tier.put(&plain_key, &mut Zeros(full_sent_bytes), full_sent_bytes)?;
+    let plain_put = t.elapsed();
+    // 1% of the state, as 64 KiB blocks spread over it.
+    let block = 64 * 1024 / 8;
+    let blocks = (data.len() / block).max(1);
+    let changed_blocks = (blocks / 100).max(1);
+    for i in 0..changed_blocks {
+        let at = (i * blocks / changed_blocks) * block;
+        let end = (at + block).min(data.len());
+        for v in &mut data[at..end] {
+            *v = v.wrapping_mul(3).wrapping_add(1);
+        }
+    }
+    let mut b = writer.begin(None);
+    b.slice("state", &data)?;
+    b.commit()?;
+    let (delta_sent_bytes, delta) = upload_newest(&uploads)?;
+    let t = Instant::now();
+    tier.put(&plain_key, &mut Zeros(size), size)?;
+    let naive_delta = t.elapsed();
+    drop(uploads);
+    // A fresh node.
+    let fresh = Store::open(scratch.join("node-b"))?.job(&name)?;
+    let t = Instant::now();
+    let fetched = fetch::fetch_newer(std::slice::from_ref(tier), &fresh, 0, &mut Vec::new())?
+        .context("the fresh node found nothing to fetch")?;
+    let reader = SnapshotReader::open(&fresh, fetched.seq)?;
+    let mut restored = vec![0u8; data.len() * 8];
+    reader.slice_into("state", "u64", &mut restored)?;
+    let fresh_restore = t.elapsed();
+    if restored != bytemuck::cast_slice::<u64, u8>(&data) {
+        bail!("the restored state differs from the state written");
+    }
+    drop(restored);
+    tier.put(&plain_key, &mut Zeros(fetched.bytes), fetched.bytes)?;
+    let t = Instant::now();
+    tier.get(&plain_key, &mut std::io::sink(), u64::MAX)?;
+    let plain_get = t.elapsed();
+    for object in tier.list(&format!("{name}/"))? {
+        tier.delete(&object.key)?;
+    }
+    Ok(Figures {
+        state_bytes: size,
+        changed_bytes: (changed_blocks * block * 8) as u64,
+        full_sent_bytes,
+        full_upload_s: full.as_secs_f64(),
+        plain_put_s: plain_put.as_secs_f64(),
+        delta_sent_bytes,
+        delta_upload_s: delta.as_secs_f64(),
+        naive_delta_s: naive_delta.as_secs_f64(),
+        fresh_restore_s: fresh_restore.as_secs_f64(),
+        plain_get_s: plain_get.as_secs_f64(),
+    })
+}
