@@ -90,6 +90,9 @@ impl ObjectTier {
                 .filter(|v| !v.is_empty())
         };
 
+        // reqwest is built without a TLS crypto provider of its own (Cargo.toml): ring is the
+        // process's. An error means one is installed already, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let options = ClientOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_read_timeout(STALL_TIMEOUT)
