@@ -18,7 +18,7 @@ mod supervisor;
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -230,7 +230,7 @@ enum Sub {
     },
 }
 
-/// `--lease-ttl`: a duration of at least 3 s (renewals every third of it must fit).
+/// `--lease-ttl`: a duration of at least 3 s (renewals every sixth of it must fit).
 fn parse_lease_ttl(text: &str) -> Result<Duration, String> {
     let ttl = parse_duration(text)?;
     if ttl < Duration::from_secs(3) {
@@ -271,7 +271,7 @@ struct RunArgs {
     s3_endpoint: Option<String>,
 
     /// With a --store beyond the local one: the job's lease there lasts this long unless
-    /// renewed (every third of it). A supervisor that cannot renew stops its program before
+    /// renewed (every sixth of it). A supervisor that cannot renew stops its program before
     /// it expires; another node takes the job over only after it has expired.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_lease_ttl, allow_hyphen_values = true)]
     lease_ttl: Duration,
@@ -706,6 +706,26 @@ fn tiers(cli: &RunArgs) -> anyhow::Result<(PathBuf, Option<supervisor::DurableCo
     if urls.is_empty() && dirs.is_empty() {
         return Ok((cache, None));
     }
+    // One order whatever the order of the options, so that every node takes the lease on the
+    // same tier: the object stores first, then the directories, each sorted; each tier once.
+    urls.sort();
+    urls.dedup();
+    let cache_at = same_place(&cache)?;
+    let mut replicas: Vec<PathBuf> = Vec::new();
+    for dir in dirs {
+        let at = same_place(&dir)?;
+        if at.starts_with(&cache_at) || cache_at.starts_with(&at) {
+            anyhow::bail!(
+                "--store {}: it is, holds or is inside the local cache {} (--cache, or the first \
+                 --store directory): a durable tier must be another directory",
+                dir.display(),
+                cache.display()
+            );
+        }
+        replicas.push(at);
+    }
+    replicas.sort();
+    replicas.dedup();
     let seal = |tier: Box<dyn remote::Tier>| -> anyhow::Result<Arc<dyn remote::Tier>> {
         Ok(match &cli.encrypt_key {
             Some(path) => {
@@ -722,7 +742,7 @@ fn tiers(cli: &RunArgs) -> anyhow::Result<(PathBuf, Option<supervisor::DurableCo
             .with_context(|| format!("--store {url}"))?;
         tiers.push(seal(Box::new(tier))?);
     }
-    for dir in dirs {
+    for dir in replicas {
         tiers.push(seal(Box::new(remote::dir::DirTier::new(dir)))?);
     }
     Ok((
@@ -732,6 +752,27 @@ fn tiers(cli: &RunArgs) -> anyhow::Result<(PathBuf, Option<supervisor::DurableCo
             lease_ttl: cli.lease_ttl,
         }),
     ))
+}
+
+/// Where `dir` is, for comparing directories: absolute, and with links resolved as far as it
+/// exists (a replica directory may be missing when the job starts).
+fn same_place(dir: &Path) -> anyhow::Result<PathBuf> {
+    let abs = std::path::absolute(dir)
+        .with_context(|| format!("cannot resolve the directory {}", dir.display()))?;
+    let mut missing = Vec::new();
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(real) = at.canonicalize() {
+            return Ok(missing.iter().rev().fold(real, |p: PathBuf, c| p.join(c)));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                at = parent;
+            }
+            _ => return Ok(abs),
+        }
+    }
 }
 
 /// `supervise bench --remote s3://BUCKET/PREFIX [--s3-endpoint URL] [--size SIZE] [--json]`:
@@ -775,6 +816,13 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
     // Before anything is created in the store: a program that cannot start is an error here.
     let program = identity::resolve(&cli.command)?;
     let (store, durable) = tiers(&cli)?;
+    if durable.is_some() && matches!(cli.orphan, Orphan::Continue) {
+        anyhow::bail!(
+            "--orphan continue cannot be used with durable tiers (--store s3://... or several \
+             --store directories): a program left running without its supervisor cannot keep \
+             the job's lease, and another node would start a second copy"
+        );
+    }
     let job = match cli.job.clone() {
         Some(job) => job,
         None => {

@@ -119,6 +119,7 @@ fn upload_newest(uploads: &Uploads) -> Result<(u64, Duration)> {
     match uploads.wait(Duration::from_secs(600)) {
         Some(Report::Safe { bytes_sent, .. }) => Ok((bytes_sent, started.elapsed())),
         Some(Report::Failed { error, .. }) => bail!("upload failed: {error}"),
+        Some(Report::PruneFailed { error, .. }) => bail!("retention failed: {error}"),
         None => bail!("no upload report within 10 minutes"),
     }
 }

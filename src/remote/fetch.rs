@@ -263,7 +263,9 @@ mod tests {
                     assert_eq!(seq, newest);
                     safe += 1;
                 }
-                Report::Failed { error, .. } => panic!("{error}"),
+                Report::Failed { error, .. } | Report::PruneFailed { error, .. } => {
+                    panic!("{error}")
+                }
             }
         }
     }

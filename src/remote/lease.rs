@@ -14,24 +14,33 @@
 //! # Taking the lease ([`try_acquire`])
 //!
 //! - **No lease object**: created conditionally with generation = 1 + the highest generation
-//!   among the job's manifest keys ([`layout::parse_manifest`] over the `snapshots/` listing).
+//!   among the job's manifest keys ([`layout::parse_manifest`] over the `snapshots/` listing)
+//!   and the caller's `floor` (the highest generation it saw on the job's other tiers).
 //! - **Released**: replaced (if it still has the version read) with a higher generation.
 //! - **Held by a process of this very machine and pid namespace** (same host, boot id and pid
-//!   namespace) **that is dead** (no `/proc/PID`, or a zombie): taken at once. A reused pid
-//!   only makes the holder look alive, so the taker waits the ttl out: the safe side.
+//!   namespace) **that is dead** (no `/proc/PID`, or a zombie): its program may still be
+//!   running out the lifeline's grace, at most a fifth of the ttl. With the same cache
+//!   directory it holds the cache's local lock, which the taker waits for after the lease:
+//!   taken at once. With another cache nothing else would stop two copies: taken once the
+//!   taker has seen the holder dead (and its record unchanged) for a quarter of the ttl. A
+//!   reused pid only makes the holder look alive, so the taker waits the ttl out: the safe
+//!   side.
 //! - **Held otherwise**: expired only when the taker has seen the *same version* unchanged
 //!   for longer than the record's ttl, measured on the taker's *own monotonic clock*: the
 //!   [`Watch`] remembers the version and the [`Instant`] it was first seen. No wall-clock
 //!   time of one machine is compared with another's: no clock synchronisation is assumed,
 //!   only a bounded drift of clock *rates*.
 //! - Every takeover writes generation = 1 + max(the record's generation, the manifests'
-//!   highest), conditionally on the version read. A lost race ([`TierError::Conflict`]) is
-//!   read again and reported as [`Acquired::Held`].
+//!   highest, the caller's floor), conditionally on the version read. A lost race
+//!   ([`TierError::Conflict`]) is read again and reported as [`Acquired::Held`], unless the
+//!   record read is the very one we wrote (our write landed, its reply was lost): then the
+//!   lease is ours.
 //!
 //! # Keeping it ([`Lease::renew`])
 //!
-//! The holder replaces the record (if it still has the version it last wrote) every third of
-//! the ttl ([`Lease::renew_due`]). The [`Instant`] of a renewal is taken *before* its request
+//! The holder replaces the record (if it still has the version it last wrote) every sixth of
+//! the ttl ([`Lease::renew_due`]), so that two or three renewals may fail before its
+//! program has to be stopped. The [`Instant`] of a renewal is taken *before* its request
 //! is sent. The holder must have its program stopped by [`Lease::deadline`] = the send
 //! instant of its last successful write + ttl - ttl/10. A renewal that finds another
 //! version is [`LeaseError::Lost`] (someone took over: stop the program at once); one that
@@ -190,6 +199,8 @@ impl Record {
 #[derive(Debug, Default)]
 pub struct Watch {
     seen: Option<(Version, Instant, Duration)>,
+    /// The version whose holder was first seen dead, and when.
+    dead: Option<(Version, Instant)>,
 }
 
 impl Watch {
@@ -203,6 +214,18 @@ impl Watch {
     /// still unchanged then); `None` before anything was seen.
     pub fn takeover_at(&self) -> Option<Instant> {
         self.seen.as_ref().map(|(_, first, ttl)| *first + *ttl)
+    }
+
+    /// Notes that the holder of `version` is dead at `now`: how long it has been seen dead
+    /// with that version current.
+    fn observe_dead(&mut self, version: &Version, now: Instant) -> Duration {
+        match &self.dead {
+            Some((seen, first)) if seen == version => now.saturating_duration_since(*first),
+            _ => {
+                self.dead = Some((version.clone(), now));
+                Duration::ZERO
+            }
+        }
     }
 
     /// Notes that `version` (with that ttl) is current at `now`: how long it has been seen
@@ -230,6 +253,9 @@ pub enum Acquired {
         holder: Holder,
         /// The least time before it may be taken over.
         free_in: Duration,
+        /// The holder is known to be dead (a process of this machine); only its program's
+        /// grace is waited out, and nobody can renew the lease meanwhile.
+        holder_dead: bool,
     },
 }
 
@@ -303,9 +329,9 @@ impl Lease {
         self.sent + ttl - ttl / 10
     }
 
-    /// When the next renewal is due (a third of the ttl after the last successful write).
+    /// When the next renewal is due (a sixth of the ttl after the last successful write).
     pub fn renew_due(&self) -> Instant {
-        self.sent + self.ttl() / 3
+        self.sent + self.ttl() / 6
     }
 
     /// Renews the lease (a conditional write of a new record). On success the deadline moves
@@ -400,14 +426,16 @@ fn highest_manifest_generation(tier: &dyn Tier, job: &str) -> TierResult<u64> {
 }
 
 /// Tries to take the lease of `job` on `tier` for `me`, promising to renew within `ttl`.
-/// `watch` must be kept by the caller across attempts at this job (see the
-/// [module documentation](self) for the protocol).
+/// `watch` must be kept by the caller across attempts at this job; the generation taken is
+/// above `floor` (the highest the caller saw on the job's other tiers). See the
+/// [module documentation](self) for the protocol.
 pub fn try_acquire(
     tier: &Arc<dyn Tier>,
     job: &str,
     me: &Holder,
     ttl: Duration,
     watch: &mut Watch,
+    floor: u64,
 ) -> TierResult<Acquired> {
     let key = layout::lease(job);
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
@@ -428,55 +456,67 @@ pub fn try_acquire(
             sent,
         })
     };
-    let Some((current, version)) = read_record(tier.as_ref(), &key)? else {
-        let record = record_for(highest_manifest_generation(tier.as_ref(), job)?.saturating_add(1));
-        let sent = Instant::now();
-        return match tier.create(&key, &record.to_bytes()) {
-            Ok(v) => Ok(taken(record, v, sent)),
-            Err(TierError::Conflict { .. }) => lost_race(tier.as_ref(), &key, watch),
-            Err(e) => Err(e),
-        };
-    };
-    let takeable = current.released
-        || (current.holder.same_pids_as(me)
-            && (current.holder.pid == me.pid || !pid_alive(current.holder.pid)));
-    if !takeable {
-        let seen_for = watch.observe(&version, current.ttl(), Instant::now());
-        if seen_for <= current.ttl() {
-            return Ok(Acquired::Held {
-                free_in: current.ttl() - seen_for,
-                holder: current.holder,
-            });
-        }
-    }
-    let generation = current
-        .generation
-        .max(highest_manifest_generation(tier.as_ref(), job)?)
-        .saturating_add(1);
-    let record = record_for(generation);
-    let sent = Instant::now();
-    match tier.replace(&key, &record.to_bytes(), &version) {
-        Ok(v) => Ok(taken(record, v, sent)),
-        Err(TierError::Conflict { .. }) => lost_race(tier.as_ref(), &key, watch),
-        Err(e) => Err(e),
-    }
-}
-
-/// After a conditional write lost: who holds the lease now.
-fn lost_race(tier: &dyn Tier, key: &str, watch: &mut Watch) -> TierResult<Acquired> {
-    match read_record(tier, key)? {
-        Some((record, version)) => {
-            let seen_for = watch.observe(&version, record.ttl(), Instant::now());
+    // A conditional write that conflicted: someone else's record, or our own write whose
+    // reply was lost (the same generation and holder, not released): then it is ours.
+    let after_conflict = |record: Record, watch: &mut Watch| match read_record(tier.as_ref(), &key)?
+    {
+        Some((current, version)) if current == record => Ok(taken(record, version, Instant::now())),
+        Some((current, version)) => {
+            let seen_for = watch.observe(&version, current.ttl(), Instant::now());
             Ok(Acquired::Held {
-                free_in: record.ttl().saturating_sub(seen_for),
-                holder: record.holder,
+                free_in: current.ttl().saturating_sub(seen_for),
+                holder: current.holder,
+                holder_dead: false,
             })
         }
         // Removed meanwhile: the race goes on; report it as the conflict it was.
         None => Err(TierError::Conflict {
             tier: tier.describe().to_owned(),
-            key: key.to_owned(),
+            key: key.clone(),
         }),
+    };
+    let Some((current, version)) = read_record(tier.as_ref(), &key)? else {
+        let generation = highest_manifest_generation(tier.as_ref(), job)?.max(floor);
+        let record = record_for(generation.saturating_add(1));
+        let sent = Instant::now();
+        return match tier.create(&key, &record.to_bytes()) {
+            Ok(v) => Ok(taken(record, v, sent)),
+            Err(TierError::Conflict { .. }) => after_conflict(record, watch),
+            Err(e) => Err(e),
+        };
+    };
+    let now = Instant::now();
+    let seen_for = watch.observe(&version, current.ttl(), now);
+    // How long the holder keeps it still, and whether it is dead; `None`: takeable now.
+    let held_for = if current.released {
+        None
+    } else if current.holder.same_pids_as(me)
+        && (current.holder.pid == me.pid || !pid_alive(current.holder.pid))
+    {
+        let dead_for = watch.observe_dead(&version, now);
+        let wait = current.ttl() / 4;
+        (current.holder.cache != me.cache && dead_for <= wait).then(|| (wait - dead_for, true))
+    } else {
+        (seen_for <= current.ttl()).then(|| (current.ttl() - seen_for, false))
+    };
+    if let Some((free_in, holder_dead)) = held_for {
+        return Ok(Acquired::Held {
+            free_in,
+            holder: current.holder,
+            holder_dead,
+        });
+    }
+    let generation = current
+        .generation
+        .max(highest_manifest_generation(tier.as_ref(), job)?)
+        .max(floor)
+        .saturating_add(1);
+    let record = record_for(generation);
+    let sent = Instant::now();
+    match tier.replace(&key, &record.to_bytes(), &version) {
+        Ok(v) => Ok(taken(record, v, sent)),
+        Err(TierError::Conflict { .. }) => after_conflict(record, watch),
+        Err(e) => Err(e),
     }
 }
 
@@ -512,14 +552,18 @@ mod tests {
     fn take(a: TierResult<Acquired>) -> Lease {
         match a.unwrap() {
             Acquired::Taken(lease) => lease,
-            Acquired::Held { holder, free_in } => panic!("held by {holder} for {free_in:?}"),
+            Acquired::Held {
+                holder, free_in, ..
+            } => panic!("held by {holder} for {free_in:?}"),
         }
     }
 
     fn held(a: TierResult<Acquired>) -> (Holder, Duration) {
         match a.unwrap() {
             Acquired::Taken(lease) => panic!("taken: {lease:?}"),
-            Acquired::Held { holder, free_in } => (holder, free_in),
+            Acquired::Held {
+                holder, free_in, ..
+            } => (holder, free_in),
         }
     }
 
@@ -533,6 +577,7 @@ mod tests {
             &me,
             Duration::from_secs(30),
             &mut Watch::new(),
+            0,
         ));
         assert_eq!(lease.generation(), 1);
         assert_eq!(lease.holder(), &me);
@@ -553,6 +598,7 @@ mod tests {
             &me,
             Duration::from_secs(30),
             &mut Watch::new(),
+            0,
         ));
         assert_eq!(lease.generation(), 7);
     }
@@ -562,20 +608,20 @@ mod tests {
         let (_tmp, tier) = new_tier();
         let (me, other) = holders();
         let ttl = Duration::from_millis(300);
-        let mut lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new()));
+        let mut lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new(), 0));
         assert_eq!(lease.generation(), 1);
         assert!(lease.renew_due() < lease.deadline());
 
         // The other sees it held, and a renewal restarts its watch.
         let mut watch = Watch::new();
-        let (holder, free_in) = held(try_acquire(&tier, JOB, &other, ttl, &mut watch));
+        let (holder, free_in) = held(try_acquire(&tier, JOB, &other, ttl, &mut watch, 0));
         assert_eq!(holder, me);
         assert_eq!(free_in, ttl);
         let first_takeover = watch.takeover_at().unwrap();
         let before = lease.deadline();
         lease.renew().unwrap();
         assert!(lease.deadline() > before);
-        let (_, free_in) = held(try_acquire(&tier, JOB, &other, ttl, &mut watch));
+        let (_, free_in) = held(try_acquire(&tier, JOB, &other, ttl, &mut watch, 0));
         assert_eq!(free_in, ttl, "a new version is watched afresh");
         assert!(watch.takeover_at().unwrap() > first_takeover);
         // The holder's deadline is before the earliest takeover of what it last wrote.
@@ -583,12 +629,12 @@ mod tests {
 
         // The holder stops renewing: not taken before the ttl has passed on the taker's clock.
         std::thread::sleep(ttl / 2);
-        let (_, free_in) = held(try_acquire(&tier, JOB, &other, ttl, &mut watch));
+        let (_, free_in) = held(try_acquire(&tier, JOB, &other, ttl, &mut watch, 0));
         assert!(free_in < ttl && free_in > Duration::ZERO, "{free_in:?}");
         let takeover_at = watch.takeover_at().unwrap();
         std::thread::sleep(takeover_at.saturating_duration_since(Instant::now()) + ttl / 10);
         let taken_at = Instant::now();
-        let mut theirs = take(try_acquire(&tier, JOB, &other, ttl, &mut watch));
+        let mut theirs = take(try_acquire(&tier, JOB, &other, ttl, &mut watch, 0));
         assert_eq!(theirs.generation(), 2);
         assert!(lease.deadline() < taken_at);
 
@@ -606,10 +652,10 @@ mod tests {
         let (_tmp, tier) = new_tier();
         let (me, other) = holders();
         let ttl = Duration::from_secs(60);
-        let lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new()));
-        held(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new()));
+        let lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new(), 0));
+        held(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new(), 0));
         lease.release().unwrap();
-        let theirs = take(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new()));
+        let theirs = take(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new(), 0));
         assert_eq!(theirs.generation(), 2);
     }
 
@@ -627,13 +673,13 @@ mod tests {
             ..me.clone()
         };
         let ttl = Duration::from_secs(60);
-        let _gone = take(try_acquire(&tier, JOB, &dead, ttl, &mut Watch::new()));
+        let _gone = take(try_acquire(&tier, JOB, &dead, ttl, &mut Watch::new(), 0));
         // Another machine must wait; this one sees the pid is dead.
-        held(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new()));
-        let lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new()));
+        held(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new(), 0));
+        let lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new(), 0));
         assert_eq!(lease.generation(), 2);
         // A live holder of this machine is not taken.
-        held(try_acquire(&tier, JOB, &dead, ttl, &mut Watch::new()));
+        held(try_acquire(&tier, JOB, &dead, ttl, &mut Watch::new(), 0));
     }
 
     #[test]
@@ -652,8 +698,14 @@ mod tests {
                 };
                 std::thread::spawn(move || {
                     barrier.wait();
-                    let r =
-                        try_acquire(&tier, JOB, &me, Duration::from_secs(60), &mut Watch::new());
+                    let r = try_acquire(
+                        &tier,
+                        JOB,
+                        &me,
+                        Duration::from_secs(60),
+                        &mut Watch::new(),
+                        0,
+                    );
                     match r {
                         Ok(Acquired::Taken(lease)) => Ok(Some(lease.generation())),
                         Ok(Acquired::Held { .. }) => Ok(None),
@@ -676,8 +728,15 @@ mod tests {
         let (_tmp, tier) = new_tier();
         let (me, _) = holders();
         tier.put_bytes(&layout::lease(JOB), b"{not json").unwrap();
-        let err =
-            try_acquire(&tier, JOB, &me, Duration::from_secs(1), &mut Watch::new()).unwrap_err();
+        let err = try_acquire(
+            &tier,
+            JOB,
+            &me,
+            Duration::from_secs(1),
+            &mut Watch::new(),
+            0,
+        )
+        .unwrap_err();
         assert!(matches!(err, TierError::Damaged { .. }), "{err}");
         let text = me.to_string();
         assert!(
@@ -687,10 +746,13 @@ mod tests {
         assert!(text.contains("/cache/a"), "{text}");
     }
 
-    /// A tier whose next `replace` lands but whose reply is lost (reported Unavailable).
+    /// A tier whose next `replace` lands but whose reply is lost (reported Unavailable), and
+    /// whose next `create` lands but is answered as a conflict (what a client's retry of a
+    /// create whose reply was lost sees).
     struct LostReply {
         inner: Arc<dyn Tier>,
         lose_next: std::sync::atomic::AtomicBool,
+        conflict_next_create: std::sync::atomic::AtomicBool,
     }
 
     impl Tier for LostReply {
@@ -707,7 +769,17 @@ mod tests {
             self.inner.put(key, data, len)
         }
         fn create(&self, key: &str, bytes: &[u8]) -> TierResult<Version> {
-            self.inner.create(key, bytes)
+            let v = self.inner.create(key, bytes)?;
+            if self
+                .conflict_next_create
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(TierError::Conflict {
+                    tier: self.describe().to_owned(),
+                    key: key.to_owned(),
+                });
+            }
+            Ok(v)
         }
         fn replace(&self, key: &str, bytes: &[u8], version: &Version) -> TierResult<Version> {
             let v = self.inner.replace(key, bytes, version)?;
@@ -734,11 +806,12 @@ mod tests {
         let lost = Arc::new(LostReply {
             inner,
             lose_next: false.into(),
+            conflict_next_create: false.into(),
         });
         let tier: Arc<dyn Tier> = lost.clone();
         let (me, other) = holders();
         let ttl = Duration::from_secs(60);
-        let mut lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new()));
+        let mut lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new(), 0));
         let deadline = lease.deadline();
         lost.lose_next
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -752,7 +825,66 @@ mod tests {
         assert!(lease.deadline() > deadline);
         assert_eq!(lease.generation(), 1);
         // And the record is what the holder last wrote: another taker sees it held.
-        held(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new()));
+        held(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new(), 0));
         lease.release().unwrap();
+    }
+
+    #[test]
+    fn a_create_whose_reply_was_lost_is_ours_not_held_by_ourselves() {
+        let (_tmp, inner) = new_tier();
+        let lost = Arc::new(LostReply {
+            inner,
+            lose_next: false.into(),
+            conflict_next_create: true.into(),
+        });
+        let tier: Arc<dyn Tier> = lost.clone();
+        let (me, other) = holders();
+        let ttl = Duration::from_secs(60);
+        let mut lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new(), 0));
+        assert_eq!(lease.generation(), 1);
+        lease.renew().unwrap();
+        held(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new(), 0));
+    }
+
+    #[test]
+    fn a_dead_holder_with_another_cache_is_waited_for() {
+        let (_tmp, tier) = new_tier();
+        let (me, _) = holders();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = child.id();
+        child.wait().unwrap();
+        let dead = Holder {
+            pid: dead_pid,
+            cache: "/cache/elsewhere".into(),
+            ..me.clone()
+        };
+        let ttl = Duration::from_secs(60);
+        let _gone = take(try_acquire(&tier, JOB, &dead, ttl, &mut Watch::new(), 0));
+        // Its program may run on in its own cache, which no local lock of ours covers, for
+        // at most a fifth of the ttl: a quarter of it is waited out.
+        let mut watch = Watch::new();
+        let (holder, free_in) = held(try_acquire(&tier, JOB, &me, ttl, &mut watch, 0));
+        assert_eq!(holder, dead);
+        assert_eq!(free_in, ttl / 4);
+        let ttl = Duration::from_millis(400);
+        let (_tmp, tier) = new_tier();
+        let _gone = take(try_acquire(&tier, JOB, &dead, ttl, &mut Watch::new(), 0));
+        let mut watch = Watch::new();
+        held(try_acquire(&tier, JOB, &me, ttl, &mut watch, 0));
+        std::thread::sleep(ttl / 4 + Duration::from_millis(20));
+        let lease = take(try_acquire(&tier, JOB, &me, ttl, &mut watch, 0));
+        assert_eq!(lease.generation(), 2);
+    }
+
+    #[test]
+    fn the_generation_taken_is_above_the_floor_from_other_tiers() {
+        let (_tmp, tier) = new_tier();
+        let (me, other) = holders();
+        let ttl = Duration::from_secs(60);
+        let lease = take(try_acquire(&tier, JOB, &me, ttl, &mut Watch::new(), 41));
+        assert_eq!(lease.generation(), 42);
+        lease.release().unwrap();
+        let theirs = take(try_acquire(&tier, JOB, &other, ttl, &mut Watch::new(), 50));
+        assert_eq!(theirs.generation(), 51);
     }
 }

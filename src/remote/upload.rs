@@ -46,6 +46,14 @@ pub enum Report {
         /// When the next attempt is made (sooner if a new snapshot arrives).
         retry_in: Duration,
     },
+    /// Retention on the tier failed after a snapshot was safe there; tried again after the
+    /// next snapshot. Nothing is lost by it but space.
+    PruneFailed {
+        /// The tier.
+        tier: String,
+        /// Why.
+        error: String,
+    },
 }
 
 /// Until when the lease lets this supervisor publish (`None`: it may not). Shared between
@@ -128,6 +136,19 @@ impl Uploads {
     pub fn wait(&self, timeout: Duration) -> Option<Report> {
         self.reports.recv_timeout(timeout).ok()
     }
+
+    /// Tells every tier thread to end after what it is doing, and waits up to `within` for
+    /// them (a thread stuck on a slow tier is left to end with the process).
+    pub fn stop(mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let threads: Vec<JoinHandle<()>> = std::mem::take(&mut self.workers)
+            .into_iter()
+            .map(|(_, thread)| thread)
+            .collect();
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Uploads {
@@ -142,6 +163,11 @@ impl Drop for Uploads {
 /// upload that died half-way (ours or an earlier holder's) left it.
 const ORPHAN_AGE: Duration = Duration::from_secs(3600);
 
+/// How long a tier's listing is trusted: objects removed behind the supervisor's back (by
+/// hand, a lifecycle rule, a replica restored from an old copy) are noticed and sent again
+/// at the first snapshot after this.
+const RELIST_EVERY: Duration = Duration::from_secs(600);
+
 /// The first retry delay and its bound.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -151,8 +177,9 @@ struct Worker {
     tier: Arc<dyn Tier>,
     cfg: UploadConfig,
     reports: Sender<Report>,
-    /// The packs on the tier and when each was written (ms), once listed.
+    /// The packs on the tier and when each was written (ms), once listed, and when listed.
     packs: Option<HashMap<String, u64>>,
+    listed_at: Option<Instant>,
     /// The manifests on the tier by (generation, seq), with the packs each names once read.
     manifests: BTreeMap<(u64, u64), Option<Vec<String>>>,
     /// Packs this thread sent (removable at once when unreferenced).
@@ -168,6 +195,7 @@ impl Worker {
             cfg,
             reports,
             packs: None,
+            listed_at: None,
             manifests: BTreeMap::new(),
             sent: HashSet::new(),
             safe: None,
@@ -235,7 +263,14 @@ impl Worker {
                 Ok(Some(sent)) => {
                     self.safe = Some(seq);
                     let _ = self.reports.send(sent);
-                    self.prune().map_err(|e| (seq, e))?;
+                    if let Err(error) = self.prune() {
+                        // Listings may be stale after a failure: read the tier afresh next time.
+                        self.packs = None;
+                        let _ = self.reports.send(Report::PruneFailed {
+                            tier: self.tier.describe().to_owned(),
+                            error,
+                        });
+                    }
                 }
                 Ok(None) => continue,
                 Err(e) => return Err((seq, e)),
@@ -244,11 +279,13 @@ impl Worker {
         Ok(())
     }
 
-    /// Lists the tier's packs and manifests (once, and again after a failure).
+    /// Lists the tier's packs and manifests (once, again after a failure, and again when
+    /// the listing is older than [`RELIST_EVERY`]).
     fn list(&mut self) -> Result<(), String> {
-        if self.packs.is_some() {
+        if self.packs.is_some() && self.listed_at.is_some_and(|at| at.elapsed() < RELIST_EVERY) {
             return Ok(());
         }
+        let listed_at = Instant::now();
         let job = self.cfg.job.name().to_owned();
         let mut packs = HashMap::new();
         for object in self.tier.list(&layout::packs(&job)).map_err(tier_err)? {
@@ -264,6 +301,7 @@ impl Worker {
             }
         }
         self.packs = Some(packs);
+        self.listed_at = Some(listed_at);
         self.manifests = manifests;
         Ok(())
     }
@@ -334,6 +372,11 @@ impl Worker {
     /// or that are older than [`ORPHAN_AGE`]. If a kept manifest cannot be read, no pack is
     /// removed.
     fn prune(&mut self) -> Result<(), String> {
+        // A supervisor whose lease may have expired removes nothing: the tier may be another
+        // holder's by now.
+        if !self.cfg.fence.open() {
+            return Ok(());
+        }
         let job = self.cfg.job.name().to_owned();
         let keep = self.cfg.keep.max(1);
         let old: Vec<(u64, u64)> = self.manifests.keys().rev().skip(keep).copied().collect();
@@ -381,6 +424,9 @@ impl Worker {
             .map(|(name, _)| name.clone())
             .collect();
         for name in dead {
+            if !self.cfg.fence.open() {
+                return Ok(());
+            }
             self.tier
                 .delete(&layout::pack(&job, &name))
                 .map_err(tier_err)?;

@@ -54,14 +54,67 @@ struct KeeperState {
     trouble: Option<String>,
 }
 
+/// The lease keeper thread and what it knows; dropping it stops the thread and releases the
+/// lease (unless it was lost).
+struct Keeper {
+    state: Arc<Mutex<KeeperState>>,
+    fence: Fence,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Option<Lease>>>,
+}
+
+impl Keeper {
+    /// Starts renewing `lease` in a thread.
+    fn start(lease: Lease) -> Result<Self> {
+        let state = Arc::new(Mutex::new(KeeperState {
+            deadline: lease.deadline(),
+            lost: None,
+            trouble: None,
+        }));
+        let fence = Fence::until(lease.deadline());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (state, fence, stop) = (Arc::clone(&state), fence.clone(), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("supervise-lease".into())
+                .spawn(move || keep_lease(lease, &state, &fence, &stop))
+                .context("cannot start the lease keeper")?
+        };
+        Ok(Self {
+            state,
+            fence,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Keeper {
+    /// Stops the keeper and lets the lease go (the next owner need not wait for it to expire);
+    /// a lease already lost is left alone.
+    fn drop(&mut self) {
+        self.fence.set(None);
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take()
+            && let Ok(Some(lease)) = thread.join()
+        {
+            let _ = lease.release();
+        }
+    }
+}
+
+/// How long the upload threads get to finish what they are doing when the job ends, before
+/// the lease is released anyway (a manifest sent later carries the old generation, which a
+/// restore never prefers).
+const UPLOADS_STOP_WITHIN: Duration = Duration::from_secs(3);
+
 /// The tiers of a running job.
 pub(super) struct Durable {
     tiers: Vec<Arc<dyn Tier>>,
     ttl: Duration,
-    uploads: Uploads,
-    keeper: Arc<Mutex<KeeperState>>,
-    stop_keeper: Arc<AtomicBool>,
-    keeper_thread: Option<JoinHandle<Option<Lease>>>,
+    /// Dropped (stopped) before the keeper releases the lease.
+    uploads: Option<Uploads>,
+    keeper: Keeper,
     /// The newest snapshot known to be on each tier.
     safe: RefCell<BTreeMap<String, u64>>,
 }
@@ -94,20 +147,55 @@ impl Durable {
     ) -> Result<std::result::Result<Self, i32>> {
         let lease_tier = Arc::clone(&cfg.tiers[0]);
         let me = Holder::this_process(job.dir());
+        // The generation taken must be above every one on any tier, not only the lease's: a
+        // tier added later, or one that lost objects, must not make older snapshots elsewhere
+        // look newer than this run's.
+        let mut floor = 0;
+        for tier in &cfg.tiers[1..] {
+            match highest_generation(tier.as_ref(), job.name()) {
+                Ok(g) => floor = floor.max(g),
+                Err(e) => log.emit(&JobEvent::TierTrouble {
+                    tier: tier.describe().to_owned(),
+                    seq: None,
+                    why: format!("cannot list its snapshots: {e}"),
+                }),
+            }
+        }
         let mut watch = lease::Watch::new();
         let mut said_waiting = false;
         let lease = loop {
-            let acquired =
-                lease::try_acquire(&lease_tier, job.name(), &me, cfg.lease_ttl, &mut watch);
+            let acquired = lease::try_acquire(
+                &lease_tier,
+                job.name(),
+                &me,
+                cfg.lease_ttl,
+                &mut watch,
+                floor,
+            );
             match acquired {
                 Ok(Acquired::Taken(lease)) => break lease,
-                Ok(Acquired::Held { holder, free_in }) => {
-                    let holder = format!(
-                        "{holder} (lease on {}; free in {} at most unless renewed)",
-                        lease_tier.describe(),
-                        crate::human::duration(free_in)
-                    );
-                    if !wait {
+                Ok(Acquired::Held {
+                    holder,
+                    free_in,
+                    holder_dead,
+                }) => {
+                    let holder = if holder_dead {
+                        format!(
+                            "{holder}, which died; its program may run out its grace (lease on \
+                             {}; free in {})",
+                            lease_tier.describe(),
+                            crate::human::duration(free_in)
+                        )
+                    } else {
+                        format!(
+                            "{holder} (lease on {}; free in {} at most unless renewed)",
+                            lease_tier.describe(),
+                            crate::human::duration(free_in)
+                        )
+                    };
+                    // A dead holder of this machine: only its program's grace is left (a
+                    // quarter of the ttl at most), which is worth waiting for.
+                    if !wait && !holder_dead {
                         log.emit(&JobEvent::Held {
                             holder,
                             waiting: false,
@@ -155,43 +243,25 @@ impl Durable {
             ttl_ms: millis(cfg.lease_ttl),
         });
         let generation = lease.generation();
-        if let Err(e) = bring_in_newer(&cfg.tiers, job, fresh, generation, log) {
-            // The next owner need not wait for the lease to expire.
-            let _ = lease.release();
-            return Err(e);
-        }
-        let fence = Fence::until(lease.deadline());
+        // Renewed from now on, also while a large snapshot is fetched; an error below drops
+        // the keeper, which releases the lease (the next owner need not wait it out).
+        let keeper = Keeper::start(lease)?;
+        bring_in_newer(&cfg.tiers, job, fresh, generation, log)?;
         let uploads = Uploads::start(
             &cfg.tiers,
             &UploadConfig {
                 job: job.clone(),
                 generation,
                 keep,
-                fence: fence.clone(),
+                fence: keeper.fence.clone(),
             },
         )
         .context("cannot start the upload threads")?;
-        let keeper = Arc::new(Mutex::new(KeeperState {
-            deadline: lease.deadline(),
-            lost: None,
-            trouble: None,
-        }));
-        let stop_keeper = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let keeper = Arc::clone(&keeper);
-            let stop = Arc::clone(&stop_keeper);
-            std::thread::Builder::new()
-                .name("supervise-lease".into())
-                .spawn(move || keep_lease(lease, &keeper, &fence, &stop))
-                .context("cannot start the lease keeper")?
-        };
         Ok(Ok(Self {
             tiers: cfg.tiers.clone(),
             ttl: cfg.lease_ttl,
-            uploads,
+            uploads: Some(uploads),
             keeper,
-            stop_keeper,
-            keeper_thread: Some(thread),
             safe: RefCell::new(BTreeMap::new()),
         }))
     }
@@ -203,12 +273,15 @@ impl Durable {
 
     /// A new local snapshot exists: the uploads take it.
     pub(super) fn nudge(&self) {
-        self.uploads.nudge();
+        if let Some(uploads) = &self.uploads {
+            uploads.nudge();
+        }
     }
 
     /// Tells what the uploads reported since the last call.
     pub(super) fn report(&self, log: &Log) {
-        for report in self.uploads.reports() {
+        let Some(uploads) = &self.uploads else { return };
+        for report in uploads.reports() {
             self.tell(report, log);
         }
     }
@@ -240,6 +313,11 @@ impl Durable {
                 error,
                 retry_in_ms: millis(retry_in),
             }),
+            Report::PruneFailed { tier, error } => log.emit(&JobEvent::TierTrouble {
+                tier,
+                seq: None,
+                why: format!("cannot remove old snapshots there (tried again later): {error}"),
+            }),
         }
     }
 
@@ -253,9 +331,9 @@ impl Durable {
     }
 
     /// How the lease stands: the program must be stopped when the lease is lost or has less
-    /// than half its time-to-live left (renewals failed for a while).
+    /// than a quarter of its time-to-live left (renewals, due every sixth, failed for a while).
     pub(super) fn lease_state(&self) -> LeaseState {
-        let Ok(keeper) = self.keeper.lock() else {
+        let Ok(keeper) = self.keeper.state.lock() else {
             return LeaseState::Stop {
                 why: "the lease keeper failed".into(),
                 deadline: Instant::now(),
@@ -268,7 +346,7 @@ impl Durable {
             };
         }
         let left = keeper.deadline.saturating_duration_since(Instant::now());
-        if left < self.ttl / 2 {
+        if left < self.ttl / 4 {
             let why = keeper
                 .trouble
                 .clone()
@@ -287,7 +365,10 @@ impl Durable {
     /// Waits until snapshot `seq` (or a newer one) is on every tier, or until `deadline`.
     /// True when it made it.
     pub(super) fn flush(&self, seq: u64, deadline: Instant, log: &Log) -> bool {
-        self.uploads.nudge();
+        let Some(uploads) = &self.uploads else {
+            return false;
+        };
+        uploads.nudge();
         loop {
             self.report(log);
             if self.safe_everywhere().is_some_and(|safe| safe >= seq) {
@@ -297,7 +378,7 @@ impl Durable {
             if left.is_zero() {
                 return false;
             }
-            if let Some(report) = self.uploads.wait(left.min(Duration::from_millis(200))) {
+            if let Some(report) = uploads.wait(left.min(Duration::from_millis(200))) {
                 self.tell(report, log);
             }
         }
@@ -315,29 +396,33 @@ impl Durable {
 }
 
 impl Drop for Durable {
-    /// Stops the keeper and lets the lease go (the next owner need not wait for it to expire);
-    /// a lease already lost is left alone.
+    /// Closes the fence (nothing more is published or pruned), gives the upload threads a
+    /// moment to finish what they are doing, then the keeper releases the lease.
     fn drop(&mut self) {
-        self.stop_keeper.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.keeper_thread.take()
-            && let Ok(Some(lease)) = thread.join()
-        {
-            let _ = lease.release();
+        self.keeper.fence.set(None);
+        if let Some(uploads) = self.uploads.take() {
+            uploads.stop(UPLOADS_STOP_WITHIN);
         }
     }
 }
 
-/// The keeper thread: renews the lease every third of its time-to-live, moves the fence with
-/// each renewal, and closes it when the lease is lost or its deadline passes. Returns the lease
-/// when asked to stop (to be released), `None` when it was lost.
+/// The keeper thread: renews the lease every sixth of its time-to-live (a failed renewal is
+/// tried again after a short pause), moves the fence with each renewal, and closes it when
+/// the lease is lost or its deadline passes. Returns the lease when asked to stop (to be
+/// released), `None` when it was lost.
 fn keep_lease(
     mut lease: Lease,
     state: &Mutex<KeeperState>,
     fence: &Fence,
     stop: &AtomicBool,
 ) -> Option<Lease> {
+    let pause = (lease.ttl() / 20).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut failed_at: Option<Instant> = None;
     loop {
-        let due = lease.renew_due();
+        let due = match failed_at {
+            Some(at) => at + pause,
+            None => lease.renew_due(),
+        };
         while Instant::now() < due {
             if stop.load(Ordering::Relaxed) {
                 return Some(lease);
@@ -354,6 +439,7 @@ fn keep_lease(
         };
         match result {
             Ok(()) => {
+                failed_at = None;
                 s.deadline = lease.deadline();
                 s.trouble = None;
                 fence.set(Some(lease.deadline()));
@@ -367,6 +453,7 @@ fn keep_lease(
                 return None;
             }
             Err(e) => {
+                failed_at = Some(Instant::now());
                 s.trouble = Some(e.to_string());
                 if Instant::now() >= lease.deadline() {
                     s.lost = Some(format!("it could not be renewed in time ({e})"));
@@ -409,6 +496,17 @@ fn bring_in_newer(
     job.job_dir()
         .write_atomic(GENERATION_FILE, format!("{generation}\n").as_bytes())
         .context("cannot record the lease generation in the local store")
+}
+
+/// The highest lease generation among the job's manifests on `tier` (0: none).
+fn highest_generation(tier: &dyn Tier, job: &str) -> Result<u64, TierError> {
+    Ok(tier
+        .list(&crate::remote::layout::snapshots(job))?
+        .iter()
+        .filter_map(|m| crate::remote::layout::parse_manifest(job, &m.key))
+        .map(|(generation, _)| generation)
+        .max()
+        .unwrap_or(0))
 }
 
 /// The lease generation the local job's snapshots were taken under (0: none recorded).

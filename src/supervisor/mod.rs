@@ -180,6 +180,66 @@ fn describe_owner(owner: Option<&Owner>) -> String {
     )
 }
 
+/// On a stop by `sig` that began at `began`, with durable tiers: waits (up to
+/// `--stop-timeout` from `began`) for the newest snapshot to be on every tier. `Some(code)`
+/// when it did not make it, after telling so; `None` when it did (or there is nothing to
+/// flush), and the caller ends as without tiers.
+fn flush_on_stop(
+    durable: Option<&durable::Durable>,
+    newest: Option<u64>,
+    began: Instant,
+    sig: i32,
+    cfg: &JobConfig,
+    log: &Log,
+) -> Option<i32> {
+    let (Some(d), Some(seq)) = (durable, newest) else {
+        return None;
+    };
+    if d.flush(seq, began + cfg.stop_timeout, log) {
+        return None;
+    }
+    let lagging = d.lagging(seq).join(", ");
+    log.emit(&end(
+        RunOutcome::Stopped,
+        exit::STOPPED_NOT_OFF_NODE,
+        format!(
+            "stopped by {}; the final snapshot {seq} is in the local cache {} but did not reach \
+             {lagging} within --stop-timeout {}: running the same command again on this node \
+             resumes from it, on another node from the newest snapshot that did",
+            signal_name(sig),
+            cfg.store.display(),
+            human::duration(cfg.stop_timeout)
+        ),
+    ));
+    Some(exit::STOPPED_NOT_OFF_NODE)
+}
+
+/// Tells that the job's lease is lost (`why`) and returns the exit code for it.
+fn lease_lost(why: &str, log: &Log) -> i32 {
+    log.emit(&end(
+        RunOutcome::LeaseLost,
+        exit::LEASE_LOST,
+        format!(
+            "lost the job's lease ({why}): the program was stopped (or not started) so that \
+             two copies never run; the newest snapshot that reached the durable tiers is where \
+             the job resumes"
+        ),
+    ));
+    exit::LEASE_LOST
+}
+
+/// How long the lifeline lets the program run on after the supervisor died, to take its
+/// final snapshot: `--stop-timeout`, but with durable tiers at most a fifth of the lease's
+/// time-to-live. Nobody renews the lease once the supervisor is gone, and it has at least a
+/// quarter of its ttl left whenever the program runs (less, and the supervisor stops it),
+/// so the program is gone before another node may take the job over.
+fn lifeline_grace(cfg: &JobConfig) -> Duration {
+    match &cfg.durable {
+        Some(d) => cfg.stop_timeout.min(d.lease_ttl / 5),
+        None => cfg.stop_timeout,
+    }
+}
+
 /// Runs the job to its end; returns the supervisor's exit code.
 pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     let store = Store::open(&cfg.store).context("cannot open the store")?;
@@ -200,7 +260,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         None
     } else {
         Some(
-            Lifeline::start(cfg.stop_timeout, stderr_pipe.as_ref())
+            Lifeline::start(lifeline_grace(cfg), stderr_pipe.as_ref())
                 .context("cannot start the lifeline process")?,
         )
     };
@@ -278,6 +338,13 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     // Lives in a row that failed at once before reaching the shim.
     let mut failed_at_once: u32 = 0;
     loop {
+        // Never a program without the lease: it may have been lost while the fetch ran or
+        // while waiting to restart.
+        if let Some(d) = &durable
+            && let durable::LeaseState::Stop { why, .. } = d.lease_state()
+        {
+            return Ok(lease_lost(&why, log));
+        }
         let from = newest_snapshot(&job, &skip)?;
         let highest_before = job.highest_seq()?;
         note_snapshot(&job, &mut state, newest_snapshot(&job, &[])?);
@@ -346,39 +413,14 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         let progressed = job.highest_seq()? > highest_before;
         let hung = matches!(life.outcome, Outcome::Hung(_));
         if let Some(why) = &life.lease_lost {
-            log.emit(&end(
-                RunOutcome::LeaseLost,
-                exit::LEASE_LOST,
-                format!(
-                    "lost the job's lease ({why}): the program was stopped so that two copies \
-                     never run; the newest snapshot that reached the durable tiers is where the \
-                     job resumes"
-                ),
-            ));
-            return Ok(exit::LEASE_LOST);
+            return Ok(lease_lost(why, log));
         }
         let how = match life.outcome {
             Outcome::Stopped(sig) => {
                 let newest = newest_snapshot(&job, &skip)?;
-                if let (Some(d), Some(seq)) = (&durable, newest) {
-                    let deadline = life.stop_began.unwrap_or_else(Instant::now) + cfg.stop_timeout;
-                    if !d.flush(seq, deadline, log) {
-                        let lagging = d.lagging(seq).join(", ");
-                        log.emit(&end(
-                            RunOutcome::Stopped,
-                            exit::STOPPED_NOT_OFF_NODE,
-                            format!(
-                                "stopped by {}; the final snapshot {seq} is in the local cache \
-                                 {} but did not reach {lagging} within --stop-timeout {}: \
-                                 running the same command again on this node resumes from it, \
-                                 on another node from the newest snapshot that did",
-                                signal_name(sig),
-                                store_dir.display(),
-                                human::duration(cfg.stop_timeout)
-                            ),
-                        ));
-                        return Ok(exit::STOPPED_NOT_OFF_NODE);
-                    }
+                let began = life.stop_began.unwrap_or_else(Instant::now);
+                if let Some(code) = flush_on_stop(durable.as_ref(), newest, began, sig, cfg, log) {
+                    return Ok(code);
                 }
                 let detail = match newest {
                     Some(seq) => format!(
@@ -552,6 +594,13 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                     from: From(from),
                 });
                 if let Some(sig) = sleep_unless_stopped(&signals, delay) {
+                    let newest = newest_snapshot(&job, &skip)?;
+                    let began = Instant::now();
+                    if let Some(code) =
+                        flush_on_stop(durable.as_ref(), newest, began, sig, cfg, log)
+                    {
+                        return Ok(code);
+                    }
                     log.emit(&end(
                         RunOutcome::Stopped,
                         exit::stopped_by(sig),

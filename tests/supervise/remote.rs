@@ -159,6 +159,12 @@ fn node_loss_at_random_moments_resumes_from_the_newest_snapshot_safe_off_node() 
     for round in 0..10 {
         let cache = dir.path().join(format!("cache-{round}"));
         let run = start(&s3, &cache, "jobs", &options, &heat(&ARGS));
+        // The lost node's supervisor is dead but its program could run on (in a cache this
+        // node does not see) for a fifth of the ttl: the lease is taken after a quarter.
+        if round > 0 {
+            let taken = run.wait_for_event("lease-taken", 1, |_| true);
+            assert!(taken["generation"].as_u64() > Some(1), "{taken}");
+        }
         // At random moments: before the first snapshot, during uploads, between them.
         std::thread::sleep(Duration::from_millis(fastrand::u64(200..1200)));
         let fetched = run.events_of("fetched");
@@ -668,4 +674,40 @@ fn a_node_cut_off_from_the_store_stops_its_program_before_another_takes_over() {
         lost.stderr,
         fin.stderr
     );
+}
+
+#[test]
+fn durable_tiers_refuse_orphan_continue_and_a_replica_that_is_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let replica = dir.path().join("replica");
+    let replica = replica.to_str().unwrap();
+    // A program left running without its supervisor cannot keep the lease.
+    let run = Run::start(
+        &cache,
+        &["--store", replica, "--orphan", "continue"],
+        &heat(&ARGS),
+        &[],
+    );
+    let out = run.wait(LONG);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("--orphan continue"), "{}", out.stderr);
+    // A replica that is the cache, inside it, or holding it would write into the local store.
+    let inside = cache.join("sub");
+    for tier in [cache.as_path(), inside.as_path(), dir.path()] {
+        let tier = tier.to_str().unwrap();
+        let run = Run::start(&cache, &["--store", tier], &heat(&ARGS), &[]);
+        let out = run.wait(LONG);
+        assert_eq!(out.code, Some(1), "{tier}: {}", out.stderr);
+        assert!(out.stderr.contains(tier), "{}", out.stderr);
+    }
+    assert!(!replica_has_objects(Path::new(replica)));
+    assert!(
+        !cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none(),
+        "nothing is written when the options are refused"
+    );
+}
+
+fn replica_has_objects(dir: &Path) -> bool {
+    dir.exists() && std::fs::read_dir(dir).unwrap().next().is_some()
 }
