@@ -488,7 +488,7 @@ fn sealed_objects_hide_the_state_detect_tampering_and_refuse_a_wrong_key() {
     let options = with_key(&wrong);
     let options: Vec<&str> = options.iter().map(String::as_str).collect();
     let fin = start(&s3, &dir.path().join("b"), "sealed", &options, &heat(&args)).wait(LONG);
-    assert_ne!(fin.code, Some(0), "{}", fin.stderr);
+    assert_eq!(fin.code, Some(1), "{}", fin.stderr);
     assert!(fin.stderr.contains("another key"), "{}", fin.stderr);
     assert!(
         job_events(&dir.path().join("b"))
@@ -519,7 +519,7 @@ fn sealed_objects_hide_the_state_detect_tampering_and_refuse_a_wrong_key() {
 }
 
 #[test]
-fn several_directories_one_full_then_back_each_catches_up() {
+fn several_directories_one_full_one_read_only_one_missing_then_back_each_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let reference = reference_checksum(&ARGS);
     let cache = dir.path().join("cache");
@@ -529,30 +529,49 @@ fn several_directories_one_full_then_back_each_catches_up() {
     let Some(_tmpfs) = Tmpfs::mount(&small, "64k") else {
         panic!("these tests run as root (they mount a small tmpfs)");
     };
+    // One refuses writes (read-only even for root), one is missing (not mounted yet).
+    let read_only = dir.path().join("read-only");
+    let _ro_tmpfs = Tmpfs::mount(&read_only, "64m").unwrap();
+    let remount = |at: &Path, how: &str| {
+        let done = Command::new("mount")
+            .args(["-o", how])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(done.success(), "mount -o {how} {}", at.display());
+    };
+    remount(&read_only, "remount,ro");
+    let missing = dir.path().join("missing");
+    let tier = |p: &Path| p.to_str().unwrap().to_owned();
     let run = Run::start(
         &cache,
         &[
             "--store",
-            good.to_str().unwrap(),
+            &tier(&good),
             "--store",
-            small.to_str().unwrap(),
+            &tier(&small),
+            "--store",
+            &tier(&read_only),
+            "--store",
+            &tier(&missing),
             "--every",
             "150ms",
         ],
         &heat(&ARGS),
         &[],
     );
-    // The full one fails and is retried; the good one goes on.
-    run.wait_for_event("upload-failed", 1, |e| e["tier"] == small.to_str().unwrap());
-    run.wait_for_event("safe-off-node", 2, |e| e["tier"] == good.to_str().unwrap());
-    // More room: it catches up.
-    let grown = Command::new("mount")
-        .args(["-o", "remount,size=64m"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(grown.success());
-    run.wait_for_event("safe-off-node", 1, |e| e["tier"] == small.to_str().unwrap());
+    // Each failing one fails and is retried; the good one goes on.
+    for bad in [&small, &read_only, &missing] {
+        run.wait_for_event("upload-failed", 1, |e| e["tier"] == tier(bad));
+    }
+    run.wait_for_event("safe-off-node", 2, |e| e["tier"] == tier(&good));
+    // More room, writable, there: each catches up.
+    remount(&small, "remount,size=64m");
+    remount(&read_only, "remount,rw");
+    std::fs::create_dir(&missing).unwrap();
+    for back in [&small, &read_only, &missing] {
+        run.wait_for_event("safe-off-node", 1, |e| e["tier"] == tier(back));
+    }
     run.wait(LONG).assert_completed(&reference);
 }
 
@@ -710,4 +729,49 @@ fn durable_tiers_refuse_orphan_continue_and_a_replica_that_is_the_cache() {
 
 fn replica_has_objects(dir: &Path) -> bool {
     dir.exists() && std::fs::read_dir(dir).unwrap().next().is_some()
+}
+
+#[test]
+fn a_holder_whose_lease_was_taken_over_stops_its_program_at_once() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--n", "256", "--steps", "3000000"];
+    let run = start(
+        &s3,
+        &dir.path().join("a"),
+        "over",
+        &["--every", "150ms", "--lease-ttl", "60s"],
+        &heat(&args),
+    );
+    run.wait_for_event("safe-off-node", 1, |_| true);
+    // Another holder's record replaces ours (what a takeover after a partition looks like).
+    let key = keys(&s3, "over")
+        .into_iter()
+        .find(|k| k.ends_with("/lease"))
+        .expect("a lease object");
+    let mut record: serde_json::Value = serde_json::from_slice(&object(&s3, &key)).unwrap();
+    record["generation"] = (record["generation"].as_u64().unwrap() + 1).into();
+    record["holder"]["host"] = "another-node".into();
+    record["holder"]["pid"] = 4242.into();
+    put_object(&s3, &key, &serde_json::to_vec(&record).unwrap());
+    let started = std::time::Instant::now();
+    let fin = run.wait(LONG);
+    // Found at the next renewal (every tenth of a minute), not when the ttl runs out.
+    assert_eq!(fin.code, Some(7), "{}", fin.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let events = job_events(&dir.path().join("a"));
+    let lost = events
+        .iter()
+        .find(|e| e["kind"] == "lease-lost")
+        .expect("a lease-lost event");
+    assert!(lost.to_string().contains("another-node"), "{lost}");
+    let end = events.iter().rev().find(|e| e["kind"] == "end").unwrap();
+    assert_eq!(end["exit_code"], 7, "{end}");
+    // The record is the taker's still: a holder that lost the lease does not release it.
+    let now: serde_json::Value = serde_json::from_slice(&object(&s3, &key)).unwrap();
+    assert_eq!(now, record);
 }
