@@ -312,7 +312,8 @@ struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
     keep_within: Option<Duration>,
 
-    /// What to do with the job's snapshots when the command finishes with exit code 0.
+    /// What to do with the job's snapshots (local and on the durable tiers) when the command
+    /// finishes with exit code 0.
     #[arg(long, value_name = "WHAT", value_enum, default_value_t = OnSuccess::Keep)]
     on_success: OnSuccess,
 

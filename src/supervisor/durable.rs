@@ -17,7 +17,7 @@ use crate::log::Log;
 use crate::remote::fetch::{self, Trouble};
 use crate::remote::lease::{self, Acquired, Holder, Lease, LeaseError};
 use crate::remote::upload::{Fence, Report, UploadConfig, Uploads};
-use crate::remote::{Tier, TierError};
+use crate::remote::{Tier, TierError, layout};
 use crate::signals::Signals;
 use supervise_store::clock::millis;
 
@@ -111,6 +111,8 @@ const UPLOADS_STOP_WITHIN: Duration = Duration::from_secs(3);
 /// The tiers of a running job.
 pub(super) struct Durable {
     tiers: Vec<Arc<dyn Tier>>,
+    /// The job's name.
+    job: String,
     ttl: Duration,
     /// Dropped (stopped) before the keeper releases the lease.
     uploads: Option<Uploads>,
@@ -259,6 +261,7 @@ impl Durable {
         .context("cannot start the upload threads")?;
         Ok(Ok(Self {
             tiers: cfg.tiers.clone(),
+            job: job.name().to_owned(),
             ttl: cfg.lease_ttl,
             uploads: Some(uploads),
             keeper,
@@ -382,6 +385,57 @@ impl Durable {
                 self.tell(report, log);
             }
         }
+    }
+
+    /// `--on-success delete` on the durable tiers: stops the uploads, then removes the job's
+    /// manifests (first, so no reader ever sees one naming a missing pack) and packs from
+    /// every tier, while the lease is held. Failures are told (`tier-trouble`) and what they
+    /// spared is left. Returns the objects removed and their bytes.
+    pub(super) fn delete_everywhere(&mut self, log: &Log) -> (u64, u64) {
+        if let Some(uploads) = self.uploads.take() {
+            uploads.stop(UPLOADS_STOP_WITHIN);
+        }
+        let (mut removed, mut bytes) = (0, 0);
+        for tier in &self.tiers {
+            let job = self.job.as_str();
+            for prefix in [layout::snapshots(job), layout::packs(job)] {
+                let listed = match tier.list(&prefix) {
+                    Ok(listed) => listed,
+                    Err(e) => {
+                        log.emit(&JobEvent::TierTrouble {
+                            tier: tier.describe().to_owned(),
+                            seq: None,
+                            why: format!("--on-success delete: cannot list {prefix}: {e}"),
+                        });
+                        break;
+                    }
+                };
+                for object in listed {
+                    if !self.keeper.fence.open() {
+                        log.emit(&JobEvent::TierTrouble {
+                            tier: tier.describe().to_owned(),
+                            seq: None,
+                            why: "--on-success delete: the lease is no longer held; the \
+                                  rest is left"
+                                .into(),
+                        });
+                        return (removed, bytes);
+                    }
+                    match tier.delete(&object.key) {
+                        Ok(()) => {
+                            removed += 1;
+                            bytes += object.size;
+                        }
+                        Err(e) => log.emit(&JobEvent::TierTrouble {
+                            tier: tier.describe().to_owned(),
+                            seq: None,
+                            why: format!("--on-success delete: {e}"),
+                        }),
+                    }
+                }
+            }
+        }
+        (removed, bytes)
     }
 
     /// Tiers that do not hold snapshot `seq` yet, for messages.

@@ -305,7 +305,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         ));
         return Ok(0);
     }
-    let durable = match &cfg.durable {
+    let mut durable = match &cfg.durable {
         Some(d) => {
             match durable::Durable::start(d, &job, cfg.fresh, cfg.wait, cfg.keep, &signals, log)? {
                 Ok(durable) => Some(durable),
@@ -462,6 +462,13 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                         removed.removed_snapshots.len(),
                         human::bytes(removed.freed_bytes)
                     ));
+                    if let Some(d) = durable.as_mut() {
+                        let (objects, bytes) = d.delete_everywhere(log);
+                        detail.push_str(&format!(
+                            ", and {objects} objects ({}) from the durable tiers",
+                            human::bytes(bytes)
+                        ));
+                    }
                 }
                 let totals = totals(&events::read(job.dir())?, now_unix_ms());
                 detail.push_str(&format!(": {totals}"));

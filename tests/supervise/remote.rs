@@ -775,3 +775,30 @@ fn a_holder_whose_lease_was_taken_over_stops_its_program_at_once() {
     let now: serde_json::Value = serde_json::from_slice(&object(&s3, &key)).unwrap();
     assert_eq!(now, record);
 }
+
+#[test]
+fn on_success_delete_removes_the_snapshots_from_the_durable_tiers_too() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let reference = reference_checksum(&ARGS);
+    let run = start(
+        &s3,
+        &dir.path().join("a"),
+        "done",
+        &["--every", "150ms", "--on-success", "delete"],
+        &heat(&ARGS),
+    );
+    run.wait_for_event("safe-off-node", 1, |_| true);
+    run.wait(LONG).assert_completed(&reference);
+    let left = keys(&s3, "done");
+    assert!(
+        left.iter().all(|k| k.ends_with("/lease")),
+        "left on the server: {left:?}"
+    );
+    let end = job_events(&dir.path().join("a"))
+        .into_iter()
+        .rev()
+        .find(|e| e["kind"] == "end")
+        .unwrap();
+    assert_eq!(end["exit_code"], 0, "{end}");
+}
