@@ -141,9 +141,10 @@ fn heat_c_runs_clean_under_valgrind_snapshotting_and_restoring() {
     let dir = tempfile::tempdir().unwrap();
     let heat_c = build_heat_c(dir.path());
     let store = dir.path().join("store");
-    // Local snapshots every 20 ms, then a longer run that resumes from them: both under
-    // valgrind, which fails the run on any invalid access or definite leak.
-    for steps in ["20000", "40000"] {
+    // Local snapshots every 500 ms (each one is slow under valgrind), then a longer run that
+    // resumes from them: both under valgrind, which fails the run on any invalid access or
+    // definite leak.
+    for steps in ["20000", "30000"] {
         let out = Command::new("valgrind")
             .args([
                 "--error-exitcode=99",
@@ -155,14 +156,14 @@ fn heat_c_runs_clean_under_valgrind_snapshotting_and_restoring() {
             .args(["--n", "32", "--steps", steps])
             .env("SUPERVISE_STORE", &store)
             .env("SUPERVISE_JOB", "valgrind")
-            .env("SUPERVISE_EVERY", "20ms")
+            .env("SUPERVISE_EVERY", "500ms")
             .output()
             .expect("valgrind is needed (scripts/test installs it)");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{err}");
         assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
         assert!(err.contains("definitely lost: 0 bytes"), "{err}");
-        if steps == "40000" {
+        if steps == "30000" {
             assert!(err.contains("heat.c: resumed at step "), "{err}");
         }
     }
