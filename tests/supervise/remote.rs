@@ -17,6 +17,8 @@ use nix::sys::signal::Signal;
 
 /// The heat run every test here uses: long enough for several snapshots, seconds in all.
 const ARGS: [&str; 4] = ["--n", "256", "--steps", "30000"];
+/// A heat run that outlasts any test: it is stopped by the test.
+const ENDLESS: [&str; 4] = ["--n", "256", "--steps", "3000000"];
 
 /// `supervise --store CACHE --store s3://... <options> -- heat`, with the server's credentials.
 fn start(s3: &S3Server, cache: &Path, prefix: &str, options: &[&str], command: &[OsString]) -> Run {
@@ -270,7 +272,7 @@ fn two_nodes_started_together_never_run_two_copies() {
 fn a_stop_flushes_the_final_snapshot_off_node_and_a_fresh_node_resumes_from_it() {
     let s3 = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let args = ["--n", "256", "--steps", "3000000"];
+    let args = ENDLESS;
     let run = start(
         &s3,
         &dir.path().join("a"),
@@ -388,7 +390,7 @@ fn the_server_going_away_and_coming_back_costs_no_snapshot_and_only_the_newest_i
 fn a_damaged_remote_pack_or_a_deleted_manifest_makes_the_fresh_node_walk_back() {
     let s3 = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let args = ["--n", "256", "--steps", "3000000"];
+    let args = ENDLESS;
     let run = start(
         &s3,
         &dir.path().join("a"),
@@ -460,7 +462,7 @@ fn sealed_objects_hide_the_state_detect_tampering_and_refuse_a_wrong_key() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let args = ["--n", "256", "--steps", "3000000"];
+    let args = ENDLESS;
     let sealed = ["--every", "150ms", "--encrypt-key"];
     let with_key = |k: &Path| -> Vec<String> {
         let mut o: Vec<String> = sealed.iter().map(|s| s.to_string()).collect();
@@ -735,7 +737,7 @@ fn replica_has_objects(dir: &Path) -> bool {
 fn a_holder_whose_lease_was_taken_over_stops_its_program_at_once() {
     let s3 = S3Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let args = ["--n", "256", "--steps", "3000000"];
+    let args = ENDLESS;
     let run = start(
         &s3,
         &dir.path().join("a"),
