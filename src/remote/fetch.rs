@@ -203,8 +203,9 @@ fn list_snapshots(
 /// `Ok(None)`: the local store is as new as any tier, or no newer snapshot could be had
 /// whole (each passed over for damage, told in `trouble`) and the local store has one to
 /// start from. `Err` (nothing imported, nothing staged left): the local store failed; a tier
-/// that could not be reached held something no other tier provided (a tier that cannot be
-/// listed counts unless another tier provides a newer snapshot than the local store's);
+/// that could not be reached held something no other tier provided, or no tier could be
+/// listed at all (a tier that cannot be listed while another can is told in `trouble` and
+/// passed by: the tiers that answer are taken as the truth);
 /// sealed objects and no key for them; or newer snapshots exist, none whole, and the local
 /// store has none ([`FetchError::NoneWhole`]). Everything the fetch met on its way is in
 /// `trouble`.
@@ -240,8 +241,10 @@ pub fn fetch_newer(
             }
         }
     }
-    // A tier that could not be listed may hold a newer snapshot than any found.
-    if !unlisted.is_empty() {
+    // A tier that could not be listed may hold a newer snapshot than any found; but the tiers
+    // that could be are taken as the truth (one replica down must not stop the job: every
+    // holder sends every snapshot to every tier). With none listed, nothing is known.
+    if !unlisted.is_empty() && unlisted.len() == tiers.len() {
         return Err(FetchError::Unavailable {
             what: "the list of snapshots".to_owned(),
             errors: unlisted,
@@ -1312,6 +1315,37 @@ mod tests {
             other => panic!("{other:?} {trouble:?}"),
         }
         assert_untouched(&fresh);
+    }
+
+    #[test]
+    fn a_replica_that_cannot_be_listed_is_passed_by_when_another_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job_with_snapshots(dir.path(), 2);
+        let (r1, r2) = (replica(dir.path(), "r1"), replica(dir.path(), "r2"));
+        upload(&job, &[Arc::clone(&r1), Arc::clone(&r2)]);
+        let down = unreachable(&r2, |_: &str| true);
+        // A fresh node fetches from the replica that answers.
+        let fresh = fresh_job(dir.path(), "node-b");
+        let mut trouble = Vec::new();
+        let tiers = [Arc::clone(&down), Arc::clone(&r1)];
+        let fetched = fetch_newer(&tiers, &fresh, 0, &mut trouble)
+            .unwrap()
+            .unwrap();
+        assert_eq!(fetched.seq, 2);
+        assert!(
+            trouble.iter().any(|t| t.tier == down.describe()),
+            "{trouble:?}"
+        );
+        // A node as new as what answers starts from its own snapshots.
+        let mut trouble = Vec::new();
+        assert_eq!(fetch_newer(&tiers, &fresh, 1, &mut trouble).unwrap(), None);
+        assert!(!trouble.is_empty());
+        // With no tier answering, nothing is known: an error.
+        let all_down = [down, unreachable(&r1, |_: &str| true)];
+        assert!(matches!(
+            fetch_newer(&all_down, &fresh, 1, &mut Vec::new()),
+            Err(FetchError::Unavailable { .. })
+        ));
     }
 
     #[test]

@@ -692,7 +692,10 @@ mod tests {
             .map(|i| {
                 let tier = Arc::clone(&tier);
                 let barrier = Arc::clone(&barrier);
+                // Eight machines: on one machine, a racer would see the others' made-up
+                // pids dead here and take over from them, rightly.
                 let me = Holder {
+                    host: format!("node{i}"),
                     pid: 1000 + i,
                     ..other.clone()
                 };
