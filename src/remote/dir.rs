@@ -9,6 +9,15 @@
 //! - **The root is never created.** A missing root is [`TierError::Unavailable`]: an
 //!   unmounted replica must not be silently re-created in the mount point's parent. The
 //!   directories below it are created on demand (mode 0700, the parent fsynced).
+//! - **The root stays the directory first seen.** Its device and inode, and whether it is a
+//!   mount point (another device than its parent's), are noted at the first operation. A root
+//!   that was a mount point and is not one any more (unmounted under the job) is
+//!   [`TierError::Unavailable`] and nothing is written into the bare mount point. A root that
+//!   became another directory (remounted, replaced) fails once, also Unavailable, and is
+//!   taken as the new one: the caller's listing of the tier is stale and must be read again
+//!   (the upload threads do so after any failure). A remount between two operations that
+//!   gives the same device number (a freed one is often given again) is not seen here; the
+//!   upload threads read every tier afresh every ten minutes.
 //! - **No link is followed below the root.** Every directory and file is opened relative to
 //!   its verified parent with `O_NOFOLLOW`; a symbolic link (or another kind of file) planted
 //!   at a key or on its way is refused ([`TierError::Damaged`]), never read or written
@@ -64,6 +73,16 @@ const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 pub struct DirTier {
     root: PathBuf,
     name: String,
+    /// The root as first seen.
+    seen: std::sync::Mutex<Option<RootIdentity>>,
+}
+
+/// Which directory the root is: its device and inode, and whether it is a mount point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RootIdentity {
+    dev: u64,
+    ino: u64,
+    mount_point: bool,
 }
 
 /// An open directory below (or at) the root, with its path for messages.
@@ -170,7 +189,45 @@ impl DirTier {
     /// looked at by each operation.
     pub fn new(path: PathBuf) -> DirTier {
         let name = path.display().to_string();
-        DirTier { root: path, name }
+        DirTier {
+            root: path,
+            name,
+            seen: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Checks that the open root `fd` is the directory first seen (see the module
+    /// documentation).
+    fn check_root(&self, key: &str, fd: &OwnedFd) -> TierResult<()> {
+        let st = nix::sys::stat::fstat(fd)
+            .map_err(|e| self.unavailable(key, &self.root, "stat the tier's root", e))?;
+        let parent = nix::sys::stat::fstatat(fd, "..", AtFlags::empty())
+            .map_err(|e| self.unavailable(key, &self.root, "stat the parent of", e))?;
+        let now = RootIdentity {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mount_point: st.st_dev != parent.st_dev,
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(first) = *seen else {
+            *seen = Some(now);
+            return Ok(());
+        };
+        if first == now {
+            return Ok(());
+        }
+        let why = if first.mount_point && !now.mount_point {
+            "it was a mount point and is not one any more (unmounted?): nothing is written \
+             into the bare mount point"
+        } else {
+            *seen = Some(now);
+            "it is not the directory first seen (remounted or replaced): read it again"
+        };
+        Err(TierError::Unavailable {
+            tier: self.name.clone(),
+            key: key.to_owned(),
+            why: format!("{}: {why}", self.root.display()),
+        })
     }
 
     #[cfg(test)]
@@ -252,6 +309,7 @@ impl DirTier {
             Mode::empty(),
         )
         .map_err(|e| self.unavailable(key, &self.root, "open the tier's root", e))?;
+        self.check_root(key, &fd)?;
         Ok(Opened {
             fd,
             path: self.root.clone(),
@@ -1046,6 +1104,36 @@ mod tests {
         assert!(all_names(&mount.0).iter().all(|n| !n.contains(TMP_PREFIX)));
         // The space was given back: a small write works again.
         tier.put_bytes("j/packs/again.pack", b"ok").unwrap();
+    }
+
+    #[test]
+    fn an_unmounted_replica_gets_nothing_and_a_remounted_one_is_read_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let at = tmp.path().join("mnt");
+        let Some(mount) = Mount::tmpfs(&at, "1m") else {
+            return;
+        };
+        let tier = DirTier::new(at.clone());
+        tier.put_bytes("j/packs/a.pack", b"first").unwrap();
+        // Unmounted under the job: the bare mount point gets nothing.
+        assert!(Command::new("umount").arg(&at).status().unwrap().success());
+        for _ in 0..2 {
+            let err = tier.put_bytes("j/packs/b.pack", b"second").unwrap_err();
+            assert!(err.is_transient(), "{err}");
+            assert!(err.to_string().contains("mount point"), "{err}");
+        }
+        assert!(tier.list("j/packs/").is_err());
+        assert!(all_names(&at).is_empty(), "{:?}", all_names(&at));
+        // Mounted again (a new, empty file system): it is the tier, as it now is (after one
+        // failure saying to read it again when the new mount has another device number;
+        // a freed tmpfs number is often given again).
+        drop(mount);
+        let _mount = Mount::tmpfs(&at, "1m").unwrap();
+        if let Err(err) = tier.list("j/packs/") {
+            assert!(err.to_string().contains("read it again"), "{err}");
+        }
+        assert!(tier.list("j/packs/").unwrap().is_empty());
+        tier.put_bytes("j/packs/b.pack", b"second").unwrap();
     }
 
     #[test]
