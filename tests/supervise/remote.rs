@@ -804,3 +804,67 @@ fn on_success_delete_removes_the_snapshots_from_the_durable_tiers_too() {
         .unwrap();
     assert_eq!(end["exit_code"], 0, "{end}");
 }
+
+#[test]
+fn a_store_that_refuses_writes_costs_no_snapshot_and_catches_up_when_it_takes_them_again() {
+    let s3 = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("a");
+    let run = start(
+        &s3,
+        &cache,
+        "refuse",
+        &["--every", "150ms", "--lease-ttl", "60s"],
+        &heat(&ENDLESS),
+    );
+    run.wait_for_event("safe-off-node", 1, |_| true);
+    // The bucket's policy now refuses (403) every write and removal of snapshots and packs;
+    // the lease stays writable, as an operator's retention lock on the data would leave it.
+    let denied: Vec<String> = ["snapshots", "packs"]
+        .iter()
+        .map(|d| format!("arn:aws:s3:::{}/refuse/*/{d}/*", s3.bucket))
+        .collect();
+    let policy = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Effect": "Deny",
+            "Principal": "*",
+            "Action": ["s3:PutObject", "s3:DeleteObject"],
+            "Resource": denied,
+        }],
+    });
+    let path = format!("/{}?policy", s3.bucket);
+    let (status, body) = http(&s3, "PUT", &path, policy.to_string().as_bytes());
+    assert!(
+        status / 100 == 2,
+        "{status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let published = remote_manifests(&s3, "refuse").len();
+    let before = run.events_of("snapshot").len();
+    run.wait_for_event("upload-failed", 1, |_| true);
+    // Snapshots go on locally; nothing new reaches the server.
+    run.wait_for_event("snapshot", before + 4, |_| true);
+    assert!(!run.ended(), "{}", run.stderr());
+    assert!(remote_manifests(&s3, "refuse").len() <= published);
+    let refused_up_to = run
+        .events_of("snapshot")
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .max()
+        .unwrap();
+    // Writes allowed again: the newest snapshot goes, and the job stops with it off-node.
+    let (status, _) = http(&s3, "DELETE", &path, b"");
+    assert!(status / 100 == 2, "{status}");
+    run.wait_for_event("safe-off-node", 1, |e| {
+        e["seq"].as_u64().is_some_and(|s| s > refused_up_to)
+    });
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    let newest_local = *only_job(&cache).snapshot_seqs().unwrap().last().unwrap();
+    let on_server = remote_manifests(&s3, "refuse");
+    assert!(
+        on_server.iter().any(|(_, seq, _)| *seq == newest_local),
+        "{newest_local} not in {on_server:?}"
+    );
+}
