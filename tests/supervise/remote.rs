@@ -868,3 +868,64 @@ fn a_store_that_refuses_writes_costs_no_snapshot_and_catches_up_when_it_takes_th
         "{newest_local} not in {on_server:?}"
     );
 }
+
+#[test]
+fn a_replica_unmounted_mid_run_gets_nothing_and_catches_up_when_mounted_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // The lease lives on the first directory in sorted order: not the one unmounted.
+    let steady = dir.path().join("a-steady");
+    std::fs::create_dir(&steady).unwrap();
+    let replica = dir.path().join("replica");
+    let Some(mounted) = Tmpfs::mount(&replica, "64m") else {
+        panic!("these tests run as root (they mount a tmpfs)");
+    };
+    let tier = |p: &Path| p.to_str().unwrap().to_owned();
+    let options = [
+        "--store",
+        &tier(&steady),
+        "--store",
+        &tier(&replica),
+        "--every",
+        "150ms",
+    ];
+    let run = Run::start(&cache, &options, &heat(&ENDLESS), &[]);
+    run.wait_for_event("safe-off-node", 2, |e| e["tier"] == tier(&replica));
+    // Unmounted under the job: it fails, and the bare mount point gets nothing.
+    drop(mounted);
+    let failed = run.events_of("upload-failed").len();
+    run.wait_for_event("upload-failed", failed + 1, |e| e["tier"] == tier(&replica));
+    assert!(
+        !replica_has_objects(&replica),
+        "written into the mount point"
+    );
+    // Mounted again, empty: it catches up with a newer snapshot, sent whole.
+    let newest = |run: &Run| {
+        run.events_of("snapshot")
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .max()
+            .unwrap()
+    };
+    let before = newest(&run);
+    let _again = Tmpfs::mount(&replica, "64m").unwrap();
+    run.wait_for_event("safe-off-node", 1, |e| {
+        e["tier"] == tier(&replica) && e["seq"].as_u64().is_some_and(|s| s > before)
+    });
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+    // A fresh node with only that replica resumes from it: its snapshot is whole.
+    let fresh = dir.path().join("fresh");
+    let run = Run::start(
+        &fresh,
+        &["--store", &tier(&replica), "--every", "1h"],
+        &heat(&ENDLESS),
+        &[],
+    );
+    let fetched = run.wait_for_event("fetched", 1, |_| true);
+    assert!(fetched["seq"].as_u64().unwrap() > before, "{fetched}");
+    let spawned = run.wait_for_event("spawned", 1, |_| true);
+    assert_eq!(spawned["from"], fetched["seq"]);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+}
