@@ -582,6 +582,8 @@ struct Relay {
     endpoint: String,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
     streams: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    /// Milliseconds waited before passing on each 16 KiB (0: full speed).
+    slow_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relay {
@@ -592,7 +594,8 @@ impl Relay {
         let target = target.trim_start_matches("http://").to_owned();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let streams = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
-        let (c, s) = (cut.clone(), streams.clone());
+        let slow_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, s, slow) = (cut.clone(), streams.clone(), slow_ms.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -610,8 +613,22 @@ impl Relay {
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
+                    let slow = slow.clone();
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        let mut buf = vec![0u8; 16 << 10];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let ms = slow.load(Ordering::SeqCst);
+                            if ms > 0 {
+                                std::thread::sleep(Duration::from_millis(ms));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Write);
                     });
                 }
@@ -621,7 +638,13 @@ impl Relay {
             endpoint,
             cut,
             streams,
+            slow_ms,
         }
+    }
+
+    /// Waits `ms` before passing on each 16 KiB (0: full speed again).
+    fn slow(&self, ms: u64) {
+        self.slow_ms.store(ms, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Lets connections through again.
@@ -926,6 +949,68 @@ fn a_replica_unmounted_mid_run_gets_nothing_and_catches_up_when_mounted_again() 
     assert!(fetched["seq"].as_u64().unwrap() > before, "{fetched}");
     let spawned = run.wait_for_event("spawned", 1, |_| true);
     assert_eq!(spawned["from"], fetched["seq"]);
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
+}
+
+#[test]
+fn a_slow_store_lags_without_holding_up_the_program_or_the_other_replica() {
+    let s3 = S3Server::start();
+    let relay = Relay::start(&s3.endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let replica = dir.path().join("replica");
+    std::fs::create_dir(&replica).unwrap();
+    let url = s3.url("slow");
+    let replica_name = replica.to_str().unwrap().to_owned();
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let options = [
+        "--store",
+        url.as_str(),
+        "--s3-endpoint",
+        relay.endpoint.as_str(),
+        "--store",
+        replica_name.as_str(),
+        "--every",
+        "150ms",
+        "--lease-ttl",
+        "60s",
+    ];
+    let run = Run::start(&cache, &options, &heat(&ENDLESS), &env);
+    run.wait_for_event("safe-off-node", 1, |e| e["tier"] == url.as_str());
+    // The object store slows to about 300 KiB/s, less than the snapshots' rate.
+    relay.slow(50);
+    let safe_on = |tier: &str| -> Vec<u64> {
+        run.events_of("safe-off-node")
+            .iter()
+            .filter(|e| e["tier"] == tier)
+            .filter_map(|e| e["seq"].as_u64())
+            .collect()
+    };
+    let (s3_before, replica_before) = (safe_on(&url).len(), safe_on(&replica_name).len());
+    let snapshots_before = run.events_of("snapshot").len();
+    // The replica keeps up snapshot after snapshot, and the program goes on snapshotting.
+    run.wait_for_event("safe-off-node", replica_before + 8, |e| {
+        e["tier"] == replica_name.as_str()
+    });
+    let s3_during = safe_on(&url).len() - s3_before;
+    assert!(
+        s3_during < 8,
+        "the slow store kept up ({s3_during} sent): the test did not slow it"
+    );
+    assert!(run.events_of("snapshot").len() >= snapshots_before + 8);
+    // Full speed again: it catches up with the newest snapshot, superseded ones skipped.
+    relay.slow(0);
+    let newest = run
+        .events_of("snapshot")
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .max()
+        .unwrap();
+    run.wait_for_event("safe-off-node", 1, |e| {
+        e["tier"] == url.as_str() && e["seq"].as_u64().is_some_and(|s| s >= newest)
+    });
     run.signal(Signal::SIGTERM);
     assert_eq!(run.wait(LONG).code, Some(143));
 }
