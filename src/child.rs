@@ -71,7 +71,7 @@ impl Child {
     pub fn spawn(
         program: &std::path::Path,
         argv: &[OsString],
-        env: &[(&'static str, String)],
+        env: &[(String, String)],
         die_with_supervisor: bool,
         stderr: Option<&StderrPipe>,
     ) -> io::Result<Self> {
@@ -82,7 +82,7 @@ impl Child {
         let mut cmd = Command::new(program);
         cmd.arg0(&argv[0])
             .args(&argv[1..])
-            .envs(env.iter().map(|(k, v)| (*k, v)))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(config::ENV_CONTROL_FD, fd.to_string());
         if let Some(pipe) = stderr {
             cmd.env(config::ENV_STDERR_FD, &pipe.env_value);

@@ -266,6 +266,39 @@ pub enum JobEvent {
         /// The sentence.
         detail: String,
     },
+    /// File mode: the program writes its own checkpoint files, which the supervisor captures.
+    FileMode {
+        /// The preset (`gromacs`, `lammps`), if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        preset: Option<String>,
+        /// The checkpoint file patterns.
+        checkpoints: String,
+        /// How a stop is asked for.
+        stop: String,
+        /// Things the user should know (a missing -reprod, an option without effect).
+        advice: Vec<String>,
+    },
+    /// File mode: a life starts from a stored checkpoint, put back in the run directory.
+    CheckpointResumed {
+        /// The snapshot.
+        seq: u64,
+        /// The code's step in it, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
+        /// The checkpoint file.
+        checkpoint: String,
+        /// Files written anew (missing or different in the run directory).
+        written: Vec<String>,
+        /// Files cut back to their stored length (they had grown past it).
+        cut: Vec<String>,
+    },
+    /// File mode: a checkpoint file that is not complete or valid was not stored.
+    CheckpointRefused {
+        /// The file, relative to the run directory.
+        path: String,
+        /// Why.
+        why: String,
+    },
     /// This supervisor holds the job's lease on its durable tier.
     LeaseTaken {
         /// The tier the lease lives on.
@@ -442,7 +475,9 @@ impl fmt::Display for JobEvent {
                     f,
                     "the program has run {} without initialising the supervise shim: it cannot be \
                      snapshotted, and a restart starts it from scratch. Link the shim (README: \
-                     \"Use it from Rust\", \"Use it from C\") so that it resumes where it was",
+                     \"Use it from Rust\", \"Use it from C\") so that it resumes where it was; \
+                     a code that writes its own checkpoint files (GROMACS, LAMMPS, ...) is run \
+                     with --preset or --checkpoint (README: \"Codes you cannot relink\")",
                     dur(*after_ms)
                 )?;
                 if *hang_timeout {
@@ -525,6 +560,50 @@ impl fmt::Display for JobEvent {
             }
             JobEvent::Resume { detail, .. } | JobEvent::HistoryDamaged { detail } => {
                 f.write_str(detail)
+            }
+            JobEvent::FileMode {
+                preset,
+                checkpoints,
+                stop,
+                advice,
+            } => {
+                let preset = preset
+                    .as_ref()
+                    .map(|p| format!(" (--preset {p})"))
+                    .unwrap_or_default();
+                write!(
+                    f,
+                    "file mode{preset}: the program writes its own checkpoints ({checkpoints}); \
+                     each complete one is stored as a snapshot, a stop is asked for by {stop}, \
+                     and a restart resumes from the newest"
+                )?;
+                for a in advice {
+                    write!(f, ". Note: {a}")?;
+                }
+                Ok(())
+            }
+            JobEvent::CheckpointResumed {
+                seq,
+                step,
+                checkpoint,
+                written,
+                cut,
+            } => {
+                let step = step.map(|s| format!(" at step {s}")).unwrap_or_default();
+                write!(
+                    f,
+                    "resuming from checkpoint {checkpoint}{step} (snapshot {seq})"
+                )?;
+                if !written.is_empty() {
+                    write!(f, "; put back: {}", written.join(", "))?;
+                }
+                if !cut.is_empty() {
+                    write!(f, "; cut back to the checkpoint: {}", cut.join(", "))?;
+                }
+                Ok(())
+            }
+            JobEvent::CheckpointRefused { path, why } => {
+                write!(f, "checkpoint file {path} not stored: {why}")
             }
             JobEvent::LeaseTaken {
                 tier,

@@ -6,6 +6,7 @@ mod child;
 mod commands;
 mod event;
 mod events;
+mod files;
 mod human;
 mod identity;
 mod lifeline;
@@ -293,10 +294,11 @@ struct RunArgs {
     #[arg(long, value_name = "NAME")]
     job: Option<String>,
 
-    /// Take a snapshot this often (e.g. 30s, 10m, 1h). 10 minutes loses at most 10 minutes of
-    /// an hours-long run to a crash, at a small cost.
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration, allow_hyphen_values = true)]
-    every: Duration,
+    /// Take a snapshot this often (e.g. 30s, 10m, 1h; default 10m). 10 minutes loses at most
+    /// 10 minutes of an hours-long run to a crash, at a small cost. With --preset gromacs it
+    /// becomes mdrun's -cpt.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
+    every: Option<Duration>,
 
     /// Keep this many complete snapshots; older ones and chunks only they use are deleted.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count, allow_hyphen_values = true)]
@@ -379,9 +381,180 @@ struct RunArgs {
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
 
+    /// File mode for a code that writes its own checkpoint files: GROMACS (`gmx mdrun`) or
+    /// LAMMPS (`lmp`, with an input as README shows). Fills in every option below; any of them
+    /// given as well overrides the preset's.
+    #[arg(long, value_name = "CODE", value_enum, help_heading = "File mode")]
+    preset: Option<files::preset::Preset>,
+
+    /// File mode: the code's checkpoint files (a file-name pattern relative to the working
+    /// directory, e.g. 'restart.*'; repeatable). Each complete one is stored as a snapshot with
+    /// its companions, and a restart puts the newest back and resumes from it.
+    #[arg(long = "checkpoint", value_name = "PATTERN", value_parser = files::spec::FilePattern::parse, help_heading = "File mode")]
+    checkpoints: Vec<files::spec::FilePattern>,
+
+    /// File mode: when a checkpoint file is complete (repeatable; all must hold): `renamed`
+    /// (the code renames it into place), `closed` (written in place: unchanged for a scan),
+    /// `magic=TEXT` (starts and ends with it; also `start=`, `end=`; \0 \xHH escapes), or
+    /// `command=CMD` (exits 0 given a copy of the file). Default: closed.
+    #[arg(long, value_name = "WHEN", value_parser = files::spec::Complete::parse, help_heading = "File mode")]
+    complete: Vec<Vec<files::spec::Complete>>,
+
+    /// File mode: files stored with each checkpoint (a pattern, repeatable), e.g. the
+    /// trajectory a resume appends to. Append-only files cost only what was appended.
+    #[arg(long = "companion", value_name = "PATTERN", value_parser = files::spec::FilePattern::parse, help_heading = "File mode")]
+    companions: Vec<files::spec::FilePattern>,
+
+    /// File mode: the code's step of a checkpoint, shown and used to order them: `name` (the
+    /// last number in its file name), `command=CMD` (the first number CMD prints given a
+    /// copy), or `none`.
+    #[arg(long, value_name = "FROM", value_parser = files::spec::StepFrom::parse, help_heading = "File mode")]
+    step_from: Option<files::spec::StepFrom>,
+
+    /// File mode: how to ask the code for a checkpoint (on --every, SIGUSR1, `supervise
+    /// snapshot`): `signal=NAME`, `touch=FILE` or `none` (default: it checkpoints on its own).
+    #[arg(long, value_name = "HOW", value_parser = files::spec::Ask::parse, help_heading = "File mode")]
+    ask_checkpoint: Option<files::spec::Ask>,
+
+    /// File mode: how to ask the code to stop after a checkpoint (on SIGINT/SIGTERM to the
+    /// supervisor): `signal=NAME` (sent once), `touch=FILE` or `none` (SIGTERM). Default:
+    /// signal=TERM. SIGKILL follows after --stop-timeout.
+    #[arg(long, value_name = "HOW", value_parser = files::spec::Ask::parse, help_heading = "File mode")]
+    ask_stop: Option<files::spec::Ask>,
+
+    /// File mode: arguments added to the command when it resumes; {checkpoint} is the
+    /// checkpoint file's path, {step} its step (e.g. '-cpi {checkpoint}').
+    #[arg(
+        long,
+        value_name = "ARGS",
+        conflicts_with = "resume_command",
+        help_heading = "File mode"
+    )]
+    resume_args: Option<String>,
+
+    /// File mode: the command that resumes the code instead, with {checkpoint} and {step}.
+    #[arg(long, value_name = "COMMAND", help_heading = "File mode")]
+    resume_command: Option<String>,
+
+    /// File mode: exit codes that mean the code stopped cleanly after a checkpoint (comma
+    /// list), e.g. mdrun's 1 and 2 after SIGTERM.
+    #[arg(
+        long,
+        value_name = "CODES",
+        value_delimiter = ',',
+        help_heading = "File mode"
+    )]
+    clean_exit: Vec<i32>,
+
+    /// File mode: a file the code writes only when it has finished; an exit 0 without it is
+    /// a stop (resumed by running the command again), not the end.
+    #[arg(long, value_name = "FILE", help_heading = "File mode")]
+    done_file: Option<PathBuf>,
+
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     command: Vec<OsString>,
+}
+
+impl RunArgs {
+    /// The file-mode spec the options describe, if any: the preset's, with what was given
+    /// on top.
+    fn file_spec(&self) -> anyhow::Result<Option<files::FileSpec>> {
+        use files::spec::{Ask, Complete, FileSpec, Resume, StepFrom, split_words};
+        let generic = !self.checkpoints.is_empty()
+            || !self.complete.is_empty()
+            || !self.companions.is_empty()
+            || self.step_from.is_some()
+            || self.ask_checkpoint.is_some()
+            || self.ask_stop.is_some()
+            || self.resume_args.is_some()
+            || self.resume_command.is_some()
+            || !self.clean_exit.is_empty()
+            || self.done_file.is_some();
+        if self.preset.is_none() && !generic {
+            return Ok(None);
+        }
+        let dir = std::env::current_dir().context("cannot find the working directory")?;
+        let mut spec = match self.preset {
+            Some(p) => files::preset::spec(p, &self.command, &dir, self.every)
+                .map_err(|e| anyhow::anyhow!("--preset: {e}"))?,
+            None => {
+                if self.checkpoints.is_empty() {
+                    anyhow::bail!(
+                        "file mode needs --checkpoint PATTERN (the code's checkpoint files) or \
+                         --preset"
+                    );
+                }
+                FileSpec {
+                    preset: None,
+                    dir,
+                    checkpoints: Vec::new(),
+                    complete: vec![Complete::Closed],
+                    companions: Vec::new(),
+                    step: StepFrom::Unknown,
+                    ask_checkpoint: Ask::Nothing,
+                    ask_stop: Ask::Signal(nix::sys::signal::Signal::SIGTERM),
+                    resume: Resume::Args(Vec::new()),
+                    clean_exits: Vec::new(),
+                    done_file: None,
+                    schedule: None,
+                    shuffle: Vec::new(),
+                    env: Vec::new(),
+                    command: self.command.clone(),
+                    advice: Vec::new(),
+                }
+            }
+        };
+        if !self.checkpoints.is_empty() {
+            spec.checkpoints = self.checkpoints.clone();
+        }
+        if !self.complete.is_empty() {
+            spec.complete = self.complete.concat();
+        }
+        spec.companions.extend(self.companions.iter().cloned());
+        if let Some(s) = &self.step_from {
+            spec.step = s.clone();
+        }
+        if let Some(a) = &self.ask_checkpoint {
+            spec.ask_checkpoint = a.clone();
+        }
+        if let Some(a) = &self.ask_stop {
+            spec.ask_stop = a.clone();
+        }
+        if let Some(args) = &self.resume_args {
+            spec.resume =
+                Resume::Args(split_words(args).map_err(|e| anyhow::anyhow!("--resume-args: {e}"))?);
+        }
+        if let Some(cmd) = &self.resume_command {
+            spec.resume = Resume::Command(
+                split_words(cmd).map_err(|e| anyhow::anyhow!("--resume-command: {e}"))?,
+            );
+        }
+        if !self.clean_exit.is_empty() {
+            spec.clean_exits = self.clean_exit.clone();
+        }
+        if let Some(done) = &self.done_file {
+            if done.is_absolute() || done.components().any(|c| c.as_os_str() == "..") {
+                anyhow::bail!(
+                    "--done-file {}: give a path inside the working directory",
+                    done.display()
+                );
+            }
+            spec.done_file = Some(done.clone());
+        }
+        if let (Some(hang), Some(schedule)) = (self.hang_timeout, spec.schedule)
+            && hang <= schedule
+        {
+            anyhow::bail!(
+                "--hang-timeout {} is not longer than the code's checkpoint interval ({}): in \
+                 file mode a new checkpoint is the sign of progress, so it would stop a healthy \
+                 run",
+                human::duration(hang),
+                human::duration(schedule)
+            );
+        }
+        Ok(Some(spec))
+    }
 }
 
 /// The scrub's period, or off.
@@ -813,6 +986,9 @@ fn run_remote_bench(args: &[std::ffi::OsString]) -> anyhow::Result<i32> {
     remote::bench::run(std::sync::Arc::new(tier), size, json)
 }
 
+/// `--every` when not given.
+const DEFAULT_EVERY: Duration = Duration::from_secs(600);
+
 fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
     // Before anything is created in the store: a program that cannot start is an error here.
     let program = identity::resolve(&cli.command)?;
@@ -857,13 +1033,15 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         };
         log.events_to(sink);
     }
+    let files = cli.file_spec()?;
     let cfg = JobConfig {
+        files,
         origin: program.origin(&cli.command),
         program,
         command: cli.command,
         store,
         job,
-        every: cli.every,
+        every: cli.every.unwrap_or(DEFAULT_EVERY),
         keep: cli.keep as usize,
         keep_within: cli.keep_within,
         from: cli.from,

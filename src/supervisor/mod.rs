@@ -21,6 +21,7 @@ use crate::blame::{Blame, Death, Verdict};
 use crate::child::{self, Child, Ended, StderrPipe};
 use crate::event::{From, JobEvent, Outcome as RunOutcome, Totals};
 use crate::events::{self, EventLog, LastRun, Record};
+use crate::files::Files;
 use crate::human;
 use crate::identity::{Origin, Program};
 use crate::lifeline::Lifeline;
@@ -75,6 +76,8 @@ pub struct JobConfig {
     pub scrub: Option<Duration>,
     /// The durable tiers beyond the local store, if any.
     pub durable: Option<DurableConfig>,
+    /// File mode: the program writes its own checkpoint files, which are captured.
+    pub files: Option<crate::files::FileSpec>,
 }
 
 /// What to do with a job's snapshots when its command finishes with exit code 0
@@ -214,6 +217,15 @@ fn flush_on_stop(
     Some(exit::STOPPED_NOT_OFF_NODE)
 }
 
+/// How a file-mode code is asked for something, in words.
+fn describe_ask(ask: &crate::files::Ask) -> String {
+    match ask {
+        crate::files::Ask::Signal(sig) => format!("one {}", sig.as_str()),
+        crate::files::Ask::Touch(file) => format!("creating {}", file.display()),
+        crate::files::Ask::Nothing => "SIGTERM".to_owned(),
+    }
+}
+
 /// Tells that the job's lease is lost (`why`) and returns the exit code for it.
 fn lease_lost(why: &str, log: &Log) -> i32 {
     log.emit(&end(
@@ -319,7 +331,42 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         command: command_line.clone(),
     });
     let server = operator::Server::bind(job.dir())?;
+    // A rerun of a completed job, or --fresh, starts the code over in file mode too: what its
+    // run directory holds is not resumed from.
+    let files_fresh =
+        cfg.fresh || (cfg.from.is_none() && last == (LastRun::Ended { completed: true }));
     let mut skip = initial_skip(cfg, &job, last, log)?;
+    // File mode: the capture thread holds the job's writer from here on.
+    let files = match &cfg.files {
+        Some(spec) => {
+            let retention = supervise_store::retention::Retention {
+                keep: cfg.keep,
+                within: cfg.keep_within,
+                suspect: Vec::new(),
+            };
+            let files = Files::start(
+                spec.clone(),
+                job.clone(),
+                retention,
+                Some(cfg.origin.clone()),
+            )
+            .map_err(|e| anyhow::anyhow!("file mode: {e}"))?;
+            log.emit(&JobEvent::FileMode {
+                preset: spec.preset.map(str::to_owned),
+                checkpoints: spec
+                    .checkpoints
+                    .iter()
+                    .map(|p| p.text.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                stop: describe_ask(&spec.ask_stop),
+                advice: spec.advice.clone(),
+            });
+            Some(files)
+        }
+        None => None,
+    };
+
     let mut state = JobState {
         status: Status {
             supervisor_pid: std::process::id(),
@@ -345,7 +392,41 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         {
             return Ok(lease_lost(&why, log));
         }
-        let from = newest_snapshot(&job, &skip)?;
+        let mut argv = cfg.command.clone();
+        let from = match &files {
+            Some(files) => {
+                let prepared = files
+                    .prepare(&skip, &suspect, files_fresh && attempt == 0)
+                    .map_err(|e| {
+                        anyhow::anyhow!("file mode: cannot prepare the run directory: {e}")
+                    })?;
+                for (seq, why) in &prepared.set_aside {
+                    log.emit(&JobEvent::SnapshotSetAside {
+                        seq: *seq,
+                        why: why.clone(),
+                    });
+                }
+                for found in prepared.found {
+                    watch::tell_found(log, found);
+                }
+                let resume = prepared
+                    .resumed
+                    .as_ref()
+                    .map(|(_, r)| (std::path::Path::new(&r.meta.checkpoint), r.meta.step));
+                argv = files.spec().argv(resume);
+                if let Some((seq, r)) = &prepared.resumed {
+                    log.emit(&JobEvent::CheckpointResumed {
+                        seq: *seq,
+                        step: r.meta.step,
+                        checkpoint: r.meta.checkpoint.clone(),
+                        written: r.written.clone(),
+                        cut: r.cut.clone(),
+                    });
+                }
+                prepared.resumed.map(|(seq, _)| seq)
+            }
+            None => newest_snapshot(&job, &skip)?,
+        };
         let highest_before = job.highest_seq()?;
         note_snapshot(&job, &mut state, newest_snapshot(&job, &[])?);
         if let Some(seq) = from {
@@ -368,11 +449,23 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             origin: Some(cfg.origin.clone()),
         }
         .to_env();
+        // In file mode the program gets no store to write to (the supervisor is the job's one
+        // writer), only what its preset asks for.
+        let env: Vec<(String, String)> = match &files {
+            Some(files) => files.spec().env.clone(),
+            None => env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        };
+        // A resume command other than the program itself is found in PATH.
+        let run_path = if argv.first() == cfg.command.first() {
+            cfg.program.run.clone()
+        } else {
+            std::path::PathBuf::from(argv.first().cloned().unwrap_or_default())
+        };
         // The child's stderr passes through the supervisor (which keeps its last lines to
         // show if it fails at once) unless it must outlive the supervisor.
         let spawned = Child::spawn(
-            &cfg.program.run,
-            &cfg.command,
+            &run_path,
+            &argv,
             &env,
             !(cfg.orphan == OrphanMode::Continue),
             stderr_pipe.as_ref(),
@@ -393,6 +486,9 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         if let Some(l) = lifeline.as_mut() {
             l.set_group(Some(child.pid()));
         }
+        if let Some(files) = &files {
+            files.live(true);
+        }
         state.status.child_pid = Some(child.pid());
         log.emit(&JobEvent::Spawned {
             pid: child.pid(),
@@ -400,6 +496,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         });
         let life = Watch::new(cfg, log, &signals, from, said_no_shim, stderr_pipe.as_ref())
             .with_durable(durable.as_ref())
+            .with_files(files.as_ref())
             .run(&mut child, &server, &mut state)?;
         said_no_shim = life.said_no_shim;
         ever_connected |= life.connected;
@@ -442,6 +539,35 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 };
                 log.emit(&end(RunOutcome::Stopped, exit::stopped_by(sig), detail));
                 return Ok(exit::stopped_by(sig));
+            }
+            Outcome::StoppedItself(how) => {
+                let newest = newest_snapshot(&job, &skip)?;
+                let mut detail = format!(
+                    "the program stopped by itself after a checkpoint ({how}: a SIGTERM sent to \
+                     it directly, as a batch system does at a time limit, or a limit of its own \
+                     such as mdrun -maxh); it is not restarted"
+                );
+                if let Some(seq) = newest {
+                    detail.push_str(&format!(
+                        ": run the same command again to resume (from snapshot {seq})"
+                    ));
+                    if let Some(d) = &durable
+                        && !d.flush(seq, Instant::now() + cfg.stop_timeout, log)
+                    {
+                        detail.push_str(&format!(
+                            "; it did not reach {} within --stop-timeout",
+                            d.lagging(seq).join(", ")
+                        ));
+                        log.emit(&end(
+                            RunOutcome::Stopped,
+                            exit::STOPPED_NOT_OFF_NODE,
+                            detail,
+                        ));
+                        return Ok(exit::STOPPED_NOT_OFF_NODE);
+                    }
+                }
+                log.emit(&end(RunOutcome::Stopped, exit::STOPPED, detail));
+                return Ok(exit::STOPPED);
             }
             Outcome::Ended(Ended::Exited(0)) => {
                 let mut detail = String::from("job finished (exit code 0)");
@@ -505,7 +631,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             log.emit(&end(RunOutcome::ConfigError, exit::GAVE_UP, detail));
             return Ok(exit::GAVE_UP);
         }
-        if !life.connected && !said_no_shim && ran_for >= NO_SHIM_AFTER_DEATH {
+        if !life.connected && !said_no_shim && files.is_none() && ran_for >= NO_SHIM_AFTER_DEATH {
             log.emit(&JobEvent::NoShim {
                 after_ms: millis(ran_for),
                 hang_timeout: cfg.hang_timeout.is_some(),

@@ -92,6 +92,9 @@ pub enum Outcome {
     Hung(crate::child::Ended),
     /// The supervisor was told to stop (by this signal) and stopped it.
     Stopped(i32),
+    /// File mode: nobody asked, but the code stopped cleanly after a checkpoint (how): a
+    /// SIGTERM sent to it directly (a batch system's), or a limit of its own (`mdrun -maxh`).
+    StoppedItself(crate::child::Ended),
 }
 
 /// A signal's name (`SIGTERM`), or "a signal".
@@ -229,11 +232,12 @@ impl ChildState {
         }
     }
 
-    /// How the life ended, given how the child ended in this state: a clean exit is always
-    /// the end; otherwise a stop or a hang explains it.
-    pub fn outcome(self, how: crate::child::Ended) -> Outcome {
+    /// How the life ended, given how the child ended in this state: a clean exit is the end
+    /// when `finished` (in file mode, the code's done file was written; else always);
+    /// otherwise a stop or a hang explains it.
+    pub fn outcome(self, how: crate::child::Ended, finished: bool) -> Outcome {
         match (self, how) {
-            (_, crate::child::Ended::Exited(0)) => Outcome::Ended(how),
+            (_, crate::child::Ended::Exited(0)) if finished => Outcome::Ended(how),
             (ChildState::Stopping { signal, .. }, _) => Outcome::Stopped(signal),
             (ChildState::Hung(_), _) => Outcome::Hung(how),
             (ChildState::Running, _) => Outcome::Ended(how),
@@ -425,11 +429,11 @@ mod tests {
         let (s, a) = s.step(Input::StopSignal(2), &cx(true));
         assert_eq!(kills(&a), [Signal::SIGKILL]);
         assert_eq!(
-            s.outcome(crate::child::Ended::Signaled(9)),
+            s.outcome(crate::child::Ended::Signaled(9), true),
             Outcome::Stopped(15)
         );
         assert_eq!(
-            s.outcome(crate::child::Ended::Exited(0)),
+            s.outcome(crate::child::Ended::Exited(0), true),
             Outcome::Ended(crate::child::Ended::Exited(0))
         );
     }
@@ -438,7 +442,7 @@ mod tests {
     fn a_stop_after_a_hang_was_killed_sends_no_second_sigkill_at_its_deadline() {
         let hung = ChildState::Hung(Hang::Killed);
         assert_eq!(
-            hung.outcome(crate::child::Ended::Signaled(9)),
+            hung.outcome(crate::child::Ended::Signaled(9), true),
             Outcome::Hung(crate::child::Ended::Signaled(9))
         );
         let (s, _) = hung.step(Input::StopSignal(15), &cx(true));

@@ -16,11 +16,13 @@ use super::state::{
     Snapshots,
 };
 use super::{JobConfig, JobState, NO_SHIM_AFTER, poll_timeout};
-use crate::child::{Child, StderrPipe, StderrTail};
+use crate::child::{Child, Ended, StderrPipe, StderrTail};
 use crate::event::{From, JobEvent};
+use crate::files::{Files, Found};
 use crate::log::Log;
 use crate::operator;
 use crate::signals::Signals;
+use std::time::SystemTime;
 use supervise_store::clock::{millis, now_unix_ms};
 
 /// The state of watching one life of the child.
@@ -64,6 +66,15 @@ pub(super) struct Watch<'a> {
     stop_began: Option<Instant>,
     /// The lease was lost, why, and by when the program must have ended.
     lease_lost: Option<(String, Instant)>,
+    /// File mode: the capture of the code's own checkpoint files.
+    files: Option<&'a Files>,
+    /// When this life started, on the clock files are stamped with.
+    started_at: SystemTime,
+    /// File mode: when the newest checkpoint stored in this life was written (ms since the
+    /// epoch).
+    last_checkpoint_unix_ms: Option<u64>,
+    /// File mode: this life told that the code cannot be asked for a checkpoint.
+    told_no_ask: bool,
 }
 
 /// How one life of the child went.
@@ -123,6 +134,47 @@ impl<'a> Watch<'a> {
             durable: None,
             stop_began: None,
             lease_lost: None,
+            files: None,
+            started_at: SystemTime::now(),
+            last_checkpoint_unix_ms: None,
+            told_no_ask: false,
+        }
+    }
+
+    /// File mode: takes the checkpoints the code writes as its snapshots, and asks it for
+    /// stops (and checkpoints) its way.
+    pub(super) fn with_files(mut self, files: Option<&'a Files>) -> Self {
+        self.files = files;
+        self
+    }
+
+    /// What the capture thread found: stored checkpoints count as snapshots.
+    fn take_found(&mut self, child: &Child, found: Vec<Found>) {
+        for f in found {
+            match f {
+                Found::Captured(c) => {
+                    self.last_checkpoint_unix_ms = Some(c.modified_unix_ms);
+                    self.handle_event(child, Event::SnapshotDone(c.report));
+                }
+                other => tell_found(self.log, other),
+            }
+        }
+    }
+
+    /// File mode: whether a life that ended `how` while nobody asked it to stop stopped by
+    /// itself after a checkpoint: an exit 0 without the code's done file, or one of its clean
+    /// exit codes right after a checkpoint it wrote (within 10 s of the exit).
+    fn stopped_itself(&self, how: Ended, finished: bool) -> bool {
+        let Some(files) = self.files else {
+            return false;
+        };
+        let recent = self.last_checkpoint_unix_ms.is_some_and(|ms| {
+            now_unix_ms().saturating_sub(ms) <= STOPPED_ITSELF_WITHIN.as_millis() as u64
+        });
+        match how {
+            Ended::Exited(0) => !finished,
+            Ended::Exited(code) => files.spec().clean_exits.contains(&code) && recent,
+            Ended::Signaled(_) => false,
         }
     }
 
@@ -182,7 +234,7 @@ impl<'a> Watch<'a> {
                     snapshot: None,
                 }),
                 Ok(Some(operator::Request::Snapshot)) => {
-                    if !self.connected {
+                    if !self.connected && self.files.is_none() {
                         client.reply(&operator::Reply::error(
                             "the program has not initialised the shim (yet)",
                         ));
@@ -221,7 +273,9 @@ impl<'a> Watch<'a> {
             None => self.cfg.stop_timeout,
         };
         let cx = Context {
-            connected: self.connected,
+            // A file-mode code is asked for stops its own way, and shows progress by writing
+            // checkpoints.
+            connected: self.connected || self.files.is_some(),
             stop_timeout,
             hang_timeout: self.cfg.hang_timeout,
         };
@@ -230,7 +284,14 @@ impl<'a> Watch<'a> {
         for action in actions {
             match action {
                 Action::Emit(event) => self.log.emit(&event),
-                Action::SendStop => self.send(child, &Request::Stop),
+                Action::SendStop => match self.files {
+                    Some(files) => {
+                        if !files.ask(&files.spec().ask_stop, child) {
+                            child.kill_group(nix::sys::signal::Signal::SIGTERM);
+                        }
+                    }
+                    None => self.send(child, &Request::Stop),
+                },
                 Action::AskSnapshot => {
                     if !self.snapshots.in_flight() {
                         self.send(child, &Request::Snapshot);
@@ -256,7 +317,20 @@ impl<'a> Watch<'a> {
             if let Some(how) = child.try_wait().context("cannot wait for the child")? {
                 self.pass_stderr();
                 self.read_control(child);
+                // Every checkpoint the code left is stored before what to restore is chosen.
+                if let Some(files) = self.files {
+                    let found = files.settle();
+                    self.take_found(child, found);
+                }
                 self.record_done(state);
+                let finished = match (how, self.files) {
+                    (Ended::Exited(0), Some(files)) => files.finished(self.started_at),
+                    _ => true,
+                };
+                let mut outcome = self.state.outcome(how, finished);
+                if matches!(outcome, Outcome::Ended(_)) && self.stopped_itself(how, finished) {
+                    outcome = Outcome::StoppedItself(how);
+                }
                 let gone = operator::Reply::error(format!("the program ended ({how})"));
                 // Those waiting for this snapshot and those waiting for the next one.
                 for mut client in self
@@ -267,7 +341,7 @@ impl<'a> Watch<'a> {
                     client.reply(&gone);
                 }
                 return Ok(Life {
-                    outcome: self.state.outcome(how),
+                    outcome,
                     reached_safe_point: self.reached_safe_point,
                     connected: self.connected,
                     said_no_shim: self.said_no_shim,
@@ -309,6 +383,10 @@ impl<'a> Watch<'a> {
             self.signals.drain();
             self.pass_stderr();
             self.read_control(child);
+            if let Some(files) = self.files {
+                let found = files.found();
+                self.take_found(child, found);
+            }
             self.record_done(state);
             self.watch_durable(child);
             if let Some(durable) = self.durable {
@@ -324,7 +402,11 @@ impl<'a> Watch<'a> {
                     since_progress,
                 },
             );
-            if !self.connected && !self.said_no_shim && child.started.elapsed() >= NO_SHIM_AFTER {
+            if !self.connected
+                && self.files.is_none()
+                && !self.said_no_shim
+                && child.started.elapsed() >= NO_SHIM_AFTER
+            {
                 self.log.emit(&JobEvent::NoShim {
                     after_ms: millis(child.started.elapsed()),
                     hang_timeout: self.cfg.hang_timeout.is_some(),
@@ -359,6 +441,26 @@ impl<'a> Watch<'a> {
     }
 
     fn request_snapshot(&mut self, child: &Child, reason: SnapshotReason) {
+        if let Some(files) = self.files {
+            // The code checkpoints when asked its way, or on its own schedule; what it writes
+            // is stored as it appears.
+            if files.ask(&files.spec().ask_checkpoint, child) {
+                self.log
+                    .detail(&format!("asked the program for a checkpoint ({reason})"));
+            } else if !self.told_no_ask {
+                self.told_no_ask = true;
+                let schedule = files
+                    .spec()
+                    .schedule
+                    .map(|d| format!(" (every {})", crate::human::duration(d)))
+                    .unwrap_or_default();
+                self.log.detail(&format!(
+                    "a checkpoint was asked for ({reason}), but this code cannot be asked for \
+                     one: it writes them on its own schedule{schedule}"
+                ));
+            }
+            return;
+        }
         if !self.connected {
             if !self.warned_no_shim && !self.said_no_shim {
                 self.log.emit(&JobEvent::NoSnapshotWithoutShim);
@@ -451,7 +553,7 @@ impl<'a> Watch<'a> {
                         .detail(&format!("alive: {count} safe points reached"));
                 }
             }
-            Event::SnapshotDone(r) => {
+            Event::SnapshotDone(mut r) => {
                 self.reached_safe_point = true;
                 let (next, follow_up) = self.snapshots.done();
                 self.snapshots = next;
@@ -466,18 +568,11 @@ impl<'a> Watch<'a> {
                     status: None,
                     snapshot: Some(r.seq),
                 });
-                self.log.emit(&JobEvent::Snapshot {
-                    seq: r.seq,
-                    tag: r.tag,
-                    bytes_total: r.bytes_total,
-                    bytes_new: r.bytes_new,
-                    bytes_written: r.bytes_written,
-                    bytes_compacted: r.bytes_compacted,
-                    duration_ms: r.duration_ms,
-                });
-                if !r.removed.is_empty() {
+                let removed = std::mem::take(&mut r.removed);
+                self.log.emit(&snapshot_event(r));
+                if !removed.is_empty() {
                     self.log
-                        .detail(&format!("retention removed snapshots {:?}", r.removed));
+                        .detail(&format!("retention removed snapshots {removed:?}"));
                 }
                 if follow_up && self.state.takes_snapshots() {
                     self.request_snapshot(child, SnapshotReason::FollowUp);
@@ -536,5 +631,30 @@ impl<'a> Watch<'a> {
                 self.log.emit(&JobEvent::SnapshotSetAside { seq, why });
             }
         }
+    }
+}
+
+/// A clean exit code within this long of the code's last checkpoint is a stop, not a crash.
+const STOPPED_ITSELF_WITHIN: Duration = Duration::from_secs(10);
+
+/// Tells what the capture of a file-mode code found (outside a life's watch: before a start).
+pub(super) fn tell_found(log: &Log, found: Found) {
+    match found {
+        Found::Captured(c) => log.emit(&snapshot_event(c.report)),
+        Found::Refused { path, why } => log.emit(&JobEvent::CheckpointRefused { path, why }),
+        Found::Failed { error } => log.emit(&JobEvent::SnapshotFailed { error }),
+    }
+}
+
+/// The event of a durable snapshot.
+fn snapshot_event(r: supervise_store::writer::SnapshotReport) -> JobEvent {
+    JobEvent::Snapshot {
+        seq: r.seq,
+        tag: r.tag,
+        bytes_total: r.bytes_total,
+        bytes_new: r.bytes_new,
+        bytes_written: r.bytes_written,
+        bytes_compacted: r.bytes_compacted,
+        duration_ms: r.duration_ms,
     }
 }

@@ -295,6 +295,9 @@ enum Found {
     Twin(Hash),
 }
 
+/// Bytes [`SnapshotBuilder::add_file`] reads and stores at a time.
+pub const STREAM_BATCH: usize = 64 << 20;
+
 /// A plain-old-data element type that can be stored as a raw slice.
 pub trait Element: bytemuck::Pod {
     /// Name recorded in the manifest.
@@ -378,6 +381,50 @@ impl SnapshotBuilder<'_> {
         shuffle: u8,
     ) -> Result<()> {
         self.add(name, kind, data, shuffle)
+    }
+
+    /// Adds an entry of `len` bytes read from `file` at offset 0, in batches of
+    /// [`STREAM_BATCH`] bytes, so a file of any length is stored with bounded memory. The file
+    /// must hold at least `len` bytes while it is read (a shorter one is an error naming
+    /// `path`); bytes past `len` are not read.
+    pub fn add_file(
+        &mut self,
+        name: &str,
+        kind: EntryKind,
+        file: &std::fs::File,
+        len: u64,
+        path: &std::path::Path,
+        shuffle: u8,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.check_new_name(name)?;
+        let chunk = self.writer.chunk_size as u64;
+        let count = usize::try_from(len.div_ceil(chunk)).map_err(|_| Error::Overflow {
+            job: self.writer.job.name().to_owned(),
+            entry: name.to_owned(),
+            what: "the file's chunk count",
+        })?;
+        let mut refs: Vec<Option<ChunkRef>> = vec![None; count];
+        let per_batch = (STREAM_BATCH as u64 / chunk).max(1);
+        let mut buf = Vec::new();
+        let mut first = 0u64;
+        while first < count as u64 {
+            let start = first * chunk;
+            let end = len.min((first + per_batch) * chunk);
+            buf.resize((end - start) as usize, 0);
+            file.read_exact_at(&mut buf, start)
+                .map_err(crate::error::io_err("read", path))?;
+            let pieces: Vec<(usize, &[u8])> = buf
+                .chunks(self.writer.chunk_size)
+                .enumerate()
+                .map(|(i, c)| (first as usize + i, c))
+                .collect();
+            self.store_chunks(&pieces, shuffle, &mut refs)?;
+            first += per_batch;
+        }
+        self.stats.bytes_total += len;
+        self.finish_entry(name, kind, len, refs);
+        Ok(())
     }
 
     fn add(&mut self, name: &str, kind: EntryKind, data: &[u8], shuffle: u8) -> Result<()> {
