@@ -266,6 +266,11 @@ pub enum JobEvent {
         /// The sentence.
         detail: String,
     },
+    /// The command runs a code with a preset, without it: restarts would start from scratch.
+    PresetHint {
+        /// The preset (`gromacs`, `lammps`).
+        preset: String,
+    },
     /// File mode: the program writes its own checkpoint files, which the supervisor captures.
     FileMode {
         /// The preset (`gromacs`, `lammps`), if any.
@@ -561,6 +566,13 @@ impl fmt::Display for JobEvent {
             JobEvent::Resume { detail, .. } | JobEvent::HistoryDamaged { detail } => {
                 f.write_str(detail)
             }
+            JobEvent::PresetHint { preset } => write!(
+                f,
+                "this runs {preset}, which does not use the supervise shim: without file mode a \
+                 restart starts it from scratch. It writes checkpoint files of its own, which \
+                 supervise stores and resumes from with --preset {preset} (README: \"Codes you \
+                 cannot relink\")"
+            ),
             JobEvent::FileMode {
                 preset,
                 checkpoints,

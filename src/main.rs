@@ -428,6 +428,7 @@ struct RunArgs {
         long,
         value_name = "ARGS",
         conflicts_with = "resume_command",
+        allow_hyphen_values = true,
         help_heading = "File mode"
     )]
     resume_args: Option<String>,

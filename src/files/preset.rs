@@ -32,6 +32,35 @@ pub fn spec(
     }
 }
 
+/// The preset for a command that runs a code with one (`gmx mdrun`, `lmp`), if any: said at
+/// start when the command runs without one.
+pub fn recognise(command: &[OsString]) -> Option<Preset> {
+    let name = |w: &OsString| {
+        Path::new(w)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let names: Vec<String> = command.iter().map(name).collect();
+    if names.iter().any(|n| n == "mdrun") && names.iter().any(|n| n.starts_with("gmx")) {
+        return Some(Preset::Gromacs);
+    }
+    if names.iter().any(|n| n == "lmp" || n.starts_with("lmp_")) {
+        return Some(Preset::Lammps);
+    }
+    None
+}
+
+impl Preset {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Gromacs => "gromacs",
+            Preset::Lammps => "lammps",
+        }
+    }
+}
+
 fn pattern(text: &str) -> FilePattern {
     // Presets use fixed, valid patterns; a file name from the command line is escaped.
     FilePattern::parse(text).unwrap_or_else(|_| FilePattern {
@@ -296,6 +325,21 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn gromacs_and_lammps_commands_are_recognised_without_a_preset() {
+        assert_eq!(
+            recognise(&words("gmx mdrun -deffnm md")),
+            Some(Preset::Gromacs)
+        );
+        assert_eq!(
+            recognise(&words("mpirun -n 4 /opt/bin/gmx_mpi mdrun")),
+            Some(Preset::Gromacs)
+        );
+        assert_eq!(recognise(&words("lmp -in in.melt")), Some(Preset::Lammps));
+        assert_eq!(recognise(&words("./sim --steps 5")), None);
+        assert_eq!(recognise(&words("gmx grompp -f x.mdp")), None);
     }
 
     #[test]

@@ -330,6 +330,13 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         supervisor_pid: std::process::id(),
         command: command_line.clone(),
     });
+    if cfg.files.is_none()
+        && let Some(preset) = crate::files::preset::recognise(&cfg.command)
+    {
+        log.emit(&JobEvent::PresetHint {
+            preset: preset.name().to_owned(),
+        });
+    }
     let server = operator::Server::bind(job.dir())?;
     // A rerun of a completed job, or --fresh, starts the code over in file mode too: what its
     // run directory holds is not resumed from.

@@ -439,6 +439,19 @@ mod tests {
     }
 
     #[test]
+    fn a_clean_exit_without_the_codes_done_file_is_a_stop_when_one_was_asked_for() {
+        let exited = crate::child::Ended::Exited(0);
+        let (stopping, _) = ChildState::Running.step(Input::StopSignal(15), &cx(true));
+        assert_eq!(stopping.outcome(exited, false), Outcome::Stopped(15));
+        assert_eq!(stopping.outcome(exited, true), Outcome::Ended(exited));
+        // Unasked, the watcher tells a stop of the code's own from the end.
+        assert_eq!(
+            ChildState::Running.outcome(exited, false),
+            Outcome::Ended(exited)
+        );
+    }
+
+    #[test]
     fn a_stop_after_a_hang_was_killed_sends_no_second_sigkill_at_its_deadline() {
         let hung = ChildState::Hung(Hang::Killed);
         assert_eq!(

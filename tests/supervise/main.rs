@@ -13,6 +13,7 @@ mod commands;
 mod damage;
 mod e2e;
 mod events_json;
+mod files;
 mod first_hour;
 mod hostile_store;
 mod master_loss;
