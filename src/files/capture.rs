@@ -127,6 +127,8 @@ pub struct Capturer {
     seen: HashMap<PathBuf, FileId>,
     /// Versions of files written in place seen once (taken when unchanged at the next scan).
     settling: HashMap<PathBuf, FileId>,
+    /// Files inotify saw closed after writing since the last scan.
+    closed: std::collections::HashSet<PathBuf>,
     /// A private directory for copies given to checking commands.
     scratch: Scratch,
 }
@@ -156,6 +158,7 @@ impl Capturer {
             origin,
             seen: HashMap::new(),
             settling: HashMap::new(),
+            closed: std::collections::HashSet::new(),
             scratch: Scratch::new()?,
         })
     }
@@ -168,6 +171,12 @@ impl Capturer {
     /// The job's writer (for a restore's set-aside and the newest seq).
     pub fn writer(&self) -> &SnapshotWriter {
         &self.writer
+    }
+
+    /// Notes that the code closed `rel` after writing it: a file written in place is taken at
+    /// the next scan without waiting for it to stay unchanged.
+    pub fn mark_closed(&mut self, rel: &Path) {
+        self.closed.insert(rel.to_owned());
     }
 
     /// Uses `writer` from now on (reopened after snapshots were set aside).
@@ -253,6 +262,7 @@ impl Capturer {
             // code's next checkpoint is the next chance.
             self.seen.insert(rel, id);
         }
+        self.closed.clear();
         found
     }
 
@@ -281,8 +291,10 @@ impl Capturer {
         if !meta.is_file() {
             return Err("it is not a regular file".into());
         }
-        if self.spec.complete.contains(&Complete::Closed) && phase == Phase::Running {
-            // Written in place: take it once it stayed the same from one scan to the next.
+        let closed = self.closed.remove(rel);
+        if self.spec.complete.contains(&Complete::Closed) && phase == Phase::Running && !closed {
+            // Written in place: take it once it was closed, or stayed the same from one scan
+            // to the next.
             if self.settling.get(rel) != Some(&id) {
                 self.settling.insert(rel.to_owned(), id);
                 return Ok(None);

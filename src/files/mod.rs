@@ -13,8 +13,15 @@ pub mod preset;
 pub mod restore;
 pub mod spec;
 
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::time::Instant;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -28,9 +35,11 @@ pub use spec::{Ask, FileSpec};
 
 use capture::Capturer;
 
-/// How often the run directory is looked at while the program runs. Looking is a directory
-/// listing and a `stat` per checkpoint file; it works on every file system (NFS and Lustre
-/// included, where inotify does not see other nodes' writes).
+/// How often the run directory is looked at while the program runs, whatever inotify says.
+/// Looking is a directory listing and a `stat` per checkpoint file; it works on every file
+/// system (on NFS and Lustre inotify does not see writes made by other nodes). Inotify, where
+/// it can watch the directory, makes a new checkpoint seen at once: a file renamed into place,
+/// or closed after writing (which also counts as "unchanged since the last scan").
 pub const SCAN_EVERY: Duration = Duration::from_millis(500);
 
 /// Where a life starts.
@@ -61,6 +70,8 @@ enum Cmd {
 pub struct Files {
     spec: FileSpec,
     cmds: Option<Sender<Cmd>>,
+    /// A byte written here wakes the thread for a command.
+    wake: UnixStream,
     reports: Receiver<Found>,
     thread: Option<JoinHandle<()>>,
 }
@@ -78,13 +89,19 @@ impl Files {
             .map_err(|e| format!("cannot make a scratch directory: {e}"))?;
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (report_tx, reports) = mpsc::channel();
+        let (wake, woken) = UnixStream::pair()
+            .map_err(|e| format!("cannot make the capture thread's socket: {e}"))?;
+        woken
+            .set_nonblocking(true)
+            .map_err(|e| format!("cannot make the capture thread's socket: {e}"))?;
         let thread = std::thread::Builder::new()
             .name("supervise-files".into())
-            .spawn(move || run(capturer, &cmd_rx, &report_tx))
+            .spawn(move || run(capturer, &cmd_rx, &report_tx, &woken))
             .map_err(|e| format!("cannot start the capture thread: {e}"))?;
         Ok(Self {
             spec,
             cmds: Some(cmd_tx),
+            wake,
             reports,
             thread: Some(thread),
         })
@@ -98,6 +115,7 @@ impl Files {
     fn send(&self, cmd: Cmd) {
         if let Some(tx) = &self.cmds {
             let _ = tx.send(cmd);
+            let _ = (&self.wake).write(&[1]);
         }
     }
 
@@ -137,8 +155,11 @@ impl Files {
         self.send(Cmd::Live(false));
         let (reply, answer) = mpsc::channel();
         self.send(Cmd::Settle { reply });
+        let settled = answer.recv().unwrap_or_default();
+        // The thread reports what a scan found before it answers the next command: a scan
+        // that was under way is in the channel now, and comes first.
         let mut found = self.found();
-        found.extend(answer.recv().unwrap_or_default());
+        found.extend(settled);
         found
     }
 
@@ -175,36 +196,126 @@ impl Files {
 impl Drop for Files {
     fn drop(&mut self) {
         self.cmds.take();
+        let _ = (&self.wake).write(&[0]);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn run(mut cap: Capturer, cmds: &Receiver<Cmd>, reports: &Sender<Found>) {
+fn run(mut cap: Capturer, cmds: &Receiver<Cmd>, reports: &Sender<Found>, woken: &UnixStream) {
     let mut live = false;
+    let mut notify = Notify::new(&cap);
+    let mut last_scan = Instant::now();
     loop {
-        match cmds.recv_timeout(SCAN_EVERY) {
-            Ok(Cmd::Live(on)) => live = on,
-            Ok(Cmd::Settle { reply }) => {
-                let _ = reply.send(cap.scan(Phase::Settle));
+        let timeout = SCAN_EVERY.saturating_sub(last_scan.elapsed());
+        let (wake, changed) = {
+            let mut fds = vec![PollFd::new(woken.as_fd(), PollFlags::POLLIN)];
+            if let Some(n) = &notify.inotify {
+                fds.push(PollFd::new(n.as_fd(), PollFlags::POLLIN));
             }
-            Ok(Cmd::Prepare {
-                skip,
-                suspect,
-                fresh,
-                reply,
-            }) => {
-                let _ = reply.send(prepare(&mut cap, &skip, suspect, fresh));
+            let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+            let _ = poll(&mut fds, PollTimeout::from(ms));
+            let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+        };
+        if wake {
+            let mut buf = [0u8; 64];
+            while matches!((&*woken).read(&mut buf), Ok(n) if n > 0) {}
+        }
+        loop {
+            match cmds.try_recv() {
+                Ok(Cmd::Live(on)) => live = on,
+                Ok(Cmd::Settle { reply }) => {
+                    let _ = reply.send(cap.scan(Phase::Settle));
+                }
+                Ok(Cmd::Prepare {
+                    skip,
+                    suspect,
+                    fresh,
+                    reply,
+                }) => {
+                    let _ = reply.send(prepare(&mut cap, &skip, suspect, fresh));
+                    // A directory the code had not made yet may exist now.
+                    notify = Notify::new(&cap);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
             }
-            Err(RecvTimeoutError::Timeout) if live => {
-                for found in cap.scan(Phase::Running) {
-                    let _ = reports.send(found);
+        }
+        let seen_change = changed && notify.take_events(&mut cap);
+        if live && (seen_change || last_scan.elapsed() >= SCAN_EVERY) {
+            last_scan = Instant::now();
+            for found in cap.scan(Phase::Running) {
+                let _ = reports.send(found);
+            }
+        } else if !live {
+            last_scan = Instant::now();
+        }
+    }
+}
+
+/// Inotify on the checkpoints' directories, where the kernel allows it.
+struct Notify {
+    inotify: Option<Inotify>,
+    /// Each watch and the directory (relative to the run directory) it watches.
+    dirs: Vec<(WatchDescriptor, PathBuf)>,
+}
+
+impl Notify {
+    fn new(cap: &Capturer) -> Self {
+        let mut n = Notify {
+            inotify: Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok(),
+            dirs: Vec::new(),
+        };
+        let Some(inotify) = &n.inotify else { return n };
+        let mut dirs: Vec<PathBuf> = cap
+            .spec()
+            .checkpoints
+            .iter()
+            .map(|p| p.dir.clone())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            let flags = AddWatchFlags::IN_CLOSE_WRITE
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_CREATE;
+            if let Ok(wd) = inotify.add_watch(&cap.spec().dir.join(&dir), flags) {
+                n.dirs.push((wd, dir));
+            }
+        }
+        n
+    }
+
+    /// Reads what happened; marks checkpoint files closed after writing; whether any
+    /// checkpoint file changed.
+    fn take_events(&mut self, cap: &mut Capturer) -> bool {
+        let Some(inotify) = &self.inotify else {
+            return false;
+        };
+        let mut changed = false;
+        while let Ok(events) = inotify.read_events() {
+            if events.is_empty() {
+                break;
+            }
+            for e in events {
+                let (Some((_, dir)), Some(name)) =
+                    (self.dirs.iter().find(|(wd, _)| *wd == e.wd), e.name)
+                else {
+                    continue;
+                };
+                let rel = dir.join(name);
+                if !cap.spec().is_checkpoint(&rel) {
+                    continue;
+                }
+                changed = true;
+                if e.mask.contains(AddWatchFlags::IN_CLOSE_WRITE) {
+                    cap.mark_closed(&rel);
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
         }
+        changed
     }
 }
 
