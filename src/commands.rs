@@ -706,12 +706,28 @@ pub fn restore(t: &Target, id: &str, to: &Path, sharing: Sharing) -> Result<i32>
     let reader = SnapshotReader::open(&job, seq)?;
     let m = reader.manifest().clone();
     // Entry and element names were checked when the manifest was decoded: plain names.
+    // A file-mode snapshot's files keep their names (those in the run directory's top level).
+    let named: std::collections::HashMap<String, String> =
+        crate::files::restore::read_meta(&reader)
+            .map(|meta| {
+                meta.files
+                    .into_iter()
+                    .filter(|f| {
+                        !f.path.contains('/')
+                            && !f.path.ends_with(".json")
+                            && !f.path.ends_with(".u8")
+                    })
+                    .map(|f| (f.entry, f.path))
+                    .collect()
+            })
+            .unwrap_or_default();
     let files: Vec<String> = m
         .entries
         .iter()
-        .map(|e| match &e.kind {
-            EntryKind::Value => format!("{}.json", e.name),
-            EntryKind::Slice { elem, .. } => format!("{}.{elem}", e.name),
+        .map(|e| match (&e.kind, named.get(&e.name)) {
+            (EntryKind::Slice { .. }, Some(path)) => path.clone(),
+            (EntryKind::Value, _) => format!("{}.json", e.name),
+            (EntryKind::Slice { elem, .. }, None) => format!("{}.{elem}", e.name),
         })
         .collect();
     if files.iter().any(|f| f == INDEX) {

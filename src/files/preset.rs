@@ -262,7 +262,9 @@ fn lammps(command: &[OsString], dir: &Path, every: Option<Duration>) -> FileSpec
         clean_exits: Vec::new(),
         done_file: Some(PathBuf::from("done.txt")),
         schedule: None,
-        shuffle: vec![(pattern("restart.*"), 8)],
+        // Measured on the melt's restart file: zstd alone keeps 56% of it, an 8-byte shuffle
+        // first 66%. Its doubles are interleaved with ints per atom.
+        shuffle: Vec::new(),
         env: vec![("OMPI_MCA_ess_singleton_isolated".into(), "1".into())],
         command: command.to_vec(),
         advice,

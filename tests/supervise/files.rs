@@ -230,6 +230,17 @@ fn gromacs_stopped_gets_one_sigterm_and_resumes_even_with_its_files_deleted() {
         .and_then(|e| e["tag"].as_str().map(str::to_owned))
         .unwrap();
 
+    // The operator gets the checkpoint back under its own name.
+    let out = dir.parent().unwrap().join("restored");
+    let (code, _, err) = cmd(
+        &store,
+        &["restore", "latest", "--to", out.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(out.join("md.cpt")).unwrap(),
+        std::fs::read(dir.join("md.cpt")).unwrap()
+    );
     // Every md.* file goes: the store has them.
     for entry in std::fs::read_dir(&dir).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
