@@ -405,6 +405,16 @@ struct RunArgs {
     #[arg(long = "companion", value_name = "PATTERN", value_parser = files::spec::FilePattern::parse, help_heading = "File mode")]
     companions: Vec<files::spec::FilePattern>,
 
+    /// File mode: a command that prints the files that belong with a checkpoint, one per line
+    /// (relative to the working directory), given a copy of it as {checkpoint} (or last).
+    #[arg(
+        long,
+        value_name = "CMD",
+        allow_hyphen_values = true,
+        help_heading = "File mode"
+    )]
+    companions_command: Option<String>,
+
     /// File mode: the code's step of a checkpoint, shown and used to order them: `name` (the
     /// last number in its file name), `command=CMD` (the first number CMD prints given a
     /// copy), or `none`.
@@ -465,6 +475,7 @@ impl RunArgs {
         let generic = !self.checkpoints.is_empty()
             || !self.complete.is_empty()
             || !self.companions.is_empty()
+            || self.companions_command.is_some()
             || self.step_from.is_some()
             || self.ask_checkpoint.is_some()
             || self.ask_stop.is_some()
@@ -492,6 +503,7 @@ impl RunArgs {
                     checkpoints: Vec::new(),
                     complete: vec![Complete::Closed],
                     companions: Vec::new(),
+                    companions_command: None,
                     step: StepFrom::Unknown,
                     ask_checkpoint: Ask::Nothing,
                     ask_stop: Ask::Signal(nix::sys::signal::Signal::SIGTERM),
@@ -513,6 +525,10 @@ impl RunArgs {
             spec.complete = self.complete.concat();
         }
         spec.companions.extend(self.companions.iter().cloned());
+        if let Some(cmd) = &self.companions_command {
+            spec.companions_command =
+                Some(split_words(cmd).map_err(|e| anyhow::anyhow!("--companions-command: {e}"))?);
+        }
         if let Some(s) = &self.step_from {
             spec.step = s.clone();
         }

@@ -348,6 +348,17 @@ impl Capturer {
                 (Some(step), dump.outputs)
             }
         };
+        let mut listed = listed;
+        if let Some(cmd) = &self.spec.companions_command {
+            let copy = self.scratch.copy(&file, rel, len)?;
+            let out = run_check(cmd, &copy)?;
+            listed.extend(
+                out.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(|l| (PathBuf::from(l), None)),
+            );
+        }
         Ok(Some(Opened {
             rel: rel.to_owned(),
             file,

@@ -392,3 +392,213 @@ fn prepare(
     }
     Ok(prepared)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::capture::Capturer;
+    use super::spec::{Ask, Complete, FilePattern, FileSpec, Resume, StepFrom};
+    use super::*;
+    use std::path::Path;
+    use supervise_store::Store;
+
+    fn spec(dir: &Path, complete: Vec<Complete>) -> FileSpec {
+        FileSpec {
+            preset: None,
+            dir: dir.to_owned(),
+            checkpoints: vec![FilePattern::parse("chk.*").unwrap()],
+            complete,
+            companions: vec![FilePattern::parse("traj").unwrap()],
+            companions_command: None,
+            step: StepFrom::Name,
+            ask_checkpoint: Ask::Nothing,
+            ask_stop: Ask::Nothing,
+            resume: Resume::Args(vec![]),
+            clean_exits: vec![],
+            done_file: None,
+            schedule: None,
+            shuffle: vec![],
+            env: vec![],
+            command: vec!["code".into()],
+            advice: vec![],
+        }
+    }
+
+    struct Setup {
+        _tmp: tempfile::TempDir,
+        dir: PathBuf,
+        job: JobStore,
+        cap: Capturer,
+    }
+
+    fn setup(complete: Vec<Complete>) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        std::fs::create_dir(&dir).unwrap();
+        let job = Store::open(tmp.path().join("store"))
+            .unwrap()
+            .job("j")
+            .unwrap();
+        let writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+        let cap = Capturer::new(spec(&dir, complete), writer, Retention::from(10), None).unwrap();
+        Setup {
+            _tmp: tmp,
+            dir,
+            job,
+            cap,
+        }
+    }
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn captured_steps(found: &[Found]) -> Vec<u64> {
+        found
+            .iter()
+            .map(|f| match f {
+                Found::Captured(c) => c
+                    .report
+                    .tag
+                    .as_deref()
+                    .and_then(|t| t.strip_prefix("step "))
+                    .and_then(|s| s.parse().ok())
+                    .unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_checkpoint_and_its_companion_are_stored_and_put_back_exactly() {
+        let mut s = setup(vec![Complete::Renamed]);
+        let traj = bytes(200_000, 1);
+        std::fs::write(s.dir.join("traj"), &traj).unwrap();
+        std::fs::write(s.dir.join("chk.100"), bytes(70_000, 2)).unwrap();
+        assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [100]);
+        // Nothing new: nothing stored.
+        assert!(s.cap.scan(Phase::Running).is_empty());
+        let mut traj2 = traj.clone();
+        traj2.extend(bytes(50_000, 3));
+        std::fs::write(s.dir.join("traj"), &traj2).unwrap();
+        let chk200 = bytes(70_000, 4);
+        std::fs::write(s.dir.join("chk.200"), &chk200).unwrap();
+        assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [200]);
+
+        // The checkpoint lost, the companion damaged: both written anew.
+        std::fs::remove_file(s.dir.join("chk.200")).unwrap();
+        let mut bad = traj2.clone();
+        bad[1000] ^= 1;
+        std::fs::write(s.dir.join("traj"), &bad).unwrap();
+        let p = prepare(&mut s.cap, &[], vec![], false).unwrap();
+        let (seq, r) = p.resumed.unwrap();
+        assert_eq!(
+            (seq, r.meta.step, r.meta.checkpoint.as_str()),
+            (2, Some(200), "chk.200")
+        );
+        assert_eq!(r.written, ["chk.200", "traj"]);
+        assert!(r.cut.is_empty());
+        assert_eq!(std::fs::read(s.dir.join("chk.200")).unwrap(), chk200);
+        assert_eq!(std::fs::read(s.dir.join("traj")).unwrap(), traj2);
+        // What was put back is not stored again.
+        assert!(s.cap.scan(Phase::Running).is_empty());
+
+        // A companion that grew past the checkpoint is cut back; the same one is left alone.
+        let mut longer = traj2.clone();
+        longer.extend(b"written after the checkpoint");
+        std::fs::write(s.dir.join("traj"), &longer).unwrap();
+        let (_, r) = prepare(&mut s.cap, &[], vec![], false)
+            .unwrap()
+            .resumed
+            .unwrap();
+        assert!(r.written.is_empty(), "{:?}", r.written);
+        assert_eq!(r.cut, ["traj"]);
+        assert_eq!(std::fs::read(s.dir.join("traj")).unwrap(), traj2);
+        // Skipping snapshot 2 puts snapshot 1 back.
+        let (seq, r) = prepare(&mut s.cap, &[(2, 2)], vec![], false)
+            .unwrap()
+            .resumed
+            .unwrap();
+        assert_eq!((seq, r.meta.step), (1, Some(100)));
+        assert_eq!(std::fs::read(s.dir.join("traj")).unwrap(), traj);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_set_aside_and_the_one_before_it_put_back() {
+        let mut s = setup(vec![Complete::Renamed]);
+        std::fs::write(s.dir.join("chk.1"), bytes(100_000, 5)).unwrap();
+        assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [1]);
+        std::fs::write(s.dir.join("chk.2"), bytes(100_000, 6)).unwrap();
+        assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [2]);
+        // Snapshot 2's own pack rots.
+        let pack = s
+            .job
+            .pack_names()
+            .unwrap()
+            .into_iter()
+            .find(|p| p.starts_with(&format!("{:020}", 2)))
+            .unwrap();
+        let path = s.job.pack_path(&pack);
+        let mut data = std::fs::read(&path).unwrap();
+        let at = data.len() - 10;
+        data[at] ^= 0xff;
+        std::fs::write(&path, data).unwrap();
+        let p = prepare(&mut s.cap, &[], vec![], false).unwrap();
+        assert_eq!(p.set_aside.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2]);
+        let (seq, r) = p.resumed.unwrap();
+        assert_eq!((seq, r.meta.checkpoint.as_str()), (1, "chk.1"));
+        assert_eq!(s.job.damaged_seqs().unwrap(), [2]);
+    }
+
+    #[test]
+    fn a_file_written_in_place_is_taken_once_unchanged_and_whole() {
+        let marker = b"END!".to_vec();
+        let mut s = setup(vec![Complete::Closed, Complete::Ends(marker.clone())]);
+        std::fs::write(s.dir.join("chk.7"), bytes(1000, 7)).unwrap();
+        // Seen once: it may still be written.
+        assert!(s.cap.scan(Phase::Running).is_empty());
+        // Unchanged, but without its end marker: refused, once.
+        let found = s.cap.scan(Phase::Running);
+        assert!(
+            matches!(&found[..], [Found::Refused { path, .. }] if path == "chk.7"),
+            "{found:?}"
+        );
+        assert!(s.cap.scan(Phase::Running).is_empty());
+        let mut whole = bytes(1000, 7);
+        whole.extend(&marker);
+        std::fs::write(s.dir.join("chk.7"), &whole).unwrap();
+        assert!(s.cap.scan(Phase::Running).is_empty());
+        assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [7]);
+        // Closed after writing (inotify): taken at once.
+        std::fs::write(s.dir.join("chk.8"), &whole).unwrap();
+        s.cap.mark_closed(Path::new("chk.8"));
+        assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [8]);
+    }
+
+    #[test]
+    fn a_linked_checkpoint_is_refused_and_a_newer_one_left_by_the_code_is_stored_first() {
+        let mut s = setup(vec![Complete::Renamed]);
+        std::fs::write(s.dir.join("chk.10"), bytes(5000, 8)).unwrap();
+        assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [10]);
+        std::os::unix::fs::symlink("/etc/passwd", s.dir.join("chk.11")).unwrap();
+        let found = s.cap.scan(Phase::Running);
+        assert!(
+            matches!(&found[..], [Found::Refused { path, why }] if path == "chk.11" && why.contains("symbolic link")),
+            "{found:?}"
+        );
+        std::fs::remove_file(s.dir.join("chk.11")).unwrap();
+        // Written while nobody watched: an older step is not stored, a newer one is, first.
+        let mut fresh = setup(vec![Complete::Renamed]);
+        std::fs::write(fresh.dir.join("chk.30"), bytes(5000, 9)).unwrap();
+        assert_eq!(captured_steps(&fresh.cap.scan(Phase::Running)), [30]);
+        std::fs::write(fresh.dir.join("chk.20"), bytes(5000, 10)).unwrap();
+        std::fs::write(fresh.dir.join("chk.40"), bytes(5000, 11)).unwrap();
+        let p = prepare(&mut fresh.cap, &[], vec![], false).unwrap();
+        assert_eq!(captured_steps(&p.found), [40]);
+        let (_, r) = p.resumed.unwrap();
+        assert_eq!(r.meta.step, Some(40));
+        // And chk.20 is never taken later.
+        assert!(fresh.cap.scan(Phase::Running).is_empty());
+    }
+}

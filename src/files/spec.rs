@@ -196,6 +196,9 @@ pub struct FileSpec {
     pub complete: Vec<Complete>,
     /// Files that belong with each checkpoint.
     pub companions: Vec<FilePattern>,
+    /// A command that, given a copy of the checkpoint as `{checkpoint}`, prints the files that
+    /// belong with it, one path (relative to the run directory) per line.
+    pub companions_command: Option<Vec<String>>,
     /// The code's step of a checkpoint.
     pub step: StepFrom,
     /// How to ask for a checkpoint (scheduled, SIGUSR1, `supervise snapshot`).
@@ -363,6 +366,7 @@ mod tests {
             checkpoints: vec![],
             complete: vec![],
             companions: vec![],
+            companions_command: None,
             step: StepFrom::Unknown,
             ask_checkpoint: Ask::Nothing,
             ask_stop: Ask::Nothing,

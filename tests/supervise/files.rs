@@ -271,6 +271,45 @@ fn gromacs_stopped_gets_one_sigterm_and_resumes_even_with_its_files_deleted() {
 }
 
 #[test]
+fn gromacs_checkpoints_outlive_the_node_through_a_replica() {
+    let (dir, local) = gromacs_run_dir("gmx-replica");
+    let replica = local.parent().unwrap().join("replica");
+    std::fs::create_dir(&replica).unwrap();
+    let options = [
+        "--store",
+        replica.to_str().unwrap(),
+        "--preset",
+        "gromacs",
+        "--every",
+        "1200ms",
+    ];
+    let run = run_in(&dir, &local, &options, &mdrun(&[]));
+    run.wait_for_snapshot(2);
+    run.signal(Signal::SIGTERM);
+    let fin = run.wait(LONG);
+    // 143: the final checkpoint reached the replica too (6 if it had not).
+    assert_eq!(fin.code, Some(143), "{}", fin.stderr);
+    let step = events_of(&local, "snapshot")
+        .last()
+        .and_then(|e| e["tag"].as_str().map(str::to_owned))
+        .unwrap();
+    // The node is lost: its store and the run directory's files with it.
+    std::fs::remove_dir_all(&local).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("md") {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    let fin = run_in(&dir, &local, &options, &mdrun(&[])).wait(LONG);
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    assert_eq!(events_of(&local, "fetched").len(), 1, "{}", fin.stderr);
+    let resumed = events_of(&local, "checkpoint-resumed");
+    assert_eq!(resumed.len(), 1, "{}", fin.stderr);
+    assert_eq!(format!("step {}", resumed[0]["step"]), step);
+    assert_same_bytes(&dir.join("md.trr"), &gromacs().result, &fin.stderr);
+}
+
+#[test]
 fn gromacs_stopping_by_itself_is_a_stop_not_a_crash_or_the_end() {
     let (dir, store) = gromacs_run_dir("gmx-maxh");
     // One job for both commands below.
