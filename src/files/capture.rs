@@ -20,6 +20,10 @@ use super::spec::{Complete, FileSpec, StepFrom};
 /// The value entry that makes a snapshot a file-mode snapshot: which stored entry is which file.
 pub const META_ENTRY: &str = "sv-files";
 
+/// How restore names the files it writes before renaming them into place; never a checkpoint,
+/// and removed when left behind.
+pub const TMP_PREFIX: &str = ".sv-tmp-";
+
 /// Version of [`FilesMeta`]'s layout.
 pub const META_VERSION: u32 = 1;
 
@@ -126,7 +130,7 @@ pub struct Capturer {
     /// Versions already stored, restored or refused: never taken again.
     seen: HashMap<PathBuf, FileId>,
     /// Versions of files written in place seen once (taken when unchanged at the next scan).
-    settling: HashMap<PathBuf, FileId>,
+    settling: HashMap<PathBuf, (FileId, std::time::Instant)>,
     /// Files inotify saw closed after writing since the last scan.
     closed: std::collections::HashSet<PathBuf>,
     /// A private directory for copies given to checking commands.
@@ -213,6 +217,13 @@ impl Capturer {
                 continue;
             };
             for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .as_encoded_bytes()
+                    .starts_with(TMP_PREFIX.as_bytes())
+                {
+                    continue;
+                }
                 let rel = dir.join(entry.file_name());
                 if !self.spec.is_checkpoint(&rel) {
                     continue;
@@ -295,8 +306,17 @@ impl Capturer {
         if self.spec.complete.contains(&Complete::Closed) && phase == Phase::Running && !closed {
             // Written in place: take it once it was closed, or stayed the same from one scan
             // to the next.
-            if self.settling.get(rel) != Some(&id) {
-                self.settling.insert(rel.to_owned(), id);
+            // Two looks close together (inotify wakes the scan) prove nothing: the second must
+            // come at least one scan interval after the first.
+            let steady = self
+                .settling
+                .get(rel)
+                .is_some_and(|(was, since)| *was == id && since.elapsed() >= super::SCAN_EVERY);
+            if !steady {
+                if self.settling.get(rel).is_none_or(|(was, _)| *was != id) {
+                    self.settling
+                        .insert(rel.to_owned(), (id, std::time::Instant::now()));
+                }
                 return Ok(None);
             }
         }
@@ -406,7 +426,20 @@ impl Capturer {
             if !meta.is_file() {
                 continue;
             }
-            let len = recorded.map_or(meta.len(), |r| r.min(meta.len()));
+            let len = match recorded {
+                // The code will check it against what its checkpoint records: a shorter file
+                // would make that checkpoint fail at every resume.
+                Some(r) if r > meta.len() => {
+                    return Err(format!(
+                        "{} is shorter ({} bytes) than the checkpoint records ({r} bytes): it \
+                         cannot be resumed from",
+                        rel.display(),
+                        meta.len()
+                    ));
+                }
+                Some(r) => r,
+                None => meta.len(),
+            };
             files.push((rel, file, len, meta.mode() & 0o7777));
         }
         let tag = match o.step {

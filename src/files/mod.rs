@@ -186,7 +186,9 @@ impl Files {
         let Some(done) = &self.spec.done_file else {
             return true;
         };
-        let since = started - Duration::from_secs(1);
+        let since = started
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or(started);
         std::fs::metadata(self.spec.dir.join(done))
             .and_then(|m| m.modified())
             .is_ok_and(|t| t >= since)
@@ -337,6 +339,17 @@ fn prepare(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(format!("cannot remove {}: {e}", dir.join(stop).display())),
         }
+    }
+    {
+        let spec = cap.spec();
+        let dirs: Vec<&std::path::Path> = spec
+            .checkpoints
+            .iter()
+            .chain(&spec.companions)
+            .map(|p| p.dir.as_path())
+            .chain([std::path::Path::new("")])
+            .collect();
+        restore::remove_leftovers(&dir, &dirs);
     }
     let mut prepared = Prepared {
         resumed: None,
@@ -556,9 +569,11 @@ mod tests {
         let marker = b"END!".to_vec();
         let mut s = setup(vec![Complete::Closed, Complete::Ends(marker.clone())]);
         std::fs::write(s.dir.join("chk.7"), bytes(1000, 7)).unwrap();
-        // Seen once: it may still be written.
+        // Seen once: it may still be written; a second look at once proves nothing.
         assert!(s.cap.scan(Phase::Running).is_empty());
-        // Unchanged, but without its end marker: refused, once.
+        assert!(s.cap.scan(Phase::Running).is_empty());
+        std::thread::sleep(SCAN_EVERY);
+        // Unchanged a scan interval later, but without its end marker: refused, once.
         let found = s.cap.scan(Phase::Running);
         assert!(
             matches!(&found[..], [Found::Refused { path, .. }] if path == "chk.7"),
@@ -569,7 +584,15 @@ mod tests {
         whole.extend(&marker);
         std::fs::write(s.dir.join("chk.7"), &whole).unwrap();
         assert!(s.cap.scan(Phase::Running).is_empty());
+        std::thread::sleep(SCAN_EVERY);
         assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [7]);
+        // A temporary file of a restore is never a checkpoint, and is removed before a start.
+        std::fs::write(s.dir.join(".sv-tmp-1-chk.9"), &whole).unwrap();
+        std::thread::sleep(SCAN_EVERY);
+        assert!(s.cap.scan(Phase::Running).is_empty());
+        assert!(s.cap.scan(Phase::Running).is_empty());
+        prepare(&mut s.cap, &[], vec![], false).unwrap();
+        assert!(!s.dir.join(".sv-tmp-1-chk.9").exists());
         // Closed after writing (inotify): taken at once.
         std::fs::write(s.dir.join("chk.8"), &whole).unwrap();
         s.cap.mark_closed(Path::new("chk.8"));

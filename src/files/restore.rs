@@ -12,7 +12,7 @@ use supervise_store::JobStore;
 use supervise_store::format::EntryMeta;
 use supervise_store::reader::SnapshotReader;
 
-use super::capture::{FilesMeta, META_ENTRY, META_VERSION, open_nofollow};
+use super::capture::{FilesMeta, META_ENTRY, META_VERSION, TMP_PREFIX, open_nofollow};
 
 /// Why a snapshot could not be put back.
 #[derive(Debug)]
@@ -90,6 +90,25 @@ pub fn restore(job: &JobStore, seq: u64, dir: &Path) -> Result<Restored, Restore
         }
     }
     Ok(Restored { meta, written, cut })
+}
+
+/// Removes the temporary files a restore cut short (the supervisor killed while writing one)
+/// left in `dirs` (relative to the run directory `dir`).
+pub fn remove_leftovers(dir: &Path, dirs: &[&Path]) {
+    for d in dirs {
+        let Ok(entries) = std::fs::read_dir(dir.join(d)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let ours = e
+                .file_name()
+                .as_encoded_bytes()
+                .starts_with(TMP_PREFIX.as_bytes());
+            if ours && e.file_type().is_ok_and(|t| t.is_file()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// The `sv-files` entry of a snapshot, checked.
@@ -174,7 +193,7 @@ fn write_anew(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp: PathBuf = parent.join(format!(".sv-tmp-{}-{name}", std::process::id()));
+    let tmp: PathBuf = parent.join(format!("{TMP_PREFIX}{}-{name}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let mut out: File = std::fs::OpenOptions::new()
         .write(true)
