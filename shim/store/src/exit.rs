@@ -34,7 +34,9 @@ pub const STOPPED_NOT_OFF_NODE: i32 = 6;
 pub const LEASE_LOST: i32 = 7;
 
 /// A supervised program that stopped on request (supervisor stop, SIGTERM, or supervisor
-/// lost) after its final snapshot: the job is not finished and can be resumed.
+/// lost) after its final snapshot: the job is not finished and can be resumed. Also the
+/// supervisor's, in file mode, when the code stopped by itself after a checkpoint (a SIGTERM
+/// sent to it directly, `mdrun -maxh`).
 pub const STOPPED: i32 = 75;
 
 /// The supervisor's exit code when it was stopped by `signal` (SIGINT, SIGTERM) after a final
@@ -81,6 +83,12 @@ pub const SUPERVISOR: &[(&str, &str)] = &[
          the program was stopped so that two copies never run",
     ),
     (
+        "75",
+        "file mode: the code stopped by itself after a checkpoint (a SIGTERM sent to it \
+         directly, as batch systems do, or a limit of its own such as mdrun -maxh); run the \
+         same command to resume",
+    ),
+    (
         "130/143",
         "stopped by SIGINT/SIGTERM after a final snapshot; run the same command to resume",
     ),
@@ -102,6 +110,7 @@ mod tests {
             DAMAGED,
             STOPPED_NOT_OFF_NODE,
             LEASE_LOST,
+            STOPPED,
         ]
         .map(|c| c.to_string());
         for code in &codes {
