@@ -270,6 +270,14 @@ pub struct StderrTail {
 const TAIL_BYTES: usize = 4096;
 
 impl StderrTail {
+    /// Whether the kept bytes contain `text`.
+    pub fn contains(&self, text: &str) -> bool {
+        let (a, b) = self.bytes.as_slices();
+        let kept = [a, b].concat();
+        kept.windows(text.len().max(1))
+            .any(|w| w == text.as_bytes())
+    }
+
     /// Appends what the child wrote, forgetting the oldest beyond the bound.
     pub fn push(&mut self, data: &[u8]) {
         let data = &data[data.len().saturating_sub(TAIL_BYTES)..];

@@ -509,6 +509,7 @@ impl RunArgs {
                     ask_stop: Ask::Signal(nix::sys::signal::Signal::SIGTERM),
                     resume: Resume::Args(Vec::new()),
                     clean_exits: Vec::new(),
+                    stop_said: None,
                     done_file: None,
                     schedule: None,
                     shuffle: Vec::new(),
@@ -558,6 +559,20 @@ impl RunArgs {
                 );
             }
             spec.done_file = Some(done.clone());
+        }
+        let checked = spec.complete.iter().any(|c| {
+            matches!(
+                c,
+                Complete::Starts(_) | Complete::Ends(_) | Complete::Command(_)
+            )
+        });
+        if spec.complete.contains(&Complete::Closed) && !checked {
+            spec.advice.push(
+                "checkpoint files written in place are taken once closed or unchanged for \
+                 500 ms: a code that pauses in the middle of writing one needs a marker \
+                 (--complete magic=TEXT) or a check command (--complete command=CMD)"
+                    .to_owned(),
+            );
         }
         if let (Some(hang), Some(schedule)) = (self.hang_timeout, spec.schedule)
             && hang <= schedule

@@ -281,6 +281,12 @@ impl Capturer {
     /// version is not a complete checkpoint.
     fn open_checkpoint(&mut self, rel: &Path, phase: Phase) -> Result<Option<Opened>, String> {
         let path = self.spec.dir.join(rel);
+        // A version already seen costs one lstat, not an open (many restart files on Lustre).
+        if let Ok(meta) = std::fs::symlink_metadata(&path)
+            && self.seen.get(rel) == Some(&FileId::of(&meta))
+        {
+            return Ok(None);
+        }
         let file = match open_nofollow(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -345,7 +351,9 @@ impl Capturer {
                 }
                 Complete::Command(cmd) => {
                     let copy = self.scratch.copy(&file, rel, len)?;
-                    run_check(cmd, &copy)?;
+                    let checked = run_check(cmd, &copy);
+                    let _ = std::fs::remove_file(&copy);
+                    checked?;
                 }
             }
         }
@@ -354,13 +362,16 @@ impl Capturer {
             StepFrom::Name => (step_in_name(rel), Vec::new()),
             StepFrom::Command(cmd) => {
                 let copy = self.scratch.copy(&file, rel, len)?;
-                let out = run_check(cmd, &copy)?;
-                (first_number(&out), Vec::new())
+                let out = run_check(cmd, &copy);
+                let _ = std::fs::remove_file(&copy);
+                (first_number(&out?), Vec::new())
             }
             StepFrom::GromacsDump { gmx } => {
                 let copy = self.scratch.copy(&file, rel, len)?;
                 let cmd = vec![gmx.clone(), "dump".into(), "-cp".into()];
-                let out = run_check(&cmd, &copy)?;
+                let out = run_check(&cmd, &copy);
+                let _ = std::fs::remove_file(&copy);
+                let out = out?;
                 let dump = super::preset::gromacs_dump(&out);
                 let step = dump
                     .step
@@ -371,7 +382,9 @@ impl Capturer {
         let mut listed = listed;
         if let Some(cmd) = &self.spec.companions_command {
             let copy = self.scratch.copy(&file, rel, len)?;
-            let out = run_check(cmd, &copy)?;
+            let out = run_check(cmd, &copy);
+            let _ = std::fs::remove_file(&copy);
+            let out = out?;
             listed.extend(
                 out.lines()
                     .map(str::trim)
@@ -484,6 +497,23 @@ impl Capturer {
             .map_err(|e| e.to_string())?;
         }
         b.value(META_ENTRY, &meta).map_err(|e| e.to_string())?;
+        // A file rewritten in place while it was read would mix two versions: nothing is
+        // committed then (the builder dropped, nothing becomes visible). The checkpoint must
+        // be exactly as opened; a companion may only have grown (appended to) meanwhile.
+        for (i, (rel, file, len, _)) in files.iter().enumerate() {
+            let now = file.metadata().map_err(|e| e.to_string())?;
+            let same = if i == 0 {
+                FileId::of(&now) == FileId::of(&o.meta)
+            } else {
+                now.len() >= *len
+            };
+            if !same {
+                return Err(format!(
+                    "{} changed while it was stored; the code's next checkpoint is taken",
+                    rel.display()
+                ));
+            }
+        }
         let mut report = b.commit().map_err(|e| e.to_string())?;
         report.tag = Some(tag);
         if let Ok(r) = self.writer.apply_retention(self.retention.clone()) {
@@ -503,12 +533,17 @@ impl Capturer {
 }
 
 /// Opens a file for reading without following a link at its last component.
+/// (`O_NONBLOCK` too, so that a FIFO at the name cannot block; it only matters for FIFOs and
+/// devices, which are then refused as not regular files.)
 pub fn open_nofollow(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
 }
+
+/// How long a check or step command may run (it was killed after: the checkpoint is refused).
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The last run of digits in the file name (`restart.5000` -> 5000).
 fn step_in_name(rel: &Path) -> Option<u64> {
@@ -548,13 +583,38 @@ fn run_check(cmd: &[String], copy: &Path) -> Result<String, String> {
         args.push(copy.as_os_str().to_owned());
     }
     let (program, rest) = args.split_first().ok_or("the check command is empty")?;
-    let out = Command::new(program)
+    let child = Command::new(program)
         .args(rest)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .map_err(|e| format!("cannot run {}: {e}", program.to_string_lossy()))?;
+    // A check that hangs (a stalled file system) must not stop the capture for good.
+    let pid = child.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            let until = std::time::Instant::now() + CHECK_TIMEOUT;
+            while std::time::Instant::now() < until {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            if !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        })
+    };
+    let out = child.wait_with_output();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watchdog.join();
+    let out = out.map_err(|e| format!("cannot run {}: {e}", program.to_string_lossy()))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let last = err

@@ -370,14 +370,17 @@ fn prepare(
         Ok(seqs)
     };
     // A checkpoint the code wrote while no supervisor watched (or that the store lost) is
-    // stored first when its step is past the newest stored one.
-    let newest_step = candidates(&job)?.into_iter().find_map(|seq| {
-        let reader = supervise_store::reader::SnapshotReader::open(&job, seq).ok()?;
-        restore::read_meta(&reader).ok().map(|m| m.step)
-    });
-    prepared.found = cap.scan(Phase::Prepare {
-        newest_step: newest_step.flatten(),
-    });
+    // stored first when its step is past the newest stored one; never when snapshots are
+    // skipped on purpose (--from, a rollback), which would resume past them.
+    if skip.is_empty() {
+        let newest_step = candidates(&job)?.into_iter().find_map(|seq| {
+            let reader = supervise_store::reader::SnapshotReader::open(&job, seq).ok()?;
+            restore::read_meta(&reader).ok().map(|m| m.step)
+        });
+        prepared.found = cap.scan(Phase::Prepare {
+            newest_step: newest_step.flatten(),
+        });
+    }
     let mut reopen = false;
     for seq in candidates(&job)? {
         match restore::restore(&job, seq, &dir) {
@@ -390,7 +393,11 @@ fn prepare(
                 prepared.set_aside.push((seq, why));
                 reopen = true;
             }
-            Err(restore::RestoreError::Local(why)) => return Err(why),
+            // Another kind of snapshot of this job (the shim's): not ours to restore or set aside.
+            Err(restore::RestoreError::NotFiles(_)) => {}
+            Err(restore::RestoreError::Local(why)) => {
+                return Err(format!("snapshot {seq}: {why}"));
+            }
         }
     }
     if reopen {
@@ -427,6 +434,7 @@ mod tests {
             ask_stop: Ask::Nothing,
             resume: Resume::Args(vec![]),
             clean_exits: vec![],
+            stop_said: None,
             done_file: None,
             schedule: None,
             shuffle: vec![],
@@ -562,6 +570,30 @@ mod tests {
         let (seq, r) = p.resumed.unwrap();
         assert_eq!((seq, r.meta.checkpoint.as_str()), (1, "chk.1"));
         assert_eq!(s.job.damaged_seqs().unwrap(), [2]);
+    }
+
+    #[test]
+    fn another_kind_of_snapshot_is_passed_by_and_skipped_ones_are_not_resumed_past() {
+        let mut s = setup(vec![Complete::Renamed]);
+        std::fs::write(s.dir.join("chk.5"), bytes(3000, 12)).unwrap();
+        assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [5]);
+        std::fs::write(s.dir.join("chk.6"), bytes(3000, 13)).unwrap();
+        assert_eq!(captured_steps(&s.cap.scan(Phase::Running)), [6]);
+        // A snapshot the shim took for this job (no sv-files entry) is not ours, not damage.
+        let mut w = SnapshotWriter::open(s.job.clone(), 0).unwrap();
+        let mut b = w.begin(Some("shim"));
+        b.value("state", &1u32).unwrap();
+        b.commit().unwrap();
+        let p = prepare(&mut s.cap, &[], vec![], false).unwrap();
+        assert!(p.set_aside.is_empty(), "{:?}", p.set_aside);
+        assert_eq!(p.resumed.unwrap().0, 2);
+        assert!(s.job.damaged_seqs().unwrap().is_empty());
+        // Resuming from snapshot 1 on purpose (--from 1): the newer checkpoint the run
+        // directory holds is not stored and resumed from instead.
+        std::fs::write(s.dir.join("chk.7"), bytes(3000, 14)).unwrap();
+        let p = prepare(&mut s.cap, &[(2, 3)], vec![], false).unwrap();
+        assert!(p.found.is_empty(), "{:?}", p.found);
+        assert_eq!(p.resumed.unwrap().1.meta.step, Some(5));
     }
 
     #[test]

@@ -159,6 +159,16 @@ fn gromacs(command: &[OsString], dir: &Path, every: Option<Duration>) -> Result<
                 .to_owned(),
         );
     }
+    let done_file = if args.iter().any(|a| a == "-noconfout") {
+        advice.push(
+            "with -noconfout mdrun writes no final coordinates, so its exit 0 is taken as the \
+             end of the run, also after a -maxh stop"
+                .to_owned(),
+        );
+        None
+    } else {
+        Some(PathBuf::from(confout))
+    };
     let resume = if args.iter().any(|a| a == "-cpi") {
         // The command names the checkpoint already; mdrun starts fresh when it is absent.
         Resume::Args(Vec::new())
@@ -177,7 +187,9 @@ fn gromacs(command: &[OsString], dir: &Path, every: Option<Duration>) -> Result<
         ask_stop: Ask::Signal(Signal::SIGTERM),
         resume,
         clean_exits: vec![1, 2],
-        done_file: Some(PathBuf::from(confout)),
+        // mdrun's fatal errors exit 1 too; a stop says this first.
+        stop_said: Some("Received the ".into()),
+        done_file,
         schedule,
         shuffle: ["*.cpt", "*.trr", "*.xtc", "*.edr"]
             .iter()
@@ -262,6 +274,7 @@ fn lammps(command: &[OsString], dir: &Path, every: Option<Duration>) -> FileSpec
             "{checkpoint}".into(),
         ]),
         clean_exits: Vec::new(),
+        stop_said: None,
         done_file: Some(PathBuf::from("done.txt")),
         schedule: None,
         // Measured on the melt's restart file: zstd alone keeps 56% of it, an 8-byte shuffle

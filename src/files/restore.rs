@@ -17,16 +17,22 @@ use super::capture::{FilesMeta, META_ENTRY, META_VERSION, TMP_PREFIX, open_nofol
 /// Why a snapshot could not be put back.
 #[derive(Debug)]
 pub enum RestoreError {
-    /// The snapshot is damaged (or not a file-mode snapshot): set it aside and try an older one.
+    /// The snapshot is damaged: set it aside and try an older one.
     Damaged(String),
-    /// Writing into the run directory failed (full disk, permissions): an error, not damage.
+    /// It is not a file-mode snapshot (the job's program used the shim before): passed by,
+    /// left as it is.
+    NotFiles(String),
+    /// Reading the store or writing the run directory failed (I/O, permissions, full disk, a
+    /// snapshot of a newer release): an error, never a walk back.
     Local(String),
 }
 
 impl std::fmt::Display for RestoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RestoreError::Damaged(why) | RestoreError::Local(why) => f.write_str(why),
+            RestoreError::Damaged(why) | RestoreError::NotFiles(why) | RestoreError::Local(why) => {
+                f.write_str(why)
+            }
         }
     }
 }
@@ -52,9 +58,16 @@ enum Compare {
 
 /// Reads snapshot `seq`, verifies all of it, and puts its files in `dir`.
 pub fn restore(job: &JobStore, seq: u64, dir: &Path) -> Result<Restored, RestoreError> {
-    let damaged = |e: supervise_store::Error| RestoreError::Damaged(e.to_string());
+    // Only damage walks back; a read error is not damage.
+    let damaged = |e: supervise_store::Error| {
+        if e.is_corruption() {
+            RestoreError::Damaged(e.to_string())
+        } else {
+            RestoreError::Local(e.to_string())
+        }
+    };
     let reader = SnapshotReader::open(job, seq).map_err(damaged)?;
-    let meta = read_meta(&reader).map_err(RestoreError::Damaged)?;
+    let meta = read_meta(&reader)?;
     // Every byte verified before anything in the run directory changes.
     reader.verify().map_err(damaged)?;
     let mut written = Vec::new();
@@ -68,6 +81,7 @@ pub fn restore(job: &JobStore, seq: u64, dir: &Path) -> Result<Restored, Restore
         let local = |e: std::io::Error| {
             RestoreError::Local(format!("cannot restore {}: {e}", dest.display()))
         };
+        directories_beneath(dir, Path::new(&f.path)).map_err(local)?;
         match compare(&dest, entry).map_err(local)? {
             Compare::Same => {}
             Compare::Longer => {
@@ -112,35 +126,77 @@ pub fn remove_leftovers(dir: &Path, dirs: &[&Path]) {
 }
 
 /// The `sv-files` entry of a snapshot, checked.
-pub fn read_meta(reader: &SnapshotReader) -> Result<FilesMeta, String> {
+pub fn read_meta(reader: &SnapshotReader) -> Result<FilesMeta, RestoreError> {
     let bytes = reader
         .value_bytes(META_ENTRY)
-        .map_err(|e| e.to_string())?
-        .ok_or("it was not taken in file mode (it holds no sv-files entry)")?;
-    let meta: FilesMeta =
-        serde_json::from_slice(&bytes).map_err(|e| format!("its sv-files entry: {e}"))?;
-    if meta.version > META_VERSION {
-        return Err(format!(
-            "its sv-files entry is version {}, newer than this release reads ({META_VERSION})",
-            meta.version
-        ));
+        .map_err(|e| {
+            if e.is_corruption() {
+                RestoreError::Damaged(e.to_string())
+            } else {
+                RestoreError::Local(e.to_string())
+            }
+        })?
+        .ok_or_else(|| {
+            RestoreError::NotFiles(
+                "it was not taken in file mode (it holds no sv-files entry)".into(),
+            )
+        })?;
+    // Only a version this release knows is read as one: a newer layout is not damage.
+    #[derive(serde::Deserialize)]
+    struct Version {
+        version: u32,
     }
+    if let Ok(v) = serde_json::from_slice::<Version>(&bytes)
+        && v.version > META_VERSION
+    {
+        return Err(RestoreError::Local(format!(
+            "its sv-files entry is version {}, newer than this release reads ({META_VERSION}): \
+             use the release that wrote it",
+            v.version
+        )));
+    }
+    let bad = |why: String| RestoreError::Damaged(format!("its sv-files entry: {why}"));
+    let meta: FilesMeta = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
     for f in &meta.files {
         let p = Path::new(&f.path);
         if f.path.is_empty()
             || p.components()
                 .any(|c| !matches!(c, Component::Normal(n) if !n.is_empty()))
         {
-            return Err(format!(
-                "its sv-files entry names {:?}, not a path inside the run directory",
+            return Err(bad(format!(
+                "it names {:?}, not a path inside the run directory",
                 f.path
-            ));
+            )));
         }
     }
     if meta.files.first().map(|f| &f.path) != Some(&meta.checkpoint) {
-        return Err("its sv-files entry does not start with the checkpoint".into());
+        return Err(bad("it does not start with the checkpoint".into()));
     }
     Ok(meta)
+}
+
+/// Checks that no directory on the way from `dir` to `rel` is a symbolic link (so nothing is
+/// written outside the run directory), and makes the missing ones.
+fn directories_beneath(dir: &Path, rel: &Path) -> std::io::Result<()> {
+    let mut at = dir.to_path_buf();
+    let Some(parent) = rel.parent() else {
+        return Ok(());
+    };
+    for c in parent.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a directory (a symbolic link is not followed)",
+                    at.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&at)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn compare(dest: &Path, entry: &EntryMeta) -> std::io::Result<Compare> {
@@ -198,7 +254,7 @@ fn write_anew(
     let mut out: File = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(mode & 0o7777)
+        .mode(mode & 0o777)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(Written::Local)?;

@@ -52,10 +52,15 @@ impl FilePattern {
     /// Whether `rel` (relative to the run directory) matches.
     pub fn matches(&self, rel: &Path) -> bool {
         rel.parent().unwrap_or(Path::new("")) == self.dir
-            && rel
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| self.name.matches(n))
+            && rel.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                // `*` does not match a leading dot: hidden and temporary files are never
+                // checkpoints unless the pattern says so.
+                let options = glob::MatchOptions {
+                    require_literal_leading_dot: true,
+                    ..glob::MatchOptions::new()
+                };
+                self.name.matches_with(n, options)
+            })
     }
 }
 
@@ -209,6 +214,9 @@ pub struct FileSpec {
     pub resume: Resume,
     /// Exit codes that mean "stopped cleanly after a checkpoint" (besides 0).
     pub clean_exits: Vec<i32>,
+    /// What the code writes to stderr when it got a stop signal: when set, a clean exit code
+    /// nobody asked for is a stop only if the code said it (its fatal errors may exit the same).
+    pub stop_said: Option<String>,
     /// A file that exists only once the code has finished (relative to the run directory): an
     /// exit 0 without it (changed during this life) is a stop, not the end.
     pub done_file: Option<PathBuf>,
@@ -372,6 +380,7 @@ mod tests {
             ask_stop: Ask::Nothing,
             resume: Resume::Args(vec!["-var".into(), "r".into(), "x{checkpoint}".into()]),
             clean_exits: vec![],
+            stop_said: None,
             done_file: None,
             schedule: None,
             shuffle: vec![],

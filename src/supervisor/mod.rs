@@ -665,10 +665,14 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             let lines = life.stderr_tail.last_lines(10);
             let mut detail = format!(
                 "gave up: the program failed at once {failed_at_once} times in a row (last: \
-                 {how} after {}) before it reached the supervise shim. That is a configuration \
-                 error (the program, its arguments, its input files or libraries), not a crash \
-                 that restarting can mend",
-                human::duration(ran_for)
+                 {how} after {}) before {}. That is a configuration error (the program, its \
+                 arguments, its input files or libraries), not a crash that restarting can mend",
+                human::duration(ran_for),
+                if files.is_some() {
+                    "it wrote a checkpoint"
+                } else {
+                    "it reached the supervise shim"
+                }
             );
             if lines.is_empty() {
                 detail.push_str("; it wrote nothing to stderr");

@@ -75,6 +75,8 @@ pub(super) struct Watch<'a> {
     last_checkpoint_unix_ms: Option<u64>,
     /// File mode: this life told that the code cannot be asked for a checkpoint.
     told_no_ask: bool,
+    /// File mode: the code wrote that it got a stop signal (its `stop_said`).
+    stop_said: bool,
 }
 
 /// How one life of the child went.
@@ -138,6 +140,7 @@ impl<'a> Watch<'a> {
             started_at: SystemTime::now(),
             last_checkpoint_unix_ms: None,
             told_no_ask: false,
+            stop_said: false,
         }
     }
 
@@ -171,9 +174,10 @@ impl<'a> Watch<'a> {
         let recent = self.last_checkpoint_unix_ms.is_some_and(|ms| {
             now_unix_ms().saturating_sub(ms) <= STOPPED_ITSELF_WITHIN.as_millis() as u64
         });
+        let said = files.spec().stop_said.is_none() || self.stop_said;
         match how {
             Ended::Exited(0) => !finished,
-            Ended::Exited(code) => files.spec().clean_exits.contains(&code) && recent,
+            Ended::Exited(code) => files.spec().clean_exits.contains(&code) && recent && said,
             Ended::Signaled(_) => false,
         }
     }
@@ -213,6 +217,12 @@ impl<'a> Watch<'a> {
     fn pass_stderr(&mut self) {
         if let Some(pipe) = self.stderr_pipe {
             pipe.pass(&mut self.stderr_tail);
+        }
+        if let Some(said) = self.files.and_then(|f| f.spec().stop_said.as_deref())
+            && !self.stop_said
+            && self.stderr_tail.contains(said)
+        {
+            self.stop_said = true;
         }
     }
 
@@ -292,6 +302,11 @@ impl<'a> Watch<'a> {
                     }
                     None => self.send(child, &Request::Stop),
                 },
+                Action::AskSnapshot if self.files.is_some() => {
+                    if let Some(files) = self.files {
+                        files.ask(&files.spec().ask_checkpoint, child);
+                    }
+                }
                 Action::AskSnapshot => {
                     if !self.snapshots.in_flight() {
                         self.send(child, &Request::Snapshot);
