@@ -471,7 +471,7 @@ impl RunArgs {
     /// The file-mode spec the options describe, if any: the preset's, with what was given
     /// on top.
     fn file_spec(&self) -> anyhow::Result<Option<files::FileSpec>> {
-        use files::spec::{Ask, Complete, FileSpec, Resume, StepFrom, split_words};
+        use files::spec::{Complete, FileSpec, Resume, split_words};
         let generic = !self.checkpoints.is_empty()
             || !self.complete.is_empty()
             || !self.companions.is_empty()
@@ -497,26 +497,7 @@ impl RunArgs {
                          --preset"
                     );
                 }
-                FileSpec {
-                    preset: None,
-                    dir,
-                    checkpoints: Vec::new(),
-                    complete: vec![Complete::Closed],
-                    companions: Vec::new(),
-                    companions_command: None,
-                    step: StepFrom::Unknown,
-                    ask_checkpoint: Ask::Nothing,
-                    ask_stop: Ask::Signal(nix::sys::signal::Signal::SIGTERM),
-                    resume: Resume::Args(Vec::new()),
-                    clean_exits: Vec::new(),
-                    stop_said: None,
-                    done_file: None,
-                    schedule: None,
-                    shuffle: Vec::new(),
-                    env: Vec::new(),
-                    command: self.command.clone(),
-                    advice: Vec::new(),
-                }
+                FileSpec::new(&dir, &self.command)
             }
         };
         if !self.checkpoints.is_empty() {

@@ -416,31 +416,19 @@ fn prepare(
 #[cfg(test)]
 mod tests {
     use super::capture::Capturer;
-    use super::spec::{Ask, Complete, FilePattern, FileSpec, Resume, StepFrom};
+    use super::spec::{Ask, Complete, FilePattern, FileSpec, StepFrom};
     use super::*;
     use std::path::Path;
     use supervise_store::Store;
 
     fn spec(dir: &Path, complete: Vec<Complete>) -> FileSpec {
         FileSpec {
-            preset: None,
-            dir: dir.to_owned(),
             checkpoints: vec![FilePattern::parse("chk.*").unwrap()],
             complete,
             companions: vec![FilePattern::parse("traj").unwrap()],
-            companions_command: None,
             step: StepFrom::Name,
-            ask_checkpoint: Ask::Nothing,
             ask_stop: Ask::Nothing,
-            resume: Resume::Args(vec![]),
-            clean_exits: vec![],
-            stop_said: None,
-            done_file: None,
-            schedule: None,
-            shuffle: vec![],
-            env: vec![],
-            command: vec!["code".into()],
-            advice: vec![],
+            ..FileSpec::new(dir, &["code".into()])
         }
     }
 

@@ -233,6 +233,32 @@ pub struct FileSpec {
 }
 
 impl FileSpec {
+    /// A code run as `command` in `dir` about which nothing is known yet: no checkpoint files;
+    /// complete once closed; stopped with one SIGTERM; resumed by the same command; its exit 0
+    /// is its end.
+    pub fn new(dir: &Path, command: &[OsString]) -> Self {
+        FileSpec {
+            preset: None,
+            dir: dir.to_owned(),
+            checkpoints: Vec::new(),
+            complete: vec![Complete::Closed],
+            companions: Vec::new(),
+            companions_command: None,
+            step: StepFrom::Unknown,
+            ask_checkpoint: Ask::Nothing,
+            ask_stop: Ask::Signal(Signal::SIGTERM),
+            resume: Resume::Args(Vec::new()),
+            clean_exits: Vec::new(),
+            stop_said: None,
+            done_file: None,
+            schedule: None,
+            shuffle: Vec::new(),
+            env: Vec::new(),
+            command: command.to_vec(),
+            advice: Vec::new(),
+        }
+    }
+
     /// The argv of a life: the command, or the resume command, with `{checkpoint}` and `{step}`
     /// replaced when resuming from `resume`.
     pub fn argv(&self, resume: Option<(&Path, Option<u64>)>) -> Vec<OsString> {
@@ -369,24 +395,11 @@ mod tests {
     #[test]
     fn a_resumed_life_gets_the_checkpoint_substituted() {
         let spec = FileSpec {
-            preset: None,
-            dir: "/run".into(),
-            checkpoints: vec![],
-            complete: vec![],
-            companions: vec![],
-            companions_command: None,
-            step: StepFrom::Unknown,
-            ask_checkpoint: Ask::Nothing,
-            ask_stop: Ask::Nothing,
             resume: Resume::Args(vec!["-var".into(), "r".into(), "x{checkpoint}".into()]),
-            clean_exits: vec![],
-            stop_said: None,
-            done_file: None,
-            schedule: None,
-            shuffle: vec![],
-            env: vec![],
-            command: vec!["lmp".into(), "-in".into(), "in.melt".into()],
-            advice: vec![],
+            ..FileSpec::new(
+                Path::new("/run"),
+                &["lmp", "-in", "in.melt"].map(OsString::from),
+            )
         };
         assert_eq!(spec.argv(None), spec.command);
         assert_eq!(

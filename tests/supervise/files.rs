@@ -37,6 +37,7 @@ fn scratch(name: &str) -> PathBuf {
 fn need(tool: &str) {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
+        .stdout(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     assert!(
@@ -74,22 +75,27 @@ fn gromacs() -> &'static Reference {
             dir.display()
         );
         std::fs::rename(dir.join("md.tpr"), dir.join("run.tpr")).unwrap();
-        let argv = mdrun(&[]);
-        let out = Command::new(&argv[0])
-            .args(&argv[1..])
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Reference {
-            result: std::fs::read(dir.join("md.trr")).unwrap(),
-            dir,
-        }
+        run_alone(dir, &mdrun(&[]), "md.trr")
     })
+}
+
+/// Runs `argv` in `dir` without a supervisor: the reference, its `result` file.
+fn run_alone(dir: PathBuf, argv: &[OsString], result: &str) -> Reference {
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(&dir)
+        .env("OMPI_MCA_ess_singleton_isolated", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Reference {
+        result: std::fs::read(dir.join(result)).unwrap(),
+        dir,
+    }
 }
 
 /// A run directory holding the GROMACS input, and a store beside it.
@@ -109,22 +115,7 @@ fn lammps() -> &'static Reference {
         need("lmp");
         let dir = scratch("lammps-ref");
         std::fs::copy(lammps_input(), dir.join("in.melt")).unwrap();
-        let argv = lmp();
-        let out = Command::new(&argv[0])
-            .args(&argv[1..])
-            .current_dir(&dir)
-            .env("OMPI_MCA_ess_singleton_isolated", "1")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Reference {
-            result: std::fs::read(dir.join("final.dump")).unwrap(),
-            dir,
-        }
+        run_alone(dir, &lmp(), "final.dump")
     })
 }
 
