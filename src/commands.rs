@@ -314,6 +314,9 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
     #[derive(Serialize)]
     struct EntryRow {
         name: String,
+        /// File mode: the file in the run directory the entry holds.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        file: Option<String>,
         kind: String,
         bytes: u64,
         chunks: usize,
@@ -341,11 +344,18 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
     let job = t.job()?;
     let seq = snapshot_id(&job, id)?;
     let m = job.read_manifest(seq)?;
+    // A file-mode snapshot says which file each entry holds.
+    let files: std::collections::HashMap<String, String> = SnapshotReader::open(&job, seq)
+        .ok()
+        .and_then(|r| crate::files::restore::read_meta(&r).ok())
+        .map(|meta| meta.files.into_iter().map(|f| (f.entry, f.path)).collect())
+        .unwrap_or_default();
     let entries = m
         .entries
         .iter()
         .map(|e| EntryRow {
             name: e.name.clone(),
+            file: files.get(&e.name).cloned(),
             kind: e.kind.describe(),
             bytes: e.len,
             chunks: e.chunks.len(),
@@ -403,7 +413,10 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
         .iter()
         .map(|e| {
             vec![
-                e.name.clone(),
+                match &e.file {
+                    Some(f) => format!("{} ({f})", e.name),
+                    None => e.name.clone(),
+                },
                 e.kind.clone(),
                 human::bytes(e.bytes),
                 e.chunks.to_string(),

@@ -297,6 +297,14 @@ pub enum JobEvent {
         /// Files cut back to their stored length (they had grown past it).
         cut: Vec<String>,
     },
+    /// File mode: the first checkpoint after a resume is not past the one put back: the code
+    /// did not resume from it (it started over).
+    ResumeIgnored {
+        /// The step put back.
+        resumed_step: u64,
+        /// The step of the code's first checkpoint after it.
+        step: u64,
+    },
     /// File mode: a checkpoint file that is not complete or valid was not stored.
     CheckpointRefused {
         /// The file, relative to the run directory.
@@ -614,6 +622,13 @@ impl fmt::Display for JobEvent {
                 }
                 Ok(())
             }
+            JobEvent::ResumeIgnored { resumed_step, step } => write!(
+                f,
+                "the program was resumed from a checkpoint at step {resumed_step} but wrote its \
+                 next one at step {step}: it started over instead of resuming. Check that its \
+                 resume arguments (--resume-args, --resume-command) or its input (README: \
+                 \"LAMMPS\") make it read the checkpoint"
+            ),
             JobEvent::CheckpointRefused { path, why } => {
                 write!(f, "checkpoint file {path} not stored: {why}")
             }

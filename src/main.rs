@@ -76,8 +76,10 @@ fn exit_codes_help() -> String {
 const USAGE: &str = "supervise [OPTIONS] -- <PROGRAM> [ARGS]...
        supervise <SUBCOMMAND> [OPTIONS]";
 
-/// Runs COMMAND, snapshots it on a schedule through the supervise shim it links, and restarts
-/// it from its newest complete snapshot when it crashes, is killed or exits non-zero.
+/// Runs COMMAND, snapshots it on a schedule through the supervise shim it links (or, in file
+/// mode, stores the checkpoint files it writes itself: --preset gromacs|lammps, --checkpoint),
+/// and restarts it from its newest complete snapshot when it crashes, is killed or exits
+/// non-zero.
 #[derive(Parser, Debug)]
 #[command(
     name = "supervise",
@@ -489,7 +491,7 @@ impl RunArgs {
         let dir = std::env::current_dir().context("cannot find the working directory")?;
         let mut spec = match self.preset {
             Some(p) => files::preset::spec(p, &self.command, &dir, self.every)
-                .map_err(|e| anyhow::anyhow!("--preset: {e}"))?,
+                .map_err(|e| anyhow::anyhow!(e))?,
             None => {
                 if self.checkpoints.is_empty() {
                     anyhow::bail!(
@@ -540,6 +542,15 @@ impl RunArgs {
                 );
             }
             spec.done_file = Some(done.clone());
+        }
+        if spec.preset.is_none() && spec.resume == Resume::Args(Vec::new()) {
+            spec.advice.push(
+                "no --resume-args or --resume-command: a restart runs the same command, after \
+                 putting the newest checkpoint back; a code that does not look for it by itself \
+                 starts over (which is said when its first checkpoint is not past the one put \
+                 back)"
+                    .to_owned(),
+            );
         }
         let checked = spec.complete.iter().any(|c| {
             matches!(

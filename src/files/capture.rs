@@ -119,6 +119,8 @@ pub struct Captured {
     pub report: SnapshotReport,
     /// When the checkpoint file was last modified (ms since the epoch).
     pub modified_unix_ms: u64,
+    /// The code's step in it, when known.
+    pub step: Option<u64>,
 }
 
 /// The capture side of file mode: owns the job's writer.
@@ -527,6 +529,7 @@ impl Capturer {
             .map_or(0, |d| d.as_millis() as u64);
         Ok(Captured {
             report,
+            step: o.step,
             modified_unix_ms,
         })
     }

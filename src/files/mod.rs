@@ -229,7 +229,13 @@ fn run(mut cap: Capturer, cmds: &Receiver<Cmd>, reports: &Sender<Found>, woken: 
             match cmds.try_recv() {
                 Ok(Cmd::Live(on)) => live = on,
                 Ok(Cmd::Settle { reply }) => {
-                    let _ = reply.send(cap.scan(Phase::Settle));
+                    let found = cap.scan(Phase::Settle);
+                    // A stop file left behind would stop the code at once if it were run by
+                    // hand; the next start removes it too.
+                    if let Ask::Touch(stop) = &cap.spec().ask_stop {
+                        let _ = std::fs::remove_file(cap.spec().dir.join(stop));
+                    }
+                    let _ = reply.send(found);
                 }
                 Ok(Cmd::Prepare {
                     skip,

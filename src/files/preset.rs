@@ -26,6 +26,10 @@ pub fn spec(
 ) -> Result<FileSpec, String> {
     match preset {
         Preset::Gromacs => gromacs(command, dir, every),
+        Preset::Lammps if recognise(command) != Some(Preset::Lammps) => Err(
+            "--preset lammps runs `lmp ...` (or lmp_*, under mpirun): the command has no `lmp`"
+                .into(),
+        ),
         Preset::Lammps => Ok(lammps(command, dir, every)),
     }
 }
@@ -317,6 +321,16 @@ mod tests {
         );
         assert_eq!(plain.advice.len(), 1, "no -reprod is said");
         assert!(spec(Preset::Gromacs, &words("lmp -in x"), Path::new("/r"), None).is_err());
+        assert!(spec(Preset::Lammps, &words("gmx mdrun"), Path::new("/r"), None).is_err());
+        assert!(
+            spec(
+                Preset::Lammps,
+                &words("lmp_mpi -in x"),
+                Path::new("/r"),
+                None
+            )
+            .is_ok()
+        );
         assert!(
             spec(
                 Preset::Gromacs,

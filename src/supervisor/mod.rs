@@ -400,6 +400,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             return Ok(lease_lost(&why, log));
         }
         let mut argv = cfg.command.clone();
+        let mut resumed_step = None;
         let from = match &files {
             Some(files) => {
                 let prepared = files
@@ -422,6 +423,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                     .map(|(_, r)| (std::path::Path::new(&r.meta.checkpoint), r.meta.step));
                 argv = files.spec().argv(resume);
                 if let Some((seq, r)) = &prepared.resumed {
+                    resumed_step = r.meta.step;
                     log.emit(&JobEvent::CheckpointResumed {
                         seq: *seq,
                         step: r.meta.step,
@@ -503,7 +505,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         });
         let life = Watch::new(cfg, log, &signals, from, said_no_shim, stderr_pipe.as_ref())
             .with_durable(durable.as_ref())
-            .with_files(files.as_ref())
+            .with_files(files.as_ref(), resumed_step)
             .run(&mut child, &server, &mut state)?;
         said_no_shim = life.said_no_shim;
         ever_connected |= life.connected;
@@ -549,11 +551,25 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             }
             Outcome::StoppedItself(how) => {
                 let newest = newest_snapshot(&job, &skip)?;
-                let mut detail = format!(
-                    "the program stopped by itself after a checkpoint ({how}: a SIGTERM sent to \
-                     it directly, as a batch system does at a time limit, or a limit of its own \
-                     such as mdrun -maxh); it is not restarted"
-                );
+                let done = cfg
+                    .files
+                    .as_ref()
+                    .and_then(|f| f.done_file.as_ref())
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default();
+                let mut detail = if how == Ended::Exited(0) {
+                    format!(
+                        "the program ended with exit code 0 without writing {done}, its sign of \
+                         having finished (a limit of its own such as mdrun -maxh, or its own \
+                         stop): it is not finished, and not restarted"
+                    )
+                } else {
+                    format!(
+                        "the program stopped by itself after a checkpoint ({how}: a SIGTERM sent \
+                         to it directly, as a batch system does at a time limit); it is not \
+                         restarted"
+                    )
+                };
                 if let Some(seq) = newest {
                     detail.push_str(&format!(
                         ": run the same command again to resume (from snapshot {seq})"
@@ -954,6 +970,9 @@ fn initial_skip(
                     )),
                     ago(last_unix_ms)
                 ),
+                _ if cfg.files.is_some() => "with no snapshot in the store: the run \
+                                               directory's checkpoint files are looked at"
+                    .to_owned(),
                 _ => "from the beginning: it left no snapshot".to_owned(),
             };
             log.emit(&JobEvent::Resume {

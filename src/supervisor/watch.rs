@@ -77,6 +77,8 @@ pub(super) struct Watch<'a> {
     told_no_ask: bool,
     /// File mode: the code wrote that it got a stop signal (its `stop_said`).
     stop_said: bool,
+    /// File mode: the step this life was resumed from, until its first checkpoint is checked.
+    resumed_step: Option<u64>,
 }
 
 /// How one life of the child went.
@@ -141,13 +143,19 @@ impl<'a> Watch<'a> {
             last_checkpoint_unix_ms: None,
             told_no_ask: false,
             stop_said: false,
+            resumed_step: None,
         }
     }
 
     /// File mode: takes the checkpoints the code writes as its snapshots, and asks it for
     /// stops (and checkpoints) its way.
-    pub(super) fn with_files(mut self, files: Option<&'a Files>) -> Self {
+    pub(super) fn with_files(
+        mut self,
+        files: Option<&'a Files>,
+        resumed_step: Option<u64>,
+    ) -> Self {
         self.files = files;
+        self.resumed_step = resumed_step;
         self
     }
 
@@ -157,6 +165,12 @@ impl<'a> Watch<'a> {
             match f {
                 Found::Captured(c) => {
                     self.last_checkpoint_unix_ms = Some(c.modified_unix_ms);
+                    if let (Some(resumed_step), Some(step)) = (self.resumed_step.take(), c.step)
+                        && step <= resumed_step
+                    {
+                        self.log
+                            .emit(&JobEvent::ResumeIgnored { resumed_step, step });
+                    }
                     self.handle_event(child, Event::SnapshotDone(c.report));
                 }
                 other => tell_found(self.log, other),

@@ -232,6 +232,8 @@ fn gromacs_stopped_gets_one_sigterm_and_resumes_even_with_its_files_deleted() {
         std::fs::read(out.join("md.cpt")).unwrap(),
         std::fs::read(dir.join("md.cpt")).unwrap()
     );
+    let shown = json(&store, &["show", "latest"]);
+    assert_eq!(shown["entries"][0]["file"], "md.cpt", "{shown}");
     // Every md.* file goes: the store has them.
     for entry in std::fs::read_dir(&dir).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -466,4 +468,45 @@ fn a_code_described_by_options_alone_is_captured_and_resumed() {
     assert_eq!(steps.len(), 1, "{steps:?}");
     assert!(steps[0] >= 500, "{steps:?}");
     assert_same_bytes(&dir.join("final.dump"), &lammps().result, &fin.stderr);
+}
+
+#[test]
+fn a_code_that_ignores_its_checkpoint_is_said_to_have_started_over() {
+    // Counts from 1 whatever is in its directory, one checkpoint (renamed into place) a step.
+    let base = scratch("ignores");
+    let dir = base.join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let script =
+        "i=1; while true; do echo $i > .t; mv .t state-$i.chk; i=$((i+1)); sleep 0.2; done";
+    let command: Vec<OsString> = ["sh", "-c", script].map(OsString::from).to_vec();
+    let store = base.join("store");
+    let run = run_in(
+        &dir,
+        &store,
+        &[
+            "--checkpoint",
+            "state-*.chk",
+            "--complete",
+            "renamed",
+            "--step-from",
+            "name",
+        ],
+        &command,
+    );
+    let pid = run.nth_child_pid(1);
+    run.wait_for_event("snapshot", 3, |_| true);
+    sigkill(pid);
+    let ignored = run.wait_for_event("resume-ignored", 1, |_| true);
+    assert!(ignored["resumed_step"].as_u64().unwrap() >= 3, "{ignored}");
+    assert_eq!(ignored["step"], 1, "{ignored}");
+    // The start said it could happen.
+    let said = run.events_of("file-mode");
+    assert!(
+        said[0]["advice"][0]
+            .as_str()
+            .is_some_and(|a| a.contains("--resume-args")),
+        "{said:?}"
+    );
+    run.signal(Signal::SIGTERM);
+    assert_eq!(run.wait(LONG).code, Some(143));
 }
