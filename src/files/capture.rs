@@ -121,6 +121,8 @@ pub struct Captured {
     pub modified_unix_ms: u64,
     /// The code's step in it, when known.
     pub step: Option<u64>,
+    /// Why retention after it failed, if it did (the snapshot itself is durable).
+    pub retention_failed: Option<String>,
 }
 
 /// The capture side of file mode: owns the job's writer.
@@ -518,9 +520,13 @@ impl Capturer {
         }
         let mut report = b.commit().map_err(|e| e.to_string())?;
         report.tag = Some(tag);
-        if let Ok(r) = self.writer.apply_retention(self.retention.clone()) {
-            report.removed = r.removed_snapshots;
-        }
+        let retention_failed = match self.writer.apply_retention(self.retention.clone()) {
+            Ok(r) => {
+                report.removed = r.removed_snapshots;
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        };
         let modified_unix_ms = o
             .meta
             .modified()
@@ -529,6 +535,7 @@ impl Capturer {
             .map_or(0, |d| d.as_millis() as u64);
         Ok(Captured {
             report,
+            retention_failed,
             step: o.step,
             modified_unix_ms,
         })

@@ -165,13 +165,16 @@ impl<'a> Watch<'a> {
             match f {
                 Found::Captured(c) => {
                     self.last_checkpoint_unix_ms = Some(c.modified_unix_ms);
+                    self.handle_event(child, Event::SnapshotDone(c.report));
+                    if let Some(why) = &c.retention_failed {
+                        self.log.emit(&retention_failed(why));
+                    }
                     if let (Some(resumed_step), Some(step)) = (self.resumed_step.take(), c.step)
                         && step <= resumed_step
                     {
                         self.log
                             .emit(&JobEvent::ResumeIgnored { resumed_step, step });
                     }
-                    self.handle_event(child, Event::SnapshotDone(c.report));
                 }
                 other => tell_found(self.log, other),
             }
@@ -669,9 +672,22 @@ const STOPPED_ITSELF_WITHIN: Duration = Duration::from_secs(10);
 /// Tells what the capture of a file-mode code found (outside a life's watch: before a start).
 pub(super) fn tell_found(log: &Log, found: Found) {
     match found {
-        Found::Captured(c) => log.emit(&snapshot_event(c.report)),
+        Found::Captured(c) => {
+            log.emit(&snapshot_event(c.report));
+            if let Some(why) = &c.retention_failed {
+                log.emit(&retention_failed(why));
+            }
+        }
         Found::Refused { path, why } => log.emit(&JobEvent::CheckpointRefused { path, why }),
         Found::Failed { error } => log.emit(&JobEvent::SnapshotFailed { error }),
+    }
+}
+
+/// File mode: retention failed after a durable snapshot, as the shim would say it.
+fn retention_failed(why: &str) -> JobEvent {
+    JobEvent::ShimWarning {
+        warning: supervise_store::control::WarningKind::RetentionFailed,
+        message: format!("the snapshot is durable, but retention after it failed: {why}"),
     }
 }
 
