@@ -208,15 +208,7 @@ impl Capturer {
     /// The checkpoint files present now, relative to the run directory, oldest first.
     pub fn checkpoint_files(&self) -> Vec<PathBuf> {
         let mut found: Vec<(i128, PathBuf)> = Vec::new();
-        let mut dirs: Vec<&Path> = self
-            .spec
-            .checkpoints
-            .iter()
-            .map(|p| p.dir.as_path())
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        for dir in dirs {
+        for dir in self.spec.checkpoint_dirs() {
             let Ok(entries) = std::fs::read_dir(self.spec.dir.join(dir)) else {
                 continue;
             };

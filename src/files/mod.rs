@@ -277,20 +277,12 @@ impl Notify {
             dirs: Vec::new(),
         };
         let Some(inotify) = &n.inotify else { return n };
-        let mut dirs: Vec<PathBuf> = cap
-            .spec()
-            .checkpoints
-            .iter()
-            .map(|p| p.dir.clone())
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        for dir in dirs {
+        for dir in cap.spec().checkpoint_dirs() {
             let flags = AddWatchFlags::IN_CLOSE_WRITE
                 | AddWatchFlags::IN_MOVED_TO
                 | AddWatchFlags::IN_CREATE;
-            if let Ok(wd) = inotify.add_watch(&cap.spec().dir.join(&dir), flags) {
-                n.dirs.push((wd, dir));
+            if let Ok(wd) = inotify.add_watch(&cap.spec().dir.join(dir), flags) {
+                n.dirs.push((wd, dir.to_owned()));
             }
         }
         n

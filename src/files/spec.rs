@@ -296,6 +296,14 @@ impl FileSpec {
             .map_or(0, |(_, w)| *w)
     }
 
+    /// The directories checkpoint files are in, relative to the run directory, each once.
+    pub fn checkpoint_dirs(&self) -> Vec<&Path> {
+        let mut dirs: Vec<&Path> = self.checkpoints.iter().map(|p| p.dir.as_path()).collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
     /// Whether `rel` is a checkpoint file.
     pub fn is_checkpoint(&self, rel: &Path) -> bool {
         self.checkpoints.iter().any(|p| p.matches(rel))
