@@ -23,6 +23,8 @@ pub struct Child {
     process: std::process::Child,
     /// The supervisor's end of the control socket.
     pub control: UnixStream,
+    /// The other end, when it is not the child's but the ranks' relay's (taken at the start).
+    pub relay_end: Option<UnixStream>,
     /// When it was spawned.
     pub started: Instant,
     reaped: bool,
@@ -74,16 +76,25 @@ impl Child {
         env: &[(String, String)],
         die_with_supervisor: bool,
         stderr: Option<&StderrPipe>,
+        inherit_control: bool,
     ) -> io::Result<Self> {
         let (ours, theirs) = UnixStream::pair()?;
-        let theirs = OwnedFd::from(theirs);
-        let fd = theirs.as_raw_fd();
+        // Without `inherit_control` (the ranks of an MPI job) the other end goes to the relay,
+        // which the ranks join over the network endpoint.
+        let (theirs, relay_end) = if inherit_control {
+            (Some(OwnedFd::from(theirs)), None)
+        } else {
+            (None, Some(theirs))
+        };
+        let fd = theirs.as_ref().map(|t| t.as_raw_fd());
         let parent = getpid();
         let mut cmd = Command::new(program);
         cmd.arg0(&argv[0])
             .args(&argv[1..])
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env(config::ENV_CONTROL_FD, fd.to_string());
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        if let Some(fd) = fd {
+            cmd.env(config::ENV_CONTROL_FD, fd.to_string());
+        }
         if let Some(pipe) = stderr {
             cmd.env(config::ENV_STDERR_FD, &pipe.env_value);
             cmd.stderr(std::process::Stdio::from(pipe.write.try_clone()?));
@@ -121,7 +132,9 @@ impl Child {
                     }
                 }
                 let inheritable = || FcntlArg::F_SETFD(FdFlag::empty());
-                fcntl(BorrowedFd::borrow_raw(fd), inheritable())?;
+                if let Some(fd) = fd {
+                    fcntl(BorrowedFd::borrow_raw(fd), inheritable())?;
+                }
                 if let Some(own) = own_stderr_fd {
                     fcntl(BorrowedFd::borrow_raw(own), inheritable())?;
                 }
@@ -135,6 +148,7 @@ impl Child {
         Ok(Self {
             process,
             control: ours,
+            relay_end,
             started: Instant::now(),
             reaped: false,
         })

@@ -271,6 +271,32 @@ pub enum JobEvent {
         /// The preset (`gromacs`, `lammps`).
         preset: String,
     },
+    /// A job of many ranks (MPI): where its ranks join, and that its snapshots are epochs.
+    Ranks {
+        /// The endpoint (`unix:/path` or `tcp:host:port`).
+        endpoint: String,
+        /// Why ranks are expected (`--mpi`, `--rank-endpoint`, or the launcher's name).
+        because: String,
+    },
+    /// A job of many ranks is started from an epoch: each rank restores its part, and goes on
+    /// from the safe point every rank captured at.
+    EpochResumed {
+        /// The epoch.
+        epoch: u64,
+        /// The safe point (counted from the job's start) the parts were captured at.
+        step: u64,
+        /// How many ranks it has.
+        ranks: u32,
+        /// Rank 0's tag.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+    },
+    /// Ranks of a life that ended were still there after the grace period: killed, so that
+    /// no rank outlives its life.
+    RanksKilled {
+        /// The ranks.
+        ranks: Vec<u32>,
+    },
     /// File mode: the program writes its own checkpoint files, which the supervisor captures.
     FileMode {
         /// The preset (`gromacs`, `lammps`), if any.
@@ -580,6 +606,25 @@ impl fmt::Display for JobEvent {
                  restart starts it from scratch. It writes checkpoint files of its own, which \
                  supervise stores and resumes from with --preset {preset} (README: \"Codes you \
                  cannot relink\")"
+            ),
+            JobEvent::Ranks { endpoint, because } => write!(
+                f,
+                "a job of many ranks ({because}): each rank's shim joins at {endpoint}, and a \
+                 snapshot is an epoch of every rank's part at the same safe point"
+            ),
+            JobEvent::EpochResumed {
+                epoch,
+                step,
+                ranks,
+                tag,
+            } => write!(
+                f,
+                "resuming {ranks} ranks from epoch {epoch}, at safe point {step}{}",
+                tag.as_ref().map(|t| format!(" [{t}]")).unwrap_or_default()
+            ),
+            JobEvent::RanksKilled { ranks } => write!(
+                f,
+                "ranks {ranks:?} were still running after their launcher ended: killed"
             ),
             JobEvent::FileMode {
                 preset,

@@ -13,6 +13,7 @@ mod lifeline;
 mod log;
 mod operator;
 mod policy;
+mod ranks;
 mod remote;
 mod signals;
 mod supervisor;
@@ -383,6 +384,22 @@ struct RunArgs {
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
 
+    /// A job of many ranks (MPI): every rank links the shim and joins the supervisor at an
+    /// endpoint; a snapshot is an epoch, every rank's part at the same safe point. On by
+    /// itself when the command is mpirun, mpiexec, orterun or srun.
+    #[arg(long, help_heading = "MPI")]
+    mpi: bool,
+
+    /// Where ranks join: `unix` (a private socket, for ranks on this machine: the default),
+    /// `tcp` (every interface, any port; the default under srun) or `tcp:HOST:PORT`. Implies
+    /// --mpi. Ranks prove a per-job secret either way.
+    #[arg(long, value_name = "WHERE", value_parser = ranks::Listen::parse, help_heading = "MPI")]
+    rank_endpoint: Option<ranks::Listen>,
+
+    /// Not a job of many ranks, even if the command is a launcher.
+    #[arg(long, conflicts_with_all = ["mpi", "rank_endpoint"], help_heading = "MPI")]
+    no_mpi: bool,
+
     /// File mode for a code that writes its own checkpoint files: GROMACS (`gmx mdrun`) or
     /// LAMMPS (`lmp`, with an input as README shows). Fills in every option below; any of them
     /// given as well overrides the preset's.
@@ -469,7 +486,37 @@ struct RunArgs {
     command: Vec<OsString>,
 }
 
+/// Launchers whose command is a job of many ranks, and where their ranks run by default.
+const LAUNCHERS: [&str; 4] = ["mpirun", "mpiexec", "orterun", "srun"];
+
 impl RunArgs {
+    /// Whether this is a job of many ranks, where they join, and why.
+    fn ranks(&self, file_mode: bool) -> Option<(ranks::Listen, String)> {
+        let launcher = self
+            .command
+            .first()
+            .and_then(|c| std::path::Path::new(c).file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| LAUNCHERS.contains(&n.as_str()));
+        // Ranks under srun may run on other nodes: TCP.
+        let default = || match launcher.as_deref() {
+            Some("srun") => ranks::Listen::parse("tcp").unwrap_or(ranks::Listen::Unix),
+            _ => ranks::Listen::Unix,
+        };
+        if self.no_mpi {
+            None
+        } else if let Some(listen) = &self.rank_endpoint {
+            Some((listen.clone(), "--rank-endpoint".into()))
+        } else if self.mpi {
+            Some((default(), "--mpi".into()))
+        } else {
+            launcher
+                .as_ref()
+                .filter(|_| !file_mode)
+                .map(|name| (default(), format!("the command is {name}")))
+        }
+    }
+
     /// The file-mode spec the options describe, if any: the preset's, with what was given
     /// on top.
     fn file_spec(&self) -> anyhow::Result<Option<files::FileSpec>> {
@@ -1058,7 +1105,9 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         log.events_to(sink);
     }
     let files = cli.file_spec()?;
+    let ranks = cli.ranks(files.is_some());
     let cfg = JobConfig {
+        ranks,
         files,
         origin: program.origin(&cli.command),
         program,

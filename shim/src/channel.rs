@@ -5,12 +5,14 @@
 use std::io::{BufRead, BufReader, ErrorKind};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{MsgFlags, send};
+
+use crate::rank::Link;
 
 use supervise_store::config::OrphanMode;
 use supervise_store::control::{Event, Request, WarningKind};
@@ -25,6 +27,13 @@ pub(crate) const STOP: u32 = 2;
 /// The control thread wants a liveness beat (counted at the next safe point).
 pub(crate) const BEAT: u32 = 4;
 
+/// A rank: the control thread reported where the program is for an epoch; the program holds
+/// at its next safe point until the target arrives.
+pub(crate) const HOLD: u32 = 8;
+
+/// A rank: an epoch's target safe point is known.
+pub(crate) const AIM: u32 = 16;
+
 /// How often the control thread asks for a liveness beat once the first one was reported.
 const BEAT_EVERY: Duration = Duration::from_secs(1);
 
@@ -35,15 +44,116 @@ const FIRST_BEAT_POLL: Duration = Duration::from_millis(50);
 pub(crate) struct Shared {
     pub(crate) pending: AtomicU32,
     pub(crate) beats: AtomicU64,
-    pub(crate) control: Option<Mutex<UnixStream>>,
+    pub(crate) control: Option<Mutex<Link>>,
+    /// A rank of a job of many processes: safe points are counted and epochs coordinated.
+    pub(crate) rank: Option<RankState>,
+}
+
+/// A rank's side of the epoch protocol.
+pub(crate) struct RankState {
+    /// The rank's number.
+    pub(crate) rank: u32,
+    /// Safe points the program passed since the job's start (restored with the epoch).
+    pub(crate) passed: AtomicU64,
+    /// The epoch in hand.
+    pub(crate) epoch: Mutex<EpochState>,
+    /// Wakes a program held at a safe point.
+    pub(crate) wake: Condvar,
+    /// An epoch this rank wrote a part of was not published: its part is no base.
+    pub(crate) rebase: AtomicBool,
+}
+
+/// Where the epoch in hand stands.
+#[derive(Default)]
+pub(crate) struct EpochState {
+    /// Holding for this epoch until its target is known.
+    pub(crate) holding: Option<u64>,
+    /// The target: capture at this safe point.
+    pub(crate) aim: Option<Aim>,
+    /// The program reached the target: [`Shim::snapshot`](crate::Shim::snapshot) captures
+    /// this epoch's part.
+    pub(crate) due: Option<Aim>,
+    /// The supervisor is gone: nobody will send a target.
+    pub(crate) gone: bool,
+}
+
+/// An epoch's target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Aim {
+    pub(crate) epoch: u64,
+    pub(crate) step: u64,
+    pub(crate) stop: bool,
+}
+
+impl RankState {
+    pub(crate) fn new(rank: u32, passed: u64) -> Self {
+        Self {
+            rank,
+            passed: AtomicU64::new(passed),
+            epoch: Mutex::new(EpochState::default()),
+            wake: Condvar::new(),
+            rebase: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, EpochState> {
+        self.epoch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The part the program must capture now, taken (once) by the snapshot.
+    pub(crate) fn take_due(&self) -> Option<Aim> {
+        self.lock().due.take()
+    }
 }
 
 impl Shared {
     /// True when a snapshot is due; counts a liveness beat when the control thread asked for
-    /// one. One relaxed load when nothing is pending.
+    /// one. One relaxed load when nothing is pending (a rank also counts the safe point).
     pub(crate) fn due(&self) -> bool {
+        if let Some(rank) = &self.rank {
+            // Counted before the pending word is read (both in the one total order of SeqCst
+            // operations), and the control thread sets HOLD before it reads the count: a
+            // program whose count it missed sees HOLD at this very safe point.
+            let passed = rank.passed.fetch_add(1, Ordering::SeqCst) + 1;
+            let pending = self.pending.load(Ordering::SeqCst);
+            return pending != 0 && self.due_rank(rank, pending, passed);
+        }
         let pending = self.pending.load(Ordering::Relaxed);
         pending != 0 && self.due_slow(pending)
+    }
+
+    #[cold]
+    fn due_rank(&self, rank: &RankState, pending: u32, passed: u64) -> bool {
+        let stop = self.due_slow(pending & !SNAP) || pending & STOP != 0;
+        if pending & (HOLD | AIM) == 0 {
+            return stop;
+        }
+        let mut st = rank.lock();
+        while st.holding.is_some() && st.aim.is_none() && !st.gone {
+            st = rank.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        let Some(aim) = st.aim else {
+            return stop;
+        };
+        if passed < aim.step {
+            return stop;
+        }
+        st.aim = None;
+        self.pending.fetch_and(!AIM, Ordering::SeqCst);
+        if passed > aim.step {
+            // Cannot happen by the protocol (the target is past every rank's count when it
+            // was read); said rather than captured at the wrong point.
+            drop(st);
+            self.send(&Event::SnapshotFailed {
+                error: format!(
+                    "rank {} passed safe point {passed} before it learned epoch {}'s target {}",
+                    rank.rank, aim.epoch, aim.step
+                ),
+            });
+            return stop;
+        }
+        st.due = Some(aim);
+        true
     }
 
     #[cold]
@@ -81,7 +191,7 @@ impl Shared {
 
 /// Takes ownership of the inherited control socket and keeps it from leaking into programs
 /// the child starts.
-pub(crate) fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
+pub(crate) fn adopt_control_fd(fd: RawFd) -> Result<Link> {
     let bad = |why: String| Error::Env {
         var: supervise_store::config::ENV_CONTROL_FD,
         value: fd.to_string(),
@@ -104,7 +214,7 @@ pub(crate) fn adopt_control_fd(fd: RawFd) -> Result<UnixStream> {
     set_cloexec(fd, true).map_err(|e| bad(format!("cannot set close-on-exec ({e})")))?;
     // SAFETY: the supervisor passed this fd to us for the control channel and nothing else in
     // the process owns it; fcntl above proved it open. We take sole ownership here.
-    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+    Ok(Link::Unix(unsafe { UnixStream::from_raw_fd(fd) }))
 }
 
 /// Makes the supervisor's own stderr this program's stderr again (see
@@ -167,7 +277,7 @@ pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> nix::Result<()> {
 /// it run on, snapshotting every `every`.
 pub(crate) fn control_loop(
     shared: &Shared,
-    stream: UnixStream,
+    stream: Link,
     orphan: OrphanMode,
     every: Option<Duration>,
 ) {
@@ -185,6 +295,21 @@ pub(crate) fn control_loop(
                 match serde_json::from_str::<Request>(&line) {
                     Ok(Request::Snapshot) => shared.pending.fetch_or(SNAP, Ordering::SeqCst),
                     Ok(Request::Stop) => shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst),
+                    Ok(
+                        request @ (Request::EpochBegin { .. }
+                        | Request::EpochTarget { .. }
+                        | Request::EpochEnd { .. }),
+                    ) => {
+                        epoch_request(shared, request);
+                        0
+                    }
+                    Ok(other) => {
+                        shared.warn(
+                            WarningKind::BadControlMessage,
+                            format!("ignoring a control message out of place: {other:?}"),
+                        );
+                        0
+                    }
                     Err(e) => {
                         shared.warn(
                             WarningKind::BadControlMessage,
@@ -230,8 +355,63 @@ pub(crate) fn control_loop(
                 shared.pending.fetch_or(SNAP, Ordering::SeqCst);
             }
         }
+        if let Some(rank) = &shared.rank {
+            // A rank cannot take a snapshot alone (it would belong to no epoch): it stops at
+            // its next safe point, and the job resumes from its last epoch.
+            log::warn!("supervisor gone; stop at the next safe point");
+            let mut st = rank.lock();
+            st.gone = true;
+            st.holding = None;
+            shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
+            rank.wake.notify_all();
+            return;
+        }
         log::warn!("supervisor gone; final snapshot and stop at the next safe point");
         shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
         return;
+    }
+}
+
+/// A rank's control thread carries out the epoch protocol's requests.
+fn epoch_request(shared: &Shared, request: Request) {
+    let Some(rank) = &shared.rank else {
+        shared.warn(
+            WarningKind::BadControlMessage,
+            format!("ignoring an epoch request to a program that is no rank: {request:?}"),
+        );
+        return;
+    };
+    match request {
+        Request::EpochBegin { epoch } => {
+            let mut st = rank.lock();
+            st.holding = Some(epoch);
+            st.aim = None;
+            drop(st);
+            // HOLD before the count is read: see `Shared::due`.
+            shared.pending.fetch_or(HOLD, Ordering::SeqCst);
+            let step = rank.passed.load(Ordering::SeqCst);
+            shared.send(&Event::EpochAt { epoch, step });
+        }
+        Request::EpochTarget { epoch, step, stop } => {
+            let mut st = rank.lock();
+            st.holding = None;
+            st.aim = Some(Aim { epoch, step, stop });
+            shared.pending.fetch_or(AIM, Ordering::SeqCst);
+            shared.pending.fetch_and(!HOLD, Ordering::SeqCst);
+            rank.wake.notify_all();
+        }
+        Request::EpochEnd { epoch, published } => {
+            let mut st = rank.lock();
+            if st.holding == Some(epoch) || st.aim.is_some_and(|a| a.epoch == epoch) {
+                st.holding = None;
+                st.aim = None;
+                shared.pending.fetch_and(!(HOLD | AIM), Ordering::SeqCst);
+                rank.wake.notify_all();
+            }
+            if !published {
+                rank.rebase.store(true, Ordering::SeqCst);
+            }
+        }
+        _ => {}
     }
 }

@@ -51,6 +51,7 @@
 mod capture;
 mod channel;
 mod output;
+mod rank;
 mod region;
 mod restore;
 mod runtime;

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::capture::{Background, Buffer, Capture, DirtyTracker, OutputsAt, Work};
-use crate::channel::{SNAP, STOP, Shared, adopt_control_fd};
+use crate::channel::{RankState, SNAP, STOP, Shared, adopt_control_fd};
 use crate::output::{self, Output, OutputFile, Sink};
 use crate::region::{Region, RegionMem};
 use crate::restore::{Restored, choose_restore};
-use supervise_store::config::{CaptureMode, Config, Mode};
+use supervise_store::config::{CaptureMode, Config, Mode, RestoreFrom};
 use supervise_store::control::{DamagedPack, Event, WarningKind};
 use supervise_store::error::{Error, Result};
 use supervise_store::format::EntryKind;
@@ -88,6 +88,8 @@ pub struct Shim {
     pub(crate) last: Option<std::result::Result<SnapshotReport, Arc<Error>>>,
     /// The output files this run opened (closed ones too: their lengths stay recorded).
     pub(crate) outputs: Vec<output::Shared>,
+    /// A rank: the number of the part being captured (see [`supervise_store::epoch`]).
+    pub(crate) part_seq: Option<u64>,
     /// Tests: make the next fork fail (after the dirty pages were collected).
     #[cfg(test)]
     pub(crate) fail_next_fork: bool,
@@ -104,16 +106,28 @@ impl Shim {
 
     /// Like [`init`](Self::init) with a configuration given in full instead of read from the
     /// environment.
-    pub fn open(config: Config) -> Result<Self> {
+    pub fn open(mut config: Config) -> Result<Self> {
         supervise_store::failpoint::init();
-        let control = match config.mode {
-            Mode::Supervised(fd) => Some(Mutex::new(adopt_control_fd(fd)?)),
+        let mut rank = None;
+        let control = match &config.mode {
+            Mode::Supervised(fd) => Some(Mutex::new(adopt_control_fd(*fd)?)),
+            Mode::Ranked(link) => {
+                // A rank restores exactly its part of the epoch the supervisor names.
+                let joined = crate::rank::join(link)?;
+                config.restore = match joined.resume {
+                    Some((_, seq)) => RestoreFrom::Exact(seq),
+                    None => RestoreFrom::Nothing,
+                };
+                rank = Some(RankState::new(joined.rank, joined.step));
+                Some(Mutex::new(joined.link))
+            }
             _ => None,
         };
         let shared = Arc::new(Shared {
             pending: AtomicU32::new(0),
             beats: AtomicU64::new(0),
             control,
+            rank,
         });
         let mut shim = Self {
             shared,
@@ -129,6 +143,7 @@ impl Shim {
             in_flight_regions: Vec::new(),
             last: None,
             outputs: Vec::new(),
+            part_seq: None,
             #[cfg(test)]
             fail_next_fork: false,
         };
@@ -136,7 +151,23 @@ impl Shim {
             return Ok(shim);
         }
         let job = Store::open(&shim.config.store)?.job(&shim.config.job)?;
-        let (restored, damaged) = choose_restore(&job, &shim.config.restore)?;
+        let ranked = shim.shared.rank.is_some();
+        let (restored, damaged) = match choose_restore(&job, &shim.config.restore) {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                // A rank's part that does not verify: the supervisor sets its epoch aside and
+                // the job starts again from an older one.
+                if let (true, true, RestoreFrom::Exact(seq)) =
+                    (ranked, e.is_corruption(), &shim.config.restore)
+                {
+                    shim.shared.send(&Event::RestoreDamaged {
+                        seq: *seq,
+                        why: e.to_string(),
+                    });
+                }
+                return Err(e);
+            }
+        };
         if let Some(r) = &restored {
             let m = r.reader.manifest();
             shim.start = Start::Resumed {
@@ -144,7 +175,12 @@ impl Shim {
                 tag: m.tag.clone(),
             };
         }
-        let writer = SnapshotWriter::open(job.clone(), shim.config.attempt)?;
+        let writer = if ranked {
+            let base = restored.as_ref().map(|r| r.reader.manifest().seq);
+            SnapshotWriter::open_part(job.clone(), shim.config.attempt, base)?
+        } else {
+            SnapshotWriter::open(job.clone(), shim.config.attempt)?
+        };
         let mut damaged = damaged;
         damaged.extend_from_slice(writer.set_aside());
         for d in &damaged {
@@ -215,7 +251,8 @@ impl Shim {
         shim.background = Some(Background::spawn(
             writer,
             shim.config.retention(),
-            shim.config.scrub,
+            // A rank's store is shared with the other ranks: the supervisor looks after it.
+            if ranked { None } else { shim.config.scrub },
             on_done,
             on_damage,
         )?);
@@ -601,6 +638,26 @@ impl Shim {
             return Ok(Next::Continue(None));
         }
         let started = Instant::now();
+        self.part_seq = None;
+        let mut stop_after_part = false;
+        if let Some(rank) = &self.shared.rank {
+            // A rank captures only its part of an epoch, at the safe point the supervisor
+            // named; alone (its supervisor gone) it stops without a snapshot of its own.
+            let Some(aim) = rank.take_due() else {
+                return Ok(if pending & STOP != 0 || self.should_stop() {
+                    Next::Stop
+                } else {
+                    Next::Continue(None)
+                });
+            };
+            self.part_seq = Some(supervise_store::epoch::part_seq(aim.epoch, rank.rank));
+            stop_after_part = aim.stop;
+            if rank.rebase.swap(false, Ordering::SeqCst) {
+                for slot in &mut self.regions {
+                    slot.baseline = None;
+                }
+            }
+        }
         self.settle();
         if self
             .background
@@ -612,7 +669,9 @@ impl Shim {
                 slot.baseline = None;
             }
         }
-        let stop = pending & STOP != 0 || self.shared.pending.load(Ordering::SeqCst) & STOP != 0;
+        let stop = stop_after_part
+            || pending & STOP != 0
+            || self.shared.pending.load(Ordering::SeqCst) & STOP != 0;
         let handed_over = self.outputs_at_safe_point().and_then(|outputs| {
             if self.fork_wanted() {
                 self.capture_forked(tag, fill, started, outputs)

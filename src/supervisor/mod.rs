@@ -78,6 +78,8 @@ pub struct JobConfig {
     pub durable: Option<DurableConfig>,
     /// File mode: the program writes its own checkpoint files, which are captured.
     pub files: Option<crate::files::FileSpec>,
+    /// A job of many ranks (MPI): where they join, and why ranks are expected.
+    pub ranks: Option<(crate::ranks::Listen, String)>,
 }
 
 /// What to do with a job's snapshots when its command finishes with exit code 0
@@ -342,7 +344,32 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     // run directory holds is not resumed from.
     let files_fresh =
         cfg.fresh || (cfg.from.is_none() && last == (LastRun::Ended { completed: true }));
-    let mut skip = initial_skip(cfg, &job, last, log)?;
+    let snaps = Numbers {
+        job: &job,
+        epochs: cfg.ranks.is_some(),
+    };
+    let mut skip = initial_skip(cfg, snaps, last, log)?;
+    let relay = match &cfg.ranks {
+        Some((listen, because)) => {
+            if cfg.files.is_some() {
+                anyhow::bail!("a job of many ranks (MPI) cannot use file mode");
+            }
+            if cfg.durable.is_some() {
+                anyhow::bail!(
+                    "a job of many ranks (MPI) cannot use --replica or --remote yet: its \
+                     snapshots are epochs, which the durable tiers do not carry"
+                );
+            }
+            let relay = crate::ranks::Relay::start(job.clone(), listen)
+                .context("cannot open the endpoint ranks join")?;
+            log.emit(&JobEvent::Ranks {
+                endpoint: relay.endpoint().to_string(),
+                because: because.clone(),
+            });
+            Some(relay)
+        }
+        None => None,
+    };
     // File mode: the capture thread holds the job's writer from here on.
     let files = match &cfg.files {
         Some(spec) => {
@@ -434,10 +461,10 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 }
                 prepared.resumed.map(|(seq, _)| seq)
             }
-            None => newest_snapshot(&job, &skip)?,
+            None => snaps.newest(&skip)?,
         };
-        let highest_before = job.highest_seq()?;
-        note_snapshot(&job, &mut state, newest_snapshot(&job, &[])?);
+        let highest_before = snaps.highest()?;
+        note_snapshot(snaps, &mut state, snaps.newest(&[])?);
         if let Some(seq) = from {
             note_origin(&job, seq, cfg, log);
         }
@@ -460,10 +487,14 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         .to_env();
         // In file mode the program gets no store to write to (the supervisor is the job's one
         // writer), only what its preset asks for.
-        let env: Vec<(String, String)> = match &files {
+        let mut env: Vec<(String, String)> = match &files {
             Some(files) => files.spec().env.clone(),
             None => env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         };
+        // Ranks join at the relay's endpoint: a launcher passes variables on, not descriptors.
+        if let Some(relay) = &relay {
+            env.extend(relay.env());
+        }
         // A resume command other than the program itself is found in PATH.
         let run_path = if argv.first() == cfg.command.first() {
             cfg.program.run.clone()
@@ -478,6 +509,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             &env,
             !(cfg.orphan == OrphanMode::Continue),
             stderr_pipe.as_ref(),
+            relay.is_none(),
         );
         let mut child = match spawned {
             Ok(child) => child,
@@ -498,6 +530,30 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         if let Some(files) = &files {
             files.live(true);
         }
+        if relay.is_some()
+            && let Some(e) = from.and_then(|n| supervise_store::epoch::read(&job, n).ok())
+        {
+            log.emit(&JobEvent::EpochResumed {
+                epoch: e.epoch,
+                step: e.step,
+                ranks: e.size,
+                tag: e.tag,
+            });
+        }
+        if let (Some(relay), Some(end)) = (&relay, child.relay_end.take()) {
+            relay.begin_life(
+                end,
+                RestoreFrom::Latest {
+                    after: None,
+                    skip: skip.clone(),
+                },
+                supervise_store::retention::Retention {
+                    keep: cfg.keep,
+                    within: cfg.keep_within,
+                    suspect: suspect.clone(),
+                },
+            );
+        }
         state.status.child_pid = Some(child.pid());
         log.emit(&JobEvent::Spawned {
             pid: child.pid(),
@@ -512,18 +568,24 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         let reached_safe_point = life.reached_safe_point;
         let ran_for = child.started.elapsed();
         drop(child);
+        if let Some(relay) = &relay {
+            let killed = relay.end_life(RANK_GRACE);
+            if !killed.is_empty() {
+                log.emit(&JobEvent::RanksKilled { ranks: killed });
+            }
+        }
         state.status.child_pid = None;
         if let Some(l) = lifeline.as_mut() {
             l.set_group(None);
         }
-        let progressed = job.highest_seq()? > highest_before;
+        let progressed = snaps.highest()? > highest_before;
         let hung = matches!(life.outcome, Outcome::Hung(_));
         if let Some(why) = &life.lease_lost {
             return Ok(lease_lost(why, log));
         }
         let how = match life.outcome {
             Outcome::Stopped(sig) => {
-                let newest = newest_snapshot(&job, &skip)?;
+                let newest = snaps.newest(&skip)?;
                 let began = life.stop_began.unwrap_or_else(Instant::now);
                 if let Some(code) = flush_on_stop(durable.as_ref(), newest, began, sig, cfg, log) {
                     return Ok(code);
@@ -550,7 +612,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 return Ok(exit::stopped_by(sig));
             }
             Outcome::StoppedItself(how) => {
-                let newest = newest_snapshot(&job, &skip)?;
+                let newest = snaps.newest(&skip)?;
                 let done = cfg
                     .files
                     .as_ref()
@@ -596,7 +658,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 let mut detail = String::from("job finished (exit code 0)");
                 // The newest snapshot goes off-node too (bounded): a rerun elsewhere then
                 // finds the job at its end rather than before it.
-                if let (Some(d), Some(seq)) = (&durable, newest_snapshot(&job, &[])?)
+                if let (Some(d), Some(seq)) = (&durable, snaps.newest(&[])?)
                     && !d.flush(seq, Instant::now() + cfg.stop_timeout, log)
                 {
                     detail.push_str(&format!(
@@ -714,7 +776,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 Verdict::Suspect(why) => {
                     skip.push((seq, seq));
                     suspect.push((seq, seq));
-                    let back = newest_snapshot(&job, &skip)?;
+                    let back = snaps.newest(&skip)?;
                     log.emit(&JobEvent::Suspect {
                         seq,
                         why,
@@ -748,13 +810,13 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 return Ok(exit::GAVE_UP);
             }
             Decision::Restart { delay } => {
-                let from = newest_snapshot(&job, &skip)?;
+                let from = snaps.newest(&skip)?;
                 log.emit(&JobEvent::Restarting {
                     delay_ms: millis(delay),
                     from: From(from),
                 });
                 if let Some(sig) = sleep_unless_stopped(&signals, delay) {
-                    let newest = newest_snapshot(&job, &skip)?;
+                    let newest = snaps.newest(&skip)?;
                     let began = Instant::now();
                     if let Some(code) =
                         flush_on_stop(durable.as_ref(), newest, began, sig, cfg, log)
@@ -881,12 +943,12 @@ fn totals(records: &[Record], now_ms: u64) -> Totals {
 /// supervisor ended; says what it decided.
 fn initial_skip(
     cfg: &JobConfig,
-    job: &JobStore,
+    snaps: Numbers<'_>,
     last: LastRun,
     log: &Log,
 ) -> Result<Vec<(u64, u64)>> {
-    let highest = job.highest_seq()?;
-    let seqs = job.snapshot_seqs()?;
+    let highest = snaps.highest()?;
+    let seqs = snaps.all()?;
     if let Some(from) = cfg.from {
         if !seqs.contains(&from) {
             anyhow::bail!(
@@ -932,42 +994,39 @@ fn initial_skip(
             Ok(everything())
         }
         LastRun::Lost { last_unix_ms } => {
-            let newest = newest_snapshot(job, &[])?;
+            let newest = snaps.newest(&[])?;
             let ago =
                 |ms: u64| human::duration(Duration::from_millis(now_unix_ms().saturating_sub(ms)));
-            let lost = match newest.map(|s| job.read_manifest(s)) {
+            let lost = match newest.and_then(|s| snaps.created_unix_ms(s).map(|c| (s, c))) {
                 // The program's own final snapshot, taken when it noticed the loss.
                 // With --orphan continue the program ran on and took snapshots without a
                 // supervisor; what it did after its last one is unknown.
-                Some(Ok(m))
-                    if m.created_unix_ms >= last_unix_ms
-                        && (cfg.orphan == OrphanMode::Continue) =>
+                Some((seq, created))
+                    if created >= last_unix_ms && (cfg.orphan == OrphanMode::Continue) =>
                 {
                     format!(
                         "from snapshot {}, which the program took {} after the supervisor was \
                          last heard of ({} ago), running on without it (--orphan continue): \
                          the work it did after that snapshot, if any, is lost",
-                        m.seq,
-                        human::duration(Duration::from_millis(m.created_unix_ms - last_unix_ms)),
+                        seq,
+                        human::duration(Duration::from_millis(created - last_unix_ms)),
                         ago(last_unix_ms)
                     )
                 }
-                Some(Ok(m)) if m.created_unix_ms >= last_unix_ms => format!(
+                Some((seq, created)) if created >= last_unix_ms => format!(
                     "from snapshot {}, which the program took {} after the supervisor was last \
                      heard of ({} ago): no work was lost",
-                    m.seq,
-                    human::duration(Duration::from_millis(m.created_unix_ms - last_unix_ms)),
+                    seq,
+                    human::duration(Duration::from_millis(created - last_unix_ms)),
                     ago(last_unix_ms)
                 ),
-                Some(Ok(m)) => format!(
+                Some((seq, created)) => format!(
                     "from snapshot {} taken {} ago: at least {} of work is lost (from the \
                      snapshot to when the supervisor was last heard of, {} ago; more if the \
                      program ran on after it)",
-                    m.seq,
-                    ago(m.created_unix_ms),
-                    human::duration(Duration::from_millis(
-                        last_unix_ms.saturating_sub(m.created_unix_ms)
-                    )),
+                    seq,
+                    ago(created),
+                    human::duration(Duration::from_millis(last_unix_ms.saturating_sub(created))),
                     ago(last_unix_ms)
                 ),
                 _ if cfg.files.is_some() => "with no snapshot in the store: the run \
@@ -985,17 +1044,75 @@ fn initial_skip(
     }
 }
 
-fn note_snapshot(job: &JobStore, state: &mut JobState, seq: Option<u64>) {
+fn note_snapshot(snaps: Numbers<'_>, state: &mut JobState, seq: Option<u64>) {
     state.status.last_snapshot = seq;
-    state.status.last_snapshot_unix_ms = seq
-        .and_then(|s| job.read_manifest(s).ok())
-        .map(|m| m.created_unix_ms);
+    state.status.last_snapshot_unix_ms = seq.and_then(|s| snaps.created_unix_ms(s));
 }
 
-/// The newest committed snapshot outside the `skip` ranges (the choice the runtime makes with
-/// the same ranges, as long as that snapshot verifies).
-fn newest_snapshot(job: &JobStore, skip: &[(u64, u64)]) -> Result<Option<u64>> {
-    Ok(RestoreFrom::newest_outside(job, skip)?)
+/// How long the ranks of a life whose launcher ended may take to end before they are killed
+/// (Open MPI's mpirun gives its ranks 1 s after SIGTERM, then kills them).
+const RANK_GRACE: Duration = Duration::from_secs(5);
+
+/// The job's snapshots as the supervisor numbers them: its snapshots, or for a job of many
+/// ranks its published epochs (each numbered by the epoch, see [`supervise_store::epoch`]).
+#[derive(Clone, Copy)]
+struct Numbers<'a> {
+    job: &'a JobStore,
+    epochs: bool,
+}
+
+impl Numbers<'_> {
+    /// Every committed one, oldest first.
+    fn all(self) -> Result<Vec<u64>> {
+        Ok(if self.epochs {
+            supervise_store::epoch::numbers(self.job)?
+        } else {
+            self.job.snapshot_seqs()?
+        })
+    }
+
+    /// The highest number used.
+    fn highest(self) -> Result<Option<u64>> {
+        Ok(if self.epochs {
+            self.all()?.last().copied()
+        } else {
+            self.job.highest_seq()?
+        })
+    }
+
+    /// The newest outside the `skip` ranges (the choice the runtime, or the ranks' relay,
+    /// makes with the same ranges, as long as it verifies).
+    fn newest(self, skip: &[(u64, u64)]) -> Result<Option<u64>> {
+        if self.epochs {
+            let latest = RestoreFrom::Latest {
+                after: None,
+                skip: skip.to_vec(),
+            };
+            // The relay sets aside an epoch whose file or parts are damaged or missing: the
+            // prediction passes over it too.
+            let whole = |n: u64| {
+                supervise_store::epoch::read(self.job, n)
+                    .and_then(|e| supervise_store::epoch::check_parts(self.job, &e))
+                    .is_ok()
+            };
+            return Ok(latest
+                .candidates(&self.all()?)
+                .into_iter()
+                .find(|&n| whole(n)));
+        }
+        Ok(RestoreFrom::newest_outside(self.job, skip)?)
+    }
+
+    /// When snapshot (or epoch) `n` was committed.
+    fn created_unix_ms(self, n: u64) -> Option<u64> {
+        if self.epochs {
+            supervise_store::epoch::read(self.job, n)
+                .ok()
+                .map(|e| e.created_unix_ms)
+        } else {
+            self.job.read_manifest(n).ok().map(|m| m.created_unix_ms)
+        }
+    }
 }
 
 /// Waits `delay`, returning early with the signal if told to stop.

@@ -662,6 +662,8 @@ impl<'a> Watch<'a> {
             Event::RestoreDamaged { seq, why } => {
                 self.log.emit(&JobEvent::SnapshotSetAside { seq, why });
             }
+            // The ranks' own protocol: the relay (`crate::ranks`) answers it, never the program.
+            Event::Join { .. } | Event::EpochAt { .. } => {}
         }
     }
 }

@@ -14,7 +14,13 @@ use nix::unistd::Pid;
 
 /// Compiles `sources` (paths in the repository) with `compiler` and `flags` against the
 /// shim's static library into `dir/out`; returns the program's path.
-fn compile(dir: &Path, compiler: &str, flags: &[&str], sources: &[&str], out: &str) -> PathBuf {
+pub(crate) fn compile(
+    dir: &Path,
+    compiler: &str,
+    flags: &[&str],
+    sources: &[&str],
+    out: &str,
+) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // `cargo test` builds the shim's static library next to the test binaries.
     let lib = supervise_bin()

@@ -17,6 +17,7 @@ mod files;
 mod first_hour;
 mod hostile_store;
 mod master_loss;
+mod mpi;
 mod never_lose;
 mod output;
 mod remote;

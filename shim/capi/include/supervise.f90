@@ -12,7 +12,7 @@ module supervise
     public :: sv_init, sv_protect, sv_unprotect, sv_is_restart, sv_restore, &
               sv_checkpoint_requested, sv_checkpoint, sv_poll, sv_finalize, &
               sv_error_message, sv_digest_hex, sv_alloc, sv_should_stop, &
-              sv_finalize_stopped
+              sv_finalize_stopped, sv_set_rank
     integer(c_int), parameter, public :: SV_OK = 0, SV_EINVAL = -1, SV_ESTATE = -2, &
                                          SV_ESIZE = -3, SV_EIO = -4, SV_EINTERNAL = -5, &
                                          SV_EDAMAGED = -6, SV_STOP = 2, &
@@ -21,6 +21,11 @@ module supervise
     interface
         integer(c_int) function sv_init() bind(c, name="sv_init")
             import :: c_int
+        end function
+        ! Before sv_init, for launchers whose variables the shim does not read.
+        integer(c_int) function sv_set_rank(rank, size) bind(c, name="sv_set_rank")
+            import :: c_int
+            integer(c_int), value :: rank, size
         end function
         integer(c_int) function c_protect(name, ptr, bytes) bind(c, name="sv_protect")
             import :: c_int, c_char, c_ptr, c_size_t

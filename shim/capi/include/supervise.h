@@ -69,6 +69,16 @@ extern "C" {
 #endif // __cplusplus
 
 /*
+ Tells the shim this process's rank and the job's size, for an MPI program under a launcher
+ whose variables the shim does not read (Open MPI, MPICH/PMI, MVAPICH and Slurm are read).
+ Call it before `sv_init` (for example with the numbers `MPI_Comm_rank` and
+ `MPI_Comm_size` give). Returns 0, or `SV_EINVAL` when `rank` is not below `size`, or
+ `SV_ESTATE` after `sv_init`.
+ Thread safety: any thread, before `sv_init`.
+ */
+int sv_set_rank(int rank, int size);
+
+/*
  Starts the shim: reads the `SUPERVISE_*` environment (works without a supervisor: then it
  does nothing, or snapshots locally with `SUPERVISE_STORE`) and opens the snapshot to
  restore, if any. Call once, first. Returns 0, or a negative code.

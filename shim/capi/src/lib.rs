@@ -162,7 +162,8 @@ fn code_of(e: &Error) -> c_int {
         | Error::NotADirectory { .. }
         | Error::SignalHandler { .. }
         | Error::Thread { .. }
-        | Error::Control { .. } => SV_EIO,
+        | Error::Control { .. }
+        | Error::RankLink { .. } => SV_EIO,
         Error::DeltaBase { .. } => SV_EIO,
         Error::Internal { .. } | Error::Overflow { .. } => SV_EINTERNAL,
     }
@@ -170,6 +171,29 @@ fn code_of(e: &Error) -> c_int {
 
 fn io(e: Error) -> (c_int, String) {
     (code_of(&e), e.to_string())
+}
+
+/// The rank and size `sv_set_rank` gave, for `sv_init`.
+static RANK: Mutex<Option<(u32, u32)>> = Mutex::new(None);
+
+/// Tells the shim this process's rank and the job's size, for an MPI program under a launcher
+/// whose variables the shim does not read (Open MPI, MPICH/PMI, MVAPICH and Slurm are read).
+/// Call it before `sv_init` (for example with the numbers `MPI_Comm_rank` and
+/// `MPI_Comm_size` give). Returns 0, or `SV_EINVAL` when `rank` is not below `size`, or
+/// `SV_ESTATE` after `sv_init`.
+/// Thread safety: any thread, before `sv_init`.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_set_rank(rank: c_int, size: c_int) -> c_int {
+    guard(|| {
+        if STATE.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return Err((SV_ESTATE, "sv_set_rank must come before sv_init".into()));
+        }
+        if rank < 0 || size <= 0 || rank >= size {
+            return Err((SV_EINVAL, format!("rank {rank} of {size} is out of range")));
+        }
+        *RANK.lock().unwrap_or_else(|p| p.into_inner()) = Some((rank as u32, size as u32));
+        Ok(SV_OK)
+    })
 }
 
 /// Starts the shim: reads the `SUPERVISE_*` environment (works without a supervisor: then it
@@ -192,7 +216,11 @@ pub extern "C" fn sv_init() -> c_int {
                     .map(|f| f.to_string_lossy().into_owned())
             })
             .unwrap_or_else(|| "program".into());
-        let shim = Shim::init(&program).map_err(io)?;
+        let mut config = supervise_shim::Config::from_env(&program).map_err(io)?;
+        if let Some((rank, size)) = *RANK.lock().unwrap_or_else(|p| p.into_inner()) {
+            config.set_rank(rank, size);
+        }
+        let shim = Shim::open(config).map_err(io)?;
         let poll: &'static DuePoll = Box::leak(Box::new(shim.due_poll()));
         LEAKED.lock().unwrap_or_else(|e| e.into_inner()).push(poll);
         POLL.store(std::ptr::from_ref(poll).cast_mut(), Ordering::Release);
@@ -456,12 +484,14 @@ pub unsafe extern "C" fn sv_checkpoint(tag: *const c_char) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sv_poll(tag: *const c_char) -> c_int {
     guard(|| {
-        // The common case, nothing due, takes no lock.
-        if poll_state().is_some_and(|shared| !shared.due()) {
+        // The common case, nothing due, takes no lock. A safe point is asked about once: a
+        // rank of a job of many processes counts them.
+        let due_now = poll_state().map(|shared| shared.due());
+        if due_now == Some(false) {
             return Ok(0);
         }
         with_state(|s| {
-            if !s.shim.due() {
+            if due_now.is_none() && !s.shim.due() {
                 return Ok(0);
             }
             checkpoint(s, tag).map(|code| if code == SV_STOP { SV_STOP } else { 1 })

@@ -205,6 +205,9 @@ pub(super) fn write_task(
     let mut base: Option<Manifest> = None;
     let result = (|| -> Result<SnapshotReport> {
         let job_name = writer.job().name().to_owned();
+        if let Some(seq) = task.seq {
+            writer.prepare_part(seq)?;
+        }
         let mut builder = writer.begin_at(task.tag.as_deref(), task.started);
         for item in &task.items {
             match item {

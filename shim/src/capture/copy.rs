@@ -48,6 +48,7 @@ impl Shim {
             started,
             origin: self.config.origin.clone(),
             outputs,
+            seq: self.part_seq,
         })
     }
 

@@ -31,6 +31,10 @@ impl Shim {
     /// Whether this snapshot should be taken by a forked process: always in fork mode; in auto
     /// mode when regions must be copied whole and that is a lot to copy.
     pub(crate) fn fork_wanted(&self) -> bool {
+        // A rank's parts are written by its own writer (numbered by the epoch), never forked.
+        if self.shared.rank.is_some() {
+            return false;
+        }
         match self.config.capture {
             CaptureMode::Fork => true,
             CaptureMode::Auto => {
@@ -160,6 +164,7 @@ impl Shim {
                         started,
                         origin,
                         outputs,
+                        seq: None,
                     })
                 })();
                 forked_child(job, attempt, keep, built, std::fs::File::from(write))

@@ -117,6 +117,8 @@ pub(crate) struct CaptureTask {
     pub(crate) origin: Option<Origin>,
     /// The program's output files at the safe point (their bytes written out).
     pub(crate) outputs: OutputsAt,
+    /// A rank's part of an epoch: the snapshot's number.
+    pub(crate) seq: Option<u64>,
 }
 
 /// The output files at a safe point: their marks for the manifest, and the files to fsync

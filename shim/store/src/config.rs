@@ -14,6 +14,14 @@ use crate::error::{Error, Result};
 
 /// Fd number of the control socket (set by the supervisor).
 pub const ENV_CONTROL_FD: &str = "SUPERVISE_CONTROL_FD";
+/// Where the ranks of a job of many processes find their supervisor (see
+/// [`crate::control`]): `unix:/path` or `tcp:host:port`. Set instead of [`ENV_CONTROL_FD`].
+pub const ENV_ENDPOINT: &str = "SUPERVISE_ENDPOINT";
+/// The job's secret (64 hex digits) with which ranks prove they belong to the job.
+pub const ENV_SECRET: &str = "SUPERVISE_SECRET";
+/// A rank's number and the job's size as `RANK/SIZE`, for launchers this release does not
+/// read (Open MPI, MPICH/PMI, Slurm and MVAPICH are read; see [`rank_from`]).
+pub const ENV_RANK: &str = "SUPERVISE_RANK";
 /// Store directory. Set without a control fd, the program takes local snapshots (on SIGUSR1 or
 /// every `SUPERVISE_EVERY`) and resumes from them.
 pub const ENV_STORE: &str = "SUPERVISE_STORE";
@@ -82,6 +90,99 @@ pub enum Mode {
     Local,
     /// Under a supervisor, talking over the control socket with this fd.
     Supervised(i32),
+    /// One rank of a job of many processes, connecting to its supervisor.
+    Ranked(RankLink),
+}
+
+/// Where a rank's supervisor is and how the rank proves it belongs to the job.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RankLink {
+    /// The supervisor's endpoint.
+    pub endpoint: Endpoint,
+    /// The job's secret.
+    pub secret: [u8; 32],
+    /// The rank and the job's size, if the environment tells them (the program may set them:
+    /// `Config::set_rank`).
+    pub rank: Option<(u32, u32)>,
+}
+
+impl std::fmt::Debug for RankLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankLink")
+            .field("endpoint", &self.endpoint)
+            .field("secret", &"(hidden)")
+            .field("rank", &self.rank)
+            .finish()
+    }
+}
+
+/// The endpoint ranks connect to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A Unix stream socket (ranks on the supervisor's machine).
+    Unix(PathBuf),
+    /// TCP, `host:port` (ranks on any machine that reaches it).
+    Tcp(String),
+}
+
+impl Endpoint {
+    /// Parses `unix:/path` or `tcp:host:port`.
+    pub fn parse(value: &str) -> Option<Self> {
+        if let Some(path) = value.strip_prefix("unix:") {
+            return (!path.is_empty()).then(|| Endpoint::Unix(PathBuf::from(path)));
+        }
+        let addr = value.strip_prefix("tcp:")?;
+        let (host, port) = addr.rsplit_once(':')?;
+        (!host.is_empty() && port.parse::<u16>().is_ok()).then(|| Endpoint::Tcp(addr.to_owned()))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::Tcp(addr) => write!(f, "tcp:{addr}"),
+        }
+    }
+}
+
+/// Parses a secret written as 64 hex digits.
+pub fn parse_secret(value: &str) -> Option<[u8; 32]> {
+    let value = value.trim();
+    if value.len() != 64 || !value.is_ascii() {
+        return None;
+    }
+    let mut secret = [0u8; 32];
+    for (i, byte) in secret.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(secret)
+}
+
+/// The rank and size a launcher gave this process, read through `lookup`: [`ENV_RANK`], then
+/// Open MPI (`OMPI_COMM_WORLD_RANK`/`_SIZE`), MPICH and Intel MPI (`PMI_RANK`/`PMI_SIZE`),
+/// MVAPICH (`MV2_COMM_WORLD_RANK`/`_SIZE`), Slurm (`SLURM_PROCID`/`SLURM_NTASKS`). A rank not
+/// below its size is not taken.
+pub fn rank_from(lookup: impl Fn(&str) -> Option<String>) -> Option<(u32, u32)> {
+    let num = |name: &str| lookup(name).and_then(|v| v.trim().parse::<u32>().ok());
+    if let Some(v) = lookup(ENV_RANK)
+        && let Some((r, n)) = v.split_once('/')
+        && let (Ok(r), Ok(n)) = (r.trim().parse::<u32>(), n.trim().parse::<u32>())
+        && r < n
+    {
+        return Some((r, n));
+    }
+    [
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+    ]
+    .iter()
+    .find_map(|(r, n)| match (num(r), num(n)) {
+        (Some(r), Some(n)) if r < n => Some((r, n)),
+        _ => None,
+    })
 }
 
 /// Which snapshot to restore at start.
@@ -356,6 +457,14 @@ impl OrphanMode {
 }
 
 impl Config {
+    /// Sets this process's rank and the job's size, for a rank of a job of many processes
+    /// whose launcher's variables [`rank_from`] does not read. No effect in other modes.
+    pub fn set_rank(&mut self, rank: u32, size: u32) {
+        if let Mode::Ranked(link) = &mut self.mode {
+            link.rank = Some((rank, size));
+        }
+    }
+
     /// The retention policy: keep-last and keep-within.
     pub fn retention(&self) -> crate::store::Retention {
         crate::store::Retention {
@@ -402,6 +511,10 @@ pub fn parse_origin(value: &str) -> Option<crate::format::Origin> {
 }
 
 fn var(name: &'static str) -> Option<String> {
+    var_named(name)
+}
+
+fn var_named(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
@@ -440,10 +553,38 @@ impl Config {
 
     /// Reads the configuration; `default_job` is used when `SUPERVISE_JOB` is unset.
     pub fn from_env(default_job: &str) -> Result<Self> {
-        let mode = match var(ENV_CONTROL_FD) {
-            Some(fd) => Mode::Supervised(parse(ENV_CONTROL_FD, &fd, "a file descriptor number")?),
-            None if var(ENV_STORE).is_some() => Mode::Local,
-            None => Mode::Off,
+        let endpoint = var(ENV_ENDPOINT)
+            .map(|v| {
+                Endpoint::parse(&v).ok_or_else(|| Error::Env {
+                    var: ENV_ENDPOINT,
+                    value: v.clone(),
+                    why: "expected unix:/path or tcp:host:port".into(),
+                })
+            })
+            .transpose()?;
+        let mode = match (endpoint, var(ENV_CONTROL_FD)) {
+            (Some(endpoint), _) => {
+                let secret = var(ENV_SECRET).ok_or_else(|| Error::Env {
+                    var: ENV_SECRET,
+                    value: String::new(),
+                    why: format!("is unset, but {ENV_ENDPOINT} is set"),
+                })?;
+                let secret = parse_secret(&secret).ok_or_else(|| Error::Env {
+                    var: ENV_SECRET,
+                    value: "(hidden)".into(),
+                    why: "expected 64 hex digits".into(),
+                })?;
+                Mode::Ranked(RankLink {
+                    endpoint,
+                    secret,
+                    rank: rank_from(var_named),
+                })
+            }
+            (None, Some(fd)) => {
+                Mode::Supervised(parse(ENV_CONTROL_FD, &fd, "a file descriptor number")?)
+            }
+            (None, None) if var(ENV_STORE).is_some() => Mode::Local,
+            (None, None) => Mode::Off,
         };
         let capture = match var(ENV_CAPTURE).as_deref() {
             None | Some("auto") => CaptureMode::Auto,

@@ -4,6 +4,17 @@
 //!
 //! Supervisor to program: [`Request`]. Program to supervisor: [`Event`]. The channel closing
 //! tells the program that its supervisor is gone.
+//!
+//! The ranks of a job of many processes (an MPI job, see [`crate::epoch`]) connect instead to
+//! the endpoint named in `SUPERVISE_ENDPOINT` (a Unix socket or TCP), since launchers pass on
+//! environment variables but not descriptors. The supervisor speaks first
+//! ([`Request::Challenge`]); the rank answers [`Event::Join`] with a proof that it knows the
+//! job's secret ([`proof`]); the supervisor answers [`Request::Welcome`] with its own proof and
+//! what to restore, or [`Request::Refused`]. Then the same lines flow as on the inherited
+//! socket, plus the epoch protocol: [`Request::EpochBegin`] (every rank's control thread
+//! reports at once how many safe points its program passed, [`Event::EpochAt`], and holds the
+//! program at its next one), [`Request::EpochTarget`] (the safe point every rank captures at:
+//! one past the largest reported, which no rank can have passed), and [`Request::EpochEnd`].
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +29,80 @@ pub enum Request {
     /// Take a final snapshot at the next safe point; the program then ends with
     /// exit code 75 (`EXIT_STOPPED`, a clean stop).
     Stop,
+    /// To a rank that connected: prove you know the job's secret, with this nonce (hex).
+    Challenge {
+        /// 16 random bytes, hex.
+        nonce: String,
+    },
+    /// To a rank whose proof held: the supervisor's own proof, and what to restore.
+    Welcome {
+        /// [`proof`] of the server side.
+        proof: String,
+        /// The epoch the job resumes from, if any.
+        epoch: Option<u64>,
+        /// This rank's part of it: the snapshot to restore.
+        seq: Option<u64>,
+        /// The safe points the program had passed at that epoch (its count goes on from there).
+        step: u64,
+    },
+    /// To a rank that may not join (bad proof, a rank out of range, a second copy of a rank).
+    Refused {
+        /// Why.
+        why: String,
+    },
+    /// Report how many safe points the program passed (now, from the control thread), and
+    /// hold the program at its next safe point until the target is known.
+    EpochBegin {
+        /// The epoch being taken.
+        epoch: u64,
+    },
+    /// Capture this rank's part of `epoch` at safe point `step`; with `stop`, stop after it.
+    EpochTarget {
+        /// The epoch.
+        epoch: u64,
+        /// The safe point (counted from the job's start) every rank captures at.
+        step: u64,
+        /// The program stops after this epoch (a final snapshot).
+        stop: bool,
+    },
+    /// How the epoch ended: `published` false means it never completed, and this rank's part
+    /// of it is not a base for the next (the next capture copies regions whole).
+    EpochEnd {
+        /// The epoch.
+        epoch: u64,
+        /// Every part was durable and the epoch was published.
+        published: bool,
+    },
+}
+
+/// The proof one side of a rank's connection gives that it knows the job's secret: a keyed
+/// blake3 over the side, both nonces and the rank. The rank proves `side` "rank", the
+/// supervisor "supervisor"; each checks the other's with the same function.
+pub fn proof(
+    secret: &[u8; 32],
+    side: &str,
+    server_nonce: &str,
+    rank_nonce: &str,
+    rank: u32,
+) -> String {
+    let mut h = blake3::Hasher::new_keyed(secret);
+    h.update(b"supervise rank link v1\0");
+    h.update(side.as_bytes());
+    h.update(b"\0");
+    h.update(server_nonce.as_bytes());
+    h.update(b"\0");
+    h.update(rank_nonce.as_bytes());
+    h.update(&rank.to_le_bytes());
+    h.finalize().to_hex().to_string()
+}
+
+/// Compares two proofs without a timing leak of where they differ.
+pub fn proofs_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// A snapshot that was found damaged at start and set aside.
@@ -58,6 +143,9 @@ pub enum WarningKind {
     BadControlMessage,
     /// The final snapshot before a stop failed; the program stops anyway.
     FinalSnapshotFailed,
+    /// A connection to a job's rank endpoint was refused (a wrong secret, a rank out of
+    /// range or twice), or the epoch to resume from could not be chosen.
+    RankRefused,
 }
 
 /// Sent by the program's shim.
@@ -77,6 +165,28 @@ pub enum Event {
         /// How snapshots are captured: "dirty", "copy", "fork" or "sync".
         #[serde(default)]
         capture: String,
+    },
+    /// A rank asks to join the job (the answer to [`Request::Challenge`]).
+    Join {
+        /// Its rank, 0 to size-1.
+        rank: u32,
+        /// How many ranks the job has.
+        size: u32,
+        /// Its pid.
+        pid: u32,
+        /// The host it runs on.
+        host: String,
+        /// 16 random bytes, hex, for the supervisor's proof.
+        nonce: String,
+        /// [`proof`] of the rank side.
+        proof: String,
+    },
+    /// The program passed `step` safe points when [`Request::EpochBegin`] arrived.
+    EpochAt {
+        /// The epoch.
+        epoch: u64,
+        /// Safe points passed since the job's start.
+        step: u64,
     },
     /// The program reached safe points `count` times since the start (a liveness beat).
     Progress {

@@ -231,6 +231,14 @@ pub enum Error {
         /// Why.
         source: io::Error,
     },
+    /// A rank of a job of many processes could not join its supervisor (unreachable, refused,
+    /// or the supervisor's proof did not hold).
+    RankLink {
+        /// The endpoint (`unix:/path` or `tcp:host:port`).
+        endpoint: String,
+        /// Why.
+        why: String,
+    },
     /// A snapshot written in the background failed; earlier snapshots are intact. The error is
     /// the writer's own, so a full disk ([`Error::Io`]) can be told from damage
     /// ([`Error::Corrupt`]).
@@ -367,6 +375,9 @@ impl std::fmt::Display for Error {
             Error::Thread { name, source } => write!(f, "cannot start thread {name}: {source}"),
             Error::Control { op, source } => {
                 write!(f, "control socket to the supervisor: cannot {op}: {source}")
+            }
+            Error::RankLink { endpoint, why } => {
+                write!(f, "cannot join the job's supervisor at {endpoint}: {why}")
             }
             Error::Background(error) => {
                 write!(f, "{error} (earlier snapshots are intact)")
@@ -510,6 +521,7 @@ mod tests {
             | Error::SignalHandler { .. }
             | Error::Thread { .. }
             | Error::Control { .. }
+            | Error::RankLink { .. }
             | Error::Background(_)
             | Error::RestoreDamaged { .. } => {}
         }
@@ -712,6 +724,13 @@ mod tests {
                 Some(io_text.clone()),
             ),
             (
+                Error::RankLink {
+                    endpoint: "tcp:node1:4000".into(),
+                    why: "refused: wrong secret".into(),
+                },
+                None,
+            ),
+            (
                 Error::Background(std::sync::Arc::new(Error::Io {
                     op: "write pack",
                     path: path(),
@@ -733,7 +752,7 @@ mod tests {
     #[test]
     fn every_cause_is_told_once_in_the_chain() {
         let errors = one_of_each();
-        assert_eq!(errors.len(), 29, "one of each variant");
+        assert_eq!(errors.len(), 30, "one of each variant");
         for (e, cause) in errors {
             covered(&e);
             // The chain as a reporter prints it (anyhow's `{:#}`): each error, then its sources.

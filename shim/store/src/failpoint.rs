@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The environment variable naming the fail point.
 pub const ENV: &str = "SUPERVISE_FAILPOINT";
+/// With it, the fail point is armed only in the rank it names (of a job of many ranks).
+pub const ENV_RANK: &str = "SUPERVISE_FAILPOINT_RANK";
 
 /// A named step of a commit where `SUPERVISE_FAILPOINT` can kill the process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +63,13 @@ fn armed() -> &'static Option<Armed> {
         let attempt = std::env::var(crate::config::ENV_ATTEMPT).unwrap_or_default();
         if !matches!(attempt.as_str(), "" | "0") {
             return None;
+        }
+        // In a job of many ranks, only the rank `SUPERVISE_FAILPOINT_RANK` names.
+        if let Ok(only) = std::env::var(ENV_RANK) {
+            let rank = crate::config::rank_from(|name| std::env::var(name).ok()).map(|(r, _)| r);
+            if only.trim().parse::<u32>().ok() != rank {
+                return None;
+            }
         }
         let (name, at) = match spec.split_once('@') {
             Some((n, at)) => (n.to_owned(), at.parse().unwrap_or(1)),

@@ -20,6 +20,7 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod epoch;
 pub mod error;
 pub mod exit;
 pub mod failpoint;

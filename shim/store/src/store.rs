@@ -170,6 +170,12 @@ impl JobStore {
         self.dir.path()
     }
 
+    /// The directory of a multi-rank job's epochs (`<job>/epochs`; see [`crate::epoch`]),
+    /// created if `create`.
+    pub fn epochs_dir(&self, create: bool) -> Result<Dir> {
+        self.dir.sub("epochs", create && !self.dir.read_only())
+    }
+
     /// The job's directory, open (for what lives beside the snapshots: lock, event log).
     pub fn job_dir(&self) -> &Dir {
         &self.dir
@@ -440,6 +446,51 @@ impl JobStore {
         report.freed_bytes += self.remove_packs(&dead)?;
         report.removed_packs = dead;
         report.sparse_packs = self.sparse_packs(&manifests)?;
+        Ok(report)
+    }
+
+    /// Removes the snapshots `seqs` (committed or set aside), what writers that died left
+    /// behind, and every pack no remaining snapshot (committed or set aside) references. For
+    /// the epochs of a multi-rank job ([`crate::epoch`]), whose writers are the ranks: only
+    /// while none of them writes. If a remaining manifest cannot be read, no pack is removed.
+    pub fn remove_snapshots(&self, seqs: &[u64]) -> Result<RetentionReport> {
+        let mut report = RetentionReport {
+            freed_bytes: self.bytes_of(|name| name.starts_with(TMP_PREFIX))?,
+            ..RetentionReport::default()
+        };
+        self.remove_leftovers()?;
+        let committed: HashSet<u64> = self.snapshot_seqs()?.into_iter().collect();
+        let names: Vec<(String, u64)> = seqs
+            .iter()
+            .map(|&s| {
+                if committed.contains(&s) {
+                    (Self::manifest_name(s), s)
+                } else {
+                    (Self::damaged_name(s), s)
+                }
+            })
+            .collect();
+        for (name, _) in &names {
+            report.freed_bytes += Self::size_of(&self.snapshots, name);
+        }
+        let removed = self
+            .snapshots
+            .remove_durably(names.iter().map(|(n, _)| n.as_str()))?;
+        for ((_, seq), removed) in names.iter().zip(removed) {
+            if removed {
+                report.removed_snapshots.push(*seq);
+            }
+        }
+        let mut manifests = Vec::new();
+        for seq in self.snapshot_seqs()? {
+            match self.read_manifest(seq) {
+                Ok(m) => manifests.push(m),
+                Err(_) => return Ok(report),
+            }
+        }
+        let before = self.bytes_of(|name| name.ends_with(PACK_SUFFIX))?;
+        report.removed_packs = self.remove_unreferenced_packs(&manifests)?;
+        report.freed_bytes += before.saturating_sub(self.bytes_of(|n| n.ends_with(PACK_SUFFIX))?);
         Ok(report)
     }
 

@@ -74,6 +74,11 @@ pub struct SnapshotWriter {
     last: Option<Manifest>,
     /// Snapshots found damaged when the writer opened, and set aside.
     set_aside: Vec<DamagedSnapshot>,
+    /// The writer of one rank's parts of a job's epochs ([`SnapshotWriter::open_part`]):
+    /// other ranks write beside it, and the supervisor removes what epochs no longer need.
+    part: bool,
+    /// Part mode: the manifests indexed so far.
+    indexed: HashSet<u64>,
 }
 
 impl SnapshotWriter {
@@ -92,6 +97,8 @@ impl SnapshotWriter {
             sparse: HashSet::new(),
             last: None,
             set_aside: Vec::new(),
+            part: false,
+            indexed: HashSet::new(),
         };
         let mut manifests = Vec::new();
         let mut unreadable = false;
@@ -130,6 +137,64 @@ impl SnapshotWriter {
         writer.set_sparse(writer.job.sparse_packs(&manifests)?);
         writer.last = manifests.pop();
         Ok(writer)
+    }
+
+    /// Opens the writer of one rank's parts of a job's epochs (see [`crate::epoch`]): the
+    /// ranks write side by side into the job's directories, so this writer removes nothing it
+    /// did not write (no leftovers of others, no unreferenced packs, no retention: the
+    /// supervisor does that between epochs, while no rank writes) and sets nothing aside. It
+    /// indexes the chunks of every manifest that reads, so a chunk any rank stored is stored
+    /// once, and builds deltas on `base` (this rank's part that was restored). Each snapshot's
+    /// number is given by [`prepare_part`](Self::prepare_part).
+    pub fn open_part(job: JobStore, attempt: u32, base: Option<u64>) -> Result<Self> {
+        let mut writer = Self {
+            newest: base,
+            next_seq: 0,
+            job,
+            index: HashMap::new(),
+            attempt,
+            threads: crate::worker_threads(),
+            chunk_size: CHUNK_SIZE,
+            sparse: HashSet::new(),
+            last: None,
+            set_aside: Vec::new(),
+            part: true,
+            indexed: HashSet::new(),
+        };
+        writer.refresh()?;
+        if let Some(seq) = base {
+            writer.last = Some(writer.job.read_manifest(seq)?);
+        }
+        Ok(writer)
+    }
+
+    /// Part mode: the next snapshot is numbered `seq`. First brings the index up to date:
+    /// chunks whose packs the supervisor removed are forgotten, and those of manifests other
+    /// ranks committed since are added.
+    pub fn prepare_part(&mut self, seq: u64) -> Result<()> {
+        self.next_seq = seq;
+        self.refresh()
+    }
+
+    fn refresh(&mut self) -> Result<()> {
+        let packs: HashSet<String> = self.job.pack_names()?.into_iter().collect();
+        self.index.retain(|_, loc| packs.contains(&*loc.pack));
+        let seqs = self.job.snapshot_seqs()?;
+        self.indexed.retain(|s| seqs.binary_search(s).is_ok());
+        for seq in seqs {
+            if self.indexed.contains(&seq) {
+                continue;
+            }
+            // A manifest that does not read (another rank's, being removed, or damaged) lends
+            // nothing; the restore of its epoch finds the damage.
+            if let Ok(manifest) = self.job.read_manifest(seq)
+                && manifest.packs.iter().all(|p| packs.contains(p))
+            {
+                self.add_to_index(&manifest);
+                self.indexed.insert(seq);
+            }
+        }
+        Ok(())
     }
 
     /// Uses chunks of `bytes` (4 KiB to 16 MiB) for later snapshots instead of
@@ -245,6 +310,9 @@ impl SnapshotWriter {
     /// Applies retention (keep the newest `keep`), forgets chunks whose packs were removed, and
     /// notes which packs to compact.
     pub fn apply_retention(&mut self, policy: impl Into<Retention>) -> Result<RetentionReport> {
+        if self.part {
+            return Ok(RetentionReport::default());
+        }
         let report = self.job.apply_retention(policy)?;
         if !report.removed_packs.is_empty() {
             let gone: HashSet<&str> = report.removed_packs.iter().map(String::as_str).collect();
@@ -786,7 +854,10 @@ impl Drop for SnapshotBuilder<'_> {
         }
         // A later snapshot must not reuse the number of one that may be half-visible.
         self.writer.next_seq = self.seq + 1;
-        let _ = self.writer.job.remove_leftovers();
+        // Other ranks' temporary files are theirs (the supervisor removes what dead ones left).
+        if !self.writer.part {
+            let _ = self.writer.job.remove_leftovers();
+        }
     }
 }
 

@@ -1,0 +1,1004 @@
+//! The ranks of a job of many processes (an MPI job): the endpoint they join, and the relay
+//! that makes them look like one program to the job's watch loop.
+//!
+//! The watch loop talks to its end of a socketpair exactly as to one program's shim. The relay
+//! thread holds the other end: it admits ranks (each proves it knows the job's secret), sends
+//! one `hello` once every rank joined, turns each snapshot request into an epoch (every rank
+//! reports how many safe points it passed, the target is one past the largest, every rank
+//! captures its part there), publishes the epoch once every part is durable, applies retention
+//! over epochs while no rank writes, and reports the epoch as one snapshot (its number is the
+//! epoch's). A rank lost or a part failed fails the epoch; its parts are removed before the
+//! next one. See [`supervise_store::epoch`] and [`supervise_store::control`].
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use supervise_store::clock::{millis, now_unix_ms};
+use supervise_store::config::{ENV_ENDPOINT, ENV_SECRET, Endpoint, RestoreFrom};
+use supervise_store::control::{Event, Request, WarningKind, proof, proofs_equal};
+use supervise_store::epoch::{self, Epoch, Part};
+use supervise_store::retention::Retention;
+use supervise_store::store::JobStore;
+use supervise_store::writer::SnapshotReport;
+
+/// Where ranks are asked to connect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket in a private directory (ranks on this machine).
+    Unix,
+    /// TCP at this address (`host:port`, port 0 for any); ranks are told `advertise:port`.
+    Tcp {
+        /// The address to bind.
+        bind: String,
+        /// The host name ranks connect to.
+        advertise: String,
+    },
+}
+
+impl Listen {
+    /// Parses `unix`, `tcp` (all interfaces, any port, this host's name) or `tcp:HOST:PORT`.
+    pub fn parse(value: &str) -> std::result::Result<Self, String> {
+        match value {
+            "unix" => Ok(Listen::Unix),
+            "tcp" => Ok(Listen::Tcp {
+                bind: "0.0.0.0:0".into(),
+                advertise: hostname(),
+            }),
+            _ => {
+                let addr = value
+                    .strip_prefix("tcp:")
+                    .ok_or_else(|| format!("{value:?}: expected unix, tcp or tcp:HOST:PORT"))?;
+                let (host, port) = addr
+                    .rsplit_once(':')
+                    .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                    .ok_or_else(|| format!("{value:?}: expected tcp:HOST:PORT"))?;
+                let advertise = if host == "0.0.0.0" || host == "::" {
+                    hostname()
+                } else {
+                    host.to_owned()
+                };
+                Ok(Listen::Tcp {
+                    bind: format!("{host}:{port}"),
+                    advertise,
+                })
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// What one life of the job hands the relay.
+struct LifeStart {
+    watch: UnixStream,
+    restore: RestoreFrom,
+    retention: Retention,
+}
+
+enum Order {
+    Begin(LifeStart),
+    /// The life ended: wait for its ranks to go (killing those on this host after `grace`),
+    /// then answer.
+    End {
+        grace: Duration,
+        done: Sender<Vec<u32>>,
+    },
+}
+
+/// The endpoint and the relay thread.
+pub struct Relay {
+    endpoint: Endpoint,
+    secret_hex: String,
+    orders: Option<Sender<Order>>,
+    wake: UnixStream,
+    thread: Option<JoinHandle<()>>,
+    dir: Option<PathBuf>,
+}
+
+impl Relay {
+    /// Opens the endpoint and starts the relay thread for `job`.
+    pub fn start(job: JobStore, listen: &Listen) -> Result<Self> {
+        let secret = random_bytes::<32>().context("cannot read random bytes for the secret")?;
+        let (listener, endpoint, dir) = match listen {
+            Listen::Unix => {
+                let dir = private_dir()?;
+                let path = dir.join("ranks.sock");
+                let l = UnixListener::bind(&path)
+                    .with_context(|| format!("cannot listen on {}", path.display()))?;
+                (Listener::Unix(l), Endpoint::Unix(path), Some(dir))
+            }
+            Listen::Tcp { bind, advertise } => {
+                let l = TcpListener::bind(bind.as_str())
+                    .with_context(|| format!("cannot listen on tcp:{bind}"))?;
+                let port = l.local_addr()?.port();
+                (
+                    Listener::Tcp(l),
+                    Endpoint::Tcp(format!("{advertise}:{port}")),
+                    None,
+                )
+            }
+        };
+        listener.set_nonblocking()?;
+        let (wake, woken) = UnixStream::pair()?;
+        woken.set_nonblocking(true)?;
+        let (orders, inbox) = channel();
+        let thread = std::thread::Builder::new()
+            .name("supervise-ranks".into())
+            .spawn(move || {
+                RelayLoop {
+                    job,
+                    secret,
+                    listener,
+                    woken,
+                    inbox,
+                    life: None,
+                    joining: Vec::new(),
+                    host: hostname(),
+                }
+                .run()
+            })?;
+        Ok(Self {
+            endpoint,
+            secret_hex: hex(&secret),
+            orders: Some(orders),
+            wake,
+            thread: Some(thread),
+            dir,
+        })
+    }
+
+    /// The variables that tell the ranks where to join and the secret to prove.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (ENV_ENDPOINT.to_owned(), self.endpoint.to_string()),
+            (ENV_SECRET.to_owned(), self.secret_hex.clone()),
+        ]
+    }
+
+    /// Where ranks connect.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn order(&self, order: Order) {
+        if let Some(orders) = &self.orders {
+            let _ = orders.send(order);
+            let _ = (&self.wake).write_all(b"x");
+        }
+    }
+
+    /// A life begins: `watch` is the relay's end of the watch loop's control channel.
+    pub fn begin_life(&self, watch: UnixStream, restore: RestoreFrom, retention: Retention) {
+        self.order(Order::Begin(LifeStart {
+            watch,
+            restore,
+            retention,
+        }));
+    }
+
+    /// The life's program ended: waits until every rank of it is gone, killing those on this
+    /// machine that are still there after `grace` (a rank must never outlive its life: the
+    /// next one would be a second copy). Returns the ranks that had to be killed.
+    pub fn end_life(&self, grace: Duration) -> Vec<u32> {
+        let (done, answer) = channel();
+        self.order(Order::End { grace, done });
+        answer.recv_timeout(grace + END_EXTRA).unwrap_or_default()
+    }
+}
+
+/// How long past the grace the supervisor waits for the relay's answer.
+const END_EXTRA: Duration = Duration::from_secs(5);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        drop(self.orders.take());
+        let _ = (&self.wake).write_all(b"x");
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn private_dir() -> Result<PathBuf> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let name = format!(
+        "supervise-{}-{}",
+        std::process::id(),
+        hex(&random_bytes::<6>()?)
+    );
+    let dir = base.join(name);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Listener::Unix(l) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Unix(l) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+        }
+    }
+
+    fn accept(&self) -> Option<Conn> {
+        let stream = match self {
+            Listener::Unix(l) => l.accept().ok().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().ok().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+        }?;
+        stream.set_nonblocking().ok()?;
+        Some(Conn {
+            stream,
+            inbox: Vec::new(),
+            open: true,
+        })
+    }
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(true),
+            Stream::Tcp(s) => s.set_nonblocking(true),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// The pid of the peer of a Unix socket (the kernel's word, not the rank's).
+    fn peer_pid(&self) -> Option<u32> {
+        match self {
+            Stream::Unix(s) => {
+                nix::sys::socket::getsockopt(s, nix::sys::socket::sockopt::PeerCredentials)
+                    .ok()
+                    .map(|c| c.pid() as u32)
+            }
+            Stream::Tcp(_) => None,
+        }
+    }
+}
+
+/// The longest line accepted from a rank.
+const MAX_LINE: usize = 1 << 20;
+
+/// A connection and what it sent that is not yet a whole line.
+struct Conn {
+    stream: Stream,
+    inbox: Vec<u8>,
+    open: bool,
+}
+
+impl Conn {
+    fn send(&mut self, line: &str) {
+        // Lines are short and the ranks read them at once; a full socket buffer here means a
+        // rank that stopped reading (it is stopped or hung: hang detection sees to it).
+        let fd = self.stream.fd();
+        let mut buf = line.as_bytes();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !buf.is_empty() && Instant::now() < deadline {
+            // SAFETY: the fd is this connection's, open while `self` lives.
+            let b = unsafe { BorrowedFd::borrow_raw(fd) };
+            match nix::sys::socket::send(
+                b.as_raw_fd(),
+                buf,
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => buf = &buf[n..],
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => std::thread::sleep(Duration::from_millis(1)),
+                Err(_) => {
+                    self.open = false;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads what is there; returns the whole lines.
+    fn read_lines(&mut self) -> Vec<Vec<u8>> {
+        let mut buf = [0u8; 8192];
+        loop {
+            let got = match &mut self.stream {
+                Stream::Unix(s) => s.read(&mut buf),
+                Stream::Tcp(s) => s.read(&mut buf),
+            };
+            match got {
+                Ok(0) => {
+                    self.open = false;
+                    break;
+                }
+                Ok(n) => self.inbox.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.open = false;
+                    break;
+                }
+            }
+        }
+        let mut lines = Vec::new();
+        while let Some(end) = self.inbox.iter().position(|b| *b == b'\n') {
+            lines.push(self.inbox.drain(..=end).collect());
+        }
+        if self.inbox.len() > MAX_LINE {
+            self.open = false;
+        }
+        lines
+    }
+}
+
+/// A connection in its handshake.
+struct Joining {
+    conn: Conn,
+    nonce: String,
+    since: Instant,
+}
+
+/// A rank that joined.
+struct Rank {
+    conn: Conn,
+    pid: u32,
+    host: String,
+    hello: bool,
+    beats: u64,
+}
+
+/// One epoch being taken.
+struct Taking {
+    epoch: u64,
+    started: Instant,
+    stop: bool,
+    at: HashMap<u32, u64>,
+    target: Option<u64>,
+    parts: HashMap<u32, SnapshotReport>,
+    tag: Option<String>,
+    failed: Option<String>,
+}
+
+/// One life of the job.
+struct Life {
+    watch: Conn,
+    retention: Retention,
+    /// The epoch the ranks resume from.
+    from: Option<Epoch>,
+    size: Option<u32>,
+    ranks: HashMap<u32, Rank>,
+    hello_sent: bool,
+    beats_sent: u64,
+    taking: Option<Taking>,
+    /// Ranks still writing a part of a failed epoch (no retention runs until they finish).
+    busy: HashMap<u32, u64>,
+    /// The epoch to resume from could not be chosen (an I/O error): every rank is refused,
+    /// rather than started from scratch.
+    unchosen: Option<String>,
+    /// The highest epoch number used in this life (a failed one's is not used again).
+    last_epoch: u64,
+}
+
+struct RelayLoop {
+    job: JobStore,
+    secret: [u8; 32],
+    listener: Listener,
+    woken: UnixStream,
+    inbox: Receiver<Order>,
+    life: Option<Life>,
+    joining: Vec<Joining>,
+    host: String,
+}
+
+/// How long a connection may take to prove itself.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl RelayLoop {
+    fn run(mut self) {
+        loop {
+            let mut fds = vec![
+                PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.listener.fd(), PollFlags::POLLIN),
+            ];
+            let mut raw: Vec<RawFd> = self.joining.iter().map(|j| j.conn.stream.fd()).collect();
+            if let Some(life) = &self.life {
+                raw.push(life.watch.stream.fd());
+                raw.extend(life.ranks.values().map(|r| r.conn.stream.fd()));
+            }
+            // SAFETY: every fd belongs to a connection held by `self` until after the poll.
+            let borrowed: Vec<BorrowedFd<'_>> = raw
+                .iter()
+                .map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) })
+                .collect();
+            fds.extend(borrowed.iter().map(|b| PollFd::new(*b, PollFlags::POLLIN)));
+            let _ = poll(&mut fds, PollTimeout::from(500u16));
+            drop(fds);
+            let mut byte = [0u8; 64];
+            while (&self.woken).read(&mut byte).is_ok_and(|n| n > 0) {}
+            loop {
+                match self.inbox.try_recv() {
+                    Ok(Order::Begin(start)) => self.begin(start),
+                    Ok(Order::End { grace, done }) => {
+                        let killed = self.end(grace);
+                        let _ = done.send(killed);
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            while let Some(conn) = self.listener.accept() {
+                self.challenge(conn);
+            }
+            self.step_joining();
+            self.step_life();
+        }
+    }
+
+    fn begin(&mut self, start: LifeStart) {
+        let _ = start.watch.set_nonblocking(true);
+        let mut watch = Conn {
+            stream: Stream::Unix(start.watch),
+            inbox: Vec::new(),
+            open: true,
+        };
+        // Nothing writes now: what epochs no longer need goes before the ranks start.
+        let _ = epoch::collect(&self.job, &start.retention);
+        let mut unchosen = None;
+        let (from, damaged) = match epoch::choose(&self.job, &start.restore) {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                let why = format!("cannot choose the epoch to resume from: {e}");
+                watch.send(
+                    &Event::Warning {
+                        kind: WarningKind::RankRefused,
+                        message: why.clone(),
+                    }
+                    .to_line(),
+                );
+                unchosen = Some(why);
+                (None, Vec::new())
+            }
+        };
+        for d in damaged {
+            watch.send(
+                &Event::RestoreDamaged {
+                    seq: d.seq,
+                    why: d.why,
+                }
+                .to_line(),
+            );
+        }
+        self.life = Some(Life {
+            watch,
+            retention: start.retention,
+            from,
+            size: None,
+            ranks: HashMap::new(),
+            hello_sent: false,
+            beats_sent: 0,
+            taking: None,
+            busy: HashMap::new(),
+            unchosen,
+            last_epoch: 0,
+        });
+    }
+
+    fn end(&mut self, grace: Duration) -> Vec<u32> {
+        let Some(mut life) = self.life.take() else {
+            return Vec::new();
+        };
+        let deadline = Instant::now() + grace;
+        loop {
+            for rank in life.ranks.values_mut() {
+                let _ = rank.conn.read_lines();
+            }
+            life.ranks.retain(|_, r| r.conn.open);
+            if life.ranks.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut killed = Vec::new();
+        for (n, rank) in &life.ranks {
+            let ours = rank.conn.stream.peer_pid() == Some(rank.pid) || rank.host == self.host;
+            if ours && rank.pid > 1 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(rank.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                killed.push(*n);
+            }
+        }
+        killed.sort_unstable();
+        killed
+    }
+
+    fn challenge(&mut self, mut conn: Conn) {
+        let Ok(nonce) = random_bytes::<16>().map(|b| hex(&b)) else {
+            return;
+        };
+        conn.send(
+            &Request::Challenge {
+                nonce: nonce.clone(),
+            }
+            .to_line(),
+        );
+        self.joining.push(Joining {
+            conn,
+            nonce,
+            since: Instant::now(),
+        });
+    }
+
+    fn warn(&mut self, message: String) {
+        if let Some(life) = &mut self.life {
+            life.watch.send(
+                &Event::Warning {
+                    kind: WarningKind::RankRefused,
+                    message,
+                }
+                .to_line(),
+            );
+        }
+    }
+
+    fn step_joining(&mut self) {
+        let joining = std::mem::take(&mut self.joining);
+        for mut j in joining {
+            let lines = j.conn.read_lines();
+            let Some(line) = lines.first() else {
+                if j.conn.open && j.since.elapsed() < JOIN_TIMEOUT {
+                    self.joining.push(j);
+                }
+                continue;
+            };
+            match serde_json::from_slice::<Event>(line) {
+                Ok(Event::Join {
+                    rank,
+                    size,
+                    pid,
+                    host,
+                    nonce,
+                    proof: theirs,
+                }) => self.admit(j, rank, size, pid, host, nonce, theirs),
+                _ => {
+                    let why = "the first message is not a join".to_owned();
+                    j.conn
+                        .send(&Request::Refused { why: why.clone() }.to_line());
+                    self.warn(format!("refused a connection: {why}"));
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &mut self,
+        mut j: Joining,
+        rank: u32,
+        size: u32,
+        pid: u32,
+        host: String,
+        nonce: String,
+        theirs: String,
+    ) {
+        let expected = proof(&self.secret, "rank", &j.nonce, &nonce, rank);
+        let refusal = if !proofs_equal(&expected, &theirs) {
+            Some("wrong secret".to_owned())
+        } else if let Some(life) = &self.life {
+            if let Some(why) = &life.unchosen {
+                Some(why.clone())
+            } else if size == 0 || size > epoch::MAX_RANKS || rank >= size {
+                Some(format!("rank {rank} of {size} is out of range"))
+            } else if life.size.is_some_and(|s| s != size) {
+                Some(format!(
+                    "the job has {} ranks, not {size}",
+                    life.size.unwrap_or(0)
+                ))
+            } else if life.ranks.contains_key(&rank) {
+                Some(format!("rank {rank} has joined already"))
+            } else if life.from.as_ref().is_some_and(|e| e.size != size) {
+                Some(format!(
+                    "the job resumes from epoch {} of {} ranks, not {size} (start it with as many \
+                     ranks, or with --from none)",
+                    life.from.as_ref().map_or(0, |e| e.epoch),
+                    life.from.as_ref().map_or(0, |e| e.size)
+                ))
+            } else {
+                None
+            }
+        } else {
+            Some("the job is between lives".to_owned())
+        };
+        if let Some(why) = refusal {
+            j.conn
+                .send(&Request::Refused { why: why.clone() }.to_line());
+            self.warn(format!("refused rank {rank} (pid {pid} on {host}): {why}"));
+            return;
+        }
+        let Some(life) = &mut self.life else { return };
+        life.size = Some(size);
+        let (epoch, seq, step) = match &life.from {
+            Some(e) => (Some(e.epoch), Some(epoch::part_seq(e.epoch, rank)), e.step),
+            None => (None, None, 0),
+        };
+        j.conn.send(
+            &Request::Welcome {
+                proof: proof(&self.secret, "supervisor", &j.nonce, &nonce, rank),
+                epoch,
+                seq,
+                step,
+            }
+            .to_line(),
+        );
+        let lines = std::mem::take(&mut j.conn.inbox);
+        life.ranks.insert(
+            rank,
+            Rank {
+                conn: Conn {
+                    stream: j.conn.stream,
+                    inbox: lines,
+                    open: j.conn.open,
+                },
+                pid,
+                host,
+                hello: false,
+                beats: 0,
+            },
+        );
+    }
+
+    fn step_life(&mut self) {
+        let Some(life) = &mut self.life else { return };
+        for line in life.watch.read_lines() {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::Snapshot) => begin_epoch(&self.job, life, false),
+                Ok(Request::Stop) => begin_epoch(&self.job, life, true),
+                _ => {}
+            }
+        }
+        let numbers: Vec<u32> = life.ranks.keys().copied().collect();
+        for n in numbers {
+            let Some(rank) = life.ranks.get_mut(&n) else {
+                continue;
+            };
+            let lines = rank.conn.read_lines();
+            let open = rank.conn.open;
+            for line in lines {
+                if let Ok(event) = serde_json::from_slice::<Event>(&line) {
+                    on_rank_event(&self.job, life, n, event);
+                }
+            }
+            if !open {
+                rank_lost(&self.job, life, n);
+            }
+        }
+        finish_epoch(&self.job, life);
+    }
+}
+
+fn send_ranks(life: &mut Life, request: &Request) {
+    let line = request.to_line();
+    for rank in life.ranks.values_mut() {
+        rank.conn.send(&line);
+    }
+}
+
+fn begin_epoch(job: &JobStore, life: &mut Life, stop: bool) {
+    let all = life.hello_sent && life.ranks.len() as u32 == life.size.unwrap_or(0);
+    let why = if !all {
+        Some("not every rank has joined".to_owned())
+    } else if life.taking.is_some() {
+        Some("an epoch is being taken".to_owned())
+    } else if !life.busy.is_empty() {
+        Some("ranks are still writing parts of a failed epoch".to_owned())
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        life.watch.send(
+            &Event::SnapshotFailed {
+                error: format!("no epoch now: {why}"),
+            }
+            .to_line(),
+        );
+        return;
+    }
+    // No rank writes now: what failed epochs left goes first, so no rank builds on it.
+    let _ = epoch::collect(job, &life.retention);
+    let n = match epoch::highest(job) {
+        Ok(h) => h.max(life.last_epoch) + 1,
+        Err(e) => {
+            life.watch.send(
+                &Event::SnapshotFailed {
+                    error: format!("cannot number the epoch: {e}"),
+                }
+                .to_line(),
+            );
+            return;
+        }
+    };
+    life.last_epoch = n;
+    life.taking = Some(Taking {
+        epoch: n,
+        started: Instant::now(),
+        stop,
+        at: HashMap::new(),
+        target: None,
+        parts: HashMap::new(),
+        tag: None,
+        failed: None,
+    });
+    send_ranks(life, &Request::EpochBegin { epoch: n });
+}
+
+fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
+    match event {
+        Event::Hello { .. } => {
+            if let Some(r) = life.ranks.get_mut(&n) {
+                r.hello = true;
+            }
+            let size = life.size.unwrap_or(0);
+            if !life.hello_sent
+                && life.ranks.len() as u32 == size
+                && life.ranks.values().all(|r| r.hello)
+            {
+                life.hello_sent = true;
+                let pid = life.ranks.get(&0).map_or(0, |r| r.pid);
+                let (resumed_from, tag) = match &life.from {
+                    Some(e) => (Some(e.epoch), e.tag.clone()),
+                    None => (None, None),
+                };
+                life.watch.send(
+                    &Event::Hello {
+                        pid,
+                        resumed_from,
+                        tag,
+                        damaged: Vec::new(),
+                        capture: format!("{size} ranks"),
+                    }
+                    .to_line(),
+                );
+            }
+        }
+        Event::Progress { count } => {
+            if let Some(r) = life.ranks.get_mut(&n) {
+                r.beats = count;
+            }
+            let least = life.ranks.values().map(|r| r.beats).min().unwrap_or(0);
+            if life.hello_sent && least > life.beats_sent {
+                life.beats_sent = least;
+                life.watch.send(&Event::Progress { count: least }.to_line());
+            }
+        }
+        Event::EpochAt { epoch, step } => {
+            let size = life.size.unwrap_or(0) as usize;
+            if let Some(t) = &mut life.taking
+                && t.epoch == epoch
+                && t.target.is_none()
+            {
+                t.at.insert(n, step);
+                if t.at.len() == size {
+                    let target = t.at.values().copied().max().unwrap_or(0) + 1;
+                    t.target = Some(target);
+                    let (epoch, stop) = (t.epoch, t.stop);
+                    send_ranks(
+                        life,
+                        &Request::EpochTarget {
+                            epoch,
+                            step: target,
+                            stop,
+                        },
+                    );
+                }
+            }
+        }
+        Event::SnapshotDone(report) => {
+            life.busy.remove(&n);
+            match &mut life.taking {
+                Some(t) if epoch::part_of(report.seq) == Some((t.epoch, n)) => {
+                    if n == 0 {
+                        t.tag = report.tag.clone();
+                    }
+                    t.parts.insert(n, report);
+                }
+                _ => {}
+            }
+        }
+        Event::SnapshotFailed { error } => {
+            life.busy.remove(&n);
+            if let Some(t) = &mut life.taking {
+                t.failed.get_or_insert_with(|| format!("rank {n}: {error}"));
+            }
+        }
+        Event::RestoreDamaged { seq, why } => {
+            // A rank's part does not verify: its whole epoch is set aside.
+            if let Some((e, _)) = epoch::part_of(seq) {
+                let _ = epoch::set_aside(job, e);
+                life.watch.send(
+                    &Event::RestoreDamaged {
+                        seq: e,
+                        why: format!("rank {n}: {why}"),
+                    }
+                    .to_line(),
+                );
+            }
+        }
+        Event::RestoreMismatch {
+            seq,
+            entry,
+            stored_bytes,
+            wanted_bytes,
+        } => {
+            let seq = epoch::part_of(seq).map_or(seq, |(e, _)| e);
+            life.watch.send(
+                &Event::RestoreMismatch {
+                    seq,
+                    entry: format!("{entry} (rank {n})"),
+                    stored_bytes,
+                    wanted_bytes,
+                }
+                .to_line(),
+            );
+        }
+        Event::Warning { kind, message } => life.watch.send(
+            &Event::Warning {
+                kind,
+                message: format!("rank {n}: {message}"),
+            }
+            .to_line(),
+        ),
+        Event::RecordsDamaged { .. } | Event::Join { .. } => {}
+    }
+}
+
+fn rank_lost(_job: &JobStore, life: &mut Life, n: u32) {
+    life.ranks.remove(&n);
+    life.busy.remove(&n);
+    if let Some(t) = &mut life.taking
+        && !t.parts.contains_key(&n)
+    {
+        t.failed.get_or_insert_with(|| format!("rank {n} was lost"));
+    }
+}
+
+fn finish_epoch(job: &JobStore, life: &mut Life) {
+    let size = life.size.unwrap_or(0);
+    let Some(t) = &life.taking else { return };
+    let complete = t.parts.len() as u32 == size && size > 0;
+    if !complete && t.failed.is_none() {
+        return;
+    }
+    let Some(t) = life.taking.take() else { return };
+    let published = if complete && t.failed.is_none() {
+        publish(job, &t, size)
+    } else {
+        Err(t.failed.clone().unwrap_or_default())
+    };
+    send_ranks(
+        life,
+        &Request::EpochEnd {
+            epoch: t.epoch,
+            published: published.is_ok(),
+        },
+    );
+    match published {
+        Ok(e) => {
+            let removed = epoch::collect(job, &life.retention)
+                .map(|r| r.removed_snapshots)
+                .unwrap_or_default();
+            life.watch.send(
+                &Event::SnapshotDone(SnapshotReport {
+                    seq: e.epoch,
+                    tag: e.tag.clone(),
+                    bytes_total: e.bytes_total(),
+                    bytes_new: e.bytes_new(),
+                    bytes_compacted: 0,
+                    bytes_written: e.bytes_written(),
+                    duration_ms: e.duration_ms,
+                    removed,
+                })
+                .to_line(),
+            );
+        }
+        Err(why) => {
+            // Ranks that got the target and have not answered are still writing their part.
+            if t.target.is_some() {
+                for n in life.ranks.keys() {
+                    if !t.parts.contains_key(n) {
+                        life.busy.insert(*n, t.epoch);
+                    }
+                }
+            }
+            life.watch.send(
+                &Event::SnapshotFailed {
+                    error: format!("epoch {} did not complete: {why}", t.epoch),
+                }
+                .to_line(),
+            );
+        }
+    }
+}
+
+fn publish(job: &JobStore, t: &Taking, size: u32) -> std::result::Result<Epoch, String> {
+    let mut parts = Vec::with_capacity(size as usize);
+    for rank in 0..size {
+        let report = t
+            .parts
+            .get(&rank)
+            .ok_or_else(|| format!("rank {rank} has no part"))?;
+        parts.push(Part {
+            rank,
+            seq: report.seq,
+            manifest_blake3: epoch::manifest_hash(job, report.seq).map_err(|e| e.to_string())?,
+            bytes_total: report.bytes_total,
+            bytes_new: report.bytes_new,
+            bytes_written: report.bytes_written,
+        });
+    }
+    let e = Epoch {
+        job: job.name().to_owned(),
+        epoch: t.epoch,
+        step: t.target.unwrap_or(0),
+        size,
+        created_unix_ms: now_unix_ms(),
+        tag: t.tag.clone(),
+        duration_ms: millis(t.started.elapsed()),
+        parts,
+    };
+    epoch::publish(job, &e).map_err(|e| e.to_string())?;
+    Ok(e)
+}
