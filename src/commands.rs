@@ -16,6 +16,8 @@ use supervise_store::{JobStore, SnapshotReader, Store};
 
 use crate::events;
 use crate::human;
+
+mod epochs;
 use crate::operator::{self, Request};
 use supervise_store::clock::now_unix_ms;
 use supervise_store::exit;
@@ -156,14 +158,24 @@ pub fn ls(t: &Target) -> Result<i32> {
     let mut rows = Vec::new();
     for name in store.jobs()? {
         let job = store.existing_job(&name)?;
-        let seqs = job.snapshot_seqs()?;
+        // A job of many ranks counts its epochs.
+        let epochs = supervise_store::epoch::numbers(&job)?;
+        let ranked = !epochs.is_empty();
+        let seqs = if ranked { epochs } else { job.snapshot_seqs()? };
         let newest = seqs.last().copied();
+        let created = |s: u64| {
+            if ranked {
+                supervise_store::epoch::read(&job, s)
+                    .ok()
+                    .map(|e| e.created_unix_ms)
+            } else {
+                job.read_manifest(s).ok().map(|m| m.created_unix_ms)
+            }
+        };
         rows.push(JobRow {
             snapshots: seqs.len(),
             newest,
-            newest_unix_ms: newest
-                .and_then(|s| job.read_manifest(s).ok())
-                .map(|m| m.created_unix_ms),
+            newest_unix_ms: newest.and_then(created),
             bytes_on_disk: job.disk_bytes()?,
             running: JobLock::holder(job.dir())?.is_some(),
             job: name,
@@ -197,6 +209,12 @@ pub fn ls(t: &Target) -> Result<i32> {
 }
 
 fn ls_snapshots(t: &Target) -> Result<i32> {
+    {
+        let job = t.job()?;
+        if supervise_store::epoch::has_epochs(&job)? {
+            return epochs::ls(t, &job);
+        }
+    }
     #[derive(Serialize)]
     struct SnapRow {
         snapshot: u64,
@@ -342,6 +360,9 @@ pub fn show(t: &Target, id: &str) -> Result<i32> {
         outputs: Vec<supervise_store::format::OutputMark>,
     }
     let job = t.job()?;
+    if supervise_store::epoch::has_epochs(&job)? {
+        return epochs::show(t, &job, id);
+    }
     let seq = snapshot_id(&job, id)?;
     let m = job.read_manifest(seq)?;
     // A file-mode snapshot says which file each entry holds.
@@ -452,6 +473,9 @@ pub fn verify(t: &Target, id: Option<&str>) -> Result<i32> {
         error: Option<String>,
     }
     let job = t.job()?;
+    if supervise_store::epoch::has_epochs(&job)? {
+        return epochs::verify(t, &job, id);
+    }
     let seqs = match id {
         Some(id) => vec![snapshot_id(&job, id)?],
         None => job.snapshot_seqs()?,
@@ -612,7 +636,12 @@ pub fn gc(t: &Target) -> Result<i32> {
     };
     let spinner = ProgressBar::new_spinner();
     spinner.set_message("collecting garbage");
-    let report = job.collect_garbage()?;
+    // A job of many ranks also loses the parts of epochs that never completed.
+    let report = if supervise_store::epoch::has_epochs(&job)? {
+        supervise_store::epoch::collect(&job, &usize::MAX.into())?
+    } else {
+        job.collect_garbage()?
+    };
     spinner.finish_and_clear();
     let done = Collected {
         job: job.name().to_owned(),
@@ -697,25 +726,56 @@ fn create_in(
 /// with `sharing`'s modes; a file that exists there (a symlink too) is an error, never
 /// overwritten or followed.
 pub fn restore(t: &Target, id: &str, to: &Path, sharing: Sharing) -> Result<i32> {
-    #[derive(Serialize)]
-    struct Written {
-        name: String,
-        file: String,
-        kind: String,
-        bytes: u64,
-    }
-    #[derive(Serialize)]
-    struct Restored {
-        job: String,
-        snapshot: u64,
-        created_unix_ms: u64,
-        tag: Option<String>,
-        dir: PathBuf,
-        entries: Vec<Written>,
-    }
-    const INDEX: &str = "snapshot.json";
     let job = t.job()?;
+    if supervise_store::epoch::has_epochs(&job)? {
+        return epochs::restore(t, &job, id, to, sharing);
+    }
     let seq = snapshot_id(&job, id)?;
+    let done = restore_snapshot(&job, seq, to, sharing)?;
+    if t.json {
+        return print_json(&done);
+    }
+    human::outln!(
+        "job {} snapshot {} written to {} (an index is in {RESTORE_INDEX}):",
+        done.job,
+        seq,
+        to.display()
+    )?;
+    let table: Vec<Vec<String>> = done
+        .entries
+        .iter()
+        .map(|w| vec![w.file.clone(), w.kind.clone(), human::bytes(w.bytes)])
+        .collect();
+    human::table(&["FILE", "KIND", "SIZE"], &table)?;
+    Ok(0)
+}
+
+/// A file `restore --to` wrote.
+#[derive(Serialize)]
+struct Written {
+    name: String,
+    file: String,
+    kind: String,
+    bytes: u64,
+}
+
+/// What `restore --to` wrote (and its index file holds).
+#[derive(Serialize)]
+struct Restored {
+    job: String,
+    snapshot: u64,
+    created_unix_ms: u64,
+    tag: Option<String>,
+    dir: PathBuf,
+    entries: Vec<Written>,
+}
+
+/// The index file `restore --to` writes beside the entries.
+const RESTORE_INDEX: &str = "snapshot.json";
+
+/// Writes snapshot `seq`'s entries as files in `to` (see [`restore`]).
+fn restore_snapshot(job: &JobStore, seq: u64, to: &Path, sharing: Sharing) -> Result<Restored> {
+    const INDEX: &str = RESTORE_INDEX;
     let reader = SnapshotReader::open(&job, seq)?;
     let m = reader.manifest().clone();
     // Entry and element names were checked when the manifest was decoded: plain names.
@@ -806,22 +866,7 @@ pub fn restore(t: &Target, id: &str, to: &Path, sharing: Sharing) -> Result<i32>
     create_in(&dir, to, INDEX, sharing)?
         .write_all(&index)
         .with_context(|| format!("cannot write {}", to.join(INDEX).display()))?;
-    if t.json {
-        return print_json(&done);
-    }
-    human::outln!(
-        "job {} snapshot {} written to {} (an index is in {INDEX}):",
-        done.job,
-        seq,
-        to.display()
-    )?;
-    let table: Vec<Vec<String>> = done
-        .entries
-        .iter()
-        .map(|w| vec![w.file.clone(), w.kind.clone(), human::bytes(w.bytes)])
-        .collect();
-    human::table(&["FILE", "KIND", "SIZE"], &table)?;
-    Ok(0)
+    Ok(done)
 }
 
 /// `snapshot JOB`: ask the running job for a snapshot and wait for it.

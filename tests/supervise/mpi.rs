@@ -230,6 +230,45 @@ fn a_damaged_part_sets_its_epoch_aside_and_the_job_resumes_from_the_one_before()
     let numbers = epoch::numbers(&job).unwrap();
     let newest = *numbers.last().unwrap();
     let before = numbers[numbers.len() - 2];
+    // The operator's commands work on epochs and show the ranks.
+    let ls = json(&store, &["ls", "--job", "heat-mpi"]);
+    let listed: Vec<u64> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["ranks"], 4, "{r}");
+            r["epoch"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(listed, numbers);
+    let shown = json(&store, &["show", "latest", "--job", "heat-mpi"]);
+    assert_eq!(shown["epoch"], newest);
+    assert_eq!(shown["parts"].as_array().unwrap().len(), 4);
+    // Every rank holds the same `step`: stored once.
+    assert!(shown["shared_chunks"].as_u64().unwrap() >= 1, "{shown}");
+    let verified = json(&store, &["verify", "--job", "heat-mpi"]);
+    assert!(
+        verified.as_array().unwrap().iter().all(|v| v["ok"] == true),
+        "{verified}"
+    );
+    let out = dir.path().join("restored");
+    let (code, _, stderr) = cmd(
+        &store,
+        &[
+            "restore",
+            "latest",
+            "--job",
+            "heat-mpi",
+            "--to",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    for r in 0..4 {
+        assert!(out.join(format!("rank-{r}/grid.u8")).is_file());
+    }
+    assert!(out.join("epoch.json").is_file());
     // Rank 1's part of the newest epoch loses its manifest.
     std::fs::remove_file(job.manifest_path(epoch::part_seq(newest, 1))).unwrap();
     let rerun = start(&store, &["--every", "150ms"], &program);
@@ -305,4 +344,29 @@ fn strangers_at_the_tcp_endpoint_are_refused() {
         .filter(|e| e["warning"] == "rank_refused")
         .collect();
     assert_eq!(refused.len(), 2, "{refused:?}");
+}
+
+#[test]
+fn a_rank_that_hangs_is_found_and_the_launch_restarted_from_its_last_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = build(dir.path());
+    let reference = reference(&program);
+    let store = dir.path().join("store");
+    let run = start(
+        &store,
+        &["--every", "150ms", "--hang-timeout", "2s"],
+        &program,
+    );
+    run.wait_for_snapshot(2);
+    let ranks = ranks_running(&program);
+    assert_eq!(ranks.len(), 4);
+    // One rank stops; the others wait for its halo: no safe point anywhere.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(ranks[1] as i32), Signal::SIGSTOP).unwrap();
+    let finished = run.wait(LONG);
+    finished.assert_completed(&reference);
+    assert_eq!(events_of(&store, "hung").len(), 1, "{}", finished.stderr);
+    let resumed = events_of(&store, "epoch-resumed");
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert!(resumed[0]["step"].as_u64().unwrap() > 0);
+    assert!(ranks_running(&program).is_empty(), "ranks left behind");
 }
