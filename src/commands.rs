@@ -776,7 +776,7 @@ const RESTORE_INDEX: &str = "snapshot.json";
 /// Writes snapshot `seq`'s entries as files in `to` (see [`restore`]).
 fn restore_snapshot(job: &JobStore, seq: u64, to: &Path, sharing: Sharing) -> Result<Restored> {
     const INDEX: &str = RESTORE_INDEX;
-    let reader = SnapshotReader::open(&job, seq)?;
+    let reader = SnapshotReader::open(job, seq)?;
     let m = reader.manifest().clone();
     // Entry and element names were checked when the manifest was decoded: plain names.
     // A file-mode snapshot's files keep their names (those in the run directory's top level).
