@@ -10,6 +10,7 @@ use bytesize::ByteSize;
 use clap::Parser;
 
 mod bench;
+mod ranks;
 
 /// Writes one line to stdout; a closed pipe (`| head`) ends the output quietly.
 #[macro_export]
@@ -33,6 +34,31 @@ struct Args {
     /// Print rows of {scenario, metric, ours, limit, naive, unit} as JSON.
     #[arg(long)]
     json: bool,
+    /// Measure the epochs of a job of many ranks instead: 1, 2 and 4 ranks holding --size
+    /// together (default 256MiB here), under the `supervise` beside this program.
+    #[arg(long)]
+    ranks: bool,
+    /// (Internal) start this many ranks of the arguments after `--`.
+    #[arg(long, hide = true, value_name = "N")]
+    rank_launch: Option<u32>,
+    /// (Internal) be one rank.
+    #[arg(long, hide = true)]
+    rank_worker: bool,
+    /// (Internal) a rank's state in bytes.
+    #[arg(long, hide = true, default_value_t = 1 << 20)]
+    rank_bytes: usize,
+    /// (Internal) the share of a rank's chunks changed per step.
+    #[arg(long, hide = true, default_value_t = 0.01)]
+    rank_share: f64,
+    /// (Internal) a rank's steps.
+    #[arg(long, hide = true, default_value_t = 100)]
+    rank_steps: u64,
+    /// (Internal) a step's length in milliseconds.
+    #[arg(long, hide = true, default_value_t = 10)]
+    rank_step_ms: u64,
+    /// (Internal) what `--rank-launch` starts.
+    #[arg(last = true, hide = true)]
+    rest: Vec<String>,
 }
 
 /// Parses sizes like `1GiB`, `256MiB`, `4096` (IEC units are powers of 1024, SI of 1000).
@@ -49,6 +75,34 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn run(args: &Args) -> anyhow::Result<()> {
     let say = |msg: &str| eprintln!("supervise bench: {msg}");
+    if args.rank_worker {
+        return ranks::worker(
+            args.rank_bytes,
+            args.rank_share,
+            args.rank_steps,
+            args.rank_step_ms,
+        );
+    }
+    if let Some(n) = args.rank_launch {
+        return ranks::launch(n, &args.rest);
+    }
+    if args.ranks {
+        // The default size suits one process; ranks share this one.
+        let total = if std::env::args().any(|a| a.starts_with("--size")) {
+            args.size
+        } else {
+            256 << 20
+        };
+        std::fs::create_dir_all(&args.store)?;
+        let rows = ranks::run(&args.store, total, &say)?;
+        if args.json {
+            outln!("{}", serde_json::to_string_pretty(&rows)?)?;
+        } else {
+            ranks::print(total, &rows)?;
+        }
+        std::io::stdout().flush()?;
+        return Ok(());
+    }
     let (limits, rows, mode) = bench::run(&args.store, args.size, &say)?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&rows)?)?;
