@@ -146,7 +146,6 @@ impl Relay {
                     inbox,
                     life: None,
                     joining: Vec::new(),
-                    host: hostname(),
                 }
                 .run()
             })?;
@@ -241,6 +240,14 @@ fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
     Ok(bytes)
 }
 
+/// When process `pid` started (clock ticks since boot, `/proc/PID/stat` field 22): with the
+/// pid, it names one process, never a later one that reuses the number.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -265,20 +272,29 @@ impl Listener {
         }
     }
 
-    fn accept(&self) -> Option<Conn> {
-        let stream = match self {
-            Listener::Unix(l) => l.accept().ok().map(|(s, _)| Stream::Unix(s)),
-            Listener::Tcp(l) => l.accept().ok().map(|(s, _)| {
+    /// A new connection, `Ok(None)` when none waits, `Err` when accepting fails otherwise.
+    fn accept(&self) -> std::result::Result<Option<Conn>, ()> {
+        let accepted = match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
             }),
-        }?;
-        stream.set_nonblocking().ok()?;
-        Some(Conn {
+        };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::Interrupted => return Ok(None),
+            Err(_) => return Err(()),
+        };
+        if stream.set_nonblocking().is_err() {
+            return Ok(None);
+        }
+        Ok(Some(Conn {
             stream,
             inbox: Vec::new(),
             open: true,
-        })
+        }))
     }
 }
 
@@ -349,12 +365,17 @@ impl Conn {
                 }
             }
         }
+        // Part of a line sent: what follows would not be framed. The rank is lost.
+        if !buf.is_empty() {
+            self.open = false;
+        }
     }
 
     /// Reads what is there; returns the whole lines.
     fn read_lines(&mut self) -> Vec<Vec<u8>> {
         let mut buf = [0u8; 8192];
-        loop {
+        // A bounded read per turn: one connection cannot hold the loop or grow without bound.
+        while self.inbox.len() <= MAX_LINE {
             let got = match &mut self.stream {
                 Stream::Unix(s) => s.read(&mut buf),
                 Stream::Tcp(s) => s.read(&mut buf),
@@ -395,7 +416,8 @@ struct Joining {
 struct Rank {
     conn: Conn,
     pid: u32,
-    host: String,
+    /// The socket's peer as the kernel names it (Unix sockets only), and its start time.
+    peer: Option<(u32, u64)>,
     hello: bool,
     beats: u64,
 }
@@ -408,6 +430,8 @@ struct Taking {
     at: HashMap<u32, u64>,
     target: Option<u64>,
     parts: HashMap<u32, SnapshotReport>,
+    /// Ranks that said they write no part (failed or skipped).
+    without: std::collections::HashSet<u32>,
     tag: Option<String>,
     failed: Option<String>,
 }
@@ -430,6 +454,10 @@ struct Life {
     unchosen: Option<String>,
     /// The highest epoch number used in this life (a failed one's is not used again).
     last_epoch: u64,
+    /// A stop was asked for while no stop epoch could begin: it begins as soon as one can.
+    stop_wanted: bool,
+    /// Refusals told in this life.
+    refusals: u32,
 }
 
 struct RelayLoop {
@@ -440,11 +468,29 @@ struct RelayLoop {
     inbox: Receiver<Order>,
     life: Option<Life>,
     joining: Vec<Joining>,
-    host: String,
 }
 
 /// How long a connection may take to prove itself.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections still proving themselves, at most (more are closed at once).
+const MAX_JOINING: usize = 4096;
+
+/// Refusals told per life (then one line says more are not).
+const MAX_REFUSALS_TOLD: u32 = 20;
+
+/// An epoch that has not completed this long after its request fails (a rank told to capture
+/// that never does, a control thread that stopped): the job takes the next one.
+const EPOCH_DEADLINE: Duration = Duration::from_secs(600);
+
+/// The warning that retention over epochs failed (the epochs themselves are safe).
+fn retention_failed(why: &str) -> String {
+    Event::Warning {
+        kind: WarningKind::RetentionFailed,
+        message: format!("retention over epochs failed: {why}"),
+    }
+    .to_line()
+}
 
 impl RelayLoop {
     fn run(mut self) {
@@ -479,8 +525,17 @@ impl RelayLoop {
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
                 }
             }
-            while let Some(conn) = self.listener.accept() {
-                self.challenge(conn);
+            loop {
+                match self.listener.accept() {
+                    Ok(Some(conn)) if self.joining.len() < MAX_JOINING => self.challenge(conn),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    // Out of descriptors, say: not a reason to spin.
+                    Err(()) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        break;
+                    }
+                }
             }
             self.step_joining();
             self.step_life();
@@ -494,8 +549,12 @@ impl RelayLoop {
             inbox: Vec::new(),
             open: true,
         };
-        // Nothing writes now: what epochs no longer need goes before the ranks start.
-        let _ = epoch::collect(&self.job, &start.retention);
+        // Nothing writes now: the parts of epochs that never completed go before the ranks
+        // start (retention waits for the next published epoch: the one to resume from may be
+        // older than it would keep).
+        if let Err(e) = epoch::collect(&self.job, &usize::MAX.into()) {
+            watch.send(&retention_failed(&e.to_string()));
+        }
         let mut unchosen = None;
         let (from, damaged) = match epoch::choose(&self.job, &start.restore) {
             Ok(chosen) => chosen,
@@ -533,6 +592,8 @@ impl RelayLoop {
             busy: HashMap::new(),
             unchosen,
             last_epoch: 0,
+            stop_wanted: false,
+            refusals: 0,
         });
     }
 
@@ -542,10 +603,30 @@ impl RelayLoop {
         };
         let deadline = Instant::now() + grace;
         loop {
-            for rank in life.ranks.values_mut() {
-                let _ = rank.conn.read_lines();
+            // What the ranks said before they ended still counts: the parts of a final epoch
+            // are durable before the ranks stop, and it is published here.
+            let numbers: Vec<u32> = life.ranks.keys().copied().collect();
+            for n in numbers {
+                let Some(rank) = life.ranks.get_mut(&n) else {
+                    continue;
+                };
+                for line in rank.conn.read_lines() {
+                    if let Ok(event) = serde_json::from_slice::<Event>(&line) {
+                        on_rank_event(&self.job, &mut life, n, event);
+                    }
+                }
             }
-            life.ranks.retain(|_, r| r.conn.open);
+            finish_epoch(&self.job, &mut life);
+            let gone: Vec<u32> = life
+                .ranks
+                .iter()
+                .filter(|(_, r)| !r.conn.open)
+                .map(|(n, _)| *n)
+                .collect();
+            for n in gone {
+                rank_lost(&self.job, &mut life, n);
+            }
+            finish_epoch(&self.job, &mut life);
             if life.ranks.is_empty() || Instant::now() >= deadline {
                 break;
             }
@@ -553,10 +634,15 @@ impl RelayLoop {
         }
         let mut killed = Vec::new();
         for (n, rank) in &life.ranks {
-            let ours = rank.conn.stream.peer_pid() == Some(rank.pid) || rank.host == self.host;
-            if ours && rank.pid > 1 {
+            // Only a process the kernel named as the socket's peer, and only if it is still
+            // the process that joined (its start time): never a pid a rank claimed, never a
+            // reused one. Ranks over TCP are their launcher's to end.
+            if let Some((pid, started)) = rank.peer
+                && pid > 1
+                && start_time(pid) == Some(started)
+            {
                 let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(rank.pid as i32),
+                    nix::unistd::Pid::from_raw(pid as i32),
                     nix::sys::signal::Signal::SIGKILL,
                 );
                 killed.push(*n);
@@ -585,6 +671,15 @@ impl RelayLoop {
 
     fn warn(&mut self, message: String) {
         if let Some(life) = &mut self.life {
+            life.refusals += 1;
+            if life.refusals > MAX_REFUSALS_TOLD {
+                return;
+            }
+            let message = if life.refusals == MAX_REFUSALS_TOLD {
+                format!("{message} (further refusals in this life are not told)")
+            } else {
+                message
+            };
             life.watch.send(
                 &Event::Warning {
                     kind: WarningKind::RankRefused,
@@ -605,6 +700,15 @@ impl RelayLoop {
                 }
                 continue;
             };
+            // A rank that joins before its life is known to the relay (the launcher is
+            // spawned first) waits for it.
+            if self.life.is_none() && j.since.elapsed() < JOIN_TIMEOUT {
+                let mut back: Vec<u8> = lines.concat();
+                back.extend_from_slice(&j.conn.inbox);
+                j.conn.inbox = back;
+                self.joining.push(j);
+                continue;
+            }
             match serde_json::from_slice::<Event>(line) {
                 Ok(Event::Join {
                     rank,
@@ -677,7 +781,13 @@ impl RelayLoop {
         };
         j.conn.send(
             &Request::Welcome {
-                proof: proof(&self.secret, "supervisor", &j.nonce, &nonce, rank),
+                proof: proof(
+                    &self.secret,
+                    &supervise_store::control::welcome_side(epoch, seq, step),
+                    &j.nonce,
+                    &nonce,
+                    rank,
+                ),
                 epoch,
                 seq,
                 step,
@@ -685,6 +795,12 @@ impl RelayLoop {
             .to_line(),
         );
         let lines = std::mem::take(&mut j.conn.inbox);
+        let peer = j
+            .conn
+            .stream
+            .peer_pid()
+            .and_then(|p| start_time(p).map(|t| (p, t)));
+        let _ = host; // named in refusals only
         life.ranks.insert(
             rank,
             Rank {
@@ -694,7 +810,7 @@ impl RelayLoop {
                     open: j.conn.open,
                 },
                 pid,
-                host,
+                peer,
                 hello: false,
                 beats: 0,
             },
@@ -727,6 +843,10 @@ impl RelayLoop {
             }
         }
         finish_epoch(&self.job, life);
+        if life.stop_wanted && life.taking.is_none() && life.busy.is_empty() && life.hello_sent {
+            life.stop_wanted = false;
+            begin_epoch(&self.job, life, true);
+        }
     }
 }
 
@@ -739,6 +859,19 @@ fn send_ranks(life: &mut Life, request: &Request) {
 
 fn begin_epoch(job: &JobStore, life: &mut Life, stop: bool) {
     let all = life.hello_sent && life.ranks.len() as u32 == life.size.unwrap_or(0);
+    if stop {
+        // A stop is never refused: it joins the epoch being coordinated, or follows it.
+        if let Some(t) = &mut life.taking
+            && t.target.is_none()
+        {
+            t.stop = true;
+            return;
+        }
+        if life.taking.is_some() || !life.busy.is_empty() || !all {
+            life.stop_wanted = true;
+            return;
+        }
+    }
     let why = if !all {
         Some("not every rank has joined".to_owned())
     } else if life.taking.is_some() {
@@ -758,7 +891,9 @@ fn begin_epoch(job: &JobStore, life: &mut Life, stop: bool) {
         return;
     }
     // No rank writes now: what failed epochs left goes first, so no rank builds on it.
-    let _ = epoch::collect(job, &life.retention);
+    if let Err(e) = epoch::collect(job, &usize::MAX.into()) {
+        life.watch.send(&retention_failed(&e.to_string()));
+    }
     let n = match epoch::highest(job) {
         Ok(h) => h.max(life.last_epoch) + 1,
         Err(e) => {
@@ -779,6 +914,7 @@ fn begin_epoch(job: &JobStore, life: &mut Life, stop: bool) {
         at: HashMap::new(),
         target: None,
         parts: HashMap::new(),
+        without: std::collections::HashSet::new(),
         tag: None,
         failed: None,
     });
@@ -847,7 +983,11 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
             }
         }
         Event::SnapshotDone(report) => {
-            life.busy.remove(&n);
+            if let Some((e, _)) = epoch::part_of(report.seq)
+                && life.busy.get(&n) == Some(&e)
+            {
+                life.busy.remove(&n);
+            }
             match &mut life.taking {
                 Some(t) if epoch::part_of(report.seq) == Some((t.epoch, n)) => {
                     if n == 0 {
@@ -861,7 +1001,21 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
         Event::SnapshotFailed { error } => {
             life.busy.remove(&n);
             if let Some(t) = &mut life.taking {
+                t.without.insert(n);
                 t.failed.get_or_insert_with(|| format!("rank {n}: {error}"));
+            }
+        }
+        Event::PartSkipped { epoch } => {
+            if life.busy.get(&n) == Some(&epoch) {
+                life.busy.remove(&n);
+            }
+            if let Some(t) = &mut life.taking
+                && t.epoch == epoch
+            {
+                t.without.insert(n);
+                t.failed.get_or_insert_with(|| {
+                    format!("rank {n} did not take its snapshot at the target")
+                });
             }
         }
         Event::RestoreDamaged { seq, why } => {
@@ -917,6 +1071,15 @@ fn rank_lost(_job: &JobStore, life: &mut Life, n: u32) {
 
 fn finish_epoch(job: &JobStore, life: &mut Life) {
     let size = life.size.unwrap_or(0);
+    if let Some(t) = &mut life.taking
+        && t.failed.is_none()
+        && t.started.elapsed() > EPOCH_DEADLINE
+    {
+        t.failed = Some(format!(
+            "not complete {} after it was asked for",
+            crate::human::duration(EPOCH_DEADLINE)
+        ));
+    }
     let Some(t) = &life.taking else { return };
     let complete = t.parts.len() as u32 == size && size > 0;
     if !complete && t.failed.is_none() {
@@ -937,9 +1100,13 @@ fn finish_epoch(job: &JobStore, life: &mut Life) {
     );
     match published {
         Ok(e) => {
-            let removed = epoch::collect(job, &life.retention)
-                .map(|r| r.removed_snapshots)
-                .unwrap_or_default();
+            let removed = match epoch::collect(job, &life.retention) {
+                Ok(r) => r.removed_snapshots,
+                Err(e) => {
+                    life.watch.send(&retention_failed(&e.to_string()));
+                    Vec::new()
+                }
+            };
             life.watch.send(
                 &Event::SnapshotDone(SnapshotReport {
                     seq: e.epoch,
@@ -956,9 +1123,10 @@ fn finish_epoch(job: &JobStore, life: &mut Life) {
         }
         Err(why) => {
             // Ranks that got the target and have not answered are still writing their part.
+            // Each reports once: its part, its failure, or that it skipped it.
             if t.target.is_some() {
                 for n in life.ranks.keys() {
-                    if !t.parts.contains_key(n) {
+                    if !t.parts.contains_key(n) && !t.without.contains(n) {
                         life.busy.insert(*n, t.epoch);
                     }
                 }

@@ -34,6 +34,9 @@ pub(crate) const HOLD: u32 = 8;
 /// A rank: an epoch's target safe point is known.
 pub(crate) const AIM: u32 = 16;
 
+/// A rank: the program reached an epoch's target; its next snapshot captures the part.
+pub(crate) const DUE: u32 = 32;
+
 /// How often the control thread asks for a liveness beat once the first one was reported.
 const BEAT_EVERY: Duration = Duration::from_secs(1);
 
@@ -101,8 +104,10 @@ impl RankState {
     }
 
     /// The part the program must capture now, taken (once) by the snapshot.
-    pub(crate) fn take_due(&self) -> Option<Aim> {
-        self.lock().due.take()
+    pub(crate) fn take_due(&self, pending: &AtomicU32) -> Option<Aim> {
+        let mut st = self.lock();
+        pending.fetch_and(!DUE, Ordering::SeqCst);
+        st.due.take()
     }
 }
 
@@ -125,10 +130,20 @@ impl Shared {
     #[cold]
     fn due_rank(&self, rank: &RankState, pending: u32, passed: u64) -> bool {
         let stop = self.due_slow(pending & !SNAP) || pending & STOP != 0;
-        if pending & (HOLD | AIM) == 0 {
+        if pending & (HOLD | AIM | DUE) == 0 {
             return stop;
         }
         let mut st = rank.lock();
+        if pending & DUE != 0
+            && let Some(missed) = st.due.take()
+        {
+            // The program was told at its last safe point and took no snapshot: this rank's
+            // part of that epoch will not come.
+            self.pending.fetch_and(!DUE, Ordering::SeqCst);
+            self.send(&Event::PartSkipped {
+                epoch: missed.epoch,
+            });
+        }
         while st.holding.is_some() && st.aim.is_none() && !st.gone {
             st = rank.wake.wait(st).unwrap_or_else(|p| p.into_inner());
         }
@@ -153,6 +168,7 @@ impl Shared {
             return stop;
         }
         st.due = Some(aim);
+        self.pending.fetch_or(DUE, Ordering::SeqCst);
         true
     }
 
@@ -344,6 +360,24 @@ pub(crate) fn control_loop(
         if !gone {
             continue;
         }
+        if let Some(rank) = &shared.rank {
+            // Nobody will send a target: a rank held at its safe point goes on.
+            let mut st = rank.lock();
+            st.gone = true;
+            st.holding = None;
+            st.aim = None;
+            st.due = None;
+            shared
+                .pending
+                .fetch_and(!(HOLD | AIM | DUE), Ordering::SeqCst);
+            rank.wake.notify_all();
+            drop(st);
+            if orphan == OrphanMode::Continue {
+                // A rank alone takes no snapshot (it would belong to no epoch): it runs on.
+                log::warn!("supervisor gone; running on unsupervised, without snapshots");
+                return;
+            }
+        }
         if orphan == OrphanMode::Continue {
             let every = every.unwrap_or(Duration::from_secs(600));
             log::warn!(
@@ -355,15 +389,11 @@ pub(crate) fn control_loop(
                 shared.pending.fetch_or(SNAP, Ordering::SeqCst);
             }
         }
-        if let Some(rank) = &shared.rank {
+        if shared.rank.is_some() {
             // A rank cannot take a snapshot alone (it would belong to no epoch): it stops at
             // its next safe point, and the job resumes from its last epoch.
             log::warn!("supervisor gone; stop at the next safe point");
-            let mut st = rank.lock();
-            st.gone = true;
-            st.holding = None;
             shared.pending.fetch_or(SNAP | STOP, Ordering::SeqCst);
-            rank.wake.notify_all();
             return;
         }
         log::warn!("supervisor gone; final snapshot and stop at the next safe point");
@@ -402,11 +432,23 @@ fn epoch_request(shared: &Shared, request: Request) {
         }
         Request::EpochEnd { epoch, published } => {
             let mut st = rank.lock();
+            // A target this rank had not reached, or reached without taking the snapshot: its
+            // part will not come (said, so that the supervisor waits for no write of it).
+            let skipped = st.aim.is_some_and(|a| a.epoch == epoch)
+                || st.due.is_some_and(|a| a.epoch == epoch);
+            if st.due.is_some_and(|a| a.epoch == epoch) {
+                st.due = None;
+                shared.pending.fetch_and(!DUE, Ordering::SeqCst);
+            }
             if st.holding == Some(epoch) || st.aim.is_some_and(|a| a.epoch == epoch) {
                 st.holding = None;
                 st.aim = None;
                 shared.pending.fetch_and(!(HOLD | AIM), Ordering::SeqCst);
                 rank.wake.notify_all();
+            }
+            drop(st);
+            if skipped {
+                shared.send(&Event::PartSkipped { epoch });
             }
             if !published {
                 rank.rebase.store(true, Ordering::SeqCst);

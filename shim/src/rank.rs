@@ -128,7 +128,8 @@ pub(crate) fn join(link: &RankLink) -> Result<Joined> {
             seq,
             step,
         } => {
-            let ours = proof(&link.secret, "supervisor", &server_nonce, &nonce, rank);
+            let side = supervise_store::control::welcome_side(epoch, seq, step);
+            let ours = proof(&link.secret, &side, &server_nonce, &nonce, rank);
             if !proofs_equal(&ours, &theirs) {
                 return Err(fail(
                     "the supervisor's proof does not hold (not this job's supervisor)".into(),

@@ -640,10 +640,11 @@ impl Shim {
         let started = Instant::now();
         self.part_seq = None;
         let mut stop_after_part = false;
+        let mut rebase = false;
         if let Some(rank) = &self.shared.rank {
             // A rank captures only its part of an epoch, at the safe point the supervisor
             // named; alone (its supervisor gone) it stops without a snapshot of its own.
-            let Some(aim) = rank.take_due() else {
+            let Some(aim) = rank.take_due(&self.shared.pending) else {
                 return Ok(if pending & STOP != 0 || self.should_stop() {
                     Next::Stop
                 } else {
@@ -652,13 +653,16 @@ impl Shim {
             };
             self.part_seq = Some(supervise_store::epoch::part_seq(aim.epoch, rank.rank));
             stop_after_part = aim.stop;
-            if rank.rebase.swap(false, Ordering::SeqCst) {
-                for slot in &mut self.regions {
-                    slot.baseline = None;
-                }
-            }
+            rebase = rank.rebase.swap(false, Ordering::SeqCst);
         }
         self.settle();
+        // After the settle, which makes the part just written each region's base: a part of
+        // an epoch that was not published is no base (it is removed).
+        if rebase {
+            for slot in &mut self.regions {
+                slot.baseline = None;
+            }
+        }
         if self
             .background
             .as_ref()

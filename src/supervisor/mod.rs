@@ -348,6 +348,15 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         job: &job,
         epochs: cfg.ranks.is_some(),
     };
+    // A job's snapshots are either one program's or epochs of many ranks: run one way, its
+    // store must not be written the other (numbers and retention would collide).
+    if cfg.ranks.is_none() && supervise_store::epoch::has_epochs(&job)? {
+        anyhow::bail!(
+            "job {:?} is a job of many ranks (its snapshots are epochs): run it with its \
+             launcher (mpirun, srun) or --mpi",
+            cfg.job
+        );
+    }
     let mut skip = initial_skip(cfg, snaps, last, log)?;
     let relay = match &cfg.ranks {
         Some((listen, because)) => {

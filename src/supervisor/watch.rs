@@ -663,7 +663,7 @@ impl<'a> Watch<'a> {
                 self.log.emit(&JobEvent::SnapshotSetAside { seq, why });
             }
             // The ranks' own protocol: the relay (`crate::ranks`) answers it, never the program.
-            Event::Join { .. } | Event::EpochAt { .. } => {}
+            Event::Join { .. } | Event::EpochAt { .. } | Event::PartSkipped { .. } => {}
         }
     }
 }

@@ -370,3 +370,40 @@ fn a_rank_that_hangs_is_found_and_the_launch_restarted_from_its_last_epoch() {
     assert!(resumed[0]["step"].as_u64().unwrap() > 0);
     assert!(ranks_running(&program).is_empty(), "ranks left behind");
 }
+
+#[test]
+fn a_part_that_fails_fails_its_epoch_only_and_the_next_ones_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = build(dir.path());
+    let reference = reference(&program);
+    let store = dir.path().join("store");
+    // Rank 1's third part fails to publish (an I/O error, as on a full disk); rank 1 lives on.
+    let mut env = MPI_ENV.to_vec();
+    env.push(("SUPERVISE_FAILPOINT", "packs-synced@3:error"));
+    env.push(("SUPERVISE_FAILPOINT_RANK", "1"));
+    let run = Run::start(
+        &store,
+        &["--job", "heat-mpi", "--every", "200ms"],
+        &mpirun(&program, 4),
+        &env,
+    );
+    let finished = run.wait(LONG);
+    finished.assert_completed(&reference);
+    assert!(events_of(&store, "died").is_empty(), "{}", finished.stderr);
+    let failed = events_of(&store, "snapshot-failed");
+    assert!(
+        failed.iter().any(|e| {
+            let error = e["error"].as_str().unwrap_or("");
+            error.contains("epoch 3") && error.contains("injected failure")
+        }),
+        "{failed:?}"
+    );
+    // Epochs after the failed one were published: the failure held nothing up.
+    let published: Vec<u64> = events_of(&store, "snapshot")
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert!(published.iter().any(|&n| n > 3), "{published:?}");
+    assert!(!published.contains(&3), "{published:?}");
+    assert_epochs_whole(&store);
+}

@@ -96,6 +96,12 @@ pub fn proof(
     h.finalize().to_hex().to_string()
 }
 
+/// The side the supervisor proves in [`Request::Welcome`]: what it answers is bound to the
+/// proof, so a welcome cannot be altered on the way.
+pub fn welcome_side(epoch: Option<u64>, seq: Option<u64>, step: u64) -> String {
+    format!("supervisor {epoch:?} {seq:?} {step}")
+}
+
 /// Compares two proofs without a timing leak of where they differ.
 pub fn proofs_equal(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -180,6 +186,12 @@ pub enum Event {
         nonce: String,
         /// [`proof`] of the rank side.
         proof: String,
+    },
+    /// This rank writes no part of `epoch`: the epoch ended before its program reached the
+    /// target, or the program did not take the snapshot when it was due.
+    PartSkipped {
+        /// The epoch.
+        epoch: u64,
     },
     /// The program passed `step` safe points when [`Request::EpochBegin`] arrived.
     EpochAt {

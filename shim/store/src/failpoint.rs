@@ -5,7 +5,8 @@
 //! `manifest-synced`, `manifest-renamed`; and `fsop@N`: the N-th operation of that layer (any
 //! durability step: see [`crate::fsops::crash`]). Under a supervisor it fires in the first run
 //! of the program only (`SUPERVISE_ATTEMPT` unset or 0), so the restarted program shows the
-//! recovery. Unset, a check costs one load of an initialised `OnceLock`.
+//! recovery. `NAME@N:error` makes the operation fail with an I/O error instead (the process
+//! lives on). Unset, a check costs one load of an initialised `OnceLock`.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +55,9 @@ struct Armed {
     name: String,
     at: u64,
     seen: AtomicU64,
+    /// `NAME@N:error`: the operation fails with an I/O error instead of the process being
+    /// killed (a full disk, say), for a failure the program survives.
+    error: bool,
 }
 
 fn armed() -> &'static Option<Armed> {
@@ -71,6 +75,10 @@ fn armed() -> &'static Option<Armed> {
                 return None;
             }
         }
+        let (spec, error) = match spec.strip_suffix(":error") {
+            Some(spec) => (spec.to_owned(), true),
+            None => (spec, false),
+        };
         let (name, at) = match spec.split_once('@') {
             Some((n, at)) => (n.to_owned(), at.parse().unwrap_or(1)),
             None => (spec, 1),
@@ -82,6 +90,7 @@ fn armed() -> &'static Option<Armed> {
             name,
             at,
             seen: AtomicU64::new(0),
+            error,
         })
     })
 }
@@ -91,17 +100,24 @@ pub fn init() {
     let _ = armed();
 }
 
-/// Kills the process if the fail point `point` is armed and reached for the armed time.
-pub(crate) fn hit(point: Failpoint) {
+/// Kills the process (or, armed with `:error`, fails the operation) if the fail point
+/// `point` is armed and reached for the armed time.
+pub(crate) fn hit(point: Failpoint) -> std::io::Result<()> {
     let name = point.name();
     if let Some(armed) = armed()
         && armed.name == name
         && armed.seen.fetch_add(1, Ordering::SeqCst) + 1 == armed.at
     {
+        if armed.error {
+            return Err(std::io::Error::other(format!(
+                "injected failure at fail point {name}"
+            )));
+        }
         let line = format!("supervise-shim: fail point {name} reached, killing the process\n");
         let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -477,12 +477,15 @@ impl Dir {
             let _ = self.remove(&tmp);
             return Err(e);
         }
-        if let Some((synced, _)) = points {
-            failpoint::hit(synced);
+        if let Some((synced, _)) = points
+            && let Err(e) = failpoint::hit(synced)
+        {
+            let _ = self.remove(&tmp);
+            return Err(io_err("publish", &tmp_path)(e));
         }
         self.rename(&tmp, name)?;
         if let Some((_, renamed)) = points {
-            failpoint::hit(renamed);
+            failpoint::hit(renamed).map_err(io_err("publish", self.join(name)))?;
         }
         self.fsync()
     }
@@ -495,14 +498,14 @@ impl Dir {
         for file in staged {
             fsync_file(file.file).map_err(io_err("fsync", self.join(file.tmp)))?;
         }
-        failpoint::hit(Failpoint::PacksSynced);
+        failpoint::hit(Failpoint::PacksSynced).map_err(io_err("publish packs", self.path()))?;
         for file in staged {
             self.rename(file.tmp, &file.name)?;
         }
         if !staged.is_empty() {
             self.fsync()?;
         }
-        failpoint::hit(Failpoint::PacksRenamed);
+        failpoint::hit(Failpoint::PacksRenamed).map_err(io_err("publish packs", self.path()))?;
         Ok(())
     }
 
