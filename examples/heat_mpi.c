@@ -8,9 +8,11 @@
  *   mpicc -O2 examples/heat_mpi.c -Ishim/capi/include target/release/libsupervise.a -lpthread -ldl -lm -o heat-mpi
  *   mpirun --allow-run-as-root --oversubscribe -n 4 ./heat-mpi --n 64 --steps 200
  *
- * Options: --n N, --steps S, --sleep-ms K (sleep K ms each step, to slow it down for tests).
- * Every rank calls sv_checkpoint_requested() exactly once per step, at the same point (right
- * after step++): the supervisor coordinates the ranks' snapshots by counting those calls.
+ * Options: --n N, --steps S, --sleep-ms K (sleep K ms each step, to slow it down for tests),
+ * --agree K. Every rank calls sv_checkpoint_requested() exactly once per step, at the same
+ * point (right after step++): the supervisor coordinates the ranks' snapshots by counting
+ * those calls. With --agree K the ranks agree among themselves instead, every K steps, with
+ * supervise_mpi.h's sv_mpi_poll (an MPI_Allreduce of the epoch the supervisor offers).
  */
 #include <mpi.h>
 #include <stdint.h>
@@ -20,6 +22,8 @@
 #include <time.h>
 
 #include "supervise.h"
+#include "supervise_mpi.h"
+
 
 static int rank = 0;
 
@@ -39,6 +43,7 @@ int main(int argc, char **argv) {
     size_t n = 2048;
     uint64_t steps = 5400, step = 0;
     unsigned long sleep = 0;
+    uint64_t agree = 0; /* agree on snapshots every this many steps (0: the shim counts) */
     const double alpha = 0.2;
     int size = 1;
 
@@ -53,8 +58,10 @@ int main(int argc, char **argv) {
             steps = strtoull(argv[++i], NULL, 10);
         } else if (i + 1 < argc && strcmp(argv[i], "--sleep-ms") == 0) {
             sleep = strtoul(argv[++i], NULL, 10);
+        } else if (i + 1 < argc && strcmp(argv[i], "--agree") == 0) {
+            agree = strtoull(argv[++i], NULL, 10);
         } else {
-            if (rank == 0) fprintf(stderr, "usage: heat-mpi [--n N] [--steps S] [--sleep-ms K]\n");
+            if (rank == 0) fprintf(stderr, "usage: heat-mpi [--n N] [--steps S] [--sleep-ms K] [--agree K]\n");
             MPI_Finalize();
             return 2;
         }
@@ -89,6 +96,7 @@ int main(int argc, char **argv) {
         for (size_t j = 0; j < n; j++) grid[j] = 100.0;
 
     /* 1. Start the shim, register this rank's rows and the step, restore them on a resume. */
+    if (agree > 0 && sv_set_agreement(1) != 0) return fail("sv_set_agreement");
     if (sv_init() != 0) return fail("sv_init");
     if (sv_protect("grid", grid + n, own_bytes) != 0) return fail("sv_protect grid");
     if (sv_protect("step", &step, sizeof step) != 0) return fail("sv_protect step");
@@ -127,12 +135,24 @@ int main(int argc, char **argv) {
         next = t;
         step++;
         /* 2. The safe point, once per step on every rank. The rows moved (buffers swap each
-         * step): register where they are now, then take the snapshot. */
-        if (sv_checkpoint_requested() == 1) {
-            char tag[32];
-            snprintf(tag, sizeof tag, "step %llu", (unsigned long long)step);
-            int rc = sv_protect("grid", grid + n, own_bytes);
+         * step): register where they are now, then take the snapshot. With --agree, the
+         * ranks agree every `agree` steps through MPI instead. */
+        int rc = 0, took = 0;
+        char tag[32];
+        snprintf(tag, sizeof tag, "step %llu", (unsigned long long)step);
+        if (agree > 0) {
+            if (step % agree == 0) {
+                rc = sv_protect("grid", grid + n, own_bytes);
+                if (rc == 0) rc = sv_mpi_poll(MPI_COMM_WORLD, tag);
+                if (rc == 1) rc = 0;
+                took = 1;
+            }
+        } else if (sv_checkpoint_requested() == 1) {
+            rc = sv_protect("grid", grid + n, own_bytes);
             if (rc == 0) rc = sv_checkpoint(tag);
+            took = 1;
+        }
+        if (took) {
             if (rc == SV_STOP) { /* asked to stop: the final snapshot is taken */
                 free(grid);
                 free(next);

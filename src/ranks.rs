@@ -458,6 +458,8 @@ struct Life {
     stop_wanted: bool,
     /// Refusals told in this life.
     refusals: u32,
+    /// The ranks agree on each epoch's safe point themselves (known once one joined).
+    agree: Option<bool>,
 }
 
 struct RelayLoop {
@@ -594,6 +596,7 @@ impl RelayLoop {
             last_epoch: 0,
             stop_wanted: false,
             refusals: 0,
+            agree: None,
         });
     }
 
@@ -717,7 +720,8 @@ impl RelayLoop {
                     host,
                     nonce,
                     proof: theirs,
-                }) => self.admit(j, rank, size, pid, host, nonce, theirs),
+                    agree,
+                }) => self.admit(j, rank, size, pid, host, nonce, theirs, agree),
                 _ => {
                     let why = "the first message is not a join".to_owned();
                     j.conn
@@ -738,6 +742,7 @@ impl RelayLoop {
         host: String,
         nonce: String,
         theirs: String,
+        agree: bool,
     ) {
         let expected = proof(&self.secret, "rank", &j.nonce, &nonce, rank);
         let refusal = if !proofs_equal(&expected, &theirs) {
@@ -751,6 +756,12 @@ impl RelayLoop {
                 Some(format!(
                     "the job has {} ranks, not {size}",
                     life.size.unwrap_or(0)
+                ))
+            } else if life.agree.is_some_and(|a| a != agree) {
+                Some(format!(
+                    "ranks must all count safe points or all agree on epochs themselves \
+                     (supervise_mpi.h); rank {rank} {}",
+                    if agree { "agrees" } else { "counts" }
                 ))
             } else if life.ranks.contains_key(&rank) {
                 Some(format!("rank {rank} has joined already"))
@@ -775,6 +786,7 @@ impl RelayLoop {
         }
         let Some(life) = &mut self.life else { return };
         life.size = Some(size);
+        life.agree = Some(agree);
         let (epoch, seq, step) = match &life.from {
             Some(e) => (Some(e.epoch), Some(epoch::part_seq(e.epoch, rank)), e.step),
             None => (None, None, 0),
@@ -918,7 +930,13 @@ fn begin_epoch(job: &JobStore, life: &mut Life, stop: bool) {
         tag: None,
         failed: None,
     });
-    send_ranks(life, &Request::EpochBegin { epoch: n });
+    send_ranks(life, &Request::EpochBegin { epoch: n, stop });
+    // Ranks that agree themselves take their parts on the offer: there is no target to name.
+    if life.agree == Some(true)
+        && let Some(t) = &mut life.taking
+    {
+        t.target = Some(0);
+    }
 }
 
 fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {

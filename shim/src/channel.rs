@@ -64,6 +64,13 @@ pub(crate) struct RankState {
     pub(crate) wake: Condvar,
     /// An epoch this rank wrote a part of was not published: its part is no base.
     pub(crate) rebase: AtomicBool,
+    /// The program agrees on each epoch's safe point itself: epochs are offered, no target.
+    pub(crate) agree: bool,
+    /// Agreement: the epoch offered, `epoch << 1 | stop` (0: none).
+    pub(crate) offered: AtomicU64,
+    /// Agreement: the newest epoch this rank captured (an offer that arrives after the
+    /// program already took it, through the others' agreement, is not offered again).
+    pub(crate) taken: AtomicU64,
 }
 
 /// Where the epoch in hand stands.
@@ -89,14 +96,39 @@ pub(crate) struct Aim {
 }
 
 impl RankState {
-    pub(crate) fn new(rank: u32, passed: u64) -> Self {
+    pub(crate) fn new(rank: u32, passed: u64, agree: bool) -> Self {
         Self {
             rank,
             passed: AtomicU64::new(passed),
             epoch: Mutex::new(EpochState::default()),
             wake: Condvar::new(),
             rebase: AtomicBool::new(false),
+            agree,
+            offered: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
         }
+    }
+
+    /// Agreement: the epoch offered and whether it is a final one.
+    pub(crate) fn offered(&self) -> Option<(u64, bool)> {
+        let word = self.offered.load(Ordering::Acquire);
+        (word != 0).then_some((word >> 1, word & 1 == 1))
+    }
+
+    /// Agreement: the program takes its part of `epoch` now (the ranks agreed on it).
+    pub(crate) fn take_agreed(&self, epoch: u64, stop: bool) {
+        let mut st = self.lock();
+        self.taken.fetch_max(epoch, Ordering::SeqCst);
+        let _ = self
+            .offered
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w >> 1 <= epoch).then_some(0)
+            });
+        st.due = Some(Aim {
+            epoch,
+            step: 0,
+            stop,
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, EpochState> {
@@ -367,6 +399,7 @@ pub(crate) fn control_loop(
             st.holding = None;
             st.aim = None;
             st.due = None;
+            rank.offered.store(0, Ordering::SeqCst);
             shared
                 .pending
                 .fetch_and(!(HOLD | AIM | DUE), Ordering::SeqCst);
@@ -411,8 +444,31 @@ fn epoch_request(shared: &Shared, request: Request) {
         );
         return;
     };
+    if rank.agree {
+        match request {
+            Request::EpochBegin { epoch, stop } if rank.taken.load(Ordering::SeqCst) < epoch => {
+                rank.offered
+                    .store(epoch << 1 | u64::from(stop), Ordering::Release);
+            }
+            Request::EpochEnd { epoch, published } => {
+                let was = rank
+                    .offered
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                        (w >> 1 == epoch).then_some(0)
+                    });
+                if was.is_ok() {
+                    shared.send(&Event::PartSkipped { epoch });
+                }
+                if !published {
+                    rank.rebase.store(true, Ordering::SeqCst);
+                }
+            }
+            _ => {}
+        }
+        return;
+    }
     match request {
-        Request::EpochBegin { epoch } => {
+        Request::EpochBegin { epoch, .. } => {
             let mut st = rank.lock();
             st.holding = Some(epoch);
             st.aim = None;

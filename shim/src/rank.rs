@@ -71,6 +71,7 @@ impl Write for Link {
 pub(crate) struct Joined {
     pub(crate) link: Link,
     pub(crate) rank: u32,
+    pub(crate) agree: bool,
     /// The epoch the job resumes from and this rank's part of it.
     pub(crate) resume: Option<(u64, u64)>,
     /// Safe points the program had passed at that epoch.
@@ -117,6 +118,7 @@ pub(crate) fn join(link: &RankLink) -> Result<Joined> {
             .unwrap_or_default(),
         proof: proof(&link.secret, "rank", &server_nonce, &nonce, rank),
         nonce: nonce.clone(),
+        agree: link.agree,
     };
     stream
         .write_all(join.to_line().as_bytes())
@@ -141,6 +143,7 @@ pub(crate) fn join(link: &RankLink) -> Result<Joined> {
             Ok(Joined {
                 link: stream,
                 rank,
+                agree: link.agree,
                 resume: epoch.zip(seq),
                 step,
             })

@@ -118,7 +118,7 @@ impl Shim {
                     Some((_, seq)) => RestoreFrom::Exact(seq),
                     None => RestoreFrom::Nothing,
                 };
-                rank = Some(RankState::new(joined.rank, joined.step));
+                rank = Some(RankState::new(joined.rank, joined.step, joined.agree));
                 Some(Mutex::new(joined.link))
             }
             _ => None,
@@ -726,6 +726,51 @@ impl Shim {
         Ok(Next::Continue(Some(Captured { pause })))
     }
 
+    /// A rank that agrees on epochs itself (`Config::set_agreement`): the epoch the supervisor
+    /// offers, and whether it is a final one; `None` when none is offered (one atomic load).
+    /// The ranks agree (an `MPI_Allreduce` of the largest offered) and each calls
+    /// [`snapshot_epoch`](Self::snapshot_epoch) with the agreed epoch at the same iteration.
+    pub fn epoch_offered(&self) -> Option<(u64, bool)> {
+        self.shared
+            .rank
+            .as_ref()
+            .filter(|r| r.agree)
+            .and_then(|r| r.offered())
+    }
+
+    /// Takes this rank's part of `epoch` now (see [`epoch_offered`](Self::epoch_offered));
+    /// with `stop`, the final one: returns [`Next::Stop`] once it is durable. A program that
+    /// is no rank agreeing on epochs gets [`Next::Continue`]`(None)`.
+    pub fn snapshot_epoch<F>(
+        &mut self,
+        epoch: u64,
+        stop: bool,
+        tag: Option<&str>,
+        fill: F,
+    ) -> Result<Next>
+    where
+        F: FnOnce(&mut Capture<'_>) -> Result<()>,
+    {
+        if !self.agree_on_epoch(epoch, stop) {
+            return Ok(Next::Continue(None));
+        }
+        self.snapshot(tag, fill)
+    }
+
+    /// Marks `epoch` (agreed by the ranks) as the one the next [`snapshot`](Self::snapshot)
+    /// takes this rank's part of; false (and nothing marked) for a program that is no rank
+    /// agreeing on epochs, or epoch 0. [`snapshot_epoch`](Self::snapshot_epoch) is both in
+    /// one call; the C ABI's `sv_checkpoint_epoch` uses this.
+    pub fn agree_on_epoch(&self, epoch: u64, stop: bool) -> bool {
+        match self.shared.rank.as_ref().filter(|r| r.agree) {
+            Some(rank) if epoch > 0 => {
+                rank.take_agreed(epoch, stop);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// True once a stop was requested (by the supervisor, by SIGTERM, or because the
     /// supervisor is gone): the next [`snapshot`](Self::snapshot) is the final one and returns
     /// [`Next::Stop`]. For programs that want to stop without one more snapshot, or that check
@@ -791,6 +836,15 @@ impl DuePoll {
     #[inline]
     pub fn due(&self) -> bool {
         self.shared.due()
+    }
+
+    /// The epoch offered to a rank that agrees on epochs itself, as [`Shim::epoch_offered`].
+    pub fn epoch_offered(&self) -> Option<(u64, bool)> {
+        self.shared
+            .rank
+            .as_ref()
+            .filter(|r| r.agree)
+            .and_then(|r| r.offered())
     }
 }
 

@@ -97,11 +97,28 @@ fn assert_epochs_whole(store: &Path) {
 
 #[test]
 fn ranks_killed_at_random_moments_resume_from_whole_epochs() {
+    ranks_killed_at_random_moments(&[]);
+}
+
+/// The same with ranks that agree on each epoch's iteration themselves (supervise_mpi.h).
+#[test]
+fn ranks_agreeing_through_mpi_killed_at_random_moments_resume_from_whole_epochs() {
+    ranks_killed_at_random_moments(&["--agree", "3"]);
+}
+
+fn ranks_killed_at_random_moments(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let program = build(dir.path());
     let reference = reference(&program);
     let store = dir.path().join("store");
-    let run = start(&store, &["--every", "150ms"], &program);
+    let mut command = mpirun(&program, 4);
+    command.extend(extra.iter().map(OsString::from));
+    let run = Run::start(
+        &store,
+        &["--job", "heat-mpi", "--backoff", "10ms", "--every", "150ms"],
+        &command,
+        &MPI_ENV,
+    );
     let mut rng = fastrand::Rng::new();
     eprintln!("random seed {}", rng.get_seed());
     let mut kills = 0;
@@ -123,12 +140,18 @@ fn ranks_killed_at_random_moments_resume_from_whole_epochs() {
     finished.assert_completed(&reference);
     let resumed = events_of(&store, "epoch-resumed");
     assert_eq!(resumed.len(), kills, "{resumed:?}");
+    // The program's own step (its tag), past 0 and growing from one resume to the next.
     let mut last = 0;
     for r in &resumed {
-        let step = r["step"].as_u64().unwrap();
-        assert!(step > last, "resumed at safe point {step} after {last}");
+        let tag = r["tag"].as_str().unwrap();
+        let step: u64 = tag.strip_prefix("step ").unwrap().parse().unwrap();
+        assert!(step > last, "resumed at step {step} after {last}");
         assert!(r["epoch"].as_u64().unwrap() > 0);
         assert_eq!(r["ranks"], 4);
+        if extra.is_empty() {
+            // Counted safe points are the program's steps here (one per step).
+            assert_eq!(r["step"].as_u64(), Some(step));
+        }
         last = step;
     }
     // Each life after a kill started from the epoch it said.

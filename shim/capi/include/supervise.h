@@ -69,6 +69,36 @@ extern "C" {
 #endif // __cplusplus
 
 /*
+ Tells the shim, before `sv_init`, that this MPI program agrees on each epoch's iteration
+ through its own communicator (`supervise_mpi.h`: `sv_mpi_poll`) instead of calling
+ `sv_checkpoint_requested` once per iteration. Every rank must say the same. Returns 0, or
+ `SV_ESTATE` after `sv_init`.
+ Thread safety: any thread, before `sv_init`.
+ */
+int sv_set_agreement(int on);
+
+/*
+ An MPI rank that agrees on epochs itself: the epoch the supervisor offers (> 0), its
+ negative for a final one (the program stops after it), or 0 when none is offered. One
+ atomic load. `supervise_mpi.h` reduces it over the communicator (the largest wins) and
+ passes the result to `sv_checkpoint_epoch` on every rank at the same iteration.
+ Thread safety: any thread.
+ */
+int64_t sv_epoch_offered(void);
+
+/*
+ Takes this rank's part of epoch `epoch` (as `sv_epoch_offered` gives it: negative for a
+ final one) now, with every protected region, as `sv_checkpoint` does. Returns 0, `SV_STOP`
+ after the final one (clean up and `return sv_finalize_stopped();`), or a negative code.
+ 0 with `epoch` 0 (nothing offered).
+ Thread safety: as `sv_checkpoint`.
+
+ # Safety
+ As [`sv_checkpoint`].
+ */
+int sv_checkpoint_epoch(int64_t epoch, const char *tag);
+
+/*
  Tells the shim this process's rank and the job's size, for an MPI program under a launcher
  whose variables the shim does not read (Open MPI, MPICH/PMI, MVAPICH and Slurm are read).
  Call it before `sv_init` (for example with the numbers `MPI_Comm_rank` and

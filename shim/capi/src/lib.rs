@@ -176,6 +176,65 @@ fn io(e: Error) -> (c_int, String) {
 /// The rank and size `sv_set_rank` gave, for `sv_init`.
 static RANK: Mutex<Option<(u32, u32)>> = Mutex::new(None);
 
+/// `sv_set_agreement` was called with 1 before `sv_init`.
+static AGREE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells the shim, before `sv_init`, that this MPI program agrees on each epoch's iteration
+/// through its own communicator (`supervise_mpi.h`: `sv_mpi_poll`) instead of calling
+/// `sv_checkpoint_requested` once per iteration. Every rank must say the same. Returns 0, or
+/// `SV_ESTATE` after `sv_init`.
+/// Thread safety: any thread, before `sv_init`.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_set_agreement(on: c_int) -> c_int {
+    guard(|| {
+        if STATE.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return Err((
+                SV_ESTATE,
+                "sv_set_agreement must come before sv_init".into(),
+            ));
+        }
+        AGREE.store(on != 0, Ordering::SeqCst);
+        Ok(SV_OK)
+    })
+}
+
+/// An MPI rank that agrees on epochs itself: the epoch the supervisor offers (> 0), its
+/// negative for a final one (the program stops after it), or 0 when none is offered. One
+/// atomic load. `supervise_mpi.h` reduces it over the communicator (the largest wins) and
+/// passes the result to `sv_checkpoint_epoch` on every rank at the same iteration.
+/// Thread safety: any thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn sv_epoch_offered() -> i64 {
+    match poll_state().and_then(DuePoll::epoch_offered) {
+        Some((epoch, true)) => -(epoch as i64),
+        Some((epoch, false)) => epoch as i64,
+        None => 0,
+    }
+}
+
+/// Takes this rank's part of epoch `epoch` (as `sv_epoch_offered` gives it: negative for a
+/// final one) now, with every protected region, as `sv_checkpoint` does. Returns 0, `SV_STOP`
+/// after the final one (clean up and `return sv_finalize_stopped();`), or a negative code.
+/// 0 with `epoch` 0 (nothing offered).
+/// Thread safety: as `sv_checkpoint`.
+///
+/// # Safety
+/// As [`sv_checkpoint`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sv_checkpoint_epoch(epoch: i64, tag: *const c_char) -> c_int {
+    guard(|| {
+        if epoch == 0 {
+            return Ok(SV_OK);
+        }
+        with_state(|s| {
+            if !s.shim.agree_on_epoch(epoch.unsigned_abs(), epoch < 0) {
+                return Ok(SV_OK);
+            }
+            checkpoint(s, tag)
+        })
+    })
+}
+
 /// Tells the shim this process's rank and the job's size, for an MPI program under a launcher
 /// whose variables the shim does not read (Open MPI, MPICH/PMI, MVAPICH and Slurm are read).
 /// Call it before `sv_init` (for example with the numbers `MPI_Comm_rank` and
@@ -220,6 +279,7 @@ pub extern "C" fn sv_init() -> c_int {
         if let Some((rank, size)) = *RANK.lock().unwrap_or_else(|p| p.into_inner()) {
             config.set_rank(rank, size);
         }
+        config.set_agreement(AGREE.load(Ordering::SeqCst));
         let shim = Shim::open(config).map_err(io)?;
         let poll: &'static DuePoll = Box::leak(Box::new(shim.due_poll()));
         LEAKED.lock().unwrap_or_else(|e| e.into_inner()).push(poll);

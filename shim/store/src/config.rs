@@ -104,6 +104,8 @@ pub struct RankLink {
     /// The rank and the job's size, if the environment tells them (the program may set them:
     /// `Config::set_rank`).
     pub rank: Option<(u32, u32)>,
+    /// The program agrees on each epoch's safe point itself (`Config::set_agreement`).
+    pub agree: bool,
 }
 
 impl std::fmt::Debug for RankLink {
@@ -112,6 +114,7 @@ impl std::fmt::Debug for RankLink {
             .field("endpoint", &self.endpoint)
             .field("secret", &"(hidden)")
             .field("rank", &self.rank)
+            .field("agree", &self.agree)
             .finish()
     }
 }
@@ -465,6 +468,16 @@ impl Config {
         }
     }
 
+    /// Says that the program agrees on each epoch's safe point through its own communicator
+    /// (an `MPI_Allreduce` of [`Shim::epoch_offered`](../../supervise_shim/struct.Shim.html)
+    /// every few steps, as `supervise_mpi.h` does) instead of counting safe points. No effect
+    /// outside a job of many ranks.
+    pub fn set_agreement(&mut self, on: bool) {
+        if let Mode::Ranked(link) = &mut self.mode {
+            link.agree = on;
+        }
+    }
+
     /// The retention policy: keep-last and keep-within.
     pub fn retention(&self) -> crate::store::Retention {
         crate::store::Retention {
@@ -578,6 +591,7 @@ impl Config {
                     endpoint,
                     secret,
                     rank: rank_from(var_named),
+                    agree: false,
                 })
             }
             (None, Some(fd)) => {

@@ -55,6 +55,10 @@ pub enum Request {
     EpochBegin {
         /// The epoch being taken.
         epoch: u64,
+        /// A final epoch: the program stops after it (said to ranks that agree on the safe
+        /// point themselves; others learn it with the target).
+        #[serde(default)]
+        stop: bool,
     },
     /// Capture this rank's part of `epoch` at safe point `step`; with `stop`, stop after it.
     EpochTarget {
@@ -186,6 +190,10 @@ pub enum Event {
         nonce: String,
         /// [`proof`] of the rank side.
         proof: String,
+        /// The program agrees on the safe point of an epoch through its own communicator
+        /// (`supervise_mpi.h`): the supervisor offers epochs and names no target.
+        #[serde(default)]
+        agree: bool,
     },
     /// This rank writes no part of `epoch`: the epoch ended before its program reached the
     /// target, or the program did not take the snapshot when it was due.
