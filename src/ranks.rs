@@ -240,6 +240,19 @@ fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
     Ok(bytes)
 }
 
+/// Kills a rank's process: only a process the kernel named as the socket's peer, and only if
+/// it is still the process that joined (its start time): never a pid a rank claimed, never a
+/// reused one. Ranks over TCP are their launcher's to end. True if it was signalled.
+fn kill_peer(pid: u32, started: u64) -> bool {
+    pid > 1
+        && start_time(pid) == Some(started)
+        && nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
+}
+
 /// When process `pid` started (clock ticks since boot, `/proc/PID/stat` field 22): with the
 /// pid, it names one process, never a later one that reuses the number.
 fn start_time(pid: u32) -> Option<u64> {
@@ -448,7 +461,10 @@ struct Life {
     beats_sent: u64,
     taking: Option<Taking>,
     /// Ranks still writing a part of a failed epoch (no retention runs until they finish).
-    busy: HashMap<u32, u64>,
+    busy: HashMap<u32, (u64, Instant)>,
+    /// Ranks lost while their process may live on (the kernel-named peer and its start time):
+    /// killed when the life ends.
+    lost: Vec<(u32, u64)>,
     /// The epoch to resume from could not be chosen (an I/O error): every rank is refused,
     /// rather than started from scratch.
     unchosen: Option<String>,
@@ -592,6 +608,7 @@ impl RelayLoop {
             beats_sent: 0,
             taking: None,
             busy: HashMap::new(),
+            lost: Vec::new(),
             unchosen,
             last_epoch: 0,
             stop_wanted: false,
@@ -604,6 +621,13 @@ impl RelayLoop {
         let Some(mut life) = self.life.take() else {
             return Vec::new();
         };
+        // Ranks held for a target that will not come now go on (to their end).
+        if let Some(t) = &mut life.taking
+            && t.target.is_none()
+        {
+            t.failed = Some("the launcher ended".into());
+        }
+        finish_epoch(&self.job, &mut life);
         let deadline = Instant::now() + grace;
         loop {
             // What the ranks said before they ended still counts: the parts of a final epoch
@@ -637,19 +661,14 @@ impl RelayLoop {
         }
         let mut killed = Vec::new();
         for (n, rank) in &life.ranks {
-            // Only a process the kernel named as the socket's peer, and only if it is still
-            // the process that joined (its start time): never a pid a rank claimed, never a
-            // reused one. Ranks over TCP are their launcher's to end.
             if let Some((pid, started)) = rank.peer
-                && pid > 1
-                && start_time(pid) == Some(started)
+                && kill_peer(pid, started)
             {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
                 killed.push(*n);
             }
+        }
+        for (pid, started) in life.lost {
+            kill_peer(pid, started);
         }
         killed.sort_unstable();
         killed
@@ -705,7 +724,10 @@ impl RelayLoop {
             };
             // A rank that joins before its life is known to the relay (the launcher is
             // spawned first) waits for it.
-            if self.life.is_none() && j.since.elapsed() < JOIN_TIMEOUT {
+            if self.life.is_none() {
+                if !j.conn.open || j.since.elapsed() >= JOIN_TIMEOUT {
+                    continue;
+                }
                 let mut back: Vec<u8> = lines.concat();
                 back.extend_from_slice(&j.conn.inbox);
                 j.conn.inbox = back;
@@ -855,6 +877,30 @@ impl RelayLoop {
             }
         }
         finish_epoch(&self.job, life);
+        // A rank that never answers for its part of a failed epoch would hold up every
+        // epoch after it: it is lost (and killed, so that the launch restarts).
+        let stuck: Vec<u32> = life
+            .busy
+            .iter()
+            .filter(|(_, (_, since))| since.elapsed() > EPOCH_DEADLINE)
+            .map(|(n, _)| *n)
+            .collect();
+        for n in stuck {
+            life.watch.send(
+                &Event::Warning {
+                    kind: WarningKind::RankRefused,
+                    message: format!(
+                        "rank {n} did not answer for its part of a failed epoch in {}: killed",
+                        crate::human::duration(EPOCH_DEADLINE)
+                    ),
+                }
+                .to_line(),
+            );
+            if let Some((pid, started)) = life.ranks.get(&n).and_then(|r| r.peer) {
+                kill_peer(pid, started);
+            }
+            rank_lost(&self.job, life, n);
+        }
         if life.stop_wanted && life.taking.is_none() && life.busy.is_empty() && life.hello_sent {
             life.stop_wanted = false;
             begin_epoch(&self.job, life, true);
@@ -1002,7 +1048,7 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
         }
         Event::SnapshotDone(report) => {
             if let Some((e, _)) = epoch::part_of(report.seq)
-                && life.busy.get(&n) == Some(&e)
+                && life.busy.get(&n).map(|b| b.0) == Some(e)
             {
                 life.busy.remove(&n);
             }
@@ -1024,7 +1070,7 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
             }
         }
         Event::PartSkipped { epoch } => {
-            if life.busy.get(&n) == Some(&epoch) {
+            if life.busy.get(&n).map(|b| b.0) == Some(epoch) {
                 life.busy.remove(&n);
             }
             if let Some(t) = &mut life.taking
@@ -1078,7 +1124,9 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
 }
 
 fn rank_lost(_job: &JobStore, life: &mut Life, n: u32) {
-    life.ranks.remove(&n);
+    if let Some(peer) = life.ranks.remove(&n).and_then(|r| r.peer) {
+        life.lost.push(peer);
+    }
     life.busy.remove(&n);
     if let Some(t) = &mut life.taking
         && !t.parts.contains_key(&n)
@@ -1145,7 +1193,7 @@ fn finish_epoch(job: &JobStore, life: &mut Life) {
             if t.target.is_some() {
                 for n in life.ranks.keys() {
                     if !t.parts.contains_key(n) && !t.without.contains(n) {
-                        life.busy.insert(*n, t.epoch);
+                        life.busy.insert(*n, (t.epoch, Instant::now()));
                     }
                 }
             }

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, ErrorKind};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -62,8 +62,11 @@ pub(crate) struct RankState {
     pub(crate) epoch: Mutex<EpochState>,
     /// Wakes a program held at a safe point.
     pub(crate) wake: Condvar,
-    /// An epoch this rank wrote a part of was not published: its part is no base.
-    pub(crate) rebase: AtomicBool,
+    /// Epochs that were not published: a part of one is no base (it is removed). Taken by
+    /// the next capture, after its settle.
+    pub(crate) unpublished: Mutex<Vec<u64>>,
+    /// Agreement: the newest epoch that ended (no part of it may be taken any more).
+    pub(crate) ended: AtomicU64,
     /// The program agrees on each epoch's safe point itself: epochs are offered, no target.
     pub(crate) agree: bool,
     /// Agreement: the epoch offered, `epoch << 1 | stop` (0: none).
@@ -102,7 +105,8 @@ impl RankState {
             passed: AtomicU64::new(passed),
             epoch: Mutex::new(EpochState::default()),
             wake: Condvar::new(),
-            rebase: AtomicBool::new(false),
+            unpublished: Mutex::new(Vec::new()),
+            ended: AtomicU64::new(0),
             agree,
             offered: AtomicU64::new(0),
             taken: AtomicU64::new(0),
@@ -115,20 +119,40 @@ impl RankState {
         (word != 0).then_some((word >> 1, word & 1 == 1))
     }
 
-    /// Agreement: the program takes its part of `epoch` now (the ranks agreed on it).
-    pub(crate) fn take_agreed(&self, epoch: u64, stop: bool) {
+    /// Agreement: the program takes its part of `epoch` now (the ranks agreed on it). False
+    /// (nothing to capture) when this rank took it already or it ended: a late offer, or an
+    /// epoch another rank still offered when this one heard it ended.
+    pub(crate) fn take_agreed(&self, epoch: u64, stop: bool) -> bool {
         let mut st = self.lock();
-        self.taken.fetch_max(epoch, Ordering::SeqCst);
         let _ = self
             .offered
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
                 (w >> 1 <= epoch).then_some(0)
             });
+        if self.ended.load(Ordering::SeqCst) >= epoch
+            || self.taken.fetch_max(epoch, Ordering::SeqCst) >= epoch
+        {
+            return false;
+        }
         st.due = Some(Aim {
             epoch,
             step: 0,
             stop,
         });
+        true
+    }
+
+    /// Notes that `epoch` was not published.
+    fn unpublished(&self, epoch: u64) {
+        self.unpublished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(epoch);
+    }
+
+    /// The epochs not published since the last call.
+    pub(crate) fn take_unpublished(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.unpublished.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, EpochState> {
@@ -157,6 +181,20 @@ impl Shared {
         }
         let pending = self.pending.load(Ordering::Relaxed);
         pending != 0 && self.due_slow(pending)
+    }
+
+    /// A rank that agrees on epochs itself: the epoch offered, and whether it is a final one.
+    pub(crate) fn epoch_offered(&self) -> Option<(u64, bool)> {
+        let rank = self.rank.as_ref().filter(|r| r.agree)?;
+        let pending = self.pending.load(Ordering::Relaxed);
+        if pending != 0 {
+            // Asked every few steps, it is where such a program beats.
+            self.due_slow(pending & BEAT);
+            if pending & STOP != 0 && rank.offered().is_none() {
+                return Some((0, true));
+            }
+        }
+        rank.offered()
     }
 
     #[cold]
@@ -445,22 +483,30 @@ fn epoch_request(shared: &Shared, request: Request) {
         return;
     };
     if rank.agree {
+        // Under the lock `take_agreed` takes: an offer and its taking never cross.
+        let st = rank.lock();
         match request {
-            Request::EpochBegin { epoch, stop } if rank.taken.load(Ordering::SeqCst) < epoch => {
+            Request::EpochBegin { epoch, stop }
+                if rank.taken.load(Ordering::SeqCst) < epoch
+                    && rank.ended.load(Ordering::SeqCst) < epoch =>
+            {
                 rank.offered
                     .store(epoch << 1 | u64::from(stop), Ordering::Release);
             }
             Request::EpochEnd { epoch, published } => {
-                let was = rank
+                rank.ended.fetch_max(epoch, Ordering::SeqCst);
+                let _ = rank
                     .offered
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-                        (w >> 1 == epoch).then_some(0)
+                        (w >> 1 <= epoch).then_some(0)
                     });
-                if was.is_ok() {
+                let took = rank.taken.load(Ordering::SeqCst) >= epoch;
+                drop(st);
+                if !took {
                     shared.send(&Event::PartSkipped { epoch });
                 }
                 if !published {
-                    rank.rebase.store(true, Ordering::SeqCst);
+                    rank.unpublished(epoch);
                 }
             }
             _ => {}
@@ -507,7 +553,7 @@ fn epoch_request(shared: &Shared, request: Request) {
                 shared.send(&Event::PartSkipped { epoch });
             }
             if !published {
-                rank.rebase.store(true, Ordering::SeqCst);
+                rank.unpublished(epoch);
             }
         }
         _ => {}

@@ -640,7 +640,7 @@ impl Shim {
         let started = Instant::now();
         self.part_seq = None;
         let mut stop_after_part = false;
-        let mut rebase = false;
+        let mut unpublished = Vec::new();
         if let Some(rank) = &self.shared.rank {
             // A rank captures only its part of an epoch, at the safe point the supervisor
             // named; alone (its supervisor gone) it stops without a snapshot of its own.
@@ -653,13 +653,17 @@ impl Shim {
             };
             self.part_seq = Some(supervise_store::epoch::part_seq(aim.epoch, rank.rank));
             stop_after_part = aim.stop;
-            rebase = rank.rebase.swap(false, Ordering::SeqCst);
+            unpublished = rank.take_unpublished();
         }
         self.settle();
         // After the settle, which makes the part just written each region's base: a part of
         // an epoch that was not published is no base (it is removed).
-        if rebase {
-            for slot in &mut self.regions {
+        for slot in &mut self.regions {
+            let epoch = slot
+                .baseline
+                .and_then(supervise_store::epoch::part_of)
+                .map(|(e, _)| e);
+            if epoch.is_some_and(|e| unpublished.contains(&e)) {
                 slot.baseline = None;
             }
         }
@@ -727,15 +731,13 @@ impl Shim {
     }
 
     /// A rank that agrees on epochs itself (`Config::set_agreement`): the epoch the supervisor
-    /// offers, and whether it is a final one; `None` when none is offered (one atomic load).
+    /// offers, and whether it is a final one; `None` when none is offered (one atomic load);
+    /// `(0, true)` when the supervisor is gone: stop, with no epoch. It is the safe point's
+    /// liveness beat too.
     /// The ranks agree (an `MPI_Allreduce` of the largest offered) and each calls
     /// [`snapshot_epoch`](Self::snapshot_epoch) with the agreed epoch at the same iteration.
     pub fn epoch_offered(&self) -> Option<(u64, bool)> {
-        self.shared
-            .rank
-            .as_ref()
-            .filter(|r| r.agree)
-            .and_then(|r| r.offered())
+        self.shared.epoch_offered()
     }
 
     /// Takes this rank's part of `epoch` now (see [`epoch_offered`](Self::epoch_offered));
@@ -752,21 +754,29 @@ impl Shim {
         F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
         if !self.agree_on_epoch(epoch, stop) {
-            return Ok(Next::Continue(None));
+            // The ranks stop together even when this one has nothing to capture.
+            return Ok(if stop && self.agrees_on_epochs() {
+                Next::Stop
+            } else {
+                Next::Continue(None)
+            });
         }
         self.snapshot(tag, fill)
     }
 
+    /// True for a rank that agrees on epochs itself (`Config::set_agreement`).
+    pub fn agrees_on_epochs(&self) -> bool {
+        self.shared.rank.as_ref().is_some_and(|r| r.agree)
+    }
+
     /// Marks `epoch` (agreed by the ranks) as the one the next [`snapshot`](Self::snapshot)
     /// takes this rank's part of; false (and nothing marked) for a program that is no rank
-    /// agreeing on epochs, or epoch 0. [`snapshot_epoch`](Self::snapshot_epoch) is both in
+    /// agreeing on epochs, epoch 0 (a stop with no epoch: the supervisor is gone), or an
+    /// epoch this rank took already or that ended. [`snapshot_epoch`](Self::snapshot_epoch) is both in
     /// one call; the C ABI's `sv_checkpoint_epoch` uses this.
     pub fn agree_on_epoch(&self, epoch: u64, stop: bool) -> bool {
         match self.shared.rank.as_ref().filter(|r| r.agree) {
-            Some(rank) if epoch > 0 => {
-                rank.take_agreed(epoch, stop);
-                true
-            }
+            Some(rank) if epoch > 0 => rank.take_agreed(epoch, stop),
             _ => false,
         }
     }
@@ -840,11 +850,7 @@ impl DuePoll {
 
     /// The epoch offered to a rank that agrees on epochs itself, as [`Shim::epoch_offered`].
     pub fn epoch_offered(&self) -> Option<(u64, bool)> {
-        self.shared
-            .rank
-            .as_ref()
-            .filter(|r| r.agree)
-            .and_then(|r| r.offered())
+        self.shared.epoch_offered()
     }
 }
 

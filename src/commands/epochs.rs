@@ -146,7 +146,7 @@ pub fn show(t: &Target, job: &JobStore, id: &str) -> Result<i32> {
         bytes_written: u64,
         stored_bytes: u64,
         dedup_ratio: f64,
-        /// Chunks found in more than one rank's part, stored once.
+        /// Chunks found in more than one rank's part.
         shared_chunks: usize,
         parts: Vec<PartRow>,
     }
@@ -221,7 +221,7 @@ pub fn show(t: &Target, job: &JobStore, id: &str) -> Result<i32> {
     )?;
     human::outln!(
         "{} of state stored in {}: state/stored {:.2}; {} new when taken, {} written; {} chunks \
-         held by more than one rank, stored once",
+         held by more than one rank",
         human::bytes(shown.bytes_total),
         human::bytes(shown.stored_bytes),
         shown.dedup_ratio,

@@ -80,6 +80,15 @@ fn start(store: &Path, options: &[&str], program: &Path) -> Run {
     Run::start(store, &opts, &mpirun(program, 4), &MPI_ENV)
 }
 
+/// The job with the fail point `point` armed in rank `rank` only.
+fn start_failing(store: &Path, program: &Path, point: &str, rank: &str) -> Run {
+    let mut env = MPI_ENV.to_vec();
+    env.push(("SUPERVISE_FAILPOINT", point));
+    env.push(("SUPERVISE_FAILPOINT_RANK", rank));
+    let options = ["--job", "heat-mpi", "--backoff", "10ms", "--every", "200ms"];
+    Run::start(store, &options, &mpirun(program, 4), &env)
+}
+
 /// Each published epoch names a part of every rank, and each part is there.
 fn assert_epochs_whole(store: &Path) {
     let job = supervise_store::Store::open(store)
@@ -172,15 +181,7 @@ fn a_rank_dying_in_its_commit_never_lets_that_epoch_be_restored() {
     let store = dir.path().join("store");
     // Rank 2 dies when its third part's manifest is visible, before the epoch is published:
     // the other ranks' parts of that epoch are durable too, and must never be restored.
-    let mut env = MPI_ENV.to_vec();
-    env.push(("SUPERVISE_FAILPOINT", "manifest-renamed@3"));
-    env.push(("SUPERVISE_FAILPOINT_RANK", "2"));
-    let run = Run::start(
-        &store,
-        &["--job", "heat-mpi", "--backoff", "10ms", "--every", "200ms"],
-        &mpirun(&program, 4),
-        &env,
-    );
+    let run = start_failing(&store, &program, "manifest-renamed@3", "2");
     let finished = run.wait(LONG);
     finished.assert_completed(&reference);
     let resumed = events_of(&store, "epoch-resumed");
@@ -268,7 +269,7 @@ fn a_damaged_part_sets_its_epoch_aside_and_the_job_resumes_from_the_one_before()
     let shown = json(&store, &["show", "latest", "--job", "heat-mpi"]);
     assert_eq!(shown["epoch"], newest);
     assert_eq!(shown["parts"].as_array().unwrap().len(), 4);
-    // Every rank holds the same `step`: stored once.
+    // Every rank holds the same `step`: a chunk found in every part.
     assert!(shown["shared_chunks"].as_u64().unwrap() >= 1, "{shown}");
     let verified = json(&store, &["verify", "--job", "heat-mpi"]);
     assert!(
@@ -401,15 +402,7 @@ fn a_part_that_fails_fails_its_epoch_only_and_the_next_ones_publish() {
     let reference = reference(&program);
     let store = dir.path().join("store");
     // Rank 1's third part fails to publish (an I/O error, as on a full disk); rank 1 lives on.
-    let mut env = MPI_ENV.to_vec();
-    env.push(("SUPERVISE_FAILPOINT", "packs-synced@3:error"));
-    env.push(("SUPERVISE_FAILPOINT_RANK", "1"));
-    let run = Run::start(
-        &store,
-        &["--job", "heat-mpi", "--every", "200ms"],
-        &mpirun(&program, 4),
-        &env,
-    );
+    let run = start_failing(&store, &program, "packs-synced@3:error", "1");
     let finished = run.wait(LONG);
     finished.assert_completed(&reference);
     assert!(events_of(&store, "died").is_empty(), "{}", finished.stderr);

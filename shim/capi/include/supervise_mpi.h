@@ -36,13 +36,15 @@
 
 static inline int sv_mpi_poll(MPI_Comm comm, const char *tag) {
     int64_t offered = sv_epoch_offered();
-    /* [0]: the epoch, [1]: 1 for a final one. The largest of each wins. */
-    long long mine[2] = {offered < 0 ? -offered : offered, offered < 0 ? 1 : 0};
+    /* [0]: the epoch, [1]: 1 for a final one (or a stop without an epoch: INT64_MIN). The
+     * largest of each wins. */
+    long long mine[2] = {offered == INT64_MIN ? 0 : (offered < 0 ? -offered : offered),
+                         offered < 0 ? 1 : 0};
     long long agreed[2] = {0, 0};
     if (MPI_Allreduce(mine, agreed, 2, MPI_LONG_LONG, MPI_MAX, comm) != MPI_SUCCESS)
         return SV_EINTERNAL;
     if (agreed[0] == 0)
-        return 0;
+        return agreed[1] ? sv_checkpoint_epoch(INT64_MIN, tag) : 0;
     int rc = sv_checkpoint_epoch(agreed[1] ? -(int64_t)agreed[0] : (int64_t)agreed[0], tag);
     return rc == 0 ? 1 : rc;
 }

@@ -199,13 +199,14 @@ pub extern "C" fn sv_set_agreement(on: c_int) -> c_int {
 }
 
 /// An MPI rank that agrees on epochs itself: the epoch the supervisor offers (> 0), its
-/// negative for a final one (the program stops after it), or 0 when none is offered. One
-/// atomic load. `supervise_mpi.h` reduces it over the communicator (the largest wins) and
+/// negative for a final one (the program stops after it), `INT64_MIN` for a stop without an
+/// epoch (the supervisor is gone), or 0 when none is offered. One atomic load. `supervise_mpi.h` reduces it over the communicator (the largest wins) and
 /// passes the result to `sv_checkpoint_epoch` on every rank at the same iteration.
 /// Thread safety: any thread.
 #[unsafe(no_mangle)]
 pub extern "C" fn sv_epoch_offered() -> i64 {
     match poll_state().and_then(DuePoll::epoch_offered) {
+        Some((0, true)) => i64::MIN,
         Some((epoch, true)) => -(epoch as i64),
         Some((epoch, false)) => epoch as i64,
         None => 0,
@@ -213,9 +214,10 @@ pub extern "C" fn sv_epoch_offered() -> i64 {
 }
 
 /// Takes this rank's part of epoch `epoch` (as `sv_epoch_offered` gives it: negative for a
-/// final one) now, with every protected region, as `sv_checkpoint` does. Returns 0, `SV_STOP`
-/// after the final one (clean up and `return sv_finalize_stopped();`), or a negative code.
-/// 0 with `epoch` 0 (nothing offered).
+/// final one, `INT64_MIN` for a stop without one) now, with every protected region, as
+/// `sv_checkpoint` does. Returns 0, `SV_STOP` after the final one or for a stop (clean up and
+/// `return sv_finalize_stopped();`), or a negative code. 0 with `epoch` 0 (nothing offered),
+/// and for an epoch this rank took already or that ended.
 /// Thread safety: as `sv_checkpoint`.
 ///
 /// # Safety
@@ -226,9 +228,17 @@ pub unsafe extern "C" fn sv_checkpoint_epoch(epoch: i64, tag: *const c_char) -> 
         if epoch == 0 {
             return Ok(SV_OK);
         }
+        let (number, stop) = match epoch {
+            i64::MIN => (0, true),
+            e => (e.unsigned_abs(), e < 0),
+        };
         with_state(|s| {
-            if !s.shim.agree_on_epoch(epoch.unsigned_abs(), epoch < 0) {
-                return Ok(SV_OK);
+            if !s.shim.agree_on_epoch(number, stop) {
+                return Ok(if stop && s.shim.agrees_on_epochs() {
+                    SV_STOP
+                } else {
+                    SV_OK
+                });
             }
             checkpoint(s, tag)
         })

@@ -2,8 +2,8 @@
 //!
 //! Each rank writes its part of an epoch as an ordinary snapshot of the job, numbered
 //! [`part_seq`]`(epoch, rank)`, into the job's one `snapshots/` and `packs/` directories, so
-//! chunks equal across ranks are stored once (every rank's writer indexes what every rank
-//! committed). When every rank's part is durable, the supervisor publishes the epoch: a small
+//! a chunk one rank committed is not stored again by another (every rank's writer indexes
+//! what every rank committed; equal chunks new in the same epoch are stored by each). When every rank's part is durable, the supervisor publishes the epoch: a small
 //! file naming each part and the blake3 of its manifest, written atomically (temp name,
 //! fsync, rename, fsync the directory). The rename is the instant the job's snapshot exists;
 //! parts of an epoch that never got its file belong to nothing and are removed.
