@@ -79,8 +79,8 @@ int sv_set_agreement(int on);
 
 /*
  An MPI rank that agrees on epochs itself: the epoch the supervisor offers (> 0), its
- negative for a final one (the program stops after it), or 0 when none is offered. One
- atomic load. `supervise_mpi.h` reduces it over the communicator (the largest wins) and
+ negative for a final one (the program stops after it), `INT64_MIN` for a stop without an
+ epoch (the supervisor is gone), or 0 when none is offered. One atomic load. `supervise_mpi.h` reduces it over the communicator (the largest wins) and
  passes the result to `sv_checkpoint_epoch` on every rank at the same iteration.
  Thread safety: any thread.
  */
@@ -88,9 +88,10 @@ int64_t sv_epoch_offered(void);
 
 /*
  Takes this rank's part of epoch `epoch` (as `sv_epoch_offered` gives it: negative for a
- final one) now, with every protected region, as `sv_checkpoint` does. Returns 0, `SV_STOP`
- after the final one (clean up and `return sv_finalize_stopped();`), or a negative code.
- 0 with `epoch` 0 (nothing offered).
+ final one, `INT64_MIN` for a stop without one) now, with every protected region, as
+ `sv_checkpoint` does. Returns 0, `SV_STOP` after the final one or for a stop (clean up and
+ `return sv_finalize_stopped();`), or a negative code. 0 with `epoch` 0 (nothing offered),
+ and for an epoch this rank took already or that ended.
  Thread safety: as `sv_checkpoint`.
 
  # Safety
