@@ -82,13 +82,11 @@ pub struct SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    /// Opens the writer of `job`: removes temporary files a dead writer left, and indexes the
-    /// chunks of every committed snapshot that reads back. `attempt` is recorded in manifests.
-    pub fn open(job: JobStore, attempt: u32) -> Result<Self> {
-        job.remove_leftovers()?;
-        let mut writer = Self {
+    /// A writer of `job` with nothing indexed yet.
+    fn empty(job: JobStore, attempt: u32, next_seq: u64, part: bool) -> Self {
+        Self {
             newest: None,
-            next_seq: job.highest_seq()?.map_or(1, |s| s + 1),
+            next_seq,
             job,
             index: HashMap::new(),
             attempt,
@@ -97,9 +95,17 @@ impl SnapshotWriter {
             sparse: HashSet::new(),
             last: None,
             set_aside: Vec::new(),
-            part: false,
+            part,
             indexed: HashSet::new(),
-        };
+        }
+    }
+
+    /// Opens the writer of `job`: removes temporary files a dead writer left, and indexes the
+    /// chunks of every committed snapshot that reads back. `attempt` is recorded in manifests.
+    pub fn open(job: JobStore, attempt: u32) -> Result<Self> {
+        job.remove_leftovers()?;
+        let next_seq = job.highest_seq()?.map_or(1, |s| s + 1);
+        let mut writer = Self::empty(job, attempt, next_seq, false);
         let mut manifests = Vec::new();
         let mut unreadable = false;
         for seq in writer.job.snapshot_seqs()? {
@@ -147,20 +153,8 @@ impl SnapshotWriter {
     /// once, and builds deltas on `base` (this rank's part that was restored). Each snapshot's
     /// number is given by [`prepare_part`](Self::prepare_part).
     pub fn open_part(job: JobStore, attempt: u32, base: Option<u64>) -> Result<Self> {
-        let mut writer = Self {
-            newest: base,
-            next_seq: 0,
-            job,
-            index: HashMap::new(),
-            attempt,
-            threads: crate::worker_threads(),
-            chunk_size: CHUNK_SIZE,
-            sparse: HashSet::new(),
-            last: None,
-            set_aside: Vec::new(),
-            part: true,
-            indexed: HashSet::new(),
-        };
+        let mut writer = Self::empty(job, attempt, 0, true);
+        writer.newest = base;
         writer.refresh()?;
         if let Some(seq) = base {
             writer.last = Some(writer.job.read_manifest(seq)?);
