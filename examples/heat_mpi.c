@@ -13,6 +13,10 @@
  * point (right after step++): the supervisor coordinates the ranks' snapshots by counting
  * those calls. With --agree K the ranks agree among themselves instead, every K steps, with
  * supervise_mpi.h's sv_mpi_poll (an MPI_Allreduce of the epoch the supervisor offers).
+ * With --table-kib K every rank also holds the same K KiB table (replicated data, as in
+ * codes where every rank keeps the global coefficients), rewritten alike on every rank each
+ * 20 steps: supervise stores its chunks once per epoch, not once per rank. A resumed rank
+ * checks its restored table against the one it would have computed.
  */
 #include <mpi.h>
 #include <stdint.h>
@@ -33,6 +37,19 @@ static int fail(const char *what) {
     return 1;
 }
 
+/* splitmix64: the table's words. */
+static uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+/* The replicated table as of `version` (step / 20), the same on every rank. */
+static void fill_table(uint64_t *table, size_t words, uint64_t version) {
+    for (size_t i = 0; i < words; i++) table[i] = mix(version * 0x100000001b3ULL + i);
+}
+
 static void sleep_ms(unsigned long ms) {
     struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
     while (nanosleep(&ts, &ts) != 0) {
@@ -44,6 +61,7 @@ int main(int argc, char **argv) {
     uint64_t steps = 5400, step = 0;
     unsigned long sleep = 0;
     uint64_t agree = 0; /* agree on snapshots every this many steps (0: the shim counts) */
+    size_t table_words = 0; /* the replicated table (--table-kib) */
     const double alpha = 0.2;
     int size = 1;
 
@@ -60,8 +78,11 @@ int main(int argc, char **argv) {
             sleep = strtoul(argv[++i], NULL, 10);
         } else if (i + 1 < argc && strcmp(argv[i], "--agree") == 0) {
             agree = strtoull(argv[++i], NULL, 10);
+        } else if (i + 1 < argc && strcmp(argv[i], "--table-kib") == 0) {
+            table_words = strtoull(argv[++i], NULL, 10) * 1024 / sizeof(uint64_t);
         } else {
-            if (rank == 0) fprintf(stderr, "usage: heat-mpi [--n N] [--steps S] [--sleep-ms K] [--agree K]\n");
+            if (rank == 0)
+                fprintf(stderr, "usage: heat-mpi [--n N] [--steps S] [--sleep-ms K] [--agree K] [--table-kib K]\n");
             MPI_Finalize();
             return 2;
         }
@@ -87,7 +108,9 @@ int main(int argc, char **argv) {
     size_t own_bytes = rows * n * sizeof(double);
     double *grid = calloc(local, sizeof(double));
     double *next = calloc(local, sizeof(double));
-    if (!grid || !next) {
+    uint64_t *table = calloc(table_words + 1, sizeof(uint64_t));
+    uint64_t *expected = calloc(table_words + 1, sizeof(uint64_t));
+    if (!grid || !next || !table || !expected) {
         fprintf(stderr, "heat_mpi: rank %d: out of memory\n", rank);
         MPI_Abort(MPI_COMM_WORLD, 1);
         return 1;
@@ -100,9 +123,19 @@ int main(int argc, char **argv) {
     if (sv_init() != 0) return fail("sv_init");
     if (sv_protect("grid", grid + n, own_bytes) != 0) return fail("sv_protect grid");
     if (sv_protect("step", &step, sizeof step) != 0) return fail("sv_protect step");
+    fill_table(table, table_words, 0);
+    if (table_words > 0 && sv_protect("table", table, table_words * sizeof(uint64_t)) != 0)
+        return fail("sv_protect table");
     if (sv_is_restart() == 1) {
         if (sv_restore() != 0) return fail("sv_restore");
         fprintf(stderr, "heat_mpi: rank %d resumed at step %llu\n", rank, (unsigned long long)step);
+        fill_table(expected, table_words, step / 20);
+        if (memcmp(table, expected, table_words * sizeof(uint64_t)) != 0) {
+            fprintf(stderr, "heat_mpi: rank %d: the restored table is not step %llu's\n", rank,
+                    (unsigned long long)step);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+            return 1;
+        }
     }
     /* Every rank must be at the same step, or the halo exchanges never match up. */
     unsigned long long mine = step, lo = 0, hi = 0;
@@ -134,6 +167,7 @@ int main(int argc, char **argv) {
         grid = next;
         next = t;
         step++;
+        if (step % 20 == 0) fill_table(table, table_words, step / 20);
         /* 2. The safe point, once per step on every rank. The rows moved (buffers swap each
          * step): register where they are now, then take the snapshot. With --agree, the
          * ranks agree every `agree` steps through MPI instead. */
@@ -156,6 +190,8 @@ int main(int argc, char **argv) {
             if (rc == SV_STOP) { /* asked to stop: the final snapshot is taken */
                 free(grid);
                 free(next);
+                free(table);
+                free(expected);
                 MPI_Finalize();
                 return sv_finalize_stopped();
             }
@@ -204,6 +240,8 @@ int main(int argc, char **argv) {
     }
     free(grid);
     free(next);
+    free(table);
+    free(expected);
     MPI_Finalize();
     return status;
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use supervise_store::claims::{ChunkAt, ClaimTable, MAX_BATCH, hashes_from_hex};
 use supervise_store::clock::{millis, now_unix_ms};
 use supervise_store::config::{ENV_ENDPOINT, ENV_SECRET, Endpoint, RestoreFrom};
 use supervise_store::control::{Event, Request, WarningKind, proof, proofs_equal};
@@ -447,6 +448,8 @@ struct Taking {
     without: std::collections::HashSet<u32>,
     tag: Option<String>,
     failed: Option<String>,
+    /// Which rank stores each chunk the ranks claimed (see `supervise_store::claims`).
+    claims: ClaimTable,
 }
 
 /// One life of the job.
@@ -975,6 +978,7 @@ fn begin_epoch(job: &JobStore, life: &mut Life, stop: bool) {
         without: std::collections::HashSet::new(),
         tag: None,
         failed: None,
+        claims: ClaimTable::default(),
     });
     send_ranks(life, &Request::EpochBegin { epoch: n, stop });
     // Ranks that agree themselves take their parts on the offer: there is no target to name.
@@ -1119,7 +1123,43 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
             }
             .to_line(),
         ),
+        Event::ChunkClaims { epoch, id, hashes } => {
+            // Outside the epoch being taken (a part of a failed one): the rank stores all.
+            let (theirs, known) = match (&mut life.taking, hashes_from_hex(&hashes)) {
+                (Some(t), Some(hashes)) if t.epoch == epoch => t.claims.claim(n, &hashes),
+                _ => (Vec::new(), Vec::new()),
+            };
+            if let Some(rank) = life.ranks.get_mut(&n) {
+                rank.conn
+                    .send(&Request::ClaimAnswer { epoch, id, theirs }.to_line());
+                send_chunks_at(rank, epoch, known);
+            }
+        }
+        Event::ChunksStored { epoch, chunks } => {
+            let Some(t) = &mut life.taking else { return };
+            if t.epoch != epoch {
+                return;
+            }
+            for (waiter, chunks) in t.claims.stored(n, chunks) {
+                if let Some(rank) = life.ranks.get_mut(&waiter) {
+                    send_chunks_at(rank, epoch, chunks);
+                }
+            }
+        }
         Event::RecordsDamaged { .. } | Event::Join { .. } => {}
+    }
+}
+
+/// Tells `rank` where chunks other ranks stored lie, in lines of at most `MAX_BATCH`.
+fn send_chunks_at(rank: &mut Rank, epoch: u64, chunks: Vec<ChunkAt>) {
+    for batch in chunks.chunks(MAX_BATCH) {
+        rank.conn.send(
+            &Request::ChunksAt {
+                epoch,
+                chunks: batch.to_vec(),
+            }
+            .to_line(),
+        );
     }
 }
 

@@ -56,6 +56,10 @@ pub(crate) struct Shared {
 pub(crate) struct RankState {
     /// The rank's number.
     pub(crate) rank: u32,
+    /// The number of ranks.
+    pub(crate) size: u32,
+    /// The supervisor's answers to claims on chunks shared with other ranks.
+    pub(crate) claims: crate::claims::ClaimBox,
     /// Safe points the program passed since the job's start (restored with the epoch).
     pub(crate) passed: AtomicU64,
     /// The epoch in hand.
@@ -99,9 +103,11 @@ pub(crate) struct Aim {
 }
 
 impl RankState {
-    pub(crate) fn new(rank: u32, passed: u64, agree: bool) -> Self {
+    pub(crate) fn new(rank: u32, size: u32, passed: u64, agree: bool) -> Self {
         Self {
             rank,
+            size,
+            claims: crate::claims::ClaimBox::default(),
             passed: AtomicU64::new(passed),
             epoch: Mutex::new(EpochState::default()),
             wake: Condvar::new(),
@@ -389,6 +395,14 @@ pub(crate) fn control_loop(
                         epoch_request(shared, request);
                         0
                     }
+                    Ok(request @ (Request::ClaimAnswer { .. } | Request::ChunksAt { .. }))
+                        if shared.rank.is_some() =>
+                    {
+                        if let Some(rank) = &shared.rank {
+                            rank.claims.file(request);
+                        }
+                        0
+                    }
                     Ok(other) => {
                         shared.warn(
                             WarningKind::BadControlMessage,
@@ -431,6 +445,7 @@ pub(crate) fn control_loop(
             continue;
         }
         if let Some(rank) = &shared.rank {
+            rank.claims.gone();
             // Nobody will send a target: a rank held at its safe point goes on.
             let mut st = rank.lock();
             st.gone = true;
@@ -482,6 +497,9 @@ fn epoch_request(shared: &Shared, request: Request) {
         );
         return;
     };
+    if let Request::EpochEnd { epoch, .. } = request {
+        rank.claims.ended(epoch);
+    }
     if rank.agree {
         // Under the lock `take_agreed` takes: an offer and its taking never cross.
         let st = rank.lock();

@@ -50,6 +50,7 @@
 
 mod capture;
 mod channel;
+mod claims;
 mod output;
 mod rank;
 mod region;

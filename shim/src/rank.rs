@@ -71,6 +71,7 @@ impl Write for Link {
 pub(crate) struct Joined {
     pub(crate) link: Link,
     pub(crate) rank: u32,
+    pub(crate) size: u32,
     pub(crate) agree: bool,
     /// The epoch the job resumes from and this rank's part of it.
     pub(crate) resume: Option<(u64, u64)>,
@@ -143,6 +144,7 @@ pub(crate) fn join(link: &RankLink) -> Result<Joined> {
             Ok(Joined {
                 link: stream,
                 rank,
+                size,
                 agree: link.agree,
                 resume: epoch.zip(seq),
                 step,

@@ -118,7 +118,12 @@ impl Shim {
                     Some((_, seq)) => RestoreFrom::Exact(seq),
                     None => RestoreFrom::Nothing,
                 };
-                rank = Some(RankState::new(joined.rank, joined.step, joined.agree));
+                rank = Some(RankState::new(
+                    joined.rank,
+                    joined.size,
+                    joined.step,
+                    joined.agree,
+                ));
                 Some(Mutex::new(joined.link))
             }
             _ => None,
@@ -177,7 +182,13 @@ impl Shim {
         }
         let writer = if ranked {
             let base = restored.as_ref().map(|r| r.reader.manifest().seq);
-            SnapshotWriter::open_part(job.clone(), shim.config.attempt, base)?
+            let mut writer = SnapshotWriter::open_part(job.clone(), shim.config.attempt, base)?;
+            if crate::claims::shared_with_others(&shim.shared) {
+                writer.set_claims(Arc::new(crate::claims::RankClaims {
+                    shared: Arc::clone(&shim.shared),
+                }));
+            }
+            writer
         } else {
             SnapshotWriter::open(job.clone(), shim.config.attempt)?
         };

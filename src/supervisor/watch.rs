@@ -663,7 +663,11 @@ impl<'a> Watch<'a> {
                 self.log.emit(&JobEvent::SnapshotSetAside { seq, why });
             }
             // The ranks' own protocol: the relay (`crate::ranks`) answers it, never the program.
-            Event::Join { .. } | Event::EpochAt { .. } | Event::PartSkipped { .. } => {}
+            Event::Join { .. }
+            | Event::EpochAt { .. }
+            | Event::PartSkipped { .. }
+            | Event::ChunkClaims { .. }
+            | Event::ChunksStored { .. } => {}
         }
     }
 }

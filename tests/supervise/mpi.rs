@@ -86,7 +86,9 @@ fn start_failing(store: &Path, program: &Path, point: &str, rank: &str) -> Run {
     env.push(("SUPERVISE_FAILPOINT", point));
     env.push(("SUPERVISE_FAILPOINT_RANK", rank));
     let options = ["--job", "heat-mpi", "--backoff", "10ms", "--every", "200ms"];
-    Run::start(store, &options, &mpirun(program, 4), &env)
+    let mut command = mpirun(program, 4);
+    command.extend(["--table-kib".into(), TABLE_KIB.to_string().into()]);
+    Run::start(store, &options, &command, &env)
 }
 
 /// Each published epoch names a part of every rank, and each part is there.
@@ -104,6 +106,9 @@ fn assert_epochs_whole(store: &Path) {
     }
 }
 
+/// The table every rank holds alike (heat_mpi's --table-kib), rewritten every 20 steps.
+const TABLE_KIB: u64 = 512;
+
 #[test]
 fn ranks_killed_at_random_moments_resume_from_whole_epochs() {
     ranks_killed_at_random_moments(&[]);
@@ -115,6 +120,8 @@ fn ranks_agreeing_through_mpi_killed_at_random_moments_resume_from_whole_epochs(
     ranks_killed_at_random_moments(&["--agree", "3"]);
 }
 
+/// Each rank also holds the same table (`--table-kib`): it is stored once an epoch, not once
+/// a rank, and a resumed rank checks that its table is the one of its step.
 fn ranks_killed_at_random_moments(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let program = build(dir.path());
@@ -122,6 +129,7 @@ fn ranks_killed_at_random_moments(extra: &[&str]) {
     let store = dir.path().join("store");
     let mut command = mpirun(&program, 4);
     command.extend(extra.iter().map(OsString::from));
+    command.extend(["--table-kib".into(), TABLE_KIB.to_string().into()]);
     let run = Run::start(
         &store,
         &["--job", "heat-mpi", "--backoff", "10ms", "--every", "150ms"],
@@ -171,6 +179,31 @@ fn ranks_killed_at_random_moments(extra: &[&str]) {
     }
     assert_epochs_whole(&store);
     assert!(ranks_running(&program).is_empty(), "ranks left behind");
+    assert_table_stored_once_an_epoch(&store);
+}
+
+/// The ranks' new bytes in each epoch: at most the grid and one copy of the table (four
+/// copies, one a rank, without claims on shared chunks), and at least one epoch wrote it.
+fn assert_table_stored_once_an_epoch(store: &Path) {
+    let job = supervise_store::Store::open(store)
+        .unwrap()
+        .existing_job("heat-mpi")
+        .unwrap();
+    let grid = 94 * 96 * 8u64;
+    let table = TABLE_KIB << 10;
+    let mut wrote_table = 0;
+    for n in epoch::numbers(&job).unwrap() {
+        let e = epoch::read(&job, n).unwrap();
+        let new: u64 = e.parts.iter().map(|p| p.bytes_new).sum();
+        assert!(
+            new <= grid + table + (16 << 10),
+            "epoch {n} stored {new} new bytes: the table ({table}) more than once? {e:?}"
+        );
+        if new >= table {
+            wrote_table += 1;
+        }
+    }
+    assert!(wrote_table >= 1, "no epoch stored the table");
 }
 
 #[test]
@@ -402,6 +435,8 @@ fn a_part_that_fails_fails_its_epoch_only_and_the_next_ones_publish() {
     let reference = reference(&program);
     let store = dir.path().join("store");
     // Rank 1's third part fails to publish (an I/O error, as on a full disk); rank 1 lives on.
+    // Every rank holds the same table: when rank 1 claimed its chunks first, the other ranks
+    // wait for where it stores them, and the epoch's end must end their wait.
     let run = start_failing(&store, &program, "packs-synced@3:error", "1");
     let finished = run.wait(LONG);
     finished.assert_completed(&reference);

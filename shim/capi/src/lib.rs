@@ -163,7 +163,8 @@ fn code_of(e: &Error) -> c_int {
         | Error::SignalHandler { .. }
         | Error::Thread { .. }
         | Error::Control { .. }
-        | Error::RankLink { .. } => SV_EIO,
+        | Error::RankLink { .. }
+        | Error::SharedChunks { .. } => SV_EIO,
         Error::DeltaBase { .. } => SV_EIO,
         Error::Internal { .. } | Error::Overflow { .. } => SV_EINTERNAL,
     }

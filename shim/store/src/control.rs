@@ -15,9 +15,13 @@
 //! reports at once how many safe points its program passed, [`Event::EpochAt`], and holds the
 //! program at its next one), [`Request::EpochTarget`] (the safe point every rank captures at:
 //! one past the largest reported, which no rank can have passed), and [`Request::EpochEnd`].
+//! While writing its part, a rank settles which rank stores the chunks they hold in common
+//! ([`Event::ChunkClaims`], [`Request::ClaimAnswer`], [`Event::ChunksStored`],
+//! [`Request::ChunksAt`]; see [`crate::claims`]).
 
 use serde::{Deserialize, Serialize};
 
+use crate::claims::ChunkAt;
 use crate::writer::SnapshotReport;
 
 /// Sent by the supervisor.
@@ -68,6 +72,22 @@ pub enum Request {
         step: u64,
         /// The program stops after this epoch (a final snapshot).
         stop: bool,
+    },
+    /// The answer to [`Event::ChunkClaims`]: which of the hashes other ranks store.
+    ClaimAnswer {
+        /// The epoch.
+        epoch: u64,
+        /// The claim answered.
+        id: u64,
+        /// Indices into the claim's hashes of the chunks another rank stores.
+        theirs: Vec<u32>,
+    },
+    /// Where chunks that other ranks store lie (see [`crate::claims`]).
+    ChunksAt {
+        /// The epoch.
+        epoch: u64,
+        /// The locations.
+        chunks: Vec<ChunkAt>,
     },
     /// How the epoch ended: `published` false means it never completed, and this rank's part
     /// of it is not a base for the next (the next capture copies regions whole).
@@ -200,6 +220,22 @@ pub enum Event {
     PartSkipped {
         /// The epoch.
         epoch: u64,
+    },
+    /// A rank's part claims chunks new to it (see [`crate::claims`]).
+    ChunkClaims {
+        /// The epoch.
+        epoch: u64,
+        /// Numbers the claim, for its answer.
+        id: u64,
+        /// The hashes, 64 hex digits each, one after another.
+        hashes: String,
+    },
+    /// A rank's packs are durable: where the chunks it claimed and stored lie.
+    ChunksStored {
+        /// The epoch.
+        epoch: u64,
+        /// The locations.
+        chunks: Vec<ChunkAt>,
     },
     /// The program passed `step` safe points when [`Request::EpochBegin`] arrived.
     EpochAt {

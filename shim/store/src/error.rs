@@ -239,6 +239,14 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// A rank's part could not settle with the other ranks which of them stores the chunks
+    /// they hold in common (see [`crate::claims`]): the epoch ended, or the supervisor is gone.
+    SharedChunks {
+        /// The part's snapshot number.
+        seq: u64,
+        /// Why.
+        why: String,
+    },
     /// A snapshot written in the background failed; earlier snapshots are intact. The error is
     /// the writer's own, so a full disk ([`Error::Io`]) can be told from damage
     /// ([`Error::Corrupt`]).
@@ -378,6 +386,9 @@ impl std::fmt::Display for Error {
             }
             Error::RankLink { endpoint, why } => {
                 write!(f, "cannot join the job's supervisor at {endpoint}: {why}")
+            }
+            Error::SharedChunks { seq, why } => {
+                write!(f, "part {seq}: the chunks shared with other ranks: {why}")
             }
             Error::Background(error) => {
                 write!(f, "{error} (earlier snapshots are intact)")
@@ -522,6 +533,7 @@ mod tests {
             | Error::Thread { .. }
             | Error::Control { .. }
             | Error::RankLink { .. }
+            | Error::SharedChunks { .. }
             | Error::Background(_)
             | Error::RestoreDamaged { .. } => {}
         }
@@ -731,6 +743,13 @@ mod tests {
                 None,
             ),
             (
+                Error::SharedChunks {
+                    seq: 3 << 20 | 1,
+                    why: "epoch 3 ended first".into(),
+                },
+                None,
+            ),
+            (
                 Error::Background(std::sync::Arc::new(Error::Io {
                     op: "write pack",
                     path: path(),
@@ -752,7 +771,7 @@ mod tests {
     #[test]
     fn every_cause_is_told_once_in_the_chain() {
         let errors = one_of_each();
-        assert_eq!(errors.len(), 30, "one of each variant");
+        assert_eq!(errors.len(), 31, "one of each variant");
         for (e, cause) in errors {
             covered(&e);
             // The chain as a reporter prints it (anyhow's `{:#}`): each error, then its sources.

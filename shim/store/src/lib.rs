@@ -8,7 +8,7 @@
 //! reading snapshots ([`writer`], [`reader`]), the job lock ([`lock`]), names ([`name`]),
 //! errors ([`error`]), retention ([`retention`]), scrubbing ([`scrub`]) and repair
 //! ([`repair`]), the job's history ([`history`]), and the protocol between the supervisor and
-//! the program it runs: the environment ([`config`]), the control messages ([`control`]) and
+//! the program it runs: the environment ([`config`]), the control messages ([`control`]) and claims on chunks ranks share ([`claims`]) and
 //! the exit codes ([`exit`]).
 //!
 //! A program does not use this crate directly: it links `supervise-shim` (Rust) or
@@ -16,6 +16,7 @@
 
 #![deny(missing_docs)]
 
+pub mod claims;
 pub mod clock;
 pub mod codec;
 pub mod config;

@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::claims::{ChunkAt, ChunkClaims};
 use crate::codec::{Encoded, Encoder};
 use crate::control::DamagedSnapshot;
 use crate::error::{Error, Result};
@@ -79,6 +80,9 @@ pub struct SnapshotWriter {
     part: bool,
     /// Part mode: the manifests indexed so far.
     indexed: HashSet<u64>,
+    /// Part mode: settles with the epoch's other ranks which of them stores a chunk they
+    /// hold in common (see [`crate::claims`]).
+    claims: Option<Arc<dyn ChunkClaims>>,
 }
 
 impl SnapshotWriter {
@@ -97,6 +101,7 @@ impl SnapshotWriter {
             set_aside: Vec::new(),
             part,
             indexed: HashSet::new(),
+            claims: None,
         }
     }
 
@@ -189,6 +194,15 @@ impl SnapshotWriter {
             }
         }
         Ok(())
+    }
+
+    /// Part mode: chunks new to this rank are claimed through `claims` before they are
+    /// stored, so that a chunk several ranks hold for the first time in one epoch is stored
+    /// by one of them (see [`crate::claims`]).
+    pub fn set_claims(&mut self, claims: Arc<dyn ChunkClaims>) {
+        if self.part {
+            self.claims = Some(claims);
+        }
     }
 
     /// Uses chunks of `bytes` (4 KiB to 16 MiB) for later snapshots instead of
@@ -292,6 +306,8 @@ impl SnapshotWriter {
             finished: Vec::new(),
             new_locs: HashMap::new(),
             claimed: Mutex::new(HashSet::new()),
+            deferred: HashSet::new(),
+            located: HashMap::new(),
             stats: SnapshotStats::default(),
             packs_made: 0,
             committed: false,
@@ -342,6 +358,11 @@ pub struct SnapshotBuilder<'w> {
     finished: Vec<FinishedPack>,
     new_locs: HashMap<Hash, Loc>,
     claimed: Mutex<HashSet<Hash>>,
+    /// Chunks another rank of the epoch stores (see [`crate::claims`]): referenced with
+    /// [`DEFERRED`] as their pack until commit learns where they lie.
+    deferred: HashSet<Hash>,
+    /// Where the deferred chunks lie, once other ranks said.
+    located: HashMap<Hash, Loc>,
     stats: SnapshotStats,
     packs_made: u32,
     committed: bool,
@@ -355,7 +376,12 @@ enum Found {
     Known(Hash),
     /// Another chunk of this snapshot with the same hash is being stored.
     Twin(Hash),
+    /// Another rank of the epoch stores it (its length).
+    Deferred(Hash, u32),
 }
+
+/// The pack number of a chunk reference whose location another rank reports at commit.
+const DEFERRED: u32 = u32::MAX;
 
 /// Bytes [`SnapshotBuilder::add_file`] reads and stores at a time.
 pub const STREAM_BATCH: usize = 64 << 20;
@@ -636,6 +662,46 @@ impl SnapshotBuilder<'_> {
         shuffle: u8,
         refs: &mut [Option<ChunkRef>],
     ) -> Result<()> {
+        let Some(claims) = self.writer.claims.clone() else {
+            return self.store_pieces(pieces, None, shuffle, refs);
+        };
+        // Hashed first, so that the chunks new to this rank are claimed before any is stored.
+        let hashes = hash_pieces(pieces, self.writer.threads);
+        let mut fresh = Vec::new();
+        {
+            let claimed = self.claimed.get_mut().unwrap_or_else(|p| p.into_inner());
+            let mut seen = HashSet::new();
+            for hash in &hashes {
+                if !self.writer.index.contains_key(hash)
+                    && !self.deferred.contains(hash)
+                    && !claimed.contains(hash)
+                    && seen.insert(*hash)
+                {
+                    fresh.push(*hash);
+                }
+            }
+        }
+        for batch in fresh.chunks(crate::claims::MAX_BATCH) {
+            for i in claims.claim(self.seq, batch)? {
+                let hash = batch.get(i).ok_or_else(|| Error::SharedChunks {
+                    seq: self.seq,
+                    why: format!("claim answer names chunk {i} of {}", batch.len()),
+                })?;
+                self.deferred.insert(*hash);
+            }
+        }
+        self.store_pieces(pieces, Some(&hashes), shuffle, refs)
+    }
+
+    /// [`store_chunks`](Self::store_chunks) once claimed: `hashes` are the pieces' hashes
+    /// when known.
+    fn store_pieces(
+        &mut self,
+        pieces: &[(usize, &[u8])],
+        hashes: Option<&[Hash]>,
+        shuffle: u8,
+        refs: &mut [Option<ChunkRef>],
+    ) -> Result<()> {
         let n = pieces.len();
         let mut first_err: Option<Error> = None;
         let next = AtomicUsize::new(0);
@@ -646,6 +712,8 @@ impl SnapshotBuilder<'_> {
         let sparse = &sparse_owned;
         let claimed_owned = std::mem::take(&mut self.claimed);
         let claimed = &claimed_owned;
+        let deferred_owned = std::mem::take(&mut self.deferred);
+        let deferred = &deferred_owned;
         // Workers keep what needs no writing (known chunks, twins) to themselves and hand over
         // only new chunks: a message per known chunk cost more in wake-ups than its hashing.
         let mut settled: Vec<(usize, Found)> = Vec::new();
@@ -666,7 +734,14 @@ impl SnapshotBuilder<'_> {
                                 break;
                             }
                             let (i, chunk) = pieces[k];
-                            let hash = *blake3::hash(chunk).as_bytes();
+                            let hash = match hashes {
+                                Some(h) => h[k],
+                                None => *blake3::hash(chunk).as_bytes(),
+                            };
+                            if deferred.contains(&hash) {
+                                local.push((i, Found::Deferred(hash, chunk.len() as u32)));
+                                continue;
+                            }
                             let held = index.get(&hash);
                             let compact = held.is_some_and(|loc| sparse.contains(&loc.pack));
                             if held.is_some() && !compact {
@@ -726,6 +801,7 @@ impl SnapshotBuilder<'_> {
         self.writer.index = index_owned;
         self.writer.sparse = sparse_owned;
         self.claimed = claimed_owned;
+        self.deferred = deferred_owned;
         if let Some(e) = first_err {
             return Err(e);
         }
@@ -733,6 +809,16 @@ impl SnapshotBuilder<'_> {
             let loc = match found {
                 Found::Known(hash) => self.writer.index.get(&hash).cloned().map(|l| (hash, l)),
                 Found::Twin(hash) => self.new_locs.get(&hash).cloned().map(|l| (hash, l)),
+                Found::Deferred(hash, raw_len) => {
+                    refs[i] = Some(ChunkRef {
+                        hash,
+                        pack: DEFERRED,
+                        offset: 0,
+                        stored_len: 0,
+                        raw_len,
+                    });
+                    continue;
+                }
             };
             let (hash, loc) = loc.ok_or_else(|| Error::Internal {
                 job: self.writer.job.name().to_owned(),
@@ -793,6 +879,81 @@ impl SnapshotBuilder<'_> {
         Ok(loc)
     }
 
+    /// Part mode, once this part's packs are durable: reports where the chunks it stored lie,
+    /// then learns where those other ranks store lie and points the references at them.
+    fn settle_claims(&mut self, claims: &dyn ChunkClaims) -> Result<()> {
+        if !self.new_locs.is_empty() {
+            let stored: Vec<ChunkAt> = self
+                .new_locs
+                .iter()
+                .map(|(hash, loc)| ChunkAt {
+                    hash: crate::claims::hash_hex(hash),
+                    pack: loc.pack.to_string(),
+                    offset: loc.offset,
+                    stored_len: loc.stored_len,
+                    raw_len: loc.raw_len,
+                })
+                .collect();
+            claims.stored(self.seq, &stored)?;
+        }
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let wanted: Vec<Hash> = self.deferred.iter().copied().collect();
+        for at in claims.locate(self.seq, &wanted)? {
+            let bad = |why: String| Error::SharedChunks { seq: self.seq, why };
+            let hash = at
+                .hash()
+                .ok_or_else(|| bad(format!("a location with a bad hash {:?}", at.hash)))?;
+            if !self.deferred.contains(&hash) {
+                continue;
+            }
+            if !crate::format::is_pack_name(&at.pack) {
+                return Err(bad(format!("a location in {:?}, not a pack", at.pack)));
+            }
+            self.located.insert(
+                hash,
+                Loc {
+                    pack: Arc::from(at.pack.as_str()),
+                    offset: at.offset,
+                    stored_len: at.stored_len,
+                    raw_len: at.raw_len,
+                },
+            );
+        }
+        let mut entries = std::mem::take(&mut self.entries);
+        for chunk in entries.iter_mut().flat_map(|e| &mut e.chunks) {
+            if chunk.pack != DEFERRED {
+                continue;
+            }
+            let loc =
+                self.located
+                    .get(&chunk.hash)
+                    .cloned()
+                    .ok_or_else(|| Error::SharedChunks {
+                        seq: self.seq,
+                        why: format!(
+                            "no rank said where chunk {} lies",
+                            crate::claims::hash_hex(&chunk.hash)
+                        ),
+                    })?;
+            if loc.raw_len != chunk.raw_len {
+                return Err(Error::SharedChunks {
+                    seq: self.seq,
+                    why: format!(
+                        "chunk {} is {} bytes here, {} where it is stored",
+                        crate::claims::hash_hex(&chunk.hash),
+                        chunk.raw_len,
+                        loc.raw_len
+                    ),
+                });
+            }
+            *chunk = self.chunk_ref(chunk.hash, &loc);
+        }
+        self.entries = entries;
+        Ok(())
+    }
+
     /// Makes the snapshot durable and visible. On error nothing becomes visible and the
     /// earlier snapshots are untouched.
     pub fn commit(mut self) -> Result<SnapshotReport> {
@@ -801,6 +962,9 @@ impl SnapshotBuilder<'_> {
         }
         let finished = std::mem::take(&mut self.finished);
         self.writer.job.publish_packs(&finished)?;
+        if let Some(claims) = self.writer.claims.clone() {
+            self.settle_claims(&*claims)?;
+        }
         self.stats.duration_ms = crate::clock::millis(self.started.elapsed());
         let manifest = Manifest {
             job: self.writer.job.name().to_owned(),
@@ -819,6 +983,7 @@ impl SnapshotBuilder<'_> {
         let tag = manifest.tag.clone();
         let writer = &mut *self.writer;
         writer.index.extend(self.new_locs.drain());
+        writer.index.extend(self.located.drain());
         writer.newest = Some(self.seq);
         writer.next_seq = self.seq + 1;
         writer.last = Some(manifest);
@@ -853,6 +1018,22 @@ impl Drop for SnapshotBuilder<'_> {
             let _ = self.writer.job.remove_leftovers();
         }
     }
+}
+
+/// The blake3 of each piece, hashed on `threads` threads.
+fn hash_pieces(pieces: &[(usize, &[u8])], threads: usize) -> Vec<Hash> {
+    let mut hashes = vec![[0u8; 32]; pieces.len()];
+    let per = pieces.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        for (out, input) in hashes.chunks_mut(per).zip(pieces.chunks(per)) {
+            scope.spawn(move || {
+                for (h, (_, chunk)) in out.iter_mut().zip(input) {
+                    *h = *blake3::hash(chunk).as_bytes();
+                }
+            });
+        }
+    });
+    hashes
 }
 
 /// A pack name unique across processes and attempts: snapshot number, a nonce, an index.

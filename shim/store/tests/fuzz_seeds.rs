@@ -9,6 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use supervise_store::SnapshotReport;
+use supervise_store::claims::{ChunkAt, hashes_hex};
 use supervise_store::codec::Encoder;
 use supervise_store::control::{DamagedSnapshot, Event, Request};
 use supervise_store::format::{
@@ -18,7 +19,7 @@ use supervise_store::history::Record;
 
 fn seeds(target: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/seeds")
+        .join("../fuzz/seeds")
         .join(target);
     fs::create_dir_all(&dir).unwrap();
     dir
@@ -154,6 +155,13 @@ fn write_fuzz_seeds() {
     fs::write(dir.join("pack-empty"), file_header(PACK_MAGIC)).unwrap();
 
     let dir = seeds("control");
+    let chunk_at = ChunkAt {
+        hash: hashes_hex(&[[9; 32]]),
+        pack: "00000000000003145728-0123456789abcdef-000".into(),
+        offset: 16,
+        stored_len: 900,
+        raw_len: 65536,
+    };
     let report = SnapshotReport {
         seq: 4,
         tag: Some("step 9".into()),
@@ -184,6 +192,34 @@ fn write_fuzz_seeds() {
         .to_line(),
         Request::Snapshot.to_line(),
         Request::Stop.to_line(),
+        Request::EpochBegin {
+            epoch: 3,
+            stop: false,
+        }
+        .to_line(),
+        Event::EpochAt { epoch: 3, step: 41 }.to_line(),
+        Event::ChunkClaims {
+            epoch: 3,
+            id: 1,
+            hashes: hashes_hex(&[[7; 32], [9; 32]]),
+        }
+        .to_line(),
+        Request::ClaimAnswer {
+            epoch: 3,
+            id: 1,
+            theirs: vec![1],
+        }
+        .to_line(),
+        Event::ChunksStored {
+            epoch: 3,
+            chunks: vec![chunk_at.clone()],
+        }
+        .to_line(),
+        Request::ChunksAt {
+            epoch: 3,
+            chunks: vec![chunk_at],
+        }
+        .to_line(),
     ];
     for (i, line) in lines.iter().enumerate() {
         fs::write(dir.join(format!("line-{i}")), line).unwrap();
