@@ -105,7 +105,7 @@ pub(crate) fn join(link: &RankLink) -> Result<Joined> {
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| fail(format!("cannot set a timeout: {e}")))?;
-    let server_nonce = match read_request(&mut stream).map_err(&fail)? {
+    let server_nonce = match read_request(&mut stream).map_err(fail)? {
         Request::Challenge { nonce } => nonce,
         other => return Err(fail(format!("expected a challenge, got {other:?}"))),
     };
@@ -124,7 +124,7 @@ pub(crate) fn join(link: &RankLink) -> Result<Joined> {
     stream
         .write_all(join.to_line().as_bytes())
         .map_err(|e| fail(format!("cannot send: {e}")))?;
-    match read_request(&mut stream).map_err(&fail)? {
+    match read_request(&mut stream).map_err(fail)? {
         Request::Welcome {
             proof: theirs,
             epoch,
