@@ -1089,7 +1089,17 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
         Event::RestoreDamaged { seq, why } => {
             // A rank's part does not verify: its whole epoch is set aside.
             if let Some((e, _)) = epoch::part_of(seq) {
-                let _ = epoch::set_aside(job, e);
+                if let Err(err) = epoch::set_aside(job, e) {
+                    // Not set aside: the next start would choose it again, and fail again
+                    // (the restart policy gives up in the end); said, with why.
+                    life.watch.send(
+                        &Event::Warning {
+                            kind: WarningKind::SetAsideFailed,
+                            message: format!("epoch {e} is damaged but cannot be set aside: {err}"),
+                        }
+                        .to_line(),
+                    );
+                }
                 life.watch.send(
                     &Event::RestoreDamaged {
                         seq: e,

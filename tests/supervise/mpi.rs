@@ -458,3 +458,62 @@ fn a_part_that_fails_fails_its_epoch_only_and_the_next_ones_publish() {
     assert!(!published.contains(&3), "{published:?}");
     assert_epochs_whole(&store);
 }
+
+/// Builds examples/heat_mpi_rs (its own workspace: the `mpi` crate needs libclang, which the
+/// rest does not) with the cargo running these tests, into target/heat-mpi-rs.
+fn build_rust_example() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = supervise_bin()
+        .ancestors()
+        .nth(2)
+        .expect("the target directory")
+        .join("heat-mpi-rs");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--locked", "--manifest-path"])
+        .arg(root.join("examples/heat_mpi_rs/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        // Its own warnings are errors (dependencies' lints are capped by cargo).
+        .env("RUSTFLAGS", "-D warnings")
+        .status()
+        .expect("cargo runs");
+    assert!(
+        status.success(),
+        "examples/heat_mpi_rs does not build (it needs libopenmpi-dev and libclang-dev, which scripts/test installs)"
+    );
+    target.join("debug/heat-mpi-rs")
+}
+
+/// The Rust MPI example (the `mpi` crate), a rank killed after a snapshot: the launch resumes
+/// from a whole epoch past step 0 and ends with heat.rs's checksum.
+#[test]
+fn the_rust_mpi_example_killed_resumes_from_an_epoch_with_heat_s_checksum() {
+    let program = build_rust_example();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let run = Run::start(
+        &store,
+        &["--job", "heat-mpi", "--backoff", "10ms", "--every", "150ms"],
+        &mpirun(&program, 4),
+        &MPI_ENV,
+    );
+    run.nth_child_pid(1);
+    after_a_snapshot_of_this_life(&run);
+    let ranks = ranks_running(&program);
+    assert_eq!(ranks.len(), 4, "four ranks run");
+    sigkill(ranks[2]);
+    run.wait_for_event("died", 1, |_| true);
+    let finished = run.wait(LONG);
+    finished.assert_completed(&reference_checksum(&ARGS[..4]));
+    let resumed = events_of(&store, "epoch-resumed");
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert!(resumed[0]["step"].as_u64().unwrap() > 0, "{resumed:?}");
+    assert_eq!(resumed[0]["ranks"], 4);
+    assert!(
+        finished.stderr.contains("resumed from part"),
+        "{}",
+        finished.stderr
+    );
+    assert_epochs_whole(&store);
+    assert!(ranks_running(&program).is_empty(), "ranks left behind");
+}
