@@ -304,11 +304,7 @@ impl Listener {
         if stream.set_nonblocking().is_err() {
             return Ok(None);
         }
-        Ok(Some(Conn {
-            stream,
-            inbox: Vec::new(),
-            open: true,
-        }))
+        Ok(Some(Conn::new(stream)))
     }
 }
 
@@ -348,40 +344,69 @@ impl Stream {
 /// The longest line accepted from a rank.
 const MAX_LINE: usize = 1 << 20;
 
-/// A connection and what it sent that is not yet a whole line.
+/// The most bytes waiting to be sent to one connection: a peer that stopped reading for that
+/// long is lost.
+const MAX_OUTBOX: usize = 64 << 20;
+
+/// A connection, what it sent that is not yet a whole line, and what waits to be sent to it.
 struct Conn {
     stream: Stream,
     inbox: Vec<u8>,
+    outbox: Vec<u8>,
     open: bool,
 }
 
 impl Conn {
+    fn new(stream: Stream) -> Self {
+        Conn {
+            stream,
+            inbox: Vec::new(),
+            outbox: Vec::new(),
+            open: true,
+        }
+    }
+
+    /// Queues `line` and sends what the socket takes now. The loop never waits on one peer:
+    /// a rank whose control thread waits for its own writer, which waits for the loop to read
+    /// it, must not stop the loop (the rest goes when poll says the socket has room).
     fn send(&mut self, line: &str) {
-        // Lines are short and the ranks read them at once; a full socket buffer here means a
-        // rank that stopped reading (it is stopped or hung: hang detection sees to it).
+        if !self.open {
+            return;
+        }
+        if self.outbox.len() + line.len() > MAX_OUTBOX {
+            // A peer that stopped reading (stopped or hung: hang detection sees to the job).
+            self.open = false;
+            return;
+        }
+        self.outbox.extend_from_slice(line.as_bytes());
+        self.flush();
+    }
+
+    /// Sends what the socket takes of the queued lines, without waiting.
+    fn flush(&mut self) {
         let fd = self.stream.fd();
-        let mut buf = line.as_bytes();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !buf.is_empty() && Instant::now() < deadline {
+        while self.open && !self.outbox.is_empty() {
             // SAFETY: the fd is this connection's, open while `self` lives.
             let b = unsafe { BorrowedFd::borrow_raw(fd) };
-            match nix::sys::socket::send(
-                b.as_raw_fd(),
-                buf,
-                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-            ) {
-                Ok(n) => buf = &buf[n..],
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EAGAIN) => std::thread::sleep(Duration::from_millis(1)),
-                Err(_) => {
-                    self.open = false;
-                    return;
+            let flags =
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+            match nix::sys::socket::send(b.as_raw_fd(), &self.outbox, flags) {
+                Ok(n) => {
+                    self.outbox.drain(..n);
                 }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(_) => self.open = false,
             }
         }
-        // Part of a line sent: what follows would not be framed. The rank is lost.
-        if !buf.is_empty() {
-            self.open = false;
+    }
+
+    /// What to poll it for.
+    fn poll_flags(&self) -> PollFlags {
+        if self.outbox.is_empty() {
+            PollFlags::POLLIN
+        } else {
+            PollFlags::POLLIN | PollFlags::POLLOUT
         }
     }
 
@@ -520,17 +545,25 @@ impl RelayLoop {
                 PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.listener.fd(), PollFlags::POLLIN),
             ];
-            let mut raw: Vec<RawFd> = self.joining.iter().map(|j| j.conn.stream.fd()).collect();
-            if let Some(life) = &self.life {
-                raw.push(life.watch.stream.fd());
-                raw.extend(life.ranks.values().map(|r| r.conn.stream.fd()));
+            let mut raw: Vec<(RawFd, PollFlags)> = self
+                .joining
+                .iter()
+                .map(|j| (j.conn.stream.fd(), j.conn.poll_flags()))
+                .collect();
+            if let Some(life) = &mut self.life {
+                life.watch.flush();
+                raw.push((life.watch.stream.fd(), life.watch.poll_flags()));
+                for r in life.ranks.values_mut() {
+                    r.conn.flush();
+                    raw.push((r.conn.stream.fd(), r.conn.poll_flags()));
+                }
             }
             // SAFETY: every fd belongs to a connection held by `self` until after the poll.
-            let borrowed: Vec<BorrowedFd<'_>> = raw
+            let borrowed: Vec<(BorrowedFd<'_>, PollFlags)> = raw
                 .iter()
-                .map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) })
+                .map(|(fd, flags)| (unsafe { BorrowedFd::borrow_raw(*fd) }, *flags))
                 .collect();
-            fds.extend(borrowed.iter().map(|b| PollFd::new(*b, PollFlags::POLLIN)));
+            fds.extend(borrowed.iter().map(|(b, flags)| PollFd::new(*b, *flags)));
             let _ = poll(&mut fds, PollTimeout::from(500u16));
             drop(fds);
             let mut byte = [0u8; 64];
@@ -565,11 +598,7 @@ impl RelayLoop {
 
     fn begin(&mut self, start: LifeStart) {
         let _ = start.watch.set_nonblocking(true);
-        let mut watch = Conn {
-            stream: Stream::Unix(start.watch),
-            inbox: Vec::new(),
-            open: true,
-        };
+        let mut watch = Conn::new(Stream::Unix(start.watch));
         // Nothing writes now: the parts of epochs that never completed go before the ranks
         // start (retention waits for the next published epoch: the one to resume from may be
         // older than it would keep).
@@ -844,6 +873,7 @@ impl RelayLoop {
                 conn: Conn {
                     stream: j.conn.stream,
                     inbox: lines,
+                    outbox: j.conn.outbox,
                     open: j.conn.open,
                 },
                 pid,
@@ -1137,6 +1167,11 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
             // Outside the epoch being taken (a part of a failed one): the rank stores all.
             let (theirs, known) = match (&mut life.taking, hashes_from_hex(&hashes)) {
                 (Some(t), Some(hashes)) if t.epoch == epoch => t.claims.claim(n, &hashes),
+                (Some(t), None) if t.epoch == epoch => {
+                    t.failed
+                        .get_or_insert_with(|| format!("rank {n} claimed chunks with bad hashes"));
+                    (Vec::new(), Vec::new())
+                }
                 _ => (Vec::new(), Vec::new()),
             };
             if let Some(rank) = life.ranks.get_mut(&n) {
@@ -1150,9 +1185,17 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
             if t.epoch != epoch {
                 return;
             }
-            for (waiter, chunks) in t.claims.stored(n, chunks) {
-                if let Some(rank) = life.ranks.get_mut(&waiter) {
-                    send_chunks_at(rank, epoch, chunks);
+            match t.claims.stored(n, chunks) {
+                Ok(to) => {
+                    for (waiter, chunks) in to {
+                        if let Some(rank) = life.ranks.get_mut(&waiter) {
+                            send_chunks_at(rank, epoch, chunks);
+                        }
+                    }
+                }
+                // The epoch fails at once rather than at its deadline (its end ends the waits).
+                Err(why) => {
+                    t.failed.get_or_insert(why);
                 }
             }
         }

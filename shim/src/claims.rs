@@ -35,6 +35,21 @@ struct Answers {
     gone: bool,
 }
 
+impl Answers {
+    /// Why no answer for `epoch` will come, if none will.
+    fn over(&self, epoch: u64) -> Option<String> {
+        if self.gone {
+            Some("the supervisor is gone".to_owned())
+        } else if self.ended >= epoch {
+            Some(format!(
+                "epoch {epoch} ended before the other ranks' chunks were durable"
+            ))
+        } else {
+            None
+        }
+    }
+}
+
 impl ClaimBox {
     fn lock(&self) -> MutexGuard<'_, Answers> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -66,10 +81,15 @@ impl ClaimBox {
         self.changed.notify_all();
     }
 
-    /// The control thread: `epoch` ended (no answer for it will come).
+    /// The control thread: `epoch` ended (no answer for it will come; what it answered is
+    /// of no more use).
     pub(crate) fn ended(&self, epoch: u64) {
         let mut a = self.lock();
         a.ended = a.ended.max(epoch);
+        a.answers.clear();
+        if a.epoch <= epoch {
+            a.located.clear();
+        }
         self.changed.notify_all();
     }
 
@@ -92,15 +112,10 @@ impl ClaimBox {
             if let Some(answer) = ready(&mut a) {
                 return Ok(answer);
             }
-            let why = if a.gone {
-                "the supervisor is gone".to_owned()
-            } else if a.ended >= epoch {
-                format!("epoch {epoch} ended before the other ranks' chunks were durable")
-            } else {
-                a = self.changed.wait(a).unwrap_or_else(|p| p.into_inner());
-                continue;
-            };
-            return Err(Error::SharedChunks { seq, why });
+            match a.over(epoch) {
+                Some(why) => return Err(Error::SharedChunks { seq, why }),
+                None => a = self.changed.wait(a).unwrap_or_else(|p| p.into_inner()),
+            }
         }
     }
 }
@@ -125,6 +140,10 @@ impl RankClaims {
 impl ChunkClaims for RankClaims {
     fn claim(&self, seq: u64, hashes: &[Hash]) -> Result<Vec<usize>> {
         let (epoch, claims) = self.parts(seq)?;
+        // An epoch that ended already: its part is of no use, and nobody would answer.
+        if let Some(why) = claims.lock().over(epoch) {
+            return Err(Error::SharedChunks { seq, why });
+        }
         let id = {
             let mut a = claims.lock();
             a.next_id += 1;
@@ -250,6 +269,9 @@ mod tests {
             assert!(matches!(err, Error::SharedChunks { .. }), "{err}");
             assert!(err.to_string().contains("epoch 5 ended"), "{err}");
         });
+        // A claim for an epoch that ended fails at once, without asking.
+        let err = claims.claim(part_seq(5, 1), &[[1; 32]]).unwrap_err();
+        assert!(err.to_string().contains("epoch 5 ended"), "{err}");
         let claims = rank_claims();
         std::thread::scope(|s| {
             let waiting = s.spawn(|| claims.claim(part_seq(6, 1), &[[9; 32]]));

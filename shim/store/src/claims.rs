@@ -26,8 +26,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::format::Hash;
 
-/// The most hashes or locations in one control line (about 100 KiB).
-pub const MAX_BATCH: usize = 1024;
+/// The most hashes or locations in one control line (hashes: about 16 KiB; locations: about
+/// 48 KiB).
+pub const MAX_BATCH: usize = 256;
 
 /// Where a stored chunk lies: its pack, the record's offset and lengths.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,11 +137,18 @@ impl ClaimTable {
     }
 
     /// Rank `rank` stored `chunks`: returns, for each rank waiting for some of them, their
-    /// locations. A location of a chunk the rank did not win is ignored.
-    pub fn stored(&mut self, rank: u32, chunks: Vec<ChunkAt>) -> HashMap<u32, Vec<ChunkAt>> {
+    /// locations. A location of a chunk the rank did not win is ignored; one whose hash is not
+    /// a hash is an error (the rank's part cannot be trusted to say where its chunks lie).
+    pub fn stored(
+        &mut self,
+        rank: u32,
+        chunks: Vec<ChunkAt>,
+    ) -> std::result::Result<HashMap<u32, Vec<ChunkAt>>, String> {
         let mut to: HashMap<u32, Vec<ChunkAt>> = HashMap::new();
         for at in chunks {
-            let Some(hash) = at.hash() else { continue };
+            let Some(hash) = at.hash() else {
+                return Err(format!("rank {rank} reported a chunk with a bad hash"));
+            };
             if self.owner.get(&hash) != Some(&rank) {
                 continue;
             }
@@ -149,7 +157,7 @@ impl ClaimTable {
             }
             self.at.insert(hash, at);
         }
-        to
+        Ok(to)
     }
 
     /// How many chunks were claimed.
@@ -199,14 +207,17 @@ mod tests {
         // Rank 2 holds a too.
         assert_eq!(table.claim(2, &[a]), (vec![0], vec![]));
         // A location reported by a rank that did not win the chunk is ignored.
-        assert!(table.stored(1, vec![at(&a, "wrong")]).is_empty());
-        let to = table.stored(0, vec![at(&a, "p0"), at(&b, "p0")]);
+        assert!(table.stored(1, vec![at(&a, "wrong")]).unwrap().is_empty());
+        let mut bad = at(&a, "p0");
+        bad.hash.pop();
+        assert!(table.stored(0, vec![bad]).is_err());
+        let to = table.stored(0, vec![at(&a, "p0"), at(&b, "p0")]).unwrap();
         assert_eq!(to.len(), 2);
         assert_eq!(to[&1], vec![at(&a, "p0")]);
         assert_eq!(to[&2], vec![at(&a, "p0")]);
         // A claim after the owner reported gets the location with the answer.
         assert_eq!(table.claim(3, &[b, c]), (vec![0, 1], vec![at(&b, "p0")]));
-        let to = table.stored(1, vec![at(&c, "p1")]);
+        let to = table.stored(1, vec![at(&c, "p1")]).unwrap();
         assert_eq!(to[&3], vec![at(&c, "p1")]);
         assert_eq!(table.len(), 3);
     }
