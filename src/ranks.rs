@@ -1329,3 +1329,180 @@ fn publish(job: &JobStore, t: &Taking, size: u32) -> std::result::Result<Epoch, 
     epoch::publish(job, &e).map_err(|e| e.to_string())?;
     Ok(e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use supervise_store::claims::{ChunkAt, hash_hex, hashes_hex};
+
+    /// A connection of the relay's and the socket at its other end.
+    fn conn() -> (Conn, BufReader<UnixStream>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (Conn::new(Stream::Unix(ours)), BufReader::new(theirs))
+    }
+
+    fn read(peer: &mut BufReader<UnixStream>) -> Request {
+        let mut line = String::new();
+        peer.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// A life of `size` ranks taking epoch 7, and each rank's end of its connection.
+    fn taking(size: u32) -> (Life, Vec<BufReader<UnixStream>>) {
+        let (watch, _) = conn();
+        let mut ranks = HashMap::new();
+        let mut peers = Vec::new();
+        for n in 0..size {
+            let (c, peer) = conn();
+            ranks.insert(
+                n,
+                Rank {
+                    conn: c,
+                    pid: 0,
+                    peer: None,
+                    hello: true,
+                    beats: 0,
+                },
+            );
+            peers.push(peer);
+        }
+        let life = Life {
+            watch,
+            retention: 1usize.into(),
+            from: None,
+            size: Some(size),
+            ranks,
+            hello_sent: true,
+            beats_sent: 0,
+            taking: Some(Taking {
+                epoch: 7,
+                started: Instant::now(),
+                stop: false,
+                at: HashMap::new(),
+                target: Some(3),
+                parts: HashMap::new(),
+                without: Default::default(),
+                tag: None,
+                failed: None,
+                claims: ClaimTable::default(),
+            }),
+            busy: HashMap::new(),
+            lost: Vec::new(),
+            unchosen: None,
+            last_epoch: 7,
+            stop_wanted: false,
+            refusals: 0,
+            agree: Some(false),
+        };
+        (life, peers)
+    }
+
+    fn at(hash: &[u8; 32]) -> ChunkAt {
+        ChunkAt {
+            hash: hash_hex(hash),
+            pack: "00000000000007340032-0123456789abcdef-000".into(),
+            offset: 16,
+            stored_len: 10,
+            raw_len: 65536,
+        }
+    }
+
+    fn claims(epoch: u64, hashes: &[[u8; 32]]) -> Event {
+        Event::ChunkClaims {
+            epoch,
+            id: 1,
+            hashes: hashes_hex(hashes),
+        }
+    }
+
+    #[test]
+    fn the_relay_answers_claims_and_forwards_locations_to_the_ranks_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = supervise_store::Store::open(dir.path())
+            .unwrap()
+            .job("j")
+            .unwrap();
+        let (mut life, mut peers) = taking(3);
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let answer = |theirs: Vec<u32>| Request::ClaimAnswer {
+            epoch: 7,
+            id: 1,
+            theirs,
+        };
+        on_rank_event(&job, &mut life, 0, claims(7, &[a, b]));
+        assert_eq!(read(&mut peers[0]), answer(vec![]));
+        on_rank_event(&job, &mut life, 1, claims(7, &[b, c]));
+        assert_eq!(read(&mut peers[1]), answer(vec![0]));
+        // Rank 0's packs are durable: rank 1 hears where b lies.
+        let stored = Event::ChunksStored {
+            epoch: 7,
+            chunks: vec![at(&a), at(&b)],
+        };
+        on_rank_event(&job, &mut life, 0, stored);
+        let told = Request::ChunksAt {
+            epoch: 7,
+            chunks: vec![at(&b)],
+        };
+        assert_eq!(read(&mut peers[1]), told);
+        // A later claim of b gets its location with the answer.
+        on_rank_event(&job, &mut life, 2, claims(7, &[b]));
+        assert_eq!(read(&mut peers[2]), answer(vec![0]));
+        assert_eq!(read(&mut peers[2]), told);
+        // A claim for another epoch (a part of a failed one): store everything.
+        on_rank_event(&job, &mut life, 2, claims(6, &[a]));
+        let stale = Request::ClaimAnswer {
+            epoch: 6,
+            id: 1,
+            theirs: vec![],
+        };
+        assert_eq!(read(&mut peers[2]), stale);
+        assert!(life.taking.as_ref().unwrap().failed.is_none());
+        // A report with a bad hash fails the epoch at once.
+        let mut bad = at(&c);
+        bad.hash.truncate(10);
+        let stored = Event::ChunksStored {
+            epoch: 7,
+            chunks: vec![bad],
+        };
+        on_rank_event(&job, &mut life, 1, stored);
+        let failed = life.taking.as_ref().unwrap().failed.clone().unwrap();
+        assert!(failed.contains("rank 1"), "{failed}");
+    }
+
+    #[test]
+    fn a_peer_that_reads_slowly_never_holds_the_relay() {
+        let (mut conn, mut peer) = conn();
+        let line = format!("{}\n", "x".repeat(64 << 10));
+        let started = Instant::now();
+        // Far more than a socket buffer holds, to a peer that is not reading.
+        for _ in 0..64 {
+            conn.send(&line);
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(conn.open && !conn.outbox.is_empty());
+        assert_eq!(conn.poll_flags(), PollFlags::POLLIN | PollFlags::POLLOUT);
+        // The peer reads; flushes send the rest, every line whole and in order.
+        let reader = std::thread::spawn(move || {
+            let mut got = 0;
+            let mut text = String::new();
+            while got < 64 {
+                text.clear();
+                peer.read_line(&mut text).unwrap();
+                assert_eq!(text.len(), (64 << 10) + 1);
+                got += 1;
+            }
+        });
+        while !conn.outbox.is_empty() {
+            conn.flush();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        reader.join().unwrap();
+        assert!(conn.open);
+        assert_eq!(conn.poll_flags(), PollFlags::POLLIN);
+    }
+}
