@@ -50,8 +50,21 @@ impl log::Log for StderrLog {
     fn flush(&self) {}
 }
 
-fn parse_args() -> Result<(usize, u64, bool), String> {
+/// The command line.
+struct Args {
+    n: usize,
+    steps: u64,
+    crash_on_resume: bool,
+    /// Sleep this long after each step: a longer step at no CPU cost, for tests that need a
+    /// run of minutes (a batch job's time limit).
+    step_ms: u64,
+}
+
+const USAGE: &str = "usage: heat [--n N] [--steps S] [--step-ms MS]";
+
+fn parse_args() -> Result<Args, String> {
     let (mut n, mut steps, mut crash_on_resume) = (2048usize, 5400u64, false);
+    let mut step_ms = 0u64;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -65,18 +78,24 @@ fn parse_args() -> Result<(usize, u64, bool), String> {
                     .parse()
                     .map_err(|e| format!("--steps: {e}"))?
             }
-            "-h" | "--help" => return Err("usage: heat [--n N] [--steps S]".into()),
-            other => {
-                return Err(format!(
-                    "unknown argument {other:?}; usage: heat [--n N] [--steps S]"
-                ));
+            "--step-ms" => {
+                step_ms = value("--step-ms")?
+                    .parse()
+                    .map_err(|e| format!("--step-ms: {e}"))?
             }
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
     }
     if n < 3 {
         return Err("--n must be at least 3".into());
     }
-    Ok((n, steps, crash_on_resume))
+    Ok(Args {
+        n,
+        steps,
+        crash_on_resume,
+        step_ms,
+    })
 }
 
 /// The initial grid: 0 everywhere, the top row at 100.
@@ -122,14 +141,14 @@ fn main() -> ExitCode {
     if log::set_logger(&StderrLog).is_ok() {
         log::set_max_level(log::LevelFilter::Warn);
     }
-    let (n, steps, crash_on_resume) = match parse_args() {
+    let args = match parse_args() {
         Ok(v) => v,
         Err(e) => {
             say(&e);
             return ExitCode::from(2);
         }
     };
-    match run(n, steps, crash_on_resume) {
+    match run(&args) {
         Ok(code) => code,
         Err(e) => {
             say(&format!("error: {e}"));
@@ -138,11 +157,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(
-    n: usize,
-    steps: u64,
-    crash_on_resume: bool,
-) -> Result<ExitCode, Box<dyn std::error::Error>> {
+fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let &Args {
+        n,
+        steps,
+        crash_on_resume,
+        step_ms,
+    } = args;
     // Threads pay off only when a step is long compared to spawning them.
     let threads = if n < 512 {
         1
@@ -182,6 +203,9 @@ fn run(
         step(&grid, &mut next, n, params.alpha, threads);
         std::mem::swap(&mut grid, &mut next);
         params.step += 1;
+        if step_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(step_ms));
+        }
         // 2. At a safe point: one atomic load unless a snapshot is due.
         if shim.due() {
             let tag = format!("step {}", params.step);

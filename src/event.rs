@@ -28,6 +28,9 @@ pub enum Outcome {
     AlreadyDone,
     /// The job's lease on its durable tier was lost; the program was stopped.
     LeaseLost,
+    /// The batch job was about to end: the program stopped after a final snapshot and the
+    /// job was put back in the queue, to resume from it.
+    Requeued,
 }
 
 /// Where a life of the program starts.
@@ -247,12 +250,53 @@ pub enum JobEvent {
     },
     /// The supervisor was told to stop: it asks for a final snapshot, then stops the program.
     Stopping {
-        /// The signal the supervisor got.
+        /// The signal the supervisor got, or `end-time` (its batch job ends soon).
         signal: String,
+        /// The batch job is requeued after the final snapshot.
+        requeue: bool,
         /// The program uses the shim (a final snapshot is asked for).
         shim: bool,
         /// How long it waits.
         timeout_ms: u64,
+    },
+    /// The supervisor runs inside a Slurm batch job: how it keeps the job from being lost to
+    /// its time limit or a preemption.
+    Slurm {
+        /// `SLURM_JOB_ID`.
+        job_id: String,
+        /// `SLURM_RESTART_COUNT`: requeues before this run.
+        restart_count: u32,
+        /// The signal that means "the job ends soon" (`--requeue-signal`).
+        requeue_signal: String,
+        /// Time left to the job's end, if it has one and squeue said.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ends_in_ms: Option<u64>,
+        /// How long before the end its final snapshot is asked for, at first.
+        lead_ms: u64,
+        /// Why the end time is not known, if squeue failed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unknown: Option<String>,
+    },
+    /// The job's end time could not be read (the one known before, if any, stays in use).
+    SlurmEndUnknown {
+        /// Why.
+        error: String,
+    },
+    /// The batch job was put back in the queue after the final snapshot.
+    Requeued {
+        /// `SLURM_JOB_ID`.
+        job_id: String,
+        /// The `SLURM_RESTART_COUNT` its next run will have.
+        restart_count: u32,
+        /// The snapshot it resumes from.
+        from: From,
+    },
+    /// The batch job was not requeued after its final snapshot.
+    NotRequeued {
+        /// `SLURM_JOB_ID`.
+        job_id: String,
+        /// Why.
+        why: String,
     },
     /// How this run starts, decided from the options and the job's history.
     Resume {
@@ -581,21 +625,71 @@ impl fmt::Display for JobEvent {
             JobEvent::Signalled { signal, why } => write!(f, "{why}: sending {signal}"),
             JobEvent::Stopping {
                 signal,
+                requeue,
                 shim,
                 timeout_ms,
             } => {
+                let (why, then) = match (signal.as_str(), requeue) {
+                    ("end-time", _) => ("the batch job ends soon".to_owned(), ", then requeueing"),
+                    (_, true) => (
+                        format!("{signal} (the batch job ends soon)"),
+                        ", then requeueing",
+                    ),
+                    _ => (signal.clone(), ""),
+                };
                 if *shim {
                     write!(
                         f,
-                        "{signal}: asking for a final snapshot, then stopping (up to {})",
+                        "{why}: asking for a final snapshot, then stopping{then} (up to {})",
                         dur(*timeout_ms)
                     )
                 } else {
                     write!(
                         f,
-                        "{signal}: the program has no shim connected; sending it SIGTERM"
+                        "{why}: the program has no shim connected; sending it SIGTERM"
                     )
                 }
+            }
+            JobEvent::Slurm {
+                job_id,
+                restart_count,
+                requeue_signal,
+                ends_in_ms,
+                lead_ms,
+                unknown,
+            } => {
+                write!(f, "Slurm job {job_id}")?;
+                if *restart_count > 0 {
+                    write!(f, " (requeued {restart_count} times before)")?;
+                }
+                write!(f, ": on {requeue_signal}")?;
+                match (ends_in_ms, unknown) {
+                    (Some(left), _) => write!(
+                        f,
+                        ", or {} before its end (in {}), ",
+                        dur(*lead_ms),
+                        dur(*left)
+                    )?,
+                    (None, Some(why)) => write!(f, " (its end time is not known: {why}), ")?,
+                    (None, None) => f.write_str(" (it has no time limit), ")?,
+                }
+                f.write_str("it takes a final snapshot and requeues the job")
+            }
+            JobEvent::SlurmEndUnknown { error } => write!(
+                f,
+                "cannot read the Slurm job's end time ({error}): the one known before stays in use"
+            ),
+            JobEvent::Requeued {
+                job_id,
+                restart_count,
+                from,
+            } => write!(
+                f,
+                "Slurm job {job_id} requeued: its next run (SLURM_RESTART_COUNT={restart_count}) \
+                 resumes {from}"
+            ),
+            JobEvent::NotRequeued { job_id, why } => {
+                write!(f, "Slurm job {job_id} not requeued: {why}")
             }
             JobEvent::Resume { detail, .. } | JobEvent::HistoryDamaged { detail } => {
                 f.write_str(detail)

@@ -16,6 +16,7 @@ mod policy;
 mod ranks;
 mod remote;
 mod signals;
+mod slurm;
 mod supervisor;
 
 use std::ffi::OsString;
@@ -399,6 +400,33 @@ struct RunArgs {
     /// Not a job of many ranks, even if the command is a launcher.
     #[arg(long, conflicts_with_all = ["mpi", "rank_endpoint"], help_heading = "MPI")]
     no_mpi: bool,
+
+    /// The signal that means "this batch job ends soon" (Slurm: `#SBATCH
+    /// --signal=B:USR2@300`; also preemption with PreemptParameters=send_user_signal, and
+    /// `scancel --batch --signal=USR2`): a final snapshot, then the job is requeued. USR2,
+    /// not USR1, because libraries a program links catch USR1 (NCCL does) and because USR1
+    /// asks supervise for a snapshot. Outside a batch job it stops like SIGTERM.
+    #[arg(long, value_name = "SIGNAL", default_value = "USR2", value_parser = slurm::parse_requeue_signal, help_heading = "Batch systems")]
+    requeue_signal: nix::sys::signal::Signal,
+
+    /// Inside a Slurm job: the final snapshot is asked for this long before the job's end
+    /// time (read from squeue), plus twice the slowest recent snapshot, so no `--signal` is
+    /// needed; then the job is requeued.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Batch systems")]
+    requeue_margin: Duration,
+
+    /// Inside a Slurm job: do not requeue it once SLURM_RESTART_COUNT reaches N.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        help_heading = "Batch systems"
+    )]
+    max_requeues: u32,
+
+    /// Do not treat SLURM_JOB_ID as a batch job to requeue (no end-time watch, no requeue).
+    #[arg(long, help_heading = "Batch systems")]
+    no_slurm: bool,
 
     /// File mode for a code that writes its own checkpoint files: GROMACS (`gmx mdrun`) or
     /// LAMMPS (`lmp`, with an input as README shows). Fills in every option below; any of them
@@ -1106,8 +1134,22 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
     }
     let files = cli.file_spec()?;
     let ranks = cli.ranks(files.is_some());
+    let slurm = if cli.no_slurm {
+        None
+    } else {
+        slurm::SlurmJob::from_env()
+            .map_err(anyhow::Error::msg)
+            .context("inside a Slurm job (--no-slurm ignores it)")?
+            .map(|job| slurm::SlurmConfig {
+                job,
+                margin: cli.requeue_margin,
+                max_requeues: cli.max_requeues,
+            })
+    };
     let cfg = JobConfig {
         ranks,
+        slurm,
+        requeue_signal: cli.requeue_signal,
         files,
         origin: program.origin(&cli.command),
         program,

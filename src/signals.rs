@@ -15,11 +15,13 @@ pub struct Signals {
     interrupt: Arc<AtomicBool>,
     terminate: Arc<AtomicBool>,
     snapshot: Arc<AtomicBool>,
+    requeue: Arc<AtomicBool>,
 }
 
 impl Signals {
-    /// Installs the handlers.
-    pub fn install() -> std::io::Result<Self> {
+    /// Installs the handlers; `requeue`, if given, is the signal that means the batch job
+    /// ends soon (it replaces SIGUSR1's meaning when it is SIGUSR1).
+    pub fn install(requeue: Option<i32>) -> std::io::Result<Self> {
         let (wake, waker) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
         waker.set_nonblocking(true)?;
@@ -28,12 +30,22 @@ impl Signals {
             interrupt: Arc::new(AtomicBool::new(false)),
             terminate: Arc::new(AtomicBool::new(false)),
             snapshot: Arc::new(AtomicBool::new(false)),
+            requeue: Arc::new(AtomicBool::new(false)),
         };
         signal_hook::flag::register(SIGINT, Arc::clone(&signals.interrupt))?;
         signal_hook::flag::register(SIGTERM, Arc::clone(&signals.terminate))?;
         signal_hook::flag::register(SIGHUP, Arc::clone(&signals.terminate))?;
-        signal_hook::flag::register(SIGUSR1, Arc::clone(&signals.snapshot))?;
-        for sig in [SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGCHLD] {
+        if requeue != Some(SIGUSR1) {
+            signal_hook::flag::register(SIGUSR1, Arc::clone(&signals.snapshot))?;
+        }
+        let mut wake_on = vec![SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGCHLD];
+        if let Some(sig) = requeue {
+            signal_hook::flag::register(sig, Arc::clone(&signals.requeue))?;
+            if !wake_on.contains(&sig) {
+                wake_on.push(sig);
+            }
+        }
+        for sig in wake_on {
             signal_hook::low_level::pipe::register(sig, waker.try_clone()?)?;
         }
         Ok(signals)
@@ -59,6 +71,11 @@ impl Signals {
         } else {
             None
         }
+    }
+
+    /// Takes a pending "the batch job ends soon" (the requeue signal).
+    pub fn take_requeue(&self) -> bool {
+        self.requeue.swap(false, Ordering::SeqCst)
     }
 
     /// Takes a pending snapshot request (SIGUSR1).

@@ -29,7 +29,7 @@ use crate::log::Log;
 use crate::operator::{self, Status};
 use crate::policy::{Decision, Failure, PolicyConfig, RestartPolicy};
 use crate::signals::Signals;
-use state::{Outcome, signal_name};
+use state::{Outcome, Stop, signal_name};
 use supervise_store::clock::{millis, now_unix_ms};
 use watch::Watch;
 
@@ -80,6 +80,11 @@ pub struct JobConfig {
     pub files: Option<crate::files::FileSpec>,
     /// A job of many ranks (MPI): where they join, and why ranks are expected.
     pub ranks: Option<(crate::ranks::Listen, String)>,
+    /// The signal that means "the batch job ends soon" (`--requeue-signal`): inside a Slurm
+    /// job, a final snapshot and a requeue; outside, a stop.
+    pub requeue_signal: nix::sys::signal::Signal,
+    /// Inside a Slurm batch job (unless `--no-slurm`): how it is requeued.
+    pub slurm: Option<crate::slurm::SlurmConfig>,
 }
 
 /// What to do with a job's snapshots when its command finishes with exit code 0
@@ -92,9 +97,25 @@ pub enum OnSuccess {
     Delete,
 }
 
-/// What a running supervisor knows about its job, for operators.
+/// What a running supervisor knows about its job, for operators and for timing its final
+/// snapshot.
 struct JobState {
     status: Status,
+    /// How long the last few snapshots took to be safe (ms), newest last.
+    recent_snapshot_ms: Vec<u64>,
+}
+
+impl JobState {
+    /// The snapshots whose times count.
+    const RECENT: usize = 5;
+
+    /// Notes that a snapshot took `ms` to be safe.
+    fn note_snapshot_time(&mut self, ms: u64) {
+        if self.recent_snapshot_ms.len() == Self::RECENT {
+            self.recent_snapshot_ms.remove(0);
+        }
+        self.recent_snapshot_ms.push(ms);
+    }
 }
 
 /// Takes the job's lock: at once, or (with `wait`) when its holder lets go. With the lock,
@@ -228,6 +249,90 @@ fn describe_ask(ask: &crate::files::Ask) -> String {
     }
 }
 
+/// The end of a run stopped because its Slurm batch job was about to end.
+struct Requeueing<'a> {
+    cfg: &'a JobConfig,
+    snaps: Numbers<'a>,
+    skip: &'a [(u64, u64)],
+    /// The highest snapshot number when the run started.
+    highest_at_start: Option<u64>,
+    durable: Option<&'a durable::Durable>,
+    /// When the stop began.
+    began: Instant,
+}
+
+impl Requeueing<'_> {
+    /// Once the final snapshot is safe (off the node too, with durable tiers, within
+    /// `--stop-timeout`), puts the job back in the queue, unless it was requeued
+    /// `--max-requeues` times already or this run took no snapshot (a requeued run would
+    /// start where this one did, over and over). Returns the exit code.
+    fn finish(&self, log: &Log) -> Result<i32> {
+        let Some(slurm) = &self.cfg.slurm else {
+            anyhow::bail!("a stop to requeue outside a Slurm job");
+        };
+        let job_id = slurm.job.id.clone();
+        let newest = self.snaps.newest(self.skip)?;
+        let mut lagging = String::new();
+        if let (Some(d), Some(seq)) = (self.durable, newest)
+            && !d.flush(seq, self.began + self.cfg.stop_timeout, log)
+        {
+            lagging = format!(
+                " (it did not reach {} within --stop-timeout: a run on another node resumes                  from the newest snapshot that did)",
+                d.lagging(seq).join(", ")
+            );
+        }
+        let not_requeued = if slurm.job.restart_count >= slurm.max_requeues {
+            Some(format!(
+                "it was requeued {} times already (--max-requeues {})",
+                slurm.job.restart_count, slurm.max_requeues
+            ))
+        } else if self.snaps.highest()? <= self.highest_at_start {
+            Some(
+                "this run took no snapshot, so a requeued run would start where this one did"
+                    .to_owned(),
+            )
+        } else {
+            slurm
+                .job
+                .requeue()
+                .err()
+                .map(|e| format!("scontrol could not requeue it: {e}"))
+        };
+        let resume = match newest {
+            Some(seq) => format!("snapshot {seq}"),
+            None => "the beginning".to_owned(),
+        };
+        if let Some(why) = not_requeued {
+            log.emit(&JobEvent::NotRequeued {
+                job_id: job_id.clone(),
+                why: why.clone(),
+            });
+            log.emit(&end(
+                RunOutcome::Stopped,
+                exit::STOPPED,
+                format!(
+                    "stopped before the end of Slurm job {job_id}, not requeued ({why}): submit                      the same script again to resume from {resume}{lagging}"
+                ),
+            ));
+            return Ok(exit::STOPPED);
+        }
+        let restart_count = slurm.job.restart_count + 1;
+        log.emit(&JobEvent::Requeued {
+            job_id: job_id.clone(),
+            restart_count,
+            from: From(newest),
+        });
+        log.emit(&end(
+            RunOutcome::Requeued,
+            exit::STOPPED,
+            format!(
+                "stopped before the end of Slurm job {job_id} and requeued it: it resumes from                  {resume}{lagging}"
+            ),
+        ));
+        Ok(exit::STOPPED)
+    }
+}
+
 /// Tells that the job's lease is lost (`why`) and returns the exit code for it.
 fn lease_lost(why: &str, log: &Log) -> i32 {
     log.emit(&end(
@@ -278,7 +383,8 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 .context("cannot start the lifeline process")?,
         )
     };
-    let signals = Signals::install().context("cannot install signal handlers")?;
+    let signals = Signals::install(Some(cfg.requeue_signal as i32))
+        .context("cannot install signal handlers")?;
     let command_line = cfg
         .command
         .iter()
@@ -358,6 +464,20 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         );
     }
     let mut skip = initial_skip(cfg, snaps, last, log)?;
+    // A requeue needs a snapshot newer than those the run started with.
+    let highest_at_start = snaps.highest()?;
+    let end_time = cfg.slurm.as_ref().map(|slurm| {
+        let (end_time, answer) = crate::slurm::EndTime::watch(&slurm.job);
+        log.emit(&JobEvent::Slurm {
+            job_id: slurm.job.id.clone(),
+            restart_count: slurm.job.restart_count,
+            requeue_signal: cfg.requeue_signal.as_str().to_owned(),
+            ends_in_ms: answer.as_ref().ok().copied().flatten().map(millis),
+            lead_ms: millis(end_time.lead(slurm.margin, &[])),
+            unknown: answer.err(),
+        });
+        end_time
+    });
     let relay = match &cfg.ranks {
         Some((listen, because)) => {
             if cfg.files.is_some() {
@@ -417,6 +537,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             command: command_line.clone(),
             ..Status::default()
         },
+        recent_snapshot_ms: Vec::new(),
     };
     let mut policy = RestartPolicy::new(cfg.policy.clone());
     let mut blame = Blame::new(cfg.rollback_after);
@@ -570,6 +691,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         });
         let life = Watch::new(cfg, log, &signals, from, said_no_shim, stderr_pipe.as_ref())
             .with_durable(durable.as_ref())
+            .with_end_time(end_time.as_ref())
             .with_files(files.as_ref(), resumed_step)
             .run(&mut child, &server, &mut state)?;
         said_no_shim = life.said_no_shim;
@@ -593,7 +715,19 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             return Ok(lease_lost(why, log));
         }
         let how = match life.outcome {
-            Outcome::Stopped(sig) => {
+            Outcome::Stopped(Stop::Requeue(_)) => {
+                let began = life.stop_began.unwrap_or_else(Instant::now);
+                let ended = Requeueing {
+                    cfg,
+                    snaps,
+                    skip: &skip,
+                    highest_at_start,
+                    durable: durable.as_ref(),
+                    began,
+                };
+                return ended.finish(log);
+            }
+            Outcome::Stopped(Stop::Signal(sig)) => {
                 let newest = snaps.newest(&skip)?;
                 let began = life.stop_began.unwrap_or_else(Instant::now);
                 if let Some(code) = flush_on_stop(durable.as_ref(), newest, began, sig, cfg, log) {

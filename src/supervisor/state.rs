@@ -17,10 +17,10 @@ pub enum ChildState {
     Running,
     /// It reached no safe point for `--hang-timeout`: being escalated.
     Hung(Hang),
-    /// The supervisor was told to stop (by `signal`) and is stopping the child.
+    /// The supervisor was told to stop (why: `stop`) and is stopping the child.
     Stopping {
-        /// The signal the supervisor got.
-        signal: i32,
+        /// Why.
+        stop: Stop,
         /// When the child is killed if it has not stopped (`--stop-timeout`).
         deadline: Instant,
         /// SIGKILL was sent already.
@@ -45,11 +45,45 @@ pub enum Hang {
     Killed,
 }
 
+/// Why the supervisor stops the child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// It got this signal (SIGINT, SIGTERM, SIGHUP): it stops after a final snapshot, and the
+    /// job resumes when the command runs again.
+    Signal(i32),
+    /// The batch job it runs in is about to end: it stops after a final snapshot, then
+    /// requeues the job, which resumes from that snapshot.
+    Requeue(EndNear),
+}
+
+/// How the supervisor learnt that its batch job is about to end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndNear {
+    /// The batch system's signal (`--requeue-signal`, or SIGTERM at the time limit).
+    Signal(i32),
+    /// The job's end time is this close: no nearer than a final snapshot needs.
+    EndTime {
+        /// Time left then, in ms.
+        left_ms: u64,
+    },
+}
+
+impl Stop {
+    /// What stops the child, as the `stopping` event names it: a signal's name, or
+    /// `end-time`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stop::Signal(sig) | Stop::Requeue(EndNear::Signal(sig)) => signal_name(sig),
+            Stop::Requeue(EndNear::EndTime { .. }) => "end-time",
+        }
+    }
+}
+
 /// What happens to a life.
 #[derive(Clone, Copy, Debug)]
 pub enum Input {
-    /// The supervisor got SIGINT or SIGTERM (this signal).
-    StopSignal(i32),
+    /// The supervisor must stop the child (a signal, or its batch job's end near).
+    Stop(Stop),
     /// Time passed: it is `now`, and the program last showed progress `since_progress` ago.
     Tick {
         /// Now.
@@ -90,8 +124,8 @@ pub enum Outcome {
     Ended(crate::child::Ended),
     /// It stopped reaching safe points and was stopped: how it ended.
     Hung(crate::child::Ended),
-    /// The supervisor was told to stop (by this signal) and stopped it.
-    Stopped(i32),
+    /// The supervisor was told to stop (why) and stopped it.
+    Stopped(Stop),
     /// File mode: nobody asked, but the code stopped cleanly after a checkpoint (how): a
     /// SIGTERM sent to it directly (a batch system's), or a limit of its own (`mdrun -maxh`).
     StoppedItself(crate::child::Ended),
@@ -113,30 +147,35 @@ impl ChildState {
     /// The next state after `input`, and the actions to take.
     pub fn step(self, input: Input, cx: &Context) -> (ChildState, Vec<Action>) {
         match (self, input) {
+            // A batch system that ends a job it was asked to requeue sends SIGTERM to all of
+            // it, and SIGKILL after its own grace: the final snapshot goes on meanwhile.
             (
                 ChildState::Stopping {
-                    signal, deadline, ..
+                    stop: Stop::Requeue(_),
+                    ..
                 },
-                Input::StopSignal(sig),
-            ) => (
+                Input::Stop(Stop::Requeue(_) | Stop::Signal(libc::SIGTERM)),
+            ) => (self, Vec::new()),
+            (ChildState::Stopping { stop, deadline, .. }, Input::Stop(again)) => (
                 ChildState::Stopping {
-                    signal,
+                    stop,
                     deadline,
                     killed: true,
                 },
                 vec![
-                    signalled(Signal::SIGKILL, format!("{} again", signal_name(sig))),
+                    signalled(Signal::SIGKILL, format!("{} again", again.name())),
                     Action::Kill(Signal::SIGKILL),
                 ],
             ),
-            (ChildState::Running | ChildState::Hung(_), Input::StopSignal(sig)) => {
+            (ChildState::Running | ChildState::Hung(_), Input::Stop(stop)) => {
                 let stopping = ChildState::Stopping {
-                    signal: sig,
+                    stop,
                     deadline: Instant::now() + cx.stop_timeout,
                     killed: self == ChildState::Hung(Hang::Killed),
                 };
                 let said = Action::Emit(JobEvent::Stopping {
-                    signal: signal_name(sig).into(),
+                    signal: stop.name().into(),
+                    requeue: matches!(stop, Stop::Requeue(_)),
                     shim: cx.connected,
                     timeout_ms: millis(cx.stop_timeout),
                 });
@@ -149,14 +188,14 @@ impl ChildState {
             }
             (
                 ChildState::Stopping {
-                    signal,
+                    stop,
                     deadline,
                     killed: false,
                 },
                 Input::Tick { now, .. },
             ) if now >= deadline => (
                 ChildState::Stopping {
-                    signal,
+                    stop,
                     deadline,
                     killed: true,
                 },
@@ -238,7 +277,7 @@ impl ChildState {
     pub fn outcome(self, how: crate::child::Ended, finished: bool) -> Outcome {
         match (self, how) {
             (_, crate::child::Ended::Exited(0)) if finished => Outcome::Ended(how),
-            (ChildState::Stopping { signal, .. }, _) => Outcome::Stopped(signal),
+            (ChildState::Stopping { stop, .. }, _) => Outcome::Stopped(stop),
             (ChildState::Hung(_), _) => Outcome::Hung(how),
             (ChildState::Running, _) => Outcome::Ended(how),
         }
@@ -403,10 +442,10 @@ mod tests {
 
     #[test]
     fn a_stop_asks_the_shim_or_terminates_then_kills_once() {
-        let (s, a) = ChildState::Running.step(Input::StopSignal(15), &cx(true));
+        let (s, a) = ChildState::Running.step(Input::Stop(Stop::Signal(15)), &cx(true));
         assert!(a.iter().any(|x| matches!(x, Action::SendStop)) && kills(&a).is_empty());
         let ChildState::Stopping {
-            signal: 15,
+            stop: Stop::Signal(15),
             deadline,
             killed: false,
         } = s
@@ -414,7 +453,7 @@ mod tests {
             panic!("{s:?}");
         };
         assert!(!s.takes_snapshots());
-        let (_, a) = ChildState::Running.step(Input::StopSignal(2), &cx(false));
+        let (_, a) = ChildState::Running.step(Input::Stop(Stop::Signal(2)), &cx(false));
         assert_eq!(kills(&a), [Signal::SIGTERM]);
         let late = Input::Tick {
             now: deadline,
@@ -426,11 +465,11 @@ mod tests {
         assert!(a.is_empty());
         // A second stop signal kills at once, whatever was sent before; the first signal
         // stays the one the supervisor reports.
-        let (s, a) = s.step(Input::StopSignal(2), &cx(true));
+        let (s, a) = s.step(Input::Stop(Stop::Signal(2)), &cx(true));
         assert_eq!(kills(&a), [Signal::SIGKILL]);
         assert_eq!(
             s.outcome(crate::child::Ended::Signaled(9), true),
-            Outcome::Stopped(15)
+            Outcome::Stopped(Stop::Signal(15))
         );
         assert_eq!(
             s.outcome(crate::child::Ended::Exited(0), true),
@@ -439,10 +478,35 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_to_requeue_is_not_cut_short_by_the_batch_systems_sigterm() {
+        let near = Stop::Requeue(EndNear::EndTime { left_ms: 70_000 });
+        let (s, a) = ChildState::Running.step(Input::Stop(near), &cx(true));
+        assert!(a.iter().any(|x| matches!(x, Action::SendStop)));
+        assert!(a.iter().any(|x| matches!(
+            x,
+            Action::Emit(JobEvent::Stopping { requeue: true, signal, .. }) if signal == "end-time"
+        )));
+        let (s2, a) = s.step(Input::Stop(Stop::Signal(libc::SIGTERM)), &cx(true));
+        assert!(a.is_empty() && s2 == s);
+        let (s3, a) = s.step(Input::Stop(Stop::Requeue(EndNear::Signal(12))), &cx(true));
+        assert!(a.is_empty() && s3 == s);
+        // Ctrl-C still kills.
+        let (_, a) = s.step(Input::Stop(Stop::Signal(libc::SIGINT)), &cx(true));
+        assert_eq!(kills(&a), [Signal::SIGKILL]);
+        assert_eq!(
+            s.outcome(crate::child::Ended::Exited(75), true),
+            Outcome::Stopped(near)
+        );
+    }
+
+    #[test]
     fn a_clean_exit_without_the_codes_done_file_is_a_stop_when_one_was_asked_for() {
         let exited = crate::child::Ended::Exited(0);
-        let (stopping, _) = ChildState::Running.step(Input::StopSignal(15), &cx(true));
-        assert_eq!(stopping.outcome(exited, false), Outcome::Stopped(15));
+        let (stopping, _) = ChildState::Running.step(Input::Stop(Stop::Signal(15)), &cx(true));
+        assert_eq!(
+            stopping.outcome(exited, false),
+            Outcome::Stopped(Stop::Signal(15))
+        );
         assert_eq!(stopping.outcome(exited, true), Outcome::Ended(exited));
         // Unasked, the watcher tells a stop of the code's own from the end.
         assert_eq!(
@@ -458,7 +522,7 @@ mod tests {
             hung.outcome(crate::child::Ended::Signaled(9), true),
             Outcome::Hung(crate::child::Ended::Signaled(9))
         );
-        let (s, _) = hung.step(Input::StopSignal(15), &cx(true));
+        let (s, _) = hung.step(Input::Stop(Stop::Signal(15)), &cx(true));
         let Some(deadline) = s.deadline() else {
             panic!("{s:?}")
         };

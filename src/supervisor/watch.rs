@@ -12,8 +12,8 @@ use supervise_store::control::{Event, Request};
 
 use super::durable::{Durable, LeaseState};
 use super::state::{
-    Action, ChildState, Context, Input, Outcome, Request as SnapshotRequest, SnapshotReason,
-    Snapshots,
+    Action, ChildState, Context, EndNear, Input, Outcome, Request as SnapshotRequest,
+    SnapshotReason, Snapshots, Stop,
 };
 use super::{JobConfig, JobState, NO_SHIM_AFTER, poll_timeout};
 use crate::child::{Child, Ended, StderrPipe, StderrTail};
@@ -50,7 +50,12 @@ pub(super) struct Watch<'a> {
     waiting_next: Vec<operator::Client>,
     /// When the program last showed progress (a safe point reached).
     last_progress: Instant,
-    done: Vec<u64>,
+    /// Snapshots durable since the last look: (number, ms from the request to durable).
+    done: Vec<(u64, u64)>,
+    /// With durable tiers: snapshots not yet on every tier, and when each was asked for.
+    not_off_node: Vec<(u64, Instant)>,
+    /// Inside a Slurm batch job: its end time, watched.
+    end_time: Option<&'a crate::slurm::EndTime>,
     /// The program reached a safe point (a beat or a snapshot) since it started.
     reached_safe_point: bool,
     /// This supervisor told that the program does not use the shim.
@@ -130,6 +135,8 @@ impl<'a> Watch<'a> {
             waiting_next: Vec::new(),
             last_progress: Instant::now(),
             done: Vec::new(),
+            not_off_node: Vec::new(),
+            end_time: None,
             reached_safe_point: false,
             said_no_shim,
             stderr_pipe,
@@ -199,6 +206,45 @@ impl<'a> Watch<'a> {
         }
     }
 
+    /// Inside a Slurm batch job: stops the program after a final snapshot, to requeue the
+    /// job, when its end time comes within what that snapshot needs.
+    pub(super) fn with_end_time(mut self, end_time: Option<&'a crate::slurm::EndTime>) -> Self {
+        self.end_time = end_time;
+        self
+    }
+
+    /// Stops the program to requeue the job when its end is within the final snapshot's lead
+    /// (the margin and twice the slowest recent snapshot); tells when the end cannot be read.
+    fn watch_end_time(&mut self, child: &Child, state: &JobState) {
+        let (Some(end_time), Some(slurm)) = (self.end_time, &self.cfg.slurm) else {
+            return;
+        };
+        if let Some(error) = end_time.take_error() {
+            self.log.emit(&JobEvent::SlurmEndUnknown { error });
+        }
+        let Some(end) = end_time.end() else { return };
+        if !self.state.takes_snapshots() {
+            return;
+        }
+        let now = Instant::now();
+        let lead = end_time.lead(slurm.margin, &state.recent_snapshot_ms);
+        if now + lead >= end {
+            self.stop_began.get_or_insert(now);
+            let left_ms = millis(end.saturating_duration_since(now));
+            self.step(
+                child,
+                Input::Stop(Stop::Requeue(EndNear::EndTime { left_ms })),
+            );
+        }
+    }
+
+    /// Whether the job's end time (if known) has come: a SIGTERM then is Slurm's at the limit.
+    fn past_end(&self) -> bool {
+        self.end_time
+            .and_then(|e| e.end())
+            .is_some_and(|end| Instant::now() + Duration::from_secs(2) >= end)
+    }
+
     /// Watches the durable tiers too: reports their uploads, nudges them after each snapshot,
     /// and stops the program when the lease is lost.
     pub(super) fn with_durable(mut self, durable: Option<&'a Durable>) -> Self {
@@ -226,7 +272,7 @@ impl<'a> Watch<'a> {
             let margin = Duration::from_millis(500);
             self.lease_lost = Some((why, deadline.checked_sub(margin).unwrap_or(deadline)));
             self.stop_began.get_or_insert_with(Instant::now);
-            self.step(child, Input::StopSignal(libc::SIGTERM));
+            self.step(child, Input::Stop(Stop::Signal(libc::SIGTERM)));
         }
     }
 
@@ -421,6 +467,7 @@ impl<'a> Watch<'a> {
             }
             self.record_done(state);
             self.watch_durable(child);
+            self.watch_end_time(child, state);
             if let Some(durable) = self.durable {
                 state.status.last_off_node = durable.safe_everywhere();
             }
@@ -454,18 +501,58 @@ impl<'a> Watch<'a> {
         }
     }
 
-    /// Notes the snapshots that completed for `status`.
+    /// Notes the snapshots that completed for `status`, and how long each took to be safe:
+    /// durable, and with durable tiers on every one of them.
     fn record_done(&mut self, state: &mut JobState) {
-        if let Some(seq) = self.done.drain(..).max() {
+        let now = Instant::now();
+        if let Some(&(seq, _)) = self.done.iter().max() {
             state.status.last_snapshot = Some(seq);
             state.status.last_snapshot_unix_ms = Some(now_unix_ms());
+        }
+        for (seq, ms) in self.done.drain(..) {
+            match self.durable {
+                Some(_) => {
+                    let asked = now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+                    self.not_off_node.push((seq, asked));
+                }
+                None => state.note_snapshot_time(ms),
+            }
+        }
+        if let Some(everywhere) = self.durable.and_then(|d| d.safe_everywhere()) {
+            let mut safe = Vec::new();
+            self.not_off_node.retain(|&(seq, asked)| {
+                let off = seq <= everywhere;
+                if off {
+                    safe.push(millis(now.saturating_duration_since(asked)));
+                }
+                !off
+            });
+            for ms in safe {
+                state.note_snapshot_time(ms);
+            }
         }
     }
 
     fn handle_signals(&mut self, child: &Child) {
         if let Some(sig) = self.signals.take_stop() {
             self.stop_began.get_or_insert_with(Instant::now);
-            self.step(child, Input::StopSignal(sig));
+            // Slurm's SIGTERM at the time limit: the job is requeued after the final snapshot.
+            let stop = if sig == libc::SIGTERM && self.cfg.slurm.is_some() && self.past_end() {
+                Stop::Requeue(EndNear::Signal(sig))
+            } else {
+                Stop::Signal(sig)
+            };
+            self.step(child, Input::Stop(stop));
+        }
+        if self.signals.take_requeue() {
+            self.stop_began.get_or_insert_with(Instant::now);
+            let sig = self.cfg.requeue_signal as i32;
+            // Outside a batch job, the signal is a stop like SIGTERM.
+            let stop = match self.cfg.slurm {
+                Some(_) => Stop::Requeue(EndNear::Signal(sig)),
+                None => Stop::Signal(sig),
+            };
+            self.step(child, Input::Stop(stop));
         }
         if self.signals.take_snapshot() {
             self.request_snapshot(child, SnapshotReason::Signal);
@@ -590,7 +677,7 @@ impl<'a> Watch<'a> {
                 let (next, follow_up) = self.snapshots.done();
                 self.snapshots = next;
                 self.last_progress = Instant::now();
-                self.done.push(r.seq);
+                self.done.push((r.seq, r.duration_ms));
                 if let Some(durable) = self.durable {
                     durable.nudge();
                 }

@@ -8,6 +8,7 @@ mod support;
 #[allow(dead_code)]
 mod s3_server;
 
+mod batch;
 mod c_abi;
 mod commands;
 mod damage;

@@ -1,0 +1,451 @@
+//! Batch systems and service managers. A real single-node Slurm (munge, slurmctld and slurmd
+//! from Debian, started here as root on free ports) runs heat under `supervise` as batch jobs
+//! that need more than their one-minute time limit: each is requeued after a final snapshot
+//! (at `--signal`'s signal, at the job's end time read from squeue, or at a preemption-style
+//! `scancel --signal`) and completes with the checksum of an uninterrupted run, every run
+//! resuming at the step of the snapshot taken before the requeue. And systemd's notify
+//! protocol, received by a listener on a datagram socket.
+//!
+//! The Slurm scenarios run at once, in one test (about 90 s, mostly waiting on the limit), so
+//! that the daemons are stopped when it ends; the module's name sorts first, so that the
+//! waiting overlaps the other tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// heat's grid and length: 650 steps of 100 ms, 65 s of work (more than the time limit).
+const HEAT: [&str; 6] = ["--n", "64", "--steps", "650", "--step-ms", "100"];
+
+/// Where a Slurm program is: on PATH, else in /usr/sbin (daemons, for a user whose PATH
+/// lacks it).
+fn program(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    on_path.unwrap_or_else(|| Path::new("/usr/sbin").join(name))
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A single-node Slurm cluster in a temporary directory; stopped (jobs cancelled, daemons
+/// shut down) when dropped.
+struct Slurm {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+    munge_socket: PathBuf,
+    daemons: Vec<Child>,
+}
+
+impl Slurm {
+    /// Starts munged, slurmctld and slurmd, and waits for the node to be idle.
+    fn start() -> Slurm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let munge = d.join("munge");
+        std::fs::create_dir(&munge).expect("munge dir");
+        // munged checks that its socket's directory is not writable by others.
+        std::fs::set_permissions(&munge, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let key = munge.join("munge.key");
+        let status = Command::new(program("mungekey"))
+            .arg("--create")
+            .arg(format!("--keyfile={}", key.display()))
+            .status()
+            .expect("mungekey is needed (scripts/test installs munge)");
+        assert!(status.success(), "mungekey failed");
+        let munge_socket = munge.join("munge.sock");
+        let mut daemons = Vec::new();
+        daemons.push(
+            Command::new(program("munged"))
+                .arg("--foreground")
+                .arg(format!("--socket={}", munge_socket.display()))
+                .arg(format!("--key-file={}", key.display()))
+                .arg(format!("--log-file={}", munge.join("munged.log").display()))
+                .arg(format!("--pid-file={}", munge.join("munged.pid").display()))
+                .arg(format!(
+                    "--seed-file={}",
+                    munge.join("munged.seed").display()
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("munged is needed (scripts/test installs munge)"),
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || munge_socket.exists()),
+            "munged did not start: {}",
+            std::fs::read_to_string(munge.join("munged.log")).unwrap_or_default()
+        );
+        let host = nix::unistd::gethostname()
+            .expect("hostname")
+            .to_string_lossy()
+            .into_owned();
+        let host = host.split('.').next().unwrap_or(&host).to_owned();
+        let conf = d.join("slurm.conf");
+        let p = |name: &str| d.join(name).display().to_string();
+        for sub in ["state", "spool"] {
+            std::fs::create_dir(d.join(sub)).expect("dir");
+        }
+        // One setting a line; a node of 8 CPUs (more than this machine has, which
+        // config_overrides allows) so that the scenarios run at once.
+        let settings = [
+            "ClusterName=supervise-test".to_owned(),
+            format!("SlurmctldHost={host}(127.0.0.1)"),
+            format!("SlurmctldPort={}", free_port()),
+            format!("SlurmdPort={}", free_port()),
+            "SlurmUser=root".into(),
+            "SlurmdUser=root".into(),
+            "AuthType=auth/munge".into(),
+            "CredType=cred/munge".into(),
+            // Credentials expire after 5 s: a requeued job starts again about 6 s later
+            // (120 s by default).
+            format!("AuthInfo=socket={},cred_expire=5", munge_socket.display()),
+            format!("StateSaveLocation={}", p("state")),
+            format!("SlurmdSpoolDir={}", p("spool")),
+            format!("SlurmctldPidFile={}", p("slurmctld.pid")),
+            format!("SlurmdPidFile={}", p("slurmd.pid")),
+            format!("SlurmctldLogFile={}", p("slurmctld.log")),
+            format!("SlurmdLogFile={}", p("slurmd.log")),
+            "ProctrackType=proctrack/linuxproc".into(),
+            "TaskPlugin=task/none".into(),
+            "JobAcctGatherType=jobacct_gather/none".into(),
+            "AccountingStorageType=accounting_storage/none".into(),
+            "SelectType=select/cons_tres".into(),
+            "SelectTypeParameters=CR_Core".into(),
+            "SchedulerType=sched/backfill".into(),
+            "SchedulerParameters=sched_interval=1,bf_interval=1".into(),
+            "SlurmdParameters=config_overrides".into(),
+            "ReturnToService=2".into(),
+            "MpiDefault=none".into(),
+            "JobRequeue=1".into(),
+            "MinJobAge=300".into(),
+            "KillWait=5".into(),
+            "OverTimeLimit=0".into(),
+            "InactiveLimit=0".into(),
+            "MailProg=/bin/true".into(),
+            format!("NodeName={host} NodeAddr=127.0.0.1 CPUs=8 RealMemory=4000 State=UNKNOWN"),
+            format!("PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP"),
+        ];
+        std::fs::write(&conf, settings.join("\n") + "\n").expect("slurm.conf");
+        let mut slurm = Slurm {
+            dir,
+            conf,
+            munge_socket,
+            daemons,
+        };
+        for daemon in ["slurmctld", "slurmd"] {
+            let child = Command::new(program(daemon))
+                .arg("-D")
+                .env("SLURM_CONF", &slurm.conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{daemon} is needed (scripts/test installs it): {e}"));
+            slurm.daemons.push(child);
+        }
+        let idle = wait_until(Duration::from_secs(60), || {
+            slurm
+                .output("sinfo", &["-h", "-o", "%T"])
+                .is_some_and(|s| s.trim() == "idle")
+        });
+        assert!(
+            idle,
+            "the Slurm node did not come up: slurmctld.log:\n{}\nslurmd.log:\n{}",
+            slurm.log("slurmctld.log"),
+            slurm.log("slurmd.log")
+        );
+        slurm
+    }
+
+    /// The last lines of one of its logs.
+    fn log(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// A Slurm command for this cluster.
+    fn command(&self, name: &str) -> Command {
+        let mut cmd = Command::new(program(name));
+        cmd.env("SLURM_CONF", &self.conf);
+        cmd
+    }
+
+    /// A Slurm command's output, if it succeeded.
+    fn output(&self, name: &str, args: &[&str]) -> Option<String> {
+        let out = self.command(name).args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Submits `script` with `options`; its job id.
+    fn sbatch(&self, options: &[&str], script: &Path) -> String {
+        let out = self
+            .command("sbatch")
+            .arg("--parsable")
+            .args(options)
+            .arg(script)
+            .output()
+            .expect("sbatch");
+        assert!(
+            out.status.success(),
+            "sbatch failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim().split(';').next().unwrap_or_default().to_owned()
+    }
+
+    /// A field of `scontrol show job` (JobState, RestartCnt, ...).
+    fn job_field(&self, id: &str, field: &str) -> Option<String> {
+        let text = self.output("scontrol", &["show", "job", "-o", id])?;
+        let prefix = format!("{field}=");
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str()).map(str::to_owned))
+    }
+}
+
+impl Drop for Slurm {
+    fn drop(&mut self) {
+        let _ = self.command("scancel").arg("--user=root").status();
+        let _ = self.command("scontrol").arg("shutdown").status();
+        let _ = Command::new(program("munged"))
+            .arg("--stop")
+            .arg(format!("--socket={}", self.munge_socket.display()))
+            .stderr(Stdio::null())
+            .status();
+        for daemon in &mut self.daemons {
+            let stopped = wait_until(Duration::from_secs(5), || {
+                matches!(daemon.try_wait(), Ok(Some(_)))
+            });
+            if !stopped {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+            }
+        }
+    }
+}
+
+/// One batch job of heat under supervise, in its own directory and store.
+struct Job {
+    name: &'static str,
+    dir: PathBuf,
+    id: String,
+}
+
+impl Job {
+    /// Writes the batch script (the two lines a user adds: `--requeue`, and `exec supervise
+    /// ... --` before the command) and submits it with `sbatch_options`.
+    fn submit(
+        slurm: &Slurm,
+        name: &'static str,
+        sbatch_options: &[&str],
+        supervise_options: &[&str],
+    ) -> Job {
+        let dir = slurm.dir.path().join(name);
+        std::fs::create_dir(&dir).expect("job dir");
+        let quote = |s: &str| format!("'{s}'");
+        let script = format!(
+            "#!/bin/bash\nexec {} --store {} --every 3s {} -- {} {}\n",
+            quote(&supervise_bin().display().to_string()),
+            quote(&dir.join("store").display().to_string()),
+            supervise_options.join(" "),
+            quote(&example_bin("heat").display().to_string()),
+            HEAT.join(" ")
+        );
+        let path = dir.join("job.sh");
+        std::fs::write(&path, script).expect("job script");
+        let out = dir.join("out.txt");
+        let mut options = vec![
+            format!("--job-name={name}"),
+            format!("--chdir={}", dir.display()),
+            format!("--output={}", out.display()),
+            // A requeued run appends to the output instead of truncating it.
+            "--open-mode=append".into(),
+            "--requeue".into(),
+        ];
+        options.extend(sbatch_options.iter().map(|s| s.to_string()));
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        let id = slurm.sbatch(&options, &path);
+        Job { name, dir, id }
+    }
+
+    fn store(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.join("out.txt")).unwrap_or_default()
+    }
+
+    /// Waits for the job to complete (its history's last run finished); fails with what is
+    /// known when it ends otherwise or takes too long.
+    fn wait_completed(&self, slurm: &Slurm) {
+        let start = Instant::now();
+        loop {
+            let ends = events_of(&self.store(), "end");
+            if ends.last().is_some_and(|e| e["outcome"] == "finished") {
+                return;
+            }
+            let state = slurm.job_field(&self.id, "JobState").unwrap_or_default();
+            let failed = matches!(
+                state.as_str(),
+                "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY" | "BOOT_FAIL"
+            ) || (state == "COMPLETED" && start.elapsed() > Duration::from_secs(5));
+            if failed || start.elapsed() > Duration::from_secs(300) {
+                panic!(
+                    "{}: job {} is {state} after {:?} without finishing.\nevents: {:#?}\n\
+                     output:\n{}\nslurmctld.log:\n{}",
+                    self.name,
+                    self.id,
+                    start.elapsed(),
+                    job_events(&self.store()),
+                    self.output(),
+                    slurm.log("slurmctld.log")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The checks every scenario shares: requeued at least once (Slurm's count too), every
+    /// run but the last ended requeued after a final snapshot asked for by `trigger`, each
+    /// next run resumed from exactly that snapshot at its step (> 0: nothing after it was
+    /// lost, and the resume happened), and the last one completed with the reference
+    /// checksum.
+    fn assert_requeued_and_completed(&self, slurm: &Slurm, trigger: &str) {
+        let events = job_events(&self.store());
+        let ctx = || format!("{}: {events:#?}\n{}", self.name, self.output());
+        let requeued: Vec<&serde_json::Value> =
+            events.iter().filter(|e| e["kind"] == "requeued").collect();
+        assert!(!requeued.is_empty(), "never requeued: {}", ctx());
+        let restarts: u64 = slurm
+            .job_field(&self.id, "Restarts")
+            .or_else(|| slurm.job_field(&self.id, "RestartCnt"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(restarts >= 1, "Slurm counts {restarts} restarts: {}", ctx());
+        // Each run's Slurm event carries SLURM_RESTART_COUNT: 0, 1, 2, ...
+        let counts: Vec<u64> = events
+            .iter()
+            .filter(|e| e["kind"] == "slurm")
+            .map(|e| e["restart_count"].as_u64().unwrap_or(u64::MAX))
+            .collect();
+        let expected: Vec<u64> = (0..=requeued.len() as u64).collect();
+        assert_eq!(counts, expected, "{}", ctx());
+        let ends: Vec<&str> = events
+            .iter()
+            .filter(|e| e["kind"] == "end")
+            .map(|e| e["outcome"].as_str().unwrap_or_default())
+            .collect();
+        let mut want = vec!["requeued"; requeued.len()];
+        want.push("finished");
+        assert_eq!(ends, want, "{}", ctx());
+        let stops: Vec<&serde_json::Value> =
+            events.iter().filter(|e| e["kind"] == "stopping").collect();
+        assert!(
+            stops
+                .iter()
+                .all(|s| s["requeue"] == true && s["signal"] == trigger),
+            "every stop was a requeue on {trigger}: {}",
+            ctx()
+        );
+        // Every requeue resumes from the snapshot taken just before it, at its step.
+        let output = self.output();
+        for (i, r) in events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e["kind"] == "requeued")
+        {
+            let last = events[..i]
+                .iter()
+                .rev()
+                .find(|e| e["kind"] == "snapshot")
+                .unwrap_or_else(|| panic!("no snapshot before the requeue: {}", ctx()));
+            let seq = last["seq"].as_u64().expect("seq");
+            let step: u64 = last["tag"]
+                .as_str()
+                .and_then(|t| t.strip_prefix("step "))
+                .and_then(|n| n.parse().ok())
+                .expect("heat tags its snapshots with their step");
+            assert!(step > 0);
+            assert_eq!(r["from"], seq, "{}", ctx());
+            let next_spawn = events[i..]
+                .iter()
+                .find(|e| e["kind"] == "spawned")
+                .unwrap_or_else(|| panic!("no run after the requeue: {}", ctx()));
+            assert_eq!(next_spawn["from"], seq, "{}", ctx());
+            let said = format!("resumed from snapshot {seq} at step {step}");
+            assert!(
+                output.contains(&said),
+                "heat did not say {said:?}: {}",
+                ctx()
+            );
+        }
+        let reference = reference_checksum(&HEAT[..4]);
+        assert_eq!(checksum_of(&output), Some(reference), "{}", ctx());
+    }
+}
+
+#[test]
+fn slurm_jobs_past_their_time_limit_are_requeued_and_resume_from_their_final_snapshot() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: the test Slurm runs its daemons as root");
+        return;
+    }
+    let slurm = Slurm::start();
+    // 1. Slurm signals the batch shell (supervise, exec'd) 25 s before the limit.
+    let signalled = Job::submit(
+        &slurm,
+        "signal",
+        &["--time=1", "--signal=B:USR2@25"],
+        &["--requeue-margin", "5s"],
+    );
+    // 2. No --signal: supervise reads the end time and stops 35 s before it.
+    let end_time = Job::submit(
+        &slurm,
+        "end-time",
+        &["--time=1"],
+        &["--requeue-margin", "35s"],
+    );
+    // 3. A preemption-style signal from scancel, after the first snapshot; its limit is far.
+    let preempted = Job::submit(&slurm, "preempted", &["--time=10"], &[]);
+    let first = wait_until(Duration::from_secs(60), || {
+        !events_of(&preempted.store(), "snapshot").is_empty()
+    });
+    assert!(first, "no snapshot: {}", preempted.output());
+    let status = slurm
+        .command("scancel")
+        .args(["--batch", "--signal=USR2", &preempted.id])
+        .status()
+        .expect("scancel");
+    assert!(status.success());
+
+    for job in [&preempted, &signalled, &end_time] {
+        job.wait_completed(&slurm);
+    }
+    preempted.assert_requeued_and_completed(&slurm, "SIGUSR2");
+    signalled.assert_requeued_and_completed(&slurm, "SIGUSR2");
+    end_time.assert_requeued_and_completed(&slurm, "end-time");
+    // The end-time job was told its end and lead when each run started.
+    let slurm_events = events_of(&end_time.store(), "slurm");
+    assert!(
+        slurm_events
+            .iter()
+            .all(|e| e["ends_in_ms"].as_u64().is_some_and(|ms| ms <= 60_000)),
+        "{slurm_events:#?}"
+    );
+}
