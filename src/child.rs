@@ -92,6 +92,9 @@ impl Child {
         cmd.arg0(&argv[0])
             .args(&argv[1..])
             .envs(env.iter().map(|(k, v)| (k, v)));
+        for var in crate::notify::SUPERVISOR_ONLY_ENV {
+            cmd.env_remove(var);
+        }
         if let Some(fd) = fd {
             cmd.env(config::ENV_CONTROL_FD, fd.to_string());
         }

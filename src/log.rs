@@ -32,6 +32,8 @@ pub struct Log {
     history: Option<Arc<EventLog>>,
     /// `--events`: each event as a JSON line (the schema of `supervise log --json`).
     sink: Option<EventSink>,
+    /// Under a service manager: what it is told.
+    notifier: Option<Arc<crate::notify::Notifier>>,
 }
 
 impl Log {
@@ -42,6 +44,20 @@ impl Log {
             job: job.to_owned(),
             history: None,
             sink: None,
+            notifier: None,
+        }
+    }
+
+    /// From now on, the service manager is told what the events change (`READY=1`,
+    /// `STATUS=`, ...; see [`crate::notify`]).
+    pub fn notify_to(&mut self, notifier: crate::notify::Notifier) {
+        self.notifier = Some(Arc::new(notifier));
+    }
+
+    /// The program made progress (a safe point), for the service manager's watchdog.
+    pub fn progress(&self) {
+        if let Some(n) = &self.notifier {
+            n.progress();
         }
     }
 
@@ -87,6 +103,9 @@ impl Log {
         }
         if event.always_shown() || self.level >= Level::Normal {
             self.line(&msg);
+        }
+        if let Some(n) = &self.notifier {
+            n.on_event(event);
         }
     }
 

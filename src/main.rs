@@ -11,6 +11,7 @@ mod human;
 mod identity;
 mod lifeline;
 mod log;
+mod notify;
 mod operator;
 mod policy;
 mod ranks;
@@ -1131,6 +1132,9 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
             )
         };
         log.events_to(sink);
+    }
+    if let Some(notifier) = notify::Notifier::from_env() {
+        log.notify_to(notifier);
     }
     let files = cli.file_spec()?;
     let ranks = cli.ranks(files.is_some());

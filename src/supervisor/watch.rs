@@ -473,6 +473,11 @@ impl<'a> Watch<'a> {
             }
             self.serve_operators(child, server, state);
             let now = Instant::now();
+            // Without the shim (or in file mode) there is no safe point to see: running is
+            // progress, for the service manager's watchdog.
+            if !self.connected {
+                self.log.progress();
+            }
             let since_progress = now.saturating_duration_since(self.last_progress);
             self.step(
                 child,
@@ -641,6 +646,7 @@ impl<'a> Watch<'a> {
             } => {
                 self.connected = true;
                 self.last_progress = Instant::now();
+                self.log.progress();
                 for d in &damaged {
                     self.log.emit(&JobEvent::SnapshotSetAside {
                         seq: d.seq,
@@ -661,6 +667,7 @@ impl<'a> Watch<'a> {
             }
             Event::Progress { count } => {
                 self.last_progress = Instant::now();
+                self.log.progress();
                 self.reached_safe_point |= count > 0;
                 // Beats come every second; say so once a minute.
                 if self

@@ -449,3 +449,153 @@ fn slurm_jobs_past_their_time_limit_are_requeued_and_resume_from_their_final_sna
         "{slurm_events:#?}"
     );
 }
+
+/// Datagrams received on a notify socket, by a thread, each with when it came.
+struct NotifyListener {
+    messages: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+}
+
+impl NotifyListener {
+    fn bind(path: &Path) -> NotifyListener {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).expect("bind notify socket");
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&messages);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                sink.lock().unwrap().push((Instant::now(), text));
+            }
+        });
+        NotifyListener { messages }
+    }
+
+    fn all(&self) -> Vec<(Instant, String)> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// The messages with this line (`READY=1`, `WATCHDOG=1`, `STATUS=...` by prefix).
+    fn with(&self, line: &str) -> Vec<(Instant, String)> {
+        self.all()
+            .into_iter()
+            .filter(|(_, m)| m.lines().any(|l| l.starts_with(line)))
+            .collect()
+    }
+}
+
+#[test]
+fn systemd_hears_ready_watchdog_while_the_program_makes_progress_and_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("notify.sock");
+    let listener = NotifyListener::bind(&socket);
+    let store = dir.path().join("store");
+    // 150 steps of 40 ms: about 6 s; the shim beats every second, the watchdog is 2 s.
+    let args = ["--n", "64", "--steps", "150", "--step-ms", "40"];
+    let mut cmd = Command::new(supervise_bin());
+    cmd.arg("--store")
+        .arg(&store)
+        .args(["--every", "1s", "--"])
+        .args(heat(&args))
+        .env("NOTIFY_SOCKET", &socket)
+        .env("WATCHDOG_USEC", "2000000");
+    let run = Run::spawn(cmd);
+    assert!(
+        wait_until(Duration::from_secs(20), || !listener
+            .with("WATCHDOG=1")
+            .is_empty()),
+        "no watchdog ping: {:?}",
+        listener.all()
+    );
+    // A program stopped between safe points makes no progress: the pings stop within the
+    // period, and come back when it goes on.
+    let program = run.nth_child_pid(1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(program as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
+    let stopped_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(4500));
+    let quiet_from = stopped_at + Duration::from_millis(3000);
+    let late: Vec<_> = listener
+        .with("WATCHDOG=1")
+        .into_iter()
+        .filter(|(t, _)| *t > quiet_from)
+        .collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(program as i32),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
+    assert!(
+        late.is_empty(),
+        "pings while the program was stopped: {late:?}"
+    );
+    let resumed_at = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || listener
+            .with("WATCHDOG=1")
+            .iter()
+            .any(|(t, _)| *t > resumed_at)),
+        "no ping after the program went on"
+    );
+    let done = run.wait(LONG);
+    done.assert_completed(&reference_checksum(&args[..4]));
+    let all = listener.all();
+    // READY=1 once, first, with the program's status; then a snapshot in a STATUS; the last
+    // STATUS is how the job ended.
+    let ready = listener.with("READY=1");
+    assert_eq!(ready.len(), 1, "{all:?}");
+    assert!(
+        all[0].1.contains("READY=1") && all[0].1.contains("STATUS=running (pid "),
+        "{all:?}"
+    );
+    let statuses: Vec<String> = listener
+        .with("STATUS=")
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.contains("STATUS=running; snapshot ")),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .last()
+            .is_some_and(|s| s.contains("STATUS=job finished (exit code 0)")),
+        "{statuses:?}"
+    );
+    assert!(listener.with("STOPPING=1").is_empty(), "{all:?}");
+
+    // A stop (systemctl stop sends SIGTERM): STOPPING=1, then how it ended.
+    let socket = dir.path().join("notify-stop.sock");
+    let listener = NotifyListener::bind(&socket);
+    let mut cmd = Command::new(supervise_bin());
+    cmd.arg("--store")
+        .arg(dir.path().join("store-stop"))
+        .arg("--")
+        .args(heat(&["--n", "64", "--steps", "100000", "--step-ms", "10"]))
+        .env("NOTIFY_SOCKET", &socket);
+    let run = Run::spawn(cmd);
+    assert!(wait_until(Duration::from_secs(20), || !listener
+        .with("READY=1")
+        .is_empty()));
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let done = run.wait(LONG);
+    assert_eq!(done.code, Some(143), "{}", done.stderr);
+    let all = listener.all();
+    let stopping = all
+        .iter()
+        .position(|(_, m)| m.contains("STOPPING=1"))
+        .unwrap_or_else(|| panic!("no STOPPING=1: {all:?}"));
+    assert!(
+        all[stopping + 1..]
+            .iter()
+            .any(|(_, m)| m.contains("STATUS=stopped by SIGTERM")),
+        "{all:?}"
+    );
+    // Without WATCHDOG_USEC, no pings.
+    assert!(listener.with("WATCHDOG=1").is_empty(), "{all:?}");
+}
