@@ -37,6 +37,7 @@ pub const LEASE_LOST: i32 = 7;
 /// lost) after its final snapshot: the job is not finished and can be resumed. Also the
 /// supervisor's, in file mode, when the code stopped by itself after a checkpoint (a SIGTERM
 /// sent to it directly, `mdrun -maxh`).
+/// And the supervisor's in a Slurm job stopped before its end to be requeued.
 pub const STOPPED: i32 = 75;
 
 /// The supervisor's exit code when it was stopped by `signal` (SIGINT, SIGTERM) after a final
@@ -86,7 +87,9 @@ pub const SUPERVISOR: &[(&str, &str)] = &[
         "75",
         "file mode: the code stopped by itself after a checkpoint (a SIGTERM sent to it \
          directly, as batch systems do, or a limit of its own such as mdrun -maxh); run the \
-         same command to resume",
+         same command to resume. In a Slurm job: stopped before the job's end after a final \
+         snapshot, and the job requeued (or not, said why: --max-requeues, no snapshot \
+         taken, scontrol failed)",
     ),
     (
         "130/143",
