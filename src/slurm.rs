@@ -210,17 +210,28 @@ struct Known {
 }
 
 impl EndTime {
-    /// Asks once now (the answer, or why there is none, is returned for the job's history),
-    /// then keeps asking in the background while this lives.
+    /// Asks in the background while this lives; returns with the first answer (or why there
+    /// is none, for the job's history) once it came, or after [`FIRST_ANSWER_WITHIN`]: a
+    /// controller that does not answer does not hold the program back.
     pub fn watch(job: &SlurmJob) -> (Self, Result<Option<Duration>, String>) {
-        let first = Known::ask(job, None);
-        let answer = first.1.clone();
-        let shared = Arc::new(Mutex::new(first.0));
+        let shared = Arc::new(Mutex::new(Known::default()));
         let weak = Arc::downgrade(&shared);
         let job = job.clone();
-        let _ = std::thread::Builder::new()
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
             .name("slurm-end-time".into())
-            .spawn(move || refresh(&job, &weak));
+            .spawn(move || refresh(&job, &weak, first_tx));
+        let answer = match spawned {
+            Err(e) => Err(format!("cannot start the thread that asks squeue: {e}")),
+            Ok(_) => first_rx
+                .recv_timeout(FIRST_ANSWER_WITHIN)
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "squeue did not answer within {} s (asked again in the background)",
+                        FIRST_ANSWER_WITHIN.as_secs()
+                    ))
+                }),
+        };
         let left_at_start = answer.as_ref().ok().copied().flatten();
         (
             Self {
@@ -282,8 +293,30 @@ fn next_query(left: Option<Duration>) -> Duration {
     }
 }
 
-/// The background thread: asks until the [`EndTime`] is dropped.
-fn refresh(job: &SlurmJob, shared: &Weak<Mutex<Known>>) {
+/// How long the supervisor waits for squeue's first answer before it starts the program.
+const FIRST_ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// The background thread: asks at once (the answer goes to `first` too), then again and
+/// again until the [`EndTime`] is dropped.
+fn refresh(
+    job: &SlurmJob,
+    shared: &Weak<Mutex<Known>>,
+    first: std::sync::mpsc::Sender<Result<Option<Duration>, String>>,
+) {
+    let (known, answer) = Known::ask(job, None);
+    match shared.upgrade() {
+        Some(shared) => {
+            if let Ok(mut k) = shared.lock() {
+                // The first failure is told with the start, not again.
+                *k = Known {
+                    error: None,
+                    ..known
+                };
+            }
+        }
+        None => return,
+    }
+    let _ = first.send(answer);
     loop {
         let left = {
             let Some(shared) = shared.upgrade() else {

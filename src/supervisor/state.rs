@@ -147,15 +147,16 @@ impl ChildState {
     /// The next state after `input`, and the actions to take.
     pub fn step(self, input: Input, cx: &Context) -> (ChildState, Vec<Action>) {
         match (self, input) {
-            // A batch system that ends a job it was asked to requeue sends SIGTERM to all of
-            // it, and SIGKILL after its own grace: the final snapshot goes on meanwhile.
-            (
-                ChildState::Stopping {
-                    stop: Stop::Requeue(_),
-                    ..
-                },
-                Input::Stop(Stop::Requeue(_) | Stop::Signal(libc::SIGTERM)),
-            ) => (self, Vec::new()),
+            // The batch system's signals never cut a stop short: its requeue signal during
+            // any stop, and the SIGTERM it sends all of a job it ends (SIGKILL follows after
+            // its own grace) during a stop to requeue. The final snapshot goes on.
+            (ChildState::Stopping { stop, .. }, Input::Stop(again))
+                if matches!(again, Stop::Requeue(_))
+                    || (matches!(stop, Stop::Requeue(_))
+                        && again == Stop::Signal(libc::SIGTERM)) =>
+            {
+                (self, Vec::new())
+            }
             (ChildState::Stopping { stop, deadline, .. }, Input::Stop(again)) => (
                 ChildState::Stopping {
                     stop,
@@ -490,6 +491,10 @@ mod tests {
         assert!(a.is_empty() && s2 == s);
         let (s3, a) = s.step(Input::Stop(Stop::Requeue(EndNear::Signal(12))), &cx(true));
         assert!(a.is_empty() && s3 == s);
+        // During an ordinary stop, the requeue signal changes nothing either.
+        let (plain, _) = ChildState::Running.step(Input::Stop(Stop::Signal(15)), &cx(true));
+        let (same, a) = plain.step(Input::Stop(Stop::Requeue(EndNear::Signal(12))), &cx(true));
+        assert!(a.is_empty() && same == plain);
         // Ctrl-C still kills.
         let (_, a) = s.step(Input::Stop(Stop::Signal(libc::SIGINT)), &cx(true));
         assert_eq!(kills(&a), [Signal::SIGKILL]);

@@ -239,11 +239,36 @@ impl Drop for Slurm {
     }
 }
 
-/// One batch job of heat under supervise, in its own directory and store.
+/// What a batch job runs under supervise, and how its checks read it.
+struct Program {
+    /// The script's lines before `exec supervise` (variables).
+    setup: String,
+    /// The command after `supervise ... --`, quoted for bash.
+    command: String,
+    /// The checksum of an uninterrupted run.
+    reference: String,
+    /// What it says when it resumes at `step` from snapshot (or epoch) `seq`.
+    resumed: fn(u64, u64) -> String,
+}
+
+impl Program {
+    /// heat, 650 steps of 100 ms.
+    fn heat() -> Program {
+        Program {
+            setup: String::new(),
+            command: format!("'{}' {}", example_bin("heat").display(), HEAT.join(" ")),
+            reference: reference_checksum(&HEAT[..4]),
+            resumed: |seq, step| format!("resumed from snapshot {seq} at step {step}"),
+        }
+    }
+}
+
+/// One batch job under supervise, in its own directory and store.
 struct Job {
     name: &'static str,
     dir: PathBuf,
     id: String,
+    program: Program,
 }
 
 impl Job {
@@ -252,19 +277,19 @@ impl Job {
     fn submit(
         slurm: &Slurm,
         name: &'static str,
+        program: Program,
         sbatch_options: &[&str],
         supervise_options: &[&str],
     ) -> Job {
         let dir = slurm.dir.path().join(name);
         std::fs::create_dir(&dir).expect("job dir");
-        let quote = |s: &str| format!("'{s}'");
         let script = format!(
-            "#!/bin/bash\nexec {} --store {} --every 3s {} -- {} {}\n",
-            quote(&supervise_bin().display().to_string()),
-            quote(&dir.join("store").display().to_string()),
+            "#!/bin/bash\n{}exec '{}' --store '{}' --every 3s {} -- {}\n",
+            program.setup,
+            supervise_bin().display(),
+            dir.join("store").display(),
             supervise_options.join(" "),
-            quote(&example_bin("heat").display().to_string()),
-            HEAT.join(" ")
+            program.command,
         );
         let path = dir.join("job.sh");
         std::fs::write(&path, script).expect("job script");
@@ -280,7 +305,12 @@ impl Job {
         options.extend(sbatch_options.iter().map(|s| s.to_string()));
         let options: Vec<&str> = options.iter().map(String::as_str).collect();
         let id = slurm.sbatch(&options, &path);
-        Job { name, dir, id }
+        Job {
+            name,
+            dir,
+            id,
+            program,
+        }
     }
 
     fn store(&self) -> PathBuf {
@@ -388,14 +418,10 @@ impl Job {
                 .find(|e| e["kind"] == "spawned")
                 .unwrap_or_else(|| panic!("no run after the requeue: {}", ctx()));
             assert_eq!(next_spawn["from"], seq, "{}", ctx());
-            let said = format!("resumed from snapshot {seq} at step {step}");
-            assert!(
-                output.contains(&said),
-                "heat did not say {said:?}: {}",
-                ctx()
-            );
+            let said = (self.program.resumed)(seq, step);
+            assert!(output.contains(&said), "it did not say {said:?}: {}", ctx());
         }
-        let reference = reference_checksum(&HEAT[..4]);
+        let reference = self.program.reference.clone();
         assert_eq!(checksum_of(&output), Some(reference), "{}", ctx());
     }
 }
@@ -411,6 +437,7 @@ fn slurm_jobs_past_their_time_limit_are_requeued_and_resume_from_their_final_sna
     let signalled = Job::submit(
         &slurm,
         "signal",
+        Program::heat(),
         &["--time=1", "--signal=B:USR2@25"],
         &["--requeue-margin", "5s"],
     );
@@ -418,26 +445,43 @@ fn slurm_jobs_past_their_time_limit_are_requeued_and_resume_from_their_final_sna
     let end_time = Job::submit(
         &slurm,
         "end-time",
+        Program::heat(),
         &["--time=1"],
         &["--requeue-margin", "35s"],
     );
     // 3. A preemption-style signal from scancel, after the first snapshot; its limit is far.
-    let preempted = Job::submit(&slurm, "preempted", &["--time=10"], &[]);
-    let first = wait_until(Duration::from_secs(60), || {
-        !events_of(&preempted.store(), "snapshot").is_empty()
-    });
-    assert!(first, "no snapshot: {}", preempted.output());
-    let status = slurm
-        .command("scancel")
-        .args(["--batch", "--signal=USR2", &preempted.id])
-        .status()
-        .expect("scancel");
-    assert!(status.success());
+    let preempted = Job::submit(&slurm, "preempted", Program::heat(), &["--time=10"], &[]);
+    // 4. The same for a job of two MPI ranks (its snapshots are epochs).
+    let mpi = Job::submit(
+        &slurm,
+        "mpi",
+        mpi_heat(slurm.dir.path()),
+        &["--time=10"],
+        &[],
+    );
+    for job in [&preempted, &mpi] {
+        let first = wait_until(Duration::from_secs(60), || {
+            !events_of(&job.store(), "snapshot").is_empty()
+        });
+        assert!(first, "{}: no snapshot: {}", job.name, job.output());
+        let status = slurm
+            .command("scancel")
+            .args(["--batch", "--signal=USR2", &job.id])
+            .status()
+            .expect("scancel");
+        assert!(status.success());
+    }
 
-    for job in [&preempted, &signalled, &end_time] {
+    for job in [&preempted, &mpi, &signalled, &end_time] {
         job.wait_completed(&slurm);
     }
     preempted.assert_requeued_and_completed(&slurm, "SIGUSR2");
+    mpi.assert_requeued_and_completed(&slurm, "SIGUSR2");
+    let resumed = events_of(&mpi.store(), "epoch-resumed");
+    assert!(
+        !resumed.is_empty() && resumed.iter().all(|r| r["ranks"] == 2),
+        "{resumed:?}"
+    );
     signalled.assert_requeued_and_completed(&slurm, "SIGUSR2");
     end_time.assert_requeued_and_completed(&slurm, "end-time");
     // The end-time job was told its end and lead when each run started.
@@ -448,6 +492,25 @@ fn slurm_jobs_past_their_time_limit_are_requeued_and_resume_from_their_final_sna
             .all(|e| e["ends_in_ms"].as_u64().is_some_and(|ms| ms <= 60_000)),
         "{slurm_events:#?}"
     );
+}
+
+/// heat_mpi under `mpirun -n 2`: 300 steps of 100 ms.
+fn mpi_heat(dir: &Path) -> Program {
+    const ARGS: [&str; 6] = ["--n", "96", "--steps", "300", "--sleep-ms", "100"];
+    let build = dir.join("heat-mpi-build");
+    std::fs::create_dir_all(&build).expect("build dir");
+    let binary = crate::mpi::build(&build);
+    let setup: String = crate::mpi::MPI_ENV
+        .iter()
+        .map(|(k, v)| format!("export {k}={v}\n"))
+        .collect();
+    Program {
+        setup,
+        command: format!("mpirun -n 2 '{}' {}", binary.display(), ARGS.join(" ")),
+        // heat_mpi's checksum is heat's for the same grid and steps (the MPI tests check it).
+        reference: reference_checksum(&ARGS[..4]),
+        resumed: |_, step| format!("rank 0 resumed at step {step}"),
+    }
 }
 
 /// Datagrams received on a notify socket, by a thread, each with when it came.
@@ -598,4 +661,111 @@ fn systemd_hears_ready_watchdog_while_the_program_makes_progress_and_status() {
     );
     // Without WATCHDOG_USEC, no pings.
     assert!(listener.with("WATCHDOG=1").is_empty(), "{all:?}");
+}
+
+/// A batch job's environment for a supervisor that no Slurm controller knows of: squeue and
+/// scontrol fail (at once, on an empty configuration file; on a missing one they retry for a
+/// minute).
+fn fake_job(restart_count: &str, conf: &Path) -> Vec<(String, String)> {
+    vec![
+        ("SLURM_JOB_ID".into(), "999999".into()),
+        ("SLURM_RESTART_COUNT".into(), restart_count.into()),
+        ("SLURM_CONF".into(), conf.display().to_string()),
+    ]
+}
+
+/// Runs `command` under supervise in a fake batch job (`env`), sends the requeue signal once
+/// `ready` holds, and returns the exit code and the `not-requeued` record's reason.
+fn refused_requeue(
+    store: &Path,
+    options: &[&str],
+    command: &[std::ffi::OsString],
+    env: &[(String, String)],
+    ready: impl Fn(&Path) -> bool,
+) -> (Option<i32>, String) {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let run = Run::start(store, options, command, &env);
+    assert!(
+        wait_until(Duration::from_secs(30), || ready(store)),
+        "{}",
+        run.stderr()
+    );
+    run.signal(nix::sys::signal::Signal::SIGUSR2);
+    let done = run.wait(LONG);
+    let stops = events_of(store, "stopping");
+    assert!(
+        stops.len() == 1 && stops[0]["requeue"] == true && stops[0]["signal"] == "SIGUSR2",
+        "{stops:?}"
+    );
+    assert_eq!(last_end(store)["outcome"], "stopped");
+    assert!(events_of(store, "requeued").is_empty());
+    let refused = events_of(store, "not-requeued");
+    assert_eq!(refused.len(), 1, "{}", done.stderr);
+    assert_eq!(refused[0]["job_id"], "999999");
+    (
+        done.code,
+        refused[0]["why"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[test]
+fn a_requeue_is_refused_past_max_requeues_after_a_run_without_snapshot_and_when_scontrol_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("empty-slurm.conf");
+    std::fs::write(&conf, "").expect("conf");
+    let long_heat = heat(&["--n", "64", "--steps", "1000000", "--step-ms", "5"]);
+    let has_snapshot = |store: &Path| !events_of(store, "snapshot").is_empty();
+
+    // Requeued twice already, at most twice: stopped, not requeued.
+    let store = dir.path().join("max");
+    let (code, why) = refused_requeue(
+        &store,
+        &["--every", "1s", "--max-requeues", "2"],
+        &long_heat,
+        &fake_job("2", &conf),
+        has_snapshot,
+    );
+    assert_eq!(code, Some(75));
+    assert!(why.contains("--max-requeues 2"), "{why}");
+    let slurm = events_of(&store, "slurm");
+    assert_eq!(slurm.len(), 1);
+    assert_eq!(slurm[0]["restart_count"], 2);
+    assert!(slurm[0]["unknown"].is_string(), "{slurm:?}");
+
+    // A run that took no snapshot (a program without the shim) would loop.
+    let store = dir.path().join("no-snapshot");
+    let sleep = vec![std::ffi::OsString::from("sleep"), "60".into()];
+    let spawned = |store: &Path| !events_of(store, "spawned").is_empty();
+    let (code, why) = refused_requeue(&store, &[], &sleep, &fake_job("0", &conf), spawned);
+    assert_eq!(code, Some(75));
+    assert!(why.contains("took no snapshot"), "{why}");
+
+    // scontrol cannot requeue a job its controller does not know: said, with its error.
+    let store = dir.path().join("scontrol");
+    let (code, why) = refused_requeue(
+        &store,
+        &["--every", "1s"],
+        &long_heat,
+        &fake_job("0", &conf),
+        has_snapshot,
+    );
+    assert_eq!(code, Some(75));
+    assert!(why.contains("scontrol"), "{why}");
+
+    // Outside a batch job the requeue signal is a stop like SIGTERM.
+    let store = dir.path().join("outside");
+    let mut cmd = Command::new(supervise_bin());
+    cmd.arg("--store")
+        .arg(&store)
+        .args(["--every", "1s", "--"])
+        .args(&long_heat)
+        .env_remove("SLURM_JOB_ID");
+    let run = Run::spawn(cmd);
+    run.wait_for_snapshot(1);
+    run.signal(nix::sys::signal::Signal::SIGUSR2);
+    let done = run.wait(LONG);
+    assert_eq!(done.code, Some(128 + libc::SIGUSR2), "{}", done.stderr);
+    let stops = events_of(&store, "stopping");
+    assert_eq!(stops[0]["requeue"], false, "{stops:?}");
+    assert!(events_of(&store, "slurm").is_empty());
 }

@@ -324,10 +324,10 @@ fn gromacs_stopping_by_itself_is_a_stop_not_a_crash_or_the_end() {
     assert_eq!(fin.code, Some(75), "{}", fin.stderr);
     assert!(events_of(&store, "restarting").is_empty(), "{}", fin.stderr);
     assert_eq!(last_end(&store)["outcome"], "stopped");
-    // Then -maxh 0.0006 ends each run with a checkpoint and exit 0 after about 2 s, not
-    // finished; running the same command again goes on from there until mdrun finishes (its
-    // md.gro written).
-    let command = mdrun(&["-maxh", "0.0006"]);
+    // Then -maxh 0.0002 ends each run with a checkpoint and exit 0 after about 0.7 s (less
+    // than what is left of the run, about 1.5 s here), not finished; running the same command
+    // again goes on from there until mdrun finishes (its md.gro written).
+    let command = mdrun(&["-maxh", "0.0002"]);
     let mut stopped = 0;
     let stderr = loop {
         let fin = run_in(&dir, &store, &options, &command).wait(LONG);
@@ -336,7 +336,7 @@ fn gromacs_stopping_by_itself_is_a_stop_not_a_crash_or_the_end() {
             Some(0) => break fin.stderr,
             other => panic!("exit {other:?}:\n{}", fin.stderr),
         }
-        assert!(stopped < 12, "no end after {stopped} runs:\n{}", fin.stderr);
+        assert!(stopped < 30, "no end after {stopped} runs:\n{}", fin.stderr);
     };
     assert!(stopped >= 1, "-maxh never stopped a run:\n{stderr}");
     assert!(events_of(&store, "restarting").is_empty(), "{stderr}");

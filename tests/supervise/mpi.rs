@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use supervise_store::epoch;
 
 /// Open MPI as root in a container, four ranks on two cores.
-const MPI_ENV: [(&str, &str); 3] = [
+pub const MPI_ENV: [(&str, &str); 3] = [
     ("OMPI_ALLOW_RUN_AS_ROOT", "1"),
     ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
     ("OMPI_MCA_rmaps_base_oversubscribe", "1"),
@@ -25,7 +25,7 @@ const MPI_ENV: [(&str, &str); 3] = [
 /// The grid and length of the runs: about 3 s uninterrupted.
 const ARGS: [&str; 6] = ["--n", "96", "--steps", "500", "--sleep-ms", "6"];
 
-fn build(dir: &Path) -> PathBuf {
+pub fn build(dir: &Path) -> PathBuf {
     let include = format!("-I{}/shim/capi/include", env!("CARGO_MANIFEST_DIR"));
     let flags = ["-O2", "-Wall", "-Wextra", "-Werror", include.as_str()];
     compile(dir, "mpicc", &flags, &["examples/heat_mpi.c"], "heat-mpi")

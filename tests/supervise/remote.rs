@@ -185,7 +185,18 @@ fn node_loss_at_random_moments_resumes_from_the_newest_snapshot_safe_off_node() 
                 run.stderr()
             );
         }
-        assert!(!run.ended(), "round {round}: {}", run.stderr());
+        if run.ended() {
+            // A fast machine finished the job within the rounds: from a fetched snapshot,
+            // with the checksum of an uninterrupted run.
+            let fin = run.wait(LONG);
+            fin.assert_completed(&reference);
+            assert!(
+                round > 0 && !fetched.is_empty() && fetched_rounds >= 3,
+                "round {round}, {fetched_rounds} rounds resumed from the server:\n{}",
+                fin.stderr
+            );
+            return;
+        }
         lose_node(&run);
         let _ = run.wait(LONG);
         // The node's disk is gone with it.
