@@ -33,6 +33,18 @@ pub enum Outcome {
     Requeued,
 }
 
+/// Why a batch job was not requeued.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotRequeuedReason {
+    /// `SLURM_RESTART_COUNT` reached `--max-requeues`.
+    MaxRequeues,
+    /// The run took no snapshot: a requeued run would start where it did.
+    NoSnapshot,
+    /// `scontrol requeue` failed.
+    ScontrolFailed,
+}
+
 /// Where a life of the program starts.
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
 pub struct From(pub Option<u64>);
@@ -295,7 +307,9 @@ pub enum JobEvent {
     NotRequeued {
         /// `SLURM_JOB_ID`.
         job_id: String,
-        /// Why.
+        /// Why, as a kind.
+        reason: NotRequeuedReason,
+        /// Why, in words (with scontrol's error when it failed).
         why: String,
     },
     /// How this run starts, decided from the options and the job's history.
@@ -688,7 +702,7 @@ impl fmt::Display for JobEvent {
                 "Slurm job {job_id} requeued: its next run (SLURM_RESTART_COUNT={restart_count}) \
                  resumes {from}"
             ),
-            JobEvent::NotRequeued { job_id, why } => {
+            JobEvent::NotRequeued { job_id, why, .. } => {
                 write!(f, "Slurm job {job_id} not requeued: {why}")
             }
             JobEvent::Resume { detail, .. } | JobEvent::HistoryDamaged { detail } => {

@@ -129,10 +129,12 @@ fn ping(shared: &Weak<Shared>, period: Duration) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let alive = shared
-            .alive_until
-            .lock()
-            .is_ok_and(|until| Instant::now() < *until);
+        // Not before READY=1: a ping first would tell systemd the service is up.
+        let alive = shared.ready.load(Ordering::SeqCst)
+            && shared
+                .alive_until
+                .lock()
+                .is_ok_and(|until| Instant::now() < *until);
         if alive {
             send(&[NotifyState::Watchdog]);
         }

@@ -196,8 +196,6 @@ pub fn parse_requeue_signal(text: &str) -> Result<Signal, String> {
 /// administrator may change a job's limit while it runs.
 pub struct EndTime {
     shared: Arc<Mutex<Known>>,
-    /// The time left when the supervisor started, if known.
-    left_at_start: Option<Duration>,
 }
 
 /// The latest answer.
@@ -207,6 +205,8 @@ struct Known {
     end: Option<Instant>,
     /// The last query's error, if it failed (the end known before stays).
     error: Option<String>,
+    /// The time left at the first answer that told it (about when the supervisor started).
+    first_left: Option<Duration>,
 }
 
 impl EndTime {
@@ -223,23 +223,21 @@ impl EndTime {
             .spawn(move || refresh(&job, &weak, first_tx));
         let answer = match spawned {
             Err(e) => Err(format!("cannot start the thread that asks squeue: {e}")),
-            Ok(_) => first_rx
-                .recv_timeout(FIRST_ANSWER_WITHIN)
-                .unwrap_or_else(|_| {
-                    Err(format!(
-                        "squeue did not answer within {} s (asked again in the background)",
-                        FIRST_ANSWER_WITHIN.as_secs()
-                    ))
-                }),
-        };
-        let left_at_start = answer.as_ref().ok().copied().flatten();
-        (
-            Self {
-                shared,
-                left_at_start,
+            Ok(_) => match first_rx.recv_timeout(FIRST_ANSWER_WITHIN) {
+                Ok(answer) => {
+                    // Its error is told with the start, not again.
+                    if let Ok(mut k) = shared.lock() {
+                        k.error = None;
+                    }
+                    answer
+                }
+                Err(_) => Err(format!(
+                    "squeue did not answer within {} s (asked again in the background)",
+                    FIRST_ANSWER_WITHIN.as_secs()
+                )),
             },
-            answer,
-        )
+        };
+        (Self { shared }, answer)
     }
 
     /// How long before the end the final snapshot is asked for: [`lead`], but never more than
@@ -247,10 +245,24 @@ impl EndTime {
     /// work (else a margin longer than the time limit would requeue a job that never moves).
     pub fn lead(&self, margin: Duration, recent_ms: &[u64]) -> Duration {
         let lead = lead(margin, recent_ms);
-        match self.left_at_start {
+        match self.shared.lock().ok().and_then(|k| k.first_left) {
             Some(left) => lead.min(left / 2),
             None => lead,
         }
+    }
+
+    /// The time left to the end when it is within the final snapshot's lead (`lead`
+    /// computed as [`Self::lead`]): the job must stop and be requeued now.
+    pub fn near(&self, margin: Duration, recent_ms: &[u64]) -> Option<Duration> {
+        let end = self.end()?;
+        let now = Instant::now();
+        (now + self.lead(margin, recent_ms) >= end).then(|| end.saturating_duration_since(now))
+    }
+
+    /// Whether the end has come (within 2 s): a SIGTERM now is Slurm's at the time limit.
+    pub fn past(&self) -> bool {
+        self.end()
+            .is_some_and(|end| Instant::now() + Duration::from_secs(2) >= end)
     }
 
     /// When the job ends, if known.
@@ -274,10 +286,12 @@ impl Known {
             Ok(left) => Known {
                 end: left.map(|l| asked_at + l),
                 error: None,
+                first_left: None,
             },
             Err(e) => Known {
                 end: old,
                 error: Some(e.clone()),
+                first_left: None,
             },
         };
         (known, answer)
@@ -293,6 +307,13 @@ fn next_query(left: Option<Duration>) -> Duration {
     }
 }
 
+/// Keeps the time left at the first answer that told one, for [`EndTime::lead`]'s cap.
+fn remember_first_left(k: &mut Known) {
+    if k.first_left.is_none() {
+        k.first_left = k.end.map(|e| e.saturating_duration_since(Instant::now()));
+    }
+}
+
 /// How long the supervisor waits for squeue's first answer before it starts the program.
 const FIRST_ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
@@ -304,18 +325,16 @@ fn refresh(
     first: std::sync::mpsc::Sender<Result<Option<Duration>, String>>,
 ) {
     let (known, answer) = Known::ask(job, None);
-    match shared.upgrade() {
-        Some(shared) => {
-            if let Ok(mut k) = shared.lock() {
-                // The first failure is told with the start, not again.
-                *k = Known {
-                    error: None,
-                    ..known
-                };
-            }
-        }
-        None => return,
+    let Some(strong) = shared.upgrade() else {
+        return;
+    };
+    if let Ok(mut k) = strong.lock() {
+        *k = known;
+        remember_first_left(&mut k);
     }
+    drop(strong);
+    // Told with the start when it comes in time (the error is then taken, not told twice);
+    // else the watch loop tells it.
     let _ = first.send(answer);
     loop {
         let left = {
@@ -339,7 +358,10 @@ fn refresh(
         let old = shared.lock().map(|k| k.end).unwrap_or(None);
         let (known, _) = Known::ask(job, old);
         if let Ok(mut k) = shared.lock() {
+            let first_left = k.first_left;
             *k = known;
+            k.first_left = first_left;
+            remember_first_left(&mut k);
         }
     }
 }

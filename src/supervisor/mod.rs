@@ -29,7 +29,7 @@ use crate::log::Log;
 use crate::operator::{self, Status};
 use crate::policy::{Decision, Failure, PolicyConfig, RestartPolicy};
 use crate::signals::Signals;
-use state::{Outcome, Stop, signal_name};
+use state::{EndNear, Outcome, Stop, signal_name};
 use supervise_store::clock::{millis, now_unix_ms};
 use watch::Watch;
 
@@ -277,41 +277,50 @@ impl Requeueing<'_> {
             && !d.flush(seq, self.began + self.cfg.stop_timeout, log)
         {
             lagging = format!(
-                " (it did not reach {} within --stop-timeout: a run on another node resumes                  from the newest snapshot that did)",
+                " (it did not reach {} within --stop-timeout: a run on another node resumes \
+                 from the newest snapshot that did)",
                 d.lagging(seq).join(", ")
             );
         }
+        use crate::event::NotRequeuedReason as Reason;
         let not_requeued = if slurm.job.restart_count >= slurm.max_requeues {
-            Some(format!(
-                "it was requeued {} times already (--max-requeues {})",
-                slurm.job.restart_count, slurm.max_requeues
+            Some((
+                Reason::MaxRequeues,
+                format!(
+                    "it was requeued {} times already (--max-requeues {})",
+                    slurm.job.restart_count, slurm.max_requeues
+                ),
             ))
         } else if self.snaps.highest()? <= self.highest_at_start {
-            Some(
+            Some((
+                Reason::NoSnapshot,
                 "this run took no snapshot, so a requeued run would start where this one did"
                     .to_owned(),
-            )
+            ))
         } else {
-            slurm
-                .job
-                .requeue()
-                .err()
-                .map(|e| format!("scontrol could not requeue it: {e}"))
+            slurm.job.requeue().err().map(|e| {
+                (
+                    Reason::ScontrolFailed,
+                    format!("scontrol could not requeue it: {e}"),
+                )
+            })
         };
         let resume = match newest {
             Some(seq) => format!("snapshot {seq}"),
             None => "the beginning".to_owned(),
         };
-        if let Some(why) = not_requeued {
+        if let Some((reason, why)) = not_requeued {
             log.emit(&JobEvent::NotRequeued {
                 job_id: job_id.clone(),
+                reason,
                 why: why.clone(),
             });
             log.emit(&end(
                 RunOutcome::Stopped,
                 exit::STOPPED,
                 format!(
-                    "stopped before the end of Slurm job {job_id}, not requeued ({why}): submit                      the same script again to resume from {resume}{lagging}"
+                    "stopped before the end of Slurm job {job_id}, not requeued ({why}): submit \
+                     the same script again to resume from {resume}{lagging}"
                 ),
             ));
             return Ok(exit::STOPPED);
@@ -326,7 +335,8 @@ impl Requeueing<'_> {
             RunOutcome::Requeued,
             exit::STOPPED,
             format!(
-                "stopped before the end of Slurm job {job_id} and requeued it: it resumes from                  {resume}{lagging}"
+                "stopped before the end of Slurm job {job_id} and requeued it: it resumes from \
+                 {resume}{lagging}"
             ),
         ));
         Ok(exit::STOPPED)
@@ -958,7 +968,19 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                     delay_ms: millis(delay),
                     from: From(from),
                 });
-                if let Some(sig) = sleep_unless_stopped(&signals, delay) {
+                let stop = wait_to_restart(&signals, delay, cfg, end_time.as_ref(), &state);
+                if let Some(Stop::Requeue(_)) = stop {
+                    let ended = Requeueing {
+                        cfg,
+                        snaps,
+                        skip: &skip,
+                        highest_at_start,
+                        durable: durable.as_ref(),
+                        began: Instant::now(),
+                    };
+                    return ended.finish(log);
+                }
+                if let Some(Stop::Signal(sig)) = stop {
                     let newest = snaps.newest(&skip)?;
                     let began = Instant::now();
                     if let Some(code) =
@@ -1255,6 +1277,66 @@ impl Numbers<'_> {
         } else {
             self.job.read_manifest(n).ok().map(|m| m.created_unix_ms)
         }
+    }
+}
+
+/// The stops the signals ask for, the requeue signal's first: inside a Slurm job it (and a
+/// SIGTERM once the job's end time has passed, Slurm's at the limit) is a stop to requeue;
+/// outside, a stop like SIGTERM.
+fn take_stops(
+    signals: &Signals,
+    cfg: &JobConfig,
+    end_time: Option<&crate::slurm::EndTime>,
+) -> Vec<Stop> {
+    let mut stops = Vec::new();
+    if signals.take_requeue() {
+        let sig = cfg.requeue_signal as i32;
+        stops.push(match cfg.slurm {
+            Some(_) => Stop::Requeue(EndNear::Signal(sig)),
+            None => Stop::Signal(sig),
+        });
+    }
+    if let Some(sig) = signals.take_stop() {
+        let at_limit = sig == libc::SIGTERM && end_time.is_some_and(|e| e.past());
+        stops.push(if at_limit {
+            Stop::Requeue(EndNear::Signal(sig))
+        } else {
+            Stop::Signal(sig)
+        });
+    }
+    stops
+}
+
+/// Waits `delay` to restart, returning early with a stop if one is asked for: a signal, or
+/// inside a Slurm job its end time within the final snapshot's lead.
+fn wait_to_restart(
+    signals: &Signals,
+    delay: Duration,
+    cfg: &JobConfig,
+    end_time: Option<&crate::slurm::EndTime>,
+    state: &JobState,
+) -> Option<Stop> {
+    let until = Instant::now() + delay;
+    loop {
+        if let Some(stop) = take_stops(signals, cfg, end_time).into_iter().next() {
+            return Some(stop);
+        }
+        if let (Some(end_time), Some(slurm)) = (end_time, &cfg.slurm)
+            && let Some(left) = end_time.near(slurm.margin, &state.recent_snapshot_ms)
+        {
+            return Some(Stop::Requeue(EndNear::EndTime {
+                left_ms: millis(left),
+            }));
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut fds = [PollFd::new(signals.fd(), PollFlags::POLLIN)];
+        // Wakes at least every second to look at the end time.
+        let _ = poll(&mut fds, poll_timeout(left.min(Duration::from_secs(1))));
+        signals.drain();
+        child::reap_orphans();
     }
 }
 

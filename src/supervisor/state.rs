@@ -148,15 +148,26 @@ impl ChildState {
     pub fn step(self, input: Input, cx: &Context) -> (ChildState, Vec<Action>) {
         match (self, input) {
             // The batch system's signals never cut a stop short: its requeue signal during
-            // any stop, and the SIGTERM it sends all of a job it ends (SIGKILL follows after
-            // its own grace) during a stop to requeue. The final snapshot goes on.
-            (ChildState::Stopping { stop, .. }, Input::Stop(again))
-                if matches!(again, Stop::Requeue(_))
-                    || (matches!(stop, Stop::Requeue(_))
-                        && again == Stop::Signal(libc::SIGTERM)) =>
-            {
-                (self, Vec::new())
-            }
+            // any stop, and its SIGTERM at the time limit (which arrives as a requeue) during a
+            // stop to requeue. SIGKILL follows after its own grace; the final snapshot goes on.
+            (ChildState::Stopping { .. }, Input::Stop(Stop::Requeue(_))) => (self, Vec::new()),
+            // Another SIGTERM during a stop to requeue is a cancel (scancel): the stop goes
+            // on, and the job is not requeued.
+            (
+                ChildState::Stopping {
+                    stop: Stop::Requeue(_),
+                    deadline,
+                    killed,
+                },
+                Input::Stop(cancel @ Stop::Signal(libc::SIGTERM)),
+            ) => (
+                ChildState::Stopping {
+                    stop: cancel,
+                    deadline,
+                    killed,
+                },
+                Vec::new(),
+            ),
             (ChildState::Stopping { stop, deadline, .. }, Input::Stop(again)) => (
                 ChildState::Stopping {
                     stop,
@@ -487,10 +498,19 @@ mod tests {
             x,
             Action::Emit(JobEvent::Stopping { requeue: true, signal, .. }) if signal == "end-time"
         )));
-        let (s2, a) = s.step(Input::Stop(Stop::Signal(libc::SIGTERM)), &cx(true));
+        // Slurm's SIGTERM at the limit arrives as a requeue: nothing changes.
+        let at_limit = Stop::Requeue(EndNear::Signal(libc::SIGTERM));
+        let (s2, a) = s.step(Input::Stop(at_limit), &cx(true));
         assert!(a.is_empty() && s2 == s);
         let (s3, a) = s.step(Input::Stop(Stop::Requeue(EndNear::Signal(12))), &cx(true));
         assert!(a.is_empty() && s3 == s);
+        // Another SIGTERM cancels the requeue, without a kill.
+        let (cancelled, a) = s.step(Input::Stop(Stop::Signal(libc::SIGTERM)), &cx(true));
+        assert!(a.is_empty());
+        assert_eq!(
+            cancelled.outcome(crate::child::Ended::Exited(75), true),
+            Outcome::Stopped(Stop::Signal(libc::SIGTERM))
+        );
         // During an ordinary stop, the requeue signal changes nothing either.
         let (plain, _) = ChildState::Running.step(Input::Stop(Stop::Signal(15)), &cx(true));
         let (same, a) = plain.step(Input::Stop(Stop::Requeue(EndNear::Signal(12))), &cx(true));

@@ -52,6 +52,8 @@ pub(super) struct Watch<'a> {
     last_progress: Instant,
     /// Snapshots durable since the last look: (number, ms from the request to durable).
     done: Vec<(u64, u64)>,
+    /// When the snapshot in flight was asked for, if this supervisor asked.
+    asked_at: Option<Instant>,
     /// With durable tiers: snapshots not yet on every tier, and when each was asked for.
     not_off_node: Vec<(u64, Instant)>,
     /// Inside a Slurm batch job: its end time, watched.
@@ -136,6 +138,7 @@ impl<'a> Watch<'a> {
             last_progress: Instant::now(),
             done: Vec::new(),
             not_off_node: Vec::new(),
+            asked_at: None,
             end_time: None,
             reached_safe_point: false,
             said_no_shim,
@@ -222,27 +225,17 @@ impl<'a> Watch<'a> {
         if let Some(error) = end_time.take_error() {
             self.log.emit(&JobEvent::SlurmEndUnknown { error });
         }
-        let Some(end) = end_time.end() else { return };
         if !self.state.takes_snapshots() {
             return;
         }
-        let now = Instant::now();
-        let lead = end_time.lead(slurm.margin, &state.recent_snapshot_ms);
-        if now + lead >= end {
-            self.stop_began.get_or_insert(now);
-            let left_ms = millis(end.saturating_duration_since(now));
+        if let Some(left) = end_time.near(slurm.margin, &state.recent_snapshot_ms) {
+            self.stop_began.get_or_insert_with(Instant::now);
+            let left_ms = millis(left);
             self.step(
                 child,
                 Input::Stop(Stop::Requeue(EndNear::EndTime { left_ms })),
             );
         }
-    }
-
-    /// Whether the job's end time (if known) has come: a SIGTERM then is Slurm's at the limit.
-    fn past_end(&self) -> bool {
-        self.end_time
-            .and_then(|e| e.end())
-            .is_some_and(|end| Instant::now() + Duration::from_secs(2) >= end)
     }
 
     /// Watches the durable tiers too: reports their uploads, nudges them after each snapshot,
@@ -373,6 +366,7 @@ impl<'a> Watch<'a> {
                 Action::AskSnapshot => {
                     if !self.snapshots.in_flight() {
                         self.send(child, &Request::Snapshot);
+                        self.asked_at = Some(Instant::now());
                         self.snapshots = self.snapshots.sent();
                     }
                 }
@@ -525,12 +519,12 @@ impl<'a> Watch<'a> {
         }
         if let Some(everywhere) = self.durable.and_then(|d| d.safe_everywhere()) {
             let mut safe = Vec::new();
+            // Only the snapshot that reached them counts: older ones were passed over.
             self.not_off_node.retain(|&(seq, asked)| {
-                let off = seq <= everywhere;
-                if off {
+                if seq == everywhere {
                     safe.push(millis(now.saturating_duration_since(asked)));
                 }
-                !off
+                seq > everywhere
             });
             for ms in safe {
                 state.note_snapshot_time(ms);
@@ -539,24 +533,10 @@ impl<'a> Watch<'a> {
     }
 
     fn handle_signals(&mut self, child: &Child) {
-        if let Some(sig) = self.signals.take_stop() {
+        // The requeue signal first: a batch system that sends it and SIGTERM together (a
+        // preemption with a grace time) means a requeue.
+        for stop in super::take_stops(self.signals, self.cfg, self.end_time) {
             self.stop_began.get_or_insert_with(Instant::now);
-            // Slurm's SIGTERM at the time limit: the job is requeued after the final snapshot.
-            let stop = if sig == libc::SIGTERM && self.cfg.slurm.is_some() && self.past_end() {
-                Stop::Requeue(EndNear::Signal(sig))
-            } else {
-                Stop::Signal(sig)
-            };
-            self.step(child, Input::Stop(stop));
-        }
-        if self.signals.take_requeue() {
-            self.stop_began.get_or_insert_with(Instant::now);
-            let sig = self.cfg.requeue_signal as i32;
-            // Outside a batch job, the signal is a stop like SIGTERM.
-            let stop = match self.cfg.slurm {
-                Some(_) => Stop::Requeue(EndNear::Signal(sig)),
-                None => Stop::Signal(sig),
-            };
             self.step(child, Input::Stop(stop));
         }
         if self.signals.take_snapshot() {
@@ -602,6 +582,7 @@ impl<'a> Watch<'a> {
                 self.log
                     .detail(&format!("requesting a snapshot ({reason})"));
                 self.send(child, &Request::Snapshot);
+                self.asked_at = Some(Instant::now());
             }
         }
     }
@@ -684,7 +665,9 @@ impl<'a> Watch<'a> {
                 let (next, follow_up) = self.snapshots.done();
                 self.snapshots = next;
                 self.last_progress = Instant::now();
-                self.done.push((r.seq, r.duration_ms));
+                // From the request (the wait for a safe point included), when one was sent.
+                let asked = self.asked_at.take().map_or(0, |t| millis(t.elapsed()));
+                self.done.push((r.seq, r.duration_ms.max(asked)));
                 if let Some(durable) = self.durable {
                     durable.nudge();
                 }

@@ -43,9 +43,23 @@ pub fn heat(args: &[&str]) -> Vec<OsString> {
     cmd
 }
 
+/// What a batch system or a service manager sets, removed from the supervisors the tests
+/// start (unless a test sets them itself).
+pub const OUTSIDE_ENV: [&str; 5] = [
+    "SLURM_JOB_ID",
+    "SLURM_RESTART_COUNT",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
 /// Runs `supervise <args> --store <store>` to its end: (exit code, stdout, stderr).
 pub fn cmd(store: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(supervise_bin())
+    let mut command = Command::new(supervise_bin());
+    for var in OUTSIDE_ENV {
+        command.env_remove(var);
+    }
+    let out = command
         .args(args)
         .arg("--store")
         .arg(store)
@@ -162,6 +176,10 @@ impl Run {
             .args(options)
             .arg("--")
             .args(command);
+        // Tests that run inside a batch job or a service see neither.
+        for var in OUTSIDE_ENV {
+            cmd.env_remove(var);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
