@@ -253,12 +253,8 @@ fn describe_ask(ask: &crate::files::Ask) -> String {
 struct Requeueing<'a> {
     cfg: &'a JobConfig,
     snaps: Numbers<'a>,
-    skip: &'a [(u64, u64)],
     /// The highest snapshot number when the run started.
     highest_at_start: Option<u64>,
-    durable: Option<&'a durable::Durable>,
-    /// When the stop began.
-    began: Instant,
 }
 
 impl Requeueing<'_> {
@@ -266,15 +262,22 @@ impl Requeueing<'_> {
     /// `--stop-timeout`), puts the job back in the queue, unless it was requeued
     /// `--max-requeues` times already or this run took no snapshot (a requeued run would
     /// start where this one did, over and over). Returns the exit code.
-    fn finish(&self, log: &Log) -> Result<i32> {
+    /// `skip`: snapshots not to resume from; `began`: when the stop began.
+    fn finish(
+        &self,
+        skip: &[(u64, u64)],
+        durable: Option<&durable::Durable>,
+        began: Instant,
+        log: &Log,
+    ) -> Result<i32> {
         let Some(slurm) = &self.cfg.slurm else {
             anyhow::bail!("a stop to requeue outside a Slurm job");
         };
         let job_id = slurm.job.id.clone();
-        let newest = self.snaps.newest(self.skip)?;
+        let newest = self.snaps.newest(skip)?;
         let mut lagging = String::new();
-        if let (Some(d), Some(seq)) = (self.durable, newest)
-            && !d.flush(seq, self.began + self.cfg.stop_timeout, log)
+        if let (Some(d), Some(seq)) = (durable, newest)
+            && !d.flush(seq, began + self.cfg.stop_timeout, log)
         {
             lagging = format!(
                 " (it did not reach {} within --stop-timeout: a run on another node resumes \
@@ -475,7 +478,11 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     }
     let mut skip = initial_skip(cfg, snaps, last, log)?;
     // A requeue needs a snapshot newer than those the run started with.
-    let highest_at_start = snaps.highest()?;
+    let requeueing = Requeueing {
+        cfg,
+        snaps,
+        highest_at_start: snaps.highest()?,
+    };
     let end_time = cfg.slurm.as_ref().map(|slurm| {
         let (end_time, answer) = crate::slurm::EndTime::watch(&slurm.job);
         log.emit(&JobEvent::Slurm {
@@ -727,15 +734,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         let how = match life.outcome {
             Outcome::Stopped(Stop::Requeue(_)) => {
                 let began = life.stop_began.unwrap_or_else(Instant::now);
-                let ended = Requeueing {
-                    cfg,
-                    snaps,
-                    skip: &skip,
-                    highest_at_start,
-                    durable: durable.as_ref(),
-                    began,
-                };
-                return ended.finish(log);
+                return requeueing.finish(&skip, durable.as_ref(), began, log);
             }
             Outcome::Stopped(Stop::Signal(sig)) => {
                 let newest = snaps.newest(&skip)?;
@@ -970,15 +969,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 });
                 let stop = wait_to_restart(&signals, delay, cfg, end_time.as_ref(), &state);
                 if let Some(Stop::Requeue(_)) = stop {
-                    let ended = Requeueing {
-                        cfg,
-                        snaps,
-                        skip: &skip,
-                        highest_at_start,
-                        durable: durable.as_ref(),
-                        began: Instant::now(),
-                    };
-                    return ended.finish(log);
+                    return requeueing.finish(&skip, durable.as_ref(), Instant::now(), log);
                 }
                 if let Some(Stop::Signal(sig)) = stop {
                     let newest = snaps.newest(&skip)?;

@@ -147,13 +147,15 @@ fn heat_c_runs_clean_under_valgrind_snapshotting_and_restoring() {
     let dir = tempfile::tempdir().unwrap();
     let heat_c = build_heat_c(dir.path());
     let store = dir.path().join("store");
-    // Local snapshots every 500 ms (each one is slow under valgrind; the first comes 2-3 s
-    // into the run), then a longer run that resumes from them: both under valgrind, which
-    // fails the run on any invalid access or definite leak.
-    for steps in ["60000", "70000"] {
+    // Local snapshots every 500 ms (each one is slow under valgrind), then a longer run that
+    // resumes from them: both under valgrind, which fails the run on any invalid access or
+    // definite leak. Its default scheduler can starve the shim's threads behind the program's
+    // loop (no snapshot in 2 runs of 5 here); --fair-sched takes them in turn.
+    for steps in ["20000", "30000"] {
         let out = Command::new("valgrind")
             .args([
                 "--error-exitcode=99",
+                "--fair-sched=yes",
                 "--leak-check=full",
                 "--errors-for-leak-kinds=definite",
                 "--show-leak-kinds=definite",
@@ -169,7 +171,7 @@ fn heat_c_runs_clean_under_valgrind_snapshotting_and_restoring() {
         assert_eq!(out.status.code(), Some(0), "{err}");
         assert!(err.contains("ERROR SUMMARY: 0 errors"), "{err}");
         assert!(err.contains("definitely lost: 0 bytes"), "{err}");
-        if steps == "60000" {
+        if steps == "20000" {
             let snapshots = std::fs::read_dir(store.join("valgrind").join("snapshots"))
                 .map(|d| d.count())
                 .unwrap_or(0);
