@@ -1288,6 +1288,11 @@ fn take_stops(
         });
     }
     if let Some(sig) = signals.take_stop() {
+        // Slurm's SIGTERM at the limit; or its SIGTERM together with the requeue signal (a
+        // preemption's grace time), which that already says.
+        if sig == libc::SIGTERM && !stops.is_empty() && cfg.slurm.is_some() {
+            return stops;
+        }
         let at_limit = sig == libc::SIGTERM && end_time.is_some_and(|e| e.past());
         stops.push(if at_limit {
             Stop::Requeue(EndNear::Signal(sig))

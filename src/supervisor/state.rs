@@ -148,14 +148,22 @@ impl ChildState {
     pub fn step(self, input: Input, cx: &Context) -> (ChildState, Vec<Action>) {
         match (self, input) {
             // The batch system's signals never cut a stop short: its requeue signal during
-            // any stop, and its SIGTERM at the time limit (which arrives as a requeue) during a
-            // stop to requeue. SIGKILL follows after its own grace; the final snapshot goes on.
-            (ChildState::Stopping { .. }, Input::Stop(Stop::Requeue(_))) => (self, Vec::new()),
-            // Another SIGTERM during a stop to requeue is a cancel (scancel): the stop goes
+            // any stop, its SIGTERM at the time limit (which arrives as a requeue), and any
+            // SIGTERM after its requeue signal (a preemption's grace time sends both).
+            // SIGKILL follows after its own grace; the final snapshot goes on.
+            (ChildState::Stopping { .. }, Input::Stop(Stop::Requeue(_)))
+            | (
+                ChildState::Stopping {
+                    stop: Stop::Requeue(EndNear::Signal(_)),
+                    ..
+                },
+                Input::Stop(Stop::Signal(libc::SIGTERM)),
+            ) => (self, Vec::new()),
+            // A SIGTERM during a stop the end time began is a cancel (scancel): the stop goes
             // on, and the job is not requeued.
             (
                 ChildState::Stopping {
-                    stop: Stop::Requeue(_),
+                    stop: Stop::Requeue(EndNear::EndTime { .. }),
                     deadline,
                     killed,
                 },
@@ -504,7 +512,12 @@ mod tests {
         assert!(a.is_empty() && s2 == s);
         let (s3, a) = s.step(Input::Stop(Stop::Requeue(EndNear::Signal(12))), &cx(true));
         assert!(a.is_empty() && s3 == s);
-        // Another SIGTERM cancels the requeue, without a kill.
+        // After the batch system's requeue signal, its SIGTERM is part of the same end.
+        let signalled = Stop::Requeue(EndNear::Signal(12));
+        let (by_signal, _) = ChildState::Running.step(Input::Stop(signalled), &cx(true));
+        let (same, a) = by_signal.step(Input::Stop(Stop::Signal(libc::SIGTERM)), &cx(true));
+        assert!(a.is_empty() && same == by_signal);
+        // During a stop the end time began, a SIGTERM cancels the requeue, without a kill.
         let (cancelled, a) = s.step(Input::Stop(Stop::Signal(libc::SIGTERM)), &cx(true));
         assert!(a.is_empty());
         assert_eq!(
