@@ -114,10 +114,46 @@ impl Program {
 /// not the `dash` it links to) and the first 8 hex digits of the blake3 of [`Program::run`]
 /// and the arguments (as given: a relative argument names a file relative to where the job
 /// runs).
+/// For a Python interpreter running a script (or a module, `-m`), the script's name stands
+/// in for the program's: `python3 sim.py` is job `sim-...`, not `python3-...`.
 pub fn job_name(program: &Program, command: &[OsString]) -> String {
     let hashed = std::iter::once(program.run.as_os_str())
         .chain(command.iter().skip(1).map(|a| a.as_os_str()));
+    match script_of(command) {
+        Some(script) => name_of(&script, hashed),
+        None => name_of(Path::new(&command[0]), hashed),
+    }
+}
+
+/// The name releases before 0.3 gave a job of a Python script: the interpreter's. A store
+/// that holds a job under it (and none under [`job_name`]) keeps it.
+pub fn interpreter_job_name(program: &Program, command: &[OsString]) -> String {
+    let hashed = std::iter::once(program.run.as_os_str())
+        .chain(command.iter().skip(1).map(|a| a.as_os_str()));
     name_of(Path::new(&command[0]), hashed)
+}
+
+/// The script (its file stem) or module a Python interpreter (`python`, `python3.11`,
+/// `pypy3`) runs, if the command is one.
+fn script_of(command: &[OsString]) -> Option<PathBuf> {
+    let interpreter = Path::new(command.first()?).file_name()?.to_str()?;
+    if !(interpreter.starts_with("python") || interpreter.starts_with("pypy")) {
+        return None;
+    }
+    let mut args = command[1..].iter().map(|a| a.to_str());
+    while let Some(arg) = args.next() {
+        match arg? {
+            "-m" => return args.next().flatten().map(PathBuf::from),
+            "-c" | "-" => return None,
+            // Options that take a value.
+            "-W" | "-X" | "-Q" => {
+                args.next();
+            }
+            option if option.starts_with('-') => {}
+            script => return Path::new(script).file_stem().map(PathBuf::from),
+        }
+    }
+    None
 }
 
 /// The name releases before 0.2 gave the job: the file name as given and a hash of the command
@@ -199,6 +235,39 @@ mod tests {
         assert!(job_name(&sh, &os(&["sh"])).starts_with("sh-"));
         let odd = legacy_job_name(&os(&["/x/..py thon\n"]));
         supervise_store::name::validate("job", &odd).unwrap();
+    }
+
+    #[test]
+    fn a_python_script_names_its_job_not_the_interpreter() {
+        let script = |c: &[&str]| script_of(&os(c)).map(|p| p.display().to_string());
+        assert_eq!(
+            script(&["python3", "examples/heat.py", "--n", "4"]).as_deref(),
+            Some("heat")
+        );
+        assert_eq!(
+            script(&["/usr/bin/python3.11", "-u", "-X", "dev", "sim.py"]).as_deref(),
+            Some("sim")
+        );
+        assert_eq!(
+            script(&["pypy3", "-m", "model.run"]).as_deref(),
+            Some("model.run")
+        );
+        assert_eq!(script(&["python3", "-c", "print(1)"]), None);
+        assert_eq!(script(&["python3"]), None);
+        assert_eq!(script(&["./heat", "heat.py"]), None);
+        let Ok(python) = resolve(&os(&["python3"])) else {
+            return;
+        };
+        let command = os(&["python3", "examples/heat.py", "--n", "4"]);
+        let name = job_name(&python, &command);
+        assert!(name.starts_with("heat-"), "{name}");
+        supervise_store::name::validate("job", &name).unwrap();
+        let module = job_name(&python, &os(&["python3", "-m", "model.run"]));
+        assert!(module.starts_with("model_run-"), "{module}");
+        // The same hash as the name an earlier release gave it, after the interpreter.
+        let earlier = interpreter_job_name(&python, &command);
+        assert!(earlier.starts_with("python3-"), "{earlier}");
+        assert_eq!(name.rsplit('-').next(), earlier.rsplit('-').next());
     }
 
     #[test]

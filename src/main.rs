@@ -1104,12 +1104,15 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         Some(job) => job,
         None => {
             let name = identity::job_name(&program, &cli.command);
-            let legacy = identity::legacy_job_name(&cli.command);
-            // A job an earlier release named from the command line as typed keeps its name.
-            if !store.join(&name).exists() && store.join(&legacy).is_dir() {
-                legacy
-            } else {
-                name
+            // A job an earlier release named differently (from the command line as typed, or
+            // a Python script after its interpreter) keeps its name.
+            let earlier = [
+                identity::legacy_job_name(&cli.command),
+                identity::interpreter_job_name(&program, &cli.command),
+            ];
+            match earlier.into_iter().find(|e| store.join(e).is_dir()) {
+                Some(earlier) if !store.join(&name).exists() => earlier,
+                _ => name,
             }
         }
     };
