@@ -9,6 +9,7 @@ use numpy::{Element as NpElement, PyArray, PyArrayDyn, PyArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use serde_json::value::RawValue;
 use supervise_shim::{Element, Next, Region, Start};
 
 pyo3::create_exception!(
@@ -127,9 +128,9 @@ impl Shim {
         name: &str,
         default: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let value: Option<serde_json::Value> = self.shim()?.load(name).map_err(error)?;
+        let value: Option<Box<RawValue>> = self.shim()?.load(name).map_err(error)?;
         match value {
-            Some(v) => py.import("json")?.call_method1("loads", (v.to_string(),)),
+            Some(v) => py.import("json")?.call_method1("loads", (v.get(),)),
             None => Ok(default.unwrap_or_else(|| py.None().into_bound(py))),
         }
     }
@@ -140,10 +141,11 @@ impl Shim {
     }
 
     /// Takes a snapshot now, at this safe point: every array from `array()` (only the chunks
-    /// written since the last one are copied), each of `values` (JSON-able) and each of
-    /// `arrays` (any object with the buffer protocol, copied). Returns True when the program
-    /// was asked to stop and this was its final snapshot: it should clean up and exit with
-    /// `shim.stopped()`.
+    /// written since the last one are copied), each of `values` (JSON-able; numbers are kept
+    /// as written, so a `numpy.random.Generator`'s `bit_generator.state` round-trips) and each
+    /// of `arrays` (any object with the buffer protocol, copied). Other Python threads run
+    /// meanwhile (the GIL is released). Returns True when the program was asked to stop and
+    /// this was its final snapshot: it should clean up and exit with `shim.stopped()`.
     #[pyo3(signature = (tag=None, values=None, arrays=None))]
     fn snapshot(
         &mut self,
@@ -162,7 +164,7 @@ impl Shim {
                     PyValueError::new_err(format!("value {name:?} is not JSON-able: {e}"))
                 })?
                 .extract()?;
-            let value: serde_json::Value = serde_json::from_str(&text)
+            let value = RawValue::from_string(text)
                 .map_err(|e| PyValueError::new_err(format!("value {name:?}: {e}")))?;
             named_values.push((name, value));
         }
@@ -178,15 +180,19 @@ impl Shim {
             buffers.push((name, bytes));
         }
         let shim = self.shim()?;
-        let next = shim
-            .snapshot(tag, |s| {
-                for (name, value) in &named_values {
-                    s.value(name, value)?;
-                }
-                for (name, bytes) in &buffers {
-                    s.raw(name, bytes)?;
-                }
-                Ok(())
+        // Without the GIL: other Python threads run while the shim captures (and, for a
+        // final snapshot, waits for it to be durable).
+        let next = py
+            .detach(|| {
+                shim.snapshot(tag, |s| {
+                    for (name, value) in &named_values {
+                        s.value(name, value)?;
+                    }
+                    for (name, bytes) in &buffers {
+                        s.raw(name, bytes)?;
+                    }
+                    Ok(())
+                })
             })
             .map_err(error)?;
         Ok(matches!(next, Next::Stop))
@@ -203,9 +209,10 @@ impl Shim {
 
     /// Waits for the last snapshot to be durable and tells the supervisor the program
     /// finished; call it once at the end.
-    fn finish(&mut self) -> PyResult<()> {
+    fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
         match self.inner.take() {
-            Some(shim) => shim.finish().map_err(error),
+            // Without the GIL while it waits for the writer.
+            Some(shim) => py.detach(|| shim.finish()).map_err(error),
             None => Ok(()),
         }
     }
