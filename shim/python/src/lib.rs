@@ -24,10 +24,11 @@ fn error(e: supervise_shim::Error) -> PyErr {
     SuperviseError::new_err(e.to_string())
 }
 
-/// Keeps a region's memory alive while a numpy array over it lives (the array's base).
-#[pyclass(unsendable)]
+/// Keeps a region's memory alive while a numpy array over it lives (the array's base), on
+/// whichever thread the array is dropped.
+#[pyclass(frozen)]
 struct RegionOwner {
-    _region: Box<dyn std::any::Any>,
+    _region: std::sync::Mutex<Box<dyn std::any::Any + Send>>,
 }
 
 /// The shim of this process: restore at start, snapshots at safe points.
@@ -62,7 +63,7 @@ fn region_array<'py, T: Element + NpElement>(
     let owner = Bound::new(
         py,
         RegionOwner {
-            _region: Box::new(region),
+            _region: std::sync::Mutex::new(Box::new(region)),
         },
     )?;
     // SAFETY: `ptr` points at the region's `len` elements of T, aligned and initialised (an
