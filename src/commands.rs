@@ -757,6 +757,32 @@ struct Written {
     file: String,
     kind: String,
     bytes: u64,
+    /// An array's numpy type and shape: the file is a `.npy`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    array: Option<NpyArray>,
+}
+
+/// The numpy type and shape of an array entry, as its `.npy` file says them.
+#[derive(Serialize)]
+struct NpyArray {
+    dtype: String,
+    shape: Vec<u64>,
+}
+
+/// The numpy type and shape of entry `e`, if the program gave it as an array.
+fn array_of(m: &Manifest, e: &supervise_store::format::EntryMeta) -> Option<NpyArray> {
+    let shape = m.array_shape(&e.name)?;
+    let dtype = match (&shape.dtype, &e.kind) {
+        (Some(d), _) => d.clone(),
+        (None, EntryKind::Slice { elem, .. }) => {
+            supervise_store::format::numpy_dtype(elem)?.to_owned()
+        }
+        (None, EntryKind::Value) => return None,
+    };
+    Some(NpyArray {
+        dtype,
+        shape: shape.shape.clone(),
+    })
 }
 
 /// What `restore --to` wrote (and its index file holds).
@@ -800,6 +826,9 @@ fn restore_snapshot(job: &JobStore, seq: u64, to: &Path, sharing: Sharing) -> Re
         .map(|e| match (&e.kind, named.get(&e.name)) {
             (EntryKind::Slice { .. }, Some(path)) => path.clone(),
             (EntryKind::Value, _) => format!("{}.json", e.name),
+            (EntryKind::Slice { .. }, None) if array_of(&m, e).is_some() => {
+                format!("{}.npy", e.name)
+            }
             (EntryKind::Slice { elem, .. }, None) => format!("{}.{elem}", e.name),
         })
         .collect();
@@ -825,6 +854,7 @@ fn restore_snapshot(job: &JobStore, seq: u64, to: &Path, sharing: Sharing) -> Re
     let bar = progress(total, "restoring");
     let mut entries = Vec::new();
     for (e, file) in m.entries.iter().zip(files) {
+        let array = array_of(&m, e);
         let path = to.join(&file);
         let mut out = create_in(&dir, to, &file, sharing)?;
         let write_err = |e: std::io::Error| supervise_store::Error::Io {
@@ -834,13 +864,19 @@ fn restore_snapshot(job: &JobStore, seq: u64, to: &Path, sharing: Sharing) -> Re
         };
         if e.kind == EntryKind::Value {
             let mut data = reader.value_bytes(&e.name)?.unwrap_or_default();
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
-                data = serde_json::to_vec_pretty(&v)?;
+            // Re-indented as text: a number is kept as the program wrote it (a 128-bit
+            // integer, such as a numpy Generator's state, is not rounded through an f64).
+            if serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_ok() {
+                data = human::pretty_json(&data);
                 data.push(b'\n');
             }
             out.write_all(&data).map_err(write_err)?;
             bar.inc(e.len);
         } else {
+            if let Some(array) = &array {
+                out.write_all(&crate::npy::header(&array.dtype, &array.shape))
+                    .map_err(write_err)?;
+            }
             reader.read_entry(e, |batch| {
                 bar.inc(batch.len() as u64);
                 out.write_all(batch).map_err(write_err)
@@ -851,6 +887,7 @@ fn restore_snapshot(job: &JobStore, seq: u64, to: &Path, sharing: Sharing) -> Re
             file,
             kind: e.kind.describe(),
             bytes: e.len,
+            array,
         });
     }
     bar.finish_and_clear();

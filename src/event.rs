@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::child::Ended;
 use crate::human;
 use supervise_store::clock::millis;
+use supervise_store::control::MismatchDetail;
 
 /// How a job's run (one supervisor's) ended: the `end` record's `outcome`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -247,6 +248,9 @@ pub enum JobEvent {
         stored_bytes: u64,
         /// The size the program asked for.
         wanted_bytes: u64,
+        /// What differs when the sizes do not say it: an array's shape or the element type.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<MismatchDetail>,
     },
     /// The program reached no safe point for --hang-timeout.
     Hung {
@@ -572,7 +576,8 @@ impl fmt::Display for JobEvent {
                     f,
                     "the program has run {} without initialising the supervise shim: it cannot be \
                      snapshotted, and a restart starts it from scratch. Link the shim (README: \
-                     \"Use it from Rust\", \"Use it from C\") so that it resumes where it was; \
+                     \"Use it from Rust\", \"Use it from C\", \"Use it from Python\": `import \
+                     supervise`) so that it resumes where it was; \
                      a code that writes its own checkpoint files (GROMACS, LAMMPS, ...) is run \
                      with --preset or --checkpoint (README: \"Codes you cannot relink\")",
                     dur(*after_ms)
@@ -623,13 +628,23 @@ impl fmt::Display for JobEvent {
                 entry,
                 stored_bytes,
                 wanted_bytes,
-            } => write!(
-                f,
-                "entry {entry:?} of snapshot {seq} holds {stored_bytes} bytes but the program \
-                 asks for {wanted_bytes}: its parameters changed since the snapshot. Run with \
-                 --fresh to start over, or with the parameters the snapshot was taken with \
-                 (`supervise show {seq}`); the snapshot is not damaged"
-            ),
+                detail,
+            } => {
+                match detail {
+                    Some(detail) => write!(f, "entry {entry:?} of snapshot {seq}: {detail}")?,
+                    None => write!(
+                        f,
+                        "entry {entry:?} of snapshot {seq} holds {stored_bytes} bytes but the \
+                         program asks for {wanted_bytes}"
+                    )?,
+                }
+                write!(
+                    f,
+                    ": its parameters changed since the snapshot. Run with --fresh to start \
+                     over, or with the parameters the snapshot was taken with (`supervise show \
+                     {seq}`); the snapshot is not damaged"
+                )
+            }
             JobEvent::Hung { timeout_ms } => write!(
                 f,
                 "the program reached no safe point for {} (--hang-timeout): asking for a \

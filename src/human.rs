@@ -132,3 +132,90 @@ mod tests {
         assert_eq!(duration(Duration::from_secs(7380)), "2h 3m");
     }
 }
+
+/// Re-indents a valid JSON text (two spaces a level, as `serde_json::to_vec_pretty`) without
+/// parsing it: numbers stay as written (a 128-bit integer is not rounded through an `f64`) and
+/// keys stay in their order. Check that the text is JSON first; other bytes pass through.
+pub fn pretty_json(text: &[u8]) -> Vec<u8> {
+    fn newline(out: &mut Vec<u8>, depth: usize) {
+        out.push(b'\n');
+        out.extend(std::iter::repeat_n(b' ', 2 * depth));
+    }
+    let mut out = Vec::with_capacity(text.len() * 2);
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut bytes = text.iter().copied().peekable();
+    while let Some(c) = bytes.next() {
+        if in_string {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => {
+                in_string = true;
+                out.push(c);
+            }
+            b'{' | b'[' => {
+                out.push(c);
+                while bytes.next_if(u8::is_ascii_whitespace).is_some() {}
+                match bytes.peek() {
+                    Some(b'}' | b']') => {}
+                    _ => {
+                        depth += 1;
+                        newline(&mut out, depth);
+                    }
+                }
+            }
+            b'}' | b']' => {
+                if !matches!(out.last(), Some(b'{' | b'[')) {
+                    depth = depth.saturating_sub(1);
+                    newline(&mut out, depth);
+                }
+                out.push(c);
+            }
+            b',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            b':' => out.extend_from_slice(b": "),
+            c if c.is_ascii_whitespace() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod pretty_tests {
+    use super::pretty_json;
+
+    #[test]
+    fn json_is_indented_as_serde_does_with_numbers_and_order_kept() {
+        let text = br#"{"z": 1, "state": {"state": 208745520555909116978795849195383758904, "inc": 3}, "e": {}, "l": [ ], "s": "a, \"b\": [c]", "v": [1.5e300, -0.0, true, null]}"#;
+        let pretty = String::from_utf8(pretty_json(text)).unwrap();
+        assert!(
+            pretty.contains("208745520555909116978795849195383758904"),
+            "{pretty}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&pretty).unwrap();
+        let original: serde_json::Value = serde_json::from_slice(text).unwrap();
+        assert_eq!(v, original);
+        // Outside the long number, serde's own layout (which sorts keys; ours keeps them).
+        let small = br#"{"a":[1,{"b":null}],"c":{},"d":[]}"#;
+        let ours = String::from_utf8(pretty_json(small)).unwrap();
+        let serde = serde_json::to_string_pretty(
+            &serde_json::from_slice::<serde_json::Value>(small).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ours, serde);
+        assert!(
+            pretty.starts_with("{\n  \"z\": 1,\n  \"state\": {\n    \"state\": "),
+            "{pretty}"
+        );
+    }
+}

@@ -12,6 +12,7 @@ mod identity;
 mod lifeline;
 mod log;
 mod notify;
+mod npy;
 mod operator;
 mod policy;
 mod ranks;

@@ -1144,6 +1144,7 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
             entry,
             stored_bytes,
             wanted_bytes,
+            detail,
         } => {
             let seq = epoch::part_of(seq).map_or(seq, |(e, _)| e);
             life.watch.send(
@@ -1152,6 +1153,7 @@ fn on_rank_event(job: &JobStore, life: &mut Life, n: u32, event: Event) {
                     entry: format!("{entry} (rank {n})"),
                     stored_bytes,
                     wanted_bytes,
+                    detail,
                 }
                 .to_line(),
             );

@@ -63,6 +63,9 @@ pub use output::Output;
 pub use region::Region;
 pub use runtime::{Captured, DuePoll, EXIT_STOPPED, Next, Shim, Start};
 pub use supervise_store::config::{CaptureMode, Config};
+/// The store's on-disk format: manifests, their entries and array shapes (see
+/// [`Shim::resumed_manifest`]).
+pub use supervise_store::format;
 pub use supervise_store::{Error, Result, UnsafeKind};
 // The runtime's one way to add entries is `Capture` (the store's `SnapshotBuilder` is not
 // re-exported).

@@ -7,7 +7,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use supervise_store::error::{Error, Result};
-use supervise_store::format::EntryKind;
+use supervise_store::format::{ArrayShape, EntryKind};
 use supervise_store::writer::Element;
 
 /// Regions at least this large are mapped 2 MiB-aligned with transparent huge pages: fork,
@@ -30,6 +30,8 @@ pub(crate) struct RegionMem {
     pub(crate) name: String,
     pub(crate) kind: EntryKind,
     pub(crate) shuffle: u8,
+    /// The shape the program gave it (see [`crate::Shim::array`]), recorded in each snapshot.
+    pub(crate) shape: Option<Vec<u64>>,
 }
 
 // SAFETY: RegionMem owns a private anonymous mapping that lives as long as it does, with no
@@ -44,7 +46,13 @@ unsafe impl Send for RegionMem {}
 unsafe impl Sync for RegionMem {}
 
 impl RegionMem {
-    pub(crate) fn new(name: &str, kind: EntryKind, bytes: usize, shuffle: u8) -> Result<Arc<Self>> {
+    pub(crate) fn new(
+        name: &str,
+        kind: EntryKind,
+        bytes: usize,
+        shuffle: u8,
+        shape: Option<Vec<u64>>,
+    ) -> Result<Arc<Self>> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
         let mapped = bytes.div_ceil(page).max(1) * page;
@@ -87,7 +95,17 @@ impl RegionMem {
             name: name.to_owned(),
             kind,
             shuffle,
+            shape,
         }))
+    }
+
+    /// The shape recorded in a snapshot for this region, if the program gave one.
+    pub(crate) fn array_shape(&self) -> Option<ArrayShape> {
+        self.shape.as_ref().map(|shape| ArrayShape {
+            entry: self.name.clone(),
+            shape: shape.clone(),
+            dtype: None,
+        })
     }
 
     /// Start address of the mapping.

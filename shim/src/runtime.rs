@@ -14,7 +14,7 @@ use crate::output::{self, Output, OutputFile, Sink};
 use crate::region::{Region, RegionMem};
 use crate::restore::{Restored, choose_restore};
 use supervise_store::config::{CaptureMode, Config, Mode, RestoreFrom};
-use supervise_store::control::{DamagedPack, Event, WarningKind};
+use supervise_store::control::{DamagedPack, Event, MismatchDetail, WarningKind};
 use supervise_store::error::{Error, Result};
 use supervise_store::format::EntryKind;
 use supervise_store::scrub::Finding;
@@ -329,6 +329,53 @@ impl Shim {
     /// region is part of every snapshot until it is dropped; where the kernel allows, a
     /// snapshot copies only the 64 KiB chunks of it written since the last one.
     pub fn region<T: Element>(&mut self, name: &str, len: usize) -> Result<Region<T>> {
+        self.new_region(name, len, None)
+    }
+
+    /// Like [`region`](Self::region), for an array of `shape` (C order, outermost first; the
+    /// region holds the product of the dimensions): each snapshot records the shape, so
+    /// `supervise restore --to` writes the entry as a `.npy` file, and a resume that asks for
+    /// another shape than the snapshot holds is [`Error::ShapeMismatch`] (a shape unknown to
+    /// the snapshot, one taken by [`region`](Self::region), is taken as given).
+    pub fn array<T: Element>(&mut self, name: &str, shape: &[usize]) -> Result<Region<T>> {
+        let len = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| Error::BadArray {
+                name: name.to_owned(),
+                why: format!("shape {shape:?} has more elements than memory holds"),
+            })?;
+        let wanted = crate::capture::shape_of(name, shape)?;
+        if let Some(restored) = &self.restored {
+            let m = restored.reader.manifest();
+            if let Some(stored) = m.array_shape(name)
+                && stored.shape != wanted
+            {
+                let e = Error::ShapeMismatch {
+                    name: name.to_owned(),
+                    seq: m.seq,
+                    stored: stored.shape.clone(),
+                    wanted,
+                };
+                self.report_mismatch(&e);
+                return Err(e);
+            }
+        }
+        self.new_region(name, len, Some(wanted))
+    }
+
+    /// The restored snapshot's manifest (its entries, their kinds and array shapes), or `None`
+    /// on a fresh start.
+    pub fn resumed_manifest(&self) -> Option<&supervise_store::format::Manifest> {
+        self.restored.as_ref().map(|r| r.reader.manifest())
+    }
+
+    fn new_region<T: Element>(
+        &mut self,
+        name: &str,
+        len: usize,
+        shape: Option<Vec<u64>>,
+    ) -> Result<Region<T>> {
         supervise_store::name::validate("entry", name)?;
         if self
             .regions
@@ -349,7 +396,7 @@ impl Shim {
             elem: T::NAME.to_owned(),
             elem_size: size as u32,
         };
-        let mem = RegionMem::new(name, kind, bytes, size as u8)?;
+        let mem = RegionMem::new(name, kind, bytes, size as u8, shape)?;
         let mut baseline = None;
         if let Some(restored) = &self.restored {
             let seq = restored.reader.manifest().seq;
@@ -413,13 +460,16 @@ impl Shim {
     /// older one restored in its place); data damaged since then is
     /// [`Error::RestoreDamaged`]: the snapshot is set aside and the program must start again.
     pub fn load_slice<T: Element>(&mut self, name: &str, dest: &mut [T]) -> Result<bool> {
+        self.load_raw_into(name, T::NAME, bytemuck::cast_slice_mut(dest))
+    }
+
+    /// [`load_slice`](Self::load_slice) for a caller that knows the element type only by its
+    /// name (`elem`, as the manifest records it, e.g. `"f64"`): `dest` is the entry's bytes.
+    pub fn load_raw_into(&mut self, name: &str, elem: &str, dest: &mut [u8]) -> Result<bool> {
         let Some(restored) = &self.restored else {
             return Ok(false);
         };
-        match restored
-            .reader
-            .slice_into(name, T::NAME, bytemuck::cast_slice_mut(dest))
-        {
+        match restored.reader.slice_into(name, elem, dest) {
             Err(e) if e.is_corruption() => {
                 let seq = restored.reader.manifest().seq;
                 Err(self.damaged_after_open(seq, e))
@@ -435,20 +485,64 @@ impl Shim {
     /// Tells the supervisor when a restore failed on an entry's size: the program's parameters
     /// changed, which says nothing against the snapshot (an older one would not fit either).
     fn report_mismatch(&self, e: &Error) {
-        if let Error::SizeMismatch {
-            name,
-            seq,
-            stored,
-            dest,
-        } = e
-        {
-            self.shared.send(&Event::RestoreMismatch {
+        let seq = self.resumed_manifest().map_or(0, |m| m.seq);
+        let event = match e {
+            Error::SizeMismatch {
+                name,
+                seq,
+                stored,
+                dest,
+            } => Event::RestoreMismatch {
                 seq: *seq,
                 entry: name.clone(),
                 stored_bytes: *stored,
                 wanted_bytes: *dest,
-            });
-        }
+                detail: None,
+            },
+            Error::ShapeMismatch {
+                name,
+                seq,
+                stored,
+                wanted,
+            } => {
+                let bytes = self
+                    .resumed_manifest()
+                    .and_then(|m| m.entry(name))
+                    .map_or(0, |e| e.len);
+                Event::RestoreMismatch {
+                    seq: *seq,
+                    entry: name.clone(),
+                    stored_bytes: bytes,
+                    wanted_bytes: bytes,
+                    detail: Some(MismatchDetail::Shape {
+                        stored: stored.clone(),
+                        wanted: wanted.clone(),
+                    }),
+                }
+            }
+            Error::WrongKind {
+                name,
+                found,
+                wanted,
+            } => {
+                let bytes = self
+                    .resumed_manifest()
+                    .and_then(|m| m.entry(name))
+                    .map_or(0, |e| e.len);
+                Event::RestoreMismatch {
+                    seq,
+                    entry: name.clone(),
+                    stored_bytes: bytes,
+                    wanted_bytes: bytes,
+                    detail: Some(MismatchDetail::Kind {
+                        stored: found.clone(),
+                        wanted: wanted.clone(),
+                    }),
+                }
+            }
+            _ => return,
+        };
+        self.shared.send(&event);
     }
 
     /// Opens the append-only output file `path` (relative to the working directory), whose
@@ -695,7 +789,8 @@ impl Shim {
             if self.fork_wanted() {
                 self.capture_forked(tag, fill, started, outputs)
             } else {
-                self.capture(tag, fill, started, outputs).map(Work::Capture)
+                self.capture(tag, fill, started, outputs)
+                    .map(|task| Work::Capture(Box::new(task)))
             }
         });
         let work = match handed_over {

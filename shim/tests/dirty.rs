@@ -302,3 +302,68 @@ fn a_forked_snapshot_holds_memory_as_it_was_at_the_fork() {
     assert_eq!(third.bytes_new, 65536, "{third:?}");
     shim.finish().unwrap();
 }
+
+#[test]
+fn array_shapes_are_recorded_checked_on_resume_and_bad_ones_refused() {
+    use supervise_shim::Error;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut shim = shim(dir.path(), CaptureMode::Auto).unwrap();
+        let mut u = shim.array::<f64>("u", &[3, 4]).unwrap();
+        u[5] = 2.0;
+        let next = shim
+            .snapshot(None, |s| {
+                s.array("v", &[1u32, 2, 3, 4, 5, 6], &[2, 3])?;
+                s.array_bytes("c", &[0u8; 32], &[2], "<c16")?;
+                s.array_bytes("d", &[0u8; 16], &[2], "<f8")?;
+                // Refused: a shape that does not fit, a type that is not plain numpy, a name
+                // taken. None of them stops the others.
+                for bad in [
+                    s.array("w", &[1u32, 2, 3], &[2, 2]),
+                    s.array_bytes("x", &[0u8; 8], &[1], "O8"),
+                    s.array_bytes("y", &[0u8; 8], &[1], "<V8[a,b]"),
+                    s.array("v", &[1u32], &[1]),
+                ] {
+                    assert!(
+                        matches!(
+                            bad,
+                            Err(Error::BadArray { .. } | Error::DuplicateEntry { .. })
+                        ),
+                        "{bad:?}"
+                    );
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(next, Next::Continue(_)));
+        shim.wait_durable().unwrap();
+    }
+    let job = Store::open(dir.path().join("store"))
+        .unwrap()
+        .job("dirty")
+        .unwrap();
+    let m = job.read_manifest(1).unwrap();
+    let shape = |name: &str| {
+        m.array_shape(name)
+            .map(|a| (a.shape.clone(), a.dtype.clone()))
+    };
+    assert_eq!(shape("u"), Some((vec![3, 4], None)));
+    assert_eq!(shape("v"), Some((vec![2, 3], None)));
+    assert_eq!(shape("c"), Some((vec![2], Some("<c16".into()))));
+    // A numpy type of a store element is stored as that element.
+    assert_eq!(shape("d"), Some((vec![2], None)));
+    assert!(
+        matches!(&m.entry("d").unwrap().kind, supervise_store::format::EntryKind::Slice { elem, .. } if elem == "f64")
+    );
+    // Resumed: the same shape restores; the same bytes in another shape are refused.
+    let mut shim = shim(dir.path(), CaptureMode::Auto).unwrap();
+    let err = shim.array::<f64>("u", &[4, 3]).err().unwrap();
+    assert!(
+        matches!(&err, Error::ShapeMismatch { stored, wanted, .. } if stored == &[3, 4] && wanted == &[4, 3]),
+        "{err:?}"
+    );
+    let u = shim.array::<f64>("u", &[3, 4]).unwrap();
+    assert_eq!(u[5], 2.0);
+    let mut c = [0u8; 32];
+    assert!(shim.load_raw_into("c", "u8", &mut c).unwrap());
+}

@@ -544,13 +544,15 @@ fn a_restore_of_another_size_names_entry_sizes_and_snapshot_and_tells_the_superv
                 seq: 1,
                 entry: "r".into(),
                 stored_bytes: 800,
-                wanted_bytes: 808
+                wanted_bytes: 808,
+                detail: None,
             },
             RestoreMismatch {
                 seq: 1,
                 entry: "s".into(),
                 stored_bytes: 80,
-                wanted_bytes: 88
+                wanted_bytes: 88,
+                detail: None,
             }
         ]
     );

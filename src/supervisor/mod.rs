@@ -856,15 +856,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         if let Some(mismatch) = life.mismatch
             && !progressed
         {
-            let detail = format!(
-                "gave up: {}",
-                JobEvent::RestoreMismatch {
-                    seq: mismatch.0,
-                    entry: mismatch.1.clone(),
-                    stored_bytes: mismatch.2,
-                    wanted_bytes: mismatch.3,
-                }
-            );
+            let detail = format!("gave up: {mismatch}");
             log.emit(&end(RunOutcome::ConfigError, exit::GAVE_UP, detail));
             return Ok(exit::GAVE_UP);
         }

@@ -66,7 +66,7 @@ pub(super) struct Watch<'a> {
     stderr_pipe: Option<&'a StderrPipe>,
     stderr_tail: StderrTail,
     /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored, wanted).
-    mismatch: Option<(u64, String, u64, u64)>,
+    mismatch: Option<JobEvent>,
     /// The durable tiers, if any.
     durable: Option<&'a Durable>,
     /// When a stop began (a signal, or the lease).
@@ -102,7 +102,7 @@ pub(super) struct Life {
     pub stderr_tail: StderrTail,
     /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored,
     /// wanted).
-    pub mismatch: Option<(u64, String, u64, u64)>,
+    pub mismatch: Option<JobEvent>,
     /// When a stop began, if one did.
     pub stop_began: Option<Instant>,
     /// Why the job's lease was lost, if it was (the program was stopped for it).
@@ -713,15 +713,17 @@ impl<'a> Watch<'a> {
                 entry,
                 stored_bytes,
                 wanted_bytes,
+                detail,
             } => {
                 let mismatch = JobEvent::RestoreMismatch {
                     seq,
-                    entry: entry.clone(),
+                    entry,
                     stored_bytes,
                     wanted_bytes,
+                    detail,
                 };
                 self.log.emit(&mismatch);
-                self.mismatch = Some((seq, entry, stored_bytes, wanted_bytes));
+                self.mismatch = Some(mismatch);
             }
             Event::SnapshotFailed { error } => {
                 self.snapshots = self.snapshots.failed();

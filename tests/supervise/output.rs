@@ -1,5 +1,5 @@
 //! End-to-end tests of output files (`Shim::output`, examples/lines.rs) under the real
-//! `supervise` binary, and of stores written by older releases (tests/fixtures/store-v1).
+//! `supervise` binary, and of stores written by older releases (tests/fixtures/store-v1, store-v2).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -79,8 +79,9 @@ fn an_output_file_killed_at_random_moments_equals_an_uninterrupted_runs() {
     assert!(marks[0].len > 0 && marks[0].len <= reference.len() as u64);
 }
 
-/// The v1 fixture store copied to `dir/store`, with the modes a store must have.
-fn fixture_store(dir: &Path) -> std::path::PathBuf {
+/// The fixture store of format `version` (tests/fixtures/store-v<version>) copied to
+/// `dir/store`, with the modes a store must have.
+fn fixture_store(dir: &Path, version: u16) -> std::path::PathBuf {
     fn copy(from: &Path, to: &Path) {
         fs::create_dir(to).unwrap();
         fs::set_permissions(to, fs::Permissions::from_mode(0o700)).unwrap();
@@ -94,7 +95,8 @@ fn fixture_store(dir: &Path) -> std::path::PathBuf {
             }
         }
     }
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/store-v{version}"));
     let store = dir.join("store");
     copy(&fixture, &store);
     store
@@ -108,44 +110,67 @@ fn version_of(path: &Path) -> u16 {
 
 const HEAT_ARGS: [&str; 4] = ["--n", "64", "--steps", "20000"];
 
+/// What the fixture store of each old version holds: its two snapshots and their steps.
+const FIXTURES: [(u16, [u64; 2], [u64; 2]); 2] =
+    [(1, [1, 2], [2206, 4360]), (2, [2, 3], [7769, 11469])];
+
 #[test]
-fn a_version_1_store_verifies_lists_and_restores_with_restore_to() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = fixture_store(dir.path());
-    let job = only_job(&store);
-    for seq in [1, 2] {
-        assert_eq!(version_of(&job.manifest_path(seq)), 1);
+fn stores_of_every_older_version_verify_list_and_restore_with_restore_to() {
+    for (version, seqs, steps) in FIXTURES {
+        let dir = tempfile::tempdir().unwrap();
+        let store = fixture_store(dir.path(), version);
+        let job = only_job(&store);
+        for seq in seqs {
+            assert_eq!(version_of(&job.manifest_path(seq)), version);
+        }
+        let (code, out, err) = cmd(&store, &["verify"]);
+        assert_eq!(code, 0, "v{version}: {out}{err}");
+        let (code, out, err) = cmd(&store, &["ls"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains("heat") && out.contains(" 2 "),
+            "v{version}: {out}"
+        );
+        let newest = seqs[1].to_string();
+        let (code, out, err) = cmd(&store, &["show", &newest]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains(&format!("step {}", steps[1])),
+            "v{version}: {out}"
+        );
+        let to = dir.path().join("restored");
+        let (code, out, err) = cmd(&store, &["restore", &newest, "--to", to.to_str().unwrap()]);
+        assert_eq!(code, 0, "v{version}: {out}{err}");
+        assert_eq!(
+            fs::metadata(to.join("grid.f64")).unwrap().len(),
+            64 * 64 * 8
+        );
+        let params: serde_json::Value =
+            serde_json::from_slice(&fs::read(to.join("params.json")).unwrap()).unwrap();
+        assert_eq!(params["step"], steps[1], "v{version}: {params}");
+        let m = job.read_manifest(seqs[1]).unwrap();
+        assert!(m.arrays.is_empty());
+        match version {
+            1 => assert_eq!((m.origin, m.outputs.len()), (None, 0)),
+            _ => assert_eq!(m.origin.unwrap().program, "/usr/local/bin/heat"),
+        }
     }
-    let (code, out, err) = cmd(&store, &["verify"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = cmd(&store, &["ls"]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("heat") && out.contains(" 2 "), "{out}");
-    let (code, out, err) = cmd(&store, &["show", "2"]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("step 4360"), "{out}");
-    let to = dir.path().join("restored");
-    let (code, out, err) = cmd(&store, &["restore", "2", "--to", to.to_str().unwrap()]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(
-        fs::metadata(to.join("grid.f64")).unwrap().len(),
-        64 * 64 * 8
-    );
-    let params: serde_json::Value =
-        serde_json::from_slice(&fs::read(to.join("params.json")).unwrap()).unwrap();
-    assert_eq!(params["step"], 4360, "{params}");
-    let m = job.read_manifest(2).unwrap();
-    assert_eq!((m.origin, m.outputs.len()), (None, 0));
 }
 
 #[test]
-fn heat_resumes_from_a_version_1_store_and_takes_version_2_snapshots_on_top() {
+fn heat_resumes_from_stores_of_every_older_version_and_takes_new_snapshots_on_top() {
+    for (version, seqs, steps) in FIXTURES {
+        heat_resumes_from_an_old_store(version, seqs, steps);
+    }
+}
+
+fn heat_resumes_from_an_old_store(version: u16, old: [u64; 2], steps: [u64; 2]) {
     let dir = tempfile::tempdir().unwrap();
-    let store = fixture_store(dir.path());
+    let store = fixture_store(dir.path(), version);
     let reference = reference_checksum(&HEAT_ARGS);
     assert_eq!(
         reference, "22dbb48585ef17f84b44b9acbcbba83bd07d4e0f22e1b1aacb893996bb94b360",
-        "the fixture's README records this checksum"
+        "the fixtures' README records this checksum"
     );
     let origin = r#"{"program":"/usr/local/bin/heat","exe_blake3":null,"args":["--n","64"]}"#;
     let out = Command::new(example_bin("heat"))
@@ -160,11 +185,13 @@ fn heat_resumes_from_a_version_1_store_and_takes_version_2_snapshots_on_top() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    // It resumed from the v1 store's newest snapshot (step 4360), and ended as an
-    // uninterrupted run does.
+    // It resumed from the old store's newest snapshot, and ended as an uninterrupted run does.
     assert!(
-        err.contains("heat: resumed from snapshot 2 at step 4360"),
-        "{err}"
+        err.contains(&format!(
+            "heat: resumed from snapshot {} at step {}",
+            old[1], steps[1]
+        )),
+        "v{version}: {err}"
     );
     assert_eq!(
         checksum_of(&String::from_utf8_lossy(&out.stdout)).as_deref(),
@@ -172,17 +199,21 @@ fn heat_resumes_from_a_version_1_store_and_takes_version_2_snapshots_on_top() {
     );
     let job = only_job(&store);
     let seqs = job.snapshot_seqs().unwrap();
-    assert_eq!(&seqs[..2], &[1, 2], "the v1 snapshots stay");
+    assert_eq!(&seqs[..2], &old, "the old snapshots stay");
     assert!(seqs.len() > 2, "no new snapshot on top: {seqs:?}");
     for &seq in &seqs[2..] {
-        assert_eq!(version_of(&job.manifest_path(seq)), 2, "snapshot {seq}");
+        assert_eq!(
+            version_of(&job.manifest_path(seq)),
+            supervise_store::format::MANIFEST_VERSION,
+            "snapshot {seq}"
+        );
         let m = job.read_manifest(seq).unwrap();
         assert_eq!(m.origin.unwrap().program, "/usr/local/bin/heat");
     }
-    assert_eq!(version_of(&job.manifest_path(1)), 1);
+    assert_eq!(version_of(&job.manifest_path(old[0])), version);
     let (code, out, err) = cmd(&store, &["verify"]);
     assert_eq!(code, 0, "{out}{err}");
-    // The newest v2 snapshot restores too: the same job again, resumed from it.
+    // The newest snapshot restores too: the same job again, resumed from it.
     let newest = *seqs.last().unwrap();
     let again = Command::new(example_bin("heat"))
         .args(HEAT_ARGS)

@@ -138,9 +138,12 @@ fn c_name(name: *const c_char) -> Result<String, (c_int, String)> {
 /// is given a code.
 fn code_of(e: &Error) -> c_int {
     match e {
-        Error::SizeMismatch { .. } | Error::RegionTooLarge { .. } => SV_ESIZE,
+        Error::SizeMismatch { .. } | Error::ShapeMismatch { .. } | Error::RegionTooLarge { .. } => {
+            SV_ESIZE
+        }
         Error::InvalidName { .. }
         | Error::WrongKind { .. }
+        | Error::BadArray { .. }
         | Error::Output { .. }
         | Error::DuplicateEntry { .. }
         | Error::ValueTooLarge { .. }

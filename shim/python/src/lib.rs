@@ -1,22 +1,37 @@
 //! The supervise shim for Python (`import supervise`): numpy arrays in shim-owned memory,
 //! captured at a safe point without a copy of their clean chunks and restored when the
-//! program starts again; JSON values beside them; stop requests as a return value.
+//! program starts again; JSON values and copied buffers beside them; stop requests as a return
+//! value or a `StopRequested` exception.
 
-use std::ffi::c_void;
+use std::ffi::{CString, c_void};
+use std::sync::{Arc, Weak};
 
 use numpy::ndarray;
 use numpy::{Element as NpElement, PyArray, PyArrayDyn, PyArrayMethods};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyRuntimeWarning, PySystemExit, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyByteArray, PyDict};
 use serde_json::value::RawValue;
-use supervise_shim::{Element, Next, Region, Start};
+use supervise_shim::format::{EntryKind, numpy_dtype};
+use supervise_shim::{DuePoll, Element, Next, Region, Start};
 
 pyo3::create_exception!(
     supervise,
     SuperviseError,
     PyRuntimeError,
     "A snapshot, a restore or the store failed; the message names the entry or path."
+);
+
+pyo3::create_exception!(
+    supervise,
+    StopRequested,
+    PySystemExit,
+    "Raised by `snapshot()` when the program was asked to stop (SIGTERM or Ctrl-C to \
+     supervise, a batch system's time limit) and that snapshot, its final one, is durable; \
+     only with `init(stop=\"raise\")`. Its exit code is 75 (`EXIT_STOPPED`), so a script that \
+     lets it end the interpreter tells supervise it stopped cleanly; `finally` blocks and \
+     `except StopRequested` run first. It is a `SystemExit`: `except Exception` does not catch \
+     it."
 );
 
 /// A shim error as a Python exception.
@@ -29,12 +44,21 @@ fn error(e: supervise_shim::Error) -> PyErr {
 #[pyclass(frozen)]
 struct RegionOwner {
     _region: std::sync::Mutex<Box<dyn std::any::Any + Send>>,
+    /// Dropped with the array: the shim sees the array is gone (see [`Shim::arrays`]).
+    _alive: Arc<()>,
 }
 
 /// The shim of this process: restore at start, snapshots at safe points.
 #[pyclass(unsendable)]
 struct Shim {
     inner: Option<supervise_shim::Shim>,
+    /// `due()` without borrowing the shim.
+    poll: Option<DuePoll>,
+    /// Raise `StopRequested` instead of returning True on a stop.
+    raise_on_stop: bool,
+    /// The arrays from `array()` by name, to warn once when one was freed (its name bound to a
+    /// new array): it is in no snapshot from then on.
+    arrays: Vec<(String, Weak<()>)>,
 }
 
 impl Shim {
@@ -51,19 +75,15 @@ fn region_array<'py, T: Element + NpElement>(
     shim: &mut supervise_shim::Shim,
     name: &str,
     shape: Vec<usize>,
+    alive: Arc<()>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let len = shape
-        .iter()
-        .try_fold(1usize, |n, d| n.checked_mul(*d))
-        .ok_or_else(|| {
-            PyValueError::new_err(format!("array {name:?}: shape {shape:?} is too large"))
-        })?;
-    let mut region: Region<T> = shim.region(name, len).map_err(error)?;
+    let mut region: Region<T> = shim.array(name, &shape).map_err(error)?;
     let ptr: *mut T = region.as_mut_ptr();
     let owner = Bound::new(
         py,
         RegionOwner {
             _region: std::sync::Mutex::new(Box::new(region)),
+            _alive: alive,
         },
     )?;
     // SAFETY: `ptr` points at the region's `len` elements of T, aligned and initialised (an
@@ -101,23 +121,93 @@ impl Shim {
             .call_method1("dtype", (dtype,))?
             .getattr("name")?
             .extract()?;
-        let shim = self.shim()?;
-        match kind.as_str() {
-            "float64" => region_array::<f64>(py, shim, name, shape),
-            "float32" => region_array::<f32>(py, shim, name, shape),
-            "int64" => region_array::<i64>(py, shim, name, shape),
-            "int32" => region_array::<i32>(py, shim, name, shape),
-            "int16" => region_array::<i16>(py, shim, name, shape),
-            "int8" => region_array::<i8>(py, shim, name, shape),
-            "uint64" => region_array::<u64>(py, shim, name, shape),
-            "uint32" => region_array::<u32>(py, shim, name, shape),
-            "uint16" => region_array::<u16>(py, shim, name, shape),
-            "uint8" => region_array::<u8>(py, shim, name, shape),
-            other => Err(PyValueError::new_err(format!(
-                "array {name:?}: dtype {other} is not one the shim stores (float64, float32, \
-                 int8-64, uint8-64)"
-            ))),
+        // Caught here even when the shim is inactive (no store), so a script that passes alone
+        // does not fail once supervised.
+        if self
+            .arrays
+            .iter()
+            .any(|(n, a)| n == name && a.strong_count() > 0)
+        {
+            return Err(PyValueError::new_err(format!(
+                "array {name:?} exists already: array() was called twice with this name"
+            )));
         }
+        let alive = Arc::new(());
+        let marker = Arc::downgrade(&alive);
+        let shim = self.shim()?;
+        let array = match kind.as_str() {
+            "float64" => region_array::<f64>(py, shim, name, shape, alive),
+            "float32" => region_array::<f32>(py, shim, name, shape, alive),
+            "int64" => region_array::<i64>(py, shim, name, shape, alive),
+            "int32" => region_array::<i32>(py, shim, name, shape, alive),
+            "int16" => region_array::<i16>(py, shim, name, shape, alive),
+            "int8" => region_array::<i8>(py, shim, name, shape, alive),
+            "uint64" => region_array::<u64>(py, shim, name, shape, alive),
+            "uint32" => region_array::<u32>(py, shim, name, shape, alive),
+            "uint16" => region_array::<u16>(py, shim, name, shape, alive),
+            "uint8" => region_array::<u8>(py, shim, name, shape, alive),
+            other => Err(PyValueError::new_err(format!(
+                "array {name:?}: dtype {other} is not one the shim keeps in its own memory \
+                 (float64, float32, int8-64, uint8-64): for complex128, a float64 array with a \
+                 last dimension of 2 viewed as complex (`.view(np.complex128)[..., 0]`); other \
+                 arrays go to snapshot(arrays=...)"
+            ))),
+        }?;
+        self.arrays.retain(|(_, a)| a.strong_count() > 0);
+        self.arrays.push((name.to_owned(), marker));
+        Ok(array)
+    }
+
+    /// The array named `name` in the snapshot this run resumed from, as `snapshot(arrays=...)`
+    /// took it (its dtype and shape), in new memory of its own; or `default` when there is
+    /// none. Arrays from `array()` come back through `array()` itself.
+    #[pyo3(signature = (name, default=None))]
+    fn load_array<'py>(
+        &mut self,
+        py: Python<'py>,
+        name: &str,
+        default: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let shim = self.shim()?;
+        let found = shim.resumed_manifest().and_then(|m| {
+            let entry = m.entry(name)?;
+            Some((entry.kind.clone(), entry.len, m.array_shape(name).cloned()))
+        });
+        let Some((kind, len, shape)) = found else {
+            return Ok(default.unwrap_or_else(|| py.None().into_bound(py)));
+        };
+        let EntryKind::Slice { elem, elem_size } = kind else {
+            return Err(PyValueError::new_err(format!(
+                "{name:?} is a value, not an array: load it with load()"
+            )));
+        };
+        let (dtype, shape) = match shape {
+            Some(a) => (
+                a.dtype.or_else(|| numpy_dtype(&elem).map(str::to_owned)),
+                a.shape,
+            ),
+            None => (
+                numpy_dtype(&elem).map(str::to_owned),
+                vec![len / u64::from(elem_size.max(1))],
+            ),
+        };
+        let dtype =
+            dtype.ok_or_else(|| SuperviseError::new_err(format!("array {name:?}: no dtype")))?;
+        let len = usize::try_from(len)
+            .map_err(|_| SuperviseError::new_err(format!("array {name:?} is too large")))?;
+        let mut failed = None;
+        let bytes = PyByteArray::new_with(py, len, |buf| {
+            if let Err(e) = shim.load_raw_into(name, &elem, buf) {
+                failed = Some(e);
+            }
+            Ok(())
+        })?;
+        if let Some(e) = failed {
+            return Err(error(e));
+        }
+        let numpy = py.import("numpy")?;
+        let flat = numpy.call_method1("frombuffer", (bytes, dtype))?;
+        flat.call_method1("reshape", (shape,))
     }
 
     /// The value named `name` in the snapshot this run resumed from (any JSON value), or
@@ -136,17 +226,22 @@ impl Shim {
         }
     }
 
-    /// Whether a snapshot is due: call it once per step (an atomic load when none is).
-    fn due(&mut self) -> PyResult<bool> {
-        Ok(self.shim()?.due())
+    /// Whether a snapshot is due: call it once per step (an atomic load and no allocation
+    /// when none is). False once the shim is finished.
+    fn due(&self) -> bool {
+        self.poll.as_ref().is_some_and(DuePoll::due)
     }
 
     /// Takes a snapshot now, at this safe point: every array from `array()` (only the chunks
     /// written since the last one are copied), each of `values` (JSON-able; numbers are kept
     /// as written, so a `numpy.random.Generator`'s `bit_generator.state` round-trips) and each
-    /// of `arrays` (any object with the buffer protocol, copied). Other Python threads run
-    /// meanwhile (the GIL is released). Returns True when the program was asked to stop and
-    /// this was its final snapshot: it should clean up and exit with `shim.stopped()`.
+    /// of `arrays` (any object with the buffer protocol: numpy arrays, memoryviews,
+    /// array.array, bytes; copied, with its dtype and shape; back with `load_array()`). Other
+    /// Python threads run meanwhile (the GIL is released). Returns True when the program was
+    /// asked to stop and this was its final snapshot: it should clean up and exit with
+    /// `shim.stopped()` (with `init(stop="raise")` it raises `StopRequested` instead). Warns
+    /// (RuntimeWarning) once for an array from `array()` that was freed: its name was bound
+    /// to a new array (`u = u + 1`), which no snapshot holds.
     #[pyo3(signature = (tag=None, values=None, arrays=None))]
     fn snapshot(
         &mut self,
@@ -159,10 +254,18 @@ impl Shim {
         let mut named_values = Vec::new();
         for (k, v) in values.into_iter().flat_map(|d| d.iter()) {
             let name: String = k.extract()?;
+            let kwargs = PyDict::new(py);
+            kwargs.set_item("allow_nan", false)?;
             let text: String = json
-                .call_method1("dumps", (v,))
+                .call_method("dumps", (v,), Some(&kwargs))
                 .map_err(|e| {
-                    PyValueError::new_err(format!("value {name:?} is not JSON-able: {e}"))
+                    let hint = if e.is_instance_of::<PyValueError>(py) {
+                        " (NaN and infinity are not JSON: keep such numbers in an array, \
+                         arrays={...}, or as strings)"
+                    } else {
+                        ""
+                    };
+                    PyValueError::new_err(format!("value {name:?} is not JSON-able: {e}{hint}"))
                 })?
                 .extract()?;
             let value = RawValue::from_string(text)
@@ -172,14 +275,9 @@ impl Shim {
         let mut buffers = Vec::new();
         for (k, v) in arrays.into_iter().flat_map(|d| d.iter()) {
             let name: String = k.extract()?;
-            let bytes: Vec<u8> = py
-                .import("builtins")?
-                .getattr("memoryview")?
-                .call1((v,))?
-                .call_method0("tobytes")?
-                .extract()?;
-            buffers.push((name, bytes));
+            buffers.push(buffer_of(py, &name, &v)?);
         }
+        self.warn_freed(py)?;
         let shim = self.shim()?;
         // Without the GIL: other Python threads run while the shim captures (and, for a
         // final snapshot, waits for it to be durable).
@@ -189,14 +287,18 @@ impl Shim {
                     for (name, value) in &named_values {
                         s.value(name, value)?;
                     }
-                    for (name, bytes) in &buffers {
-                        s.raw(name, bytes)?;
+                    for b in &buffers {
+                        s.array_bytes(&b.name, &b.bytes, &b.shape, &b.dtype)?;
                     }
                     Ok(())
                 })
             })
             .map_err(error)?;
-        Ok(matches!(next, Next::Stop))
+        let stop = matches!(next, Next::Stop);
+        if stop && self.raise_on_stop {
+            return Err(StopRequested::new_err(supervise_shim::EXIT_STOPPED));
+        }
+        Ok(stop)
     }
 
     /// The snapshot this run resumed from (its number), or None for a fresh start.
@@ -211,6 +313,7 @@ impl Shim {
     /// Waits for the last snapshot to be durable and tells the supervisor the program
     /// finished; call it once at the end.
     fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.poll = None;
         match self.inner.take() {
             // Without the GIL while it waits for the writer.
             Some(shim) => py.detach(|| shim.finish()).map_err(error),
@@ -226,13 +329,92 @@ impl Shim {
     }
 }
 
+impl Shim {
+    /// Warns once for each array from `array()` that was freed since the last snapshot.
+    fn warn_freed(&mut self, py: Python<'_>) -> PyResult<()> {
+        let (gone, live): (Vec<_>, Vec<_>) = std::mem::take(&mut self.arrays)
+            .into_iter()
+            .partition(|(_, a)| a.strong_count() == 0);
+        self.arrays = live;
+        for (name, _) in gone {
+            let message = CString::new(format!(
+                "supervise: array {name:?} from shim.array() was freed, so snapshots no longer \
+                 hold it and a resumed run gets zeros: was its name bound to a new array (as \
+                 `{name} = {name} + 1` does)? Change it in place: `{name} += 1`, \
+                 `{name}[...] = ...`, `np.add({name}, 1, out={name})`"
+            ))
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            PyErr::warn(py, &py.get_type::<PyRuntimeWarning>(), &message, 2)?;
+        }
+        Ok(())
+    }
+}
+
+/// A buffer of `snapshot(arrays=...)`, copied: its bytes in C order, shape and numpy type.
+struct Buffer {
+    name: String,
+    bytes: Vec<u8>,
+    shape: Vec<usize>,
+    dtype: String,
+}
+
+/// Copies `value` (anything with the buffer protocol) with its shape and numpy type.
+fn buffer_of(py: Python<'_>, name: &str, value: &Bound<'_, PyAny>) -> PyResult<Buffer> {
+    let numpy = py.import("numpy")?;
+    let view = py
+        .import("builtins")?
+        .getattr("memoryview")?
+        .call1((value,))
+        .map_err(|e| {
+            PyValueError::new_err(format!(
+                "arrays entry {name:?} has no buffer (numpy arrays, memoryviews, array.array \
+                 and bytes have one): {e}"
+            ))
+        })?;
+    let array = numpy.call_method1("asarray", (view,))?;
+    let dtype = array.getattr("dtype")?;
+    if !dtype.getattr("fields")?.is_none() || dtype.getattr("hasobject")?.extract::<bool>()? {
+        return Err(PyValueError::new_err(format!(
+            "arrays entry {name:?}: dtype {} has fields or objects, which the shim does not \
+             store; pass each field as an array of its own",
+            dtype.str()?
+        )));
+    }
+    let shape: Vec<usize> = array.getattr("shape")?.extract()?;
+    let flat = numpy
+        .call_method1("ascontiguousarray", (array,))?
+        .call_method1("reshape", (-1,))?
+        .call_method1("view", (numpy.getattr("uint8")?,))?;
+    let flat = flat.cast_into::<numpy::PyArray1<u8>>()?;
+    let bytes = flat.readonly().as_slice()?.to_vec();
+    Ok(Buffer {
+        name: name.to_owned(),
+        bytes,
+        shape,
+        dtype: dtype.getattr("str")?.extract()?,
+    })
+}
+
 /// Starts the shim: under `supervise`, restores the newest complete snapshot (the arrays and
-/// values it holds come back through `array()` and `load()`); alone, snapshots go to
-/// `$SUPERVISE_STORE` if set. `name` is the job's name when run alone (default: the script's
-/// file name).
+/// values it holds come back through `array()`, `load()` and `load_array()`); alone,
+/// snapshots go to `$SUPERVISE_STORE` if set. `name` is the job's name when run alone
+/// (default: the script's file name). `stop` says how a requested stop (SIGTERM or Ctrl-C to
+/// supervise, a batch system's time limit) reaches the script once its final snapshot is
+/// durable: `"return"` (default), `snapshot()` returns True; `"raise"`, it raises
+/// `StopRequested` (exit code 75 if nothing catches it).
 #[pyfunction]
-#[pyo3(signature = (name=None))]
-fn init(py: Python<'_>, name: Option<&str>) -> PyResult<Shim> {
+#[pyo3(signature = (name=None, *, stop="return"))]
+fn init(py: Python<'_>, name: Option<&str>, stop: &str) -> PyResult<Shim> {
+    let raise_on_stop = match stop {
+        "return" => false,
+        "raise" => true,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "stop={other:?}: say \"return\" (snapshot() returns True) or \"raise\" \
+                 (it raises StopRequested)"
+            )));
+        }
+    };
     let default = match name {
         Some(n) => n.to_owned(),
         None => {
@@ -245,7 +427,12 @@ fn init(py: Python<'_>, name: Option<&str>) -> PyResult<Shim> {
         }
     };
     let shim = supervise_shim::Shim::init(&default).map_err(error)?;
-    Ok(Shim { inner: Some(shim) })
+    Ok(Shim {
+        poll: Some(shim.due_poll()),
+        inner: Some(shim),
+        raise_on_stop,
+        arrays: Vec::new(),
+    })
 }
 
 /// Snapshots of numpy simulations, taken at a safe point without stopping them and restored
@@ -255,6 +442,7 @@ fn supervise(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(init, m)?)?;
     m.add_class::<Shim>()?;
     m.add("SuperviseError", m.py().get_type::<SuperviseError>())?;
+    m.add("StopRequested", m.py().get_type::<StopRequested>())?;
     m.add("EXIT_STOPPED", supervise_shim::EXIT_STOPPED)?;
     Ok(())
 }

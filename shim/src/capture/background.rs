@@ -40,7 +40,7 @@ pub(crate) type OnDamage = Arc<dyn Fn(&[Finding], &Result<Vec<u64>>) + Send + Sy
 /// What the writer thread is given.
 pub(crate) enum Work {
     /// A captured snapshot to write.
-    Capture(CaptureTask),
+    Capture(Box<CaptureTask>),
     /// A forked process writes the snapshot; its report comes through the pipe. `warm`: bytes
     /// of buffer to fault in meanwhile for the next captures (a fork returns no buffers, and
     /// fresh memory is slow to fault in; better here than in the program's pause).
@@ -111,7 +111,7 @@ impl Background {
                     };
                     let (result, retention_failed, buffers) = match work {
                         Work::Capture(task) => {
-                            let written = write_task(&mut writer, &keep, task);
+                            let written = write_task(&mut writer, &keep, *task);
                             (
                                 written.result.map_err(Arc::new),
                                 written.retention_failed,
@@ -258,6 +258,7 @@ pub(super) fn write_task(
         }
         builder.set_origin(task.origin.clone());
         builder.set_outputs(task.outputs.marks.clone());
+        builder.set_arrays(task.arrays.clone());
         let mut report = builder.commit()?;
         match writer.apply_retention(keep.clone()) {
             Ok(r) => report.removed = r.removed_snapshots,

@@ -30,15 +30,18 @@ impl Shim {
             .filter_map(|slot| slot.mem.upgrade().map(|m| m.name.clone()))
             .collect();
         let mut items = Vec::new();
+        let mut arrays = Vec::new();
         fill(&mut Capture {
             items: &mut items,
             buffers: &mut self.buffers,
             names: &mut names,
+            arrays: &mut arrays,
         })?;
         self.in_flight_regions.clear();
         for idx in 0..self.regions.len() {
             if let Some(mem) = self.regions[idx].mem.upgrade() {
                 items.push(self.capture_region(idx, &mem));
+                arrays.extend(mem.array_shape());
                 self.in_flight_regions.push(idx);
             }
         }
@@ -49,6 +52,7 @@ impl Shim {
             origin: self.config.origin.clone(),
             outputs,
             seq: self.part_seq,
+            arrays,
         })
     }
 

@@ -135,11 +135,14 @@ impl Shim {
                     let mut names: HashSet<String> =
                         plan.iter().map(|(m, _)| m.name.clone()).collect();
                     let mut buffers = Vec::new();
+                    let mut arrays = Vec::new();
                     fill(&mut Capture {
                         items: &mut items,
                         buffers: &mut buffers,
                         names: &mut names,
+                        arrays: &mut arrays,
                     })?;
+                    arrays.extend(plan.iter().filter_map(|(mem, _)| mem.array_shape()));
                     for (mem, delta) in &plan {
                         items.push(match delta {
                             Some((base, dirty)) => Item::Delta {
@@ -165,6 +168,7 @@ impl Shim {
                         origin,
                         outputs,
                         seq: None,
+                        arrays,
                     })
                 })();
                 forked_child(job, attempt, keep, built, std::fs::File::from(write))

@@ -30,7 +30,9 @@ use aligned_vec::{AVec, ConstAlign};
 use serde::Serialize;
 
 use supervise_store::error::{Error, Result};
-use supervise_store::format::{EntryKind, Origin, OutputMark};
+use supervise_store::format::{
+    ArrayShape, EntryKind, Origin, OutputMark, dtype_itemsize, element_of_dtype,
+};
 use supervise_store::name;
 use supervise_store::writer::Element;
 
@@ -119,6 +121,8 @@ pub(crate) struct CaptureTask {
     pub(crate) outputs: OutputsAt,
     /// A rank's part of an epoch: the snapshot's number.
     pub(crate) seq: Option<u64>,
+    /// The shapes of the entries given as arrays (regions and [`Capture::array`]).
+    pub(crate) arrays: Vec<ArrayShape>,
 }
 
 /// The output files at a safe point: their marks for the manifest, and the files to fsync
@@ -135,6 +139,7 @@ pub struct Capture<'a> {
     pub(crate) items: &'a mut Vec<Item>,
     pub(crate) buffers: &'a mut Vec<Buffer>,
     pub(crate) names: &'a mut HashSet<String>,
+    pub(crate) arrays: &'a mut Vec<ArrayShape>,
 }
 
 impl Capture<'_> {
@@ -197,6 +202,69 @@ impl Capture<'_> {
         Ok(())
     }
 
+    /// Adds an array of `shape` (C order, outermost first), copied now: a slice whose
+    /// snapshot records the shape (see [`crate::Shim::array`]). The product of the dimensions
+    /// must be `data.len()`.
+    pub fn array<T: Element>(&mut self, name: &str, data: &[T], shape: &[usize]) -> Result<()> {
+        let shape = shape_of(name, shape)?;
+        let itemsize = std::mem::size_of::<T>() as u64;
+        check_bytes(name, &shape, itemsize, std::mem::size_of_val(data))?;
+        self.slice(name, data)?;
+        self.arrays.push(ArrayShape {
+            entry: name.to_owned(),
+            shape,
+            dtype: None,
+        });
+        Ok(())
+    }
+
+    /// Adds an array of `shape` whose elements have numpy type `dtype` (e.g. `"<f8"`,
+    /// `"<c16"`, `"|b1"`: a byte order, a kind letter and the size in bytes), given as its
+    /// bytes in C order; its snapshot records the shape and type. The numpy type of an element
+    /// type the store has ([`Element`], `"<f8"` is `f64`) is stored as that type (shuffled
+    /// by its size before compression, as [`array`](Self::array) does); any other as bytes.
+    pub fn array_bytes(
+        &mut self,
+        name: &str,
+        bytes: &[u8],
+        shape: &[usize],
+        dtype: &str,
+    ) -> Result<()> {
+        let shape = shape_of(name, shape)?;
+        let itemsize = dtype_itemsize(dtype).ok_or_else(|| Error::BadArray {
+            name: name.to_owned(),
+            why: format!(
+                "{dtype:?} is not a plain numpy type (a byte order, a kind letter, a size: \
+                 \"<f8\"); structured and object arrays are not stored"
+            ),
+        })?;
+        check_bytes(name, &shape, itemsize, bytes.len())?;
+        let typed = element_of_dtype(dtype);
+        match typed {
+            Some((elem, size)) => {
+                self.claim(name)?;
+                let mut data = self.buffer(bytes.len());
+                data.extend_from_slice(bytes);
+                self.items.push(Item::Whole {
+                    name: name.to_owned(),
+                    kind: EntryKind::Slice {
+                        elem: elem.to_owned(),
+                        elem_size: size,
+                    },
+                    data,
+                    shuffle: size as u8,
+                });
+            }
+            None => self.raw(name, bytes)?,
+        }
+        self.arrays.push(ArrayShape {
+            entry: name.to_owned(),
+            shape,
+            dtype: typed.is_none().then(|| dtype.to_owned()),
+        });
+        Ok(())
+    }
+
     /// Adds untyped bytes (the C ABI's regions), stored as a `u8` slice. Lengths that are a
     /// multiple of 8 are byte-shuffled as 8-byte elements before compression: C simulation
     /// state is mostly `double`, and shuffling only changes how well a chunk compresses.
@@ -215,4 +283,32 @@ impl Capture<'_> {
         });
         Ok(())
     }
+}
+
+/// A shape as the manifest records it: at most [`MAX_ARRAY_DIMS`] dimensions.
+///
+/// [`MAX_ARRAY_DIMS`]: supervise_store::format::MAX_ARRAY_DIMS
+pub(crate) fn shape_of(name: &str, shape: &[usize]) -> Result<Vec<u64>> {
+    let max = supervise_store::format::MAX_ARRAY_DIMS;
+    if shape.len() > max {
+        return Err(Error::BadArray {
+            name: name.to_owned(),
+            why: format!("{} dimensions (at most {max})", shape.len()),
+        });
+    }
+    Ok(shape.iter().map(|&d| d as u64).collect())
+}
+
+/// Checks that `shape` of `itemsize`-byte elements is `len` bytes.
+fn check_bytes(name: &str, shape: &[u64], itemsize: u64, len: usize) -> Result<()> {
+    let bytes = shape.iter().try_fold(itemsize, |n, &d| n.checked_mul(d));
+    if bytes != Some(len as u64) {
+        return Err(Error::BadArray {
+            name: name.to_owned(),
+            why: format!(
+                "shape {shape:?} of {itemsize}-byte elements does not fit its {len} bytes of data"
+            ),
+        });
+    }
+    Ok(())
 }

@@ -294,7 +294,44 @@ pub enum Event {
         stored_bytes: u64,
         /// The size of the program's region, slice or block.
         wanted_bytes: u64,
+        /// What differs when the sizes do not say it (absent before it was added).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<MismatchDetail>,
     },
+}
+
+/// What differs between an entry of the restored snapshot and what the program asks for, beside
+/// the size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "what", rename_all = "snake_case")]
+pub enum MismatchDetail {
+    /// An array's shape (its size may be the same).
+    Shape {
+        /// The shape in the snapshot.
+        stored: Vec<u64>,
+        /// The shape the program asks for.
+        wanted: Vec<u64>,
+    },
+    /// The kind of entry or element type (`[f64] slice`, `value`).
+    Kind {
+        /// What the snapshot holds.
+        stored: String,
+        /// What the program asks for.
+        wanted: String,
+    },
+}
+
+impl std::fmt::Display for MismatchDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MismatchDetail::Shape { stored, wanted } => {
+                write!(f, "shape {stored:?} in the snapshot, {wanted:?} asked for")
+            }
+            MismatchDetail::Kind { stored, wanted } => {
+                write!(f, "a {stored} in the snapshot, a {wanted} asked for")
+            }
+        }
+    }
 }
 
 impl Event {
@@ -343,6 +380,7 @@ mod tests {
             entry: "grid".into(),
             stored_bytes: 32768,
             wanted_bytes: 33800,
+            detail: None,
         };
         assert_eq!(
             ev.to_line(),

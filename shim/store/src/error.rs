@@ -118,6 +118,26 @@ pub enum Error {
         /// Bytes in the destination.
         dest: u64,
     },
+    /// An array restored with another shape than the snapshot holds it in (the same number of
+    /// bytes, laid out otherwise: the program's parameters changed).
+    ShapeMismatch {
+        /// The entry name.
+        name: String,
+        /// The snapshot restored.
+        seq: u64,
+        /// The shape in the snapshot.
+        stored: Vec<u64>,
+        /// The shape the program asked for.
+        wanted: Vec<u64>,
+    },
+    /// An array the program gave whose shape or element type cannot be recorded (the shape does
+    /// not match its data, or the type is not a plain numpy type).
+    BadArray {
+        /// The entry name.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
     /// An entry exists but is of another kind (a value where a slice was asked, or the other way).
     WrongKind {
         /// The entry name.
@@ -326,6 +346,17 @@ impl std::fmt::Display for Error {
                 "entry {name:?}: snapshot {seq} holds {stored} bytes but the program's has {dest} \
                  bytes (were the program's parameters changed?)"
             ),
+            Error::ShapeMismatch {
+                name,
+                seq,
+                stored,
+                wanted,
+            } => write!(
+                f,
+                "array {name:?}: snapshot {seq} holds it with shape {stored:?} but the program \
+                 asks for {wanted:?} (were the program's parameters changed?)"
+            ),
+            Error::BadArray { name, why } => write!(f, "array {name:?}: {why}"),
             Error::RegionTooLarge {
                 name,
                 len,
@@ -517,6 +548,8 @@ mod tests {
             | Error::NoSuchJob { .. }
             | Error::DuplicateEntry { .. }
             | Error::SizeMismatch { .. }
+            | Error::ShapeMismatch { .. }
+            | Error::BadArray { .. }
             | Error::WrongKind { .. }
             | Error::ValueTooLarge { .. }
             | Error::Serde { .. }
@@ -632,6 +665,22 @@ mod tests {
                     seq: 4,
                     stored: 1,
                     dest: 2,
+                },
+                None,
+            ),
+            (
+                Error::ShapeMismatch {
+                    name: "e".into(),
+                    seq: 4,
+                    stored: vec![3, 4],
+                    wanted: vec![4, 3],
+                },
+                None,
+            ),
+            (
+                Error::BadArray {
+                    name: "e".into(),
+                    why: "shape [2] is 16 bytes, the data 8".into(),
                 },
                 None,
             ),
@@ -771,7 +820,7 @@ mod tests {
     #[test]
     fn every_cause_is_told_once_in_the_chain() {
         let errors = one_of_each();
-        assert_eq!(errors.len(), 31, "one of each variant");
+        assert_eq!(errors.len(), 33, "one of each variant");
         for (e, cause) in errors {
             covered(&e);
             // The chain as a reporter prints it (anyhow's `{:#}`): each error, then its sources.

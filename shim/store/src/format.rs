@@ -13,10 +13,12 @@ use crate::name;
 
 /// Version of the pack files this release writes (and the newest it reads): 1.
 pub const PACK_VERSION: u16 = 1;
-/// Version of the snapshot manifests this release writes (and the newest it reads): 2, which
-/// added [`Manifest::origin`] and [`Manifest::outputs`]. Version 1 manifests are still read
-/// (see [`Manifest::decode`]).
-pub const MANIFEST_VERSION: u16 = 2;
+/// Version of the snapshot manifests this release writes (and the newest it reads): 3, which
+/// added [`Manifest::arrays`] (2 added [`Manifest::origin`] and [`Manifest::outputs`]).
+/// Versions 1 and 2 are still read (see [`Manifest::decode`]).
+pub const MANIFEST_VERSION: u16 = 3;
+/// Most dimensions an array entry may have (numpy's own limit is 64).
+pub const MAX_ARRAY_DIMS: usize = 32;
 /// The newest format version of any store file (the manifest's, [`MANIFEST_VERSION`]).
 pub const FORMAT_VERSION: u16 = MANIFEST_VERSION;
 /// Longest output path a manifest may record, in bytes (Linux's `PATH_MAX`).
@@ -371,6 +373,147 @@ pub struct OutputMark {
     pub len: u64,
 }
 
+/// The shape of an array entry, as the program gave it (manifest version 3 on), so that
+/// `supervise restore --to` writes the entry as a `.npy` file numpy opens without the program,
+/// and a resumed program finds the array it left.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrayShape {
+    /// The entry (a slice).
+    pub entry: String,
+    /// Its dimensions, outermost first (C order); their product times the element size is the
+    /// entry's length.
+    pub shape: Vec<u64>,
+    /// numpy's type string for one element (e.g. `"<c16"`, `"|b1"`) when the entry's element
+    /// type does not say it (a `u8` entry of bytes); `None`: the element type's (see
+    /// [`numpy_dtype`]).
+    pub dtype: Option<String>,
+}
+
+/// numpy's type string for an element type of the store (`"f64"` is `"<f8"`), on this
+/// little-endian layout.
+pub fn numpy_dtype(elem: &str) -> Option<&'static str> {
+    Some(match elem {
+        "u8" => "|u1",
+        "i8" => "|i1",
+        "u16" => "<u2",
+        "i16" => "<i2",
+        "u32" => "<u4",
+        "i32" => "<i4",
+        "u64" => "<u8",
+        "i64" => "<i8",
+        "f32" => "<f4",
+        "f64" => "<f8",
+        _ => return None,
+    })
+}
+
+/// The store's element type (name and size) whose numpy type string is `dtype`, if any: the
+/// inverse of [`numpy_dtype`].
+pub fn element_of_dtype(dtype: &str) -> Option<(&'static str, u32)> {
+    ELEMENT_TYPES
+        .iter()
+        .find(|(elem, _)| numpy_dtype(elem) == Some(dtype))
+        .copied()
+}
+
+/// The size in bytes of one element of numpy type string `dtype` (a byte order `<`, `>`, `|`
+/// or `=`, a kind letter, the size in digits, then for dates and times a unit in brackets:
+/// `"<f8"`, `"|b1"`, `"<M8[ns]"`), or `None` when it is not such a string (structured and
+/// object types are not).
+pub fn dtype_itemsize(dtype: &str) -> Option<u64> {
+    let b = dtype.as_bytes();
+    if b.len() < 3 || b.len() > 16 || !matches!(b[0], b'<' | b'>' | b'|' | b'=') {
+        return None;
+    }
+    if !b[1].is_ascii_alphabetic() || b[1] == b'O' {
+        return None;
+    }
+    let digits = b[2..].iter().take_while(|c| c.is_ascii_digit()).count();
+    let rest = &dtype[2 + digits..];
+    let unit_ok = rest.is_empty()
+        || (rest.len() > 2
+            && rest.starts_with('[')
+            && rest.ends_with(']')
+            && rest[1..rest.len() - 1]
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric()));
+    if digits == 0 || digits > 6 || !unit_ok {
+        return None;
+    }
+    dtype[2..2 + digits].parse().ok().filter(|&n| n > 0)
+}
+
+impl ArrayShape {
+    /// Checks the shape against its entry: a slice whose length is the product of the
+    /// dimensions times the element size, at most [`MAX_ARRAY_DIMS`] dimensions, and a valid
+    /// numpy type string (if given). Returns what is wrong.
+    pub fn check(&self, entry: &EntryMeta) -> std::result::Result<(), String> {
+        let EntryKind::Slice { elem, elem_size } = &entry.kind else {
+            return Err("it is a value, not an array".into());
+        };
+        if self.shape.len() > MAX_ARRAY_DIMS {
+            return Err(format!(
+                "{} dimensions (at most {MAX_ARRAY_DIMS})",
+                self.shape.len()
+            ));
+        }
+        let itemsize = match &self.dtype {
+            None => {
+                numpy_dtype(elem).ok_or_else(|| format!("no numpy type for {elem}"))?;
+                u64::from(*elem_size)
+            }
+            Some(d) => dtype_itemsize(d).ok_or_else(|| format!("an invalid numpy type {d:?}"))?,
+        };
+        let bytes = self
+            .shape
+            .iter()
+            .try_fold(itemsize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| format!("shape {:?} overflows", self.shape))?;
+        if bytes != entry.len {
+            return Err(format!(
+                "shape {:?} of {itemsize}-byte elements is {bytes} bytes, the entry {}",
+                self.shape, entry.len
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The body of a version 2 manifest: a version 3 body without `arrays`.
+#[derive(Deserialize, Serialize)]
+struct ManifestV2 {
+    job: String,
+    seq: u64,
+    parent: Option<u64>,
+    created_unix_ms: u64,
+    attempt: u32,
+    tag: Option<String>,
+    stats: SnapshotStats,
+    packs: Vec<String>,
+    entries: Vec<EntryMeta>,
+    origin: Option<Origin>,
+    outputs: Vec<OutputMark>,
+}
+
+impl From<ManifestV2> for Manifest {
+    fn from(m: ManifestV2) -> Self {
+        Manifest {
+            job: m.job,
+            seq: m.seq,
+            parent: m.parent,
+            created_unix_ms: m.created_unix_ms,
+            attempt: m.attempt,
+            tag: m.tag,
+            stats: m.stats,
+            packs: m.packs,
+            entries: m.entries,
+            origin: m.origin,
+            outputs: m.outputs,
+            arrays: Vec::new(),
+        }
+    }
+}
+
 /// The body of a version 1 manifest: a version 2 body without `origin` and `outputs`.
 #[derive(Deserialize, Serialize)]
 struct ManifestV1 {
@@ -399,6 +542,7 @@ impl From<ManifestV1> for Manifest {
             entries: m.entries,
             origin: None,
             outputs: Vec::new(),
+            arrays: Vec::new(),
         }
     }
 }
@@ -431,6 +575,9 @@ pub struct Manifest {
     /// manifests).
     #[serde(default)]
     pub outputs: Vec<OutputMark>,
+    /// The shapes of the entries the program gave as arrays (empty before version 3).
+    #[serde(default)]
+    pub arrays: Vec<ArrayShape>,
 }
 
 /// The root hash of an entry from its length and chunk hashes.
@@ -480,11 +627,36 @@ impl Manifest {
         out
     }
 
+    /// Encodes the manifest as a version 2 file (without `arrays`), as the release before
+    /// version 3 wrote it; for tests of reading old stores.
+    pub fn encode_v2(&self) -> Vec<u8> {
+        let v2 = ManifestV2 {
+            job: self.job.clone(),
+            seq: self.seq,
+            parent: self.parent,
+            created_unix_ms: self.created_unix_ms,
+            attempt: self.attempt,
+            tag: self.tag.clone(),
+            stats: self.stats.clone(),
+            packs: self.packs.clone(),
+            entries: self.entries.clone(),
+            origin: self.origin.clone(),
+            outputs: self.outputs.clone(),
+        };
+        let body = postcard::to_stdvec(&v2).expect("manifest serialization cannot fail");
+        let mut out = Vec::with_capacity(HEADER_LEN + 8 + body.len() + 32);
+        out.extend_from_slice(&file_header_of_version(MANIFEST_MAGIC, 2));
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&body);
+        out.extend_from_slice(blake3::hash(&body).as_bytes());
+        out
+    }
+
     /// Decodes and checks a manifest file read from `path`: header, length, checksum, and
     /// everything a writer guarantees (see [`Manifest::check`]), so that no field read from
     /// disk can make a reader allocate without bound, read out of bounds or write outside a
     /// directory. Reads version 1 (decoded in its own layout, then given no origin and no
-    /// outputs) and version 2.
+    /// outputs), version 2 (its own layout, given no arrays) and version 3.
     pub fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
         check_manifest_len(bytes.len() as u64, path)?;
         let version = check_header(bytes, MANIFEST_MAGIC, "snapshot manifest", path)?;
@@ -514,6 +686,7 @@ impl Manifest {
         // The whole body must be used: a body of another version must not decode by chance.
         let decoded = match version {
             1 => postcard::take_from_bytes::<ManifestV1>(body).map(|(m, rest)| (m.into(), rest)),
+            2 => postcard::take_from_bytes::<ManifestV2>(body).map(|(m, rest)| (m.into(), rest)),
             _ => postcard::take_from_bytes::<Manifest>(body),
         };
         let manifest = match decoded {
@@ -542,7 +715,8 @@ impl Manifest {
     /// up to the entry's length, a whole number of elements, and a value is at most
     /// [`MAX_VALUE_LEN`]; output paths are absolute, at most [`MAX_OUTPUT_PATH`] bytes, without
     /// NUL, and none repeats; an origin's program has no NUL and its hash, if any, is 64
-    /// lower-case hex digits. Returns what is wrong.
+    /// lower-case hex digits; an array shape names an entry of the snapshot, at most once, and
+    /// fits it (see [`ArrayShape::check`]). Returns what is wrong.
     pub fn check(&self) -> std::result::Result<(), String> {
         name::validate("job", &self.job).map_err(|e| format!("manifest has an {e}"))?;
         let mut paths = HashSet::with_capacity(self.outputs.len());
@@ -626,7 +800,26 @@ impl Manifest {
                 )));
             }
         }
+        let by_name: std::collections::HashMap<&str, &EntryMeta> =
+            self.entries.iter().map(|e| (e.name.as_str(), e)).collect();
+        let mut shaped = HashSet::with_capacity(self.arrays.len());
+        for array in &self.arrays {
+            let entry = by_name
+                .get(array.entry.as_str())
+                .ok_or_else(|| format!("array shape for a missing entry {:?}", array.entry))?;
+            if !shaped.insert(array.entry.as_str()) {
+                return Err(format!("array {:?} has two shapes", array.entry));
+            }
+            array
+                .check(entry)
+                .map_err(|why| format!("array {:?}: {why}", array.entry))?;
+        }
         Ok(())
+    }
+
+    /// The recorded shape of entry `name`, if the program gave it as an array.
+    pub fn array_shape(&self, name: &str) -> Option<&ArrayShape> {
+        self.arrays.iter().find(|a| a.entry == name)
     }
 
     /// Looks up an entry by name.
@@ -672,7 +865,102 @@ mod tests {
                 path: "/tmp/out.txt".into(),
                 len: 1234,
             }],
+            arrays: Vec::new(),
         }
+    }
+
+    /// `sample()` with a second entry, a slice of 6 f64 shaped (2, 3).
+    fn with_array() -> Manifest {
+        let mut m = sample();
+        let chunk = ChunkRef {
+            hash: [9; 32],
+            pack: 0,
+            offset: 200,
+            stored_len: 48,
+            raw_len: 48,
+        };
+        m.entries.push(EntryMeta {
+            name: "u".into(),
+            kind: EntryKind::Slice {
+                elem: "f64".into(),
+                elem_size: 8,
+            },
+            len: 48,
+            root: entry_root(48, [[9; 32]]),
+            chunks: vec![chunk],
+        });
+        m.arrays.push(ArrayShape {
+            entry: "u".into(),
+            shape: vec![2, 3],
+            dtype: None,
+        });
+        m
+    }
+
+    #[test]
+    fn array_shapes_round_trip_and_must_fit_their_entry() {
+        let m = with_array();
+        assert_eq!(Manifest::decode(&m.encode(), Path::new("m")).unwrap(), m);
+        assert_eq!(m.array_shape("u").unwrap().shape, [2, 3]);
+        type Edit = fn(&mut Manifest);
+        let bad: [(&str, Edit); 7] = [
+            ("wrong size", |m| m.arrays[0].shape = vec![2, 4]),
+            ("missing entry", |m| m.arrays[0].entry = "v".into()),
+            ("a value", |m| m.arrays[0].entry = "e".into()),
+            ("twice", |m| m.arrays.push(m.arrays[0].clone())),
+            ("overflow", |m| m.arrays[0].shape = vec![u64::MAX, 2]),
+            ("too many dims", |m| m.arrays[0].shape = vec![1; 33]),
+            ("bad dtype", |m| m.arrays[0].dtype = Some("O8".into())),
+        ];
+        for (what, edit) in bad {
+            let mut m = with_array();
+            edit(&mut m);
+            assert_corrupt(Manifest::decode(&m.encode(), Path::new("m")), what);
+        }
+        // Bytes with a numpy type of their own: 3 complex128 are 48 bytes.
+        let mut m = with_array();
+        m.entries[1].kind = EntryKind::Slice {
+            elem: "u8".into(),
+            elem_size: 1,
+        };
+        m.arrays[0].shape = vec![3];
+        m.arrays[0].dtype = Some("<c16".into());
+        Manifest::decode(&m.encode(), Path::new("m")).unwrap();
+    }
+
+    #[test]
+    fn numpy_type_strings_give_their_item_size() {
+        for (d, n) in [
+            ("<f8", 8),
+            ("|b1", 1),
+            ("<c16", 16),
+            ("<M8[ns]", 8),
+            ("|S10", 10),
+        ] {
+            assert_eq!(dtype_itemsize(d), Some(n), "{d}");
+        }
+        for d in [
+            "", "f8", "<8", "|O8", "<f", "<f0", "<M8[ns", "<M8[n/s]", "<f8x",
+        ] {
+            assert_eq!(dtype_itemsize(d), None, "{d}");
+        }
+        for (elem, size) in ELEMENT_TYPES {
+            let d = numpy_dtype(elem).unwrap();
+            assert_eq!(dtype_itemsize(d), Some(u64::from(size)), "{elem}");
+            assert_eq!(element_of_dtype(d), Some((elem, size)));
+        }
+        assert_eq!(element_of_dtype("<c16"), None);
+    }
+
+    #[test]
+    fn a_version_2_manifest_decodes_without_arrays() {
+        let m = with_array();
+        let old = Manifest::decode(&m.encode_v2(), Path::new("m")).unwrap();
+        assert!(old.arrays.is_empty());
+        assert_eq!(
+            (old.entries, old.outputs, old.origin),
+            (m.entries, m.outputs, m.origin)
+        );
     }
 
     #[test]
@@ -895,7 +1183,7 @@ mod tests {
     #[test]
     fn packs_keep_version_1() {
         assert_eq!(&file_header(PACK_MAGIC)[6..], &1u16.to_le_bytes());
-        assert_eq!(&file_header(MANIFEST_MAGIC)[6..], &2u16.to_le_bytes());
+        assert_eq!(&file_header(MANIFEST_MAGIC)[6..], &3u16.to_le_bytes());
         let mut pack = file_header(PACK_MAGIC);
         pack[6] = 2;
         assert!(matches!(

@@ -17,8 +17,8 @@ use crate::codec::{Encoded, Encoder};
 use crate::control::DamagedSnapshot;
 use crate::error::{Error, Result};
 use crate::format::{
-    CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Hash, Manifest, Origin, OutputMark, RecordHeader,
-    SnapshotStats, entry_root,
+    ArrayShape, CHUNK_SIZE, ChunkRef, EntryKind, EntryMeta, Hash, Manifest, Origin, OutputMark,
+    RecordHeader, SnapshotStats, entry_root,
 };
 use crate::name;
 use crate::pack::{FinishedPack, PackWriter};
@@ -313,6 +313,7 @@ impl SnapshotWriter {
             committed: false,
             origin: None,
             outputs: Vec::new(),
+            arrays: Vec::new(),
             writer: self,
         }
     }
@@ -368,6 +369,7 @@ pub struct SnapshotBuilder<'w> {
     committed: bool,
     origin: Option<Origin>,
     outputs: Vec<OutputMark>,
+    arrays: Vec<ArrayShape>,
 }
 
 /// What a worker found for one chunk.
@@ -458,6 +460,12 @@ impl SnapshotBuilder<'_> {
     /// caller makes their bytes durable before [`commit`](Self::commit).
     pub fn set_outputs(&mut self, outputs: Vec<OutputMark>) {
         self.outputs = outputs;
+    }
+
+    /// Records the shapes of the entries the program gave as arrays (see
+    /// [`Manifest::arrays`]); [`commit`](Self::commit) checks each against its entry.
+    pub fn set_arrays(&mut self, arrays: Vec<ArrayShape>) {
+        self.arrays = arrays;
     }
 
     /// Adds an entry of any kind from its bytes, byte-shuffled with width `shuffle` (0: none).
@@ -957,6 +965,19 @@ impl SnapshotBuilder<'_> {
     /// Makes the snapshot durable and visible. On error nothing becomes visible and the
     /// earlier snapshots are untouched.
     pub fn commit(mut self) -> Result<SnapshotReport> {
+        // A shape that does not fit its entry would make the manifest unreadable.
+        let mut shaped = HashSet::new();
+        for array in &self.arrays {
+            let checked = match self.entries.iter().find(|e| e.name == array.entry) {
+                _ if !shaped.insert(array.entry.as_str()) => Err("two shapes".into()),
+                Some(entry) => array.check(entry),
+                None => Err("no entry of that name in the snapshot".into()),
+            };
+            checked.map_err(|why| Error::BadArray {
+                name: array.entry.clone(),
+                why,
+            })?;
+        }
         if let Some(pack) = self.current.take() {
             self.finished.push(pack.finish()?);
         }
@@ -978,7 +999,9 @@ impl SnapshotBuilder<'_> {
             entries: std::mem::take(&mut self.entries),
             origin: self.origin.take(),
             outputs: std::mem::take(&mut self.outputs),
+            arrays: std::mem::take(&mut self.arrays),
         };
+
         let manifest_len = self.writer.job.publish_manifest(&manifest)?;
         let tag = manifest.tag.clone();
         let writer = &mut *self.writer;

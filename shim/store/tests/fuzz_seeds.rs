@@ -118,6 +118,7 @@ fn manifest(entries: usize) -> Manifest {
         entries,
         origin: None,
         outputs: Vec::new(),
+        arrays: Vec::new(),
     }
 }
 
