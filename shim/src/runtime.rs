@@ -348,8 +348,15 @@ impl Shim {
         let wanted = crate::capture::shape_of(name, shape)?;
         if let Some(restored) = &self.restored {
             let m = restored.reader.manifest();
+            // The same elements in another shape; other differences (size, element type) are
+            // what the restore itself reports.
+            let same_elements = m.entry(name).is_some_and(|e| {
+                e.kind.describe() == format!("[{}] slice", T::NAME)
+                    && e.len == (len as u64).saturating_mul(std::mem::size_of::<T>() as u64)
+            });
             if let Some(stored) = m.array_shape(name)
                 && stored.shape != wanted
+                && same_elements
             {
                 let e = Error::ShapeMismatch {
                     name: name.to_owned(),
@@ -357,7 +364,7 @@ impl Shim {
                     stored: stored.shape.clone(),
                     wanted,
                 };
-                self.report_mismatch(&e);
+                self.report_mismatch(&e, 0);
                 return Err(e);
             }
         }
@@ -408,7 +415,7 @@ impl Shim {
                 Ok(false) => {}
                 Err(e) if e.is_corruption() => return Err(self.damaged_after_open(seq, e)),
                 Err(e) => {
-                    self.report_mismatch(&e);
+                    self.report_mismatch(&e, bytes as u64);
                     return Err(e);
                 }
             }
@@ -475,16 +482,18 @@ impl Shim {
                 Err(self.damaged_after_open(seq, e))
             }
             Err(e) => {
-                self.report_mismatch(&e);
+                self.report_mismatch(&e, dest.len() as u64);
                 Err(e)
             }
             Ok(found) => Ok(found),
         }
     }
 
-    /// Tells the supervisor when a restore failed on an entry's size: the program's parameters
-    /// changed, which says nothing against the snapshot (an older one would not fit either).
-    fn report_mismatch(&self, e: &Error) {
+    /// Tells the supervisor when a restore failed on an entry's size, shape or element type:
+    /// the program's parameters changed, which says nothing against the snapshot (an older one
+    /// would not fit either). `wanted_bytes`: the size of the program's destination (for an
+    /// element type; a size mismatch carries its own, and a shape's sizes agree).
+    fn report_mismatch(&self, e: &Error, wanted_bytes: u64) {
         let seq = self.resumed_manifest().map_or(0, |m| m.seq);
         let event = match e {
             Error::SizeMismatch {
@@ -525,15 +534,15 @@ impl Shim {
                 found,
                 wanted,
             } => {
-                let bytes = self
+                let stored_bytes = self
                     .resumed_manifest()
                     .and_then(|m| m.entry(name))
                     .map_or(0, |e| e.len);
                 Event::RestoreMismatch {
                     seq,
                     entry: name.clone(),
-                    stored_bytes: bytes,
-                    wanted_bytes: bytes,
+                    stored_bytes,
+                    wanted_bytes,
                     detail: Some(MismatchDetail::Kind {
                         stored: found.clone(),
                         wanted: wanted.clone(),

@@ -235,6 +235,8 @@ arrays = {
     "big": np.arange(12, dtype=">f8").reshape(3, 4)[:, 1:3],
     "s": np.float32(3.5),
     "t": np.arange(24, dtype=np.int16).reshape(2, 3, 4),
+    "d": np.array(["2020-01-01", "2021-06-01"], dtype="datetime64[ns]"),
+    "w": np.array(["ab", "cde"]),
 }
 if sys.argv[1] == "first":
     u[...] = np.arange(12).reshape(3, 4)
@@ -277,6 +279,8 @@ print("ok")
         "big": np.arange(12, dtype=">f8").reshape(3, 4)[:, 1:3],
         "s": np.array(3.5, dtype=np.float32),
         "t": np.arange(24, dtype=np.int16).reshape(2, 3, 4),
+        "d": np.array(["2020-01-01", "2021-06-01"], dtype="datetime64[ns]"),
+        "w": np.array(["ab", "cde"]),
     }
     for name, want in expected.items():
         assert index[name]["file"] == f"{name}.npy", index[name]
@@ -305,6 +309,7 @@ with warnings.catch_warnings(record=True) as got:
     shim.snapshot()
     assert not got, [str(x.message) for x in got]
     w = w + 1
+    x = shim.array("x", 4, np.float64)  # another array between: the warning still comes
     shim.snapshot()
     shim.snapshot()
     messages = [str(x.message) for x in got if issubclass(x.category, RuntimeWarning)]

@@ -202,11 +202,9 @@ fn heat_resumes_from_an_old_store(version: u16, old: [u64; 2], steps: [u64; 2]) 
     assert_eq!(&seqs[..2], &old, "the old snapshots stay");
     assert!(seqs.len() > 2, "no new snapshot on top: {seqs:?}");
     for &seq in &seqs[2..] {
-        assert_eq!(
-            version_of(&job.manifest_path(seq)),
-            supervise_store::format::MANIFEST_VERSION,
-            "snapshot {seq}"
-        );
+        // heat gives no array shapes: its manifests keep the version 2 layout, which the
+        // release before version 3 reads.
+        assert_eq!(version_of(&job.manifest_path(seq)), 2, "snapshot {seq}");
         let m = job.read_manifest(seq).unwrap();
         assert_eq!(m.origin.unwrap().program, "/usr/local/bin/heat");
     }

@@ -153,14 +153,18 @@ impl Shim {
                  arrays go to snapshot(arrays=...)"
             ))),
         }?;
-        self.arrays.retain(|(_, a)| a.strong_count() > 0);
+        // A freed array of the same name is replaced (others stay, for `warn_freed`).
+        self.arrays
+            .retain(|(n, a)| n != name || a.strong_count() > 0);
         self.arrays.push((name.to_owned(), marker));
         Ok(array)
     }
 
     /// The array named `name` in the snapshot this run resumed from, as `snapshot(arrays=...)`
     /// took it (its dtype and shape), in new memory of its own; or `default` when there is
-    /// none. Arrays from `array()` come back through `array()` itself.
+    /// none. Arrays from `array()` come back through `array()` itself. A snapshot taken before
+    /// shapes were recorded (manifest version 2 and older) gives the stored elements flat (its
+    /// `arrays=` entries as uint8 bytes).
     #[pyo3(signature = (name, default=None))]
     fn load_array<'py>(
         &mut self,
@@ -197,7 +201,9 @@ impl Shim {
             .map_err(|_| SuperviseError::new_err(format!("array {name:?} is too large")))?;
         let mut failed = None;
         let bytes = PyByteArray::new_with(py, len, |buf| {
-            if let Err(e) = shim.load_raw_into(name, &elem, buf) {
+            // Without the GIL while the entry is read, decompressed and verified: nothing else
+            // sees this new bytearray yet.
+            if let Err(e) = py.detach(|| shim.load_raw_into(name, &elem, buf)) {
                 failed = Some(e);
             }
             Ok(())
@@ -344,7 +350,8 @@ impl Shim {
                  `{name}[...] = ...`, `np.add({name}, 1, out={name})`"
             ))
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
-            PyErr::warn(py, &py.get_type::<PyRuntimeWarning>(), &message, 2)?;
+            // Level 1 is the Python line that called snapshot().
+            PyErr::warn(py, &py.get_type::<PyRuntimeWarning>(), &message, 1)?;
         }
         Ok(())
     }
@@ -361,17 +368,23 @@ struct Buffer {
 /// Copies `value` (anything with the buffer protocol) with its shape and numpy type.
 fn buffer_of(py: Python<'_>, name: &str, value: &Bound<'_, PyAny>) -> PyResult<Buffer> {
     let numpy = py.import("numpy")?;
-    let view = py
-        .import("builtins")?
-        .getattr("memoryview")?
-        .call1((value,))
-        .map_err(|e| {
-            PyValueError::new_err(format!(
-                "arrays entry {name:?} has no buffer (numpy arrays, memoryviews, array.array \
-                 and bytes have one): {e}"
-            ))
-        })?;
-    let array = numpy.call_method1("asarray", (view,))?;
+    // A numpy array as it is (datetime64 arrays have no buffer to export); anything else
+    // through its buffer.
+    let array = if value.is_instance(&numpy.getattr("ndarray")?)? {
+        value.clone()
+    } else {
+        let view = py
+            .import("builtins")?
+            .getattr("memoryview")?
+            .call1((value,))
+            .map_err(|e| {
+                PyValueError::new_err(format!(
+                    "arrays entry {name:?} has no buffer (numpy arrays, memoryviews, \
+                     array.array and bytes have one): {e}"
+                ))
+            })?;
+        numpy.call_method1("asarray", (view,))?
+    };
     let dtype = array.getattr("dtype")?;
     if !dtype.getattr("fields")?.is_none() || dtype.getattr("hasobject")?.extract::<bool>()? {
         return Err(PyValueError::new_err(format!(

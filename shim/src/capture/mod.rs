@@ -159,6 +159,18 @@ impl Capture<'_> {
         buf
     }
 
+    /// Copies `bytes` as entry `name` of `kind` (its name claimed already).
+    fn whole(&mut self, name: &str, kind: EntryKind, bytes: &[u8], shuffle: u8) {
+        let mut data = self.buffer(bytes.len());
+        data.extend_from_slice(bytes);
+        self.items.push(Item::Whole {
+            name: name.to_owned(),
+            kind,
+            data,
+            shuffle,
+        });
+    }
+
     /// Adds a typed value (serialized as JSON).
     pub fn value<T: Serialize + ?Sized>(&mut self, name: &str, value: &T) -> Result<()> {
         self.claim(name)?;
@@ -173,32 +185,19 @@ impl Capture<'_> {
                 max: supervise_store::format::MAX_VALUE_LEN,
             });
         }
-        let mut data = self.buffer(json.len());
-        data.extend_from_slice(&json);
-        self.items.push(Item::Whole {
-            name: name.to_owned(),
-            kind: EntryKind::Value,
-            data,
-            shuffle: 0,
-        });
+        self.whole(name, EntryKind::Value, &json, 0);
         Ok(())
     }
 
     /// Adds a slice, copied now (the copy is the program's whole pause for it).
     pub fn slice<T: Element>(&mut self, name: &str, slice: &[T]) -> Result<()> {
         self.claim(name)?;
-        let bytes: &[u8] = bytemuck::cast_slice(slice);
-        let mut data = self.buffer(bytes.len());
-        data.extend_from_slice(bytes);
-        self.items.push(Item::Whole {
-            name: name.to_owned(),
-            kind: EntryKind::Slice {
-                elem: T::NAME.to_owned(),
-                elem_size: std::mem::size_of::<T>() as u32,
-            },
-            data,
-            shuffle: std::mem::size_of::<T>() as u8,
-        });
+        let size = std::mem::size_of::<T>();
+        let kind = EntryKind::Slice {
+            elem: T::NAME.to_owned(),
+            elem_size: size as u32,
+        };
+        self.whole(name, kind, bytemuck::cast_slice(slice), size as u8);
         Ok(())
     }
 
@@ -243,17 +242,11 @@ impl Capture<'_> {
         match typed {
             Some((elem, size)) => {
                 self.claim(name)?;
-                let mut data = self.buffer(bytes.len());
-                data.extend_from_slice(bytes);
-                self.items.push(Item::Whole {
-                    name: name.to_owned(),
-                    kind: EntryKind::Slice {
-                        elem: elem.to_owned(),
-                        elem_size: size,
-                    },
-                    data,
-                    shuffle: size as u8,
-                });
+                let kind = EntryKind::Slice {
+                    elem: elem.to_owned(),
+                    elem_size: size,
+                };
+                self.whole(name, kind, bytes, size as u8);
             }
             None => self.raw(name, bytes)?,
         }
@@ -270,17 +263,12 @@ impl Capture<'_> {
     /// state is mostly `double`, and shuffling only changes how well a chunk compresses.
     pub fn raw(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         self.claim(name)?;
-        let mut data = self.buffer(bytes.len());
-        data.extend_from_slice(bytes);
-        self.items.push(Item::Whole {
-            name: name.to_owned(),
-            kind: EntryKind::Slice {
-                elem: "u8".to_owned(),
-                elem_size: 1,
-            },
-            data,
-            shuffle: if bytes.len().is_multiple_of(8) { 8 } else { 0 },
-        });
+        let kind = EntryKind::Slice {
+            elem: "u8".to_owned(),
+            elem_size: 1,
+        };
+        let shuffle = if bytes.len().is_multiple_of(8) { 8 } else { 0 };
+        self.whole(name, kind, bytes, shuffle);
         Ok(())
     }
 }

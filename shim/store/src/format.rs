@@ -416,31 +416,64 @@ pub fn element_of_dtype(dtype: &str) -> Option<(&'static str, u32)> {
         .copied()
 }
 
-/// The size in bytes of one element of numpy type string `dtype` (a byte order `<`, `>`, `|`
-/// or `=`, a kind letter, the size in digits, then for dates and times a unit in brackets:
-/// `"<f8"`, `"|b1"`, `"<M8[ns]"`), or `None` when it is not such a string (structured and
-/// object types are not).
+/// The size in bytes of one element of numpy type string `dtype`: a byte order (`<`, `>`, `|`
+/// or `=`), a kind letter, the size in digits, then for dates and times a unit in brackets
+/// (`"<f8"`, `"|b1"`, `"<U10"`, `"<M8[ns]"`). `None` when it is not one numpy makes: another
+/// kind (structured and object types are not plain), or a size the kind does not have.
 pub fn dtype_itemsize(dtype: &str) -> Option<u64> {
     let b = dtype.as_bytes();
     if b.len() < 3 || b.len() > 16 || !matches!(b[0], b'<' | b'>' | b'|' | b'=') {
         return None;
     }
-    if !b[1].is_ascii_alphabetic() || b[1] == b'O' {
-        return None;
-    }
+    let kind = b[1];
     let digits = b[2..].iter().take_while(|c| c.is_ascii_digit()).count();
     let rest = &dtype[2 + digits..];
-    let unit_ok = rest.is_empty()
-        || (rest.len() > 2
-            && rest.starts_with('[')
-            && rest.ends_with(']')
-            && rest[1..rest.len() - 1]
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric()));
-    if digits == 0 || digits > 6 || !unit_ok {
+    let unit = rest.len() > 2
+        && rest.starts_with('[')
+        && rest.ends_with(']')
+        && rest[1..rest.len() - 1]
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric());
+    if digits == 0 || digits > 6 || !(rest.is_empty() || (unit && matches!(kind, b'M' | b'm'))) {
         return None;
     }
-    dtype[2..2 + digits].parse().ok().filter(|&n| n > 0)
+    let n: u64 = dtype[2..2 + digits].parse().ok()?;
+    let fits = match kind {
+        b'b' => n == 1,
+        b'i' | b'u' => matches!(n, 1 | 2 | 4 | 8),
+        b'f' => matches!(n, 2 | 4 | 8 | 16),
+        b'c' => matches!(n, 8 | 16 | 32),
+        b'M' | b'm' => n == 8,
+        b'S' | b'V' | b'U' => n > 0,
+        _ => false,
+    };
+    // A `U` element is that many UCS-4 characters.
+    fits.then_some(if kind == b'U' { n * 4 } else { n })
+}
+
+/// Checks array shapes against the entries they name: each names an entry once and fits it
+/// (see [`ArrayShape::check`]). Returns the array and what is wrong with it.
+pub fn check_arrays(
+    entries: &[EntryMeta],
+    arrays: &[ArrayShape],
+) -> std::result::Result<(), (String, String)> {
+    if arrays.is_empty() {
+        return Ok(());
+    }
+    let by_name: std::collections::HashMap<&str, &EntryMeta> =
+        entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    let mut shaped = HashSet::with_capacity(arrays.len());
+    for array in arrays {
+        let bad = |why: String| (array.entry.clone(), why);
+        let entry = by_name
+            .get(array.entry.as_str())
+            .ok_or_else(|| bad("no entry of that name in the snapshot".into()))?;
+        if !shaped.insert(array.entry.as_str()) {
+            return Err(bad("two shapes".into()));
+        }
+        array.check(entry).map_err(bad)?;
+    }
+    Ok(())
 }
 
 impl ArrayShape {
@@ -591,10 +624,16 @@ pub fn entry_root(len: u64, chunks: impl IntoIterator<Item = Hash>) -> Hash {
 }
 
 impl Manifest {
-    /// Encodes the manifest file: header, body length (u64 LE), postcard body, blake3 of body.
+    /// Encodes the manifest file: header, body length (u64 LE), postcard body, blake3 of body;
+    /// in the version 2 layout when it has no arrays (so that a release before version 3 reads
+    /// every snapshot of a program that gives none), else version 3.
     /// (The writer's manifests pass [`Manifest::check`]; encoding does not enforce it, so tests
     /// can craft damaged ones.)
     pub fn encode(&self) -> Vec<u8> {
+        // Without arrays, the version 2 layout: a release before version 3 reads it.
+        if self.arrays.is_empty() {
+            return self.encode_v2();
+        }
         let body = postcard::to_stdvec(self).expect("manifest serialization cannot fail");
         let mut out = Vec::with_capacity(HEADER_LEN + 8 + body.len() + 32);
         out.extend_from_slice(&file_header(MANIFEST_MAGIC));
@@ -628,7 +667,7 @@ impl Manifest {
     }
 
     /// Encodes the manifest as a version 2 file (without `arrays`), as the release before
-    /// version 3 wrote it; for tests of reading old stores.
+    /// version 3 wrote it, and as [`encode`](Self::encode) writes a manifest without arrays.
     pub fn encode_v2(&self) -> Vec<u8> {
         let v2 = ManifestV2 {
             job: self.job.clone(),
@@ -800,21 +839,8 @@ impl Manifest {
                 )));
             }
         }
-        let by_name: std::collections::HashMap<&str, &EntryMeta> =
-            self.entries.iter().map(|e| (e.name.as_str(), e)).collect();
-        let mut shaped = HashSet::with_capacity(self.arrays.len());
-        for array in &self.arrays {
-            let entry = by_name
-                .get(array.entry.as_str())
-                .ok_or_else(|| format!("array shape for a missing entry {:?}", array.entry))?;
-            if !shaped.insert(array.entry.as_str()) {
-                return Err(format!("array {:?} has two shapes", array.entry));
-            }
-            array
-                .check(entry)
-                .map_err(|why| format!("array {:?}: {why}", array.entry))?;
-        }
-        Ok(())
+        check_arrays(&self.entries, &self.arrays)
+            .map_err(|(name, why)| format!("array {name:?}: {why}"))
     }
 
     /// The recorded shape of entry `name`, if the program gave it as an array.
@@ -1150,6 +1176,14 @@ mod tests {
         let mut v1 = sample().encode_v1();
         v1[6..8].copy_from_slice(&2u16.to_le_bytes());
         assert_corrupt(Manifest::decode(&v1, Path::new("m")), "v1 body as v2");
+        let mut v3 = with_array().encode();
+        assert_eq!(&v3[6..8], &3u16.to_le_bytes());
+        v3[6..8].copy_from_slice(&2u16.to_le_bytes());
+        assert_corrupt(Manifest::decode(&v3, Path::new("m")), "v3 body as v2");
+        let mut v2 = sample().encode();
+        assert_eq!(&v2[6..8], &2u16.to_le_bytes(), "no arrays: version 2");
+        v2[6..8].copy_from_slice(&3u16.to_le_bytes());
+        assert_corrupt(Manifest::decode(&v2, Path::new("m")), "v2 body as v3");
     }
 
     #[test]

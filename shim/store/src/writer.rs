@@ -966,18 +966,8 @@ impl SnapshotBuilder<'_> {
     /// earlier snapshots are untouched.
     pub fn commit(mut self) -> Result<SnapshotReport> {
         // A shape that does not fit its entry would make the manifest unreadable.
-        let mut shaped = HashSet::new();
-        for array in &self.arrays {
-            let checked = match self.entries.iter().find(|e| e.name == array.entry) {
-                _ if !shaped.insert(array.entry.as_str()) => Err("two shapes".into()),
-                Some(entry) => array.check(entry),
-                None => Err("no entry of that name in the snapshot".into()),
-            };
-            checked.map_err(|why| Error::BadArray {
-                name: array.entry.clone(),
-                why,
-            })?;
-        }
+        crate::format::check_arrays(&self.entries, &self.arrays)
+            .map_err(|(name, why)| Error::BadArray { name, why })?;
         if let Some(pack) = self.current.take() {
             self.finished.push(pack.finish()?);
         }

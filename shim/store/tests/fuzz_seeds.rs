@@ -13,7 +13,8 @@ use supervise_store::claims::{ChunkAt, hashes_hex};
 use supervise_store::codec::Encoder;
 use supervise_store::control::{DamagedSnapshot, Event, Request};
 use supervise_store::format::{
-    ChunkRef, EntryKind, EntryMeta, Manifest, PACK_MAGIC, SnapshotStats, entry_root, file_header,
+    ArrayShape, ChunkRef, EntryKind, EntryMeta, Manifest, PACK_MAGIC, SnapshotStats, entry_root,
+    file_header,
 };
 use supervise_store::history::Record;
 
@@ -127,7 +128,15 @@ fn manifest(entries: usize) -> Manifest {
 fn write_fuzz_seeds() {
     let dir = seeds("manifest");
     for n in [0, 1, 3] {
-        let m = manifest(n);
+        let mut m = manifest(n);
+        if n >= 2 {
+            // An array shape makes it a version 3 manifest, as the fuzz target frames a body.
+            m.arrays.push(ArrayShape {
+                entry: "grid".into(),
+                shape: vec![3, 8192],
+                dtype: None,
+            });
+        }
         let bytes = m.encode();
         Manifest::decode(&bytes, Path::new("m")).unwrap();
         // The body alone too (the target frames it with a valid checksum).
