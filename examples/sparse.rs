@@ -8,8 +8,11 @@
 //! ```
 //!
 //! Options: `--mib M` (state size, 64), `--percent P` (changed per round, 1), `--rounds R` (3),
-//! `--sleep-ms W` (pretend computation per round, 0). The last line is `checksum <hex>`, the
-//! same for a run resumed any number of times as for an uninterrupted one.
+//! `--sleep-ms W` (pretend computation per round, 0), `--when-due` (a snapshot only when one
+//! is due, on the supervisor's schedule, instead of every round), `--percent-from R:P` (from
+//! round R on, P changes per round: a run whose snapshots grow costly). The last line is
+//! `checksum <hex>`, the same for a run resumed any number of times as for an uninterrupted
+//! one.
 //!
 //! ```text
 //! ```
@@ -29,17 +32,29 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     let (mut mib, mut percent, mut rounds, mut sleep_ms) = (64usize, 1.0f64, 3u64, 0u64);
+    let (mut when_due, mut later): (bool, Option<(u64, f64)>) = (false, None);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--when-due" {
+            when_due = true;
+            continue;
+        }
         let value = args.next().ok_or(format!("{arg} needs a value"))?;
         match arg.as_str() {
             "--mib" => mib = value.parse()?,
             "--percent" => percent = value.parse()?,
             "--rounds" => rounds = value.parse()?,
             "--sleep-ms" => sleep_ms = value.parse()?,
+            "--percent-from" => {
+                let (r, p) = value
+                    .split_once(':')
+                    .ok_or("--percent-from takes ROUND:PERCENT")?;
+                later = Some((r.parse()?, p.parse()?));
+            }
             other => {
                 return Err(format!(
-                    "unknown argument {other}; usage: sparse [--mib M] [--percent P] [--rounds R] [--sleep-ms W]"
+                    "unknown argument {other}; usage: sparse [--mib M] [--percent P] [--rounds R] \
+                     [--sleep-ms W] [--when-due] [--percent-from R:P]"
                 )
                 .into());
             }
@@ -63,8 +78,12 @@ fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     // 64 KiB blocks, a deterministic scatter.
     let per_block = 8192;
     let blocks = n / per_block;
-    let changed = ((blocks as f64) * percent / 100.0).round() as usize;
+    let changed_at = |percent: f64| ((blocks as f64) * percent / 100.0).round() as usize;
     while round < rounds {
+        let changed = match later {
+            Some((from, p)) if round >= from => changed_at(p),
+            _ => changed_at(percent),
+        };
         // Each round's blocks depend on the round alone, so a resumed run equals a whole one.
         let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (round + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
         for _ in 0..changed {
@@ -79,6 +98,9 @@ fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
         // Stands for the rest of a round's computation.
         std::thread::sleep(std::time::Duration::from_millis(sleep_ms));
         round += 1;
+        if when_due && !shim.due() {
+            continue;
+        }
         let tag = format!("round {round}");
         let captured = match shim.snapshot(Some(&tag), |s| s.value("round", &round))? {
             Next::Continue(captured) => captured,

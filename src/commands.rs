@@ -960,6 +960,10 @@ pub fn status(t: &Target) -> Result<i32> {
         stored_bytes: u64,
         /// Whether the program's shim has connected (`null`: the supervisor does not say).
         shim_connected: Option<bool>,
+        /// The snapshot interval now, in milliseconds (`null`: the supervisor does not say).
+        every_ms: Option<u64>,
+        /// With `--every auto`, why that interval.
+        every_why: Option<String>,
         note: Option<String>,
     }
     let store = t.store()?;
@@ -994,6 +998,8 @@ pub fn status(t: &Target) -> Result<i32> {
             state_bytes: logical,
             stored_bytes: stored,
             shim_connected: None,
+            every_ms: None,
+            every_why: None,
             note: None,
         };
         match operator::ask(job.dir(), &Request::Status, Duration::from_secs(5)) {
@@ -1005,6 +1011,8 @@ pub fn status(t: &Target) -> Result<i32> {
                     row.restarts = Some(s.restarts);
                     row.shim_connected = s.shim_connected;
                     row.last_off_node = s.last_off_node;
+                    row.every_ms = s.every_ms;
+                    row.every_why = s.every_why;
                 }
             }
             Ok(_) => {
@@ -1039,6 +1047,14 @@ pub fn status(t: &Target) -> Result<i32> {
                 r.last_snapshot.map_or_else(dash, |s| s.to_string()),
                 r.last_snapshot_unix_ms.map_or_else(dash, age),
                 r.last_off_node.map_or_else(dash, |s| s.to_string()),
+                match (r.every_ms, &r.every_why) {
+                    (None, _) => dash(),
+                    (Some(ms), None) => human::duration(Duration::from_millis(ms)),
+                    (Some(ms), Some(why)) => format!(
+                        "{} (auto: {why})",
+                        human::duration(Duration::from_millis(ms))
+                    ),
+                },
                 human::bytes(r.bytes_on_disk),
                 ratio_cell(r.shim_connected, r.stored_bytes, r.dedup_ratio),
                 r.note.clone().unwrap_or_default(),
@@ -1055,6 +1071,7 @@ pub fn status(t: &Target) -> Result<i32> {
             "SNAPSHOT",
             "TAKEN",
             "OFF-NODE",
+            "EVERY",
             "ON DISK",
             "STATE/STORED",
             "",

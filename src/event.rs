@@ -183,6 +183,10 @@ pub enum JobEvent {
         bytes_compacted: u64,
         /// From the request to durable.
         duration_ms: u64,
+        /// How long the program was paused for it (0: not measured).
+        pause_us: u64,
+        /// CPU time its writer took while the program computed on (0: not measured).
+        writer_cpu_us: u64,
     },
     /// A snapshot could not be taken; earlier ones are intact.
     SnapshotFailed {
@@ -252,6 +256,8 @@ pub enum JobEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<MismatchDetail>,
     },
+    /// `--every auto` chose a new interval, and from what.
+    Interval(crate::interval::Choice),
     /// The program reached no safe point for --hang-timeout.
     Hung {
         /// --hang-timeout.
@@ -548,6 +554,7 @@ impl fmt::Display for JobEvent {
                 bytes_written,
                 bytes_compacted,
                 duration_ms,
+                ..
             } => {
                 let tag = tag.as_ref().map(|t| format!(" [{t}]")).unwrap_or_default();
                 let compacted = match bytes_compacted {
@@ -643,6 +650,21 @@ impl fmt::Display for JobEvent {
                     ": its parameters changed since the snapshot. Run with --fresh to start \
                      over, or with the parameters the snapshot was taken with (`supervise show \
                      {seq}`); the snapshot is not damaged"
+                )
+            }
+            JobEvent::Interval(c) => {
+                let cost = match c.cost_us {
+                    us if us < 10_000 => format!("{:.1} ms", us as f64 / 1000.0),
+                    us => dur(us / 1000),
+                };
+                write!(
+                    f,
+                    "--every auto: a snapshot every {} ({}; each costs the program {cost}, \
+                     failures expected every {} from {} seen)",
+                    dur(c.every_ms),
+                    c.why.describe(),
+                    dur(c.mtbf_s.saturating_mul(1000)),
+                    c.failures
                 )
             }
             JobEvent::Hung { timeout_ms } => write!(

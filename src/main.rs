@@ -9,6 +9,7 @@ mod events;
 mod files;
 mod human;
 mod identity;
+mod interval;
 mod lifeline;
 mod log;
 mod notify;
@@ -30,6 +31,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{ArgAction, CommandFactory, Parser, Subcommand};
 
+use crate::interval::{AutoConfig, EverySpec};
 use crate::log::{Level, Log};
 use crate::policy::PolicyConfig;
 use crate::supervisor::{JobConfig, OnSuccess};
@@ -302,9 +304,24 @@ struct RunArgs {
 
     /// Take a snapshot this often (e.g. 30s, 10m, 1h; default 10m). 10 minutes loses at most
     /// 10 minutes of an hours-long run to a crash, at a small cost. With --preset gromacs it
-    /// becomes mdrun's -cpt.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, allow_hyphen_values = true)]
-    every: Option<Duration>,
+    /// becomes mdrun's -cpt. `auto`: chosen from what the job measures (each snapshot's cost
+    /// to the program and the failures seen), as often as pays for itself (Young/Daly), within
+    /// --max-overhead and --every-max; the history and `status` say the interval and why.
+    #[arg(long, value_name = "DURATION|auto", value_parser = parse_every, allow_hyphen_values = true)]
+    every: Option<EveryArg>,
+
+    /// With --every auto: the largest share of the run's time snapshots may cost (e.g. 2%).
+    #[arg(long, value_name = "PERCENT", default_value = "2%", value_parser = parse_percent)]
+    max_overhead: f64,
+
+    /// With --every auto: the longest interval, whatever the figures say.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    every_max: Duration,
+
+    /// With --every auto: the mean time between failures to assume before the job has failed
+    /// (a prior; the failures seen take over).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    mtbf: Duration,
 
     /// Keep this many complete snapshots; older ones and chunks only they use are deleted.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count, allow_hyphen_values = true)]
@@ -547,6 +564,20 @@ impl RunArgs {
         }
     }
 
+    /// File mode's `--every`: a duration (or none given); `auto` is refused, since it needs
+    /// the shim's measurements of each snapshot's cost.
+    fn fixed_every(&self) -> anyhow::Result<Option<Duration>> {
+        match self.every {
+            None => Ok(None),
+            Some(EveryArg::Fixed(every)) => Ok(Some(every)),
+            Some(EveryArg::Auto) => anyhow::bail!(
+                "--every auto chooses the interval from the shim's measurements of each \
+                 snapshot's cost, which a code in file mode (--preset, --checkpoint) does not \
+                 have: give --every a duration (e.g. 10m)"
+            ),
+        }
+    }
+
     /// The file-mode spec the options describe, if any: the preset's, with what was given
     /// on top.
     fn file_spec(&self) -> anyhow::Result<Option<files::FileSpec>> {
@@ -565,9 +596,10 @@ impl RunArgs {
         if self.preset.is_none() && !generic {
             return Ok(None);
         }
+        self.fixed_every()?;
         let dir = std::env::current_dir().context("cannot find the working directory")?;
         let mut spec = match self.preset {
-            Some(p) => files::preset::spec(p, &self.command, &dir, self.every)
+            Some(p) => files::preset::spec(p, &self.command, &dir, self.fixed_every()?)
                 .map_err(|e| anyhow::anyhow!(e))?,
             None => {
                 if self.checkpoints.is_empty() {
@@ -700,6 +732,34 @@ fn parse_hang_timeout(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// `--every`: a duration or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum EveryArg {
+    Fixed(Duration),
+    Auto,
+}
+
+fn parse_every(s: &str) -> Result<EveryArg, String> {
+    if s == "auto" {
+        return Ok(EveryArg::Auto);
+    }
+    parse_duration(s)
+        .map(EveryArg::Fixed)
+        .map_err(|e| format!("{e}, or auto"))
+}
+
+/// `--max-overhead`: a percentage (`2%`, `0.5`) above 0 and below 100, as a fraction.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let p: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage (examples: 2%, 0.5%)"))?;
+    if !(p > 0.0 && p < 100.0) {
+        return Err(format!("{s:?}: give a percentage above 0 and below 100"));
+    }
+    Ok(p / 100.0)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -1164,7 +1224,15 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         command: cli.command,
         store,
         job,
-        every: cli.every.unwrap_or(DEFAULT_EVERY),
+        every: match cli.every {
+            Some(EveryArg::Fixed(every)) => EverySpec::Fixed(every),
+            None => EverySpec::Fixed(DEFAULT_EVERY),
+            Some(EveryArg::Auto) => EverySpec::Auto(AutoConfig {
+                max_overhead: cli.max_overhead,
+                every_max: cli.every_max,
+                mtbf_prior: cli.mtbf,
+            }),
+        },
         keep: cli.keep as usize,
         keep_within: cli.keep_within,
         from: cli.from,

@@ -53,6 +53,14 @@ pub struct Status {
     /// or a supervisor older than this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_off_node: Option<u64>,
+    /// The snapshot interval now, in milliseconds (`None` from a supervisor older than this
+    /// field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
+    /// With `--every auto`, why that interval (`young-daly`, `overhead-budget`, `every-max`,
+    /// `every-min`, `measuring`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_why: Option<String>,
 }
 
 /// The reply to a request.

@@ -1278,6 +1278,9 @@ fn finish_epoch(job: &JobStore, life: &mut Life) {
                     bytes_written: e.bytes_written(),
                     duration_ms: e.duration_ms,
                     removed,
+                    // Not measured for an epoch: its cost is taken from its duration.
+                    pause_us: 0,
+                    writer_cpu_us: 0,
                 })
                 .to_line(),
             );

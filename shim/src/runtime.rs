@@ -828,7 +828,7 @@ impl Shim {
         };
         let pause = started.elapsed();
         if let Some(background) = self.background.as_mut() {
-            background.submit(work);
+            background.submit(work, pause);
         }
         if stop || self.config.capture == CaptureMode::Sync {
             self.settle();

@@ -48,8 +48,8 @@ pub struct JobConfig {
     pub store: PathBuf,
     /// The job name.
     pub job: String,
-    /// Snapshot schedule.
-    pub every: Duration,
+    /// Snapshot schedule: an interval, or `--every auto`.
+    pub every: crate::interval::EverySpec,
     /// Snapshots to keep.
     pub keep: usize,
     /// Also keep snapshots younger than this.
@@ -103,11 +103,20 @@ struct JobState {
     status: Status,
     /// How long the last few snapshots took to be safe (ms), newest last.
     recent_snapshot_ms: Vec<u64>,
+    /// When to ask for snapshots; with `--every auto`, what the interval is chosen from.
+    schedule: crate::interval::Schedule,
 }
 
 impl JobState {
     /// The snapshots whose times count.
     const RECENT: usize = 5;
+
+    /// Says a new interval `--every auto` chose: in the history, and in `status`.
+    fn interval_chosen(&mut self, choice: crate::interval::Choice, log: &Log) {
+        log.emit(&JobEvent::Interval(choice));
+        self.status.every_ms = Some(choice.every_ms);
+        self.status.every_why = Some(choice.why.name().to_owned());
+    }
 
     /// Notes that a snapshot took `ms` to be safe.
     fn note_snapshot_time(&mut self, ms: u64) {
@@ -555,7 +564,10 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             ..Status::default()
         },
         recent_snapshot_ms: Vec::new(),
+        schedule: crate::interval::Schedule::new(cfg.every),
     };
+    state.status.every_ms = Some(millis(state.schedule.every()));
+    state.status.every_why = state.schedule.choose().map(|c| c.why.name().to_owned());
     let mut policy = RestartPolicy::new(cfg.policy.clone());
     let mut blame = Blame::new(cfg.rollback_after);
     // Snapshots stepped back past: the child's retention keeps them until a newer good one.
@@ -624,7 +636,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 after: None,
                 skip: skip.clone(),
             },
-            every: Some(cfg.every),
+            every: Some(cfg.every.alone()),
             keep_within: cfg.keep_within,
             orphan: cfg.orphan,
             suspect: suspect.clone(),
@@ -852,6 +864,9 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
                 how
             }
         };
+        if let Some(choice) = state.schedule.note_life(ran_for, true) {
+            state.interval_chosen(choice, log);
+        }
         // Unless the program handled the mismatch and went on to take snapshots.
         if let Some(mismatch) = life.mismatch
             && !progressed

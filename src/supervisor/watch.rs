@@ -52,6 +52,13 @@ pub(super) struct Watch<'a> {
     last_progress: Instant,
     /// Snapshots durable since the last look: (number, ms from the request to durable).
     done: Vec<(u64, u64)>,
+    /// What each of those snapshots cost the program, for the schedule (the life's first
+    /// aside: it stores whole what a fresh start has, and says little of the steady cost).
+    costs: Vec<Duration>,
+    /// Snapshots this life has taken.
+    taken: u64,
+    /// When the last scheduled snapshot was asked for (or the life began).
+    last_scheduled: Instant,
     /// When the snapshot in flight was asked for, if this supervisor asked.
     asked_at: Option<Instant>,
     /// With durable tiers: snapshots not yet on every tier, and when each was asked for.
@@ -127,7 +134,11 @@ impl<'a> Watch<'a> {
             inbox: Vec::new(),
             connected: false,
             control_open: true,
-            next_snapshot: Instant::now() + cfg.every,
+            // Set from the job's schedule when the life's watch begins.
+            next_snapshot: Instant::now(),
+            last_scheduled: Instant::now(),
+            costs: Vec::new(),
+            taken: 0,
             state: ChildState::Running,
             snapshots: Snapshots::Idle { owed: false },
             warned_no_shim: false,
@@ -382,6 +393,8 @@ impl<'a> Watch<'a> {
         server: &operator::Server,
         state: &mut JobState,
     ) -> Result<Life> {
+        self.last_scheduled = Instant::now();
+        self.next_snapshot = self.last_scheduled + state.schedule.every();
         loop {
             // Signals first: when a batch system signals the supervisor and the child at once,
             // the child's exit must be read as the stop it is, not as a crash.
@@ -492,7 +505,8 @@ impl<'a> Watch<'a> {
                 self.said_no_shim = true;
             }
             if now >= self.next_snapshot {
-                self.next_snapshot = now + self.cfg.every;
+                self.last_scheduled = now;
+                self.next_snapshot = now + state.schedule.every();
                 if self.state.takes_snapshots() {
                     self.request_snapshot(child, SnapshotReason::Schedule);
                 }
@@ -503,6 +517,13 @@ impl<'a> Watch<'a> {
     /// Notes the snapshots that completed for `status`, and how long each took to be safe:
     /// durable, and with durable tiers on every one of them.
     fn record_done(&mut self, state: &mut JobState) {
+        for cost in self.costs.drain(..) {
+            if let Some(choice) = state.schedule.note_cost(cost) {
+                state.interval_chosen(choice, self.log);
+                // The next scheduled snapshot moves with the interval.
+                self.next_snapshot = self.last_scheduled + Duration::from_millis(choice.every_ms);
+            }
+        }
         let now = Instant::now();
         if let Some(&(seq, _)) = self.done.iter().max() {
             state.status.last_snapshot = Some(seq);
@@ -668,6 +689,10 @@ impl<'a> Watch<'a> {
                 // From the request (the wait for a safe point included), when one was sent.
                 let asked = self.asked_at.take().map_or(0, |t| millis(t.elapsed()));
                 self.done.push((r.seq, r.duration_ms.max(asked)));
+                if self.taken > 0 {
+                    self.costs.push(crate::interval::cost_of(&r));
+                }
+                self.taken += 1;
                 if let Some(durable) = self.durable {
                     durable.nudge();
                 }
@@ -786,5 +811,7 @@ fn snapshot_event(r: supervise_store::writer::SnapshotReport) -> JobEvent {
         bytes_written: r.bytes_written,
         bytes_compacted: r.bytes_compacted,
         duration_ms: r.duration_ms,
+        pause_us: r.pause_us,
+        writer_cpu_us: r.writer_cpu_us,
     }
 }

@@ -22,3 +22,4 @@ mod mpi;
 mod never_lose;
 mod output;
 mod remote;
+mod schedule;

@@ -53,7 +53,7 @@ pub(crate) enum Work {
 
 /// The writer thread and the channels to it.
 pub(crate) struct Background {
-    tasks: Option<Sender<Work>>,
+    tasks: Option<Sender<(Work, Duration)>>,
     outcomes: Receiver<Outcome>,
     in_flight: bool,
     thread: Option<JoinHandle<()>>,
@@ -73,7 +73,7 @@ impl Background {
         on_done: OnDone,
         on_damage: OnDamage,
     ) -> Result<Self> {
-        let (tasks, task_rx) = channel::<Work>();
+        let (tasks, task_rx) = channel::<(Work, Duration)>();
         let (out_tx, outcomes) = channel::<Outcome>();
         let rebase = Arc::new(AtomicBool::new(false));
         let doubt = Arc::clone(&rebase);
@@ -109,7 +109,9 @@ impl Background {
                             }
                         }
                     };
-                    let (result, retention_failed, buffers) = match work {
+                    let (work, pause) = work;
+                    let cpu_before = supervise_store::clock::thread_cpu();
+                    let (mut result, retention_failed, buffers) = match work {
                         Work::Capture(task) => {
                             let written = write_task(&mut writer, &keep, *task);
                             (
@@ -131,6 +133,14 @@ impl Background {
                             (result, retention_failed, buffers)
                         }
                     };
+                    if let Ok(report) = &mut result {
+                        use supervise_store::clock::{micros, thread_cpu};
+                        report.pause_us = micros(pause);
+                        // This thread's share (the workers' is in the report already).
+                        report.writer_cpu_us = report
+                            .writer_cpu_us
+                            .saturating_add(micros(thread_cpu().saturating_sub(cpu_before)));
+                    }
                     on_done(&result, retention_failed.as_deref());
                     if out_tx.send(Outcome { result, buffers }).is_err() {
                         break;
@@ -156,11 +166,12 @@ impl Background {
         self.rebase.swap(false, Ordering::SeqCst)
     }
 
-    /// Hands work to the writer. Call [`wait`](Self::wait) first if some is in flight.
-    pub(crate) fn submit(&mut self, work: Work) {
+    /// Hands work to the writer, with the pause the program took for it (recorded in its
+    /// report). Call [`wait`](Self::wait) first if some is in flight.
+    pub(crate) fn submit(&mut self, work: Work, pause: Duration) {
         debug_assert!(!self.in_flight);
         if let Some(tasks) = &self.tasks
-            && tasks.send(work).is_ok()
+            && tasks.send((work, pause)).is_ok()
         {
             self.in_flight = true;
         }

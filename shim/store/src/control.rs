@@ -367,6 +367,8 @@ mod tests {
             bytes_written: 3,
             duration_ms: 2,
             removed: vec![1],
+            pause_us: 1500,
+            writer_cpu_us: 2500,
         });
         let line = ev.to_line();
         assert!(

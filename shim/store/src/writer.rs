@@ -57,6 +57,15 @@ pub struct SnapshotReport {
     pub duration_ms: u64,
     /// Snapshots removed by retention afterwards.
     pub removed: Vec<u64>,
+    /// How long the program was paused for it, in microseconds, from its request at the safe
+    /// point (the wait for the previous snapshot's writer included) to going on; 0 when not
+    /// measured (a report of an older shim).
+    #[serde(default)]
+    pub pause_us: u64,
+    /// CPU time spent writing it (hashing, compressing, writing; the writer's thread and its
+    /// workers), in microseconds: what it takes from the program's cores while it computes on.
+    #[serde(default)]
+    pub writer_cpu_us: u64,
 }
 
 /// Writes the snapshots of one job. Holds the index of the chunks the store's committed
@@ -314,6 +323,7 @@ impl SnapshotWriter {
             origin: None,
             outputs: Vec::new(),
             arrays: Vec::new(),
+            workers_cpu: std::time::Duration::ZERO,
             writer: self,
         }
     }
@@ -370,6 +380,8 @@ pub struct SnapshotBuilder<'w> {
     origin: Option<Origin>,
     outputs: Vec<OutputMark>,
     arrays: Vec<ArrayShape>,
+    /// CPU time of the worker threads so far.
+    workers_cpu: std::time::Duration,
 }
 
 /// What a worker found for one chunk.
@@ -674,7 +686,8 @@ impl SnapshotBuilder<'_> {
             return self.store_pieces(pieces, None, shuffle, refs);
         };
         // Hashed first, so that the chunks new to this rank are claimed before any is stored.
-        let hashes = hash_pieces(pieces, self.writer.threads);
+        let (hashes, cpu) = hash_pieces(pieces, self.writer.threads);
+        self.workers_cpu += cpu;
         let mut fresh = Vec::new();
         {
             let claimed = self.claimed.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -725,6 +738,7 @@ impl SnapshotBuilder<'_> {
         // Workers keep what needs no writing (known chunks, twins) to themselves and hand over
         // only new chunks: a message per known chunk cost more in wake-ups than its hashing.
         let mut settled: Vec<(usize, Found)> = Vec::new();
+        let mut workers_cpu = std::time::Duration::ZERO;
         std::thread::scope(|scope| {
             let (tx, rx) = mpsc::sync_channel::<(usize, std::io::Result<(Encoded, bool)>)>(
                 self.writer.threads * 4,
@@ -775,7 +789,7 @@ impl SnapshotBuilder<'_> {
                                 break;
                             }
                         }
-                        local
+                        (local, crate::clock::thread_cpu())
                     })
                 })
                 .collect();
@@ -801,11 +815,15 @@ impl SnapshotBuilder<'_> {
             }
             for worker in workers {
                 match worker.join() {
-                    Ok(local) => settled.extend(local),
+                    Ok((local, cpu)) => {
+                        settled.extend(local);
+                        workers_cpu += cpu;
+                    }
                     Err(panic) => std::panic::resume_unwind(panic),
                 }
             }
         });
+        self.workers_cpu += workers_cpu;
         self.writer.index = index_owned;
         self.writer.sparse = sparse_owned;
         self.claimed = claimed_owned;
@@ -1010,6 +1028,8 @@ impl SnapshotBuilder<'_> {
             bytes_written: self.stats.bytes_packed + manifest_len,
             duration_ms: crate::clock::millis(self.started.elapsed()),
             removed: Vec::new(),
+            pause_us: 0,
+            writer_cpu_us: crate::clock::micros(self.workers_cpu),
         })
     }
 }
@@ -1033,20 +1053,32 @@ impl Drop for SnapshotBuilder<'_> {
     }
 }
 
-/// The blake3 of each piece, hashed on `threads` threads.
-fn hash_pieces(pieces: &[(usize, &[u8])], threads: usize) -> Vec<Hash> {
+/// The blake3 of each piece, hashed on `threads` threads, and the CPU time they took.
+fn hash_pieces(pieces: &[(usize, &[u8])], threads: usize) -> (Vec<Hash>, std::time::Duration) {
     let mut hashes = vec![[0u8; 32]; pieces.len()];
     let per = pieces.len().div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|scope| {
-        for (out, input) in hashes.chunks_mut(per).zip(pieces.chunks(per)) {
-            scope.spawn(move || {
-                for (h, (_, chunk)) in out.iter_mut().zip(input) {
-                    *h = *blake3::hash(chunk).as_bytes();
-                }
-            });
-        }
+    let cpu = std::thread::scope(|scope| {
+        let workers: Vec<_> = hashes
+            .chunks_mut(per)
+            .zip(pieces.chunks(per))
+            .map(|(out, input)| {
+                scope.spawn(move || {
+                    for (h, (_, chunk)) in out.iter_mut().zip(input) {
+                        *h = *blake3::hash(chunk).as_bytes();
+                    }
+                    crate::clock::thread_cpu()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .sum()
     });
-    hashes
+    (hashes, cpu)
 }
 
 /// A pack name unique across processes and attempts: snapshot number, a nonce, an index.

@@ -181,6 +181,8 @@ fn write_fuzz_seeds() {
         bytes_written: 3,
         duration_ms: 2,
         removed: vec![1, 2],
+        pause_us: 1500,
+        writer_cpu_us: 2500,
     };
     let lines = [
         Event::Hello {

@@ -1,0 +1,84 @@
+//! `--every auto`: the interval follows what snapshots cost the program, and the history and
+//! `status` say what it is and why.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::support::{Run, example_bin, json};
+
+#[test]
+fn every_auto_lengthens_the_interval_when_snapshots_grow_costly_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // One 64 KiB block of 128 MiB changes a round (50 ms) until round 80, then about all of
+    // it: snapshots that cost the program milliseconds, then hundreds.
+    let mut command: Vec<OsString> = vec![example_bin("sparse").into()];
+    command.extend(
+        [
+            "--mib",
+            "128",
+            "--percent",
+            "0.05",
+            "--percent-from",
+            "80:100",
+            "--rounds",
+            "100000",
+            "--sleep-ms",
+            "50",
+            "--when-due",
+        ]
+        .map(OsString::from),
+    );
+    // A short prior MTBF, so that cheap snapshots come about every second.
+    let run = Run::start(&store, &["--every", "auto", "--mtbf", "10s"], &command, &[]);
+    let cheap = run.wait_for_event("interval", 1, |_| true);
+    let cheap_every = cheap["every_ms"].as_u64().unwrap();
+    let cheap_cost = cheap["cost_us"].as_u64().unwrap();
+    assert!(cheap_every <= 2000, "{cheap}");
+    assert_eq!(cheap["mtbf_s"], 10);
+    // Costly ones: the interval grows to what the 2% budget allows.
+    let costly = run.wait_for_event("interval", 1, |e| {
+        e["cost_us"].as_u64().unwrap() >= 10 * cheap_cost
+    });
+    let every = costly["every_ms"].as_u64().unwrap();
+    let cost = costly["cost_us"].as_u64().unwrap();
+    assert_eq!(costly["why"], "overhead-budget", "{cheap}\n{costly}");
+    // every = cost / 2%, in ms from us.
+    assert!(every.abs_diff(cost / 20) <= 1, "{costly}");
+    assert!(every >= 4 * cheap_every, "{cheap}\n{costly}");
+    let status = json(&store, &["status"]);
+    assert_eq!(status[0]["every_why"], "overhead-budget", "{status}");
+    assert!(status[0]["every_ms"].as_u64().unwrap() >= every, "{status}");
+    run.signal(Signal::SIGTERM);
+    let done = run.wait(Duration::from_secs(60));
+    assert_eq!(done.code, Some(143), "{}", done.stderr);
+}
+
+#[test]
+fn every_auto_is_refused_in_file_mode_and_bad_percentages_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let (code, _, err) = crate::support::bare(&[
+        "--store",
+        store.to_str().unwrap(),
+        "--every",
+        "auto",
+        "--checkpoint",
+        "state.cpt",
+        "--",
+        "true",
+    ]);
+    // As every file-mode option that does not fit: an error (1) naming it.
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--every auto") && err.contains("file mode"),
+        "{err}"
+    );
+    for bad in ["0", "100%", "x"] {
+        let (code, _, err) = crate::support::bare(&["--max-overhead", bad, "--", "true"]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("--max-overhead"), "{bad}: {err}");
+    }
+}
