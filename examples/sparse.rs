@@ -10,7 +10,9 @@
 //! Options: `--mib M` (state size, 64), `--percent P` (changed per round, 1), `--rounds R` (3),
 //! `--sleep-ms W` (pretend computation per round, 0), `--when-due` (a snapshot only when one
 //! is due, on the supervisor's schedule, instead of every round), `--percent-from R:P` (from
-//! round R on, P changes per round: a run whose snapshots grow costly). The last line is
+//! round R on, P changes per round: a run whose snapshots grow costly), `--start-zero` (a
+//! fresh start from zeros, whose first snapshot stores one chunk, instead of a smooth field).
+//! The last line is
 //! `checksum <hex>`, the same for a run resumed any number of times as for an uninterrupted
 //! one.
 //!
@@ -33,10 +35,15 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     let (mut mib, mut percent, mut rounds, mut sleep_ms) = (64usize, 1.0f64, 3u64, 0u64);
     let (mut when_due, mut later): (bool, Option<(u64, f64)>) = (false, None);
+    let mut start_zero = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--when-due" {
             when_due = true;
+            continue;
+        }
+        if arg == "--start-zero" {
+            start_zero = true;
             continue;
         }
         let value = args.next().ok_or(format!("{arg} needs a value"))?;
@@ -54,7 +61,7 @@ fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
             other => {
                 return Err(format!(
                     "unknown argument {other}; usage: sparse [--mib M] [--percent P] [--rounds R] \
-                     [--sleep-ms W] [--when-due] [--percent-from R:P]"
+                     [--sleep-ms W] [--when-due] [--percent-from R:P] [--start-zero]"
                 )
                 .into());
             }
@@ -68,8 +75,10 @@ fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     let mut round: u64 = match shim.load("round")? {
         Some(round) => round,
         None => {
-            for (i, v) in state.iter_mut().enumerate() {
-                *v = (i as f64 * 1e-5).sin();
+            if !start_zero {
+                for (i, v) in state.iter_mut().enumerate() {
+                    *v = (i as f64 * 1e-5).sin();
+                }
             }
             0
         }

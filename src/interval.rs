@@ -14,9 +14,10 @@
 //! - The MTBF is `(run time + prior) / (failures + 1)`: the lives this supervisor saw, their
 //!   deaths (crashes, kills, hangs; not stops), and `--mtbf` as one failure's worth of prior
 //!   belief, so that a job that has not failed yet is not snapshotted as if it never will.
-//! - A life's first snapshot does not count: it stores whole what a fresh start has (and
-//!   copies whole what is not tracked yet), which says little of the steady cost. Until a
-//!   cost is known the interval is [`FIRST`].
+//! - A life's first snapshot stores whole what a fresh start has (and copies whole what is
+//!   not tracked yet): its cost is an upper bound of the steady one, used only until a later
+//!   snapshot's is known, so that a large state is not snapshotted again at once just to
+//!   measure. Before any snapshot the interval is [`FIRST`].
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -122,6 +123,8 @@ pub struct Choice {
 pub struct Schedule {
     spec: EverySpec,
     costs: VecDeque<Duration>,
+    /// The cost of the first snapshot seen, until a steady one is known.
+    first_cost: Option<Duration>,
     run_time: Duration,
     failures: u32,
     /// The last choice announced.
@@ -134,6 +137,7 @@ impl Schedule {
         Schedule {
             spec,
             costs: VecDeque::with_capacity(COSTS),
+            first_cost: None,
             run_time: Duration::ZERO,
             failures: 0,
             chosen: None,
@@ -188,10 +192,23 @@ impl Schedule {
         })
     }
 
-    /// The mean of the recent snapshot costs, if any is known.
+    /// The mean of the recent snapshot costs, or until one is known the first snapshot's.
     fn cost(&self) -> Option<Duration> {
-        let n = u32::try_from(self.costs.len()).ok().filter(|&n| n > 0)?;
-        Some(self.costs.iter().sum::<Duration>() / n)
+        match u32::try_from(self.costs.len()).ok().filter(|&n| n > 0) {
+            Some(n) => Some(self.costs.iter().sum::<Duration>() / n),
+            None => self.first_cost,
+        }
+    }
+
+    /// Notes what a life's first snapshot cost: the estimate until a later one's is known
+    /// (ignored once one is). Returns the choice to announce, as
+    /// [`note_cost`](Self::note_cost).
+    pub fn note_first_cost(&mut self, cost: Duration) -> Option<Choice> {
+        if !self.costs.is_empty() || self.first_cost.is_some() {
+            return None;
+        }
+        self.first_cost = Some(cost);
+        self.announce()
     }
 
     /// Notes what a snapshot cost the program. Returns the new choice when it should be
@@ -310,6 +327,25 @@ mod tests {
         let c = s.choose().unwrap();
         assert_eq!(c.failures, 2);
         assert!(c.every_ms > first.every_ms, "{c:?}");
+    }
+
+    #[test]
+    fn the_first_snapshot_counts_until_a_later_one_is_measured() {
+        let mut s = auto(86_400);
+        // A large fresh state: its first snapshot took 2 s, so the next is not taken at once.
+        let c = s.note_first_cost(Duration::from_secs(2)).unwrap();
+        assert_eq!((c.why, c.every_ms), (Why::YoungDaly, 587_878));
+        assert_eq!(
+            s.note_first_cost(Duration::from_secs(9)),
+            None,
+            "one first cost"
+        );
+        // The steady cost replaces it.
+        let c = s.note_cost(Duration::from_millis(10)).unwrap();
+        assert_eq!((c.every_ms, c.cost_us), (41_569, 10_000));
+        // A later life's first snapshot does not count.
+        assert_eq!(s.note_first_cost(Duration::from_secs(2)), None);
+        assert_eq!(s.choose().unwrap().cost_us, 10_000);
     }
 
     #[test]

@@ -52,9 +52,9 @@ pub(super) struct Watch<'a> {
     last_progress: Instant,
     /// Snapshots durable since the last look: (number, ms from the request to durable).
     done: Vec<(u64, u64)>,
-    /// What each of those snapshots cost the program, for the schedule (the life's first
-    /// aside: it stores whole what a fresh start has, and says little of the steady cost).
-    costs: Vec<Duration>,
+    /// What each of those snapshots cost the program, for the schedule, and whether it was
+    /// the life's first (which stores whole what a fresh start has: an upper bound).
+    costs: Vec<(Duration, bool)>,
     /// Snapshots this life has taken.
     taken: u64,
     /// When the last scheduled snapshot was asked for (or the life began).
@@ -517,8 +517,12 @@ impl<'a> Watch<'a> {
     /// Notes the snapshots that completed for `status`, and how long each took to be safe:
     /// durable, and with durable tiers on every one of them.
     fn record_done(&mut self, state: &mut JobState) {
-        for cost in self.costs.drain(..) {
-            if let Some(choice) = state.schedule.note_cost(cost) {
+        for (cost, first) in self.costs.drain(..) {
+            let choice = match first {
+                true => state.schedule.note_first_cost(cost),
+                false => state.schedule.note_cost(cost),
+            };
+            if let Some(choice) = choice {
                 state.interval_chosen(choice, self.log);
                 // The next scheduled snapshot moves with the interval.
                 self.next_snapshot = self.last_scheduled + Duration::from_millis(choice.every_ms);
@@ -689,9 +693,8 @@ impl<'a> Watch<'a> {
                 // From the request (the wait for a safe point included), when one was sent.
                 let asked = self.asked_at.take().map_or(0, |t| millis(t.elapsed()));
                 self.done.push((r.seq, r.duration_ms.max(asked)));
-                if self.taken > 0 {
-                    self.costs.push(crate::interval::cost_of(&r));
-                }
+                self.costs
+                    .push((crate::interval::cost_of(&r), self.taken == 0));
                 self.taken += 1;
                 if let Some(durable) = self.durable {
                     durable.nudge();
