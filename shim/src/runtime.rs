@@ -495,6 +495,11 @@ impl Shim {
     /// element type; a size mismatch carries its own, and a shape's sizes agree).
     fn report_mismatch(&self, e: &Error, wanted_bytes: u64) {
         let seq = self.resumed_manifest().map_or(0, |m| m.seq);
+        let stored_len = |name: &str| {
+            self.resumed_manifest()
+                .and_then(|m| m.entry(name))
+                .map_or(0, |e| e.len)
+        };
         let event = match e {
             Error::SizeMismatch {
                 name,
@@ -514,10 +519,7 @@ impl Shim {
                 stored,
                 wanted,
             } => {
-                let bytes = self
-                    .resumed_manifest()
-                    .and_then(|m| m.entry(name))
-                    .map_or(0, |e| e.len);
+                let bytes = stored_len(name);
                 Event::RestoreMismatch {
                     seq: *seq,
                     entry: name.clone(),
@@ -533,22 +535,16 @@ impl Shim {
                 name,
                 found,
                 wanted,
-            } => {
-                let stored_bytes = self
-                    .resumed_manifest()
-                    .and_then(|m| m.entry(name))
-                    .map_or(0, |e| e.len);
-                Event::RestoreMismatch {
-                    seq,
-                    entry: name.clone(),
-                    stored_bytes,
-                    wanted_bytes,
-                    detail: Some(MismatchDetail::Kind {
-                        stored: found.clone(),
-                        wanted: wanted.clone(),
-                    }),
-                }
-            }
+            } => Event::RestoreMismatch {
+                seq,
+                entry: name.clone(),
+                stored_bytes: stored_len(name),
+                wanted_bytes,
+                detail: Some(MismatchDetail::Kind {
+                    stored: found.clone(),
+                    wanted: wanted.clone(),
+                }),
+            },
             _ => return,
         };
         self.shared.send(&event);

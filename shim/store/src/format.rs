@@ -563,7 +563,7 @@ struct ManifestV1 {
 
 impl From<ManifestV1> for Manifest {
     fn from(m: ManifestV1) -> Self {
-        Manifest {
+        ManifestV2 {
             job: m.job,
             seq: m.seq,
             parent: m.parent,
@@ -575,8 +575,8 @@ impl From<ManifestV1> for Manifest {
             entries: m.entries,
             origin: None,
             outputs: Vec::new(),
-            arrays: Vec::new(),
         }
+        .into()
     }
 }
 
@@ -613,6 +613,17 @@ pub struct Manifest {
     pub arrays: Vec<ArrayShape>,
 }
 
+/// A manifest file of `version` around an encoded `body`: header, body length (u64 LE), the
+/// body, blake3 of the body.
+fn frame(version: u16, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + 8 + body.len() + 32);
+    out.extend_from_slice(&file_header_of_version(MANIFEST_MAGIC, version));
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(body);
+    out.extend_from_slice(blake3::hash(body).as_bytes());
+    out
+}
+
 /// The root hash of an entry from its length and chunk hashes.
 pub fn entry_root(len: u64, chunks: impl IntoIterator<Item = Hash>) -> Hash {
     let mut hasher = blake3::Hasher::new();
@@ -635,12 +646,7 @@ impl Manifest {
             return self.encode_v2();
         }
         let body = postcard::to_stdvec(self).expect("manifest serialization cannot fail");
-        let mut out = Vec::with_capacity(HEADER_LEN + 8 + body.len() + 32);
-        out.extend_from_slice(&file_header(MANIFEST_MAGIC));
-        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&body);
-        out.extend_from_slice(blake3::hash(&body).as_bytes());
-        out
+        frame(MANIFEST_VERSION, &body)
     }
 
     /// Encodes the manifest as a version 1 file (without `origin` and `outputs`), as the
@@ -658,12 +664,7 @@ impl Manifest {
             entries: self.entries.clone(),
         };
         let body = postcard::to_stdvec(&v1).expect("manifest serialization cannot fail");
-        let mut out = Vec::with_capacity(HEADER_LEN + 8 + body.len() + 32);
-        out.extend_from_slice(&file_header_of_version(MANIFEST_MAGIC, 1));
-        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&body);
-        out.extend_from_slice(blake3::hash(&body).as_bytes());
-        out
+        frame(1, &body)
     }
 
     /// Encodes the manifest as a version 2 file (without `arrays`), as the release before
@@ -683,12 +684,7 @@ impl Manifest {
             outputs: self.outputs.clone(),
         };
         let body = postcard::to_stdvec(&v2).expect("manifest serialization cannot fail");
-        let mut out = Vec::with_capacity(HEADER_LEN + 8 + body.len() + 32);
-        out.extend_from_slice(&file_header_of_version(MANIFEST_MAGIC, 2));
-        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&body);
-        out.extend_from_slice(blake3::hash(&body).as_bytes());
-        out
+        frame(2, &body)
     }
 
     /// Decodes and checks a manifest file read from `path`: header, length, checksum, and
