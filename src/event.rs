@@ -22,8 +22,10 @@ pub enum Outcome {
     Stopped,
     /// Too many failures without progress.
     GaveUp,
-    /// The program failed at once, several times, before it reached the shim: a configuration
-    /// error (wrong path, arguments, missing library), not a crash to recover from.
+    /// The program failed at once, several times, before it reached the shim (or, from a
+    /// fresh start, before its first snapshot), or its entries do not fit the snapshot: a
+    /// configuration error (wrong path, arguments, missing library, a script's error after
+    /// `init`), not a crash to recover from.
     ConfigError,
     /// The job had completed (while this supervisor waited for it, or before).
     AlreadyDone,

@@ -577,6 +577,8 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
     let mut ever_connected = false;
     // Lives in a row that failed at once before reaching the shim.
     let mut failed_at_once: u32 = 0;
+    // Fresh starts in a row that failed at once before their first snapshot.
+    let mut fresh_failed_at_once: u32 = 0;
     loop {
         // Never a program without the lease: it may have been lost while the fetch ran or
         // while waiting to restart.
@@ -897,21 +899,52 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
         } else {
             failed_at_once = 0;
         }
-        if failed_at_once >= CONFIG_ERROR_AFTER && !ever_connected && failed_at_once == attempt + 1
+        // A fresh start that reaches the shim and fails at once before its first snapshot,
+        // again and again, is misconfigured too (a script's error after `init`): no snapshot is
+        // involved, and restarts only repeat it. (One that never reaches the shim is the case
+        // above, where a job that ran before is left to the restart policy.)
+        if from.is_none()
+            && life.connected
+            && !reached_safe_point
+            && ran_for < AT_ONCE
+            && !death.killed_from_outside()
         {
-            let lines = life.stderr_tail.last_lines(10);
-            let mut detail = format!(
-                "gave up: the program failed at once {failed_at_once} times in a row (last: \
-                 {how} after {}) before {}. That is a configuration error (the program, its \
-                 arguments, its input files or libraries), not a crash that restarting can mend",
-                human::duration(ran_for),
+            fresh_failed_at_once += 1;
+        } else {
+            fresh_failed_at_once = 0;
+        }
+        let config_error = if failed_at_once >= CONFIG_ERROR_AFTER
+            && !ever_connected
+            && failed_at_once == attempt + 1
+        {
+            Some((
+                failed_at_once,
                 if files.is_some() {
                     "it wrote a checkpoint"
                 } else {
                     "it reached the supervise shim"
-                }
+                },
+            ))
+        } else if fresh_failed_at_once >= CONFIG_ERROR_AFTER {
+            Some((
+                fresh_failed_at_once,
+                "its first snapshot, from a fresh start",
+            ))
+        } else {
+            None
+        };
+        if let Some((times, before)) = config_error {
+            let lines = life.stderr_tail.last_lines(10);
+            let mut detail = format!(
+                "gave up: the program failed at once {times} times in a row (last: {how} after \
+                 {}) before {before}. That is a configuration error (the program, its \
+                 arguments, its input files or libraries), not a crash that restarting can mend",
+                human::duration(ran_for),
             );
-            if lines.is_empty() {
+            if lines.is_empty() && life.connected {
+                // The shim hands the program its own stderr back: the supervisor saw none of it.
+                detail.push_str("; what it wrote to stderr is above");
+            } else if lines.is_empty() {
                 detail.push_str("; it wrote nothing to stderr");
             } else {
                 detail.push_str(". The last lines it wrote to stderr:");

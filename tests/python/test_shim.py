@@ -516,3 +516,29 @@ def test_the_due_benchmark_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout.splitlines()[-1])
     assert set(figures) == {"int.bit_length()", "lambda: None", "shim.due()"}, figures
+
+
+def test_a_script_that_fails_at_once_after_init_is_a_configuration_error(tmp_path):
+    """An error right after `supervise.init()` (a typo, a dtype the shim does not keep) on a
+    fresh start, again and again: supervise gives up (exit 3) after three quick failures with
+    a typed end record, instead of restarting the script with a growing backoff."""
+    script = tmp_path / "typo.py"
+    script.write_text(
+        "import numpy as np, supervise\n"
+        "shim = supervise.init()\n"
+        "u = shim.array('u', 4, np.complex64)\n"
+    )
+    store = tmp_path / "s"
+    start = time.time()
+    out = subprocess.run(
+        [SUPERVISE, "--store", str(store), "--", sys.executable, str(script)],
+        capture_output=True, text=True, env=clean_env(), timeout=120,
+    )
+    assert out.returncode == 3, out.stderr
+    _, events = history(store)
+    end = events[-1]
+    assert end["kind"] == "end" and end["outcome"] == "config-error", end
+    assert sum(e["kind"] == "spawned" for e in events) == 3, events
+    assert "what it wrote to stderr is above" in end["detail"], end
+    assert "dtype complex64" in out.stderr, out.stderr  # the script's own error
+    assert time.time() - start < 60
