@@ -72,7 +72,7 @@ pub(super) struct Watch<'a> {
     /// The pipe its stderr goes through, and the last lines of it.
     stderr_pipe: Option<&'a StderrPipe>,
     stderr_tail: StderrTail,
-    /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored, wanted).
+    /// The shim said the program's entries do not fit the snapshot: its `RestoreMismatch`.
     mismatch: Option<JobEvent>,
     /// The durable tiers, if any.
     durable: Option<&'a Durable>,
@@ -107,8 +107,7 @@ pub(super) struct Life {
     pub said_no_shim: bool,
     /// The last lines of its stderr.
     pub stderr_tail: StderrTail,
-    /// The shim said the program's entries do not fit the snapshot: (seq, entry, stored,
-    /// wanted).
+    /// The shim said the program's entries do not fit the snapshot: its `RestoreMismatch`.
     pub mismatch: Option<JobEvent>,
     /// When a stop began, if one did.
     pub stop_began: Option<Instant>,
