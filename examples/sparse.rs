@@ -11,8 +11,9 @@
 //! `--sleep-ms W` (pretend computation per round, 0), `--when-due` (a snapshot only when one
 //! is due, on the supervisor's schedule, instead of every round), `--percent-from R:P` (from
 //! round R on, P changes per round: a run whose snapshots grow costly), `--start-zero` (a
-//! fresh start from zeros, whose first snapshot stores one chunk, instead of a smooth field).
-//! The last line is
+//! fresh start from zeros, whose first snapshot stores one chunk, instead of a smooth field),
+//! `--report-memory` (print `peak-rss <bytes>`, the process's peak resident memory, before
+//! the checksum). The last line is
 //! `checksum <hex>`, the same for a run resumed any number of times as for an uninterrupted
 //! one.
 //!
@@ -35,7 +36,7 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
     let (mut mib, mut percent, mut rounds, mut sleep_ms) = (64usize, 1.0f64, 3u64, 0u64);
     let (mut when_due, mut later): (bool, Option<(u64, f64)>) = (false, None);
-    let mut start_zero = false;
+    let (mut start_zero, mut report_memory) = (false, false);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--when-due" {
@@ -44,6 +45,10 @@ fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
         }
         if arg == "--start-zero" {
             start_zero = true;
+            continue;
+        }
+        if arg == "--report-memory" {
+            report_memory = true;
             continue;
         }
         let value = args.next().ok_or(format!("{arg} needs a value"))?;
@@ -61,7 +66,8 @@ fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
             other => {
                 return Err(format!(
                     "unknown argument {other}; usage: sparse [--mib M] [--percent P] [--rounds R] \
-                     [--sleep-ms W] [--when-due] [--percent-from R:P] [--start-zero]"
+                     [--sleep-ms W] [--when-due] [--percent-from R:P] [--start-zero] \
+                     [--report-memory]"
                 )
                 .into());
             }
@@ -134,9 +140,24 @@ fn run() -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
         }
     }
     shim.finish()?;
+    if report_memory {
+        println!("peak-rss {}", peak_rss()?);
+    }
     println!(
         "checksum {}",
         blake3::hash(bytemuck::cast_slice(&state)).to_hex()
     );
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The process's peak resident memory in bytes (`VmHWM` of `/proc/self/status`).
+fn peak_rss() -> Result<u64, Box<dyn std::error::Error>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .ok_or("no VmHWM in /proc/self/status")?
+        .parse::<u64>()?;
+    Ok(kib * 1024)
 }

@@ -35,7 +35,7 @@ use crate::interval::{AutoConfig, EverySpec};
 use crate::log::{Level, Log};
 use crate::policy::PolicyConfig;
 use crate::supervisor::{JobConfig, OnSuccess};
-use supervise_store::config::OrphanMode;
+use supervise_store::config::{CaptureMemory, OrphanMode};
 
 /// `--orphan`: what the program does if the supervisor dies ([`OrphanMode`], which the store
 /// crate defines without clap).
@@ -322,6 +322,14 @@ struct RunArgs {
     /// (a prior; the failures seen take over).
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     mtbf: Duration,
+
+    /// The most memory a snapshot's capture may hold at once: a size (e.g. 512MiB) or a
+    /// percentage of the program's registered state and of the memory available, whichever is
+    /// smaller (at least 64 MiB when available). A capture that needs more is copied and
+    /// written in parts while the program waits at its safe point: its pause grows instead of
+    /// its memory, so snapshots never cause an out-of-memory kill.
+    #[arg(long, value_name = "SIZE|PERCENT", default_value = "25%", value_parser = parse_capture_memory, allow_hyphen_values = true)]
+    capture_memory: CaptureMemory,
 
     /// Keep this many complete snapshots; older ones and chunks only they use are deleted.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count, allow_hyphen_values = true)]
@@ -1147,6 +1155,13 @@ fn run_remote_bench(args: &[std::ffi::OsString]) -> anyhow::Result<i32> {
     remote::bench::run(std::sync::Arc::new(tier), size, json)
 }
 
+/// `--capture-memory`: a size or a percentage (see [`CaptureMemory::parse`]).
+fn parse_capture_memory(value: &str) -> Result<CaptureMemory, String> {
+    CaptureMemory::parse(value).ok_or_else(|| {
+        format!("{value:?} is neither a size (512MiB) nor a percentage (1% to 100%)")
+    })
+}
+
 /// `--every` when not given.
 const DEFAULT_EVERY: Duration = Duration::from_secs(600);
 
@@ -1254,6 +1269,7 @@ fn run_job(cli: RunArgs) -> anyhow::Result<i32> {
         stop_timeout: cli.stop_timeout,
         fresh: cli.fresh,
         scrub: cli.scrub_every.0,
+        capture_memory: cli.capture_memory,
         durable,
     };
     supervisor::run(&cfg, &mut log)

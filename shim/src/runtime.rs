@@ -85,6 +85,10 @@ pub struct Shim {
     pub(crate) ranges: Vec<Range<usize>>,
     /// Slots (indices into `regions`) captured in the snapshot being written.
     pub(crate) in_flight_regions: Vec<usize>,
+    /// The capture memory budget of the last capture, in bytes (spare buffers stay within it).
+    pub(crate) budget: usize,
+    /// Where the writer hands back the buffers of a capture in parts.
+    pub(crate) returned: Option<std::sync::mpsc::Receiver<Buffer>>,
     pub(crate) last: Option<std::result::Result<SnapshotReport, Arc<Error>>>,
     /// The output files this run opened (closed ones too: their lengths stay recorded).
     pub(crate) outputs: Vec<output::Shared>,
@@ -146,6 +150,8 @@ impl Shim {
             buffers: Vec::new(),
             ranges: Vec::new(),
             in_flight_regions: Vec::new(),
+            budget: usize::MAX,
+            returned: None,
             last: None,
             outputs: Vec::new(),
             part_seq: None,
@@ -793,12 +799,13 @@ impl Shim {
         let handed_over = self.outputs_at_safe_point().and_then(|outputs| {
             if self.fork_wanted() {
                 self.capture_forked(tag, fill, started, outputs)
+                    .map(|work| (work, None))
             } else {
                 self.capture(tag, fill, started, outputs)
-                    .map(|task| Work::Capture(Box::new(task)))
+                    .map(|(task, feed)| (Work::Capture(Box::new(task)), feed))
             }
         });
-        let work = match handed_over {
+        let (work, feed) = match handed_over {
             Ok(work) => work,
             Err(e) => {
                 // Regions already captured had their written pages collected (and protected
@@ -822,10 +829,15 @@ impl Shim {
                 return Err(e);
             }
         };
-        let pause = started.elapsed();
+        let (paused, pause_rx) = std::sync::mpsc::channel();
         if let Some(background) = self.background.as_mut() {
-            background.submit(work, pause);
+            background.submit(work, pause_rx);
         }
+        if let Some(feed) = feed {
+            self.returned = Some(feed.run());
+        }
+        let pause = started.elapsed();
+        let _ = paused.send(pause);
         if stop || self.config.capture == CaptureMode::Sync {
             self.settle();
         }

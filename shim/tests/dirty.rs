@@ -367,3 +367,117 @@ fn array_shapes_are_recorded_checked_on_resume_and_bad_ones_refused() {
     let mut c = [0u8; 32];
     assert!(shim.load_raw_into("c", "u8", &mut c).unwrap());
 }
+
+/// A shim whose captures may hold at most `budget` bytes.
+fn budgeted(dir: &std::path::Path, budget: u64) -> Shim {
+    let mut config = Config::local(dir.join("store"), "dirty");
+    config.capture = CaptureMode::Auto;
+    config.capture_memory = supervise_store::config::CaptureMemory::Bytes(budget);
+    Shim::open(config).unwrap()
+}
+
+/// Ends the test process if a capture in parts deadlocks, instead of hanging the run.
+fn watchdog() {
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(120));
+        eprintln!("a capture in parts did not finish within 120 s");
+        std::process::abort();
+    });
+}
+
+#[test]
+fn captures_beyond_the_memory_budget_are_written_in_parts_and_restore_exactly() {
+    watchdog();
+    let dir = tempfile::tempdir().unwrap();
+    // 2 MiB of capture memory for 32 MiB of regions: every capture below but the last is
+    // copied in parts of 1 MiB, two at a time, while the writer stores them.
+    let mut shim = budgeted(dir.path(), 2 << 20);
+    let (len, qlen) = ((24 << 20) / 8, (8 << 20) / 8);
+    let mut r = shim.region::<u64>("r", len).unwrap();
+    let mut q = shim.region::<u64>("q", qlen).unwrap();
+    for (i, v) in r.iter_mut().enumerate() {
+        *v = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    let fill = |q: &mut [u64], step: u64| {
+        for (i, v) in q.iter_mut().enumerate() {
+            *v = i as u64 + step * 1_000_000;
+        }
+    };
+    fill(&mut q, 0);
+    let job = || {
+        Store::open(dir.path().join("store"))
+            .unwrap()
+            .job("dirty")
+            .unwrap()
+    };
+    let check = |seq: u64, r: &[u64], q: &[u64], step: u64| {
+        let reader = SnapshotReader::open(&job(), seq).unwrap();
+        let mut out = vec![0u64; r.len()];
+        reader
+            .slice_into("r", "u64", bytemuck::cast_slice_mut(&mut out))
+            .unwrap();
+        assert_eq!(out, r, "snapshot {seq}: r");
+        let mut out = vec![0u64; q.len()];
+        reader
+            .slice_into("q", "u64", bytemuck::cast_slice_mut(&mut out))
+            .unwrap();
+        assert_eq!(out, q, "snapshot {seq}: q");
+        let value = reader.value_bytes("step").unwrap().unwrap();
+        assert_eq!(value, step.to_string().into_bytes());
+    };
+    for step in 0..4u64 {
+        match step {
+            0 => {}
+            // Half of r's chunks, and all of q: a delta in parts, and a region in parts
+            // after it (each region's parts end before the next region's begin).
+            1 => {
+                for chunk in (0..384).step_by(2) {
+                    r[chunk * 8192 + 5] ^= step;
+                }
+                fill(&mut q, 1);
+            }
+            // One chunk: this capture fits the budget and is copied at once.
+            2 => r[7 * 8192] = 77,
+            // Everything again.
+            _ => {
+                for v in r.iter_mut() {
+                    *v = v.rotate_left(7);
+                }
+                fill(&mut q, 3);
+            }
+        }
+        assert!(matches!(
+            shim.snapshot(Some(&format!("{step}")), |s| s.value("step", &step))
+                .unwrap(),
+            Next::Continue(Some(_))
+        ));
+        let report = shim.wait_durable().unwrap().unwrap();
+        let new_chunks = [384 + 128, 192 + 128, 1, 384 + 128][step as usize];
+        if step != 0 {
+            assert_eq!(
+                report.bytes_new,
+                new_chunks * 65536 + 1,
+                "step {step}: only the written chunks (and the value) are new: {report:?}"
+            );
+        }
+        check(report.seq, &r, &q, step);
+    }
+}
+
+#[test]
+fn a_writer_that_fails_during_a_capture_in_parts_does_not_stall_the_program() {
+    watchdog();
+    let dir = tempfile::tempdir().unwrap();
+    let mut shim = budgeted(dir.path(), 2 << 20);
+    let mut r = shim.region::<u64>("r", (16 << 20) / 8).unwrap();
+    r.fill(1);
+    // The packs' directory is gone: the writer's first part fails, and the program's
+    // feeding of the rest must stop rather than wait for buffers that never come back.
+    std::fs::remove_dir_all(dir.path().join("store/dirty/packs")).unwrap();
+    assert!(matches!(
+        shim.snapshot(None, |_| Ok(())).unwrap(),
+        Next::Continue(Some(_))
+    ));
+    let failed = shim.wait_durable().unwrap_err().to_string();
+    assert!(failed.contains("packs"), "{failed}");
+}

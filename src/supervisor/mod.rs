@@ -74,6 +74,8 @@ pub struct JobConfig {
     pub orphan: OrphanMode,
     /// The scrub's period (`None`: off).
     pub scrub: Option<Duration>,
+    /// The most memory a capture in the program may hold (`--capture-memory`).
+    pub capture_memory: supervise_store::config::CaptureMemory,
     /// The durable tiers beyond the local store, if any.
     pub durable: Option<DurableConfig>,
     /// File mode: the program writes its own checkpoint files, which are captured.
@@ -644,6 +646,7 @@ pub fn run(cfg: &JobConfig, log: &mut Log) -> Result<i32> {
             suspect: suspect.clone(),
             scrub: cfg.scrub,
             origin: Some(cfg.origin.clone()),
+            capture_memory: cfg.capture_memory,
         }
         .to_env();
         // In file mode the program gets no store to write to (the supervisor is the job's one

@@ -18,6 +18,7 @@ mod files;
 mod first_hour;
 mod hostile_store;
 mod master_loss;
+mod memory;
 mod mpi;
 mod never_lose;
 mod output;

@@ -53,7 +53,7 @@ pub(crate) enum Work {
 
 /// The writer thread and the channels to it.
 pub(crate) struct Background {
-    tasks: Option<Sender<(Work, Duration)>>,
+    tasks: Option<Sender<(Work, Receiver<Duration>)>>,
     outcomes: Receiver<Outcome>,
     in_flight: bool,
     thread: Option<JoinHandle<()>>,
@@ -73,7 +73,7 @@ impl Background {
         on_done: OnDone,
         on_damage: OnDamage,
     ) -> Result<Self> {
-        let (tasks, task_rx) = channel::<(Work, Duration)>();
+        let (tasks, task_rx) = channel::<(Work, Receiver<Duration>)>();
         let (out_tx, outcomes) = channel::<Outcome>();
         let rebase = Arc::new(AtomicBool::new(false));
         let doubt = Arc::clone(&rebase);
@@ -133,6 +133,9 @@ impl Background {
                             (result, retention_failed, buffers)
                         }
                     };
+                    // Sent once the program goes on: for a capture in parts, after the last
+                    // part (which this thread has stored by now).
+                    let pause = pause.recv().unwrap_or_default();
                     if let Ok(report) = &mut result {
                         use supervise_store::clock::{micros, thread_cpu};
                         report.pause_us = micros(pause);
@@ -166,9 +169,9 @@ impl Background {
         self.rebase.swap(false, Ordering::SeqCst)
     }
 
-    /// Hands work to the writer, with the pause the program took for it (recorded in its
-    /// report). Call [`wait`](Self::wait) first if some is in flight.
-    pub(crate) fn submit(&mut self, work: Work, pause: Duration) {
+    /// Hands work to the writer, with where the program's pause for it will be sent (it is
+    /// recorded in the report). Call [`wait`](Self::wait) first if some is in flight.
+    pub(crate) fn submit(&mut self, work: Work, pause: Receiver<Duration>) {
         debug_assert!(!self.in_flight);
         if let Some(tasks) = &self.tasks
             && tasks.send((work, pause)).is_ok()
@@ -247,17 +250,31 @@ pub(super) fn write_task(
                     data,
                     shuffle,
                 } => {
-                    if base.as_ref().is_none_or(|m| m.seq != *seq) {
-                        base = Some(builder.manifest_of(*seq)?);
-                    }
-                    let entry = base.as_ref().and_then(|m| m.entry(name)).ok_or_else(|| {
-                        Error::DeltaBase {
-                            job: job_name.clone(),
-                            entry: name.clone(),
-                            why: format!("snapshot {seq} has no entry of that name to build on"),
-                        }
-                    })?;
+                    let entry = base_entry(&builder, &mut base, &job_name, name, *seq)?;
                     builder.add_delta(name, entry, dirty, data, *shuffle)?;
+                }
+                Item::Parts {
+                    name,
+                    kind,
+                    len,
+                    base: seq,
+                    shuffle,
+                    parts,
+                    returns,
+                } => {
+                    let mut entry = match seq {
+                        Some(seq) => {
+                            let entry = base_entry(&builder, &mut base, &job_name, name, *seq)?;
+                            builder.begin_delta(name, entry)?
+                        }
+                        None => builder.begin_whole(name, kind.clone(), *len)?,
+                    };
+                    // Until the program has sent the last part (and closed the channel).
+                    for part in parts.iter() {
+                        builder.add_chunks(&mut entry, &part.chunks, &part.data, *shuffle)?;
+                        let _ = returns.send(part.data);
+                    }
+                    builder.end_entry(entry)?;
                 }
             }
         }
@@ -285,6 +302,26 @@ pub(super) fn write_task(
     }
 }
 
+/// Entry `name` of snapshot `seq`, the base of a delta; `base` keeps the manifest last read.
+fn base_entry<'m>(
+    builder: &supervise_store::writer::SnapshotBuilder<'_>,
+    base: &'m mut Option<Manifest>,
+    job_name: &str,
+    name: &str,
+    seq: u64,
+) -> Result<&'m supervise_store::format::EntryMeta> {
+    if base.as_ref().is_none_or(|m| m.seq != seq) {
+        *base = Some(builder.manifest_of(seq)?);
+    }
+    base.as_ref()
+        .and_then(|m| m.entry(name))
+        .ok_or_else(|| Error::DeltaBase {
+            job: job_name.to_owned(),
+            entry: name.to_owned(),
+            why: format!("snapshot {seq} has no entry of that name to build on"),
+        })
+}
+
 impl Shim {
     /// Waits for the snapshot in flight and takes note of how it went: on success the
     /// captured regions have a new base; on failure they are copied whole next time.
@@ -294,12 +331,19 @@ impl Shim {
         };
         self.buffers
             .extend(outcome.buffers.into_iter().filter(|b| b.capacity() > 0));
-        // Spare buffers beyond what a capture uses are only memory held: keep the largest few.
-        if self.buffers.len() > MAX_SPARE_BUFFERS {
-            self.buffers
-                .sort_by_key(|b| std::cmp::Reverse(b.capacity()));
-            self.buffers.truncate(MAX_SPARE_BUFFERS);
+        if let Some(returned) = self.returned.take() {
+            self.buffers.extend(returned.try_iter());
         }
+        // Spare buffers beyond what a capture uses are only memory held: keep the largest few,
+        // within the capture memory budget.
+        self.buffers
+            .sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+        self.buffers.truncate(MAX_SPARE_BUFFERS);
+        let mut held = 0usize;
+        self.buffers.retain(|b| {
+            held = held.saturating_add(b.capacity());
+            held <= self.budget
+        });
         let base = outcome.result.as_ref().ok().map(|r| r.seq);
         for idx in self.in_flight_regions.drain(..) {
             if let Some(slot) = self.regions.get_mut(idx) {

@@ -1,25 +1,32 @@
 //! Copying at the safe point, the program's whole pause: the values and slices the program's
 //! closure adds, and every registered region, whole or only its chunks written since its base.
+//! When the regions' copies would exceed the capture memory budget, they are copied in parts
+//! (a [`Feed`]) as the writer stores them, and the program waits for the rest.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::Instant;
 
 use supervise_store::error::Result;
 use supervise_store::format::CHUNK_SIZE;
 
-use super::{Buffer, Capture, CaptureTask, Item, OutputsAt, empty_buffer, reserve_capture};
+use super::dirty::Delta;
+use super::{Buffer, Capture, CaptureTask, Item, OutputsAt, Part, empty_buffer, reserve_capture};
 use crate::region::RegionMem;
 use crate::runtime::Shim;
 
 impl Shim {
-    /// Copies what the snapshot needs; the program is paused for exactly this.
+    /// Copies what the snapshot needs; the program is paused for exactly this (and, when the
+    /// regions' copies would exceed the capture memory budget, for the [`Feed`] returned with
+    /// the task, which copies them in parts as the writer stores them).
     pub(crate) fn capture<F>(
         &mut self,
         tag: Option<&str>,
         fill: F,
         started: Instant,
         outputs: OutputsAt,
-    ) -> Result<CaptureTask>
+    ) -> Result<(CaptureTask, Option<Feed>)>
     where
         F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
@@ -38,14 +45,51 @@ impl Shim {
             arrays: &mut arrays,
         })?;
         self.in_flight_regions.clear();
+        let mut plan: Vec<(Arc<RegionMem>, Option<Delta>)> = Vec::new();
         for idx in 0..self.regions.len() {
             if let Some(mem) = self.regions[idx].mem.upgrade() {
-                items.push(self.capture_region(idx, &mem));
+                let delta = self.collect_dirty(idx, &mem);
                 arrays.extend(mem.array_shape());
+                plan.push((mem, delta));
                 self.in_flight_regions.push(idx);
             }
         }
-        Ok(CaptureTask {
+        // The values and slices are copied already; the regions get what the budget leaves.
+        let copied: usize = items.iter().map(Item::held).sum();
+        let state = plan.iter().map(|(m, _)| m.bytes).sum::<usize>() + copied;
+        let budget = self.capture_budget(state);
+        let room = budget.saturating_sub(copied);
+        let need: usize = plan.iter().map(|(m, d)| to_copy(m, d.as_ref())).sum();
+        let feed = if need <= room {
+            for (mem, delta) in plan {
+                items.push(self.copy_region(&mem, delta));
+            }
+            None
+        } else {
+            // Spare buffers would only add to what the parts hold.
+            self.buffers.clear();
+            let (returns, returned) = channel();
+            let mut regions = Vec::new();
+            for (mem, delta) in plan {
+                let (tx, parts) = channel();
+                let (base, chunks) = match delta {
+                    Some((base, dirty)) => (Some(base), dirty),
+                    None => (None, (0..mem.bytes.div_ceil(CHUNK_SIZE)).collect()),
+                };
+                items.push(Item::Parts {
+                    name: mem.name.clone(),
+                    kind: mem.kind.clone(),
+                    len: mem.bytes as u64,
+                    base,
+                    shuffle: mem.shuffle,
+                    parts,
+                    returns: returns.clone(),
+                });
+                regions.push((mem, chunks, tx));
+            }
+            Some(Feed::new(regions, room, returned))
+        };
+        let task = CaptureTask {
             tag: tag.map(str::to_owned),
             items,
             started,
@@ -53,13 +97,22 @@ impl Shim {
             outputs,
             seq: self.part_seq,
             arrays,
-        })
+        };
+        Ok((task, feed))
     }
 
-    /// Captures one region: its written chunks when they are tracked and a base exists,
-    /// else all of it.
-    fn capture_region(&mut self, idx: usize, mem: &RegionMem) -> Item {
-        let delta = self.collect_dirty(idx, mem);
+    /// The capture memory budget for `state` bytes of state, in bytes (also kept as the bound
+    /// on spare buffers).
+    pub(crate) fn capture_budget(&mut self, state: usize) -> usize {
+        let available = supervise_store::config::memory_available();
+        let budget = self.config.capture_memory.bytes(state as u64, available);
+        self.budget = usize::try_from(budget).unwrap_or(usize::MAX);
+        self.budget
+    }
+
+    /// Copies one region: its written chunks when `delta` says which (since its base), else
+    /// all of it.
+    fn copy_region(&mut self, mem: &RegionMem, delta: Option<Delta>) -> Item {
         // The largest spare buffer: a whole copy needs all of it.
         self.buffers.sort_by_key(Buffer::capacity);
         let mut data = self.buffers.pop().unwrap_or_else(empty_buffer);
@@ -86,6 +139,84 @@ impl Shim {
                 }
             }
         }
+    }
+}
+
+/// The bytes a region's capture copies: its written chunks, or all of it.
+fn to_copy(mem: &RegionMem, delta: Option<&Delta>) -> usize {
+    delta.map_or(mem.bytes, |(_, dirty)| dirty.len() * CHUNK_SIZE)
+}
+
+/// The regions of a capture in parts, still to be copied: the program copies them part by
+/// part into at most a budget's worth of buffers while the writer stores them, waiting for a
+/// buffer back whenever all are out. Its pause grows instead of its memory.
+pub(crate) struct Feed {
+    /// Each region, the numbers of the chunks to copy, and where its parts go.
+    regions: Vec<(Arc<RegionMem>, Vec<usize>, Sender<Part>)>,
+    /// Chunks in one part.
+    per_part: usize,
+    /// Buffers out at most.
+    buffers: usize,
+    /// The buffers the writer is done with.
+    returned: Receiver<Buffer>,
+}
+
+impl Feed {
+    /// A feed within `room` bytes of buffers.
+    fn new(
+        regions: Vec<(Arc<RegionMem>, Vec<usize>, Sender<Part>)>,
+        room: usize,
+        returned: Receiver<Buffer>,
+    ) -> Self {
+        // Four parts or more in flight (copying one while the writer stores others), of 1 to
+        // 32 MiB each.
+        let part = (room / 4).clamp(1 << 20, 32 << 20) / CHUNK_SIZE * CHUNK_SIZE;
+        Self {
+            regions,
+            per_part: part / CHUNK_SIZE,
+            buffers: (room / part).max(2),
+            returned,
+        }
+    }
+
+    /// Copies every region's chunks, part by part, as the writer makes room. Stops early when
+    /// the writer has failed (it stops taking parts; the snapshot's outcome says why).
+    /// Returns the channel on which the writer hands back the last buffers.
+    pub(crate) fn run(self) -> Receiver<Buffer> {
+        let Feed {
+            regions,
+            per_part,
+            buffers,
+            returned,
+        } = self;
+        let mut out = 0;
+        // Each region's sender is dropped after its last part: that tells the writer the
+        // region is complete (it stores the regions in order).
+        'regions: for (mem, chunks, parts) in regions {
+            for group in chunks.chunks(per_part) {
+                let mut data = if out < buffers {
+                    out += 1;
+                    let mut data = empty_buffer();
+                    reserve_capture(&mut data, per_part * CHUNK_SIZE);
+                    data
+                } else {
+                    match returned.recv() {
+                        Ok(data) => data,
+                        Err(_) => break 'regions,
+                    }
+                };
+                data.clear();
+                append_chunks(&mut data, mem.bytes(), group);
+                let part = Part {
+                    chunks: group.to_vec(),
+                    data,
+                };
+                if parts.send(part).is_err() {
+                    break 'regions;
+                }
+            }
+        }
+        returned
     }
 }
 

@@ -29,8 +29,10 @@ const FORK_ABOVE: usize = 64 << 20;
 
 impl Shim {
     /// Whether this snapshot should be taken by a forked process: always in fork mode; in auto
-    /// mode when regions must be copied whole and that is a lot to copy.
-    pub(crate) fn fork_wanted(&self) -> bool {
+    /// mode when regions must be copied whole, that is a lot to copy, and the fork's worst case
+    /// fits the capture memory budget: while the snapshot process reads, every page the program
+    /// writes is copied, up to all the memory the process has.
+    pub(crate) fn fork_wanted(&mut self) -> bool {
         // A rank's parts are written by its own writer (numbered by the epoch), never forked.
         if self.shared.rank.is_some() {
             return false;
@@ -46,7 +48,16 @@ impl Shim {
                     })
                     .filter_map(|slot| slot.mem.upgrade().map(|m| m.bytes))
                     .sum();
-                whole >= FORK_ABOVE
+                if whole < FORK_ABOVE {
+                    return false;
+                }
+                let state = self
+                    .regions
+                    .iter()
+                    .filter_map(|slot| slot.mem.upgrade().map(|m| m.bytes))
+                    .sum();
+                let budget = self.capture_budget(state);
+                resident_anonymous().is_some_and(|bytes| bytes <= budget)
             }
             _ => false,
         }
@@ -116,7 +127,11 @@ impl Shim {
                 Ok(Work::Forked {
                     pid: child.as_raw(),
                     report: std::fs::File::from(read),
-                    warm: if auto && spare < want { want } else { 0 },
+                    warm: if auto && spare < want {
+                        want.min(self.budget)
+                    } else {
+                        0
+                    },
                 })
             }
             Ok(nix::unistd::ForkResult::Child) => {
@@ -175,6 +190,18 @@ impl Shim {
             }
         }
     }
+}
+
+/// The process's resident memory that is not backed by files (`resident - shared` of
+/// `/proc/self/statm`), in bytes: what a fork's copy-on-write can at most duplicate.
+fn resident_anonymous() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let mut fields = statm.split_whitespace().skip(1);
+    let resident: usize = fields.next()?.parse().ok()?;
+    let shared: usize = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    resident.saturating_sub(shared).checked_mul(page)
 }
 
 /// What a forked snapshot process reports through its pipe (as JSON): the snapshot's figures

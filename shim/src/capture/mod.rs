@@ -5,7 +5,8 @@
 //! program's snapshot closure adds entries to), the captured [`Item`]s and [`CaptureTask`],
 //! and the page-aligned capture buffers. The paths themselves live in the submodules:
 //!
-//! - `copy`: copying regions at the safe point (whole, or their written chunks);
+//! - `copy`: copying regions at the safe point (whole, or their written chunks), in parts
+//!   within the capture memory budget when they need more;
 //! - `dirty`: which chunks of a region were written since its base;
 //! - `tracker`: the kernel's write tracking (userfaultfd and `PAGEMAP_SCAN`);
 //! - `fork`: taking a snapshot in a forked copy-on-write process;
@@ -24,6 +25,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
 use aligned_vec::{AVec, ConstAlign};
@@ -99,13 +101,39 @@ pub(crate) enum Item {
         data: Buffer,
         shuffle: u8,
     },
+    /// A region copied in parts while the writer stores them, because copying it at once
+    /// would exceed the capture memory budget: all of it (`base` `None`), or its chunks written
+    /// since snapshot `base`. The writer hands each part's buffer back through `returns`.
+    Parts {
+        name: String,
+        kind: EntryKind,
+        len: u64,
+        base: Option<u64>,
+        shuffle: u8,
+        parts: Receiver<Part>,
+        returns: Sender<Buffer>,
+    },
+}
+
+/// Chunks of a region captured in parts: their numbers, and their bytes one after another.
+pub(crate) struct Part {
+    pub(crate) chunks: Vec<usize>,
+    pub(crate) data: Buffer,
 }
 
 impl Item {
     fn into_buffer(self) -> Buffer {
         match self {
             Item::Whole { data, .. } | Item::Delta { data, .. } => data,
-            Item::Mapped { .. } => empty_buffer(),
+            Item::Mapped { .. } | Item::Parts { .. } => empty_buffer(),
+        }
+    }
+
+    /// The bytes this item holds in its own buffer.
+    pub(crate) fn held(&self) -> usize {
+        match self {
+            Item::Whole { data, .. } | Item::Delta { data, .. } => data.capacity(),
+            Item::Mapped { .. } | Item::Parts { .. } => 0,
         }
     }
 }

@@ -39,6 +39,10 @@ pub const ENV_EVERY: &str = "SUPERVISE_EVERY";
 pub const ENV_TRACK_WRITES: &str = "SUPERVISE_TRACK_WRITES";
 /// How to capture: `auto` (default), `dirty`, `copy`, `fork` or `sync` (see [`CaptureMode`]).
 pub const ENV_CAPTURE: &str = "SUPERVISE_CAPTURE";
+/// The most memory a capture may hold at once: a size (`256MiB`) or a percentage (`25%`, the
+/// default) of the registered state and of the memory available, whichever is smaller (see
+/// [`CaptureMemory`]).
+pub const ENV_CAPTURE_MEMORY: &str = "SUPERVISE_CAPTURE_MEMORY";
 /// Snapshots `latest` must not restore: `3-5,9` (set by the supervisor).
 pub const ENV_RESTORE_SKIP: &str = "SUPERVISE_RESTORE_SKIP";
 /// Snapshots the supervisor suspects (`7-8`): retention neither counts them toward the
@@ -79,6 +83,82 @@ pub enum CaptureMode {
     Fork,
     /// Copy, then wait until the snapshot is durable before the program goes on.
     Sync,
+}
+
+/// The most memory a capture may hold at once (its copies of the state, on their way to the
+/// store). A capture that needs more is copied and written in parts, and the program waits at
+/// its safe point while the parts beyond the budget are written: its pause grows, memory does
+/// not. A forked capture (whose copy-on-write can cost up to the process's whole memory) is
+/// taken only when the process's memory fits the budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureMemory {
+    /// Exactly this many bytes.
+    Bytes(u64),
+    /// This percentage of the registered state and of the memory available (`MemAvailable`),
+    /// whichever is smaller; at least [`CaptureMemory::FLOOR`] unless memory is scarcer.
+    Percent(u32),
+}
+
+impl Default for CaptureMemory {
+    fn default() -> Self {
+        CaptureMemory::Percent(25)
+    }
+}
+
+impl CaptureMemory {
+    /// The least a percentage budget gives when memory is available: small states are never
+    /// written in parts.
+    pub const FLOOR: u64 = 64 << 20;
+
+    /// Parses `256MiB`, `1G`, `1048576` (bytes) or `25%` (1 to 100).
+    pub fn parse(value: &str) -> Option<Self> {
+        let value = value.trim();
+        if let Some(p) = value.strip_suffix('%') {
+            return p
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|p| (1..=100).contains(p))
+                .map(CaptureMemory::Percent);
+        }
+        value
+            .parse::<bytesize::ByteSize>()
+            .ok()
+            .map(|b| b.as_u64())
+            .filter(|&b| b > 0)
+            .map(CaptureMemory::Bytes)
+    }
+
+    /// The budget in bytes for `state` bytes of registered state when `available` bytes of
+    /// memory are available (`None`: unknown).
+    pub fn bytes(self, state: u64, available: Option<u64>) -> u64 {
+        match self {
+            CaptureMemory::Bytes(b) => b,
+            CaptureMemory::Percent(p) => {
+                let share = |of: u64| (u128::from(of) * u128::from(p) / 100) as u64;
+                let wanted = share(state).max(Self::FLOOR);
+                available.map_or(wanted, |a| wanted.min(share(a)))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for CaptureMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CaptureMemory::Bytes(b) => write!(f, "{b}"),
+            CaptureMemory::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// The memory available for new allocations without swapping (`MemAvailable` of
+/// `/proc/meminfo`), if it can be read.
+pub fn memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// How the shim runs.
@@ -278,6 +358,8 @@ pub struct ChildEnv {
     pub scrub: Option<Duration>,
     /// What produced the snapshots ([`ENV_ORIGIN`]).
     pub origin: Option<crate::format::Origin>,
+    /// The most memory a capture may hold ([`ENV_CAPTURE_MEMORY`]; default 25%).
+    pub capture_memory: CaptureMemory,
 }
 
 impl ChildEnv {
@@ -319,6 +401,9 @@ impl ChildEnv {
         ));
         if !self.suspect.is_empty() {
             env.push((ENV_SUSPECT, format_ranges(&self.suspect)));
+        }
+        if self.capture_memory != CaptureMemory::default() {
+            env.push((ENV_CAPTURE_MEMORY, self.capture_memory.to_string()));
         }
         if let Some(within) = self.keep_within {
             env.push((
@@ -393,6 +478,14 @@ impl ChildEnv {
                 .unwrap_or_default(),
             scrub,
             origin: var(ENV_ORIGIN).and_then(|v| parse_origin(&v)),
+            capture_memory: match var(ENV_CAPTURE_MEMORY) {
+                None => CaptureMemory::default(),
+                Some(v) => CaptureMemory::parse(&v).ok_or_else(|| Error::Env {
+                    var: ENV_CAPTURE_MEMORY,
+                    value: v.clone(),
+                    why: "expected a size such as 256MiB or a percentage from 1% to 100%".into(),
+                })?,
+            },
         })
     }
 }
@@ -418,6 +511,8 @@ pub struct Config {
     pub capture: CaptureMode,
     /// Use dirty-page tracking where the kernel offers it (default true).
     pub track_writes: bool,
+    /// The most memory a capture may hold at once.
+    pub capture_memory: CaptureMemory,
     /// Also keep snapshots younger than this.
     pub keep_within: Option<Duration>,
     /// What to do when the supervisor goes away.
@@ -556,6 +651,7 @@ impl Config {
             every: None,
             capture: CaptureMode::Auto,
             track_writes: true,
+            capture_memory: CaptureMemory::default(),
             keep_within: None,
             orphan: OrphanMode::Stop,
             suspect: Vec::new(),
@@ -618,6 +714,7 @@ impl Config {
         Ok(Self {
             capture,
             track_writes: var(ENV_TRACK_WRITES).as_deref() != Some("0"),
+            capture_memory: child.capture_memory,
             mode,
             store: child.store,
             job: child.job,

@@ -400,6 +400,38 @@ const DEFERRED: u32 = u32::MAX;
 /// Bytes [`SnapshotBuilder::add_file`] reads and stores at a time.
 pub const STREAM_BATCH: usize = 64 << 20;
 
+/// An entry being added in parts: [`SnapshotBuilder::begin_whole`] or
+/// [`SnapshotBuilder::begin_delta`], then [`SnapshotBuilder::add_chunks`], then
+/// [`SnapshotBuilder::end_entry`].
+pub struct EntryInParts {
+    name: String,
+    kind: EntryKind,
+    len: u64,
+    /// Bytes in each chunk but maybe the last.
+    chunk: usize,
+    /// A delta's base: where the chunks never given are.
+    base: Option<EntryMeta>,
+    refs: Vec<Option<ChunkRef>>,
+}
+
+impl EntryInParts {
+    /// The entry's number of chunks.
+    pub fn count(&self) -> usize {
+        self.refs.len()
+    }
+
+    /// The length of chunk `i` (the last may be short).
+    pub fn chunk_len(&self, i: usize) -> usize {
+        let start = (i * self.chunk) as u64;
+        (self.len.saturating_sub(start)).min(self.chunk as u64) as usize
+    }
+
+    /// The bytes of the chunks numbered in `chunks`, together.
+    pub fn bytes_of(&self, chunks: &[usize]) -> usize {
+        chunks.iter().map(|&i| self.chunk_len(i)).sum()
+    }
+}
+
 /// A plain-old-data element type that can be stored as a raw slice.
 pub trait Element: bytemuck::Pod {
     /// Name recorded in the manifest.
@@ -505,44 +537,27 @@ impl SnapshotBuilder<'_> {
         shuffle: u8,
     ) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        self.check_new_name(name)?;
-        let chunk = self.writer.chunk_size as u64;
-        let count = usize::try_from(len.div_ceil(chunk)).map_err(|_| Error::Overflow {
-            job: self.writer.job.name().to_owned(),
-            entry: name.to_owned(),
-            what: "the file's chunk count",
-        })?;
-        let mut refs: Vec<Option<ChunkRef>> = vec![None; count];
-        let per_batch = (STREAM_BATCH as u64 / chunk).max(1);
+        let mut entry = self.begin_whole(name, kind, len)?;
+        let per_batch = (STREAM_BATCH / entry.chunk).max(1);
         let mut buf = Vec::new();
-        let mut first = 0u64;
-        while first < count as u64 {
-            let start = first * chunk;
-            let end = len.min((first + per_batch) * chunk);
-            buf.resize((end - start) as usize, 0);
+        let mut first = 0;
+        while first < entry.count() {
+            let chunks: Vec<usize> = (first..(first + per_batch).min(entry.count())).collect();
+            let start = (first * entry.chunk) as u64;
+            buf.resize(entry.bytes_of(&chunks), 0);
             file.read_exact_at(&mut buf, start)
                 .map_err(crate::error::io_err("read", path))?;
-            let pieces: Vec<(usize, &[u8])> = buf
-                .chunks(self.writer.chunk_size)
-                .enumerate()
-                .map(|(i, c)| (first as usize + i, c))
-                .collect();
-            self.store_chunks(&pieces, shuffle, &mut refs)?;
+            self.add_chunks(&mut entry, &chunks, &buf, shuffle)?;
             first += per_batch;
         }
-        self.stats.bytes_total += len;
-        self.finish_entry(name, kind, len, refs);
-        Ok(())
+        self.end_entry(entry)
     }
 
     fn add(&mut self, name: &str, kind: EntryKind, data: &[u8], shuffle: u8) -> Result<()> {
-        self.check_new_name(name)?;
-        let pieces: Vec<(usize, &[u8])> = data.chunks(self.writer.chunk_size).enumerate().collect();
-        let mut refs: Vec<Option<ChunkRef>> = vec![None; pieces.len()];
-        self.store_chunks(&pieces, shuffle, &mut refs)?;
-        self.stats.bytes_total += data.len() as u64;
-        self.finish_entry(name, kind, data.len() as u64, refs);
-        Ok(())
+        let mut entry = self.begin_whole(name, kind, data.len() as u64)?;
+        let all: Vec<usize> = (0..entry.count()).collect();
+        self.add_chunks(&mut entry, &all, data, shuffle)?;
+        self.end_entry(entry)
     }
 
     /// Adds an entry that equals `base` (the same entry in an earlier snapshot) except for the
@@ -556,52 +571,121 @@ impl SnapshotBuilder<'_> {
         data: &[u8],
         shuffle: u8,
     ) -> Result<()> {
+        let mut entry = self.begin_delta(name, base)?;
+        self.add_chunks(&mut entry, dirty, data, shuffle)?;
+        self.end_entry(entry)
+    }
+
+    /// Begins entry `name` of `kind` and `len` bytes, to be given in parts with
+    /// [`add_chunks`](Self::add_chunks) (every chunk once, in any order) and finished with
+    /// [`end_entry`](Self::end_entry): an entry of any length stored with the memory of one
+    /// part.
+    pub fn begin_whole(&mut self, name: &str, kind: EntryKind, len: u64) -> Result<EntryInParts> {
         self.check_new_name(name)?;
-        let job = self.writer.job.name().to_owned();
-        let mismatch = |why: String| Error::DeltaBase {
-            job: job.clone(),
+        let chunk = self.writer.chunk_size;
+        let count = usize::try_from(len.div_ceil(chunk as u64)).map_err(|_| Error::Overflow {
+            job: self.writer.job.name().to_owned(),
             entry: name.to_owned(),
-            why,
-        };
+            what: "the entry's chunk count",
+        })?;
+        Ok(EntryInParts {
+            name: name.to_owned(),
+            kind,
+            len,
+            chunk,
+            base: None,
+            refs: vec![None; count],
+        })
+    }
+
+    /// Begins entry `name` as a change of `base` (the same entry in an earlier snapshot): the
+    /// chunks given with [`add_chunks`](Self::add_chunks) are its new bytes; those never given
+    /// are referenced as `base` has them, neither copied nor hashed again.
+    pub fn begin_delta(&mut self, name: &str, base: &EntryMeta) -> Result<EntryInParts> {
+        self.check_new_name(name)?;
         let uniform = base.chunks.split_last().is_none_or(|(last, rest)| {
             rest.iter().all(|c| c.raw_len as usize == CHUNK_SIZE)
                 && last.raw_len as usize <= CHUNK_SIZE
         });
-        if !uniform {
-            return Err(mismatch(format!(
-                "its chunks are not all {CHUNK_SIZE} bytes"
-            )));
+        let whole_chunks = (base.len as usize).div_ceil(CHUNK_SIZE) == base.chunks.len();
+        if !uniform || !whole_chunks {
+            return Err(Error::DeltaBase {
+                job: self.writer.job.name().to_owned(),
+                entry: name.to_owned(),
+                why: format!("its chunks are not all {CHUNK_SIZE} bytes"),
+            });
         }
-        let mut pieces = Vec::with_capacity(dirty.len());
+        Ok(EntryInParts {
+            name: name.to_owned(),
+            kind: base.kind.clone(),
+            len: base.len,
+            chunk: CHUNK_SIZE,
+            refs: vec![None; base.chunks.len()],
+            base: Some(base.clone()),
+        })
+    }
+
+    /// Stores the chunks of `entry` numbered in `chunks`, whose bytes `data` holds one after
+    /// another (each chunk is the entry's chunk size, the last one possibly shorter). Chunks
+    /// the store holds are only referenced.
+    pub fn add_chunks(
+        &mut self,
+        entry: &mut EntryInParts,
+        chunks: &[usize],
+        data: &[u8],
+        shuffle: u8,
+    ) -> Result<()> {
+        let mismatch = |why: String| Error::DeltaBase {
+            job: self.writer.job.name().to_owned(),
+            entry: entry.name.clone(),
+            why,
+        };
+        let mut pieces = Vec::with_capacity(chunks.len());
         let mut offset = 0usize;
-        for &i in dirty {
-            let chunk = base
-                .chunks
-                .get(i)
-                .ok_or_else(|| mismatch(format!("no chunk {i}")))?;
-            let end =
-                offset
-                    .checked_add(chunk.raw_len as usize)
-                    .ok_or_else(|| Error::Overflow {
-                        job: job.clone(),
-                        entry: name.to_owned(),
-                        what: "the end of a dirty chunk's bytes",
-                    })?;
+        for &i in chunks {
+            match entry.refs.get(i) {
+                None => return Err(mismatch(format!("no chunk {i}"))),
+                Some(Some(_)) => return Err(mismatch(format!("chunk {i} given twice"))),
+                Some(None) => {}
+            }
+            let end = offset + entry.chunk_len(i);
             let bytes = data
                 .get(offset..end)
-                .ok_or_else(|| mismatch("dirty data too short".into()))?;
+                .ok_or_else(|| mismatch("the chunks' data is too short".into()))?;
             pieces.push((i, bytes));
             offset = end;
         }
         if offset != data.len() {
-            return Err(mismatch("dirty data too long".into()));
+            return Err(mismatch("the chunks' data is too long".into()));
         }
-        let mut refs: Vec<Option<ChunkRef>> = vec![None; base.chunks.len()];
-        self.store_chunks(&pieces, shuffle, &mut refs)?;
-        for (i, chunk) in base.chunks.iter().enumerate() {
-            if refs[i].is_some() {
+        self.store_chunks(&pieces, shuffle, &mut entry.refs)
+    }
+
+    /// Finishes `entry`: chunks never given are referenced as its base has them (a whole
+    /// entry must have been given every chunk).
+    pub fn end_entry(&mut self, entry: EntryInParts) -> Result<()> {
+        let EntryInParts {
+            name,
+            kind,
+            len,
+            base,
+            mut refs,
+            ..
+        } = entry;
+        let job = self.writer.job.name().to_owned();
+        let mismatch = |why: String| Error::DeltaBase {
+            job: job.clone(),
+            entry: name.clone(),
+            why,
+        };
+        for (i, slot) in refs.iter_mut().enumerate() {
+            if slot.is_some() {
                 continue;
             }
+            let chunk = base
+                .as_ref()
+                .and_then(|b| b.chunks.get(i))
+                .ok_or_else(|| mismatch(format!("chunk {i} was never given")))?;
             let loc = match self.new_locs.get(&chunk.hash) {
                 Some(loc) => loc.clone(),
                 None => {
@@ -624,10 +708,10 @@ impl SnapshotBuilder<'_> {
                     }
                 }
             };
-            refs[i] = Some(self.chunk_ref(chunk.hash, &loc));
+            *slot = Some(self.chunk_ref(chunk.hash, &loc));
         }
-        self.stats.bytes_total += base.len;
-        self.finish_entry(name, base.kind.clone(), base.len, refs);
+        self.stats.bytes_total += len;
+        self.finish_entry(&name, kind, len, refs);
         Ok(())
     }
 
