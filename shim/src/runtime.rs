@@ -87,8 +87,7 @@ pub struct Shim {
     pub(crate) in_flight_regions: Vec<usize>,
     /// The capture memory budget of the last capture, in bytes (spare buffers stay within it).
     pub(crate) budget: usize,
-    /// Where the writer hands back the buffers of a capture in parts.
-    pub(crate) returned: Option<std::sync::mpsc::Receiver<Buffer>>,
+
     pub(crate) last: Option<std::result::Result<SnapshotReport, Arc<Error>>>,
     /// The output files this run opened (closed ones too: their lengths stay recorded).
     pub(crate) outputs: Vec<output::Shared>,
@@ -151,7 +150,6 @@ impl Shim {
             ranges: Vec::new(),
             in_flight_regions: Vec::new(),
             budget: usize::MAX,
-            returned: None,
             last: None,
             outputs: Vec::new(),
             part_seq: None,
@@ -834,7 +832,7 @@ impl Shim {
             background.submit(work, pause_rx);
         }
         if let Some(feed) = feed {
-            self.returned = Some(feed.run());
+            feed.run();
         }
         let pause = started.elapsed();
         let _ = paused.send(pause);

@@ -99,6 +99,24 @@ fn drop_caches() -> bool {
     fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
 
+/// Resets the process's peak resident memory to what it holds now (`5` to
+/// `/proc/self/clear_refs`); says whether it could.
+fn reset_peak() -> bool {
+    fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// A `kB` line of `/proc/self/status` (`VmRSS`, `VmHWM`), in bytes.
+fn status_bytes(field: &str) -> Result<u64> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .with_context(|| format!("no {field} in /proc/self/status"))?;
+    Ok(kib * 1024)
+}
+
 fn measure_limits(dir: &Path, data: &[u8]) -> Result<Limits> {
     let size = data.len() as f64;
     // A destination already faulted in (vec![1; n] writes every page), and a copy the
@@ -365,7 +383,15 @@ fn run_in(
     say("measuring the machine: memcpy, blake3, zstd, write + fsync, read");
     let lim = measure_limits(dir, raw)?;
     say("measuring the naive way: zstd everything, write a new file, fsync");
+    let before_naive = status_bytes("VmRSS")?;
+    let peaks = reset_peak();
     let (naive_s, naive_bytes, naive_restore) = naive(dir, raw)?;
+    // What the naive way holds besides the state: its compressed copy (and the restore's
+    // buffers, which a restarting program would hold anyway).
+    let naive_memory = peaks
+        .then(|| status_bytes("VmHWM"))
+        .transpose()?
+        .map(|peak| peak.saturating_sub(before_naive + size as u64));
     // Only the region holds the state from here on, as in a real program (a fork's cost
     // grows with all the memory the process has).
     drop(base);
@@ -376,6 +402,8 @@ fn run_in(
     let mode = ours.capture_mode();
     let mut region = ours.region::<f64>("field", n)?;
     region.copy_from_slice(&field(n));
+    // The program alone with its state: what the memory rows count from.
+    let alone = status_bytes("VmRSS")?;
     let full = take(&mut ours, "full")?;
     // Limits for a snapshot of `changed` raw bytes: copy them; hash what must be hashed and
     // compress what changed, on the same cores (so the two add up); write what they compress
@@ -395,9 +423,9 @@ fn run_in(
     snapshot_rows(&mut rows, "full", &full, limits, naive_rows);
 
     let mut last = full.seq;
-    // 1%: three times, the median (the first deltas of a run pay a warm-up; a long run is
-    // made of the later ones). 10%: once.
-    for (label, fraction, rounds) in [("1% changed", 0.01, 3u64), ("10% changed", 0.10, 1)] {
+    // Three times each, the median: the first capture at a new rate of change pays for fresh
+    // buffer memory (slow to fault in on a VM); a long run is made of the later ones.
+    for (label, fraction, rounds) in [("1% changed", 0.01, 3u64), ("10% changed", 0.10, 3)] {
         let mut runs = Vec::new();
         let mut changed = 0.0;
         for round in 0..rounds {
@@ -414,6 +442,63 @@ fn run_in(
             changed / lim.ratio,
         ];
         snapshot_rows(&mut rows, label, median, limits, naive_rows);
+    }
+
+    // Memory: a program that changes a share of its state between snapshots takes one and
+    // changes as much again while it is written. The row is the peak resident memory over the
+    // program alone with its state; the limit is the changed bytes (1% and 10%: what a capture
+    // copies) or the capture memory budget (100%).
+    if peaks {
+        say("measuring supervise: memory while snapshots are written");
+        let budget = supervise_store::config::CaptureMemory::default()
+            .bytes(size as u64, supervise_store::config::memory_available())
+            as f64;
+        for (label, fraction) in [
+            ("1% changed, memory", 0.01),
+            ("10% changed, memory", 0.10),
+            ("100% changed, memory", 1.0),
+        ] {
+            // Two snapshots at this rate first: the steady state of a program that changes
+            // this much between snapshots.
+            for seed in [21, 22] {
+                change(&mut region, fraction, seed);
+                take(&mut ours, "warm-up")?;
+            }
+            let changed = change(&mut region, fraction, 11) as f64;
+            reset_peak();
+            let captured = match ours.snapshot(Some(label), |_| Ok(()))? {
+                Next::Continue(captured) => captured.context("the shim is not active")?,
+                Next::Stop => bail!("asked to stop"),
+            };
+            change(&mut region, fraction, 13);
+            let report = ours.wait_durable()?.context("no snapshot was written")?;
+            let extra = status_bytes("VmHWM")?.saturating_sub(alone) as f64;
+            let t = Taken {
+                pause: captured.pause.as_secs_f64(),
+                durable: report.duration_ms as f64 / 1000.0,
+                written: report.bytes_written,
+                seq: report.seq,
+            };
+            if fraction >= 1.0 {
+                let limits = [
+                    pause_limit(changed),
+                    durable_limit(changed, changed),
+                    changed / lim.ratio,
+                ];
+                snapshot_rows(&mut rows, "100% changed", &t, limits, naive_rows);
+            }
+            let mib = |b: f64| b / 1048576.0;
+            rows.push(Row {
+                scenario: label.into(),
+                metric: "memory",
+                ours: mib(extra),
+                limit: Some(mib(if fraction >= 1.0 { budget } else { changed })),
+                naive: naive_memory.map(|m| mib(m as f64)),
+                unit: "MiB",
+            });
+            // The changes made during the write go into a snapshot of their own.
+            last = take(&mut ours, "settle")?.seq;
+        }
     }
 
     let expected: Vec<f64> = region.to_vec();

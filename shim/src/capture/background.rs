@@ -17,7 +17,7 @@ use supervise_store::store::Retention;
 use supervise_store::writer::{SnapshotReport, SnapshotWriter};
 
 use super::fork::await_forked;
-use super::{Buffer, CaptureTask, Item, empty_buffer, reserve_capture};
+use super::{Buffer, CaptureTask, Item};
 use crate::runtime::Shim;
 
 /// What the writer thread says about a capture task.
@@ -41,14 +41,8 @@ pub(crate) type OnDamage = Arc<dyn Fn(&[Finding], &Result<Vec<u64>>) + Send + Sy
 pub(crate) enum Work {
     /// A captured snapshot to write.
     Capture(Box<CaptureTask>),
-    /// A forked process writes the snapshot; its report comes through the pipe. `warm`: bytes
-    /// of buffer to fault in meanwhile for the next captures (a fork returns no buffers, and
-    /// fresh memory is slow to fault in; better here than in the program's pause).
-    Forked {
-        pid: libc::pid_t,
-        report: File,
-        warm: usize,
-    },
+    /// A forked process writes the snapshot; its report comes through the pipe.
+    Forked { pid: libc::pid_t, report: File },
 }
 
 /// The writer thread and the channels to it.
@@ -120,19 +114,12 @@ impl Background {
                                 written.buffers,
                             )
                         }
-                        Work::Forked { pid, report, warm } => {
-                            let mut buffers = Vec::new();
-                            if warm > 0 {
-                                let mut buffer = empty_buffer();
-                                reserve_capture(&mut buffer, warm);
-                                buffer.resize(warm, 0);
-                                buffer.clear();
-                                buffers.push(buffer);
-                            }
+                        Work::Forked { pid, report } => {
                             let (result, retention_failed) = await_forked(&mut writer, pid, report);
-                            (result, retention_failed, buffers)
+                            (result, retention_failed, Vec::new())
                         }
                     };
+                    release_free_memory();
                     // Sent once the program goes on: for a capture in parts, after the last
                     // part (which this thread has stored by now).
                     let pause = pause.recv().unwrap_or_default();
@@ -329,20 +316,23 @@ impl Shim {
         let Some(outcome) = self.background.as_mut().and_then(Background::wait) else {
             return;
         };
+        // What this capture copied into buffers: the spare buffers kept are about that much, so
+        // a program whose changes are small holds little between snapshots. The parts of a
+        // capture beyond the budget are not kept (they would hold the budget for good).
+        let copied: usize = outcome.buffers.iter().map(|b| b.len()).sum();
         self.buffers
             .extend(outcome.buffers.into_iter().filter(|b| b.capacity() > 0));
-        if let Some(returned) = self.returned.take() {
-            self.buffers.extend(returned.try_iter());
-        }
-        // Spare buffers beyond what a capture uses are only memory held: keep the largest few,
-        // within the capture memory budget.
+        let keep = (copied + copied / 4 + (1 << 20)).min(self.budget);
         self.buffers
             .sort_by_key(|b| std::cmp::Reverse(b.capacity()));
         self.buffers.truncate(MAX_SPARE_BUFFERS);
         let mut held = 0usize;
         self.buffers.retain(|b| {
-            held = held.saturating_add(b.capacity());
-            held <= self.budget
+            let fits = held.saturating_add(b.capacity()) <= keep;
+            if fits {
+                held += b.capacity();
+            }
+            fits
         });
         let base = outcome.result.as_ref().ok().map(|r| r.seq);
         for idx in self.in_flight_regions.drain(..) {
@@ -351,6 +341,19 @@ impl Shim {
             }
         }
         self.last = Some(outcome.result);
+    }
+}
+
+/// Gives the memory the writer freed back to the system. glibc's allocator keeps freed blocks
+/// for reuse, and after its first free of a pack block (4 MiB) it serves blocks of that size
+/// from its heaps, so that every snapshot's blocks, compressors and chunk lists would stay
+/// resident between snapshots (20 MiB measured with `supervise bench` at 1% of 1 GiB).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory of the allocator's own heaps to the
+    // system; it is thread-safe and touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -19,7 +19,7 @@ use supervise_store::writer::{SnapshotReport, SnapshotWriter};
 use super::background::{Work, write_task};
 use super::copy::copy_chunks;
 use super::dirty::Delta;
-use super::{Buffer, Capture, CaptureTask, Item, OutputsAt};
+use super::{Capture, CaptureTask, Item, OutputsAt};
 use crate::region::RegionMem;
 use crate::runtime::Shim;
 
@@ -117,21 +117,9 @@ impl Shim {
             }),
             Ok(nix::unistd::ForkResult::Parent { child }) => {
                 drop(write);
-                // In auto mode the next captures are deltas copied here: have a buffer for
-                // them faulted in meanwhile, unless a spare one is big enough. (In fork mode
-                // every capture forks and nothing is copied here.)
-                let regions: usize = plan.iter().map(|(m, _)| m.bytes).sum();
-                let want = (regions / 8).min(256 << 20);
-                let spare = self.buffers.iter().map(Buffer::capacity).max().unwrap_or(0);
-                let auto = self.config.capture == CaptureMode::Auto;
                 Ok(Work::Forked {
                     pid: child.as_raw(),
                     report: std::fs::File::from(read),
-                    warm: if auto && spare < want {
-                        want.min(self.budget)
-                    } else {
-                        0
-                    },
                 })
             }
             Ok(nix::unistd::ForkResult::Child) => {

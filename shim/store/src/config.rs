@@ -108,7 +108,7 @@ impl Default for CaptureMemory {
 impl CaptureMemory {
     /// The least a percentage budget gives when memory is available: small states are never
     /// written in parts.
-    pub const FLOOR: u64 = 64 << 20;
+    pub const FLOOR: u64 = 256 << 20;
 
     /// Parses `256MiB`, `1G`, `1048576` (bytes) or `25%` (1 to 100).
     pub fn parse(value: &str) -> Option<Self> {
@@ -758,6 +758,7 @@ mod tests {
             suspect: vec![(7, 8)],
             scrub: None,
             origin: parse_origin(r#"{"program":"/bin/heat","exe_blake3":null,"args":["-n"]}"#),
+            capture_memory: CaptureMemory::Bytes(3 << 30),
         };
         assert_eq!(read_back(&full.to_env()), full);
         let bare = ChildEnv {
@@ -768,6 +769,7 @@ mod tests {
             suspect: Vec::new(),
             scrub: Some(Duration::from_secs(3600)),
             origin: None,
+            capture_memory: CaptureMemory::Percent(10),
             ..full.clone()
         };
         assert_eq!(read_back(&bare.to_env()), bare);
@@ -783,6 +785,44 @@ mod tests {
         assert_eq!(defaults.keep, 3);
         assert_eq!(defaults.scrub, Some(crate::scrub::DEFAULT_PERIOD));
         assert_eq!(defaults.orphan, OrphanMode::Stop);
+        assert_eq!(defaults.capture_memory, CaptureMemory::Percent(25));
+        let bad = ChildEnv::from_lookup(
+            |name| (name == ENV_CAPTURE_MEMORY).then(|| "0%".to_owned()),
+            "unused",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains(ENV_CAPTURE_MEMORY), "{bad}");
+    }
+
+    #[test]
+    fn the_capture_memory_budget_is_a_size_or_the_smaller_share_of_state_and_memory() {
+        const MIB: u64 = 1 << 20;
+        let parse = |v: &str| CaptureMemory::parse(v);
+        assert_eq!(parse("512MiB"), Some(CaptureMemory::Bytes(512 * MIB)));
+        assert_eq!(parse("1G"), Some(CaptureMemory::Bytes(1_000_000_000)));
+        assert_eq!(parse(" 25% "), Some(CaptureMemory::Percent(25)));
+        assert_eq!(parse("100%"), Some(CaptureMemory::Percent(100)));
+        for bad in ["0", "0%", "101%", "-1%", "lots", "", "12.5%"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        for budget in [CaptureMemory::Bytes(7 * MIB), CaptureMemory::Percent(30)] {
+            assert_eq!(parse(&budget.to_string()), Some(budget));
+        }
+        let quarter = CaptureMemory::Percent(25);
+        // A quarter of 4 GiB of state, with plenty of memory.
+        assert_eq!(quarter.bytes(4096 * MIB, Some(64 << 30)), 1024 * MIB);
+        // A quarter of what is available when that is less.
+        assert_eq!(quarter.bytes(4096 * MIB, Some(2048 * MIB)), 512 * MIB);
+        // Small states get the floor, unless memory is scarcer still.
+        assert_eq!(
+            quarter.bytes(10 * MIB, Some(64 << 30)),
+            CaptureMemory::FLOOR
+        );
+        assert_eq!(quarter.bytes(10 * MIB, Some(100 * MIB)), 25 * MIB);
+        assert_eq!(quarter.bytes(4096 * MIB, None), 1024 * MIB);
+        // A size is a size.
+        assert_eq!(CaptureMemory::Bytes(5).bytes(1 << 40, Some(1)), 5);
     }
 
     #[test]
