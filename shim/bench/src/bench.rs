@@ -239,8 +239,10 @@ fn direct_write_speed(path: &Path, data: &[u8]) -> Option<f64> {
 }
 
 /// The naive way: compress everything (all cores), write a new file, fsync, rename, fsync the
-/// directory. Returns (seconds, bytes written, restore seconds).
-fn naive(dir: &Path, data: &[u8]) -> Result<(f64, u64, f64)> {
+/// directory. Returns (seconds, bytes written, restore seconds, the peak resident memory of
+/// the snapshot, if it could be measured).
+fn naive(dir: &Path, data: &[u8]) -> Result<(f64, u64, f64, Option<u64>)> {
+    let peaks = reset_peak();
     let t = Instant::now();
     let per_thread = data.len().div_ceil(threads());
     let parts: Vec<Vec<u8>> = std::thread::scope(|s| {
@@ -267,6 +269,7 @@ fn naive(dir: &Path, data: &[u8]) -> Result<(f64, u64, f64)> {
     fs::rename(&tmp, &dst)?;
     File::open(dir)?.sync_all()?;
     let secs = t.elapsed().as_secs_f64();
+    let peak = peaks.then(|| status_bytes("VmHWM")).transpose()?;
     drop(parts);
 
     drop_caches();
@@ -286,7 +289,7 @@ fn naive(dir: &Path, data: &[u8]) -> Result<(f64, u64, f64)> {
         bail!("the naive restore does not round-trip");
     }
     fs::remove_file(&dst)?;
-    Ok((secs, written, restore))
+    Ok((secs, written, restore, peak))
 }
 
 /// What one snapshot of ours cost.
@@ -384,14 +387,10 @@ fn run_in(
     let lim = measure_limits(dir, raw)?;
     say("measuring the naive way: zstd everything, write a new file, fsync");
     let before_naive = status_bytes("VmRSS")?;
-    let peaks = reset_peak();
-    let (naive_s, naive_bytes, naive_restore) = naive(dir, raw)?;
-    // What the naive way holds besides the state: its compressed copy (and the restore's
-    // buffers, which a restarting program would hold anyway).
-    let naive_memory = peaks
-        .then(|| status_bytes("VmHWM"))
-        .transpose()?
-        .map(|peak| peak.saturating_sub(before_naive + size as u64));
+    let (naive_s, naive_bytes, naive_restore, naive_peak) = naive(dir, raw)?;
+    // What the naive snapshot holds besides the state: its compressed copy.
+    let naive_memory = naive_peak.map(|peak| peak.saturating_sub(before_naive));
+    let peaks = naive_peak.is_some();
     // Only the region holds the state from here on, as in a real program (a fork's cost
     // grows with all the memory the process has).
     drop(base);
