@@ -327,7 +327,7 @@ struct RunArgs {
     /// percentage of the program's registered state and of the memory available, whichever is
     /// smaller (at least 256 MiB when available). A capture that needs more is copied and
     /// written in parts while the program waits at its safe point: its pause grows instead of
-    /// its memory, so snapshots never cause an out-of-memory kill.
+    /// its memory. The writer's own working memory (about 48 MiB) counts in the budget.
     #[arg(long, value_name = "SIZE|PERCENT", default_value = "25%", value_parser = parse_capture_memory, allow_hyphen_values = true)]
     capture_memory: CaptureMemory,
 

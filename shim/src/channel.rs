@@ -248,6 +248,15 @@ impl Shared {
         true
     }
 
+    /// Counts a liveness beat if the control thread asked for one: for a program that is busy
+    /// inside the shim (a capture in parts) rather than between safe points.
+    pub(crate) fn beat(&self) {
+        let pending = self.pending.load(Ordering::Relaxed);
+        if pending & BEAT != 0 {
+            self.due_slow(pending);
+        }
+    }
+
     #[cold]
     fn due_slow(&self, pending: u32) -> bool {
         if pending & BEAT != 0 {

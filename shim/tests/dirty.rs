@@ -389,9 +389,10 @@ fn watchdog() {
 fn captures_beyond_the_memory_budget_are_written_in_parts_and_restore_exactly() {
     watchdog();
     let dir = tempfile::tempdir().unwrap();
-    // 2 MiB of capture memory for 32 MiB of regions: every capture below but the last is
-    // copied in parts of 1 MiB, two at a time, while the writer stores them.
-    let mut shim = budgeted(dir.path(), 2 << 20);
+    // 50 MiB of capture memory, of which the writer's reserve (48 MiB) leaves 2 MiB for the
+    // copies of 32 MiB of regions: every capture below but the third is copied in parts of
+    // 1 MiB, two at a time, while the writer stores them.
+    let mut shim = budgeted(dir.path(), 50 << 20);
     let (len, qlen) = ((24 << 20) / 8, (8 << 20) / 8);
     let mut r = shim.region::<u64>("r", len).unwrap();
     let mut q = shim.region::<u64>("q", qlen).unwrap();
@@ -436,7 +437,8 @@ fn captures_beyond_the_memory_budget_are_written_in_parts_and_restore_exactly() 
                 }
                 fill(&mut q, 1);
             }
-            // One chunk: this capture fits the budget and is copied at once.
+            // One chunk: this capture fits the budget and is copied at once, on the base a
+            // capture in parts made.
             2 => r[7 * 8192] = 77,
             // Everything again.
             _ => {

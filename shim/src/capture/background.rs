@@ -119,7 +119,6 @@ impl Background {
                             (result, retention_failed, Vec::new())
                         }
                     };
-                    release_free_memory();
                     // Sent once the program goes on: for a capture in parts, after the last
                     // part (which this thread has stored by now).
                     let pause = pause.recv().unwrap_or_default();
@@ -132,6 +131,7 @@ impl Background {
                             .saturating_add(micros(thread_cpu().saturating_sub(cpu_before)));
                     }
                     on_done(&result, retention_failed.as_deref());
+                    release_free_memory();
                     if out_tx.send(Outcome { result, buffers }).is_err() {
                         break;
                     }
@@ -246,6 +246,7 @@ pub(super) fn write_task(
                     len,
                     base: seq,
                     shuffle,
+                    chunks,
                     parts,
                     returns,
                 } => {
@@ -257,9 +258,19 @@ pub(super) fn write_task(
                         None => builder.begin_whole(name, kind.clone(), *len)?,
                     };
                     // Until the program has sent the last part (and closed the channel).
+                    let mut given = 0;
                     for part in parts.iter() {
                         builder.add_chunks(&mut entry, &part.chunks, &part.data, *shuffle)?;
+                        given += part.chunks.len();
                         let _ = returns.send(part.data);
+                    }
+                    // A feed that ended early (it never should) must not leave a delta's
+                    // missing chunks to be taken from its base.
+                    if given != *chunks {
+                        return Err(Error::Aborted(format!(
+                            "region {name:?} was captured in parts, but {given} of its {chunks} \
+                             chunks arrived"
+                        )));
                     }
                     builder.end_entry(entry)?;
                 }

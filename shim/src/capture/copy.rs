@@ -13,6 +13,7 @@ use supervise_store::format::CHUNK_SIZE;
 
 use super::dirty::Delta;
 use super::{Buffer, Capture, CaptureTask, Item, OutputsAt, Part, empty_buffer, reserve_capture};
+use crate::channel::Shared;
 use crate::region::RegionMem;
 use crate::runtime::Shim;
 
@@ -62,6 +63,20 @@ impl Shim {
         let room = budget.saturating_sub(copied + WRITER_RESERVE);
         let need: usize = plan.iter().map(|(m, d)| to_copy(m, d.as_ref())).sum();
         let feed = if need <= room {
+            // Spare buffers are memory held: within the room, counting the copies' new
+            // buffers, unless one region's copy reuses the largest spare.
+            self.buffers
+                .sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+            let reused =
+                plan.len() == 1 && self.buffers.first().is_some_and(|b| b.capacity() >= need);
+            let mut spare = if reused { room } else { room - need };
+            self.buffers.retain(|b| {
+                let fits = b.capacity() <= spare;
+                if fits {
+                    spare -= b.capacity();
+                }
+                fits
+            });
             for (mem, delta) in plan {
                 items.push(self.copy_region(&mem, delta));
             }
@@ -83,12 +98,13 @@ impl Shim {
                     len: mem.bytes as u64,
                     base,
                     shuffle: mem.shuffle,
+                    chunks: chunks.len(),
                     parts,
                     returns: returns.clone(),
                 });
                 regions.push((mem, chunks, tx));
             }
-            Some(Feed::new(regions, room, returned))
+            Some(Feed::new(regions, room, returned, Arc::clone(&self.shared)))
         };
         let task = CaptureTask {
             tag: tag.map(str::to_owned),
@@ -165,6 +181,8 @@ pub(crate) struct Feed {
     buffers: usize,
     /// The buffers the writer is done with.
     returned: Receiver<Buffer>,
+    /// Where liveness beats are counted: the program is busy in the shim, not hung.
+    shared: Arc<Shared>,
 }
 
 impl Feed {
@@ -173,6 +191,7 @@ impl Feed {
         regions: Vec<(Arc<RegionMem>, Vec<usize>, Sender<Part>)>,
         room: usize,
         returned: Receiver<Buffer>,
+        shared: Arc<Shared>,
     ) -> Self {
         // Four parts or more in flight (copying one while the writer stores others), of 1 to
         // 32 MiB each.
@@ -182,6 +201,7 @@ impl Feed {
             per_part: part / CHUNK_SIZE,
             buffers: (room / part).max(2),
             returned,
+            shared,
         }
     }
 
@@ -195,12 +215,14 @@ impl Feed {
             per_part,
             buffers,
             returned,
+            shared,
         } = self;
         let mut out = 0;
         // Each region's sender is dropped after its last part: that tells the writer the
         // region is complete (it stores the regions in order).
         'regions: for (mem, chunks, parts) in regions {
             for group in chunks.chunks(per_part) {
+                shared.beat();
                 let mut data = if out < buffers {
                     out += 1;
                     let mut data = empty_buffer();

@@ -24,7 +24,8 @@ use crate::region::RegionMem;
 use crate::runtime::Shim;
 
 /// Whole region copies of at least this many bytes are taken by a forked process in auto mode
-/// (below it, copying is cheaper than a fork and the copy-on-write faults that follow).
+/// when the process fits the capture memory budget (below it, copying is cheaper than a fork
+/// and the copy-on-write faults that follow).
 const FORK_ABOVE: usize = 64 << 20;
 
 impl Shim {

@@ -103,13 +103,15 @@ pub(crate) enum Item {
     },
     /// A region copied in parts while the writer stores them, because copying it at once
     /// would exceed the capture memory budget: all of it (`base` `None`), or its chunks written
-    /// since snapshot `base`. The writer hands each part's buffer back through `returns`.
+    /// since snapshot `base`. The writer hands each part's buffer back through `returns`, and
+    /// fails the snapshot unless the parts held exactly `chunks` chunks.
     Parts {
         name: String,
         kind: EntryKind,
         len: u64,
         base: Option<u64>,
         shuffle: u8,
+        chunks: usize,
         parts: Receiver<Part>,
         returns: Sender<Buffer>,
     },

@@ -79,7 +79,9 @@ pub enum CaptureMode {
     /// Copy everything into reusable buffers; written in the background.
     Copy,
     /// Fork a copy-on-write process that writes the snapshot from its view of memory: the
-    /// pause is the fork. (`Auto` forks when regions must be copied whole and are large.)
+    /// pause is the fork, and copy-on-write may cost up to the process's whole memory, whatever
+    /// the capture memory budget. (`Auto` forks when regions must be copied whole, are large,
+    /// and the process's memory fits the budget.)
     Fork,
     /// Copy, then wait until the snapshot is durable before the program goes on.
     Sync,
@@ -88,8 +90,11 @@ pub enum CaptureMode {
 /// The most memory a capture may hold at once (its copies of the state, on their way to the
 /// store). A capture that needs more is copied and written in parts, and the program waits at
 /// its safe point while the parts beyond the budget are written: its pause grows, memory does
-/// not. A forked capture (whose copy-on-write can cost up to the process's whole memory) is
-/// taken only when the process's memory fits the budget.
+/// not. The writer's own working memory (about 48 MiB: pack blocks, compressors) counts in
+/// the budget; a smaller budget still leaves the writer that much and the copies two parts of
+/// 1 MiB. In `auto` capture mode a forked capture (whose copy-on-write can cost up to the
+/// process's whole memory) is taken only when the process's memory fits the budget; `fork`
+/// mode always forks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CaptureMemory {
     /// Exactly this many bytes.

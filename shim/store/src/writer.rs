@@ -625,9 +625,9 @@ impl SnapshotBuilder<'_> {
         })
     }
 
-    /// Stores the chunks of `entry` numbered in `chunks`, whose bytes `data` holds one after
-    /// another (each chunk is the entry's chunk size, the last one possibly shorter). Chunks
-    /// the store holds are only referenced.
+    /// Stores the chunks of `entry` numbered in `chunks` (ascending), whose bytes `data` holds
+    /// one after another (each chunk is the entry's chunk size, the last one possibly
+    /// shorter). Chunks the store holds are only referenced.
     pub fn add_chunks(
         &mut self,
         entry: &mut EntryInParts,
@@ -642,7 +642,10 @@ impl SnapshotBuilder<'_> {
         };
         let mut pieces = Vec::with_capacity(chunks.len());
         let mut offset = 0usize;
-        for &i in chunks {
+        for (k, &i) in chunks.iter().enumerate() {
+            if k > 0 && chunks[k - 1] >= i {
+                return Err(mismatch("chunk numbers not ascending".into()));
+            }
             match entry.refs.get(i) {
                 None => return Err(mismatch(format!("no chunk {i}"))),
                 Some(Some(_)) => return Err(mismatch(format!("chunk {i} given twice"))),
@@ -672,6 +675,8 @@ impl SnapshotBuilder<'_> {
             mut refs,
             ..
         } = entry;
+        // Another entry of the name may have been finished since this one began.
+        self.check_new_name(&name)?;
         let job = self.writer.job.name().to_owned();
         let mismatch = |why: String| Error::DeltaBase {
             job: job.clone(),

@@ -37,3 +37,71 @@ fn a_delta_that_does_not_fit_its_base_is_not_corruption() {
         );
     }
 }
+
+#[test]
+fn an_entry_given_in_parts_is_stored_exactly_and_bad_parts_are_refused() {
+    use supervise_store::SnapshotReader;
+    use supervise_store::format::EntryKind;
+    let dir = tempfile::tempdir().unwrap();
+    let job = Store::open(dir.path().join("store"))
+        .unwrap()
+        .job("j")
+        .unwrap();
+    let mut writer = SnapshotWriter::open(job.clone(), 0).unwrap();
+    // Three and a half chunks, given in parts out of order; the short last chunk is one.
+    let len = 3 * CHUNK_SIZE + CHUNK_SIZE / 2;
+    let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+    let kind = EntryKind::Slice {
+        elem: "u8".into(),
+        elem_size: 1,
+    };
+    let chunk = |i: usize| &bytes[i * CHUNK_SIZE..((i + 1) * CHUNK_SIZE).min(len)];
+    let mut b = writer.begin(None);
+    let mut entry = b.begin_whole("e", kind.clone(), len as u64).unwrap();
+    assert_eq!(entry.count(), 4);
+    b.add_chunks(&mut entry, &[3], chunk(3), 0).unwrap();
+    b.add_chunks(&mut entry, &[0, 1], &bytes[..2 * CHUNK_SIZE], 0)
+        .unwrap();
+    let bad: [(&[usize], &[u8]); 4] = [
+        (&[1], chunk(1)),                    // given twice
+        (&[2, 2], &bytes[..2 * CHUNK_SIZE]), // twice in one part
+        (&[2], &bytes[..CHUNK_SIZE - 1]),    // too short
+        (&[4], chunk(3)),                    // no such chunk
+    ];
+    for (chunks, data) in bad {
+        let err = b.add_chunks(&mut entry, chunks, data, 0).unwrap_err();
+        assert!(matches!(err, Error::DeltaBase { .. }), "{chunks:?}: {err}");
+        assert!(err.to_string().contains("\"e\""), "{err}");
+    }
+    // A whole entry with a chunk never given is refused at its end.
+    let mut short = b.begin_whole("f", kind.clone(), len as u64).unwrap();
+    b.add_chunks(&mut short, &[0], chunk(0), 0).unwrap();
+    let err = b.end_entry(short).unwrap_err();
+    assert!(err.to_string().contains("chunk 1 was never given"), "{err}");
+    b.add_chunks(&mut entry, &[2], chunk(2), 0).unwrap();
+    b.end_entry(entry).unwrap();
+    let seq = b.commit().unwrap().seq;
+    let mut out = vec![0u8; len];
+    SnapshotReader::open(&job, seq)
+        .unwrap()
+        .slice_into("e", "u8", &mut out)
+        .unwrap();
+    assert_eq!(out, bytes);
+
+    // A delta in parts: chunk 1 new, the rest from the base.
+    let mut b = writer.begin(None);
+    let base = b.manifest_of(seq).unwrap();
+    let mut entry = b.begin_delta("e", base.entry("e").unwrap()).unwrap();
+    let mut changed = bytes.clone();
+    changed[CHUNK_SIZE..2 * CHUNK_SIZE].fill(9);
+    b.add_chunks(&mut entry, &[1], &changed[CHUNK_SIZE..2 * CHUNK_SIZE], 0)
+        .unwrap();
+    b.end_entry(entry).unwrap();
+    let report = b.commit().unwrap();
+    assert_eq!(report.bytes_new, CHUNK_SIZE as u64);
+    SnapshotReader::open(&job, report.seq)
+        .unwrap()
+        .slice_into("e", "u8", &mut out)
+        .unwrap();
+    assert_eq!(out, changed);
+}
