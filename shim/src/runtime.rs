@@ -407,9 +407,24 @@ impl Shim {
             elem: T::NAME.to_owned(),
             elem_size: size as u32,
         };
-        let mem = RegionMem::new(name, kind, bytes, size as u8, shape)?;
-        let mut baseline = None;
-        if let Some(restored) = &self.restored {
+        // A staged entry of this name and kind is the region's memory as it is.
+        let staged = self
+            .restored
+            .as_mut()
+            .and_then(|r| r.staged.remove(name))
+            .filter(|m| m.kind == kind && m.bytes == bytes);
+        let (mem, mut baseline) = match staged.map(|mut m| (Arc::get_mut(&mut m).is_some(), m)) {
+            Some((true, mut mem)) => {
+                if let Some(m) = Arc::get_mut(&mut mem) {
+                    m.shuffle = size as u8;
+                    m.shape = shape;
+                }
+                let seq = self.resumed_manifest().map(|m| m.seq);
+                (mem, seq)
+            }
+            _ => (RegionMem::new(name, kind, bytes, size as u8, shape)?, None),
+        };
+        if let Some(restored) = self.restored.as_ref().filter(|_| baseline.is_none()) {
             let seq = restored.reader.manifest().seq;
             match restored
                 .reader
@@ -477,6 +492,14 @@ impl Shim {
     /// [`load_slice`](Self::load_slice) for a caller that knows the element type only by its
     /// name (`elem`, as the manifest records it, e.g. `"f64"`): `dest` is the entry's bytes.
     pub fn load_raw_into(&mut self, name: &str, elem: &str, dest: &mut [u8]) -> Result<bool> {
+        // A staged entry of this type and size: copied from (already verified), then freed.
+        if let Some(mem) = self.restored.as_mut().and_then(|r| r.staged.remove(name))
+            && matches!(&mem.kind, EntryKind::Slice { elem: e, .. } if e == elem)
+            && mem.bytes == dest.len()
+        {
+            dest.copy_from_slice(mem.bytes());
+            return Ok(true);
+        }
         let Some(restored) = &self.restored else {
             return Ok(false);
         };
@@ -748,6 +771,10 @@ impl Shim {
         F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
         let pending = self.shared.pending.fetch_and(!SNAP, Ordering::AcqRel);
+        // Staged entries no region or load took by now are only memory held.
+        if let Some(restored) = &mut self.restored {
+            restored.staged.clear();
+        }
         if self.background.is_none() {
             return Ok(Next::Continue(None));
         }

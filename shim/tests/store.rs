@@ -684,3 +684,44 @@ fn without_a_store_an_output_is_a_plain_append_file() {
     assert_eq!(fs::read(&path).unwrap(), b"before\nafter\n");
     assert!(!dir.path().join("store").exists());
 }
+
+#[test]
+fn large_entries_restore_into_a_region_or_a_load_and_mismatches_are_still_refused() {
+    use supervise_shim::{Config, Error, Shim};
+    let dir = tempfile::tempdir().unwrap();
+    let open = || Shim::open(Config::local(dir.path().join("store"), "j")).unwrap();
+    // 2 MiB each: large enough to be decoded at open, once, into memory of their own.
+    let n = (2 << 20) / 8;
+    let loaded = field(n);
+    {
+        let mut shim = open();
+        let mut r = shim.region::<f64>("r", n).unwrap();
+        r.copy_from_slice(&field(n + 1)[1..]);
+        assert!(matches!(
+            shim.snapshot(None, |s| s.slice("v", &loaded)).unwrap(),
+            Next::Continue(Some(_))
+        ));
+        shim.wait_durable().unwrap().unwrap();
+    }
+    let mut shim = open();
+    let mut v = vec![0.0f64; n];
+    assert!(shim.load_slice("v", &mut v).unwrap());
+    assert_eq!(v, loaded);
+    // Asked for again, it is decoded from the store again.
+    v.fill(0.0);
+    assert!(shim.load_slice("v", &mut v).unwrap());
+    assert_eq!(v, loaded);
+    let r = shim.region::<f64>("r", n).unwrap();
+    assert_eq!(&r[..], &field(n + 1)[1..]);
+    drop(r);
+    // Another length or element type is refused as before, staged or not.
+    let mut shim = open();
+    let err = shim.region::<f64>("r", n + 1).err().unwrap();
+    assert!(matches!(err, Error::SizeMismatch { .. }), "{err}");
+    let mut wrong = vec![0u64; n];
+    let err = shim.load_slice("v", &mut wrong).unwrap_err();
+    assert!(matches!(err, Error::WrongKind { .. }), "{err}");
+    // And after a mismatch the entry still restores for a program that asks right.
+    let r = shim.region::<f64>("r", n).unwrap();
+    assert_eq!(&r[..], &field(n + 1)[1..]);
+}

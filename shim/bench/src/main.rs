@@ -10,6 +10,7 @@ use bytesize::ByteSize;
 use clap::Parser;
 
 mod bench;
+mod every;
 mod ranks;
 
 /// Writes one line to stdout; a closed pipe (`| head`) ends the output quietly.
@@ -38,6 +39,23 @@ struct Args {
     /// together (default 256MiB here), under the `supervise` beside this program.
     #[arg(long)]
     ranks: bool,
+    /// Measure what the snapshot interval costs instead: a program that changes all of its
+    /// --size (default 256MiB here) every round, alone, under `supervise --every 1s` and under
+    /// `supervise --every auto` (the `supervise` beside this program), side by side.
+    #[arg(long)]
+    every: bool,
+    /// (Internal) be the program --every runs.
+    #[arg(long, hide = true)]
+    every_worker: bool,
+    /// (Internal) that program's state in bytes.
+    #[arg(long, hide = true, default_value_t = 1 << 20)]
+    worker_bytes: usize,
+    /// (Internal) its rounds (with --every: 240).
+    #[arg(long, hide = true)]
+    worker_rounds: Option<u64>,
+    /// (Internal) a round's computing, milliseconds (with --every: 250).
+    #[arg(long, hide = true)]
+    worker_round_ms: Option<u64>,
     /// (Internal) start this many ranks of the arguments after `--`.
     #[arg(long, hide = true, value_name = "N")]
     rank_launch: Option<u32>,
@@ -86,13 +104,34 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(n) = args.rank_launch {
         return ranks::launch(n, &args.rest);
     }
-    if args.ranks {
-        // The default size suits one process; ranks share this one.
-        let total = if std::env::args().any(|a| a.starts_with("--size")) {
-            args.size
+    if args.every_worker {
+        return every::worker(
+            args.worker_bytes,
+            args.worker_rounds.unwrap_or(10),
+            args.worker_round_ms.unwrap_or(10),
+        );
+    }
+    // The default size suits one process measured on its own; ranks share this one, and
+    // --every runs a program three times.
+    let total = if std::env::args().any(|a| a.starts_with("--size")) {
+        args.size
+    } else {
+        256 << 20
+    };
+    if args.every {
+        let rounds = args.worker_rounds.unwrap_or(240);
+        let round_ms = args.worker_round_ms.unwrap_or(250);
+        let store = every::store_dir(&args.store)?;
+        let rows = every::run(&store, total, rounds, round_ms, &say)?;
+        if args.json {
+            outln!("{}", serde_json::to_string_pretty(&rows)?)?;
         } else {
-            256 << 20
-        };
+            every::print(total, rounds, round_ms, &rows)?;
+        }
+        std::io::stdout().flush()?;
+        return Ok(());
+    }
+    if args.ranks {
         std::fs::create_dir_all(&args.store)?;
         let rows = ranks::run(&args.store, total, &say)?;
         if args.json {
