@@ -119,6 +119,39 @@ impl RegionMem {
         unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.bytes) }
     }
 
+    /// Copies the bytes into `dest` (exactly as long) and gives each piece of the mapping
+    /// back to the system once copied: a staged restore entry being loaded into the program's
+    /// own memory (it reads as zeros afterwards).
+    pub(crate) fn copy_out(&mut self, dest: &mut [u8]) {
+        const PIECE: usize = 64 << 20;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let mut at = 0;
+        while at < dest.len().min(self.bytes) {
+            let end = (at + PIECE).min(dest.len()).min(self.bytes);
+            dest[at..end].copy_from_slice(&self.bytes()[at..end]);
+            // Whole pages of what was copied (the last piece: to the mapping's end).
+            let start = self.addr + at;
+            let stop = if end == self.bytes {
+                self.addr + self.mapped
+            } else {
+                (self.addr + end) / page * page
+            };
+            if stop > start {
+                // SAFETY: whole pages inside this value's own mapping; `&mut self` means no
+                // reference into it is alive, and nothing reads those bytes again.
+                unsafe {
+                    libc::madvise(
+                        start as *mut libc::c_void,
+                        stop - start,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+            }
+            at = end;
+        }
+    }
+
     /// The region's bytes, to fill them at restore (before the program has the region).
     #[allow(clippy::mut_from_ref)]
     pub(crate) fn bytes_mut_unshared(&self) -> &mut [u8] {

@@ -82,9 +82,15 @@ fn open_restored(job: &JobStore, seq: u64) -> Result<Restored> {
             // Bounded: every staged length together fits in half the memory available.
             let len = entry.len as usize;
             let shuffle = u8::try_from(*elem_size).unwrap_or(0);
-            let mem = RegionMem::new(&entry.name, entry.kind.clone(), len, shuffle, None)?;
-            reader.fill(entry, mem.bytes_mut_unshared())?;
-            staged.insert(entry.name.clone(), mem);
+            match RegionMem::new(&entry.name, entry.kind.clone(), len, shuffle, None) {
+                Ok(mem) => {
+                    reader.fill(entry, mem.bytes_mut_unshared())?;
+                    staged.insert(entry.name.clone(), mem);
+                }
+                // Memory refused (a `ulimit -v`, strict overcommit): verified only, and decoded
+                // again when the program asks.
+                Err(_) => reader.read_entry(entry, |_| Ok(()))?,
+            }
         }
     } else {
         reader.verify()?;

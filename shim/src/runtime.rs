@@ -492,12 +492,14 @@ impl Shim {
     /// [`load_slice`](Self::load_slice) for a caller that knows the element type only by its
     /// name (`elem`, as the manifest records it, e.g. `"f64"`): `dest` is the entry's bytes.
     pub fn load_raw_into(&mut self, name: &str, elem: &str, dest: &mut [u8]) -> Result<bool> {
-        // A staged entry of this type and size: copied from (already verified), then freed.
-        if let Some(mem) = self.restored.as_mut().and_then(|r| r.staged.remove(name))
+        // A staged entry of this type and size: copied from (already verified) and freed as
+        // it goes, so the staged copy and the program's add up to little more than one.
+        if let Some(mut mem) = self.restored.as_mut().and_then(|r| r.staged.remove(name))
             && matches!(&mem.kind, EntryKind::Slice { elem: e, .. } if e == elem)
             && mem.bytes == dest.len()
+            && let Some(staged) = Arc::get_mut(&mut mem)
         {
-            dest.copy_from_slice(mem.bytes());
+            staged.copy_out(dest);
             return Ok(true);
         }
         let Some(restored) = &self.restored else {
@@ -771,10 +773,7 @@ impl Shim {
         F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
         let pending = self.shared.pending.fetch_and(!SNAP, Ordering::AcqRel);
-        // Staged entries no region or load took by now are only memory held.
-        if let Some(restored) = &mut self.restored {
-            restored.staged.clear();
-        }
+        self.release_staged();
         if self.background.is_none() {
             return Ok(Next::Continue(None));
         }
@@ -902,6 +901,7 @@ impl Shim {
         F: FnOnce(&mut Capture<'_>) -> Result<()>,
     {
         if !self.agree_on_epoch(epoch, stop) {
+            self.release_staged();
             // The ranks stop together even when this one has nothing to capture.
             return Ok(if stop && self.agrees_on_epochs() {
                 Next::Stop
@@ -910,6 +910,15 @@ impl Shim {
             });
         }
         self.snapshot(tag, fill)
+    }
+
+    /// Frees the restored entries staged at start that no region or load took: by the first
+    /// snapshot the program has asked for all it needs (one asked for later is decoded from
+    /// the store then).
+    fn release_staged(&mut self) {
+        if let Some(restored) = &mut self.restored {
+            restored.staged.clear();
+        }
     }
 
     /// True for a rank that agrees on epochs itself (`Config::set_agreement`).

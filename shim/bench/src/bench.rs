@@ -211,7 +211,7 @@ fn measure_limits(dir: &Path, data: &[u8]) -> Result<Limits> {
         cold,
         first_touch: (0..3)
             .map(|_| first_touch_speed(data.len()))
-            .fold(f64::NAN, f64::max),
+            .fold(0.0, f64::max),
     })
 }
 
@@ -219,23 +219,27 @@ fn measure_limits(dir: &Path, data: &[u8]) -> Result<Limits> {
 /// bytes on transparent huge pages (as the shim maps regions), written on all cores. The kernel
 /// zeroes each page as it is first touched; on a VM the host may back it only then.
 fn first_touch_speed(len: usize) -> f64 {
+    const HUGE: usize = 2 << 20;
+    let mapped = len + HUGE;
     // SAFETY: a new private anonymous mapping with no address hint; checked for failure, and
     // unmapped below after the threads that write it have ended.
-    let ptr = unsafe {
+    let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len,
+            mapped,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
     };
-    if ptr == libc::MAP_FAILED {
+    if base == libc::MAP_FAILED {
         return f64::NAN;
     }
-    // SAFETY: advice on the mapping just made (backing only), then the whole of it as one
-    // slice, written by the threads below on disjoint parts.
+    // 2 MiB-aligned inside the mapping, as the shim maps regions.
+    let ptr = ((base as usize).next_multiple_of(HUGE)) as *mut libc::c_void;
+    // SAFETY: advice on `len` bytes inside the mapping just made (backing only), then those
+    // bytes as one slice, written by the threads below on disjoint parts.
     let mem = unsafe {
         libc::madvise(ptr, len, libc::MADV_HUGEPAGE);
         std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len)
@@ -249,7 +253,7 @@ fn first_touch_speed(len: usize) -> f64 {
     });
     let speed = len as f64 / t.elapsed().as_secs_f64();
     // SAFETY: unmapping the mapping made above; `mem` is not used after this.
-    unsafe { libc::munmap(ptr, len) };
+    unsafe { libc::munmap(base, mapped) };
     speed
 }
 

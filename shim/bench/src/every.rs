@@ -43,7 +43,11 @@ pub fn worker(bytes: usize, rounds: u64, round_ms: u64) -> Result<()> {
         if shim.due() {
             match shim.snapshot(None, |s| s.value("round", &round))? {
                 Next::Continue(_) => {}
-                Next::Stop => bail!("asked to stop at round {round}"),
+                // A stop (the supervisor was asked for one): the final snapshot is durable.
+                Next::Stop => {
+                    let _ = shim.stopped();
+                    std::process::exit(supervise_store::exit::STOPPED);
+                }
             }
         }
     }
@@ -80,10 +84,15 @@ pub fn run(
         bytesize::ByteSize(bytes).display().iec()
     ));
     let started = Instant::now();
-    let status = Command::new(&me)
+    let mut alone_run = Command::new(&me);
+    // Alone: no store, no supervisor, no job of many ranks, whatever this bench runs under.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SUPERVISE_") {
+            alone_run.env_remove(name);
+        }
+    }
+    let status = alone_run
         .args(&worker_args)
-        .env_remove("SUPERVISE_STORE")
-        .env_remove("SUPERVISE_CONTROL_FD")
         .stdout(Stdio::null())
         .status()
         .with_context(|| format!("cannot run {}", me.display()))?;
@@ -116,12 +125,16 @@ pub fn run(
             .stdout(Stdio::null())
             .status()
             .with_context(|| format!("cannot run {}", supervise.display()))?;
+        let wall = started.elapsed().as_secs_f64();
+        let history = std::fs::read_to_string(&events).unwrap_or_default();
+        let _ = std::fs::remove_file(&events);
         if !status.success() {
+            // `--on-success delete` removed nothing: the job's snapshots are the bench's own.
+            let _ = std::fs::remove_dir_all(store.join(&job));
             bail!("supervise --every {every} ended with {status}");
         }
-        let wall = started.elapsed().as_secs_f64();
         let (mut snapshots, mut interval) = (0, None);
-        for line in std::fs::read_to_string(&events)?.lines() {
+        for line in history.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
@@ -137,7 +150,6 @@ pub fn run(
                 _ => {}
             }
         }
-        let _ = std::fs::remove_file(&events);
         rows.push(Row {
             run: format!("--every {every}"),
             wall_s: wall,

@@ -157,13 +157,64 @@ impl std::fmt::Display for CaptureMemory {
     }
 }
 
-/// The memory available for new allocations without swapping (`MemAvailable` of
-/// `/proc/meminfo`), if it can be read.
+/// The memory available for new allocations without swapping: `MemAvailable` of
+/// `/proc/meminfo`, or less when this process's control group (cgroup v2 or v1: a batch job's
+/// memory limit) leaves less (its limit, less its use, plus the file cache it could reclaim).
+/// `None` when neither can be read.
 pub fn memory_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    let text = std::fs::read_to_string("/proc/meminfo").ok();
+    let host = text.as_deref().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    });
+    match (host, cgroup_memory_left()) {
+        (Some(h), Some(c)) => Some(h.min(c)),
+        (h, c) => h.or(c),
+    }
+}
+
+/// What this process's memory control group leaves (see [`memory_available`]), if it has a
+/// limit that can be read.
+fn cgroup_memory_left() -> Option<u64> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read = |path: String| std::fs::read_to_string(path).ok();
+    let number = |text: Option<String>| text?.trim().parse::<u64>().ok();
+    let stat = |text: Option<String>, key: &str| {
+        text?.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse::<u64>().ok()).flatten()
+        })
+    };
+    for line in groups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let (limit, used, reclaimable) = if controllers.is_empty() {
+            // cgroup v2 ("max": no limit).
+            let dir = format!("/sys/fs/cgroup{path}");
+            (
+                number(read(format!("{dir}/memory.max"))),
+                number(read(format!("{dir}/memory.current"))),
+                stat(read(format!("{dir}/memory.stat")), "inactive_file"),
+            )
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let dir = format!("/sys/fs/cgroup/memory{path}");
+            (
+                number(read(format!("{dir}/memory.limit_in_bytes"))),
+                number(read(format!("{dir}/memory.usage_in_bytes"))),
+                stat(read(format!("{dir}/memory.stat")), "total_inactive_file"),
+            )
+        } else {
+            continue;
+        };
+        // v1 writes "no limit" as a number near 2^63.
+        if let (Some(limit), Some(used)) = (limit, used)
+            && limit < 1 << 60
+        {
+            return Some(limit.saturating_sub(used) + reclaimable.unwrap_or(0).min(used));
+        }
+    }
+    None
 }
 
 /// How the shim runs.
@@ -798,6 +849,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(bad.contains(ENV_CAPTURE_MEMORY), "{bad}");
+    }
+
+    #[test]
+    fn the_memory_available_is_known_here_and_no_more_than_the_host_s() {
+        let host: u64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        let available = memory_available().unwrap();
+        assert!(available > 0);
+        // The host's figure moves between the two reads; a control group's can only lower it.
+        assert!(available <= (host + (64 << 10)) * 1024, "{available} vs {host} KiB");
     }
 
     #[test]
