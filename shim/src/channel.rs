@@ -47,6 +47,9 @@ const FIRST_BEAT_POLL: Duration = Duration::from_millis(50);
 pub(crate) struct Shared {
     pub(crate) pending: AtomicU32,
     pub(crate) beats: AtomicU64,
+    /// The memory available for captures, in bytes (0: unknown), read off the program's pause:
+    /// at start and by the writer thread after each snapshot.
+    pub(crate) available: AtomicU64,
     pub(crate) control: Option<Mutex<Link>>,
     /// A rank of a job of many processes: safe points are counted and epochs coordinated.
     pub(crate) rank: Option<RankState>,
@@ -246,6 +249,18 @@ impl Shared {
         st.due = Some(aim);
         self.pending.fetch_or(DUE, Ordering::SeqCst);
         true
+    }
+
+    /// Reads the memory available now (see [`supervise_store::config::memory_available`]) for
+    /// the next capture's budget.
+    pub(crate) fn note_available(&self) {
+        let bytes = supervise_store::config::memory_available().unwrap_or(0);
+        self.available.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The memory available as last read, if known.
+    pub(crate) fn available(&self) -> Option<u64> {
+        Some(self.available.load(Ordering::Relaxed)).filter(|&b| b > 0)
     }
 
     /// Counts a liveness beat if the control thread asked for one: for a program that is busy

@@ -198,6 +198,7 @@ mod tests {
             shared: Arc::new(Shared {
                 pending: AtomicU32::new(0),
                 beats: AtomicU64::new(0),
+                available: AtomicU64::new(0),
                 control: None,
                 rank: Some(RankState::new(1, 4, 0, false)),
             }),

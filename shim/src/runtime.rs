@@ -134,6 +134,7 @@ impl Shim {
         let shared = Arc::new(Shared {
             pending: AtomicU32::new(0),
             beats: AtomicU64::new(0),
+            available: AtomicU64::new(0),
             control,
             rank,
         });
@@ -207,6 +208,7 @@ impl Shim {
                 d.why
             );
         }
+        shim.shared.note_available();
         let shared = Arc::clone(&shim.shared);
         let on_done = Arc::new(
             move |result: &std::result::Result<SnapshotReport, Arc<Error>>,
@@ -231,6 +233,7 @@ impl Shim {
                         });
                     }
                 }
+                shared.note_available();
             },
         );
         let shared = Arc::clone(&shim.shared);

@@ -121,7 +121,8 @@ impl Shim {
     /// The capture memory budget for `state` bytes of state, in bytes (also kept as the bound
     /// on spare buffers).
     pub(crate) fn capture_budget(&mut self, state: usize) -> usize {
-        let available = supervise_store::config::memory_available();
+        // As read at start or after the last snapshot: reading it here would lengthen the pause.
+        let available = self.shared.available();
         let budget = self.config.capture_memory.bytes(state as u64, available);
         self.budget = usize::try_from(budget).unwrap_or(usize::MAX);
         self.budget

@@ -862,7 +862,10 @@ mod tests {
         let available = memory_available().unwrap();
         assert!(available > 0);
         // The host's figure moves between the two reads; a control group's can only lower it.
-        assert!(available <= (host + (64 << 10)) * 1024, "{available} vs {host} KiB");
+        assert!(
+            available <= (host + (64 << 10)) * 1024,
+            "{available} vs {host} KiB"
+        );
     }
 
     #[test]
