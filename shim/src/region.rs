@@ -209,3 +209,30 @@ impl<T: Element> DerefMut for Region<T> {
         unsafe { std::slice::from_raw_parts_mut(self.mem.addr() as *mut T, self.len) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RegionMem;
+    use supervise_store::format::EntryKind;
+
+    #[test]
+    fn copy_out_copies_every_piece_and_gives_the_pages_back() {
+        // Two whole pieces of 64 MiB and a short one, with a length that is no whole page.
+        let len = (128 << 20) + 12_345;
+        let kind = EntryKind::Slice {
+            elem: "u8".into(),
+            elem_size: 1,
+        };
+        let mut mem = RegionMem::new("staged", kind, len, 1, None).unwrap();
+        for (i, b) in mem.bytes_mut_unshared().iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        let mut dest = vec![0u8; len];
+        std::sync::Arc::get_mut(&mut mem)
+            .unwrap()
+            .copy_out(&mut dest);
+        assert!(dest.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        // Given back: the mapping reads as zeros now.
+        assert!(mem.bytes().iter().all(|&b| b == 0));
+    }
+}
