@@ -65,11 +65,7 @@ pub fn run(
     say: &dyn Fn(&str),
 ) -> Result<Vec<Row>> {
     let me = std::env::current_exe()?;
-    let supervise = me
-        .parent()
-        .map(|d| d.join("supervise"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("supervise"));
+    let supervise = crate::supervise_beside(&me);
     let worker_args = [
         "--every-worker".to_owned(),
         "--worker-bytes".to_owned(),

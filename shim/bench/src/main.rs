@@ -79,6 +79,15 @@ struct Args {
     rest: Vec<String>,
 }
 
+/// The `supervise` the bench runs jobs under: the one beside this program, else the one on
+/// `PATH`.
+pub fn supervise_beside(me: &std::path::Path) -> PathBuf {
+    me.parent()
+        .map(|d| d.join("supervise"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("supervise"))
+}
+
 /// Parses sizes like `1GiB`, `256MiB`, `4096` (IEC units are powers of 1024, SI of 1000).
 fn parse_size(s: &str) -> Result<u64, String> {
     let size: ByteSize = s

@@ -10,7 +10,7 @@
 //! bytes since the epoch before. The first epoch (a whole copy) is left out.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -146,11 +146,7 @@ fn median(mut v: Vec<u64>) -> u64 {
 /// Runs the job for 1, 2 and 4 ranks of `total` bytes together; returns the rows.
 pub fn run(store: &Path, total: u64, say: &dyn Fn(&str)) -> Result<Vec<Row>> {
     let me = std::env::current_exe()?;
-    let supervise = me
-        .parent()
-        .map(|d| d.join("supervise"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("supervise"));
+    let supervise = crate::supervise_beside(&me);
     let mut rows = Vec::new();
     for ranks in [1u32, 2, 4] {
         let per_rank = (total / u64::from(ranks)) as usize;
