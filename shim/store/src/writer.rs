@@ -403,18 +403,18 @@ pub const STREAM_BATCH: usize = 64 << 20;
 /// An entry being added in parts: [`SnapshotBuilder::begin_whole`] or
 /// [`SnapshotBuilder::begin_delta`], then [`SnapshotBuilder::add_chunks`], then
 /// [`SnapshotBuilder::end_entry`].
-pub struct EntryInParts {
+pub struct EntryInParts<'b> {
     name: String,
     kind: EntryKind,
     len: u64,
     /// Bytes in each chunk but maybe the last.
     chunk: usize,
     /// A delta's base: where the chunks never given are.
-    base: Option<EntryMeta>,
+    base: Option<&'b EntryMeta>,
     refs: Vec<Option<ChunkRef>>,
 }
 
-impl EntryInParts {
+impl EntryInParts<'_> {
     /// The entry's number of chunks.
     pub fn count(&self) -> usize {
         self.refs.len()
@@ -580,7 +580,12 @@ impl SnapshotBuilder<'_> {
     /// [`add_chunks`](Self::add_chunks) (every chunk once, in any order) and finished with
     /// [`end_entry`](Self::end_entry): an entry of any length stored with the memory of one
     /// part.
-    pub fn begin_whole(&mut self, name: &str, kind: EntryKind, len: u64) -> Result<EntryInParts> {
+    pub fn begin_whole(
+        &mut self,
+        name: &str,
+        kind: EntryKind,
+        len: u64,
+    ) -> Result<EntryInParts<'static>> {
         self.check_new_name(name)?;
         let chunk = self.writer.chunk_size;
         let count = usize::try_from(len.div_ceil(chunk as u64)).map_err(|_| Error::Overflow {
@@ -601,7 +606,7 @@ impl SnapshotBuilder<'_> {
     /// Begins entry `name` as a change of `base` (the same entry in an earlier snapshot): the
     /// chunks given with [`add_chunks`](Self::add_chunks) are its new bytes; those never given
     /// are referenced as `base` has them, neither copied nor hashed again.
-    pub fn begin_delta(&mut self, name: &str, base: &EntryMeta) -> Result<EntryInParts> {
+    pub fn begin_delta<'b>(&mut self, name: &str, base: &'b EntryMeta) -> Result<EntryInParts<'b>> {
         self.check_new_name(name)?;
         let uniform = base.chunks.split_last().is_none_or(|(last, rest)| {
             rest.iter().all(|c| c.raw_len as usize == CHUNK_SIZE)
@@ -621,7 +626,7 @@ impl SnapshotBuilder<'_> {
             len: base.len,
             chunk: CHUNK_SIZE,
             refs: vec![None; base.chunks.len()],
-            base: Some(base.clone()),
+            base: Some(base),
         })
     }
 
@@ -630,7 +635,7 @@ impl SnapshotBuilder<'_> {
     /// shorter). Chunks the store holds are only referenced.
     pub fn add_chunks(
         &mut self,
-        entry: &mut EntryInParts,
+        entry: &mut EntryInParts<'_>,
         chunks: &[usize],
         data: &[u8],
         shuffle: u8,
@@ -666,7 +671,7 @@ impl SnapshotBuilder<'_> {
 
     /// Finishes `entry`: chunks never given are referenced as its base has them (a whole
     /// entry must have been given every chunk).
-    pub fn end_entry(&mut self, entry: EntryInParts) -> Result<()> {
+    pub fn end_entry(&mut self, entry: EntryInParts<'_>) -> Result<()> {
         let EntryInParts {
             name,
             kind,
@@ -688,7 +693,6 @@ impl SnapshotBuilder<'_> {
                 continue;
             }
             let chunk = base
-                .as_ref()
                 .and_then(|b| b.chunks.get(i))
                 .ok_or_else(|| mismatch(format!("chunk {i} was never given")))?;
             let loc = match self.new_locs.get(&chunk.hash) {
