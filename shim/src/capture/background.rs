@@ -356,7 +356,7 @@ impl Shim {
 }
 
 /// Gives the memory the writer freed back to the system. glibc's allocator keeps freed blocks
-/// for reuse, and after its first free of a pack block (4 MiB) it serves blocks of that size
+/// for reuse, and after its first free of a pack block (2 MiB) it serves blocks of that size
 /// from its heaps, so that every snapshot's blocks, compressors and chunk lists would stay
 /// resident between snapshots (20 MiB measured with `supervise bench` at 1% of 1 GiB).
 fn release_free_memory() {

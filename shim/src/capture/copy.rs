@@ -161,7 +161,7 @@ impl Shim {
 }
 
 /// What the writer holds while it stores a capture, besides the capture's copies: its pack
-/// blocks (up to three of 4 MiB), compressors, and chunks on their way (measured with
+/// blocks (up to three of 2 MiB), compressors, and chunks on their way (measured with
 /// `supervise bench`: the 100% changed memory row).
 const WRITER_RESERVE: usize = 48 << 20;
 

@@ -1,4 +1,4 @@
-//! Writing a pack file: records are appended into aligned 4 MiB blocks, and full blocks go to
+//! Writing a pack file: records are appended into aligned 2 MiB blocks, and full blocks go to
 //! an I/O thread, so hashing and compression go on while the disk writes. Blocks are written
 //! with `O_DIRECT` where the filesystem allows (no page-cache pages to allocate and write back:
 //! 1.3 against 0.4-0.9 GB/s measured on this machine kind), else buffered with early writeback.
@@ -14,8 +14,11 @@ use crate::error::{Error, Result, io_err};
 use crate::format::{self, RecordHeader};
 use crate::fsops::{self, Dir};
 
-/// Size of a pack write; a multiple of any device's logical block size.
-const BLOCK: usize = 4 << 20;
+/// Size of a pack write; a multiple of any device's logical block size. 2 MiB: with three in
+/// flight, what a snapshot's writer holds for its pack is 6 MiB at most (4 MiB blocks held
+/// 2.4 MiB more at 1% of 1 GiB and wrote no faster, measured side by side with `supervise
+/// bench`).
+const BLOCK: usize = 2 << 20;
 /// Alignment O_DIRECT needs of buffers, offsets and lengths.
 const DIRECT_ALIGN: usize = 4096;
 /// Blocks in flight per pack: one being filled, up to two being written.
@@ -24,7 +27,7 @@ const BLOCKS: usize = 3;
 const WRITEBACK_STEP: u64 = 16 << 20;
 
 /// A block buffer whose usable part is aligned for O_DIRECT. Not an `aligned_vec::AVec`: that
-/// can only be filled element by element (4 MiB of byte writes per block, twice per snapshot:
+/// can only be filled element by element (2 MiB of byte writes per block, twice per snapshot:
 /// a 25x slower snapshot of a small state in a test build), while `vec![0; n]` is a lazily
 /// zeroed allocation (calloc) whose pages the kernel provides on first write.
 struct Block {
