@@ -131,9 +131,14 @@ impl Shim {
     /// Copies one region: its written chunks when `delta` says which (since its base), else
     /// all of it.
     fn copy_region(&mut self, mem: &RegionMem, delta: Option<Delta>) -> Item {
-        // The largest spare buffer: a whole copy needs all of it.
+        // The largest spare buffer: a whole copy needs all of it. A region not written since
+        // its base copies nothing, and leaves the spare for the next capture.
         self.buffers.sort_by_key(Buffer::capacity);
-        let mut data = self.buffers.pop().unwrap_or_else(empty_buffer);
+        let unchanged = delta.as_ref().is_some_and(|(_, dirty)| dirty.is_empty());
+        let mut data = match unchanged {
+            true => empty_buffer(),
+            false => self.buffers.pop().unwrap_or_else(empty_buffer),
+        };
         match delta {
             Some((base, dirty)) => {
                 reserve_capture(&mut data, dirty.len() * CHUNK_SIZE);

@@ -77,7 +77,10 @@ fn an_entry_given_in_parts_is_stored_exactly_and_bad_parts_are_refused() {
     let mut short = b.begin_whole("f", kind.clone(), len as u64).unwrap();
     b.add_chunks(&mut short, &[0], chunk(0), 0).unwrap();
     let err = b.end_entry(short).unwrap_err();
-    assert!(err.to_string().contains("chunk 1 was never given"), "{err}");
+    assert!(
+        matches!(&err, Error::DeltaBase { entry, .. } if entry == "f"),
+        "{err}"
+    );
     b.add_chunks(&mut entry, &[2], chunk(2), 0).unwrap();
     b.end_entry(entry).unwrap();
     let seq = b.commit().unwrap().seq;
