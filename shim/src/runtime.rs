@@ -87,7 +87,6 @@ pub struct Shim {
     pub(crate) in_flight_regions: Vec<usize>,
     /// The capture memory budget of the last capture, in bytes (spare buffers stay within it).
     pub(crate) budget: usize,
-
     pub(crate) last: Option<std::result::Result<SnapshotReport, Arc<Error>>>,
     /// The output files this run opened (closed ones too: their lengths stay recorded).
     pub(crate) outputs: Vec<output::Shared>,
@@ -415,17 +414,16 @@ impl Shim {
             .restored
             .as_mut()
             .and_then(|r| r.staged.remove(name))
-            .filter(|m| m.kind == kind && m.bytes == bytes);
-        let (mem, mut baseline) = match staged.map(|mut m| (Arc::get_mut(&mut m).is_some(), m)) {
-            Some((true, mut mem)) => {
-                if let Some(m) = Arc::get_mut(&mut mem) {
-                    m.shuffle = size as u8;
-                    m.shape = shape;
-                }
-                let seq = self.resumed_manifest().map(|m| m.seq);
-                (mem, seq)
-            }
-            _ => (RegionMem::new(name, kind, bytes, size as u8, shape)?, None),
+            .filter(|m| m.kind == kind && m.bytes == bytes)
+            .and_then(|mut mem| {
+                let m = Arc::get_mut(&mut mem)?;
+                m.shuffle = size as u8;
+                m.shape = shape.clone();
+                Some(mem)
+            });
+        let (mem, mut baseline) = match staged {
+            Some(mem) => (mem, self.resumed_manifest().map(|m| m.seq)),
+            None => (RegionMem::new(name, kind, bytes, size as u8, shape)?, None),
         };
         if let Some(restored) = self.restored.as_ref().filter(|_| baseline.is_none()) {
             let seq = restored.reader.manifest().seq;
