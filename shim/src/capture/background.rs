@@ -17,7 +17,7 @@ use supervise_store::store::Retention;
 use supervise_store::writer::{SnapshotReport, SnapshotWriter};
 
 use super::fork::await_forked;
-use super::{Buffer, CaptureTask, Item};
+use super::{Buffer, CaptureTask, Item, PartBytes};
 use crate::runtime::Shim;
 
 /// What the writer thread says about a capture task.
@@ -249,6 +249,7 @@ pub(super) fn write_task(
                     chunks,
                     parts,
                     returns,
+                    read,
                 } => {
                     let mut entry = match seq {
                         Some(seq) => {
@@ -260,9 +261,23 @@ pub(super) fn write_task(
                     // Until the program has sent the last part (and closed the channel).
                     let mut given = 0;
                     for part in parts.iter() {
-                        builder.add_chunks(&mut entry, &part.chunks, &part.data, *shuffle)?;
                         given += part.chunks.len();
-                        let _ = returns.send(part.data);
+                        match part.bytes {
+                            PartBytes::Copied(data) => {
+                                builder.add_chunks(&mut entry, &part.chunks, &data, *shuffle)?;
+                                let _ = returns.send(data);
+                            }
+                            PartBytes::InPlace(mem) => {
+                                let all = mem.bytes();
+                                builder.add_chunks_in_place(
+                                    &mut entry,
+                                    &part.chunks,
+                                    all,
+                                    *shuffle,
+                                )?;
+                                let _ = read.send(());
+                            }
+                        }
                     }
                     // A feed that ended early (it never should) must not leave a delta's
                     // missing chunks to be taken from its base.

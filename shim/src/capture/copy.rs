@@ -1,18 +1,20 @@
 //! Copying at the safe point, the program's whole pause: the values and slices the program's
 //! closure adds, and every registered region, whole or only its chunks written since its base.
-//! When the regions' copies would exceed the capture memory budget, they are copied in parts
-//! (a [`Feed`]) as the writer stores them, and the program waits for the rest.
+//! When the regions' copies would exceed the capture memory budget, the writer reads them in
+//! place, part by part (a [`Feed`]), while the program waits.
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::Instant;
 
 use supervise_store::error::Result;
 use supervise_store::format::CHUNK_SIZE;
 
 use super::dirty::Delta;
-use super::{Buffer, Capture, CaptureTask, Item, OutputsAt, Part, empty_buffer, reserve_capture};
+use super::{
+    Buffer, Capture, CaptureTask, Item, OutputsAt, Part, PartBytes, empty_buffer, reserve_capture,
+};
 use crate::channel::Shared;
 use crate::region::RegionMem;
 use crate::runtime::Shim;
@@ -20,7 +22,7 @@ use crate::runtime::Shim;
 impl Shim {
     /// Copies what the snapshot needs; the program is paused for exactly this (and, when the
     /// regions' copies would exceed the capture memory budget, for the [`Feed`] returned with
-    /// the task, which copies them in parts as the writer stores them).
+    /// the task, which hands them to the writer part by part).
     pub(crate) fn capture<F>(
         &mut self,
         tag: Option<&str>,
@@ -85,6 +87,7 @@ impl Shim {
             // Spare buffers would only add to what the parts hold.
             self.buffers.clear();
             let (returns, returned) = channel();
+            let (read, done) = channel();
             let mut regions = Vec::new();
             for (mem, delta) in plan {
                 let (tx, parts) = channel();
@@ -101,10 +104,21 @@ impl Shim {
                     chunks: chunks.len(),
                     parts,
                     returns: returns.clone(),
+                    read: read.clone(),
                 });
                 regions.push((mem, chunks, tx));
             }
-            Some(Feed::new(regions, room, returned, Arc::clone(&self.shared)))
+            // A rank's writer claims chunks by hash before it stores them, so it would copy
+            // what it reads in place anyway: a rank copies its parts.
+            let in_place = self.part_seq.is_none();
+            Some(Feed::new(
+                regions,
+                room,
+                in_place,
+                returned,
+                done,
+                Arc::clone(&self.shared),
+            ))
         };
         let task = CaptureTask {
             tag: tag.map(str::to_owned),
@@ -175,80 +189,113 @@ fn to_copy(mem: &RegionMem, delta: Option<&Delta>) -> usize {
     delta.map_or(mem.bytes, |(_, dirty)| dirty.len() * CHUNK_SIZE)
 }
 
-/// The regions of a capture in parts, still to be copied: the program copies them part by
-/// part into at most a budget's worth of buffers while the writer stores them, waiting for a
-/// buffer back whenever all are out. Its pause grows instead of its memory.
+/// The regions of a capture larger than the capture memory budget, still to be given to the
+/// writer part by part. The program waits at its safe point while the writer reads them in
+/// place (copying nothing: its pause grows instead of its memory); a rank, whose writer must
+/// claim chunks before it stores them, copies them part by part into at most the budget's
+/// worth of buffers instead, waiting for a buffer back whenever all are out.
+///
+/// Copying the last budget's worth of an in-place capture, so that the program could go on
+/// while the writer stores it, was measured and left out: on two cores the copy (into fresh
+/// memory) slowed the writer as much as it shortened the wait (`supervise bench`, 1 GiB: a
+/// pause of 0.54-0.92 s and durable in 0.70-1.05 s with it, 0.55-0.68 s and 0.62-0.72 s
+/// without).
 pub(crate) struct Feed {
-    /// Each region, the numbers of the chunks to copy, and where its parts go.
+    /// Each region, the numbers of the chunks to give, and where its parts go.
     regions: Vec<(Arc<RegionMem>, Vec<usize>, Sender<Part>)>,
     /// Chunks in one part.
     per_part: usize,
-    /// Buffers out at most.
+    /// Copied parts out at most.
     buffers: usize,
+    /// Whether the writer reads the regions in place (else the parts are copied).
+    in_place: bool,
     /// The buffers the writer is done with.
     returned: Receiver<Buffer>,
+    /// One message for each part the writer is done reading in place.
+    done: Receiver<()>,
     /// Where liveness beats are counted: the program is busy in the shim, not hung.
     shared: Arc<Shared>,
 }
 
 impl Feed {
-    /// A feed within `room` bytes of buffers.
+    /// A feed read in place, or copied within `room` bytes of buffers.
     fn new(
         regions: Vec<(Arc<RegionMem>, Vec<usize>, Sender<Part>)>,
         room: usize,
+        in_place: bool,
         returned: Receiver<Buffer>,
+        done: Receiver<()>,
         shared: Arc<Shared>,
     ) -> Self {
-        // Four parts or more in flight (copying one while the writer stores others), of 1 to
-        // 32 MiB each.
+        // Four copied parts or more in flight (copying one while the writer stores others), of
+        // 1 to 32 MiB each.
         let part = (room / 4).clamp(1 << 20, 32 << 20) / CHUNK_SIZE * CHUNK_SIZE;
         Self {
             regions,
             per_part: part / CHUNK_SIZE,
             buffers: (room / part).max(2),
+            in_place,
             returned,
+            done,
             shared,
         }
     }
 
-    /// Copies every region's chunks, part by part, as the writer makes room. Stops early when
-    /// the writer has failed (it stops taking parts; the snapshot's outcome says why). The
-    /// buffers are freed as the writer is done with them: a capture this large is not kept
-    /// ready for.
+    /// Gives every region's chunks to the writer part by part, in place or copied as the
+    /// writer makes room; then waits until the writer is done reading in place. Stops early when the writer has failed (it stops
+    /// taking parts and reading; the snapshot's outcome says why). The copies' buffers are
+    /// freed as the writer is done with them: a capture this large is not kept ready for.
     pub(crate) fn run(self) {
         let Feed {
             regions,
             per_part,
             buffers,
+            in_place: may_read_in_place,
             returned,
+            done,
             shared,
         } = self;
-        let mut out = 0;
+        let (mut out, mut in_place) = (0, 0);
         // Each region's sender is dropped after its last part: that tells the writer the
         // region is complete (it stores the regions in order).
         'regions: for (mem, chunks, parts) in regions {
             for group in chunks.chunks(per_part) {
                 shared.beat();
-                let mut data = if out < buffers {
-                    out += 1;
-                    let mut data = empty_buffer();
-                    reserve_capture(&mut data, per_part * CHUNK_SIZE);
-                    data
+                let bytes = if may_read_in_place {
+                    in_place += 1;
+                    PartBytes::InPlace(Arc::clone(&mem))
                 } else {
-                    match returned.recv() {
-                        Ok(data) => data,
-                        Err(_) => break 'regions,
-                    }
+                    let mut data = if out < buffers {
+                        out += 1;
+                        let mut data = empty_buffer();
+                        reserve_capture(&mut data, per_part * CHUNK_SIZE);
+                        data
+                    } else {
+                        match returned.recv() {
+                            Ok(data) => data,
+                            Err(_) => break 'regions,
+                        }
+                    };
+                    data.clear();
+                    append_chunks(&mut data, mem.bytes(), group);
+                    PartBytes::Copied(data)
                 };
-                data.clear();
-                append_chunks(&mut data, mem.bytes(), group);
                 let part = Part {
                     chunks: group.to_vec(),
-                    data,
+                    bytes,
                 };
                 if parts.send(part).is_err() {
                     break 'regions;
                 }
+            }
+        }
+        // The regions are the program's again only when the writer has read them. Its
+        // senders go when the task ends, so a writer that failed ends the wait.
+        while in_place > 0 {
+            match done.recv_timeout(std::time::Duration::from_millis(500)) {
+                Ok(()) => in_place -= 1,
+                Err(RecvTimeoutError::Timeout) => shared.beat(),
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
     }

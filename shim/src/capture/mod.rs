@@ -5,8 +5,9 @@
 //! program's snapshot closure adds entries to), the captured [`Item`]s and [`CaptureTask`],
 //! and the page-aligned capture buffers. The paths themselves live in the submodules:
 //!
-//! - `copy`: copying regions at the safe point (whole, or their written chunks), in parts
-//!   within the capture memory budget when they need more;
+//! - `copy`: copying regions at the safe point (whole, or their written chunks); beyond the
+//!   capture memory budget, the writer reads them in place, part by part, while the program
+//!   waits;
 //! - `dirty`: which chunks of a region were written since its base;
 //! - `tracker`: the kernel's write tracking (userfaultfd and `PAGEMAP_SCAN`);
 //! - `fork`: taking a snapshot in a forked copy-on-write process;
@@ -101,10 +102,11 @@ pub(crate) enum Item {
         data: Buffer,
         shuffle: u8,
     },
-    /// A region copied in parts while the writer stores them, because copying it at once
+    /// A region given in parts while the writer stores them, because copying it at once
     /// would exceed the capture memory budget: all of it (`base` `None`), or its chunks written
-    /// since snapshot `base`. The writer hands each part's buffer back through `returns`, and
-    /// fails the snapshot unless the parts held exactly `chunks` chunks.
+    /// since snapshot `base`. The writer hands each copied part's buffer back through
+    /// `returns`, says through `read` when it is done with a part read in place, and fails
+    /// the snapshot unless the parts held exactly `chunks` chunks.
     Parts {
         name: String,
         kind: EntryKind,
@@ -114,13 +116,23 @@ pub(crate) enum Item {
         chunks: usize,
         parts: Receiver<Part>,
         returns: Sender<Buffer>,
+        read: Sender<()>,
     },
 }
 
-/// Chunks of a region captured in parts: their numbers, and their bytes one after another.
+/// Chunks of a region given in parts: their numbers, and their bytes.
 pub(crate) struct Part {
     pub(crate) chunks: Vec<usize>,
-    pub(crate) data: Buffer,
+    pub(crate) bytes: PartBytes,
+}
+
+/// Where the bytes of a [`Part`] are.
+pub(crate) enum PartBytes {
+    /// Copied, one chunk after another: the program may write the region again.
+    Copied(Buffer),
+    /// In the region itself, read there while the program waits at its safe point, until the
+    /// writer says it is done with them.
+    InPlace(Arc<crate::region::RegionMem>),
 }
 
 impl Item {

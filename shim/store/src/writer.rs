@@ -640,33 +640,84 @@ impl SnapshotBuilder<'_> {
         data: &[u8],
         shuffle: u8,
     ) -> Result<()> {
-        let mismatch = |why: String| Error::DeltaBase {
+        let mut offset = 0usize;
+        let pieces = self.pieces(entry, chunks, |len| {
+            let piece = data.get(offset..offset + len);
+            offset += len;
+            piece
+        })?;
+        if offset != data.len() {
+            return Err(self.mismatch(entry, "the chunks' data is too long".into()));
+        }
+        self.store_chunks(&pieces, shuffle, &mut entry.refs)
+    }
+
+    /// Stores the chunks of `entry` numbered in `chunks` (ascending), read where they are in
+    /// `all`, the entry's whole bytes, which another thread may be writing meanwhile: each
+    /// chunk is copied into a small buffer of its worker (it stays in the CPU's cache) and
+    /// hashed and compressed from there, so that its record holds exactly what its hash says.
+    /// With shared chunk claims (a rank of a job), whose hashes are claimed before anything is
+    /// stored, the chunks are copied first. Chunks the store holds are only referenced.
+    pub fn add_chunks_in_place(
+        &mut self,
+        entry: &mut EntryInParts<'_>,
+        chunks: &[usize],
+        all: &[u8],
+        shuffle: u8,
+    ) -> Result<()> {
+        if all.len() as u64 != entry.len {
+            return Err(self.mismatch(
+                entry,
+                format!("{} bytes given for an entry of {}", all.len(), entry.len),
+            ));
+        }
+        let chunk = entry.chunk;
+        let mut at = chunks.iter();
+        let pieces = self.pieces(entry, chunks, |len| {
+            let start = at.next()? * chunk;
+            all.get(start..start + len)
+        })?;
+        if self.writer.claims.is_some() {
+            let copied: Vec<u8> = pieces.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+            return self.add_chunks(entry, chunks, &copied, shuffle);
+        }
+        self.store_pieces(&pieces, None, shuffle, &mut entry.refs, true)
+    }
+
+    /// Checks that `chunks` ascend and are new to `entry`, and pairs each with its bytes:
+    /// `bytes(len)` gives the next chunk's `len` bytes, or `None` when they are missing.
+    fn pieces<'d>(
+        &self,
+        entry: &EntryInParts<'_>,
+        chunks: &[usize],
+        mut bytes: impl FnMut(usize) -> Option<&'d [u8]>,
+    ) -> Result<Vec<(usize, &'d [u8])>> {
+        let mut pieces = Vec::with_capacity(chunks.len());
+        for (k, &i) in chunks.iter().enumerate() {
+            if k > 0 && chunks[k - 1] >= i {
+                return Err(self.mismatch(entry, "chunk numbers not ascending".into()));
+            }
+            match entry.refs.get(i) {
+                None => return Err(self.mismatch(entry, format!("no chunk {i}"))),
+                Some(Some(_)) => {
+                    return Err(self.mismatch(entry, format!("chunk {i} given twice")));
+                }
+                Some(None) => {}
+            }
+            let piece = bytes(entry.chunk_len(i))
+                .ok_or_else(|| self.mismatch(entry, "the chunks' data is too short".into()))?;
+            pieces.push((i, piece));
+        }
+        Ok(pieces)
+    }
+
+    /// The error for chunks that do not fit `entry`.
+    fn mismatch(&self, entry: &EntryInParts<'_>, why: String) -> Error {
+        Error::DeltaBase {
             job: self.writer.job.name().to_owned(),
             entry: entry.name.clone(),
             why,
-        };
-        let mut pieces = Vec::with_capacity(chunks.len());
-        let mut offset = 0usize;
-        for (k, &i) in chunks.iter().enumerate() {
-            if k > 0 && chunks[k - 1] >= i {
-                return Err(mismatch("chunk numbers not ascending".into()));
-            }
-            match entry.refs.get(i) {
-                None => return Err(mismatch(format!("no chunk {i}"))),
-                Some(Some(_)) => return Err(mismatch(format!("chunk {i} given twice"))),
-                Some(None) => {}
-            }
-            let end = offset + entry.chunk_len(i);
-            let bytes = data
-                .get(offset..end)
-                .ok_or_else(|| mismatch("the chunks' data is too short".into()))?;
-            pieces.push((i, bytes));
-            offset = end;
         }
-        if offset != data.len() {
-            return Err(mismatch("the chunks' data is too long".into()));
-        }
-        self.store_chunks(&pieces, shuffle, &mut entry.refs)
     }
 
     /// Finishes `entry`: chunks never given are referenced as its base has them (a whole
@@ -776,7 +827,7 @@ impl SnapshotBuilder<'_> {
         refs: &mut [Option<ChunkRef>],
     ) -> Result<()> {
         let Some(claims) = self.writer.claims.clone() else {
-            return self.store_pieces(pieces, None, shuffle, refs);
+            return self.store_pieces(pieces, None, shuffle, refs, false);
         };
         // Hashed first, so that the chunks new to this rank are claimed before any is stored.
         let (hashes, cpu) = hash_pieces(pieces, self.writer.threads);
@@ -804,18 +855,24 @@ impl SnapshotBuilder<'_> {
                 self.deferred.insert(*hash);
             }
         }
-        self.store_pieces(pieces, Some(&hashes), shuffle, refs)
+        self.store_pieces(pieces, Some(&hashes), shuffle, refs, false)
     }
 
     /// [`store_chunks`](Self::store_chunks) once claimed: `hashes` are the pieces' hashes
-    /// when known.
+    /// when known; with `unsteady`, each piece is copied before it is hashed and compressed
+    /// (another thread may be writing it).
     fn store_pieces(
         &mut self,
         pieces: &[(usize, &[u8])],
         hashes: Option<&[Hash]>,
         shuffle: u8,
         refs: &mut [Option<ChunkRef>],
+        unsteady: bool,
     ) -> Result<()> {
+        debug_assert!(
+            !(unsteady && hashes.is_some()),
+            "hashed once, from one copy"
+        );
         let n = pieces.len();
         let mut first_err: Option<Error> = None;
         let next = AtomicUsize::new(0);
@@ -843,12 +900,18 @@ impl SnapshotBuilder<'_> {
                     scope.spawn(move || {
                         let mut local = Vec::new();
                         let mut encoder = None;
+                        let mut steady = Vec::new();
                         loop {
                             let k = next.fetch_add(1, Ordering::Relaxed);
                             if k >= n {
                                 break;
                             }
-                            let (i, chunk) = pieces[k];
+                            let (i, mut chunk) = pieces[k];
+                            if unsteady {
+                                steady.clear();
+                                steady.extend_from_slice(chunk);
+                                chunk = &steady;
+                            }
                             let hash = match hashes {
                                 Some(h) => h[k],
                                 None => *blake3::hash(chunk).as_bytes(),

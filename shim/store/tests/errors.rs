@@ -81,7 +81,16 @@ fn an_entry_given_in_parts_is_stored_exactly_and_bad_parts_are_refused() {
         matches!(&err, Error::DeltaBase { entry, .. } if entry == "f"),
         "{err}"
     );
-    b.add_chunks(&mut entry, &[2], chunk(2), 0).unwrap();
+    // Read in place from the entry's whole bytes: those must be the entry's length.
+    let err = b
+        .add_chunks_in_place(&mut entry, &[2], &bytes[..len - 1], 0)
+        .unwrap_err();
+    assert!(matches!(err, Error::DeltaBase { .. }), "{err}");
+    let err = b
+        .add_chunks_in_place(&mut entry, &[1, 2], &bytes, 0)
+        .unwrap_err();
+    assert!(err.to_string().contains("chunk 1 given twice"), "{err}");
+    b.add_chunks_in_place(&mut entry, &[2], &bytes, 0).unwrap();
     b.end_entry(entry).unwrap();
     let seq = b.commit().unwrap().seq;
     let mut out = vec![0u8; len];
@@ -91,17 +100,19 @@ fn an_entry_given_in_parts_is_stored_exactly_and_bad_parts_are_refused() {
         .unwrap();
     assert_eq!(out, bytes);
 
-    // A delta in parts: chunk 1 new, the rest from the base.
+    // A delta in parts: chunks 1 and 3 (the short one) new, read in place, the rest from
+    // the base.
     let mut b = writer.begin(None);
     let base = b.manifest_of(seq).unwrap();
     let mut entry = b.begin_delta("e", base.entry("e").unwrap()).unwrap();
     let mut changed = bytes.clone();
     changed[CHUNK_SIZE..2 * CHUNK_SIZE].fill(9);
-    b.add_chunks(&mut entry, &[1], &changed[CHUNK_SIZE..2 * CHUNK_SIZE], 0)
+    changed[len - 1] = 1;
+    b.add_chunks_in_place(&mut entry, &[1, 3], &changed, 8)
         .unwrap();
     b.end_entry(entry).unwrap();
     let report = b.commit().unwrap();
-    assert_eq!(report.bytes_new, CHUNK_SIZE as u64);
+    assert_eq!(report.bytes_new, (CHUNK_SIZE + CHUNK_SIZE / 2) as u64);
     SnapshotReader::open(&job, report.seq)
         .unwrap()
         .slice_into("e", "u8", &mut out)
