@@ -889,10 +889,12 @@ impl SnapshotBuilder<'_> {
         // only new chunks: a message per known chunk cost more in wake-ups than its hashing.
         let mut settled: Vec<(usize, Found)> = Vec::new();
         let mut workers_cpu = std::time::Duration::ZERO;
+        // New chunks go to this thread in batches: a message each woke this thread for each
+        // (`supervise bench`, 1 GiB, seven runs alternated: a full snapshot durable in
+        // 0.62-0.80 s one chunk per message, 0.56-0.78 s in batches, median 0.70 and 0.59 s).
+        type Batch = Vec<(usize, std::io::Result<(Encoded, bool)>)>;
         std::thread::scope(|scope| {
-            let (tx, rx) = mpsc::sync_channel::<(usize, std::io::Result<(Encoded, bool)>)>(
-                self.writer.threads * 4,
-            );
+            let (tx, rx) = mpsc::sync_channel::<Batch>(self.writer.threads * 2);
             let workers: Vec<_> = (0..self.writer.threads.min(n))
                 .map(|_| {
                     let tx = tx.clone();
@@ -901,6 +903,7 @@ impl SnapshotBuilder<'_> {
                         let mut local = Vec::new();
                         let mut encoder = None;
                         let mut steady = Vec::new();
+                        let mut batch: Batch = Vec::with_capacity(SEND_BATCH);
                         loop {
                             let k = next.fetch_add(1, Ordering::Relaxed);
                             if k >= n {
@@ -941,16 +944,24 @@ impl SnapshotBuilder<'_> {
                             let new = enc
                                 .and_then(|e| e.encode(chunk, hash, shuffle))
                                 .map(|e| (e, compact));
-                            if tx.send((i, new)).is_err() {
-                                break;
+                            batch.push((i, new));
+                            if batch.len() == SEND_BATCH {
+                                let full =
+                                    std::mem::replace(&mut batch, Vec::with_capacity(SEND_BATCH));
+                                if tx.send(full).is_err() {
+                                    break;
+                                }
                             }
+                        }
+                        if !batch.is_empty() {
+                            let _ = tx.send(batch);
                         }
                         (local, crate::clock::thread_cpu())
                     })
                 })
                 .collect();
             drop(tx);
-            for (i, new) in rx {
+            for (i, new) in rx.into_iter().flatten() {
                 if first_err.is_some() {
                     continue;
                 }
@@ -1208,6 +1219,9 @@ impl Drop for SnapshotBuilder<'_> {
         }
     }
 }
+
+/// New chunks a worker hands to the writer's thread at once (about 0.5 MiB compressed).
+const SEND_BATCH: usize = 8;
 
 /// The blake3 of each piece, hashed on `threads` threads, and the CPU time they took.
 fn hash_pieces(pieces: &[(usize, &[u8])], threads: usize) -> (Vec<Hash>, std::time::Duration) {
