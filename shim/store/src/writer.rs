@@ -890,11 +890,12 @@ impl SnapshotBuilder<'_> {
         let mut settled: Vec<(usize, Found)> = Vec::new();
         let mut workers_cpu = std::time::Duration::ZERO;
         // New chunks go to this thread in batches: a message each woke this thread for each
-        // (`supervise bench`, 1 GiB, seven runs alternated: a full snapshot durable in
-        // 0.62-0.80 s one chunk per message, 0.56-0.78 s in batches, median 0.70 and 0.59 s).
+        // (`supervise bench`, 1 GiB, runs alternated: a full snapshot durable in 0.62-0.80 s
+        // with a chunk per message, 0.56-0.78 s in batches of 8, 0.60-0.64 s in batches of 4,
+        // which hold less memory).
         type Batch = Vec<(usize, std::io::Result<(Encoded, bool)>)>;
         std::thread::scope(|scope| {
-            let (tx, rx) = mpsc::sync_channel::<Batch>(self.writer.threads * 2);
+            let (tx, rx) = mpsc::sync_channel::<Batch>(self.writer.threads);
             let workers: Vec<_> = (0..self.writer.threads.min(n))
                 .map(|_| {
                     let tx = tx.clone();
@@ -1220,8 +1221,10 @@ impl Drop for SnapshotBuilder<'_> {
     }
 }
 
-/// New chunks a worker hands to the writer's thread at once (about 0.5 MiB compressed).
-const SEND_BATCH: usize = 8;
+/// New chunks a worker hands to the writer's thread at once. A batch filling on each worker,
+/// one waiting in the channel for each and one being stored: at most (2 × workers + 1) × 4
+/// compressed chunks (of at most 64 KiB) in flight, 1.25 MiB on two cores.
+const SEND_BATCH: usize = 4;
 
 /// The blake3 of each piece, hashed on `threads` threads, and the CPU time they took.
 fn hash_pieces(pieces: &[(usize, &[u8])], threads: usize) -> (Vec<Hash>, std::time::Duration) {
