@@ -76,6 +76,30 @@ fn only_written_chunks_are_stored_and_the_restore_is_exact() {
     }
 }
 
+/// Starts a thread that writes random words of `words` (atomically) until `stop`; it returns
+/// how many writes it made.
+///
+/// # Safety
+/// `words` must stay mapped until the thread is joined.
+unsafe fn race(words: &mut [u64], stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let (at, len) = (words.as_mut_ptr() as usize, words.len());
+    let stop = Arc::clone(stop);
+    std::thread::spawn(move || {
+        // SAFETY: mapped until the join (the caller's promise); every access is atomic.
+        let cells = unsafe { std::slice::from_raw_parts(at as *const AtomicU64, len) };
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            n += 1;
+            cells[(x as usize) % len].store(n, Ordering::Relaxed);
+        }
+        n
+    })
+}
+
 #[test]
 fn writes_racing_with_the_capture_are_never_lost() {
     let dir = tempfile::tempdir().unwrap();
@@ -84,27 +108,10 @@ fn writes_racing_with_the_capture_are_never_lost() {
     };
     let len = (4 << 20) / 8;
     let mut r = shim.region::<u64>("r", len).unwrap();
-    let words = r.as_mut_ptr() as usize;
     let stop = Arc::new(AtomicBool::new(false));
-    let racer = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            // SAFETY (test): the region outlives this thread (joined below) and every access
-            // from this thread is atomic; the capture's reads may see a write or not, and the
-            // final, quiet snapshot must have them all.
-            let cells = unsafe { std::slice::from_raw_parts(words as *const AtomicU64, len) };
-            let mut x = 0x9E37_79B9_7F4A_7C15u64;
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                n += 1;
-                cells[(x as usize) % len].store(n, Ordering::Relaxed);
-            }
-            n
-        })
-    };
+    // SAFETY (test): the region outlives the racer (joined below); the capture's reads may
+    // see a write or not, and the final, quiet snapshot must have them all.
+    let racer = unsafe { race(&mut r, &stop) };
     let mut taken = 0;
     for _ in 0..40 {
         std::thread::sleep(Duration::from_millis(3));
@@ -495,26 +502,9 @@ fn a_region_read_in_place_while_another_thread_writes_it_stores_records_that_ver
     let mut shim = budgeted(dir.path(), 2 << 20);
     let len = (4 << 20) / 8;
     let mut r = shim.region::<u64>("r", len).unwrap();
-    let words = r.as_mut_ptr() as usize;
     let stop = Arc::new(AtomicBool::new(false));
-    let racer = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            // SAFETY (test): the region outlives this thread (joined below) and every access
-            // from this thread is atomic.
-            let cells = unsafe { std::slice::from_raw_parts(words as *const AtomicU64, len) };
-            let mut x = 0x9E37_79B9_7F4A_7C15u64;
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                n += 1;
-                cells[(x as usize) % len].store(n, Ordering::Relaxed);
-            }
-            n
-        })
-    };
+    // SAFETY (test): the region outlives the racer (joined below, before any check).
+    let racer = unsafe { race(&mut r, &stop) };
     let job = Store::open(dir.path().join("store"))
         .unwrap()
         .job("dirty")
