@@ -325,9 +325,10 @@ struct RunArgs {
 
     /// The most memory a snapshot's capture may hold at once: a size (e.g. 512MiB) or a
     /// percentage of the program's registered state and of the memory available, whichever is
-    /// smaller (at least 256 MiB when available). A capture that needs more is copied and
-    /// written in parts while the program waits at its safe point: its pause grows instead of
-    /// its memory. The writer's own working memory (about 48 MiB) counts in the budget.
+    /// smaller (at least 256 MiB when available). A capture that needs more is not copied: it
+    /// is written from the program's memory while the program waits at its safe point, so its
+    /// pause grows instead of its memory. The writer's own working memory (about 48 MiB) counts
+    /// in the budget.
     #[arg(long, value_name = "SIZE|PERCENT", default_value = "25%", value_parser = parse_capture_memory, allow_hyphen_values = true)]
     capture_memory: CaptureMemory,
 

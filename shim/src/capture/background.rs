@@ -268,13 +268,14 @@ pub(super) fn write_task(
                                 let _ = returns.send(data);
                             }
                             PartBytes::InPlace(mem) => {
-                                let all = mem.bytes();
                                 builder.add_chunks_in_place(
                                     &mut entry,
                                     &part.chunks,
-                                    all,
+                                    mem.bytes(),
                                     *shuffle,
                                 )?;
+                                // Nothing here refers to the region once the program is told.
+                                drop(mem);
                                 let _ = read.send(());
                             }
                         }

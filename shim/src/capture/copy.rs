@@ -227,9 +227,13 @@ impl Feed {
         done: Receiver<()>,
         shared: Arc<Shared>,
     ) -> Self {
-        // Four copied parts or more in flight (copying one while the writer stores others), of
-        // 1 to 32 MiB each.
-        let part = (room / 4).clamp(1 << 20, 32 << 20) / CHUNK_SIZE * CHUNK_SIZE;
+        // Copied: four parts or more in flight (copying one while the writer stores others),
+        // of 1 to 32 MiB each. In place a part costs no memory: 32 MiB, so that the writer's
+        // workers start and finish together seldom.
+        let part = match in_place {
+            true => 32 << 20,
+            false => (room / 4).clamp(1 << 20, 32 << 20) / CHUNK_SIZE * CHUNK_SIZE,
+        };
         Self {
             regions,
             per_part: part / CHUNK_SIZE,
@@ -242,9 +246,11 @@ impl Feed {
     }
 
     /// Gives every region's chunks to the writer part by part, in place or copied as the
-    /// writer makes room; then waits until the writer is done reading in place. Stops early when the writer has failed (it stops
-    /// taking parts and reading; the snapshot's outcome says why). The copies' buffers are
-    /// freed as the writer is done with them: a capture this large is not kept ready for.
+    /// writer makes room; then waits until the writer is done reading in place. Stops early
+    /// when the writer has failed (it stops taking parts and reading; the snapshot's outcome
+    /// says why). The copies' buffers are freed as the writer is done with them: a capture
+    /// this large is not kept ready for. Liveness beats go on all the while: the program is
+    /// busy in the shim, not hung.
     pub(crate) fn run(self) {
         let Feed {
             regions,
@@ -293,7 +299,10 @@ impl Feed {
         // senders go when the task ends, so a writer that failed ends the wait.
         while in_place > 0 {
             match done.recv_timeout(std::time::Duration::from_millis(500)) {
-                Ok(()) => in_place -= 1,
+                Ok(()) => {
+                    in_place -= 1;
+                    shared.beat();
+                }
                 Err(RecvTimeoutError::Timeout) => shared.beat(),
                 Err(RecvTimeoutError::Disconnected) => break,
             }

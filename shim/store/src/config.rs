@@ -88,11 +88,11 @@ pub enum CaptureMode {
 }
 
 /// The most memory a capture may hold at once (its copies of the state, on their way to the
-/// store). A capture that needs more is copied and written in parts, and the program waits at
-/// its safe point while the parts beyond the budget are written: its pause grows, memory does
-/// not. The writer's own working memory (about 48 MiB: pack blocks, compressors) counts in
-/// the budget; a smaller budget still leaves the writer that much and the copies two parts of
-/// 1 MiB. In `auto` capture mode a forked capture (whose copy-on-write can cost up to the
+/// store). A capture that needs more is not copied: the writer reads the regions in place,
+/// part by part, while the program waits at its safe point: its pause grows, memory does not
+/// (an MPI rank copies its parts instead, at most the budget's worth at once). The writer's
+/// own working memory (about 48 MiB: pack blocks, compressors) counts in the budget; a smaller
+/// budget still leaves the writer that much and a rank's copies two parts of 1 MiB. In `auto` capture mode a forked capture (whose copy-on-write can cost up to the
 /// process's whole memory) is taken only when the process's memory fits the budget; `fork`
 /// mode always forks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

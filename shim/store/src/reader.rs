@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::format::{
@@ -16,6 +16,9 @@ use crate::store::JobStore;
 /// Most bytes [`SnapshotReader::read_entry`] (and so [`SnapshotReader::verify`]) holds in
 /// memory at once: chunks are read in batches of about this size (at least one chunk).
 pub const READ_BATCH: usize = 32 << 20;
+
+/// How far a parallel read asks the kernel to read ahead of its workers, in record bytes.
+const AHEAD: u64 = 128 << 20;
 
 /// An open snapshot whose manifest decoded and whose packs are all present and long enough.
 pub struct SnapshotReader {
@@ -174,17 +177,18 @@ impl SnapshotReader {
         let threads = self.threads.min(chunks.len()).max(1);
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         let done = AtomicBool::new(false);
+        let taken = AtomicU64::new(0);
         std::thread::scope(|scope| {
             if chunks.len() > 1 {
                 // Best effort: without it the workers only read slower.
                 let _ = std::thread::Builder::new()
                     .name("supervise-ahead".into())
-                    .spawn_scoped(scope, || self.read_ahead(chunks, &done));
+                    .spawn_scoped(scope, || self.read_ahead(chunks, &taken, &done));
             }
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     scope.spawn(|| {
-                        if let Err(e) = self.fill_worker(&work) {
+                        if let Err(e) = self.fill_worker(&work, &taken) {
                             failure
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
@@ -193,12 +197,13 @@ impl SnapshotReader {
                     })
                 })
                 .collect();
-            for worker in workers {
-                if let Err(panic) = worker.join() {
+            let joined: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+            done.store(true, Ordering::Relaxed);
+            for worker in joined {
+                if let Err(panic) = worker {
                     std::panic::resume_unwind(panic);
                 }
             }
-            done.store(true, Ordering::Relaxed);
         });
         match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
@@ -209,9 +214,13 @@ impl SnapshotReader {
     /// Asks the kernel to read the records of `chunks` into the page cache ahead of the
     /// workers, in order and in large pieces, until `done`: the workers read one record at a
     /// time, and for those the kernel reads only 128 KiB ahead (a disk's usual read-ahead),
-    /// which leaves a cold read waiting on many small requests.
-    fn read_ahead(&self, chunks: &[ChunkRef], done: &AtomicBool) {
+    /// which leaves a cold read waiting on many small requests. It keeps at most `AHEAD`
+    /// bytes ahead of the records the workers have `taken`, so that what it reads is not
+    /// evicted before it is used when memory is short.
+    fn read_ahead(&self, chunks: &[ChunkRef], taken: &AtomicU64, done: &AtomicBool) {
         const PIECE: u64 = 8 << 20;
+        // Record bytes asked for, counted in the workers' order like `taken`.
+        let mut asked = 0u64;
         // Records next to each other in one pack make one extent.
         let mut extents: Vec<(u32, u64, u64)> = Vec::new();
         for c in chunks {
@@ -226,6 +235,12 @@ impl SnapshotReader {
                 continue;
             };
             while start < end {
+                while asked > taken.load(Ordering::Relaxed) + AHEAD {
+                    if done.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
                 if done.load(Ordering::Relaxed) {
                     return;
                 }
@@ -238,11 +253,12 @@ impl SnapshotReader {
                     return;
                 }
                 start += len;
+                asked += len;
             }
         }
     }
 
-    fn fill_worker<'a, I>(&self, work: &Mutex<I>) -> Result<()>
+    fn fill_worker<'a, I>(&self, work: &Mutex<I>, taken: &AtomicU64) -> Result<()>
     where
         I: Iterator<Item = (&'a mut [u8], &'a ChunkRef)>,
     {
@@ -252,6 +268,8 @@ impl SnapshotReader {
             let Some((out, chunk)) = next else {
                 return Ok(());
             };
+            let record = RecordHeader::LEN as u64 + u64::from(chunk.stored_len);
+            taken.fetch_add(record, Ordering::Relaxed);
             let Some((path, file)) = self.packs.get(chunk.pack as usize) else {
                 return Err(self.damaged(format!("a chunk names pack #{}", chunk.pack)));
             };

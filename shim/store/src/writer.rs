@@ -678,7 +678,10 @@ impl SnapshotBuilder<'_> {
             all.get(start..start + len)
         })?;
         if self.writer.claims.is_some() {
-            let copied: Vec<u8> = pieces.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+            let mut copied = Vec::with_capacity(pieces.iter().map(|(_, b)| b.len()).sum());
+            for (_, bytes) in &pieces {
+                copied.extend_from_slice(bytes);
+            }
             return self.add_chunks(entry, chunks, &copied, shuffle);
         }
         self.store_pieces(&pieces, None, shuffle, &mut entry.refs, true)
