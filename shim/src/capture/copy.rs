@@ -326,3 +326,53 @@ pub(super) fn copy_chunks(bytes: &[u8], dirty: &[usize]) -> Buffer {
     append_chunks(&mut out, bytes, dirty);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use supervise_store::config::CaptureMemory;
+
+    use crate::channel::BEAT;
+    use crate::{Config, Shim};
+
+    #[test]
+    fn the_program_beats_while_the_writer_reads_a_capture_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::local(dir.path().join("store"), "beats");
+        config.capture_memory = CaptureMemory::Bytes(2 << 20);
+        let mut shim = Shim::open(config).unwrap();
+        // Four parts of 32 MiB, far beyond the budget: read in place while the program waits.
+        let mut r = shim.region::<u64>("r", (128 << 20) / 8).unwrap();
+        for (i, v) in r.iter_mut().enumerate() {
+            *v = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+        // Asks for a beat every millisecond, as the control thread does every second for a
+        // supervisor watching for hangs: a program busy in the shim must answer.
+        let shared = Arc::clone(&shim.shared);
+        let stop = Arc::new(AtomicBool::new(false));
+        let asking = {
+            let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    shared.pending.fetch_or(BEAT, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let before = shared.beats.load(Ordering::Relaxed);
+        let _ = shim.snapshot(None, |_| Ok(())).unwrap();
+        let beats = shared.beats.load(Ordering::Relaxed) - before;
+        stop.store(true, Ordering::Relaxed);
+        asking.join().unwrap();
+        shim.wait_durable().unwrap().unwrap();
+        // The parts are handed over in a moment (one beat at most); the wait for the writer
+        // to read them must beat too, once a part is read.
+        assert!(
+            beats >= 4,
+            "{beats} beats while the writer read 128 MiB in place"
+        );
+    }
+}
