@@ -95,6 +95,9 @@ pub struct Shim {
     /// Tests: make the next fork fail (after the dirty pages were collected).
     #[cfg(test)]
     pub(crate) fail_next_fork: bool,
+    /// Tests: copy the parts of a capture beyond the budget, as a rank does.
+    #[cfg(test)]
+    pub(crate) copy_parts: bool,
 }
 
 impl Shim {
@@ -155,6 +158,8 @@ impl Shim {
             part_seq: None,
             #[cfg(test)]
             fail_next_fork: false,
+            #[cfg(test)]
+            copy_parts: false,
         };
         if shim.config.mode == Mode::Off {
             return Ok(shim);

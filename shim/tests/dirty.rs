@@ -398,7 +398,7 @@ fn captures_beyond_the_memory_budget_are_written_in_parts_and_restore_exactly() 
     let dir = tempfile::tempdir().unwrap();
     // 50 MiB of capture memory, of which the writer's reserve (48 MiB) leaves 2 MiB for the
     // copies of 32 MiB of regions: every capture below but the third is given to the writer in
-    // parts of 1 MiB, read in place while the program waits.
+    // parts, read in place while the program waits.
     let mut shim = budgeted(dir.path(), 50 << 20);
     let (len, qlen) = ((24 << 20) / 8, (8 << 20) / 8);
     let mut r = shim.region::<u64>("r", len).unwrap();

@@ -110,6 +110,9 @@ impl Shim {
             }
             // A rank's writer claims chunks by hash before it stores them, so it would copy
             // what it reads in place anyway: a rank copies its parts.
+            #[cfg(test)]
+            let in_place = self.part_seq.is_none() && !self.copy_parts;
+            #[cfg(not(test))]
             let in_place = self.part_seq.is_none();
             Some(Feed::new(
                 regions,
@@ -337,6 +340,52 @@ mod tests {
 
     use crate::channel::BEAT;
     use crate::{Config, Shim};
+
+    #[test]
+    fn parts_copied_as_a_rank_copies_them_stay_within_the_room_and_restore_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::local(dir.path().join("store"), "copied");
+        // 50 MiB, of which the writer's reserve leaves 2 MiB: parts of 1 MiB, two out at once.
+        config.capture_memory = CaptureMemory::Bytes(50 << 20);
+        let mut shim = Shim::open(config).unwrap();
+        shim.copy_parts = true;
+        let mut r = shim.region::<u64>("r", (8 << 20) / 8).unwrap();
+        for (i, v) in r.iter_mut().enumerate() {
+            *v = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+        let job = || {
+            supervise_store::Store::open(dir.path().join("store"))
+                .unwrap()
+                .job("copied")
+                .unwrap()
+        };
+        let len = r.len();
+        let restored = |seq: u64| {
+            let mut out = vec![0u64; len];
+            supervise_store::SnapshotReader::open(&job(), seq)
+                .unwrap()
+                .slice_into("r", "u64", bytemuck::cast_slice_mut(&mut out))
+                .unwrap();
+            out
+        };
+        // Whole, then a delta of every other chunk (64 of 128): both beyond the room.
+        let _ = shim.snapshot(None, |_| Ok(())).unwrap();
+        let first = shim.wait_durable().unwrap().unwrap();
+        assert_eq!(restored(first.seq), &r[..]);
+        for chunk in (0..128).step_by(2) {
+            r[chunk * 8192 + 3] ^= 0xFF;
+        }
+        let _ = shim.snapshot(None, |_| Ok(())).unwrap();
+        let second = shim.wait_durable().unwrap().unwrap();
+        assert_eq!(second.bytes_new, 64 * 65536, "{second:?}");
+        assert_eq!(restored(second.seq), &r[..]);
+        // The copies' buffers are not kept as spares.
+        assert!(
+            shim.buffers.is_empty(),
+            "{} spare buffers",
+            shim.buffers.len()
+        );
+    }
 
     #[test]
     fn the_program_beats_while_the_writer_reads_a_capture_in_place() {
