@@ -341,13 +341,18 @@ mod tests {
     use crate::channel::BEAT;
     use crate::{Config, Shim};
 
+    /// A shim for `job` in a store under `dir` whose captures may hold `budget` bytes.
+    fn budgeted(dir: &std::path::Path, job: &str, budget: u64) -> Shim {
+        let mut config = Config::local(dir.join("store"), job);
+        config.capture_memory = CaptureMemory::Bytes(budget);
+        Shim::open(config).unwrap()
+    }
+
     #[test]
     fn parts_copied_as_a_rank_copies_them_stay_within_the_room_and_restore_exactly() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::local(dir.path().join("store"), "copied");
         // 50 MiB, of which the writer's reserve leaves 2 MiB: parts of 1 MiB, two out at once.
-        config.capture_memory = CaptureMemory::Bytes(50 << 20);
-        let mut shim = Shim::open(config).unwrap();
+        let mut shim = budgeted(dir.path(), "copied", 50 << 20);
         shim.copy_parts = true;
         let mut r = shim.region::<u64>("r", (8 << 20) / 8).unwrap();
         for (i, v) in r.iter_mut().enumerate() {
@@ -390,9 +395,7 @@ mod tests {
     #[test]
     fn the_program_beats_while_the_writer_reads_a_capture_in_place() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::local(dir.path().join("store"), "beats");
-        config.capture_memory = CaptureMemory::Bytes(2 << 20);
-        let mut shim = Shim::open(config).unwrap();
+        let mut shim = budgeted(dir.path(), "beats", 2 << 20);
         // Four parts of 32 MiB, far beyond the budget: read in place while the program waits.
         let mut r = shim.region::<u64>("r", (128 << 20) / 8).unwrap();
         for (i, v) in r.iter_mut().enumerate() {

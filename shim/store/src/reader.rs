@@ -224,7 +224,7 @@ impl SnapshotReader {
         // Records next to each other in one pack make one extent.
         let mut extents: Vec<(u32, u64, u64)> = Vec::new();
         for c in chunks {
-            let end = c.offset + RecordHeader::LEN as u64 + u64::from(c.stored_len);
+            let end = c.offset.saturating_add(record_len(c));
             match extents.last_mut() {
                 Some((pack, _, last)) if *pack == c.pack && c.offset == *last => *last = end,
                 _ => extents.push((c.pack, c.offset, end)),
@@ -235,14 +235,14 @@ impl SnapshotReader {
                 continue;
             };
             while start < end {
-                while asked > taken.load(Ordering::Relaxed) + AHEAD {
+                loop {
                     if done.load(Ordering::Relaxed) {
                         return;
                     }
+                    if asked <= taken.load(Ordering::Relaxed).saturating_add(AHEAD) {
+                        break;
+                    }
                     std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                if done.load(Ordering::Relaxed) {
-                    return;
                 }
                 let len = PIECE.min(end - start);
                 let (Ok(at), Ok(n)) = (i64::try_from(start), i64::try_from(len)) else {
@@ -268,8 +268,7 @@ impl SnapshotReader {
             let Some((out, chunk)) = next else {
                 return Ok(());
             };
-            let record = RecordHeader::LEN as u64 + u64::from(chunk.stored_len);
-            taken.fetch_add(record, Ordering::Relaxed);
+            taken.fetch_add(record_len(chunk), Ordering::Relaxed);
             let Some((path, file)) = self.packs.get(chunk.pack as usize) else {
                 return Err(self.damaged(format!("a chunk names pack #{}", chunk.pack)));
             };
@@ -291,4 +290,9 @@ impl SnapshotReader {
             why,
         }
     }
+}
+
+/// The bytes of `chunk`'s record in its pack: its header and its stored bytes.
+fn record_len(chunk: &ChunkRef) -> u64 {
+    RecordHeader::LEN as u64 + u64::from(chunk.stored_len)
 }
