@@ -119,6 +119,31 @@ impl RegionMem {
         unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.bytes) }
     }
 
+    /// Whether the region's bytes from `at` differ from `copy`, read while the program may be
+    /// writing them (after it went on from a safe point). A word read as a write lands is
+    /// either value: it can only make bytes look changed, or look unchanged when the write
+    /// came after their protection, which the tracker records anyway.
+    pub(crate) fn differs(&self, at: usize, copy: &[u8]) -> bool {
+        assert!(
+            at.checked_add(copy.len())
+                .is_some_and(|end| end <= self.bytes)
+        );
+        let words = copy.len() / 8;
+        let base = self.addr + at;
+        for (i, want) in copy.chunks_exact(8).enumerate() {
+            // SAFETY: inside the mapping (checked above), which lives as long as `self`; the
+            // read is volatile because another thread may write the word at the same time.
+            let got = unsafe { std::ptr::read_volatile((base + i * 8) as *const [u8; 8]) };
+            if got != want {
+                return true;
+            }
+        }
+        (words * 8..copy.len()).any(|i| {
+            // SAFETY: as above, one byte.
+            unsafe { std::ptr::read_volatile((base + i) as *const u8) != copy[i] }
+        })
+    }
+
     /// Copies the bytes into `dest` (exactly as long) and gives each piece of the mapping
     /// back to the system once copied: a staged restore entry being loaded into the program's
     /// own memory (it reads as zeros afterwards).

@@ -61,6 +61,9 @@ pub(crate) struct RegionSlot {
     pub(crate) baseline: Option<u64>,
     /// Registered with the dirty tracker.
     pub(crate) tracked: bool,
+    /// Chunks written after the last capture copied them and before their pages were
+    /// protected again (sorted): the next delta takes them too.
+    pub(crate) carried: Vec<usize>,
 }
 
 /// What [`Shim::snapshot`] did at the safe point.
@@ -80,7 +83,7 @@ pub struct Shim {
     pub(crate) restored: Option<Restored>,
     pub(crate) start: Start,
     pub(crate) regions: Vec<RegionSlot>,
-    pub(crate) tracker: Option<DirtyTracker>,
+    pub(crate) tracker: Option<Arc<DirtyTracker>>,
     pub(crate) buffers: Vec<Buffer>,
     pub(crate) ranges: Vec<Range<usize>>,
     /// Slots (indices into `regions`) captured in the snapshot being written.
@@ -282,7 +285,7 @@ impl Shim {
             _ if !shim.config.track_writes => None,
             CaptureMode::Auto | CaptureMode::Dirty | CaptureMode::Fork => match DirtyTracker::new()
             {
-                Ok(t) => Some(t),
+                Ok(t) => Some(Arc::new(t)),
                 Err(e) => {
                     if shim.config.capture == CaptureMode::Dirty {
                         shim.shared.warn(
@@ -466,6 +469,7 @@ impl Shim {
                 mem: Arc::downgrade(&mem),
                 baseline,
                 tracked,
+                carried: Vec::new(),
             });
         }
         Ok(Region::new(mem, len))

@@ -16,6 +16,7 @@ use supervise_store::scrub::{Finding, Scrubber};
 use supervise_store::store::Retention;
 use supervise_store::writer::{SnapshotReport, SnapshotWriter};
 
+use super::dirty::{Carried, reprotect};
 use super::fork::await_forked;
 use super::{Buffer, CaptureTask, Item, PartBytes};
 use crate::runtime::Shim;
@@ -26,6 +27,8 @@ pub(crate) struct Outcome {
     pub(crate) result: Result<SnapshotReport, Arc<Error>>,
     /// The task's buffers, back for reuse.
     pub(crate) buffers: Vec<Buffer>,
+    /// What protecting the regions' pages again found (see [`reprotect`]).
+    pub(crate) carried: Vec<Carried>,
 }
 
 /// Called on the writer thread with each snapshot's outcome, and why retention failed after a
@@ -105,18 +108,19 @@ impl Background {
                     };
                     let (work, pause) = work;
                     let cpu_before = supervise_store::clock::thread_cpu();
-                    let (mut result, retention_failed, buffers) = match work {
+                    let (mut result, retention_failed, buffers, carried) = match work {
                         Work::Capture(task) => {
                             let written = write_task(&mut writer, &keep, *task);
                             (
                                 written.result.map_err(Arc::new),
                                 written.retention_failed,
                                 written.buffers,
+                                written.carried,
                             )
                         }
                         Work::Forked { pid, report } => {
                             let (result, retention_failed) = await_forked(&mut writer, pid, report);
-                            (result, retention_failed, Vec::new())
+                            (result, retention_failed, Vec::new(), Vec::new())
                         }
                     };
                     // Sent once the program goes on: for a capture in parts, after the last
@@ -132,7 +136,12 @@ impl Background {
                     }
                     on_done(&result, retention_failed.as_deref());
                     release_free_memory();
-                    if out_tx.send(Outcome { result, buffers }).is_err() {
+                    let outcome = Outcome {
+                        result,
+                        buffers,
+                        carried,
+                    };
+                    if out_tx.send(outcome).is_err() {
                         break;
                     }
                 }
@@ -194,14 +203,27 @@ pub(super) struct Written {
     pub(super) retention_failed: Option<String>,
     /// The task's buffers, back for reuse.
     buffers: Vec<Buffer>,
+    /// What protecting the regions' pages again found.
+    carried: Vec<Carried>,
 }
 
-/// Writes a captured snapshot durably, then applies retention.
+/// Protects again the pages the capture read as written (see [`reprotect`]), then writes
+/// the snapshot durably and applies retention.
 pub(super) fn write_task(
     writer: &mut SnapshotWriter,
     keep: &Retention,
     task: CaptureTask,
 ) -> Written {
+    // First, and whatever happens next: until then the program's writes to those pages are
+    // recorded only by their difference from the copies.
+    let carried = task
+        .reprotect
+        .iter()
+        .map(|re| match task.items.get(re.item) {
+            Some(Item::Delta { dirty, data, .. }) => reprotect(re, dirty, data),
+            _ => (re.slot, None),
+        })
+        .collect();
     let mut retention_failed = None;
     let mut base: Option<Manifest> = None;
     let result = (|| -> Result<SnapshotReport> {
@@ -313,6 +335,7 @@ pub(super) fn write_task(
         result,
         retention_failed,
         buffers,
+        carried,
     }
 }
 
@@ -365,6 +388,14 @@ impl Shim {
         for idx in self.in_flight_regions.drain(..) {
             if let Some(slot) = self.regions.get_mut(idx) {
                 slot.baseline = base;
+            }
+        }
+        for (idx, carried) in outcome.carried {
+            if let Some(slot) = self.regions.get_mut(idx) {
+                match carried {
+                    Some(chunks) => slot.carried = chunks,
+                    None => slot.baseline = None,
+                }
             }
         }
         self.last = Some(outcome.result);

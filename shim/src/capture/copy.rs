@@ -11,7 +11,7 @@ use std::time::Instant;
 use supervise_store::error::Result;
 use supervise_store::format::CHUNK_SIZE;
 
-use super::dirty::Delta;
+use super::dirty::{Delta, Dirty, Protect, Reprotect};
 use super::{
     Buffer, Capture, CaptureTask, Item, OutputsAt, Part, PartBytes, empty_buffer, reserve_capture,
 };
@@ -48,22 +48,26 @@ impl Shim {
             arrays: &mut arrays,
         })?;
         self.in_flight_regions.clear();
-        let mut plan: Vec<(Arc<RegionMem>, Option<Delta>)> = Vec::new();
+        let mut plan: Vec<(usize, Arc<RegionMem>, Option<Dirty>)> = Vec::new();
         for idx in 0..self.regions.len() {
             if let Some(mem) = self.regions[idx].mem.upgrade() {
-                let delta = self.collect_dirty(idx, &mem);
+                let dirty = self.collect_dirty(idx, &mem, Protect::Later);
                 arrays.extend(mem.array_shape());
-                plan.push((mem, delta));
+                plan.push((idx, mem, dirty));
                 self.in_flight_regions.push(idx);
             }
         }
         // The values and slices are copied already, and the writer needs some memory of its
         // own to store chunks; the regions get what the budget leaves.
         let copied: usize = items.iter().map(Item::held).sum();
-        let state = plan.iter().map(|(m, _)| m.bytes).sum::<usize>() + copied;
+        let state = plan.iter().map(|(_, m, _)| m.bytes).sum::<usize>() + copied;
         let budget = self.capture_budget(state);
         let room = budget.saturating_sub(copied + WRITER_RESERVE);
-        let need: usize = plan.iter().map(|(m, d)| to_copy(m, d.as_ref())).sum();
+        let need: usize = plan
+            .iter()
+            .map(|(_, m, d)| to_copy(m, d.as_ref().map(|d| &d.delta)))
+            .sum();
+        let mut reprotect = Vec::new();
         let feed = if need <= room {
             // Spare buffers are memory held: within the room, counting the copies' new
             // buffers, unless one region's copy reuses the largest spare.
@@ -79,8 +83,22 @@ impl Shim {
                 }
                 fits
             });
-            for (mem, delta) in plan {
-                items.push(self.copy_region(&mem, delta));
+            for (slot, mem, dirty) in plan {
+                let Some(Dirty { delta, pages }) = dirty else {
+                    items.push(self.copy_region(&mem, None));
+                    continue;
+                };
+                items.push(self.copy_region(&mem, Some(delta)));
+                if let Some(tracker) = self.tracker.as_ref().filter(|_| !pages.is_empty()) {
+                    // Protected again by the writer, which has the copy to compare with.
+                    reprotect.push(Reprotect {
+                        slot,
+                        mem,
+                        tracker: Arc::clone(tracker),
+                        pages,
+                        item: items.len() - 1,
+                    });
+                }
             }
             None
         } else {
@@ -89,10 +107,18 @@ impl Shim {
             let (returns, returned) = channel();
             let (read, done) = channel();
             let mut regions = Vec::new();
-            for (mem, delta) in plan {
+            for (slot, mem, dirty) in plan {
                 let (tx, parts) = channel();
-                let (base, chunks) = match delta {
-                    Some((base, dirty)) => (Some(base), dirty),
+                let (base, chunks) = match dirty {
+                    Some(Dirty {
+                        delta: (base, dirty),
+                        pages,
+                    }) => {
+                        // Read in place or copied while the program waits: protected first,
+                        // so every write from now on is recorded.
+                        self.protect_now(slot, &mem, &pages);
+                        (Some(base), dirty)
+                    }
                     None => (None, (0..mem.bytes.div_ceil(CHUNK_SIZE)).collect()),
                 };
                 items.push(Item::Parts {
@@ -131,6 +157,7 @@ impl Shim {
             outputs,
             seq: self.part_seq,
             arrays,
+            reprotect,
         };
         Ok((task, feed))
     }

@@ -1,37 +1,68 @@
 //! Dirty-page collection: which 64 KiB chunks of a tracked region were written since its
-//! base snapshot, read from the write tracker (see `tracker`), which protects them again.
+//! base snapshot, read from the write tracker (see `tracker`), and how the pages read are
+//! protected again: at once, or after the program goes on, by [`reprotect`], which keeps the
+//! chunks written in between for the next snapshot.
+
+use std::ops::Range;
+use std::sync::Arc;
 
 use supervise_store::control::WarningKind;
 use supervise_store::format::CHUNK_SIZE;
 
+use super::tracker::DirtyTracker;
 use crate::region::RegionMem;
 use crate::runtime::Shim;
 
 /// A region's delta: the base snapshot and the numbers of the chunks written since.
 pub(super) type Delta = (u64, Vec<usize>);
 
+/// A region's delta, and the pages read as written but not yet protected again (empty when
+/// they were protected as they were read).
+pub(super) struct Dirty {
+    pub(super) delta: Delta,
+    pub(super) pages: Vec<Range<usize>>,
+}
+
+/// How pages read as written are protected again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Protect {
+    /// In the same step as they are read.
+    AtOnce,
+    /// Later ([`Shim::protect_now`] or [`reprotect`]): the read changes no page table entry,
+    /// so it flushes no TLB and interrupts none of the program's other threads.
+    Later,
+}
+
 impl Shim {
-    /// For a region with tracking and a base: the chunks written since the last collection
-    /// (which protects them again). Otherwise `None`, after resetting the tracking, so the
-    /// caller takes the region whole.
-    pub(super) fn collect_dirty(&mut self, idx: usize, mem: &RegionMem) -> Option<Delta> {
-        let slot = &self.regions[idx];
+    /// For a region with tracking and a base: the chunks written since the last collection,
+    /// with the chunks carried from the last snapshot (see [`reprotect`]). Otherwise `None`,
+    /// after resetting the tracking, so the caller takes the region whole.
+    pub(super) fn collect_dirty(
+        &mut self,
+        idx: usize,
+        mem: &RegionMem,
+        protect: Protect,
+    ) -> Option<Dirty> {
+        let slot = &mut self.regions[idx];
+        let carried = std::mem::take(&mut slot.carried);
         let tracker = self.tracker.as_ref().filter(|_| slot.tracked)?;
         if let Some(base) = slot.baseline {
             self.ranges.clear();
-            match tracker.collect(mem.addr(), mem.mapped, &mut self.ranges) {
+            let read = match protect {
+                Protect::AtOnce => tracker.collect(mem.addr(), mem.mapped, &mut self.ranges),
+                Protect::Later => tracker.written(mem.addr(), mem.mapped, &mut self.ranges),
+            };
+            match read {
                 Ok(()) => {
-                    let len = mem.bytes;
-                    let mut dirty: Vec<usize> = Vec::new();
-                    for r in self.ranges.iter().filter(|r| r.start < len) {
-                        let last = (r.end.min(len) - 1) / CHUNK_SIZE;
-                        for chunk in r.start / CHUNK_SIZE..=last {
-                            if dirty.last() != Some(&chunk) {
-                                dirty.push(chunk);
-                            }
-                        }
-                    }
-                    return Some((base, dirty));
+                    let dirty = merge_chunks(&self.ranges, mem.bytes, &carried);
+                    let pages = match protect {
+                        Protect::AtOnce => Vec::new(),
+                        Protect::Later => self.ranges.clone(),
+                    };
+                    return Some(Dirty {
+                        delta: (base, dirty),
+                        pages,
+                    });
                 }
                 Err(e) => self.shared.warn(
                     WarningKind::RegionUntracked,
@@ -46,9 +77,131 @@ impl Shim {
         if let Err(e) = tracker.protect(mem.addr(), mem.mapped) {
             self.shared.warn(
                 WarningKind::RegionUntracked,
-                format!("cannot reset write tracking of region {:?} ({e})", mem.name),
+                format!(
+                    "cannot reset write tracking of region {:?} ({e}); copying it whole next time",
+                    mem.name
+                ),
             );
         }
         None
+    }
+
+    /// Protects the pages a [`Protect::Later`] collection read, before the capture reads the
+    /// region in place (there is no copy to compare with afterwards). On failure the region
+    /// is taken whole next time.
+    pub(super) fn protect_now(&mut self, idx: usize, mem: &RegionMem, pages: &[Range<usize>]) {
+        let Some(tracker) = self.tracker.as_ref() else {
+            return;
+        };
+        if let Err(e) = tracker.protect_pages(mem.addr(), pages) {
+            self.shared.warn(
+                WarningKind::RegionUntracked,
+                format!(
+                    "cannot protect the written pages of region {:?} again ({e}); copying it \
+                     whole next time",
+                    mem.name
+                ),
+            );
+            self.regions[idx].baseline = None;
+            self.in_flight_regions.retain(|&i| i != idx);
+        }
+    }
+}
+
+/// The chunks (of a region of `len` bytes) that hold the pages of `ranges` (sorted, as the
+/// tracker reports them) or are in `carried` (sorted), in order, each once.
+fn merge_chunks(ranges: &[Range<usize>], len: usize, carried: &[usize]) -> Vec<usize> {
+    let mut dirty: Vec<usize> = Vec::new();
+    let mut carried = carried.iter().copied().peekable();
+    let push = |dirty: &mut Vec<usize>, chunk: usize| {
+        if dirty.last().is_none_or(|&last| last < chunk) {
+            dirty.push(chunk);
+        }
+    };
+    for r in ranges.iter().filter(|r| r.start < len) {
+        let last = (r.end.min(len) - 1) / CHUNK_SIZE;
+        for chunk in r.start / CHUNK_SIZE..=last {
+            while let Some(c) = carried.next_if(|&c| c < chunk) {
+                push(&mut dirty, c);
+            }
+            push(&mut dirty, chunk);
+        }
+    }
+    for c in carried {
+        push(&mut dirty, c);
+    }
+    dirty
+}
+
+/// A region's pages read as written at a safe point whose copy went to the writer, to be
+/// protected again after the program went on.
+pub(crate) struct Reprotect {
+    /// The region's slot in the shim.
+    pub(crate) slot: usize,
+    pub(crate) mem: Arc<RegionMem>,
+    pub(crate) tracker: Arc<DirtyTracker>,
+    /// The pages, relative to the region.
+    pub(crate) pages: Vec<Range<usize>>,
+    /// The capture's item holding the copy (an [`Item::Delta`](super::Item::Delta)).
+    pub(crate) item: usize,
+}
+
+/// What [`reprotect`] found for a region: the chunks written between the copy and the
+/// protection (for the next snapshot), or `None` when the pages could not be protected (the
+/// region is taken whole next time).
+pub(crate) type Carried = (usize, Option<Vec<usize>>);
+
+/// Protects the pages of `re` again, then compares them with `copy` (the region's chunks
+/// `chunks` copied at the safe point, one after another): a page that differs was
+/// written after the copy and before its protection, which the tracker no longer shows, so
+/// its chunk is carried to the next snapshot. A write after the protection is recorded by
+/// the tracker as usual.
+pub(crate) fn reprotect(re: &Reprotect, chunks: &[usize], copy: &[u8]) -> Carried {
+    if re.tracker.protect_pages(re.mem.addr(), &re.pages).is_err() {
+        return (re.slot, None);
+    }
+    let mut carried = Vec::new();
+    for r in &re.pages {
+        let end = r.end.min(re.mem.bytes);
+        let mut at = r.start;
+        while at < end {
+            let chunk = at / CHUNK_SIZE;
+            let upto = end.min((chunk + 1) * CHUNK_SIZE);
+            let Ok(i) = chunks.binary_search(&chunk) else {
+                // Not copied (it cannot be: every written page's chunk is); keep it.
+                carried.push(chunk);
+                at = upto;
+                continue;
+            };
+            let offset = i * CHUNK_SIZE + (at - chunk * CHUNK_SIZE);
+            let copied = copy.get(offset..offset + (upto - at));
+            if copied.is_none_or(|c| re.mem.differs(at, c)) && carried.last() != Some(&chunk) {
+                carried.push(chunk);
+            }
+            at = upto;
+        }
+    }
+    (re.slot, Some(carried))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_merge_written_pages_and_carried_chunks_in_order_once() {
+        let c = CHUNK_SIZE;
+        let ranges = [0..4096, c + 4096..3 * c, 5 * c..5 * c + 4096];
+        assert_eq!(merge_chunks(&ranges, 10 * c, &[]), vec![0, 1, 2, 5]);
+        assert_eq!(
+            merge_chunks(&ranges, 10 * c, &[1, 3, 4, 9]),
+            vec![0, 1, 2, 3, 4, 5, 9]
+        );
+        assert_eq!(merge_chunks(&[], 10 * c, &[2, 7]), vec![2, 7]);
+        // Pages past the region's length (its mapping is rounded up) are not chunks of it.
+        assert_eq!(
+            merge_chunks(&[2 * c..3 * c, 4 * c..5 * c], 2 * c, &[]),
+            Vec::<usize>::new()
+        );
     }
 }

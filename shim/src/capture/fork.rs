@@ -18,7 +18,7 @@ use supervise_store::writer::{SnapshotReport, SnapshotWriter};
 
 use super::background::{Work, write_task};
 use super::copy::copy_chunks;
-use super::dirty::Delta;
+use super::dirty::{Delta, Protect};
 use super::{Capture, CaptureTask, Item, OutputsAt};
 use crate::region::RegionMem;
 use crate::runtime::Shim;
@@ -84,7 +84,9 @@ impl Shim {
             let Some(mem) = self.regions[idx].mem.upgrade() else {
                 continue;
             };
-            let delta = self.collect_dirty(idx, &mem);
+            let delta = self
+                .collect_dirty(idx, &mem, Protect::AtOnce)
+                .map(|d| d.delta);
             plan.push((mem, delta));
             self.in_flight_regions.push(idx);
         }
@@ -173,6 +175,7 @@ impl Shim {
                         outputs,
                         seq: None,
                         arrays,
+                        reprotect: Vec::new(),
                     })
                 })();
                 forked_child(job, attempt, keep, built, std::fs::File::from(write))

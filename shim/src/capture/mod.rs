@@ -8,7 +8,8 @@
 //! - `copy`: copying regions at the safe point (whole, or their written chunks); beyond the
 //!   capture memory budget, the writer reads them in place, part by part, while the program
 //!   waits;
-//! - `dirty`: which chunks of a region were written since its base;
+//! - `dirty`: which chunks of a region were written since its base, and protecting their
+//!   pages again once the program goes on;
 //! - `tracker`: the kernel's write tracking (userfaultfd and `PAGEMAP_SCAN`);
 //! - `fork`: taking a snapshot in a forked copy-on-write process;
 //! - `background`: the writer thread and what it reports back.
@@ -165,6 +166,9 @@ pub(crate) struct CaptureTask {
     pub(crate) seq: Option<u64>,
     /// The shapes of the entries given as arrays (regions and [`Capture::array`]).
     pub(crate) arrays: Vec<ArrayShape>,
+    /// The regions whose written pages the writer protects again, comparing them with the
+    /// copies in `items`, before it stores anything.
+    pub(crate) reprotect: Vec<dirty::Reprotect>,
 }
 
 /// The output files at a safe point: their marks for the manifest, and the files to fsync
