@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::capture::{Background, Buffer, Capture, DirtyTracker, OutputsAt, Work};
+use crate::capture::{Background, Buffer, Capture, DirtyTracker, OutputsAt, Scanner, Work};
 use crate::channel::{RankState, SNAP, STOP, Shared, adopt_control_fd};
 use crate::output::{self, Output, OutputFile, Sink};
 use crate::region::{Region, RegionMem};
@@ -84,6 +84,9 @@ pub struct Shim {
     pub(crate) start: Start,
     pub(crate) regions: Vec<RegionSlot>,
     pub(crate) tracker: Option<Arc<DirtyTracker>>,
+    /// Reads the written pages while the program copies (with a tracker, on more than one
+    /// core).
+    pub(crate) scanner: Option<Scanner>,
     pub(crate) buffers: Vec<Buffer>,
     pub(crate) ranges: Vec<Range<usize>>,
     /// Slots (indices into `regions`) captured in the snapshot being written.
@@ -152,6 +155,7 @@ impl Shim {
             config,
             regions: Vec::new(),
             tracker: None,
+            scanner: None,
             buffers: Vec::new(),
             ranges: Vec::new(),
             in_flight_regions: Vec::new(),
@@ -298,6 +302,11 @@ impl Shim {
             },
             CaptureMode::Copy | CaptureMode::Sync => None,
         };
+        // On one core the scanner would only take turns with the program.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        if shim.tracker.is_some() && cores > 1 {
+            shim.scanner = Scanner::spawn().ok();
+        }
         shim.restored = restored;
         shim.job = Some(job);
         shim.install_signal_handlers()?;

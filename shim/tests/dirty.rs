@@ -534,3 +534,49 @@ fn a_region_read_in_place_while_another_thread_writes_it_stores_records_that_ver
     let last = shim.wait_durable().unwrap().unwrap();
     assert_eq!(restored(dir.path(), last.seq, len), &r[..]);
 }
+
+#[test]
+fn a_region_read_in_several_scan_pieces_gives_each_written_chunk_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut shim) = shim(dir.path(), CaptureMode::Dirty) else {
+        return;
+    };
+    // 72 MiB: the scanner reads 32 MiB at a time, so three pieces, the last one short.
+    let len = (72 << 20) / 8;
+    let mut r = shim.region::<u64>("r", len).unwrap();
+    for (i, v) in r.iter_mut().enumerate() {
+        *v = i as u64;
+    }
+    assert!(matches!(
+        shim.snapshot(None, |_| Ok(())).unwrap(),
+        Next::Continue(_)
+    ));
+    shim.wait_durable().unwrap().unwrap();
+    let (page, chunk) = (4096 / 8, 65536 / 8);
+    for round in 1..=3u64 {
+        let words = [
+            0,                          // the first chunk
+            5 * chunk + 3,              // two pages of one chunk with a clean page
+            5 * chunk + 2 * page + 3,   // between them: two ranges, one chunk
+            (32 << 20) / 8 - 1,         // the last word of the first piece and the first
+            (32 << 20) / 8,             // of the second: one range across the two pieces
+            (64 << 20) / 8 + 40 * page, // in the third piece
+            len - 1,                    // the last word
+        ];
+        for (k, &w) in words.iter().enumerate() {
+            r[w] = round * 1_000_000 + k as u64;
+        }
+        assert!(matches!(
+            shim.snapshot(None, |_| Ok(())).unwrap(),
+            Next::Continue(_)
+        ));
+        let report = shim.wait_durable().unwrap().unwrap();
+        // Chunks 0, 5, 511, 512, 1026 and 1151: six.
+        assert_eq!(report.bytes_new, 6 * 65536, "round {round}: {report:?}");
+        assert_eq!(
+            restored(dir.path(), report.seq, len),
+            &r[..],
+            "round {round}"
+        );
+    }
+}

@@ -11,7 +11,8 @@ use std::time::Instant;
 use supervise_store::error::Result;
 use supervise_store::format::CHUNK_SIZE;
 
-use super::dirty::{Delta, Dirty, Protect, Reprotect};
+use super::dirty::{Delta, Dirty, Protect, Reprotect, chunks_of};
+use super::scan::Scan;
 use super::{
     Buffer, Capture, CaptureTask, Item, OutputsAt, Part, PartBytes, empty_buffer, reserve_capture,
 };
@@ -39,6 +40,9 @@ impl Shim {
             .iter()
             .filter_map(|slot| slot.mem.upgrade().map(|m| m.name.clone()))
             .collect();
+        // The written pages of tracked regions are read on the scanner thread from now on,
+        // while the program fills and copies.
+        let mut scans = self.start_scans();
         let mut items = Vec::new();
         let mut arrays = Vec::new();
         fill(&mut Capture {
@@ -48,34 +52,51 @@ impl Shim {
             arrays: &mut arrays,
         })?;
         self.in_flight_regions.clear();
-        let mut plan: Vec<(usize, Arc<RegionMem>, Option<Dirty>)> = Vec::new();
+        let mut plan: Vec<Planned> = Vec::new();
         for idx in 0..self.regions.len() {
             if let Some(mem) = self.regions[idx].mem.upgrade() {
-                let dirty = self.collect_dirty(idx, &mem, Protect::Later);
+                let (dirty, copy) = match scans.get_mut(idx).and_then(Option::take) {
+                    Some(scan) => self.copy_scanned(idx, &mem, &scan),
+                    None => (self.collect_dirty(idx, &mem, Protect::Later), None),
+                };
                 arrays.extend(mem.array_shape());
-                plan.push((idx, mem, dirty));
+                plan.push(Planned {
+                    slot: idx,
+                    mem,
+                    dirty,
+                    copy,
+                });
                 self.in_flight_regions.push(idx);
             }
         }
         // The values and slices are copied already, and the writer needs some memory of its
         // own to store chunks; the regions get what the budget leaves.
         let copied: usize = items.iter().map(Item::held).sum();
-        let state = plan.iter().map(|(_, m, _)| m.bytes).sum::<usize>() + copied;
+        let state = plan.iter().map(|p| p.mem.bytes).sum::<usize>() + copied;
         let budget = self.capture_budget(state);
         let room = budget.saturating_sub(copied + WRITER_RESERVE);
         let need: usize = plan
             .iter()
-            .map(|(_, m, d)| to_copy(m, d.as_ref().map(|d| &d.delta)))
+            .map(|p| to_copy(&p.mem, p.dirty.as_ref().map(|d| &d.delta)))
             .sum();
         let mut reprotect = Vec::new();
         let feed = if need <= room {
-            // Spare buffers are memory held: within the room, counting the copies' new
-            // buffers, unless one region's copy reuses the largest spare.
+            // Spare buffers are memory held: within the room, counting the copies' buffers,
+            // unless one region's copy is still to be made and reuses the largest spare.
+            let held: usize = plan
+                .iter()
+                .filter_map(|p| p.copy.as_ref().map(Buffer::capacity))
+                .sum();
             self.buffers
                 .sort_by_key(|b| std::cmp::Reverse(b.capacity()));
-            let reused =
-                plan.len() == 1 && self.buffers.first().is_some_and(|b| b.capacity() >= need);
-            let mut spare = if reused { room } else { room - need };
+            let reused = plan.len() == 1
+                && held == 0
+                && self.buffers.first().is_some_and(|b| b.capacity() >= need);
+            let mut spare = if reused {
+                room
+            } else {
+                room.saturating_sub(need.max(held))
+            };
             self.buffers.retain(|b| {
                 let fits = b.capacity() <= spare;
                 if fits {
@@ -83,12 +104,27 @@ impl Shim {
                 }
                 fits
             });
-            for (slot, mem, dirty) in plan {
+            for Planned {
+                slot,
+                mem,
+                dirty,
+                copy,
+            } in plan
+            {
                 let Some(Dirty { delta, pages }) = dirty else {
                     items.push(self.copy_region(&mem, None));
                     continue;
                 };
-                items.push(self.copy_region(&mem, Some(delta)));
+                items.push(match copy {
+                    Some(data) => Item::Delta {
+                        name: mem.name.clone(),
+                        base: delta.0,
+                        dirty: delta.1,
+                        data,
+                        shuffle: mem.shuffle,
+                    },
+                    None => self.copy_region(&mem, Some(delta)),
+                });
                 if let Some(tracker) = self.tracker.as_ref().filter(|_| !pages.is_empty()) {
                     // Protected again by the writer, which has the copy to compare with.
                     reprotect.push(Reprotect {
@@ -107,7 +143,10 @@ impl Shim {
             let (returns, returned) = channel();
             let (read, done) = channel();
             let mut regions = Vec::new();
-            for (slot, mem, dirty) in plan {
+            for Planned {
+                slot, mem, dirty, ..
+            } in plan
+            {
                 let (tx, parts) = channel();
                 let (base, chunks) = match dirty {
                     Some(Dirty {
@@ -172,6 +211,85 @@ impl Shim {
         self.budget
     }
 
+    /// Starts reading the written pages of each tracked region with a base on the scanner
+    /// thread (indexed like the regions; `None` where the region is read here instead). A
+    /// region with chunks carried from the last snapshot is read here: its chunks must be
+    /// merged with them in order.
+    fn start_scans(&self) -> Vec<Option<Arc<Scan>>> {
+        let (Some(scanner), Some(tracker)) = (&self.scanner, &self.tracker) else {
+            return Vec::new();
+        };
+        self.regions
+            .iter()
+            .map(|slot| {
+                let mem = slot.mem.upgrade()?;
+                let scanned = slot.tracked && slot.baseline.is_some() && slot.carried.is_empty();
+                scanned.then(|| scanner.start(tracker, &mem)).flatten()
+            })
+            .collect()
+    }
+
+    /// Copies the written chunks of a region as the scanner finds them, into the largest
+    /// spare buffer while they fit in it. Returns the region's delta (`None`: the scan
+    /// failed, so the region is copied whole and tracked afresh) and the copy if it is whole
+    /// (else the caller copies the delta).
+    fn copy_scanned(
+        &mut self,
+        idx: usize,
+        mem: &RegionMem,
+        scan: &Scan,
+    ) -> (Option<Dirty>, Option<Buffer>) {
+        self.buffers.sort_by_key(Buffer::capacity);
+        let mut data = self.buffers.pop().unwrap_or_else(empty_buffer);
+        data.clear();
+        let bytes = mem.bytes();
+        let (mut pages, mut chunks, mut taken, mut fits) = (Vec::new(), Vec::new(), 0, true);
+        let end = loop {
+            let end = scan.take(&mut pages);
+            for range in &pages[taken..] {
+                for chunk in chunks_of(range, bytes.len()) {
+                    // Two ranges may share a chunk: they come in order.
+                    if chunks.last() == Some(&chunk) {
+                        continue;
+                    }
+                    chunks.push(chunk);
+                    let piece =
+                        &bytes[chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(bytes.len())];
+                    fits = fits && data.len() + piece.len() <= data.capacity();
+                    if fits {
+                        data.extend_from_slice(piece);
+                    }
+                }
+            }
+            taken = pages.len();
+            if let Some(end) = end {
+                break end;
+            }
+        };
+        let base = self.regions[idx].baseline;
+        match (end, base) {
+            (Ok(()), Some(base)) => {
+                let dirty = Dirty {
+                    delta: (base, chunks),
+                    pages,
+                };
+                if fits {
+                    return (Some(dirty), Some(data));
+                }
+                self.buffers.push(data);
+                (Some(dirty), None)
+            }
+            (end, _) => {
+                self.buffers.push(data);
+                if let Err(e) = end {
+                    self.tracking_failed(mem, &e);
+                }
+                self.track_afresh(mem);
+                (None, None)
+            }
+        }
+    }
+
     /// Copies one region: its written chunks when `delta` says which (since its base), else
     /// all of it.
     fn copy_region(&mut self, mem: &RegionMem, delta: Option<Delta>) -> Item {
@@ -207,6 +325,15 @@ impl Shim {
             }
         }
     }
+}
+
+/// A region in a capture: its slot, what was written since its base (`None`: it is copied
+/// whole), and its copy if it was made as the scanner read it.
+struct Planned {
+    slot: usize,
+    mem: Arc<RegionMem>,
+    dirty: Option<Dirty>,
+    copy: Option<Buffer>,
 }
 
 /// What the writer holds while it stores a capture, besides the capture's copies: its pack
@@ -454,5 +581,64 @@ mod tests {
             beats >= 3,
             "{beats} beats while the writer read 128 MiB in place"
         );
+    }
+
+    #[test]
+    fn a_scanned_region_is_copied_as_found_into_a_spare_that_holds_it_else_afterwards() {
+        use super::super::{Buffer, empty_buffer, reserve_capture};
+        use supervise_store::format::CHUNK_SIZE;
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut shim = budgeted(dir.path(), "scanned", 1 << 30);
+        let (Some(tracker), true) = (shim.tracker.clone(), shim.scanner.is_some()) else {
+            eprintln!("skipped: no dirty tracking, or one core");
+            return;
+        };
+        let mut r = shim.region::<u64>("r", (4 << 20) / 8).unwrap();
+        for (i, v) in r.iter_mut().enumerate() {
+            *v = i as u64;
+        }
+        let _ = shim.snapshot(None, |_| Ok(())).unwrap();
+        shim.wait_durable().unwrap().unwrap();
+        r[2 * 8192 + 1] = 7;
+        r[9 * 8192 + 4000] = 8;
+        let spare = |chunks: usize| {
+            let mut b: Buffer = empty_buffer();
+            reserve_capture(&mut b, chunks * CHUNK_SIZE);
+            b
+        };
+        let mem = shim.regions[0].mem.upgrade().unwrap();
+        let bytes: Vec<u8> = [2, 9]
+            .iter()
+            .flat_map(|c| mem.bytes()[c * CHUNK_SIZE..(c + 1) * CHUNK_SIZE].to_vec())
+            .collect();
+        // A spare that holds both written chunks: copied as they are found.
+        shim.buffers = vec![spare(2)];
+        let scan = shim
+            .scanner
+            .as_ref()
+            .unwrap()
+            .start(&tracker, &mem)
+            .unwrap();
+        let (dirty, copy) = shim.copy_scanned(0, &mem, &scan);
+        let dirty = dirty.unwrap();
+        assert_eq!(dirty.delta.1, vec![2, 9]);
+        assert_eq!(copy.as_deref(), Some(&bytes[..]));
+        assert!(shim.buffers.is_empty());
+        // The pages were read, not protected: read again, into a spare too small for them.
+        shim.buffers = vec![spare(1)];
+        let scan = shim
+            .scanner
+            .as_ref()
+            .unwrap()
+            .start(&tracker, &mem)
+            .unwrap();
+        let (again, copy) = shim.copy_scanned(0, &mem, &scan);
+        assert_eq!(again.unwrap().delta.1, vec![2, 9]);
+        assert!(
+            copy.is_none(),
+            "a copy that does not fit is made afterwards"
+        );
+        assert_eq!(shim.buffers.len(), 1, "the spare is kept");
     }
 }

@@ -64,16 +64,29 @@ impl Shim {
                         pages,
                     });
                 }
-                Err(e) => self.shared.warn(
-                    WarningKind::RegionUntracked,
-                    format!(
-                        "dirty tracking failed for region {:?} ({e}); copying it whole",
-                        mem.name
-                    ),
-                ),
+                Err(e) => self.tracking_failed(mem, &e),
             }
         }
-        // Start tracking afresh from this whole copy.
+        self.track_afresh(mem);
+        None
+    }
+
+    /// Says that reading the written pages of `mem` failed (it is copied whole).
+    pub(super) fn tracking_failed(&self, mem: &RegionMem, e: &std::io::Error) {
+        self.shared.warn(
+            WarningKind::RegionUntracked,
+            format!(
+                "dirty tracking failed for region {:?} ({e}); copying it whole",
+                mem.name
+            ),
+        );
+    }
+
+    /// Protects all of `mem`, which this capture copies whole: tracking starts afresh from it.
+    pub(super) fn track_afresh(&self, mem: &RegionMem) {
+        let Some(tracker) = self.tracker.as_ref() else {
+            return;
+        };
         if let Err(e) = tracker.protect(mem.addr(), mem.mapped) {
             self.shared.warn(
                 WarningKind::RegionUntracked,
@@ -83,7 +96,6 @@ impl Shim {
                 ),
             );
         }
-        None
     }
 
     /// Protects the pages a [`Protect::Later`] collection read, before the capture reads the
@@ -118,9 +130,8 @@ fn merge_chunks(ranges: &[Range<usize>], len: usize, carried: &[usize]) -> Vec<u
             dirty.push(chunk);
         }
     };
-    for r in ranges.iter().filter(|r| r.start < len) {
-        let last = (r.end.min(len) - 1) / CHUNK_SIZE;
-        for chunk in r.start / CHUNK_SIZE..=last {
+    for r in ranges {
+        for chunk in chunks_of(r, len) {
             while let Some(c) = carried.next_if(|&c| c < chunk) {
                 push(&mut dirty, c);
             }
@@ -131,6 +142,15 @@ fn merge_chunks(ranges: &[Range<usize>], len: usize, carried: &[usize]) -> Vec<u
         push(&mut dirty, c);
     }
     dirty
+}
+
+/// The chunks (of a region of `len` bytes) that hold the bytes of `range`: none when it lies
+/// past the region's end (its mapping is rounded up to whole pages).
+pub(super) fn chunks_of(range: &Range<usize>, len: usize) -> std::ops::Range<usize> {
+    if range.start >= len || range.is_empty() {
+        return 0..0;
+    }
+    range.start / CHUNK_SIZE..(range.end.min(len) - 1) / CHUNK_SIZE + 1
 }
 
 /// A region's pages read as written at a safe point whose copy went to the writer, to be

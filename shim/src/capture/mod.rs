@@ -11,6 +11,7 @@
 //! - `dirty`: which chunks of a region were written since its base, and protecting their
 //!   pages again once the program goes on;
 //! - `tracker`: the kernel's write tracking (userfaultfd and `PAGEMAP_SCAN`);
+//! - `scan`: reading the written pages on a thread of its own while the program copies;
 //! - `fork`: taking a snapshot in a forked copy-on-write process;
 //! - `background`: the writer thread and what it reports back.
 
@@ -18,9 +19,11 @@ mod background;
 mod copy;
 mod dirty;
 mod fork;
+mod scan;
 mod tracker;
 
 pub(crate) use background::{Background, Work};
+pub(crate) use scan::Scanner;
 pub(crate) use tracker::DirtyTracker;
 
 use std::collections::HashSet;
