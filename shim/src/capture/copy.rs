@@ -112,7 +112,7 @@ impl Shim {
             } in plan
             {
                 let Some(Dirty { delta, pages }) = dirty else {
-                    items.push(self.copy_region(&mem, None));
+                    items.push(self.copy_region(&mem, None, room));
                     continue;
                 };
                 items.push(match copy {
@@ -123,7 +123,7 @@ impl Shim {
                         data,
                         shuffle: mem.shuffle,
                     },
-                    None => self.copy_region(&mem, Some(delta)),
+                    None => self.copy_region(&mem, Some(delta), room),
                 });
                 if let Some(tracker) = self.tracker.as_ref().filter(|_| !pages.is_empty()) {
                     // Protected again by the writer, which has the copy to compare with.
@@ -219,18 +219,30 @@ impl Shim {
         let (Some(scanner), Some(tracker)) = (&self.scanner, &self.tracker) else {
             return Vec::new();
         };
-        self.regions
+        let scanned: Vec<Option<Arc<RegionMem>>> = self
+            .regions
             .iter()
             .map(|slot| {
-                let mem = slot.mem.upgrade()?;
-                let scanned = slot.tracked && slot.baseline.is_some() && slot.carried.is_empty();
-                scanned.then(|| scanner.start(tracker, &mem)).flatten()
+                let read = slot.tracked && slot.baseline.is_some() && slot.carried.is_empty();
+                slot.mem.upgrade().filter(|_| read)
             })
+            .collect();
+        let regions: Vec<Arc<RegionMem>> = scanned.iter().flatten().cloned().collect();
+        if regions.is_empty() {
+            return Vec::new();
+        }
+        let Some(mut scans) = scanner.start(tracker, &regions) else {
+            return Vec::new();
+        };
+        scans.reverse();
+        scanned
+            .into_iter()
+            .map(|mem| mem.and_then(|_| scans.pop()))
             .collect()
     }
 
-    /// Copies the written chunks of a region as the scanner finds them, into the largest
-    /// spare buffer while they fit in it. Returns the region's delta (`None`: the scan
+    /// Copies the written chunks of a region as they are read, piece by piece, into the
+    /// largest spare buffer while they fit in it. Returns the region's delta (`None`: the scan
     /// failed, so the region is copied whole and tracked afresh) and the copy if it is whole
     /// (else the caller copies the delta).
     fn copy_scanned(
@@ -243,10 +255,17 @@ impl Shim {
         let mut data = self.buffers.pop().unwrap_or_else(empty_buffer);
         data.clear();
         let bytes = mem.bytes();
-        let (mut pages, mut chunks, mut taken, mut fits) = (Vec::new(), Vec::new(), 0, true);
-        let end = loop {
-            let end = scan.take(&mut pages);
-            for range in &pages[taken..] {
+        let (mut pages, mut chunks, mut fits) = (Vec::new(), Vec::new(), true);
+        let mut end = Ok(());
+        for k in 0..scan.pieces() {
+            let found = match scan.piece(k) {
+                Ok(found) => found,
+                Err(e) => {
+                    end = Err(e);
+                    break;
+                }
+            };
+            for range in &found {
                 for chunk in chunks_of(range, bytes.len()) {
                     // Two ranges may share a chunk: they come in order.
                     if chunks.last() == Some(&chunk) {
@@ -261,11 +280,8 @@ impl Shim {
                     }
                 }
             }
-            taken = pages.len();
-            if let Some(end) = end {
-                break end;
-            }
-        };
+            pages.extend(found);
+        }
         let base = self.regions[idx].baseline;
         match (end, base) {
             (Ok(()), Some(base)) => {
@@ -291,8 +307,10 @@ impl Shim {
     }
 
     /// Copies one region: its written chunks when `delta` says which (since its base), else
-    /// all of it.
-    fn copy_region(&mut self, mem: &RegionMem, delta: Option<Delta>) -> Item {
+    /// all of it. A new buffer for a delta has an eighth more room (within `room`): the next
+    /// delta, a little larger, is copied into it as the scanner reads it (see
+    /// [`copy_scanned`](Self::copy_scanned)), and a new buffer is slow to fault in.
+    fn copy_region(&mut self, mem: &RegionMem, delta: Option<Delta>, room: usize) -> Item {
         // The largest spare buffer: a whole copy needs all of it. A region not written since
         // its base copies nothing, and leaves the spare for the next capture.
         self.buffers.sort_by_key(Buffer::capacity);
@@ -303,7 +321,11 @@ impl Shim {
         };
         match delta {
             Some((base, dirty)) => {
-                reserve_capture(&mut data, dirty.len() * CHUNK_SIZE);
+                let len = dirty.len() * CHUNK_SIZE;
+                if data.capacity() < len {
+                    reserve_capture(&mut data, (len + len / 8).min(room).max(len));
+                }
+                data.clear();
                 append_chunks(&mut data, mem.bytes(), &dirty);
                 Item::Delta {
                     name: mem.name.clone(),
@@ -585,6 +607,7 @@ mod tests {
 
     #[test]
     fn a_scanned_region_is_copied_as_found_into_a_spare_that_holds_it_else_afterwards() {
+        use super::super::scan::Scan;
         use super::super::{Buffer, empty_buffer, reserve_capture};
         use supervise_store::format::CHUNK_SIZE;
 
@@ -612,28 +635,24 @@ mod tests {
             .iter()
             .flat_map(|c| mem.bytes()[c * CHUNK_SIZE..(c + 1) * CHUNK_SIZE].to_vec())
             .collect();
-        // A spare that holds both written chunks: copied as they are found.
+        // A spare that holds both written chunks: copied as they are found. The scan is not
+        // given to the scanner, so the program reads every piece itself.
         shim.buffers = vec![spare(2)];
-        let scan = shim
-            .scanner
-            .as_ref()
-            .unwrap()
-            .start(&tracker, &mem)
-            .unwrap();
+        let scan = Scan::new(&tracker, &mem);
         let (dirty, copy) = shim.copy_scanned(0, &mem, &scan);
         let dirty = dirty.unwrap();
         assert_eq!(dirty.delta.1, vec![2, 9]);
         assert_eq!(copy.as_deref(), Some(&bytes[..]));
         assert!(shim.buffers.is_empty());
-        // The pages were read, not protected: read again, into a spare too small for them.
+        // The pages were read, not protected: read again, by the scanner, into a spare too
+        // small for them.
         shim.buffers = vec![spare(1)];
-        let scan = shim
-            .scanner
-            .as_ref()
-            .unwrap()
-            .start(&tracker, &mem)
-            .unwrap();
-        let (again, copy) = shim.copy_scanned(0, &mem, &scan);
+        let scanner = shim.scanner.as_ref().unwrap();
+        let Some(scans) = scanner.start(&tracker, std::slice::from_ref(&mem)) else {
+            eprintln!("skipped: no other core for the scanner");
+            return;
+        };
+        let (again, copy) = shim.copy_scanned(0, &mem, &scans[0]);
         assert_eq!(again.unwrap().delta.1, vec![2, 9]);
         assert!(
             copy.is_none(),
