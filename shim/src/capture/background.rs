@@ -207,23 +207,13 @@ pub(super) struct Written {
     carried: Vec<Carried>,
 }
 
-/// Protects again the pages the capture read as written (see [`reprotect`]), then writes
-/// the snapshot durably and applies retention.
+/// Writes a captured snapshot durably, applies retention, then protects again the pages
+/// the capture read as written (see [`reprotect`]).
 pub(super) fn write_task(
     writer: &mut SnapshotWriter,
     keep: &Retention,
     task: CaptureTask,
 ) -> Written {
-    // First, and whatever happens next: until then the program's writes to those pages are
-    // recorded only by their difference from the copies.
-    let carried = task
-        .reprotect
-        .iter()
-        .map(|re| match task.items.get(re.item) {
-            Some(Item::Delta { dirty, data, .. }) => reprotect(re, dirty, data),
-            _ => (re.slot, None),
-        })
-        .collect();
     let mut retention_failed = None;
     let mut base: Option<Manifest> = None;
     let result = (|| -> Result<SnapshotReport> {
@@ -330,6 +320,18 @@ pub(super) fn write_task(
         }
         Ok(report)
     })();
+    // Whatever happened: until now the program's writes to those pages are recorded only by
+    // their difference from the copies. After the commit, so the snapshot is durable no
+    // later for it; a write in the meantime is carried to the next snapshot, where it
+    // belongs anyway.
+    let carried = task
+        .reprotect
+        .iter()
+        .map(|re| match task.items.get(re.item) {
+            Some(Item::Delta { dirty, data, .. }) => reprotect(re, dirty, data),
+            _ => (re.slot, None),
+        })
+        .collect();
     let buffers = task.items.into_iter().map(Item::into_buffer).collect();
     Written {
         result,

@@ -212,9 +212,7 @@ impl Shim {
     }
 
     /// Starts reading the written pages of each tracked region with a base on the scanner
-    /// thread (indexed like the regions; `None` where the region is read here instead). A
-    /// region with chunks carried from the last snapshot is read here: its chunks must be
-    /// merged with them in order.
+    /// thread (indexed like the regions; `None` where the region is read here instead).
     fn start_scans(&self) -> Vec<Option<Arc<Scan>>> {
         let (Some(scanner), Some(tracker)) = (&self.scanner, &self.tracker) else {
             return Vec::new();
@@ -223,7 +221,7 @@ impl Shim {
             .regions
             .iter()
             .map(|slot| {
-                let read = slot.tracked && slot.baseline.is_some() && slot.carried.is_empty();
+                let read = slot.tracked && slot.baseline.is_some();
                 slot.mem.upgrade().filter(|_| read)
             })
             .collect();
@@ -241,8 +239,9 @@ impl Shim {
             .collect()
     }
 
-    /// Copies the written chunks of a region as they are read, piece by piece, into the
-    /// largest spare buffer while they fit in it. Returns the region's delta (`None`: the scan
+    /// Copies the written chunks of a region as they are read, piece by piece, with the
+    /// chunks carried from the last snapshot, into the largest spare buffer while they fit in
+    /// it. Returns the region's delta (`None`: the scan
     /// failed, so the region is copied whole and tracked afresh) and the copy if it is whole
     /// (else the caller copies the delta).
     fn copy_scanned(
@@ -254,8 +253,16 @@ impl Shim {
         self.buffers.sort_by_key(Buffer::capacity);
         let mut data = self.buffers.pop().unwrap_or_else(empty_buffer);
         data.clear();
-        let bytes = mem.bytes();
-        let (mut pages, mut chunks, mut fits) = (Vec::new(), Vec::new(), true);
+        let mut copy = Copying {
+            bytes: mem.bytes(),
+            chunks: Vec::new(),
+            data,
+            fits: true,
+        };
+        let mut carried = std::mem::take(&mut self.regions[idx].carried)
+            .into_iter()
+            .peekable();
+        let mut pages = Vec::new();
         let mut end = Ok(());
         for k in 0..scan.pieces() {
             let found = match scan.piece(k) {
@@ -266,22 +273,19 @@ impl Shim {
                 }
             };
             for range in &found {
-                for chunk in chunks_of(range, bytes.len()) {
-                    // Two ranges may share a chunk: they come in order.
-                    if chunks.last() == Some(&chunk) {
-                        continue;
+                for chunk in chunks_of(range, mem.bytes) {
+                    while let Some(c) = carried.next_if(|&c| c < chunk) {
+                        copy.add(c);
                     }
-                    chunks.push(chunk);
-                    let piece =
-                        &bytes[chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(bytes.len())];
-                    fits = fits && data.len() + piece.len() <= data.capacity();
-                    if fits {
-                        data.extend_from_slice(piece);
-                    }
+                    copy.add(chunk);
                 }
             }
             pages.extend(found);
         }
+        carried.for_each(|c| copy.add(c));
+        let Copying {
+            chunks, data, fits, ..
+        } = copy;
         let base = self.regions[idx].baseline;
         match (end, base) {
             (Ok(()), Some(base)) => {
@@ -345,6 +349,34 @@ impl Shim {
                     shuffle: mem.shuffle,
                 }
             }
+        }
+    }
+}
+
+/// A delta being copied as its chunks are found, in order.
+struct Copying<'a> {
+    /// The region's bytes.
+    bytes: &'a [u8],
+    /// The chunks found so far, each once.
+    chunks: Vec<usize>,
+    /// Their copy, while it fits in the buffer's capacity.
+    data: Buffer,
+    fits: bool,
+}
+
+impl Copying<'_> {
+    /// Adds `chunk` (not below the last one added; a repeat is skipped: two ranges of pages
+    /// may share a chunk, and a carried chunk may be written again).
+    fn add(&mut self, chunk: usize) {
+        if self.chunks.last().is_some_and(|&last| last >= chunk) {
+            return;
+        }
+        self.chunks.push(chunk);
+        let end = ((chunk + 1) * CHUNK_SIZE).min(self.bytes.len());
+        let piece = &self.bytes[chunk * CHUNK_SIZE..end];
+        self.fits = self.fits && self.data.len() + piece.len() <= self.data.capacity();
+        if self.fits {
+            self.data.extend_from_slice(piece);
         }
     }
 }

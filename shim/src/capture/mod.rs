@@ -170,7 +170,7 @@ pub(crate) struct CaptureTask {
     /// The shapes of the entries given as arrays (regions and [`Capture::array`]).
     pub(crate) arrays: Vec<ArrayShape>,
     /// The regions whose written pages the writer protects again, comparing them with the
-    /// copies in `items`, before it stores anything.
+    /// copies in `items`, once the snapshot is committed (or failed).
     pub(crate) reprotect: Vec<dirty::Reprotect>,
 }
 
