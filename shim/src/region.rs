@@ -37,8 +37,10 @@ pub(crate) struct RegionMem {
 // SAFETY: RegionMem owns a private anonymous mapping that lives as long as it does, with no
 // thread affinity; the program's writes go through `Region` (one owner, `&mut`).
 unsafe impl Send for RegionMem {}
-// SAFETY: shared references only read the mapping, at the program's safe points (inside
-// `Shim::snapshot`). Rust code cannot write it meanwhile (`Region` needs `&mut`), but the C ABI
+// SAFETY: shared references only read the mapping: at the program's safe points (inside
+// `Shim::snapshot`), and, after one, in `differs` (volatile word reads that may race with the
+// program's writes; what they see only decides whether a chunk is taken again). Rust code
+// cannot write it during a safe point (`Region` needs `&mut`), but the C ABI
 // allows other threads to write `sv_alloc` memory during `sv_checkpoint` (see its header): such
 // a write races with the copy (a data race outside Rust's model, on plain bytes), and the
 // copy of that page may mix old and new bytes. The page is then taken again by the next

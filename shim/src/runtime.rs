@@ -64,6 +64,8 @@ pub(crate) struct RegionSlot {
     /// Chunks written after the last capture copied them and before their pages were
     /// protected again (sorted): the next delta takes them too.
     pub(crate) carried: Vec<usize>,
+    /// Bytes the last capture copied of it as a delta (which spare buffer it takes next).
+    pub(crate) copied: usize,
 }
 
 /// What [`Shim::snapshot`] did at the safe point.
@@ -479,6 +481,7 @@ impl Shim {
                 baseline,
                 tracked,
                 carried: Vec::new(),
+                copied: 0,
             });
         }
         Ok(Region::new(mem, len))
@@ -851,8 +854,9 @@ impl Shim {
         let (work, feed) = match handed_over {
             Ok(work) => work,
             Err(e) => {
-                // Regions already captured had their written pages collected (and protected
-                // again): those writes are in no snapshot now, so they are taken whole next time.
+                // Regions already captured had their written pages collected (a forked capture
+                // protected them again; others took their carried chunks): those writes are in
+                // no snapshot now, so the regions are taken whole next time.
                 for idx in self.in_flight_regions.drain(..) {
                     if let Some(slot) = self.regions.get_mut(idx) {
                         slot.baseline = None;

@@ -580,3 +580,35 @@ fn a_region_read_in_several_scan_pieces_gives_each_written_chunk_once() {
         );
     }
 }
+
+#[test]
+fn a_region_written_inside_the_snapshot_closure_is_in_that_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut shim) = shim(dir.path(), CaptureMode::Dirty) else {
+        return;
+    };
+    let len = (8 << 20) / 8;
+    let mut r = shim.region::<u64>("r", len).unwrap();
+    for (i, v) in r.iter_mut().enumerate() {
+        *v = i as u64;
+    }
+    let _ = shim.snapshot(None, |_| Ok(())).unwrap();
+    shim.wait_durable().unwrap().unwrap();
+    for round in 1..=3u64 {
+        r[3 * 8192] = round;
+        let _ = shim
+            .snapshot(None, |s| {
+                // Long enough for a scan started before the closure to be over.
+                std::thread::sleep(Duration::from_millis(30));
+                r[100 * 8192 + 5] = round * 7;
+                s.value("round", &round)
+            })
+            .unwrap();
+        let report = shim.wait_durable().unwrap().unwrap();
+        assert_eq!(
+            restored(dir.path(), report.seq, len),
+            &r[..],
+            "round {round}: the closure's write is missing"
+        );
+    }
+}

@@ -16,7 +16,7 @@ use supervise_store::scrub::{Finding, Scrubber};
 use supervise_store::store::Retention;
 use supervise_store::writer::{SnapshotReport, SnapshotWriter};
 
-use super::dirty::{Carried, reprotect};
+use super::dirty::{Carried, Reprotect, reprotect};
 use super::fork::await_forked;
 use super::{Buffer, CaptureTask, Item, PartBytes};
 use crate::runtime::Shim;
@@ -108,19 +108,18 @@ impl Background {
                     };
                     let (work, pause) = work;
                     let cpu_before = supervise_store::clock::thread_cpu();
-                    let (mut result, retention_failed, buffers, carried) = match work {
+                    let (mut result, retention_failed, copies) = match work {
                         Work::Capture(task) => {
                             let written = write_task(&mut writer, &keep, *task);
                             (
                                 written.result.map_err(Arc::new),
                                 written.retention_failed,
-                                written.buffers,
-                                written.carried,
+                                Some(written.copies),
                             )
                         }
                         Work::Forked { pid, report } => {
                             let (result, retention_failed) = await_forked(&mut writer, pid, report);
-                            (result, retention_failed, Vec::new(), Vec::new())
+                            (result, retention_failed, None)
                         }
                     };
                     // Sent once the program goes on: for a capture in parts, after the last
@@ -135,6 +134,7 @@ impl Background {
                             .saturating_add(micros(thread_cpu().saturating_sub(cpu_before)));
                     }
                     on_done(&result, retention_failed.as_deref());
+                    let (buffers, carried) = copies.map(Copies::protect_again).unwrap_or_default();
                     release_free_memory();
                     let outcome = Outcome {
                         result,
@@ -201,14 +201,40 @@ pub(super) struct Written {
     pub(super) result: Result<SnapshotReport>,
     /// Why retention failed after the snapshot was durable.
     pub(super) retention_failed: Option<String>,
-    /// The task's buffers, back for reuse.
-    buffers: Vec<Buffer>,
-    /// What protecting the regions' pages again found.
-    carried: Vec<Carried>,
+    /// What is left of the task.
+    pub(super) copies: Copies,
 }
 
-/// Writes a captured snapshot durably, applies retention, then protects again the pages
-/// the capture read as written (see [`reprotect`]).
+/// A written task's buffers, with the chunks of each delta's copy (which `reprotect`
+/// compares with). Nothing else of the task is kept: a capture in parts waits for its
+/// channels to close.
+pub(super) struct Copies {
+    buffers: Vec<(Buffer, Option<Vec<usize>>)>,
+    reprotect: Vec<Reprotect>,
+}
+
+impl Copies {
+    /// Protects again the pages the capture read as written (see [`reprotect`]), whatever
+    /// happened to the snapshot: until then the program's writes to them are recorded only
+    /// by their difference from the copies. Returns the task's buffers, for reuse, and what
+    /// was found. Called once the snapshot is reported: a write in the meantime is carried to
+    /// the next snapshot, where it belongs anyway.
+    pub(super) fn protect_again(self) -> (Vec<Buffer>, Vec<Carried>) {
+        let carried = self
+            .reprotect
+            .iter()
+            .map(|re| match self.buffers.get(re.item) {
+                Some((data, Some(chunks))) => reprotect(re, chunks, data),
+                _ => (re.slot, None),
+            })
+            .collect();
+        let buffers = self.buffers.into_iter().map(|(b, _)| b).collect();
+        (buffers, carried)
+    }
+}
+
+/// Writes a captured snapshot durably, then applies retention; the pages the capture read
+/// as written are protected again by [`Copies::protect_again`].
 pub(super) fn write_task(
     writer: &mut SnapshotWriter,
     keep: &Retention,
@@ -320,24 +346,20 @@ pub(super) fn write_task(
         }
         Ok(report)
     })();
-    // Whatever happened: until now the program's writes to those pages are recorded only by
-    // their difference from the copies. After the commit, so the snapshot is durable no
-    // later for it; a write in the meantime is carried to the next snapshot, where it
-    // belongs anyway.
-    let carried = task
-        .reprotect
-        .iter()
-        .map(|re| match task.items.get(re.item) {
-            Some(Item::Delta { dirty, data, .. }) => reprotect(re, dirty, data),
-            _ => (re.slot, None),
-        })
-        .collect();
-    let buffers = task.items.into_iter().map(Item::into_buffer).collect();
     Written {
         result,
         retention_failed,
-        buffers,
-        carried,
+        copies: Copies {
+            buffers: task
+                .items
+                .into_iter()
+                .map(|item| match item {
+                    Item::Delta { dirty, data, .. } => (data, Some(dirty)),
+                    other => (other.into_buffer(), None),
+                })
+                .collect(),
+            reprotect: task.reprotect,
+        },
     }
 }
 

@@ -40,9 +40,6 @@ impl Shim {
             .iter()
             .filter_map(|slot| slot.mem.upgrade().map(|m| m.name.clone()))
             .collect();
-        // The written pages of tracked regions are read on the scanner thread from now on,
-        // while the program fills and copies.
-        let mut scans = self.start_scans();
         let mut items = Vec::new();
         let mut arrays = Vec::new();
         fill(&mut Capture {
@@ -51,6 +48,9 @@ impl Shim {
             names: &mut names,
             arrays: &mut arrays,
         })?;
+        // The written pages of tracked regions are read on the scanner thread from now on,
+        // while the program copies. Not before the closure ran: it may write a region.
+        let mut scans = self.start_scans();
         self.in_flight_regions.clear();
         let mut plan: Vec<Planned> = Vec::new();
         for idx in 0..self.regions.len() {
@@ -81,12 +81,16 @@ impl Shim {
             .sum();
         let mut reprotect = Vec::new();
         let feed = if need <= room {
-            // Spare buffers are memory held: within the room, counting the copies' buffers,
-            // unless one region's copy is still to be made and reuses the largest spare.
-            let held: usize = plan
+            // Spare buffers are memory held: within the room, counting the copies made as the
+            // scanner read (their buffers) and those still to make, unless one region's copy
+            // is still to be made and reuses the largest spare.
+            let (held, made) = plan
                 .iter()
-                .filter_map(|p| p.copy.as_ref().map(Buffer::capacity))
-                .sum();
+                .filter_map(|p| p.copy.as_ref())
+                .fold((0, 0), |(held, made), b| {
+                    (held + b.capacity(), made + b.len())
+                });
+            let rest = need.saturating_sub(made);
             self.buffers
                 .sort_by_key(|b| std::cmp::Reverse(b.capacity()));
             let reused = plan.len() == 1
@@ -95,7 +99,7 @@ impl Shim {
             let mut spare = if reused {
                 room
             } else {
-                room.saturating_sub(need.max(held))
+                room.saturating_sub(held + rest)
             };
             self.buffers.retain(|b| {
                 let fits = b.capacity() <= spare;
@@ -112,7 +116,7 @@ impl Shim {
             } in plan
             {
                 let Some(Dirty { delta, pages }) = dirty else {
-                    items.push(self.copy_region(&mem, None, room));
+                    items.push(self.copy_region(&mem, None, &mut spare));
                     continue;
                 };
                 items.push(match copy {
@@ -123,8 +127,13 @@ impl Shim {
                         data,
                         shuffle: mem.shuffle,
                     },
-                    None => self.copy_region(&mem, Some(delta), room),
+                    None => self.copy_region(&mem, Some(delta), &mut spare),
                 });
+                if let (Some(s), Some(Item::Delta { data, .. })) =
+                    (self.regions.get_mut(slot), items.last())
+                {
+                    s.copied = data.len();
+                }
                 if let Some(tracker) = self.tracker.as_ref().filter(|_| !pages.is_empty()) {
                     // Protected again by the writer, which has the copy to compare with.
                     reprotect.push(Reprotect {
@@ -240,8 +249,7 @@ impl Shim {
     }
 
     /// Copies the written chunks of a region as they are read, piece by piece, with the
-    /// chunks carried from the last snapshot, into the largest spare buffer while they fit in
-    /// it. Returns the region's delta (`None`: the scan
+    /// chunks carried from the last snapshot, into a spare buffer while they fit in it. Returns the region's delta (`None`: the scan
     /// failed, so the region is copied whole and tracked afresh) and the copy if it is whole
     /// (else the caller copies the delta).
     fn copy_scanned(
@@ -250,8 +258,15 @@ impl Shim {
         mem: &RegionMem,
         scan: &Scan,
     ) -> (Option<Dirty>, Option<Buffer>) {
+        // The smallest spare that held the region's last delta (else the largest): with
+        // several regions, each takes about what it took last time.
         self.buffers.sort_by_key(Buffer::capacity);
-        let mut data = self.buffers.pop().unwrap_or_else(empty_buffer);
+        let last = self.regions[idx].copied;
+        let at = self.buffers.iter().position(|b| b.capacity() >= last);
+        let mut data = match at {
+            Some(at) => self.buffers.remove(at),
+            None => self.buffers.pop().unwrap_or_else(empty_buffer),
+        };
         data.clear();
         let mut copy = Copying {
             bytes: mem.bytes(),
@@ -293,7 +308,8 @@ impl Shim {
                     delta: (base, chunks),
                     pages,
                 };
-                if fits {
+                // Nothing written: the spare stays one.
+                if fits && !data.is_empty() {
                     return (Some(dirty), Some(data));
                 }
                 self.buffers.push(data);
@@ -311,10 +327,11 @@ impl Shim {
     }
 
     /// Copies one region: its written chunks when `delta` says which (since its base), else
-    /// all of it. A new buffer for a delta has an eighth more room (within `room`): the next
-    /// delta, a little larger, is copied into it as the scanner reads it (see
-    /// [`copy_scanned`](Self::copy_scanned)), and a new buffer is slow to fault in.
-    fn copy_region(&mut self, mem: &RegionMem, delta: Option<Delta>, room: usize) -> Item {
+    /// all of it. A new buffer for a delta has up to an eighth more room, taken from `slack`
+    /// (what the capture memory budget leaves): the next delta, a little larger, is copied
+    /// into it as the scanner reads it (see [`copy_scanned`](Self::copy_scanned)), and a new
+    /// buffer is slow to fault in.
+    fn copy_region(&mut self, mem: &RegionMem, delta: Option<Delta>, slack: &mut usize) -> Item {
         // The largest spare buffer: a whole copy needs all of it. A region not written since
         // its base copies nothing, and leaves the spare for the next capture.
         self.buffers.sort_by_key(Buffer::capacity);
@@ -327,7 +344,9 @@ impl Shim {
             Some((base, dirty)) => {
                 let len = dirty.len() * CHUNK_SIZE;
                 if data.capacity() < len {
-                    reserve_capture(&mut data, (len + len / 8).min(room).max(len));
+                    let extra = (len / 8).min(*slack);
+                    *slack -= extra;
+                    reserve_capture(&mut data, len + extra);
                 }
                 data.clear();
                 append_chunks(&mut data, mem.bytes(), &dirty);

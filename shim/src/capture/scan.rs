@@ -5,7 +5,7 @@
 //! The region is read in pieces of [`PIECE`] bytes, which the scanner and the program both
 //! claim in order: the program takes each piece's pages in turn, and reads a piece itself
 //! when the scanner has not claimed it yet, so a scanner that is slow to start (its core
-//! busy) never makes the pause longer than reading everything on the program's thread.
+//! busy) costs the pause at most the piece it claimed and is still reading.
 //!
 //! The scanner reads without protecting (see [`DirtyTracker::written`]): it changes no page
 //! table entry, so it interrupts neither the program's thread copying beside it nor any
@@ -107,7 +107,8 @@ impl Scan {
     }
 }
 
-/// The scanner thread.
+/// The scanner thread. Scans start once the program's snapshot closure has run (it may
+/// write a region).
 pub(crate) struct Scanner {
     /// Its thread id, for its CPU affinity.
     tid: Arc<AtomicI32>,
@@ -163,7 +164,9 @@ impl Scanner {
     /// on now; false if there is none (or the scanner has not started).
     fn keep_off_this_cpu(&self) -> bool {
         let tid = self.tid.load(Ordering::Acquire);
-        if tid <= 0 {
+        // A thread that ended has given its id back for reuse.
+        let running = self.thread.as_ref().is_some_and(|t| !t.is_finished());
+        if tid <= 0 || !running {
             return false;
         }
         let size = std::mem::size_of::<libc::cpu_set_t>();
