@@ -4,8 +4,8 @@
 //!
 //! The region is read in pieces of [`PIECE`] bytes, which the scanner and the program both
 //! claim in order: the program takes each piece's pages in turn, and reads a piece itself
-//! when the scanner has not claimed it yet, so a scanner that is slow to start (its core
-//! busy) costs the pause at most the piece it claimed and is still reading.
+//! when the scanner has not claimed it yet, or has not read it soon enough, so a scanner
+//! that is slow to start or stopped mid-piece (its core busy) costs the pause little.
 //!
 //! The scanner reads without protecting (see [`DirtyTracker::written`]): it changes no page
 //! table entry, so it interrupts neither the program's thread copying beside it nor any
@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::tracker::DirtyTracker;
 use crate::region::RegionMem;
@@ -25,6 +26,10 @@ use crate::region::RegionMem;
 /// Bytes of a region read in one step: small enough that the program starts copying soon,
 /// large enough that handing a piece over costs little beside reading it (~10 us).
 const PIECE: usize = 32 << 20;
+
+/// How long the program waits for a piece the scanner claimed before reading it itself:
+/// several times what reading a piece takes (~10 us).
+const LATE: Duration = Duration::from_micros(100);
 
 /// Pages read in one piece, relative to the region, in order.
 type Pages = io::Result<Vec<Range<usize>>>;
@@ -61,7 +66,9 @@ impl Scan {
     }
 
     /// The written pages of piece `k` (taken in order, each once): read here if the scanner
-    /// has not claimed it, else waited for.
+    /// has not claimed it, else waited for, up to [`LATE`]: a scanner whose core was taken
+    /// from it mid-piece (by the host of a VM, say) would hold the pause for as long. Reading
+    /// a piece twice is harmless (it changes nothing); the scanner's late answer is dropped.
     pub(crate) fn piece(&self, k: usize) -> Pages {
         if self
             .next
@@ -70,12 +77,22 @@ impl Scan {
         {
             return self.read_piece(k);
         }
+        let deadline = Instant::now() + LATE;
         let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             if let Some(pages) = read.get_mut(k).and_then(Option::take) {
                 return pages;
             }
-            read = self.more.wait(read).unwrap_or_else(PoisonError::into_inner);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(read);
+                return self.read_piece(k);
+            }
+            read = self
+                .more
+                .wait_timeout(read, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 

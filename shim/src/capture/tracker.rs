@@ -1,8 +1,8 @@
 //! Dirty-page tracking for registered memory: userfaultfd in asynchronous write-protect mode
 //! marks the pages written since they were last protected, and the `PAGEMAP_SCAN` ioctl of
-//! `/proc/self/pagemap` reports those pages and protects them again in one atomic step
-//! (Linux 6.7+). A write never blocks: with `UFFD_FEATURE_WP_ASYNC` the kernel resolves the
-//! fault itself and only records it.
+//! `/proc/self/pagemap` reports those pages, and protects them again in the same atomic step
+//! or leaves them as they are (Linux 6.7+). A write never blocks: with `UFFD_FEATURE_WP_ASYNC`
+//! the kernel resolves the fault itself and only records it.
 
 use std::fs::File;
 use std::io;
