@@ -212,3 +212,36 @@ impl Drop for Scanner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Config, Shim};
+
+    #[test]
+    fn a_piece_the_scanner_claimed_but_never_read_is_read_by_the_program() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shim = Shim::open(Config::local(dir.path().join("store"), "late")).unwrap();
+        let Some(tracker) = shim.tracker.clone() else {
+            eprintln!("skipped: no dirty tracking here");
+            return;
+        };
+        // Two pieces and a bit.
+        let mut r = shim
+            .region::<u64>("r", (PIECE * 2 + (4 << 20)) / 8)
+            .unwrap();
+        let _ = shim.snapshot(None, |_| Ok(())).unwrap();
+        shim.wait_durable().unwrap().unwrap();
+        r[PIECE / 8 + 3] = 1;
+        let mem = shim.regions[0].mem.upgrade().unwrap();
+        let scan = Scan::new(&tracker, &mem);
+        assert_eq!(scan.pieces(), 3);
+        // Piece 0 is read here; piece 1 is claimed as the scanner would, and never read.
+        assert_eq!(scan.piece(0).unwrap(), Vec::<Range<usize>>::new());
+        assert_eq!(scan.next.fetch_add(1, Ordering::AcqRel), 1);
+        let at = Instant::now();
+        assert_eq!(scan.piece(1).unwrap(), vec![PIECE..PIECE + 4096]);
+        assert!(at.elapsed() >= LATE, "waited {:?}", at.elapsed());
+        assert_eq!(scan.piece(2).unwrap(), Vec::<Range<usize>>::new());
+    }
+}
