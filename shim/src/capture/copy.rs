@@ -11,7 +11,7 @@ use std::time::Instant;
 use supervise_store::error::Result;
 use supervise_store::format::CHUNK_SIZE;
 
-use super::dirty::{Delta, Dirty, Protect, Reprotect, chunks_of};
+use super::dirty::{Chunks, Delta, Dirty, Protect, Reprotect};
 use super::scan::Scan;
 use super::{
     Buffer, Capture, CaptureTask, Item, OutputsAt, Part, PartBytes, empty_buffer, reserve_capture,
@@ -249,9 +249,9 @@ impl Shim {
     }
 
     /// Copies the written chunks of a region as they are read, piece by piece, with the
-    /// chunks carried from the last snapshot, into a spare buffer while they fit in it. Returns the region's delta (`None`: the scan
-    /// failed, so the region is copied whole and tracked afresh) and the copy if it is whole
-    /// (else the caller copies the delta).
+    /// chunks carried from the last snapshot, into a spare buffer while they fit in it.
+    /// Returns the region's delta (`None`: the scan failed, so the region is copied whole and
+    /// tracked afresh) and the copy if it is whole (else the caller copies the delta).
     fn copy_scanned(
         &mut self,
         idx: usize,
@@ -274,9 +274,7 @@ impl Shim {
             data,
             fits: true,
         };
-        let mut carried = std::mem::take(&mut self.regions[idx].carried)
-            .into_iter()
-            .peekable();
+        let mut chunks = Chunks::new(std::mem::take(&mut self.regions[idx].carried));
         let mut pages = Vec::new();
         let mut end = Ok(());
         for k in 0..scan.pieces() {
@@ -287,17 +285,10 @@ impl Shim {
                     break;
                 }
             };
-            for range in &found {
-                for chunk in chunks_of(range, mem.bytes) {
-                    while let Some(c) = carried.next_if(|&c| c < chunk) {
-                        copy.add(c);
-                    }
-                    copy.add(chunk);
-                }
-            }
+            chunks.add_pages(&found, mem.bytes, |c| copy.add(c));
             pages.extend(found);
         }
-        carried.for_each(|c| copy.add(c));
+        chunks.finish(|c| copy.add(c));
         let Copying {
             chunks, data, fits, ..
         } = copy;
@@ -372,11 +363,11 @@ impl Shim {
     }
 }
 
-/// A delta being copied as its chunks are found, in order.
+/// A delta being copied as its chunks are found (in order, each once).
 struct Copying<'a> {
     /// The region's bytes.
     bytes: &'a [u8],
-    /// The chunks found so far, each once.
+    /// The chunks found so far.
     chunks: Vec<usize>,
     /// Their copy, while it fits in the buffer's capacity.
     data: Buffer,
@@ -384,15 +375,10 @@ struct Copying<'a> {
 }
 
 impl Copying<'_> {
-    /// Adds `chunk` (not below the last one added; a repeat is skipped: two ranges of pages
-    /// may share a chunk, and a carried chunk may be written again).
+    /// Adds `chunk`, copying it while the copy fits.
     fn add(&mut self, chunk: usize) {
-        if self.chunks.last().is_some_and(|&last| last >= chunk) {
-            return;
-        }
         self.chunks.push(chunk);
-        let end = ((chunk + 1) * CHUNK_SIZE).min(self.bytes.len());
-        let piece = &self.bytes[chunk * CHUNK_SIZE..end];
+        let piece = chunk_bytes(self.bytes, chunk);
         self.fits = self.fits && self.data.len() + piece.len() <= self.data.capacity();
         if self.fits {
             self.data.extend_from_slice(piece);
@@ -543,10 +529,13 @@ impl Feed {
 /// Appends the 64 KiB chunks numbered in `dirty` of `bytes` to `out`.
 fn append_chunks(out: &mut Buffer, bytes: &[u8], dirty: &[usize]) {
     for &chunk in dirty {
-        out.extend_from_slice(
-            &bytes[chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(bytes.len())],
-        );
+        out.extend_from_slice(chunk_bytes(bytes, chunk));
     }
+}
+
+/// Chunk `chunk` of `bytes` (the last one may be short).
+fn chunk_bytes(bytes: &[u8], chunk: usize) -> &[u8] {
+    &bytes[chunk * CHUNK_SIZE..((chunk + 1) * CHUNK_SIZE).min(bytes.len())]
 }
 
 /// The chunks numbered in `dirty` of `bytes`, one after another.

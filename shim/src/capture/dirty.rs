@@ -124,30 +124,65 @@ impl Shim {
 /// The chunks (of a region of `len` bytes) that hold the pages of `ranges` (sorted, as the
 /// tracker reports them) or are in `carried` (sorted), in order, each once.
 fn merge_chunks(ranges: &[Range<usize>], len: usize, carried: &[usize]) -> Vec<usize> {
-    let mut dirty: Vec<usize> = Vec::new();
-    let mut carried = carried.iter().copied().peekable();
-    let push = |dirty: &mut Vec<usize>, chunk: usize| {
-        if dirty.last().is_none_or(|&last| last < chunk) {
-            dirty.push(chunk);
-        }
-    };
-    for r in ranges {
-        for chunk in chunks_of(r, len) {
-            while let Some(c) = carried.next_if(|&c| c < chunk) {
-                push(&mut dirty, c);
-            }
-            push(&mut dirty, chunk);
-        }
-    }
-    for c in carried {
-        push(&mut dirty, c);
-    }
+    let mut dirty = Vec::new();
+    let mut chunks = Chunks::new(carried.to_vec());
+    chunks.add_pages(ranges, len, |c| dirty.push(c));
+    chunks.finish(|c| dirty.push(c));
     dirty
+}
+
+/// A delta's chunks as pages are read, in order and each once: the chunks holding the pages
+/// (two ranges may share a chunk) merged with the chunks carried from the last snapshot.
+pub(super) struct Chunks {
+    carried: std::iter::Peekable<std::vec::IntoIter<usize>>,
+    last: Option<usize>,
+}
+
+impl Chunks {
+    /// Chunks merged with `carried` (sorted).
+    pub(super) fn new(carried: Vec<usize>) -> Self {
+        Self {
+            carried: carried.into_iter().peekable(),
+            last: None,
+        }
+    }
+
+    /// Gives `found` each chunk not given yet up to those holding `ranges` (sorted, after
+    /// those of the last call) of a region of `len` bytes.
+    pub(super) fn add_pages(
+        &mut self,
+        ranges: &[Range<usize>],
+        len: usize,
+        mut found: impl FnMut(usize),
+    ) {
+        for r in ranges {
+            for chunk in chunks_of(r, len) {
+                while let Some(c) = self.carried.next_if(|&c| c < chunk) {
+                    self.give(c, &mut found);
+                }
+                self.give(chunk, &mut found);
+            }
+        }
+    }
+
+    /// Gives `found` the carried chunks after the last pages.
+    pub(super) fn finish(mut self, mut found: impl FnMut(usize)) {
+        while let Some(c) = self.carried.next() {
+            self.give(c, &mut found);
+        }
+    }
+
+    fn give(&mut self, chunk: usize, found: &mut impl FnMut(usize)) {
+        if self.last.is_none_or(|last| last < chunk) {
+            self.last = Some(chunk);
+            found(chunk);
+        }
+    }
 }
 
 /// The chunks (of a region of `len` bytes) that hold the bytes of `range`: none when it lies
 /// past the region's end (its mapping is rounded up to whole pages).
-pub(super) fn chunks_of(range: &Range<usize>, len: usize) -> std::ops::Range<usize> {
+fn chunks_of(range: &Range<usize>, len: usize) -> Range<usize> {
     if range.start >= len || range.is_empty() {
         return 0..0;
     }
