@@ -49,7 +49,7 @@ pub struct Limits {
     pub ratio: f64,
     /// Sequential write + fsync, bytes/s (the faster of buffered and O_DIRECT).
     pub write: f64,
-    /// Sequential read, bytes/s (cold if the page cache could be dropped).
+    /// Sequential read, bytes/s: the best of three (cold if the page cache could be dropped).
     pub read: f64,
     /// Whether the page cache could be dropped for the read and restore figures.
     pub cold: bool,
@@ -198,12 +198,18 @@ fn measure_limits(dir: &Path, data: &[u8]) -> Result<Limits> {
     // the faster of the two is the limit.
     let direct = direct_write_speed(&dir.join("limits-direct.tmp"), data).unwrap_or(0.0);
     let write = buffered.max(direct);
-    let cold = drop_caches();
-    let t = Instant::now();
+    // The best of three cold reads: the disk of a VM varies by 2x from one to the next, and a
+    // limit is what the machine can do.
+    let mut cold = true;
+    let mut read = 0f64;
     let mut buf = vec![0u8; 4 << 20];
-    let mut file = File::open(&path)?;
-    while file.read(&mut buf)? > 0 {}
-    let read = size / t.elapsed().as_secs_f64();
+    for _ in 0..3 {
+        cold &= drop_caches();
+        let t = Instant::now();
+        let mut file = File::open(&path)?;
+        while file.read(&mut buf)? > 0 {}
+        read = read.max(size / t.elapsed().as_secs_f64());
+    }
     fs::remove_file(&path)?;
     Ok(Limits {
         memcpy,
@@ -637,19 +643,23 @@ fn run_in(
 
     // The restore a program does at start: the shim opens the store, verifies the snapshot
     // and fills the region the program asks for.
+    // The median of three, each from a cold page cache.
     say("measuring restore");
-    drop_caches();
-    let t = Instant::now();
-    let mut config = Config::local(&store, "dirty");
-    config.restore = supervise_store::config::RestoreFrom::Exact(last);
-    let mut back = Shim::open(config)?;
-    let region = back.region::<f64>("field", n)?;
-    let restore = t.elapsed().as_secs_f64();
-    if region[..] != expected[..] {
-        bail!("the restore does not give back the state");
+    let mut restores = Vec::new();
+    for _ in 0..3 {
+        drop_caches();
+        let t = Instant::now();
+        let mut config = Config::local(&store, "dirty");
+        config.restore = supervise_store::config::RestoreFrom::Exact(last);
+        let mut back = Shim::open(config)?;
+        let region = back.region::<f64>("field", n)?;
+        restores.push(t.elapsed().as_secs_f64());
+        if region[..] != expected[..] {
+            bail!("the restore does not give back the state");
+        }
     }
-    drop(region);
-    drop(back);
+    restores.sort_by(f64::total_cmp);
+    let restore = restores[1];
     let stored: u64 = SnapshotReader::open(&Store::open(&store)?.job("dirty")?, last)?
         .manifest()
         .entries

@@ -10,6 +10,7 @@ use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use crate::direct::{AlignedBuf, DIRECT_ALIGN, stop_direct};
 use crate::error::{Error, Result, io_err};
 use crate::format::{self, RecordHeader};
 use crate::fsops::{self, Dir};
@@ -19,41 +20,14 @@ use crate::fsops::{self, Dir};
 /// 2.4 MiB more at 1% of 1 GiB and wrote no faster, measured side by side with `supervise
 /// bench`).
 const BLOCK: usize = 2 << 20;
-/// Alignment O_DIRECT needs of buffers, offsets and lengths.
-const DIRECT_ALIGN: usize = 4096;
 /// Blocks in flight per pack: one being filled, up to two being written.
 const BLOCKS: usize = 3;
 /// Start the disk writing this much of a buffered pack while the rest is compressed.
 const WRITEBACK_STEP: u64 = 16 << 20;
 
-/// A block buffer whose usable part is aligned for O_DIRECT. Not an `aligned_vec::AVec`: that
-/// can only be filled element by element (2 MiB of byte writes per block, twice per snapshot:
-/// a 25x slower snapshot of a small state in a test build), while `vec![0; n]` is a lazily
-/// zeroed allocation (calloc) whose pages the kernel provides on first write.
-struct Block {
-    backing: Vec<u8>,
-    align: usize,
-}
-
-impl Block {
-    fn new() -> Self {
-        let backing = vec![0u8; BLOCK + DIRECT_ALIGN];
-        let align = backing.as_ptr().align_offset(DIRECT_ALIGN);
-        Self { backing, align }
-    }
-
-    fn bytes(&self, len: usize) -> &[u8] {
-        &self.backing[self.align..self.align + len]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.backing[self.align..self.align + BLOCK]
-    }
-}
-
 /// A block to write at an offset.
 struct WriteJob {
-    block: Block,
+    block: AlignedBuf,
     len: usize,
     offset: u64,
 }
@@ -61,7 +35,7 @@ struct WriteJob {
 /// The I/O thread of a pack and the channels to it.
 struct Io {
     jobs: SyncSender<WriteJob>,
-    free: Receiver<Block>,
+    free: Receiver<AlignedBuf>,
     thread: JoinHandle<File>,
     /// The first write error, taken by the pack writer.
     failed: Arc<Mutex<Option<std::io::Error>>>,
@@ -77,7 +51,7 @@ pub(crate) struct PackWriter {
     /// Its path, for messages.
     tmp_path: PathBuf,
     io: Option<Io>,
-    block: Block,
+    block: AlignedBuf,
     blocks: usize,
     fill: usize,
     /// Logical length of the pack (handed off + in the block).
@@ -108,25 +82,12 @@ fn start_writeback(file: &File, from: u64, to: u64) {
     };
 }
 
-/// Turns O_DIRECT off on an open file (its filesystem refused a direct write).
-fn stop_direct(file: &File) -> std::io::Result<()> {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor the I/O thread owns; integers only.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// The I/O thread: writes each block at its offset (falling back from O_DIRECT where refused),
 /// returns the block for reuse, and after the first error writes nothing more.
 fn io_loop(
     file: File,
     jobs: Receiver<WriteJob>,
-    free: std::sync::mpsc::Sender<Block>,
+    free: std::sync::mpsc::Sender<AlignedBuf>,
     failed: &Mutex<Option<std::io::Error>>,
     direct: &AtomicBool,
 ) -> File {
@@ -134,7 +95,7 @@ fn io_loop(
     let mut broken = false;
     for job in jobs {
         if !broken {
-            let data = job.block.bytes(job.len);
+            let data = &job.block.bytes()[..job.len];
             let mut result = fsops::write_all_at(&file, data, job.offset);
             if let Err(e) = &result
                 && direct.load(Ordering::Relaxed)
@@ -168,6 +129,7 @@ impl PackWriter {
     /// Creates the pack file `tmp` in `dir` (private, new) and its I/O thread.
     pub(crate) fn create(name: String, dir: &Dir, tmp: String) -> Result<Self> {
         let tmp_path = dir.join(&tmp);
+        let block = AlignedBuf::new(BLOCK).map_err(io_err("allocate a pack buffer", &tmp_path))?;
         let (file, direct) = match dir.create(&tmp, true) {
             Ok(file) => (file, true),
             Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
@@ -176,7 +138,7 @@ impl PackWriter {
             Err(e) => return Err(e),
         };
         let (jobs, job_rx) = sync_channel::<WriteJob>(BLOCKS);
-        let (free_tx, free) = channel::<Block>();
+        let (free_tx, free) = channel::<AlignedBuf>();
         let failed = Arc::new(Mutex::new(None));
         let direct = Arc::new(AtomicBool::new(direct));
         let thread = {
@@ -197,7 +159,7 @@ impl PackWriter {
                 failed,
                 direct,
             }),
-            block: Block::new(),
+            block,
             blocks: 1,
             fill: 0,
             len: 0,
@@ -248,7 +210,7 @@ impl PackWriter {
             Ok(block) => block,
             Err(_) if self.blocks < BLOCKS => {
                 self.blocks += 1;
-                Block::new()
+                AlignedBuf::new(BLOCK).map_err(io_err("allocate a pack buffer", &self.tmp_path))?
             }
             Err(_) => self.io().free.recv().map_err(|_| {
                 io_err("write", &self.tmp_path)(std::io::Error::other("pack I/O thread ended"))

@@ -182,11 +182,27 @@ impl RecordReader {
                 why: format!("record at offset {} is too long", chunk.offset),
             });
         }
-        self.buf
-            .resize(RecordHeader::LEN + chunk.stored_len as usize, 0);
-        file.read_exact_at(&mut self.buf, chunk.offset)
-            .map_err(io_err("read", path))?;
-        let header = RecordHeader::decode(&self.buf, path)?;
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(RecordHeader::LEN + chunk.stored_len as usize, 0);
+        let result = file
+            .read_exact_at(&mut buf, chunk.offset)
+            .map_err(io_err("read", path))
+            .and_then(|()| self.decode(&buf, path, chunk, out));
+        self.buf = buf;
+        result
+    }
+
+    /// Decodes `record` (the record of `chunk` read from the pack at `path`: its header and
+    /// exactly its stored bytes) into `out` (exactly `chunk.raw_len` bytes), verified. Anything
+    /// wrong is [`Error::Corrupt`].
+    pub fn decode(
+        &mut self,
+        record: &[u8],
+        path: &Path,
+        chunk: &ChunkRef,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let header = RecordHeader::decode(record, path)?;
         if header.hash != chunk.hash
             || header.stored_len != chunk.stored_len
             || header.raw_len != chunk.raw_len
@@ -199,8 +215,8 @@ impl RecordReader {
                 ),
             });
         }
-        self.decoder
-            .decode(&header, &self.buf[RecordHeader::LEN..], out, path)
+        let stored = record.get(RecordHeader::LEN..).unwrap_or_default();
+        self.decoder.decode(&header, stored, out, path)
     }
 }
 

@@ -3,22 +3,17 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
+use crate::extent::{self, Packs};
 use crate::format::{
-    ChunkRef, EntryKind, EntryMeta, MAX_VALUE_LEN, Manifest, RecordHeader, entry_root,
+    ChunkRef, EntryKind, EntryMeta, MAX_CHUNK_LEN, MAX_VALUE_LEN, Manifest, entry_root,
 };
-use crate::pack_scan::RecordReader;
 use crate::store::JobStore;
 
 /// Most bytes [`SnapshotReader::read_entry`] (and so [`SnapshotReader::verify`]) holds in
 /// memory at once: chunks are read in batches of about this size (at least one chunk).
 pub const READ_BATCH: usize = 32 << 20;
-
-/// How far a parallel read asks the kernel to read ahead of its workers, in record bytes.
-const AHEAD: u64 = 128 << 20;
 
 /// An open snapshot whose manifest decoded and whose packs are all present and long enough.
 pub struct SnapshotReader {
@@ -173,114 +168,21 @@ impl SnapshotReader {
         if !rest.is_empty() {
             return Err(self.damaged("chunk lengths do not add up to the entry's".into()));
         }
-        let work = Mutex::new(pieces.into_iter().zip(chunks.iter()));
-        let threads = self.threads.min(chunks.len()).max(1);
-        let failure: Mutex<Option<Error>> = Mutex::new(None);
-        let done = AtomicBool::new(false);
-        let taken = AtomicU64::new(0);
-        std::thread::scope(|scope| {
-            if chunks.len() > 1 {
-                // Best effort: without it the workers only read slower.
-                let _ = std::thread::Builder::new()
-                    .name("supervise-ahead".into())
-                    .spawn_scoped(scope, || self.read_ahead(chunks, &taken, &done));
-            }
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(|| {
-                        if let Err(e) = self.fill_worker(&work, &taken) {
-                            failure
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                        }
-                    })
-                })
-                .collect();
-            let joined: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
-            done.store(true, Ordering::Relaxed);
-            for worker in joined {
-                if let Err(panic) = worker {
-                    std::panic::resume_unwind(panic);
-                }
-            }
-        });
-        match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// Asks the kernel to read the records of `chunks` into the page cache ahead of the
-    /// workers, in order and in large pieces, until `done`: the workers read one record at a
-    /// time, and for those the kernel reads only 128 KiB ahead (a disk's usual read-ahead),
-    /// which leaves a cold read waiting on many small requests. It keeps at most `AHEAD`
-    /// bytes ahead of the records the workers have `taken`, so that what it reads is not
-    /// evicted before it is used when memory is short.
-    fn read_ahead(&self, chunks: &[ChunkRef], taken: &AtomicU64, done: &AtomicBool) {
-        const PIECE: u64 = 8 << 20;
-        // Record bytes asked for, counted in the workers' order like `taken`.
-        let mut asked = 0u64;
-        // Records next to each other in one pack make one extent.
-        let mut extents: Vec<(u32, u64, u64)> = Vec::new();
-        for c in chunks {
-            let end = c.offset.saturating_add(record_len(c));
-            match extents.last_mut() {
-                Some((pack, _, last)) if *pack == c.pack && c.offset == *last => *last = end,
-                _ => extents.push((c.pack, c.offset, end)),
-            }
-        }
-        for (pack, mut start, end) in extents {
-            let Some((_, file)) = self.packs.get(pack as usize) else {
-                continue;
-            };
-            while start < end {
-                loop {
-                    if done.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    if asked <= taken.load(Ordering::Relaxed).saturating_add(AHEAD) {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                let len = PIECE.min(end - start);
-                let (Ok(at), Ok(n)) = (i64::try_from(start), i64::try_from(len)) else {
-                    return;
-                };
-                let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED;
-                if nix::fcntl::posix_fadvise(file, at, n, advice).is_err() {
-                    return;
-                }
-                start += len;
-                asked += len;
-            }
-        }
-    }
-
-    fn fill_worker<'a, I>(&self, work: &Mutex<I>, taken: &AtomicU64) -> Result<()>
-    where
-        I: Iterator<Item = (&'a mut [u8], &'a ChunkRef)>,
-    {
-        let mut records = RecordReader::new(&self.packs_dir())?;
-        loop {
-            let next = work.lock().unwrap_or_else(|p| p.into_inner()).next();
-            let Some((out, chunk)) = next else {
-                return Ok(());
-            };
-            taken.fetch_add(record_len(chunk), Ordering::Relaxed);
-            let Some((path, file)) = self.packs.get(chunk.pack as usize) else {
+        let mut items = Vec::with_capacity(chunks.len());
+        for (out, chunk) in pieces.into_iter().zip(chunks) {
+            if chunk.pack as usize >= self.packs.len() {
                 return Err(self.damaged(format!("a chunk names pack #{}", chunk.pack)));
-            };
-            records.read(file, path, chunk, out)?;
+            }
+            if chunk.stored_len > MAX_CHUNK_LEN {
+                return Err(self.damaged(format!(
+                    "a chunk of {} stored bytes is longer than any chunk ({MAX_CHUNK_LEN})",
+                    chunk.stored_len
+                )));
+            }
+            items.push((out, chunk));
         }
-    }
-
-    fn packs_dir(&self) -> PathBuf {
-        self.packs
-            .first()
-            .map(|(p, _)| p.clone())
-            .unwrap_or_default()
+        let packs = Packs::new(&self.packs);
+        packs.read_all(extent::plan(items), self.threads)
     }
 
     fn damaged(&self, why: String) -> Error {
@@ -290,9 +192,4 @@ impl SnapshotReader {
             why,
         }
     }
-}
-
-/// The bytes of `chunk`'s record in its pack: its header and its stored bytes.
-fn record_len(chunk: &ChunkRef) -> u64 {
-    RecordHeader::LEN as u64 + u64::from(chunk.stored_len)
 }
