@@ -10,18 +10,18 @@ use std::os::unix::fs::OpenOptionsExt;
 /// device's logical block size).
 pub(crate) const DIRECT_ALIGN: usize = 4096;
 
-/// A buffer of memory of its own, aligned for O_DIRECT, and backed by huge pages where it is
-/// 2 MiB or more: a direct request is cut into pieces of at most `max_segments` (often 128 to
-/// 254) physically contiguous runs, so from 4 KiB pages an 8 MiB read is eight or more
+/// A buffer of memory of its own, aligned for O_DIRECT, and asked to be backed by huge pages
+/// where it is 2 MiB or more (they are used when transparent huge pages are enabled, as they
+/// are by default): a direct request is cut into pieces of at most `max_segments` (often 128
+/// to 254) physically contiguous runs, so from 4 KiB pages an 8 MiB read is eight or more
 /// requests (8 MiB reads took 0.35-0.42 s for 650 MiB of packs from 4 KiB pages, 0.30-0.31 s
 /// from huge pages). Its pages are zero until written, and the kernel provides them on first
 /// write (a `Vec` filled element by element made a small state's snapshot 25x slower in a
-/// test build).
+/// test build). A process forked meanwhile does not get it (`MADV_DONTFORK`).
 pub(crate) struct AlignedBuf {
-    /// The mapping, `map_len` bytes, ours alone; the usable part is `cap` bytes from `at`.
+    /// The mapping: `len` bytes from `base`, ours alone, of which the first `cap` are used.
     base: std::ptr::NonNull<u8>,
-    map_len: usize,
-    at: usize,
+    len: usize,
     cap: usize,
 }
 
@@ -35,8 +35,9 @@ impl AlignedBuf {
     /// A buffer of `cap` usable bytes, all zero.
     pub(crate) fn new(cap: usize) -> std::io::Result<Self> {
         let huge = cap >= HUGE;
-        let pages = cap.max(1).next_multiple_of(DIRECT_ALIGN);
-        let map_len = if huge { pages + HUGE } else { pages };
+        let len = cap.max(1).next_multiple_of(DIRECT_ALIGN);
+        // Room to start at a huge page boundary; the rest is unmapped below.
+        let map_len = if huge { len + HUGE } else { len };
         // SAFETY: a new private anonymous mapping; no existing memory is touched.
         let ptr = unsafe {
             libc::mmap(
@@ -51,43 +52,53 @@ impl AlignedBuf {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        let base = std::ptr::NonNull::new(ptr.cast::<u8>())
+        let addr = ptr as usize;
+        let head = if huge { (HUGE - addr % HUGE) % HUGE } else { 0 };
+        let tail = map_len - head - len;
+        // SAFETY: both ranges are whole pages of the mapping just made (`addr` and `len` are
+        // page multiples, and `head` is a page multiple below `HUGE`), outside `[addr + head,
+        // addr + head + len)`, and nothing points into them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(ptr, head);
+            }
+            if tail > 0 {
+                libc::munmap((addr + head + len) as *mut libc::c_void, tail);
+            }
+        }
+        let start = (addr + head) as *mut libc::c_void;
+        // SAFETY: advice on our own mapping, which changes how its pages are backed and
+        // whether a child process gets them, not what they hold; a buffer whose advice is
+        // refused works the same, only in smaller pieces.
+        unsafe {
+            if huge {
+                libc::madvise(start, len, libc::MADV_HUGEPAGE);
+            }
+            libc::madvise(start, len, libc::MADV_DONTFORK);
+        }
+        let base = std::ptr::NonNull::new(start.cast::<u8>())
             .ok_or_else(|| std::io::Error::other("mmap gave a null address"))?;
-        let at = if huge {
-            // SAFETY: advice on our own mapping, which changes how its pages are backed, not
-            // what they hold; without it the buffer works, only in smaller pieces.
-            unsafe { libc::madvise(ptr, map_len, libc::MADV_HUGEPAGE) };
-            base.as_ptr().align_offset(HUGE)
-        } else {
-            0
-        };
-        Ok(Self {
-            base,
-            map_len,
-            at,
-            cap,
-        })
+        Ok(Self { base, len, cap })
     }
 
     /// Its usable bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
-        // SAFETY: `[at, at + cap)` lies inside the mapping (`at` < `HUGE` when there is room
-        // for it), which lives as long as `self` and holds initialized bytes (zero until
-        // written); `&self` excludes writers.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(self.at), self.cap) }
+        // SAFETY: `cap <= len`, the mapping lives as long as `self` and holds initialized
+        // bytes (zero until written); `&self` excludes writers.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.cap) }
     }
 
     /// Its usable bytes, to fill.
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `bytes`, and `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(self.at), self.cap) }
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.cap) }
     }
 }
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: unmaps the mapping this buffer owns; no reference into it outlives `self`.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.map_len) };
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }
 
@@ -103,13 +114,19 @@ pub(crate) fn reopen_direct(file: &File) -> Option<File> {
         .ok()
 }
 
-/// Reads into `buf` from `offset` with a file opened for direct I/O, until `buf` is full or
-/// the file ends; returns the bytes read. `EINVAL` means the filesystem refuses this direct
-/// read (a larger alignment, or no O_DIRECT at all): read buffered instead.
-pub(crate) fn read_direct(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+/// Reads into `buf` from `offset` with a file opened for direct I/O, until at least `need`
+/// bytes are in or the file ends; returns the bytes read. `EINVAL` means the filesystem
+/// refuses this direct read (a larger alignment, or no O_DIRECT at all).
+pub(crate) fn read_direct(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    need: usize,
+) -> std::io::Result<usize> {
     use std::os::unix::fs::FileExt;
     let mut got = 0;
-    while got < buf.len() {
+    // A read that ends off the alignment has reached the end of the file.
+    while got < need && got % DIRECT_ALIGN == 0 {
         match file.read_at(&mut buf[got..], offset + got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
@@ -153,12 +170,12 @@ mod tests {
         };
         let mut buf = AlignedBuf::new(8 * DIRECT_ALIGN).unwrap();
         assert_eq!(buf.bytes().as_ptr().align_offset(DIRECT_ALIGN), 0);
-        let got = read_direct(&direct, buf.bytes_mut(), DIRECT_ALIGN as u64).unwrap();
+        let got = read_direct(&direct, buf.bytes_mut(), DIRECT_ALIGN as u64, usize::MAX).unwrap();
         assert_eq!(got, data.len() - DIRECT_ALIGN);
         assert_eq!(&buf.bytes()[..got], &data[DIRECT_ALIGN..]);
         // An offset not aligned: refused with EINVAL (the readers then read buffered), or
         // served right by a filesystem that allows it.
-        match read_direct(&direct, &mut buf.bytes_mut()[..DIRECT_ALIGN], 1) {
+        match read_direct(&direct, &mut buf.bytes_mut()[..DIRECT_ALIGN], 1, 1) {
             Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}"),
             Ok(n) => assert_eq!(&buf.bytes()[..n], &data[1..1 + n]),
         }

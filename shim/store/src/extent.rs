@@ -4,10 +4,9 @@
 //! filesystem allows it, and decoded from there into their destinations on every core.
 //!
 //! Not through the page cache: a restore is bound by its cores (decompress, verify, first
-//! touch of the program's memory), and on a cold read the page cache costs them more than
-//! the disk's time: reading 650 MiB of packs in 8 MiB requests took 0.3-0.8 s of system time
-//! buffered against 0.05 s direct on this machine kind, in 0.5-1.0 s against 0.4-0.5 s. Packs
-//! are written with O_DIRECT, so the cache seldom holds them anyway.
+//! touch of the program's memory), and on a cold read filling the page cache and copying out
+//! of it took more than a quarter of their time (`perf record` of a 1 GiB restore). Packs are
+//! written with O_DIRECT, so the cache seldom holds them anyway.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -22,6 +21,8 @@ use crate::pack_scan::RecordReader;
 
 /// Most bytes read with one request (unless one record is longer).
 const EXTENT: u64 = 4 << 20;
+/// Least bytes an extent is cut to so that a small read still gives every core some.
+const MIN_EXTENT: u64 = 256 << 10;
 /// Records at most this far apart in a pack are read with one request, the bytes between them
 /// (records of other snapshots) read and left.
 const GAP: u64 = 256 << 10;
@@ -45,11 +46,19 @@ pub(crate) fn record_len(chunk: &ChunkRef) -> u64 {
     RecordHeader::LEN as u64 + u64::from(chunk.stored_len)
 }
 
+/// How long the extents of a read of `items` on `threads` may be: [`EXTENT`], or less for a
+/// small read, so that there are about four extents per thread (at least [`MIN_EXTENT`]).
+pub(crate) fn extent_len(items: &[Item<'_>], threads: usize) -> u64 {
+    let total: u64 = items.iter().map(|(_, c)| record_len(c)).sum();
+    (total / (threads.max(1) as u64 * 4)).clamp(MIN_EXTENT, EXTENT)
+}
+
 /// Groups `items` into extents: sorted by pack and offset, a record joins the extent before
 /// it when it is in the same pack, starts at most [`GAP`] after that extent's end, and the
-/// extent stays within [`EXTENT`] bytes. Records the caller has bounded (each at most
-/// `MAX_CHUNK_LEN` stored), so no extent is longer than `EXTENT` or one record.
-pub(crate) fn plan(mut items: Vec<Item<'_>>) -> Vec<Extent<'_>> {
+/// extent stays within `most` bytes. Every record's length is bounded (a manifest's chunks
+/// are checked against `MAX_CHUNK_LEN` when it is decoded), so no extent is longer than
+/// `most` or one record.
+pub(crate) fn plan(mut items: Vec<Item<'_>>, most: u64) -> Vec<Extent<'_>> {
     items.sort_by_key(|(_, c)| (c.pack, c.offset));
     let mut extents: Vec<Extent> = Vec::new();
     for (out, chunk) in items {
@@ -59,7 +68,7 @@ pub(crate) fn plan(mut items: Vec<Item<'_>>) -> Vec<Extent<'_>> {
             Some(e)
                 if e.pack == chunk.pack as usize
                     && start <= e.end.saturating_add(GAP)
-                    && end.saturating_sub(e.start) <= EXTENT =>
+                    && end.saturating_sub(e.start) <= most =>
             {
                 e.end = e.end.max(end);
                 e.items.push((out, chunk));
@@ -82,6 +91,9 @@ pub(crate) struct Packs<'a> {
     /// cannot be done, or after a direct read was refused.
     direct: Vec<OnceLock<Option<File>>>,
     refused: Vec<AtomicBool>,
+    /// Tests: every direct read fails with `EINVAL`, as on a filesystem that refuses them.
+    #[cfg(test)]
+    einval: AtomicBool,
 }
 
 impl<'a> Packs<'a> {
@@ -91,6 +103,8 @@ impl<'a> Packs<'a> {
             files,
             direct: files.iter().map(|_| OnceLock::new()).collect(),
             refused: files.iter().map(|_| AtomicBool::new(false)).collect(),
+            #[cfg(test)]
+            einval: AtomicBool::new(false),
         }
     }
 
@@ -124,9 +138,10 @@ impl<'a> Packs<'a> {
         AlignedBuf::new(cap).map_err(io_err("allocate a read buffer", self.dir()))
     }
 
-    /// Reads `extent` into `buf` (at least `capacity(extent)` bytes); returns where in `buf`
-    /// its bytes `[start, end)` are. A pack that ends first is an [`Error::Io`] whose source is
-    /// `UnexpectedEof`.
+    /// Reads `extent` into `buf` (at least its length and two alignments long); returns where
+    /// in `buf` its bytes `[start, end)` are. A pack that ends first is an [`Error::Io`] whose
+    /// source is `UnexpectedEof`. A direct read that fails is done again buffered, and its
+    /// error, if any, returned.
     fn read(&self, extent: &Extent, buf: &mut AlignedBuf) -> Result<std::ops::Range<usize>> {
         let (path, file) = self.file(extent.pack)?;
         let len = (extent.end - extent.start) as usize;
@@ -134,17 +149,24 @@ impl<'a> Packs<'a> {
             let from = extent.start - extent.start % DIRECT_ALIGN as u64;
             let head = (extent.start - from) as usize;
             let want = (head + len).next_multiple_of(DIRECT_ALIGN);
-            match read_direct(direct, &mut buf.bytes_mut()[..want], from) {
+            let read = read_direct(direct, &mut buf.bytes_mut()[..want], from, head + len);
+            #[cfg(test)]
+            let read = match self.einval.load(Ordering::Relaxed) {
+                true => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+                false => read,
+            };
+            match read {
                 Ok(got) if got >= head + len => return Ok(head..head + len),
                 Ok(_) => {
                     let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
                     return Err(io_err("read", path)(eof));
                 }
-                // This filesystem refuses direct reads here: buffered from now on.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.refused[extent.pack].store(true, Ordering::Relaxed);
+                Err(e) => {
+                    // EINVAL: this filesystem refuses direct reads here, buffered from now on.
+                    if e.raw_os_error() == Some(libc::EINVAL) {
+                        self.refused[extent.pack].store(true, Ordering::Relaxed);
+                    }
                 }
-                Err(e) => return Err(io_err("read", path)(e)),
             }
         }
         file.read_exact_at(&mut buf.bytes_mut()[..len], extent.start)
@@ -166,7 +188,8 @@ impl<'a> Packs<'a> {
 
     /// Reads and decodes every extent, on `threads` decoding threads beside [`READERS`]
     /// reading ones (one thread alone when there is one extent); stops at the first error
-    /// and returns it. Holds at most `READERS + threads` extents in memory.
+    /// and returns it. Holds a buffer of the longest extent (and 8 KiB) per thread, fewer
+    /// if memory is refused, at least one.
     pub(crate) fn read_all(&self, extents: Vec<Extent<'_>>, threads: usize) -> Result<()> {
         let cap = extents
             .iter()
@@ -184,11 +207,21 @@ impl<'a> Packs<'a> {
         }
         let readers = READERS.min(extents.len());
         let workers = threads.clamp(1, extents.len());
-        let (full_tx, full_rx) = mpsc::sync_channel(readers + workers);
         let (free_tx, free_rx) = mpsc::channel();
-        for _ in 0..readers + workers {
-            let _ = free_tx.send(self.buffer(cap)?);
+        let mut buffers = 0;
+        while buffers < readers + workers {
+            match self.buffer(cap) {
+                Ok(buf) => {
+                    let _ = free_tx.send(buf);
+                    buffers += 1;
+                }
+                // Memory refused (a `ulimit -v`, strict overcommit): fewer in flight.
+                Err(e) if buffers == 0 => return Err(e),
+                Err(_) => break,
+            }
         }
+        // As long as there are buffers: a send never waits.
+        let (full_tx, full_rx) = mpsc::sync_channel(buffers);
         // Each side's receiver is dropped with the last thread that takes from it, so the
         // other side's sends fail instead of waiting when a side has ended.
         let full_rx = Arc::new(Mutex::new(full_rx));
@@ -233,24 +266,30 @@ impl<'a> Packs<'a> {
             for _ in 0..workers {
                 let (free_tx, full_rx) = (free_tx.clone(), Arc::clone(&full_rx));
                 let (stop, fail) = (&stop, &fail);
-                scope.spawn(move || {
-                    let mut records = match RecordReader::new(&self.dir()) {
-                        Ok(r) => r,
-                        Err(e) => return fail(e),
-                    };
-                    loop {
-                        let full = full_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok((extent, buf, range)) = full else {
-                            break;
+                let started = std::thread::Builder::new()
+                    .name("supervise-decode".into())
+                    .spawn_scoped(scope, move || {
+                        let mut records = match RecordReader::new(&self.dir()) {
+                            Ok(r) => r,
+                            Err(e) => return fail(e),
                         };
-                        if !stop.load(Ordering::Relaxed)
-                            && let Err(e) = self.decode(&mut records, extent, &buf.bytes()[range])
-                        {
-                            fail(e);
+                        loop {
+                            let full = full_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                            let Ok((extent, buf, range)) = full else {
+                                break;
+                            };
+                            if !stop.load(Ordering::Relaxed)
+                                && let Err(e) =
+                                    self.decode(&mut records, extent, &buf.bytes()[range])
+                            {
+                                fail(e);
+                            }
+                            let _ = free_tx.send(buf);
                         }
-                        let _ = free_tx.send(buf);
-                    }
-                });
+                    });
+                if let Err(e) = started {
+                    fail(io_err("start a decoding thread", self.dir())(e));
+                }
             }
             drop((free_tx, full_rx));
         });
@@ -323,29 +362,52 @@ mod tests {
             .collect()
     }
 
-    /// Reads `refs` back into fresh buffers with `threads`, every pack read buffered when
-    /// `buffered`.
+    /// How a test reads.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Mode {
+        /// Direct where the filesystem allows.
+        Direct,
+        /// Every pack buffered from the start.
+        Buffered,
+        /// Every direct read refused with EINVAL.
+        Refused,
+    }
+
+    /// Reads `refs` back into fresh buffers with `threads` as `mode` says, as a snapshot
+    /// reader does; checks that direct reads were used, or refused and given up, when this
+    /// filesystem has them.
     fn read_back(
         files: &[(PathBuf, File)],
         refs: &[ChunkRef],
         threads: usize,
-        buffered: bool,
+        mode: Mode,
     ) -> Result<Vec<Vec<u8>>> {
         let mut outs: Vec<Vec<u8>> = refs.iter().map(|c| vec![0; c.raw_len as usize]).collect();
-        let items = outs
+        let items: Vec<Item> = outs
             .iter_mut()
             .map(|o| o.as_mut_slice())
             .zip(refs)
             .collect();
         let packs = Packs::new(files);
-        if buffered {
-            packs
+        match mode {
+            Mode::Direct => {}
+            Mode::Buffered => packs
                 .refused
                 .iter()
-                .for_each(|r| r.store(true, Ordering::Relaxed));
+                .for_each(|r| r.store(true, Ordering::Relaxed)),
+            Mode::Refused => packs.einval.store(true, Ordering::Relaxed),
         }
-        packs.read_all(plan(items), threads)?;
-        Ok(outs)
+        let most = extent_len(&items, threads);
+        let result = packs.read_all(plan(items, most), threads);
+        if result.is_ok() && reopen_direct(&files[0].1).is_some() {
+            let opened = packs.direct[0].get().is_some_and(|d| d.is_some());
+            let refused = packs.refused[0].load(Ordering::Relaxed);
+            assert_eq!(
+                (opened, refused),
+                (mode != Mode::Buffered, mode != Mode::Direct)
+            );
+        }
+        result.map(|()| outs)
     }
 
     #[test]
@@ -383,7 +445,7 @@ mod tests {
             .zip(&refs)
             .collect();
         items.reverse();
-        let extents = plan(items);
+        let extents = plan(items, EXTENT);
         let groups: Vec<(usize, Vec<u64>)> = extents
             .iter()
             .map(|e| (e.pack, e.items.iter().map(|(_, c)| c.offset).collect()))
@@ -426,18 +488,18 @@ mod tests {
         let mut want: Vec<&[u8]> = chunks.iter().map(|(c, _, _)| c.as_slice()).collect();
         want.push(&chunks[17].0);
         for threads in [1, 2, 5] {
-            for buffered in [false, true] {
-                let got = read_back(&files, &refs, threads, buffered).unwrap();
+            for mode in [Mode::Direct, Mode::Buffered, Mode::Refused] {
+                let got = read_back(&files, &refs, threads, mode).unwrap();
                 assert!(
                     got.iter().zip(&want).all(|(g, w)| g == w),
-                    "{threads} {buffered}"
+                    "{threads} {mode:?}"
                 );
             }
         }
     }
 
     #[test]
-    fn a_damaged_or_short_pack_is_an_error_naming_it_and_the_read_ends() {
+    fn a_damaged_or_short_pack_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let chunks: Vec<(Vec<u8>, u32, usize)> =
             (0..200u64).map(|i| (chunk(60_000, i), 0, 0)).collect();
@@ -449,8 +511,8 @@ mod tests {
         bad[refs[100].offset as usize + RecordHeader::LEN + 10] ^= 1;
         std::fs::write(path, &bad).unwrap();
         let files = vec![(path.clone(), File::open(path).unwrap())];
-        for buffered in [false, true] {
-            let err = read_back(&files, &refs, 2, buffered).unwrap_err();
+        for mode in [Mode::Direct, Mode::Buffered] {
+            let err = read_back(&files, &refs, 2, mode).unwrap_err();
             assert!(
                 matches!(&err, Error::Corrupt { path: p, .. } if p == path),
                 "{err}"
@@ -459,8 +521,8 @@ mod tests {
         // The pack cut short in its last record: the end of the file, named.
         std::fs::write(path, &good[..good.len() - 100]).unwrap();
         let files = vec![(path.clone(), File::open(path).unwrap())];
-        for buffered in [false, true] {
-            let err = read_back(&files, &refs, 2, buffered).unwrap_err();
+        for mode in [Mode::Direct, Mode::Buffered] {
+            let err = read_back(&files, &refs, 2, mode).unwrap_err();
             match &err {
                 Error::Io {
                     path: p, source, ..
@@ -470,6 +532,28 @@ mod tests {
                 }
                 other => panic!("{other}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_small_read_is_cut_into_extents_for_every_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        // 2 MiB in one pack, records side by side: one extent of EXTENT would leave all but
+        // one thread idle.
+        let chunks: Vec<(Vec<u8>, u32, usize)> =
+            (0..32u64).map(|i| (chunk(64 << 10, i), 0, 0)).collect();
+        let (_files, refs) = packs(dir.path(), &chunks, 1);
+        for threads in [1, 2, 4] {
+            let mut outs: Vec<Vec<u8>> = refs.iter().map(|c| vec![0; c.raw_len as usize]).collect();
+            let items: Vec<Item> = outs
+                .iter_mut()
+                .map(|o| o.as_mut_slice())
+                .zip(&refs)
+                .collect();
+            let most = extent_len(&items, threads);
+            assert!(most >= MIN_EXTENT);
+            let extents = plan(items, most);
+            assert!(extents.len() >= 2 * threads, "{threads}: {}", extents.len());
         }
     }
 }

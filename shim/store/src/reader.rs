@@ -6,13 +6,13 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 use crate::extent::{self, Packs};
-use crate::format::{
-    ChunkRef, EntryKind, EntryMeta, MAX_CHUNK_LEN, MAX_VALUE_LEN, Manifest, entry_root,
-};
+use crate::format::{ChunkRef, EntryKind, EntryMeta, MAX_VALUE_LEN, Manifest, entry_root};
 use crate::store::JobStore;
 
-/// Most bytes [`SnapshotReader::read_entry`] (and so [`SnapshotReader::verify`]) holds in
-/// memory at once: chunks are read in batches of about this size (at least one chunk).
+/// Most decoded bytes [`SnapshotReader::read_entry`] (and so [`SnapshotReader::verify`])
+/// holds at once: chunks are read in batches of about this size (at least one chunk). Reading
+/// a batch also holds a read buffer of at most 4 MiB (or one record) per reading and decoding
+/// thread.
 pub const READ_BATCH: usize = 32 << 20;
 
 /// An open snapshot whose manifest decoded and whose packs are all present and long enough.
@@ -89,8 +89,8 @@ impl SnapshotReader {
         Ok(true)
     }
 
-    /// Reads and verifies every chunk of every entry without keeping the data (at most about
-    /// [`READ_BATCH`] bytes in memory at once, whatever the entries' lengths).
+    /// Reads and verifies every chunk of every entry without keeping the data (about
+    /// [`READ_BATCH`] decoded bytes in memory at once, whatever the entries' lengths).
     pub fn verify(&self) -> Result<()> {
         for entry in &self.manifest.entries {
             self.read_entry(entry, |_| Ok(()))?;
@@ -168,21 +168,9 @@ impl SnapshotReader {
         if !rest.is_empty() {
             return Err(self.damaged("chunk lengths do not add up to the entry's".into()));
         }
-        let mut items = Vec::with_capacity(chunks.len());
-        for (out, chunk) in pieces.into_iter().zip(chunks) {
-            if chunk.pack as usize >= self.packs.len() {
-                return Err(self.damaged(format!("a chunk names pack #{}", chunk.pack)));
-            }
-            if chunk.stored_len > MAX_CHUNK_LEN {
-                return Err(self.damaged(format!(
-                    "a chunk of {} stored bytes is longer than any chunk ({MAX_CHUNK_LEN})",
-                    chunk.stored_len
-                )));
-            }
-            items.push((out, chunk));
-        }
-        let packs = Packs::new(&self.packs);
-        packs.read_all(extent::plan(items), self.threads)
+        let items: Vec<_> = pieces.into_iter().zip(chunks).collect();
+        let most = extent::extent_len(&items, self.threads);
+        Packs::new(&self.packs).read_all(extent::plan(items, most), self.threads)
     }
 
     fn damaged(&self, why: String) -> Error {
