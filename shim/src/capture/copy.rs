@@ -14,7 +14,8 @@ use supervise_store::format::CHUNK_SIZE;
 use super::dirty::{Chunks, Delta, Dirty, Protect, Reprotect};
 use super::scan::Scan;
 use super::{
-    Buffer, Capture, CaptureTask, Item, OutputsAt, Part, PartBytes, empty_buffer, reserve_capture,
+    Buffer, Capture, CaptureTask, Item, OutputsAt, Part, PartBytes, append_streamed, empty_buffer,
+    reserve_capture,
 };
 use crate::channel::Shared;
 use crate::region::RegionMem;
@@ -381,7 +382,7 @@ impl Copying<'_> {
         let piece = chunk_bytes(self.bytes, chunk);
         self.fits = self.fits && self.data.len() + piece.len() <= self.data.capacity();
         if self.fits {
-            self.data.extend_from_slice(piece);
+            append_streamed(&mut self.data, piece);
         }
     }
 }
@@ -529,7 +530,7 @@ impl Feed {
 /// Appends the 64 KiB chunks numbered in `dirty` of `bytes` to `out`.
 fn append_chunks(out: &mut Buffer, bytes: &[u8], dirty: &[usize]) {
     for &chunk in dirty {
-        out.extend_from_slice(chunk_bytes(bytes, chunk));
+        append_streamed(out, chunk_bytes(bytes, chunk));
     }
 }
 

@@ -81,6 +81,67 @@ pub(crate) fn reserve_capture(buf: &mut Buffer, len: usize) {
     }
 }
 
+/// Appends `src` to `out`, which has room for it, with stores that bypass the CPU's caches
+/// (x86-64): `out` is written once here and read once by the writer, so filling the caches
+/// with it (and first reading each line in to own it) only slows the program's pause. 10 MiB
+/// of scattered 64 KiB chunks, copied into a buffer out of cache: 0.58-0.96 ms with such
+/// stores, 0.80-1.21 ms with `memcpy` (12 rounds each, side by side, on this VM kind).
+pub(crate) fn append_streamed(out: &mut Buffer, src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if out.capacity() - out.len() >= src.len() {
+        let len = out.len();
+        let body = src.len() / 64 * 64;
+        // SAFETY: `len + src.len()` is within the capacity (checked), so `dst` and the
+        // `src.len()` bytes after it are in `out`'s allocation, which `src` (a region or the
+        // program's data) does not overlap; the streaming stores need `dst` 16-byte aligned
+        // (checked); every byte `set_len` then counts has been written, and the fence in
+        // `stream_copy` orders the streaming stores before anything this thread does next
+        // (the writer reads `out` only after this thread hands it over).
+        unsafe {
+            let dst = out.as_mut_ptr().add(len);
+            if (dst as usize).is_multiple_of(16) {
+                stream_copy(dst, src.as_ptr(), body);
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr().add(body),
+                    dst.add(body),
+                    src.len() - body,
+                );
+                out.set_len(len + src.len());
+                return;
+            }
+        }
+    }
+    out.extend_from_slice(src);
+}
+
+/// Copies `len` bytes (a multiple of 64) from `src` to `dst` (16-byte aligned) with
+/// non-temporal stores, then fences them.
+///
+/// # Safety
+/// Both ranges are valid for `len` bytes and do not overlap; `dst` is 16-byte aligned.
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    let mut i = 0;
+    while i < len {
+        // SAFETY: `i + 64 <= len`, within both ranges (the caller's promise); SSE2 is part
+        // of x86-64.
+        unsafe {
+            let s = src.add(i).cast::<__m128i>();
+            let d = dst.add(i).cast::<__m128i>();
+            let (a, b) = (_mm_loadu_si128(s), _mm_loadu_si128(s.add(1)));
+            let (c, e) = (_mm_loadu_si128(s.add(2)), _mm_loadu_si128(s.add(3)));
+            _mm_stream_si128(d, a);
+            _mm_stream_si128(d.add(1), b);
+            _mm_stream_si128(d.add(2), c);
+            _mm_stream_si128(d.add(3), e);
+        }
+        i += 64;
+    }
+    // SAFETY: a store fence has no preconditions.
+    unsafe { _mm_sfence() };
+}
+
 /// One entry of a captured snapshot, owned.
 pub(crate) enum Item {
     /// All the bytes of an entry.
@@ -348,4 +409,29 @@ fn check_bytes(name: &str, shape: &[u64], itemsize: u64, len: usize) -> Result<(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_appends_give_exactly_the_bytes_at_any_length_and_alignment() {
+        let src: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut out = empty_buffer();
+        reserve_capture(&mut out, 200_000);
+        let mut want = Vec::new();
+        // Whole 64-byte blocks, a tail, then appends from an unaligned end (the stores fall
+        // back), then more than the room left (the buffer grows).
+        let mut at = 0;
+        for len in [65_536, 100, 64, 7, 4096, 65_536, 1, 60_000, 100_000] {
+            append_streamed(&mut out, &src[at..at + len]);
+            want.extend_from_slice(&src[at..at + len]);
+            assert_eq!(out.as_slice(), want.as_slice(), "after {len}");
+            at += len;
+        }
+        assert!(out.capacity() >= want.len());
+    }
 }
