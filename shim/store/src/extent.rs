@@ -88,8 +88,9 @@ pub(crate) fn plan(mut items: Vec<Item<'_>>, most: u64) -> Vec<Extent<'_>> {
 pub(crate) struct Packs<'a> {
     files: &'a [(PathBuf, File)],
     /// Each pack opened again with O_DIRECT, made at its first read; `None` where that
-    /// cannot be done, or after a direct read was refused.
+    /// cannot be done.
     direct: Vec<OnceLock<Option<File>>>,
+    /// Each pack whose direct reads the filesystem refused: read buffered from then on.
     refused: Vec<AtomicBool>,
     /// Tests: every direct read fails with `EINVAL`, as on a filesystem that refuses them.
     #[cfg(test)]
