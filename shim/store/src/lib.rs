@@ -39,6 +39,7 @@ pub mod repair;
 pub mod retention;
 pub mod scrub;
 pub mod store;
+pub mod stream;
 pub mod writer;
 
 pub use error::{Error, Result, UnsafeKind};

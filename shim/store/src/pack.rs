@@ -180,10 +180,16 @@ impl PackWriter {
             .expect("the I/O thread lives until finish or drop")
     }
 
+    /// Copies `bytes` into blocks with streaming stores: only the disk reads a block, and a
+    /// plain copy spent as much of the writer's time as hashing (`perf` of a 1 GiB full
+    /// snapshot: the copy 0.63x blake3's samples, 0.17x streamed).
     fn push(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
             let take = (BLOCK - self.fill).min(bytes.len());
-            self.block.bytes_mut()[self.fill..self.fill + take].copy_from_slice(&bytes[..take]);
+            crate::stream::copy(
+                &mut self.block.bytes_mut()[self.fill..self.fill + take],
+                &bytes[..take],
+            );
             self.fill += take;
             self.len += take as u64;
             bytes = &bytes[take..];
