@@ -185,6 +185,20 @@ impl Encoder {
     /// Encodes `raw` (whose blake3 is `hash`), shuffling with `width` first when `width > 1`.
     /// Falls back to storing raw bytes when zstd saves less than 1/32 of the size.
     pub fn encode(&mut self, raw: &[u8], hash: [u8; 32], width: u8) -> std::io::Result<Encoded> {
+        let mut data = Vec::new();
+        let header = self.encode_into(raw, hash, width, &mut data)?;
+        Ok(Encoded { header, data })
+    }
+
+    /// [`encode`](Self::encode) into `data` (cleared first, and kept for the next chunk: a
+    /// worker that stores many chunks allocates its output once); returns the record header.
+    pub fn encode_into(
+        &mut self,
+        raw: &[u8],
+        hash: [u8; 32],
+        width: u8,
+        data: &mut Vec<u8>,
+    ) -> std::io::Result<RecordHeader> {
         let width_usize = usize::from(width);
         let (input, compressor): (&[u8], _) = if width_usize > 1 {
             shuffle(raw, width_usize, &mut self.shuffled);
@@ -192,24 +206,22 @@ impl Encoder {
         } else {
             (raw, &mut self.compressor)
         };
-        let mut data = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
-        compressor.compress_to_buffer(input, &mut data)?;
-        let (codec, shuffle, data) = if data.len() < raw.len() - raw.len() / 32 {
-            (Codec::Zstd, width, data)
+        data.clear();
+        data.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        compressor.compress_to_buffer(input, data)?;
+        let (codec, shuffle) = if data.len() < raw.len() - raw.len() / 32 {
+            (Codec::Zstd, width)
         } else {
             data.clear();
             data.extend_from_slice(raw);
-            (Codec::Raw, 0, data)
+            (Codec::Raw, 0)
         };
-        Ok(Encoded {
-            header: RecordHeader {
-                hash,
-                raw_len: raw.len() as u32,
-                stored_len: data.len() as u32,
-                codec,
-                shuffle,
-            },
-            data,
+        Ok(RecordHeader {
+            hash,
+            raw_len: raw.len() as u32,
+            stored_len: data.len() as u32,
+            codec,
+            shuffle,
         })
     }
 }
