@@ -894,8 +894,9 @@ impl SnapshotBuilder<'_> {
         let appender = Mutex::new(&mut *self);
         let first_err: Mutex<Option<Error>> = Mutex::new(None);
         let failed = AtomicBool::new(false);
-        // Workers keep what needs no writing (known chunks, twins) and what they stored to
-        // themselves: a message per chunk cost more in wake-ups than its hashing.
+        // Workers keep what they found (known chunks, twins) and where they stored new ones to
+        // themselves until they are done: a message per chunk cost more in wake-ups than its
+        // hashing.
         let mut settled: Vec<(usize, Found)> = Vec::new();
         let mut stored: Vec<(usize, ChunkRef)> = Vec::new();
         let mut workers_cpu = std::time::Duration::ZERO;
@@ -910,7 +911,7 @@ impl SnapshotBuilder<'_> {
                         let mut mine = Vec::new();
                         let mut encoder = None;
                         let mut steady = Vec::new();
-                        let mut stored = Vec::new();
+                        let mut record = Vec::new();
                         while !failed.load(Ordering::Relaxed) {
                             let k = next.fetch_add(1, Ordering::Relaxed);
                             if k >= n {
@@ -949,13 +950,13 @@ impl SnapshotBuilder<'_> {
                                 None => Encoder::new().map(|e| encoder.insert(e)),
                             };
                             let encoded =
-                                enc.and_then(|e| e.encode_into(chunk, hash, shuffle, &mut stored));
+                                enc.and_then(|e| e.encode_into(chunk, hash, shuffle, &mut record));
                             let result = match encoded {
                                 Ok(header) => {
                                     let mut builder =
                                         appender.lock().unwrap_or_else(|p| p.into_inner());
                                     builder
-                                        .append(&header, &stored, compact)
+                                        .append(&header, &record, compact)
                                         .map(|loc| builder.chunk_ref(hash, &loc))
                                 }
                                 Err(e) => Err(Error::Io {
