@@ -22,7 +22,8 @@ use crate::fsops::{self, Dir};
 const BLOCK: usize = 2 << 20;
 /// Blocks in flight per pack: one being filled, up to two being written.
 const BLOCKS: usize = 3;
-/// A pack takes its last block only once this much of it is written: a small pack (a
+/// A pack takes its last block only once this much of it is handed to the I/O thread: a
+/// small pack (a
 /// snapshot of a few MiB) is written in milliseconds either way, and with every worker
 /// appending, one of 5 MiB took the third block in 4 of 14 snapshots (1 of 14 with one
 /// thread appending): 2 MiB more of peak memory for nothing.
@@ -63,6 +64,9 @@ pub(crate) struct PackWriter {
     len: u64,
     /// Bytes handed to the I/O thread.
     queued: u64,
+    /// A write failed (its error already returned): every later hand-off and the finish fail
+    /// too, so a caller that goes on cannot commit records that were never written.
+    broken: bool,
 }
 
 /// A pack written in full, waiting to be fsynced and renamed into place at commit.
@@ -169,6 +173,7 @@ impl PackWriter {
             fill: 0,
             len: 0,
             queued: 0,
+            broken: false,
         };
         pack.push(&format::file_header(format::PACK_MAGIC))?;
         Ok(pack)
@@ -210,15 +215,7 @@ impl PackWriter {
     /// block (a new one while fewer than `BLOCKS` exist; the last only past
     /// `LAST_BLOCK_FROM`).
     fn hand_off(&mut self, len: usize) -> Result<()> {
-        if let Some(e) = self
-            .io()
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            return Err(io_err("write", &self.tmp_path)(e));
-        }
+        self.check_written()?;
         let next = match self.io().free.try_recv() {
             Ok(block) => block,
             Err(_)
@@ -246,6 +243,25 @@ impl PackWriter {
         Ok(())
     }
 
+    /// Fails when a write of this pack has failed: with the I/O thread's error the first time,
+    /// and on every later call.
+    fn check_written(&mut self) -> Result<()> {
+        if let Some(e) = self
+            .io
+            .as_ref()
+            .and_then(|io| io.failed.lock().unwrap_or_else(|p| p.into_inner()).take())
+        {
+            self.broken = true;
+            return Err(io_err("write", &self.tmp_path)(e));
+        }
+        if self.broken {
+            return Err(io_err("write", &self.tmp_path)(std::io::Error::other(
+                "an earlier write of this pack failed",
+            )));
+        }
+        Ok(())
+    }
+
     /// Appends a record; returns its offset.
     pub(crate) fn append(&mut self, header: &RecordHeader, data: &[u8]) -> Result<u64> {
         let offset = self.len;
@@ -258,6 +274,7 @@ impl PackWriter {
     /// exact length), waits for the I/O thread, and starts writeback; the fsync comes at
     /// commit, for all packs.
     pub(crate) fn finish(mut self) -> Result<FinishedPack> {
+        self.check_written()?;
         let exact = self.len;
         if self.fill > 0 {
             let len = if self.io().direct.load(Ordering::Relaxed) {

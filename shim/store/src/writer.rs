@@ -953,8 +953,11 @@ impl SnapshotBuilder<'_> {
                                 enc.and_then(|e| e.encode_into(chunk, hash, shuffle, &mut record));
                             let result = match encoded {
                                 Ok(header) => {
-                                    let mut builder =
-                                        appender.lock().unwrap_or_else(|p| p.into_inner());
+                                    // Poisoned: another worker panicked while appending,
+                                    // which the join below raises; storing more is waste.
+                                    let Ok(mut builder) = appender.lock() else {
+                                        break;
+                                    };
                                     builder
                                         .append(&header, &record, compact)
                                         .map(|loc| builder.chunk_ref(hash, &loc))
