@@ -23,9 +23,8 @@ const BLOCK: usize = 2 << 20;
 /// Blocks in flight per pack: one being filled, up to two being written.
 const BLOCKS: usize = 3;
 /// A pack takes its last block only once this much of it is handed to the I/O thread: a
-/// small pack (a
-/// snapshot of a few MiB) is written in milliseconds either way, and with every worker
-/// appending, one of 5 MiB took the third block in 4 of 14 snapshots (1 of 14 with one
+/// small pack (a snapshot of a few MiB) is written in milliseconds either way, and with every
+/// worker appending, one of 5 MiB took the third block in 4 of 14 snapshots (1 of 14 with one
 /// thread appending): 2 MiB more of peak memory for nothing.
 const LAST_BLOCK_FROM: u64 = 8 << 20;
 /// Start the disk writing this much of a buffered pack while the rest is compressed.
