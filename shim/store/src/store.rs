@@ -611,10 +611,15 @@ impl JobStore {
         Ok(removed)
     }
 
-    /// Starts a new pack file under a temporary name.
-    pub(crate) fn create_pack(&self, name: String) -> Result<PackWriter> {
+    /// Starts a new pack file under a temporary name, filling `spare` blocks (given back by
+    /// an earlier pack's finish) before new ones.
+    pub(crate) fn create_pack(
+        &self,
+        name: String,
+        spare: Vec<crate::direct::AlignedBuf>,
+    ) -> Result<PackWriter> {
         let tmp = format!("{TMP_PREFIX}{}", Self::pack_file(&name));
-        PackWriter::create(name, &self.packs, tmp)
+        PackWriter::create(name, &self.packs, tmp, spare)
     }
 
     /// Removes an unfinished pack (a snapshot that failed).

@@ -312,6 +312,7 @@ impl SnapshotWriter {
             pack_ids: HashMap::new(),
             current: None,
             finished: Vec::new(),
+            spare_blocks: Vec::new(),
             new_locs: HashMap::new(),
             claimed: Mutex::new(HashSet::new()),
             deferred: HashSet::new(),
@@ -366,6 +367,8 @@ pub struct SnapshotBuilder<'w> {
     pack_ids: HashMap<Arc<str>, u32>,
     current: Option<PackWriter>,
     finished: Vec<FinishedPack>,
+    /// The blocks of the last finished pack, for the next one.
+    spare_blocks: Vec<crate::direct::AlignedBuf>,
     new_locs: HashMap<Hash, Loc>,
     claimed: Mutex<HashSet<Hash>>,
     /// Chunks another rank of the epoch stores (see [`crate::claims`]): referenced with
@@ -873,6 +876,13 @@ impl SnapshotBuilder<'_> {
         );
         let n = pieces.len();
         let next = AtomicUsize::new(0);
+        // Room for every piece to be new, made once: grown entry by entry under the workers'
+        // lock, the tables were rebuilt a dozen times in fresh memory for a large snapshot.
+        self.new_locs.reserve(n);
+        self.claimed
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .reserve(n);
         // Read-only for the workers, which append to the pack through `appender`; put back
         // below.
         let index_owned = std::mem::take(&mut self.writer.index);
@@ -1053,14 +1063,18 @@ impl SnapshotBuilder<'_> {
             .is_some_and(|p| p.len() >= PACK_TARGET)
         {
             let full = self.current.take().expect("checked");
-            self.finished.push(full.finish()?);
+            let (finished, blocks) = full.finish()?;
+            self.finished.push(finished);
+            self.spare_blocks = blocks;
         }
         let pack = match self.current.as_mut() {
             Some(p) => p,
             None => {
                 let name = pack_name(self.seq, self.packs_made);
                 self.packs_made += 1;
-                self.current.insert(self.writer.job.create_pack(name)?)
+                let spare = std::mem::take(&mut self.spare_blocks);
+                self.current
+                    .insert(self.writer.job.create_pack(name, spare)?)
             }
         };
         let offset = pack.append(header, data)?;
@@ -1162,7 +1176,7 @@ impl SnapshotBuilder<'_> {
         crate::format::check_arrays(&self.entries, &self.arrays)
             .map_err(|(name, why)| Error::BadArray { name, why })?;
         if let Some(pack) = self.current.take() {
-            self.finished.push(pack.finish()?);
+            self.finished.push(pack.finish()?.0);
         }
         let finished = std::mem::take(&mut self.finished);
         self.writer.job.publish_packs(&finished)?;
