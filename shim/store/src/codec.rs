@@ -21,8 +21,14 @@ pub fn shuffle(input: &[u8], width: usize, out: &mut Vec<u8>) {
     let width = width.max(1);
     let n = input.len() / width;
     let done = match width {
-        8 => shuffle8(input, out, n),
-        4 => shuffle4(input, out, n),
+        8 => {
+            let from = simd::shuffle::<8>(input, out, n);
+            shuffle8(input, out, n, from)
+        }
+        4 => {
+            let from = simd::shuffle::<4>(input, out, n);
+            shuffle4(input, out, n, from)
+        }
         _ => 0,
     };
     for j in 0..width {
@@ -42,8 +48,14 @@ pub fn unshuffle(input: &[u8], width: usize, out: &mut [u8]) {
     let width = width.max(1);
     let n = len / width;
     let done = match width {
-        8 => unshuffle8(input, out, n),
-        4 => unshuffle4(input, out, n),
+        8 => {
+            let from = simd::unshuffle::<8>(input, out, n);
+            unshuffle8(input, out, n, from)
+        }
+        4 => {
+            let from = simd::unshuffle::<4>(input, out, n);
+            unshuffle4(input, out, n, from)
+        }
         _ => 0,
     };
     for j in 0..width {
@@ -89,10 +101,11 @@ fn transpose4(r: &mut [u32; 4]) {
     }
 }
 
-/// Shuffles whole groups of 8 eight-byte elements; returns how many elements it did.
-fn shuffle8(input: &[u8], out: &mut [u8], n: usize) -> usize {
+/// Shuffles whole groups of 8 eight-byte elements from element `from` (a multiple of 8) on;
+/// returns how many elements are done.
+fn shuffle8(input: &[u8], out: &mut [u8], n: usize, from: usize) -> usize {
     let groups = n / 8;
-    for g in 0..groups {
+    for g in from / 8..groups {
         let mut r = [0u64; 8];
         for (k, row) in r.iter_mut().enumerate() {
             let at = (g * 8 + k) * 8;
@@ -106,9 +119,9 @@ fn shuffle8(input: &[u8], out: &mut [u8], n: usize) -> usize {
     groups * 8
 }
 
-fn unshuffle8(input: &[u8], out: &mut [u8], n: usize) -> usize {
+fn unshuffle8(input: &[u8], out: &mut [u8], n: usize, from: usize) -> usize {
     let groups = n / 8;
-    for g in 0..groups {
+    for g in from / 8..groups {
         let mut r = [0u64; 8];
         for (j, row) in r.iter_mut().enumerate() {
             let at = j * n + g * 8;
@@ -123,10 +136,11 @@ fn unshuffle8(input: &[u8], out: &mut [u8], n: usize) -> usize {
     groups * 8
 }
 
-/// Shuffles whole groups of 4 four-byte elements; returns how many elements it did.
-fn shuffle4(input: &[u8], out: &mut [u8], n: usize) -> usize {
+/// Shuffles whole groups of 4 four-byte elements from element `from` (a multiple of 4) on;
+/// returns how many elements are done.
+fn shuffle4(input: &[u8], out: &mut [u8], n: usize, from: usize) -> usize {
     let groups = n / 4;
-    for g in 0..groups {
+    for g in from / 4..groups {
         let mut r = [0u32; 4];
         for (k, row) in r.iter_mut().enumerate() {
             let at = (g * 4 + k) * 4;
@@ -140,9 +154,9 @@ fn shuffle4(input: &[u8], out: &mut [u8], n: usize) -> usize {
     groups * 4
 }
 
-fn unshuffle4(input: &[u8], out: &mut [u8], n: usize) -> usize {
+fn unshuffle4(input: &[u8], out: &mut [u8], n: usize, from: usize) -> usize {
     let groups = n / 4;
-    for g in 0..groups {
+    for g in from / 4..groups {
         let mut r = [0u32; 4];
         for (j, row) in r.iter_mut().enumerate() {
             let at = j * n + g * 4;
@@ -155,6 +169,98 @@ fn unshuffle4(input: &[u8], out: &mut [u8], n: usize) -> usize {
         }
     }
     groups * 4
+}
+
+/// Shuffles of 16 elements at a time with SSE2, which every x86-64 CPU has: the 16 elements
+/// of `R` bytes sit in `R` registers of 16 bytes, and interleaving the bytes of register `k`
+/// with those of register `k + R/2`, `R` registers at a time, transposes them into `R` planes
+/// of 16 bytes when done four times (for `R` = 8 or 4); three times (`R` = 8) or twice
+/// (`R` = 4) turns planes back into elements. The scalar transposes were a sixth of a full
+/// snapshot's writer time (`perf`, 1 GiB of f64): these shuffle 64 KiB at 5.9-6.4 GiB/s
+/// against 3.9-4.1, and unshuffle into memory at 8.5-10.2 against 7.0-8.8 (one core, three
+/// rounds each, side by side).
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::{
+        __m128i, _mm_loadu_si128, _mm_storeu_si128, _mm_unpackhi_epi8, _mm_unpacklo_epi8,
+    };
+
+    /// One interleaving of every register `k` with register `k + R/2`.
+    #[inline(always)]
+    fn step<const R: usize>(y: [__m128i; R]) -> [__m128i; R] {
+        std::array::from_fn(|i| {
+            let (a, b) = (y[i / 2], y[i / 2 + R / 2]);
+            // SAFETY: SSE2 is part of the x86-64 baseline every build of this module targets;
+            // the calls only compute on registers.
+            unsafe {
+                if i % 2 == 0 {
+                    _mm_unpacklo_epi8(a, b)
+                } else {
+                    _mm_unpackhi_epi8(a, b)
+                }
+            }
+        })
+    }
+
+    /// Shuffles the first `n / 16` groups of 16 `R`-byte elements of `input` (`n` elements)
+    /// into `out`; returns how many elements it did.
+    pub(super) fn shuffle<const R: usize>(input: &[u8], out: &mut [u8], n: usize) -> usize {
+        let groups = n / 16;
+        assert!(input.len() >= n * R && out.len() >= n * R);
+        for g in 0..groups {
+            // SAFETY: the loads read `input[16 R g..16 R (g + 1)]` and the stores write
+            // `out[j n + 16 g..j n + 16 (g + 1)]` for `j < R`, all inside the `n R` bytes
+            // both hold (asserted above); both are unaligned accesses.
+            unsafe {
+                let src = input.as_ptr().add(g * 16 * R);
+                let mut y: [__m128i; R] =
+                    std::array::from_fn(|k| _mm_loadu_si128(src.add(16 * k).cast()));
+                for _ in 0..4 {
+                    y = step(y);
+                }
+                for (j, plane) in y.iter().enumerate() {
+                    _mm_storeu_si128(out.as_mut_ptr().add(j * n + g * 16).cast(), *plane);
+                }
+            }
+        }
+        groups * 16
+    }
+
+    /// The inverse of [`shuffle`].
+    pub(super) fn unshuffle<const R: usize>(input: &[u8], out: &mut [u8], n: usize) -> usize {
+        let groups = n / 16;
+        assert!(input.len() >= n * R && out.len() >= n * R);
+        let steps = if R == 8 { 3 } else { 2 };
+        for g in 0..groups {
+            // SAFETY: the loads read `input[j n + 16 g..j n + 16 (g + 1)]` for `j < R` and
+            // the stores write `out[16 R g..16 R (g + 1)]`, all inside the `n R` bytes both
+            // hold (asserted above); both are unaligned accesses.
+            unsafe {
+                let mut y: [__m128i; R] = std::array::from_fn(|j| {
+                    _mm_loadu_si128(input.as_ptr().add(j * n + g * 16).cast())
+                });
+                for _ in 0..steps {
+                    y = step(y);
+                }
+                let dst = out.as_mut_ptr().add(g * 16 * R);
+                for (k, elements) in y.iter().enumerate() {
+                    _mm_storeu_si128(dst.add(16 * k).cast(), *elements);
+                }
+            }
+        }
+        groups * 16
+    }
+}
+
+/// Elsewhere the scalar transposes do every group.
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    pub(super) fn shuffle<const R: usize>(_: &[u8], _: &mut [u8], _: usize) -> usize {
+        0
+    }
+    pub(super) fn unshuffle<const R: usize>(_: &[u8], _: &mut [u8], _: usize) -> usize {
+        0
+    }
 }
 
 /// Reusable per-thread state for encoding chunks.
@@ -340,14 +446,14 @@ mod tests {
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
         for width in [2, 3, 4, 8] {
-            for len in [0, 7, 8, 63, 64, 65, 1000, 4099] {
+            for len in [0, 7, 8, 63, 64, 65, 127, 128, 129, 1000, 4099] {
                 let mut s = Vec::new();
                 shuffle(&input[..len], width, &mut s);
-                assert_eq!(
-                    s,
-                    reference(&input[..len], width),
-                    "width {width} len {len}"
-                );
+                let expected = reference(&input[..len], width);
+                assert_eq!(s, expected, "width {width} len {len}");
+                let mut back = vec![0; len];
+                unshuffle(&expected, width, &mut back);
+                assert_eq!(back, &input[..len], "width {width} len {len}: back");
             }
         }
     }
