@@ -636,11 +636,21 @@ fn run_in(
     // A job's first snapshot three times, the row the median of them: one sample on a shared
     // machine varied by a fifth from run to run, where each limit is the best of three. The
     // other two are taken here, after the memory rows (the allocator keeps some of what they
-    // free), in jobs of their own (nothing to deduplicate against) with the same state.
+    // free), in jobs of their own (nothing to deduplicate against), of the field as the rows
+    // above left it (every value moved by a few thousandths: it compresses alike), beside
+    // the first job's region. All three are said, to see whether the later ones differ.
     let mut fulls = vec![full];
     for job in ["full-b", "full-c"] {
         fulls.push(take_first(&store, job, &region)?);
     }
+    say(&format!(
+        "full snapshot, durable in {} s (first, then the two later jobs)",
+        fulls
+            .iter()
+            .map(|t| format!("{:.3}", t.durable))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     fulls.sort_by(|a, b| a.durable.total_cmp(&b.durable));
     let limits = [
         pause_limit(size),

@@ -179,18 +179,20 @@ fn unshuffle4(input: &[u8], out: &mut [u8], n: usize, from: usize) -> usize {
 /// snapshot's writer time (`perf`, 1 GiB of f64): these shuffle 64 KiB at 5.9-6.4 GiB/s
 /// against 3.9-4.1, and unshuffle into memory at 8.5-10.2 against 7.0-8.8 (one core, three
 /// rounds each, side by side).
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
 mod simd {
     use std::arch::x86_64::{
         __m128i, _mm_loadu_si128, _mm_storeu_si128, _mm_unpackhi_epi8, _mm_unpacklo_epi8,
     };
 
-    /// One interleaving of every register `k` with register `k + R/2`.
+    /// One interleaving of every register `k` with register `k + R/2` (`R` is 4 or 8: the
+    /// step counts below hold for those alone).
     #[inline(always)]
     fn step<const R: usize>(y: [__m128i; R]) -> [__m128i; R] {
+        const { assert!(R == 4 || R == 8) };
         std::array::from_fn(|i| {
             let (a, b) = (y[i / 2], y[i / 2 + R / 2]);
-            // SAFETY: SSE2 is part of the x86-64 baseline every build of this module targets;
+            // SAFETY: this module is built only where SSE2 is enabled (the x86-64 baseline);
             // the calls only compute on registers.
             unsafe {
                 if i % 2 == 0 {
@@ -206,11 +208,11 @@ mod simd {
     /// into `out`; returns how many elements it did.
     pub(super) fn shuffle<const R: usize>(input: &[u8], out: &mut [u8], n: usize) -> usize {
         let groups = n / 16;
-        assert!(input.len() >= n * R && out.len() >= n * R);
+        assert!(n <= input.len() / R && n <= out.len() / R);
         for g in 0..groups {
             // SAFETY: the loads read `input[16 R g..16 R (g + 1)]` and the stores write
             // `out[j n + 16 g..j n + 16 (g + 1)]` for `j < R`, all inside the `n R` bytes
-            // both hold (asserted above); both are unaligned accesses.
+            // both hold (asserted above, without an overflow); both are unaligned accesses.
             unsafe {
                 let src = input.as_ptr().add(g * 16 * R);
                 let mut y: [__m128i; R] =
@@ -229,12 +231,12 @@ mod simd {
     /// The inverse of [`shuffle`].
     pub(super) fn unshuffle<const R: usize>(input: &[u8], out: &mut [u8], n: usize) -> usize {
         let groups = n / 16;
-        assert!(input.len() >= n * R && out.len() >= n * R);
+        assert!(n <= input.len() / R && n <= out.len() / R);
         let steps = if R == 8 { 3 } else { 2 };
         for g in 0..groups {
             // SAFETY: the loads read `input[j n + 16 g..j n + 16 (g + 1)]` for `j < R` and
             // the stores write `out[16 R g..16 R (g + 1)]`, all inside the `n R` bytes both
-            // hold (asserted above); both are unaligned accesses.
+            // hold (asserted above, without an overflow); both are unaligned accesses.
             unsafe {
                 let mut y: [__m128i; R] = std::array::from_fn(|j| {
                     _mm_loadu_si128(input.as_ptr().add(j * n + g * 16).cast())
@@ -253,7 +255,7 @@ mod simd {
 }
 
 /// Elsewhere the scalar transposes do every group.
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
 mod simd {
     pub(super) fn shuffle<const R: usize>(_: &[u8], _: &mut [u8], _: usize) -> usize {
         0

@@ -242,9 +242,11 @@ impl PackWriter {
         self.check_written()?;
         let next = match self.io().free.try_recv() {
             Ok(block) => block,
+            // A spare block is taken whatever the pack's length: it is already made.
             Err(_)
                 if self.blocks < BLOCKS - 1
-                    || (self.blocks < BLOCKS && self.queued >= LAST_BLOCK_FROM) =>
+                    || (self.blocks < BLOCKS
+                        && (self.queued >= LAST_BLOCK_FROM || !self.spare.is_empty())) =>
             {
                 self.blocks += 1;
                 match self.spare.pop() {
@@ -374,13 +376,14 @@ mod tests {
         let dir = Dir::open_root(root.path(), false, Access::Owner).unwrap();
         let header = format::file_header(format::PACK_MAGIC);
         // The first pack fills whole blocks and part of one more, so every block it gives
-        // back holds its bytes; the second writes fewer bytes than a block in its last one
-        // (padded for O_DIRECT, then cut back), and none of the first pack's may show.
-        let mut spare = Vec::new();
+        // back holds its bytes; the second fills those blocks again, ending part-way into
+        // one, and none of the first pack's bytes may show.
+        let mut spare: Vec<AlignedBuf> = Vec::new();
         for (name, seed, len) in [
             ("a", 0xAA, BLOCK * 5 / 2),
             ("b", 0x11, BLOCK * 3 / 2 + 1000),
         ] {
+            let given: Vec<*const u8> = spare.iter().map(|b| b.bytes().as_ptr()).collect();
             let mut pack =
                 PackWriter::create(name.into(), &dir, format!("{name}.tmp"), spare).unwrap();
             let bytes = pattern(seed, len);
@@ -391,6 +394,9 @@ mod tests {
                 "pack {name} gave back {} blocks",
                 blocks.len()
             );
+            // Every block given comes back, none lost or unmapped.
+            let back: Vec<*const u8> = blocks.iter().map(|b| b.bytes().as_ptr()).collect();
+            assert!(given.iter().all(|p| back.contains(p)), "pack {name}");
             spare = blocks;
             let written = std::fs::read(root.path().join(format!("{name}.tmp"))).unwrap();
             assert_eq!(written.len(), header.len() + len, "pack {name}");

@@ -27,6 +27,10 @@ use crate::store::{JobStore, Retention, RetentionReport};
 /// of files and fsyncs, small enough that retention can free space of old snapshots.
 pub const PACK_TARGET: u64 = 128 << 20;
 
+/// Most new chunks the tables of a snapshot's new chunks make room for at once (those of
+/// 1 GiB of 64 KiB chunks); beyond, they grow as they fill.
+const RESERVE_MOST: usize = 16384;
+
 /// Where a chunk the store holds lives.
 #[derive(Clone, Debug)]
 struct Loc {
@@ -878,11 +882,14 @@ impl SnapshotBuilder<'_> {
         let next = AtomicUsize::new(0);
         // Room for every piece to be new, made once: grown entry by entry under the workers'
         // lock, the tables were rebuilt a dozen times in fresh memory for a large snapshot.
-        self.new_locs.reserve(n);
+        // At most `RESERVE_MOST` entries, as most pieces may be known (every chunk of a
+        // snapshot without dirty tracking is given): 3 MiB of tables at most.
+        let room = n.min(RESERVE_MOST);
+        self.new_locs.reserve(room);
         self.claimed
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
-            .reserve(n);
+            .reserve(room);
         // Read-only for the workers, which append to the pack through `appender`; put back
         // below.
         let index_owned = std::mem::take(&mut self.writer.index);
