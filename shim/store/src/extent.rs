@@ -195,7 +195,8 @@ impl<'a> Packs<'a> {
     /// Reads and decodes every extent, on `threads` decoding threads beside [`READERS`]
     /// reading ones (one thread alone when there is one extent); stops at the first error
     /// and returns it. Holds a buffer of the longest extent (and 8 KiB) per thread and
-    /// [`AHEAD`] more, fewer if memory is refused, at least one.
+    /// [`AHEAD`] more, no more than there are extents, fewer if memory is refused, at least
+    /// one.
     pub(crate) fn read_all(&self, extents: Vec<Extent<'_>>, threads: usize) -> Result<()> {
         let cap = extents
             .iter()
@@ -214,8 +215,9 @@ impl<'a> Packs<'a> {
         let readers = READERS.min(extents.len());
         let workers = threads.clamp(1, extents.len());
         let (free_tx, free_rx) = mpsc::channel();
+        let wanted = (readers + workers + AHEAD).min(extents.len());
         let mut buffers = 0;
-        while buffers < readers + workers + AHEAD {
+        while buffers < wanted {
             match self.buffer(cap) {
                 Ok(buf) => {
                     let _ = free_tx.send(buf);
@@ -507,22 +509,34 @@ mod tests {
     #[test]
     fn a_damaged_or_short_pack_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
+        // More extents than buffers, so that readers wait for buffers the decoders give
+        // back while the error stops them.
         let chunks: Vec<(Vec<u8>, u32, usize)> =
-            (0..200u64).map(|i| (chunk(60_000, i), 0, 0)).collect();
+            (0..800u64).map(|i| (chunk(60_000, i), 0, 0)).collect();
         let (files, refs) = packs(dir.path(), &chunks, 1);
         let (path, _) = &files[0];
+        let mut outs: Vec<Vec<u8>> = refs.iter().map(|c| vec![0; c.raw_len as usize]).collect();
+        let items: Vec<Item> = outs
+            .iter_mut()
+            .map(|o| o.as_mut_slice())
+            .zip(&refs)
+            .collect();
+        let most = extent_len(&items, 2);
+        assert!(plan(items, most).len() > READERS + 2 + AHEAD);
         let good = std::fs::read(path).unwrap();
-        // One byte of a stored chunk in the middle flipped: that chunk's hash fails.
-        let mut bad = good.clone();
-        bad[refs[100].offset as usize + RecordHeader::LEN + 10] ^= 1;
-        std::fs::write(path, &bad).unwrap();
-        let files = vec![(path.clone(), File::open(path).unwrap())];
-        for mode in [Mode::Direct, Mode::Buffered] {
-            let err = read_back(&files, &refs, 2, mode).unwrap_err();
-            assert!(
-                matches!(&err, Error::Corrupt { path: p, .. } if p == path),
-                "{err}"
-            );
+        // One byte of a stored chunk flipped, early or in the middle: that chunk's hash fails.
+        for damaged in [30, 400] {
+            let mut bad = good.clone();
+            bad[refs[damaged].offset as usize + RecordHeader::LEN + 10] ^= 1;
+            std::fs::write(path, &bad).unwrap();
+            let files = vec![(path.clone(), File::open(path).unwrap())];
+            for mode in [Mode::Direct, Mode::Buffered] {
+                let err = read_back(&files, &refs, 2, mode).unwrap_err();
+                assert!(
+                    matches!(&err, Error::Corrupt { path: p, .. } if p == path),
+                    "chunk {damaged} {mode:?}: {err}"
+                );
+            }
         }
         // The pack cut short in its last record: the end of the file, named.
         std::fs::write(path, &good[..good.len() - 100]).unwrap();

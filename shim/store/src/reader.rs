@@ -11,8 +11,8 @@ use crate::store::JobStore;
 
 /// Most decoded bytes [`SnapshotReader::read_entry`] (and so [`SnapshotReader::verify`])
 /// holds at once: chunks are read in batches of about this size (at least one chunk). Reading
-/// a batch also holds a read buffer of at most 4 MiB (or one record) per reading and decoding
-/// thread, and four more.
+/// a batch also holds a read buffer of about 4 MiB (the longest extent read, or one record) per
+/// reading and decoding thread, and four more.
 pub const READ_BATCH: usize = 32 << 20;
 
 /// An open snapshot whose manifest decoded and whose packs are all present and long enough.
