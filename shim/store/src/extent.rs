@@ -370,6 +370,18 @@ mod tests {
             .collect()
     }
 
+    /// The extent length and the number of extents a read of `refs` on `threads` plans.
+    fn planned(refs: &[ChunkRef], threads: usize) -> (u64, usize) {
+        let mut outs: Vec<Vec<u8>> = refs.iter().map(|c| vec![0; c.raw_len as usize]).collect();
+        let items: Vec<Item> = outs
+            .iter_mut()
+            .map(|o| o.as_mut_slice())
+            .zip(refs)
+            .collect();
+        let most = extent_len(&items, threads);
+        (most, plan(items, most).len())
+    }
+
     /// How a test reads.
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Mode {
@@ -515,14 +527,7 @@ mod tests {
             (0..800u64).map(|i| (chunk(60_000, i), 0, 0)).collect();
         let (files, refs) = packs(dir.path(), &chunks, 1);
         let (path, _) = &files[0];
-        let mut outs: Vec<Vec<u8>> = refs.iter().map(|c| vec![0; c.raw_len as usize]).collect();
-        let items: Vec<Item> = outs
-            .iter_mut()
-            .map(|o| o.as_mut_slice())
-            .zip(&refs)
-            .collect();
-        let most = extent_len(&items, 2);
-        assert!(plan(items, most).len() > READERS + 2 + AHEAD);
+        assert!(planned(&refs, 2).1 > READERS + 2 + AHEAD);
         let good = std::fs::read(path).unwrap();
         // One byte of a stored chunk flipped, early or in the middle: that chunk's hash fails.
         for damaged in [30, 400] {
@@ -564,16 +569,9 @@ mod tests {
             (0..32u64).map(|i| (chunk(64 << 10, i), 0, 0)).collect();
         let (_files, refs) = packs(dir.path(), &chunks, 1);
         for threads in [1, 2, 4] {
-            let mut outs: Vec<Vec<u8>> = refs.iter().map(|c| vec![0; c.raw_len as usize]).collect();
-            let items: Vec<Item> = outs
-                .iter_mut()
-                .map(|o| o.as_mut_slice())
-                .zip(&refs)
-                .collect();
-            let most = extent_len(&items, threads);
+            let (most, extents) = planned(&refs, threads);
             assert!(most >= MIN_EXTENT);
-            let extents = plan(items, most);
-            assert!(extents.len() >= 2 * threads, "{threads}: {}", extents.len());
+            assert!(extents >= 2 * threads, "{threads}: {extents}");
         }
     }
 }
